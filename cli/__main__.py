@@ -1,0 +1,5 @@
+import sys
+
+from pollinate.main import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The `pollinate` command: one subcommand per thing a user does.
+
+Each subcommand lives beside the code it drives, in a module that exposes
+`add_arguments(parser)` and `run(args) -> int`. Those modules import torch, grpc and
+hivemind lazily inside `run`, so `pollinate --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (name, module, one-line help). A module that does not exist yet makes the subcommand
+# answer "not yet available" instead of failing.
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("node", "pollinate.node.cli", "run a volunteer node that hosts a span of blocks"),
+    ("coordinator", "pollinate.coordinator.cli", "run the swarm's control plane"),
+    ("generate", "pollinate.client.cli_generate", "generate text through the swarm"),
+    ("chat", "pollinate.client.cli_chat", "chat with the model through the swarm"),
+    ("train", "pollinate.client.cli_train", "fine-tune a job's adapters over the swarm"),
+    ("export", "pollinate.client.cli_export", "write a job's adapters as a PEFT adapter"),
+    ("job", "pollinate.client.cli_job", "create or inspect training jobs"),
+    ("status", "pollinate.client.cli_status", "show the swarm at a glance"),
+    ("convert", "pollinate.node.cli_convert", "convert a model into per-block shards"),
+    ("demo", "pollinate.demo", "run a whole swarm on this machine on the embedded model"),
+]
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pollinate",
+        description="Pollinate: volunteers serve and fine-tune transformer language models together.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in SUBCOMMANDS:
+        mod = _load(module)
+        if mod is None:
+            help_text += " (not yet available)"
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if mod is not None:
+            mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    mod = _load(args._module)
+    if mod is None:
+        print(f"pollinate {args.command}: not yet available in this version", file=sys.stderr)
+        return 2
+    return int(mod.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
