@@ -1,0 +1,160 @@
+from pollinate.protocol.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("span", "model_id", "hidden_size", "dtype", "throughput", "version", "num_blocks")
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    span: _common_pb2.Span
+    model_id: str
+    hidden_size: int
+    dtype: str
+    throughput: float
+    version: str
+    num_blocks: int
+    def __init__(self, span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
+class ForwardHeader(_message.Message):
+    __slots__ = ("job", "reply_codec", "blocks", "request_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    reply_codec: str
+    blocks: _common_pb2.Span
+    request_id: str
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("header", "tensor")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardHeader
+    tensor: _common_pb2.Tensor
+    def __init__(self, header: _Optional[_Union[ForwardHeader, _Mapping]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: _common_pb2.Tensor
+    def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardHeader(_message.Message):
+    __slots__ = ("job", "reply_codec", "blocks", "request_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    reply_codec: str
+    blocks: _common_pb2.Span
+    request_id: str
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("header", "tensor")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    header: BackwardHeader
+    tensor: _common_pb2.Tensor
+    def __init__(self, header: _Optional[_Union[BackwardHeader, _Mapping]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardReply(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: _common_pb2.Tensor
+    def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceOpen(_message.Message):
+    __slots__ = ("session_id", "max_length", "job", "reply_codec", "blocks")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_length: int
+    job: str
+    reply_codec: str
+    blocks: _common_pb2.Span
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ...) -> None: ...
+
+class InferenceRequest(_message.Message):
+    __slots__ = ("open", "position", "tensor")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    open: InferenceOpen
+    position: int
+    tensor: _common_pb2.Tensor
+    def __init__(self, open: _Optional[_Union[InferenceOpen, _Mapping]] = ..., position: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceReply(_message.Message):
+    __slots__ = ("position", "tensor")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    tensor: _common_pb2.Tensor
+    def __init__(self, position: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ShardMessage(_message.Message):
+    __slots__ = ("job", "span", "round", "sender_id", "shard_index", "weight", "kind", "tensor")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[ShardMessage.Kind]
+        CONTRIBUTION: _ClassVar[ShardMessage.Kind]
+        RESULT: _ClassVar[ShardMessage.Kind]
+    KIND_UNSPECIFIED: ShardMessage.Kind
+    CONTRIBUTION: ShardMessage.Kind
+    RESULT: ShardMessage.Kind
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    span: _common_pb2.Span
+    round: int
+    sender_id: str
+    shard_index: int
+    weight: int
+    kind: ShardMessage.Kind
+    tensor: _common_pb2.Tensor
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., sender_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., weight: _Optional[int] = ..., kind: _Optional[_Union[ShardMessage.Kind, str]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("job", "span", "round")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    span: _common_pb2.Span
+    round: int
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
+
+class GetStateReply(_message.Message):
+    __slots__ = ("round", "tensor")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    tensor: _common_pb2.Tensor
+    def __init__(self, round: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
