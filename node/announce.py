@@ -1,0 +1,163 @@
+"""A node's presence on the hivemind DHT: one record per hosted block, re-announced.
+
+Key `"<model>.<block>"` (as Petals does), subkey = the node's DHT peer id, value = a small
+dict (state, address, span, throughput, free cache), with an expiration time. A node
+announces "joining" while it loads, "online" once its server is up, re-announces before the
+records expire, and "offline" (short-lived) when it shuts down gracefully. A killed node's
+records simply expire; clients also ban a peer that fails them, so they never wait for that.
+
+The DHT runs in a forked process: create it before any gRPC object exists in this process
+(see `start_dht`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STATES = ("joining", "online", "offline")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnnounceConfig:
+    # Lifetime of each record, seconds; a killed node disappears from routes at most this
+    # late (clients ban failing peers at once, so this bounds only new clients' first try).
+    expiration_s: float = 60.0
+    # Re-announce after this fraction of the lifetime, so records never lapse while alive.
+    refresh_fraction: float = 0.33
+    # Lifetime of the "offline" record written on graceful shutdown, seconds.
+    offline_expiration_s: float = 15.0
+    # Longest wait for one DHT store round, seconds.
+    store_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.expiration_s > 0:
+            raise ValueError(f"expiration_s must be > 0, got {self.expiration_s}")
+        if not 0 < self.refresh_fraction < 1:
+            raise ValueError(f"refresh_fraction must be in (0, 1), got {self.refresh_fraction}")
+        if not self.offline_expiration_s > 0:
+            raise ValueError(f"offline_expiration_s must be > 0, got {self.offline_expiration_s}")
+        if not self.store_timeout_s > 0:
+            raise ValueError(f"store_timeout_s must be > 0, got {self.store_timeout_s}")
+
+
+def block_key(model_id: str, block: int) -> str:
+    """DHT key of one block of a model."""
+    return f"{dht_prefix(model_id)}.{block}"
+
+
+def dht_prefix(model_id: str) -> str:
+    """A model's name in DHT keys: the last path component, lowercased, without dots."""
+    name = model_id.rstrip("/").split("/")[-1].lower()
+    return name.replace(".", "-") or "model"
+
+
+def record_value(
+    *, state: str, address: str, start: int, end: int, throughput: float, cache_tokens_left: int
+) -> dict[str, Any]:
+    if state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, got {state!r}")
+    return {
+        "state": state,
+        "address": address,
+        "start": int(start),
+        "end": int(end),
+        "throughput": float(throughput),
+        "cache_tokens_left": int(cache_tokens_left),
+    }
+
+
+def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_mode: bool = False):
+    """Start a hivemind DHT peer (forks a process: call before creating gRPC objects)."""
+    import hivemind
+
+    kwargs: dict[str, Any] = {"initial_peers": list(initial_peers), "start": True, "client_mode": client_mode}
+    if not client_mode:
+        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/0"]
+    return hivemind.DHT(**kwargs)
+
+
+class Announcer:
+    """Keeps this node's block records fresh on the DHT from a background thread."""
+
+    def __init__(
+        self,
+        dht,
+        *,
+        model_id: str,
+        start: int,
+        end: int,
+        address: str,
+        throughput: float,
+        cache_tokens_left: Callable[[], int],
+        config: AnnounceConfig,
+    ):
+        self.dht = dht
+        self.model_id = model_id
+        self.start_block, self.end_block = start, end
+        self.address = address
+        self.throughput = throughput
+        self.cache_tokens_left = cache_tokens_left
+        self.config = config
+        self.state = "joining"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
+
+    def announce(self, state: str, lifetime_s: float | None = None) -> bool:
+        """Store this node's record for every hosted block; True if every store succeeded."""
+        from hivemind.utils import get_dht_time
+
+        self.state = state
+        lifetime = self.config.expiration_s if lifetime_s is None else lifetime_s
+        value = record_value(
+            state=state,
+            address=self.address,
+            start=self.start_block,
+            end=self.end_block,
+            throughput=self.throughput,
+            cache_tokens_left=self.cache_tokens_left(),
+        )
+        expiration = get_dht_time() + lifetime
+        futures = [
+            self.dht.store(block_key(self.model_id, b), value, expiration, subkey=self.peer_id, return_future=True)
+            for b in range(self.start_block, self.end_block)
+        ]
+        ok = 0
+        for f in futures:
+            try:
+                ok += bool(f.result(timeout=self.config.store_timeout_s))
+            except Exception as e:  # a DHT hiccup is retried on the next refresh
+                logger.warning("DHT store failed: %s", e)
+        if ok < len(futures):
+            logger.warning("announced %s for %d/%d blocks", state, ok, len(futures))
+        else:
+            logger.debug("announced %s for blocks %d:%d", state, self.start_block, self.end_block)
+        return ok == len(futures)
+
+    def start(self) -> None:
+        """Announce online now and keep re-announcing until `stop()`."""
+        self.announce("online")
+        self._thread = threading.Thread(target=self._refresh_loop, name="announcer", daemon=True)
+        self._thread.start()
+
+    def _refresh_loop(self) -> None:
+        period = self.config.expiration_s * self.config.refresh_fraction
+        while not self._stop.wait(period):
+            self.announce(self.state)
+
+    def stop(self) -> None:
+        """Stop refreshing and announce offline (short-lived record)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.config.store_timeout_s)
+        self.announce("offline", lifetime_s=self.config.offline_expiration_s)
+        logger.info("announced offline for blocks %d:%d", self.start_block, self.end_block)

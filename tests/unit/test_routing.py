@@ -1,0 +1,88 @@
+"""Route choice over fake peers: coverage, cost preference, bans, errors naming gaps."""
+
+import random
+
+import pytest
+
+from pollinate.client.dht_lookup import merge_records
+from pollinate.client.routing import BanList, NoRouteError, PeerSpan, RoutingConfig, find_route
+
+CFG = RoutingConfig(hop_latency_s=0.01)
+
+
+def peer(pid, start, end, thr=100.0, state="online"):
+    return PeerSpan(peer_id=pid, address=f"h:{pid}", start=start, end=end, throughput=thr, state=state)
+
+
+def spans(route):
+    return [(h.peer.peer_id, h.start, h.end) for h in route]
+
+
+def test_route_tiles_blocks_in_order():
+    peers = [peer("a", 0, 10), peer("b", 10, 20), peer("c", 20, 30)]
+    assert spans(find_route(peers, 0, 30, config=CFG)) == [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+
+
+def test_prefers_fast_replica_and_fewer_hops():
+    peers = [peer("a", 0, 10), peer("slow", 10, 20, thr=10), peer("fast", 10, 20, thr=1000), peer("c", 20, 30)]
+    assert spans(find_route(peers, 0, 30, config=CFG))[1] == ("fast", 10, 20)
+    # one peer hosting everything beats three hops at equal throughput
+    peers = [peer("a", 0, 10), peer("b", 10, 20), peer("c", 20, 30), peer("all", 0, 30)]
+    assert spans(find_route(peers, 0, 30, config=CFG)) == [("all", 0, 30)]
+
+
+def test_overlapping_spans_use_partial_ranges():
+    peers = [peer("a", 0, 6), peer("b", 4, 10)]
+    route = find_route(peers, 0, 10, config=CFG)
+    assert [h.end - h.start for h in route] == [6, 4] or [h.end - h.start for h in route] == [4, 6]
+    assert route[0].start == 0 and route[-1].end == 10 and route[0].end == route[1].start
+    with pytest.raises(NoRouteError):
+        find_route(peers, 0, 10, config=RoutingConfig(allow_partial_spans=False))
+
+
+def test_subrange_for_failover():
+    peers = [peer("a", 0, 10), peer("b1", 10, 20), peer("b2", 10, 20, thr=50), peer("c", 20, 30)]
+    assert spans(find_route(peers, 10, 20, config=CFG, banned=frozenset({"b1"}))) == [("b2", 10, 20)]
+
+
+def test_missing_blocks_named():
+    peers = [peer("a", 0, 10), peer("c", 12, 30), peer("off", 10, 12, state="offline")]
+    with pytest.raises(NoRouteError, match="no online peer hosts blocks 10, 11") as e:
+        find_route(peers, 0, 30, config=CFG)
+    assert e.value.missing_blocks == [10, 11]
+
+
+def test_banned_peers_named_differently():
+    peers = [peer("a", 0, 10), peer("b", 10, 20)]
+    with pytest.raises(NoRouteError, match="unbanned") as e:
+        find_route(peers, 0, 20, config=CFG, banned=frozenset({"b"}))
+    assert e.value.missing_blocks == list(range(10, 20))
+
+
+def test_ban_backoff_doubles_and_resets():
+    bans = BanList(base_s=1.0, max_s=5.0)
+    assert [bans.ban("x", now=0.0) for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert bans.banned(now=4.9) == {"x"}
+    assert bans.banned(now=5.1) == frozenset()
+    bans.succeeded("x")
+    assert bans.ban("x", now=10.0) == 1.0
+
+
+def test_many_random_peers_route_is_a_valid_cheapest_tiling():
+    rng = random.Random(0)
+    peers = [peer("full", 0, 30, thr=1.0)]
+    for i in range(2000):
+        s = rng.randrange(30)
+        peers.append(peer(f"p{i}", s, rng.randrange(s + 1, 31), thr=rng.uniform(1, 1000)))
+    route = find_route(peers, 0, 30, config=CFG)
+    assert route[0].start == 0 and route[-1].end == 30
+    assert all(a.end == b.start for a, b in zip(route, route[1:]))
+    assert all(h.peer.start <= h.start < h.end <= h.peer.end for h in route)
+    cost = sum(CFG.hop_latency_s + (h.end - h.start) / h.peer.throughput for h in route)
+    assert cost < 30 / 1.0  # far cheaper than the slow single peer
+
+
+def test_merge_records_one_peer_per_id_and_drops_malformed():
+    rec = {"state": "online", "address": "h:1", "start": 0, "end": 2, "throughput": 5.0, "cache_tokens_left": 10}
+    merged = merge_records({0: {"p": rec, "bad": {"state": "online"}}, 1: {"p": rec}})
+    assert merged == [PeerSpan(peer_id="p", address="h:1", start=0, end=2, throughput=5.0, cache_tokens_left=10)]
