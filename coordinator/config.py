@@ -1,0 +1,138 @@
+"""Typed configuration of the coordinator's components. The CLI builds these; nothing else
+reads argv or the environment."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The embedded default model (DESIGN.md, "The model"): SmolLM2-135M-Instruct has 30 decoder
+# blocks. The coordinator never loads weights; it only needs the block count.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_NUM_BLOCKS = 30
+KNOWN_MODELS: dict[str, int] = {DEFAULT_MODEL_ID: DEFAULT_NUM_BLOCKS, "smollm2-135m": 30}
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MembershipConfig:
+    # Which model the swarm serves; a join naming another model is refused.
+    model_id: str = DEFAULT_MODEL_ID
+    # Decoder blocks of that model; spans are windows of [0, num_blocks).
+    num_blocks: int = DEFAULT_NUM_BLOCKS
+    # Seconds between a member's heartbeats (told to it on join). 1 s: the issue's default,
+    # cheap at 2000 members (2000 tiny RPCs/s).
+    heartbeat_period_s: float = 1.0
+    # Seconds without a heartbeat after which a member is evicted. 5 s: five missed beats,
+    # so one slow beat or a GC pause does not evict a healthy node.
+    lease_s: float = 5.0
+    # Seconds between scans for expired leases; bounds the detection delay beyond lease_s.
+    eviction_interval_s: float = 0.25
+    # Extra seconds of lease every member gets when a coordinator restarts from its data
+    # directory: nodes may have been backing off while it was down. 5 s: one full lease.
+    restart_grace_s: float = 5.0
+    # Live members allowed per source IP (as seen by gRPC); 0 disables the cap. 64: enough
+    # for a whole test swarm on loopback, small enough to blunt a join flood.
+    max_members_per_address: int = 64
+    # A move is made only if the weakest block's throughput rises by this fraction (or a hole
+    # closes). 0.1: Petals' balance_quality 0.75 is looser; 10% keeps churn low.
+    rebalance_margin: float = 0.1
+    # Seconds between periodic rebalance checks (holes are also checked after every
+    # eviction or leave, at once).
+    rebalance_interval_s: float = 5.0
+    # Moves planned per rebalance check; each is evaluated after the previous.
+    max_moves_per_check: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("model_id must not be empty")
+        if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+        for name in ("heartbeat_period_s", "lease_s", "eviction_interval_s",
+                     "rebalance_interval_s"):
+            _positive(name, getattr(self, name))
+        if self.lease_s < self.heartbeat_period_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must be at least heartbeat_period_s "
+                f"({self.heartbeat_period_s}), or every member would be evicted"
+            )
+        if not (math.isfinite(self.restart_grace_s) and self.restart_grace_s >= 0):
+            raise ValueError(f"restart_grace_s must be >= 0, got {self.restart_grace_s!r}")
+        if self.max_members_per_address < 0:
+            raise ValueError(
+                f"max_members_per_address must be >= 0, got {self.max_members_per_address!r}"
+            )
+        if not (math.isfinite(self.rebalance_margin) and self.rebalance_margin >= 0):
+            raise ValueError(f"rebalance_margin must be >= 0, got {self.rebalance_margin!r}")
+        if self.max_moves_per_check < 0:
+            raise ValueError(f"max_moves_per_check must be >= 0, got {self.max_moves_per_check!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    # Directory holding coordinator.sqlite3 (and, later, committed adapter states).
+    data_dir: Path
+    # SQLite `synchronous` in WAL mode. NORMAL: a commit survives the process being killed
+    # (the issue's SIGKILL test) without an fsync per heartbeat-free write; FULL also
+    # survives power loss at ~1 fsync per membership change.
+    synchronous: str = "NORMAL"
+    # Seconds SQLite waits on a locked database (another process holding it) before failing.
+    busy_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF/NORMAL/FULL/EXTRA, got {self.synchronous!r}")
+        _positive("busy_timeout_s", self.busy_timeout_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DhtConfig:
+    # Run the swarm's bootstrap hivemind DHT peer in this process. Off only in in-process
+    # tests: a DHT forks, and forking after gRPC has started is unsafe.
+    enabled: bool = True
+    # libp2p listen addresses; loopback on an OS-chosen port by default so tests need no
+    # free-port guessing. Use /ip4/0.0.0.0/tcp/PORT for a real swarm.
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # Addresses to advertise instead of the ones the DHT sees (behind NAT).
+    announce_maddrs: tuple[str, ...] = ()
+    # Seconds to wait for the DHT process to come up before giving up.
+    start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.host_maddrs:
+            raise ValueError("host_maddrs must name at least one address when the DHT is enabled")
+        _positive("start_timeout_s", self.start_timeout_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    store: StoreConfig
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    # Interface for gRPC and HTTP. 127.0.0.1: nothing is exposed unless asked for.
+    host: str = "127.0.0.1"
+    # gRPC port; 0 lets the OS choose (read the bound one from the ready file).
+    port: int = 7070
+    # HTTP status port (JSON, HTML, /metrics); 0 lets the OS choose, -1 disables it.
+    http_port: int = 7071
+    # The swarm token every RPC but health must carry. Empty is refused: no open swarms.
+    token: str
+    # Seconds in-flight RPCs get to finish on stop().
+    stop_grace_s: float = 2.0
+    # Written (atomically) with the bound addresses as JSON once serving; None: not written.
+    ready_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise ValueError("token must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port!r}")
+        if not (math.isfinite(self.stop_grace_s) and self.stop_grace_s >= 0):
+            raise ValueError(f"stop_grace_s must be >= 0, got {self.stop_grace_s!r}")

@@ -1,0 +1,161 @@
+from pollinate.protocol.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("address", "model_id", "capacity_blocks", "throughput", "requested_span", "current_span", "name")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SPAN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_SPAN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    model_id: str
+    capacity_blocks: int
+    throughput: float
+    requested_span: _common_pb2.Span
+    current_span: _common_pb2.Span
+    name: str
+    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., requested_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., current_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("member_id", "epoch", "span", "dht_initial_peers", "heartbeat_period_s", "lease_s", "model_id", "num_blocks")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    DHT_INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_PERIOD_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    epoch: int
+    span: _common_pb2.Span
+    dht_initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    heartbeat_period_s: float
+    lease_s: float
+    model_id: str
+    num_blocks: int
+    def __init__(self, member_id: _Optional[str] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("member_id", "serving_span", "throughput")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVING_SPAN_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    serving_span: _common_pb2.Span
+    throughput: float
+    def __init__(self, member_id: _Optional[str] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., throughput: _Optional[float] = ...) -> None: ...
+
+class Instruction(_message.Message):
+    __slots__ = ("kind", "span", "reason")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Instruction.Kind]
+        NONE: _ClassVar[Instruction.Kind]
+        MOVE: _ClassVar[Instruction.Kind]
+    KIND_UNSPECIFIED: Instruction.Kind
+    NONE: Instruction.Kind
+    MOVE: Instruction.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: Instruction.Kind
+    span: _common_pb2.Span
+    reason: str
+    def __init__(self, kind: _Optional[_Union[Instruction.Kind, str]] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("epoch", "span", "instruction")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    span: _common_pb2.Span
+    instruction: Instruction
+    def __init__(self, epoch: _Optional[int] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., instruction: _Optional[_Union[Instruction, _Mapping]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("member_id",)
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    def __init__(self, member_id: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MemberInfo(_message.Message):
+    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    SERVING_SPAN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    address: str
+    name: str
+    span: _common_pb2.Span
+    serving_span: _common_pb2.Span
+    state: str
+    throughput: float
+    capacity_blocks: int
+    pinned: bool
+    joined_at: float
+    last_heartbeat_at: float
+    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ...) -> None: ...
+
+class BlockCoverage(_message.Message):
+    __slots__ = ("block", "replicas", "throughput")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    replicas: int
+    throughput: float
+    def __init__(self, block: _Optional[int] = ..., replicas: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DHT_INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_PERIOD_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    model_id: str
+    num_blocks: int
+    members: _containers.RepeatedCompositeFieldContainer[MemberInfo]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockCoverage]
+    dht_initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    started_at: float
+    version: str
+    heartbeat_period_s: float
+    lease_s: float
+    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ...) -> None: ...
