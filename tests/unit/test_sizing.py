@@ -1,0 +1,150 @@
+"""Span sizing from given memory figures: pure arithmetic, checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pollinate.node.sizing import (
+    GiB,
+    MiB,
+    BlockShape,
+    SizingConfig,
+    SpanDoesNotFit,
+    choose_num_blocks,
+    cpu_available_bytes,
+    free_memory_bytes,
+    plan_span,
+    require_fit,
+)
+
+SMOLLM2 = BlockShape(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64, num_blocks=30)
+LLAMA2_7B = BlockShape(hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128, num_blocks=32)
+# No KV cache, no training, no headroom: only weights count.
+WEIGHTS_ONLY = SizingConfig(kv_cache_tokens=0, training_tokens=0, headroom_bytes=0, headroom_fraction=0.0)
+
+
+def test_block_parameter_counts_match_the_published_models():
+    # SmolLM2-135M: 134,515,008 parameters = 30 blocks + 49152 x 576 tied embedding + final norm.
+    assert 30 * SMOLLM2.params_per_block() + 49152 * 576 + 576 == 134_515_008
+    # Llama-2-7B: 6,738,415,616 = 32 blocks + untied embedding and LM head (2 x 32000 x 4096) + norm.
+    assert 32 * LLAMA2_7B.params_per_block() + 2 * 32000 * 4096 + 4096 == 6_738_415_616
+
+
+def test_block_shape_from_transformers_config():
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30
+    )
+    assert BlockShape.from_config(config) == SMOLLM2
+
+
+def test_weights_only_smollm2_bf16():
+    s = plan_span(100 * MiB, SMOLLM2, torch.bfloat16, WEIGHTS_ONLY)
+    assert s.weight_bytes_per_block == 3_540_096 * 2
+    assert s.bytes_per_block == 7_080_192
+    assert s.blocks_that_fit == 100 * MiB // 7_080_192 == 14
+
+
+def test_kv_cache_bytes_per_block():
+    cfg = SizingConfig(kv_cache_tokens=8192, training_tokens=0, headroom_bytes=0, headroom_fraction=0.0)
+    s = plan_span(GiB, SMOLLM2, torch.float16, cfg)
+    # 8192 tokens x (K and V) x 3 kv heads x 64 x 2 bytes = 6 MiB
+    assert s.kv_bytes_per_block == 6 * MiB
+
+
+def test_training_reserve_bytes_per_block():
+    cfg = SizingConfig(kv_cache_tokens=0, training_tokens=1000, lora_rank=8, headroom_bytes=0, headroom_fraction=0.0)
+    s = plan_span(GiB, SMOLLM2, torch.float32, cfg)
+    lora = 8 * ((576 + 576) + 2 * (576 + 192) + (576 + 576) + 3 * (576 + 1536))
+    activations = 1000 * (10 * 576 + 4 * 1536) * 4
+    assert s.training_bytes_per_block == lora * 16 + activations
+
+
+def test_24gb_card_llama2_7b_bf16_with_defaults():
+    free = 23 * GiB  # what a 24 GB card reports free once the CUDA context exists
+    s = plan_span(free, LLAMA2_7B, torch.bfloat16)
+    headroom = 512 * MiB + int(0.05 * free)
+    assert s.headroom_bytes == headroom
+    assert s.usable_bytes == free - headroom
+    assert s.weight_bytes_per_block == 202_383_360 * 2
+    assert s.kv_bytes_per_block == 8192 * 2 * 32 * 128 * 2 == 128 * MiB
+    assert s.blocks_that_fit == (free - headroom) // s.bytes_per_block == 25
+    assert "25 blocks, 25 of the model's 32 hosted" in s.explain()
+
+
+def test_small_model_is_capped_at_its_block_count():
+    s = plan_span(23 * GiB, SMOLLM2, torch.bfloat16)
+    assert s.blocks_that_fit == 30
+
+
+def test_headroom_larger_than_free_leaves_nothing():
+    s = plan_span(100 * MiB, SMOLLM2, torch.float32)
+    assert (s.usable_bytes, s.blocks_that_fit) == (0, 0)
+
+
+def test_requested_span_that_does_not_fit_names_the_numbers():
+    s = plan_span(23 * GiB, LLAMA2_7B, torch.bfloat16)
+    with pytest.raises(SpanDoesNotFit) as e:
+        require_fit(s, 32)
+    message = str(e.value)
+    assert "32 blocks need" in message
+    assert "at most 25 blocks fit" in message
+    assert "bfloat16" in message
+    assert f"{s.usable_bytes / GiB:.2f} GiB is usable" in message
+
+
+def test_requested_span_that_fits_passes():
+    s = plan_span(23 * GiB, LLAMA2_7B, torch.bfloat16)
+    require_fit(s, 25)
+
+
+def test_choose_num_blocks_auto_and_requested():
+    assert choose_num_blocks(23 * GiB, LLAMA2_7B, torch.bfloat16)[0] == 25
+    assert choose_num_blocks(23 * GiB, LLAMA2_7B, torch.bfloat16, requested=10)[0] == 10
+    # fp32 halves nothing but doubles every per-block figure: 12 blocks fit.
+    with pytest.raises(SpanDoesNotFit, match="at most 12 blocks fit"):
+        choose_num_blocks(23 * GiB, LLAMA2_7B, torch.float32, requested=20)
+
+
+def test_choose_num_blocks_not_even_one_block():
+    with pytest.raises(SpanDoesNotFit, match="1 blocks need"):
+        choose_num_blocks(1 * GiB, LLAMA2_7B, torch.bfloat16)
+
+
+def test_choose_num_blocks_more_than_the_model_has():
+    with pytest.raises(ValueError, match="model has only 30"):
+        choose_num_blocks(23 * GiB, SMOLLM2, torch.bfloat16, requested=31)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"kv_cache_tokens": -1}, {"headroom_fraction": 1.0}, {"lora_rank": -2}, {"training_tokens": -5}]
+)
+def test_sizing_config_rejects_bad_values(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        SizingConfig(**kwargs)
+
+
+def test_block_shape_rejects_bad_gqa():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        BlockShape(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=2, head_dim=64, num_blocks=30)
+
+
+def test_cpu_available_bytes_reads_meminfo_and_cgroup(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    no_cgroup = tmp_path / "none"
+    assert cpu_available_bytes(str(meminfo), str(no_cgroup)) == 20_000_000 * 1024
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{8 * GiB}\n")
+    (cgroup / "memory.current").write_text(f"{3 * GiB}\n")
+    assert cpu_available_bytes(str(meminfo), str(cgroup)) == 5 * GiB
+    (cgroup / "memory.max").write_text("max\n")
+    assert cpu_available_bytes(str(meminfo), str(cgroup)) == 20_000_000 * 1024
+
+
+def test_free_memory_on_this_cpu_is_plausible():
+    free = free_memory_bytes("cpu")
+    assert 64 * MiB < free < 64 * 1024 * GiB
