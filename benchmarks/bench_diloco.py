@@ -1,0 +1,207 @@
+"""DiLoCo with CocktailSGD-compressed pseudo-gradients vs per-step data parallelism.
+
+A byte-level tiny Llama (4 blocks, width 128) on the Python standard library's own source
+(held-out files for validation) is pretrained once (cached), then every arm continues from
+that checkpoint with 4 replicas that see the same tokens:
+
+  ddp              gradients averaged every step (fp32)
+  diloco           H inner steps, fp32 pseudo-gradients, the job's outer optimizer
+  diloco-cocktail  H inner steps, the job's codec and error feedback, through
+                   pollinate.node.diloco (the code the network layer calls)
+  local            one replica alone
+
+One JSON object per arm on stdout. Bytes are what one replica sends + receives in the
+owner exchange pattern (its contributions to the 3 other owners, the 3 others' contributions
+to its shard, its shard result to the 3 others, the 3 others' results): the encoded frame
+lengths for the DiLoCo arms, 4 bytes per element for ddp (the same pattern every step, i.e.
+a reduce-scatter + all-gather). Usage: python benchmarks/bench_diloco.py [--quick] [--seeds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat,
+                                   exchange_in_process, flatten_params, registry_codec)
+
+REPLICAS = 4
+SEQ = 64  # tokens per sequence (bytes)
+BATCH = 8  # sequences per replica per step
+INNER_LR = 1e-3  # AdamW; the DiLoCo 4e-4 is for large models, tiny ones want more
+VAL_SEQS = 256
+
+
+def load_text() -> tuple[torch.Tensor, torch.Tensor]:
+    """stdlib top-level .py files, sorted; every 8th file is held out for validation."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    train, val = [], []
+    for i, path in enumerate(files):
+        (val if i % 8 == 0 else train).append(Path(path).read_bytes())
+    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
+    return as_tensor(train).long(), as_tensor(val).long()
+
+
+def batch(text: torch.Tensor, n: int, key: tuple) -> torch.Tensor:
+    """n windows of SEQ bytes at positions fixed by key (seed, replica, step)."""
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+    starts = torch.randint(0, text.numel() - SEQ, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([text[s:s + SEQ] for s in starts.tolist()])
+
+
+def make_model(quick: bool) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128 if not quick else 64,
+                      intermediate_size=344 if not quick else 172, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # weight decay 0.1, betas 0.9/0.95: the DiLoCo/OpenDiLoCo inner optimizer
+    return torch.optim.AdamW(model.parameters(), lr=INNER_LR, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def train_step(model, opt, x: torch.Tensor) -> None:
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def val_loss(model, val: torch.Tensor) -> float:
+    x = batch(val, VAL_SEQS, ("val",))
+    return sum(float(model(input_ids=c, labels=c).loss) for c in x.split(32)) / len(x.split(32))
+
+
+def pretrained(args, train: torch.Tensor) -> dict:
+    """Pretrain once from scratch, cached by the settings that define it."""
+    key = hashlib.sha256(repr((args.quick, args.pretrain_steps, SEQ, BATCH)).encode()).hexdigest()[:12]
+    path = Path(args.cache_dir).expanduser() / f"pretrain-{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    model = make_model(args.quick)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    for step in range(args.pretrain_steps):
+        train_step(model, opt, batch(train, BATCH, ("pretrain", step)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.state_dict()
+
+
+def fresh(args, state: dict):
+    model = make_model(args.quick)
+    model.load_state_dict(state)
+    return model, adamw(model)
+
+
+def run_ddp(args, state, train, val, seed) -> dict:
+    model, opt = fresh(args, state)
+    for step in range(args.steps):
+        for r in range(REPLICAS):  # mean of the replicas' gradients = one all-reduce
+            x = batch(train, BATCH, (seed, r, step))
+            (model(input_ids=x, labels=x).loss / REPLICAS).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    numel = sum(p.numel() for p in model.parameters())
+    per_step = 4 * (REPLICAS - 1) * math.ceil(numel / REPLICAS) * 4  # fp32, see module doc
+    return {"val_loss": val_loss(model, val), "bytes_per_replica": per_step * args.steps}
+
+
+def run_local(args, state, train, val, seed) -> dict:
+    model, opt = fresh(args, state)
+    for step in range(args.steps):
+        train_step(model, opt, batch(train, BATCH, (seed, 0, step)))
+    return {"val_loss": val_loss(model, val), "bytes_per_replica": 0}
+
+
+def run_diloco(args, state, train, val, seed, config: DiLoCoConfig) -> dict:
+    replicas = [fresh(args, state) for _ in range(REPLICAS)]
+    params = [list(m.parameters()) for m, _ in replicas]
+    members = [DiLoCoMember(flatten_params(params[0]), config, codec_factory=args.codec_factory)
+               for _ in range(REPLICAS)]
+    moved, rounds, step = 0, 0, 0
+    while step < args.steps:
+        h = min(config.inner_steps, args.steps - step)
+        for r, (model, opt) in enumerate(replicas):
+            assign_flat(params[r], members[r].local_start())
+            for s in range(step, step + h):
+                train_step(model, opt, batch(train, BATCH, (seed, r, s)))
+        report = exchange_in_process(members, [flatten_params(p) for p in params],
+                                     [h * BATCH * SEQ] * REPLICAS, round_index=rounds)
+        if len(set(report.checksums)) != 1 or report.rejected:
+            raise RuntimeError(f"round {rounds}: members diverged or rejected {report.rejected}")
+        moved += sum(report.bytes_per_member) // REPLICAS
+        step, rounds = step + h, rounds + 1
+    final, _ = replicas[0]
+    assign_flat(params[0], members[0].global_flat)  # the committed global model is evaluated
+    return {"val_loss": val_loss(final, val), "bytes_per_replica": moved, "rounds": rounds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI smoke run (< 60 s)")
+    ap.add_argument("--seeds", type=int, default=1, help="data-order seeds per arm")
+    ap.add_argument("--cache-dir", default="~/.cache/pollinate/bench_diloco")
+    ap.add_argument("--arms", default="ddp,local,diloco,diloco-cocktail")
+    ap.add_argument("--steps", type=int, help="inner steps per replica after the warm start")
+    ap.add_argument("--pretrain-steps", type=int)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--config", default="{}", help="JSON overrides of DiLoCoConfig fields for "
+                    "the compressed arm (the diloco arm shares H and the outer optimizer)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.steps = args.steps or (30 if args.quick else 300)
+    args.pretrain_steps = args.pretrain_steps or (100 if args.quick else 400)
+    args.codec_factory = registry_codec
+    overrides = json.loads(args.config)
+    if args.quick:
+        overrides.setdefault("inner_steps", 10)
+    cocktail = DiLoCoConfig(**overrides)
+    dense = DiLoCoConfig(inner_steps=cocktail.inner_steps, outer_lr=cocktail.outer_lr,
+                         outer_momentum=cocktail.outer_momentum, nesterov=cocktail.nesterov,
+                         codec="none", codec_params={})
+    train, val = load_text()
+    state = pretrained(args, train)
+    arms = {"ddp": lambda s: run_ddp(args, state, train, val, s),
+            "local": lambda s: run_local(args, state, train, val, s),
+            "diloco": lambda s: run_diloco(args, state, train, val, s, dense),
+            "diloco-cocktail": lambda s: run_diloco(args, state, train, val, s, cocktail)}
+    results: dict[str, dict] = {}
+    for name in args.arms.split(","):
+        t0, runs = time.time(), [arms[name](seed) for seed in range(args.seeds)]
+        out = {"arm": name, "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
+               "val_loss_per_seed": [round(r["val_loss"], 4) for r in runs],
+               "bytes_per_replica": runs[0]["bytes_per_replica"], "steps": args.steps,
+               "seconds": round(time.time() - t0, 1)}
+        if name.startswith("diloco"):
+            cfg = cocktail if name == "diloco-cocktail" else dense
+            out["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
+                             if k != "reject_norm_factor"}
+        if name == "diloco-cocktail":
+            for base, key in (("ddp", "bytes_reduction_vs_ddp"),):
+                if base in results:
+                    out[key] = round(results[base]["bytes_per_replica"] / out["bytes_per_replica"], 1)
+            for base in ("ddp", "diloco"):
+                if base in results:
+                    out[f"loss_ratio_vs_{base}"] = round(out["val_loss"] / results[base]["val_loss"], 4)
+            if "local" in results:
+                out["beats_local"] = out["val_loss"] < results["local"]["val_loss"]
+        results[name] = out
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""DiLoCo outer step for one span group: the node-side math of a round, bytes in and bytes out.
+
+A round (DESIGN.md "Training math"; DiLoCo, Douillard et al. 2023):
+
+1. ``contribute``: after H inner steps each member forms its pseudo-gradient
+   Δ = θ_global − θ_local in fp32, adds it to its error-feedback residual and compresses the
+   result shard by shard (member j owns the j-th 1/N of the flat vector); payload j goes to
+   owner j.
+2. ``aggregate`` (on each owner): decode the contributions for its shard, reject bad ones
+   (undecodable, wrong length, NaN/Inf, norm beyond ``reject_norm_factor`` × the median of the
+   others), average the rest weighted by tokens, add the owner's residual, re-compress; the
+   bytes go to every member.
+3. ``apply``: every member decodes the same result bytes, applies the outer optimizer to
+   θ_global in fp32, commits its residuals and returns the checksum of the new global state.
+   ``local_params`` then says where the inner optimizer restarts.
+
+Everything here is in-process and deterministic: the network layer (ExchangeShard over gRPC,
+coordinator quorum) moves the bytes and compares checksums. The defaults of
+``DiLoCoConfig`` come from ``benchmarks/bench_diloco.py`` (see docs/diloco.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Codec(Protocol):
+    """What the outer step needs from ``pollinate.compression``: bytes out, a tensor back."""
+
+    def encode(self, tensor: torch.Tensor, *, seed: int) -> bytes: ...
+
+    def decode(self, data: bytes, *, seed: int) -> torch.Tensor: ...
+
+
+class RoundError(ValueError):
+    """A round cannot proceed on this member (bad result bytes, wrong round); nothing changed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiLoCoConfig:
+    # inner steps between outer rounds (H); 25 on the toy of benchmarks/bench_diloco.py,
+    # DESIGN.md's 100 for real jobs is the DiLoCo paper's setting
+    inner_steps: int = 25
+    # outer learning rate; 0.7 with Nesterov momentum 0.9 is the DiLoCo paper's setting
+    outer_lr: float = 0.7
+    # outer momentum coefficient (0 = plain averaging step); DiLoCo paper: 0.9
+    outer_momentum: float = 0.9
+    # Nesterov (True) or heavy-ball momentum; DiLoCo paper: Nesterov
+    nesterov: bool = True
+    # codec id in pollinate.compression's registry for compressed rounds
+    codec: str = "cocktail"
+    # codec parameters (p: random-mask ratio, k: top-k ratio inside the mask, bits: value bits)
+    codec_params: Mapping[str, object] = field(
+        default_factory=lambda: {"p": 0.1, "k": 0.2, "bits": 4})
+    # first rounds sent uncompressed (codec "none", fp32): lets outer momentum settle
+    warmup_rounds: int = 0
+    # decay of the worker's error-feedback residual per round (1 = classic EF; SparseLoCo
+    # uses 0.95 so that stale residuals fade)
+    worker_ef_decay: float = 1.0
+    # where the unsent residual lives: False = a separate buffer and θ_local ← θ_global
+    # (DESIGN.md); True = θ_local ← θ_global − residual, so the inner optimizer does not
+    # re-learn progress it has not yet sent
+    residual_in_local: bool = False
+    # owner-side error feedback on the re-compressed average (DESIGN.md; CocktailSGD)
+    owner_error_feedback: bool = True
+    # reject a contribution whose norm exceeds this × the median norm of the others
+    # (poisoning guard; honest members differ by well under 10x on the benchmark)
+    reject_norm_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"warmup_rounds must be >= 0, got {self.warmup_rounds}")
+        if not 0 <= self.worker_ef_decay <= 1:
+            raise ValueError(f"worker_ef_decay must be in [0, 1], got {self.worker_ef_decay}")
+        if not self.reject_norm_factor > 1:
+            raise ValueError(
+                f"reject_norm_factor must be > 1, got {self.reject_norm_factor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contribution:
+    sender: str  # member id, as the coordinator names it; used in logs and rejections
+    tokens: int  # tokens this sender trained on in the round: its weight in the average
+    payload: bytes  # the codec frame for the owner's shard
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardResult:
+    payload: bytes  # codec frame of the averaged shard, sent to every member
+    accepted: tuple[str, ...]  # senders in the average, sorted
+    rejected: Mapping[str, str]  # sender -> reason
+
+
+# --- pure functions -------------------------------------------------------------------------
+
+def flatten_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One fp32 copy of all trainable tensors, in the given order."""
+    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
+
+
+def assign_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Write a flat fp32 vector back into the tensors (cast to each tensor's dtype)."""
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} elements, parameters {total}")
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+
+def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:
+    """Member j owns [start_j, stop_j): contiguous, sizes differ by at most one element."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    base, extra = divmod(numel, num_shards)
+    bounds, start = [], 0
+    for j in range(num_shards):
+        stop = start + base + (1 if j < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def mask_seed(round_index: int, shard_start: int) -> int:
+    """Seed of the codec's random mask: the same for every member, new every round."""
+    digest = hashlib.sha256(f"diloco-mask:{round_index}:{shard_start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def outer_step(theta: torch.Tensor, momentum: torch.Tensor, update: torch.Tensor, *,
+               lr: float, momentum_coef: float, nesterov: bool) -> None:
+    """SGD with momentum on θ_global, in place, as torch.optim.SGD does it (dampening 0)."""
+    momentum.mul_(momentum_coef).add_(update)
+    direction = update + momentum_coef * momentum if nesterov else momentum
+    theta.sub_(lr * direction)
+
+
+def state_checksum(*tensors: torch.Tensor) -> str:
+    """sha256 over the exact bytes: equal only if every member holds bit-identical state."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def screen(decoded: Mapping[str, torch.Tensor], *, numel: int,
+           norm_factor: float) -> tuple[list[str], dict[str, str]]:
+    """Split senders into accepted and rejected (with the reason), without side effects."""
+    rejected: dict[str, str] = {}
+    norms: dict[str, float] = {}
+    for sender, x in decoded.items():
+        if x.numel() != numel:
+            rejected[sender] = f"length {x.numel()} != shard length {numel}"
+        elif not bool(torch.isfinite(x).all()):
+            rejected[sender] = "NaN/Inf in pseudo-gradient"
+        else:
+            norms[sender] = float(torch.linalg.vector_norm(x.to(torch.float64)))
+    for sender, norm in norms.items():
+        others = sorted(v for s, v in norms.items() if s != sender)
+        if not others:
+            continue
+        median = others[len(others) // 2] if len(others) % 2 else \
+            0.5 * (others[len(others) // 2 - 1] + others[len(others) // 2])
+        if median > 0 and norm > norm_factor * median:
+            rejected[sender] = f"norm {norm:.3g} > {norm_factor} x median {median:.3g}"
+    accepted = sorted(s for s in norms if s not in rejected)
+    return accepted, rejected
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_i x_i / Σ w_i in fp32, summed in the given order (deterministic)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for x, w in zip(tensors, weights):
+        out.add_(x.to(torch.float32), alpha=w / total)
+    return out
+
+
+# --- one member's state ---------------------------------------------------------------------
+
+CodecFactory = Callable[[str, Mapping[str, object]], Codec]
+
+
+def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
+    """The production codec factory: pollinate.compression's registry."""
+    from pollinate.compression.codec import get_codec  # compression is a sibling package
+    return get_codec(codec_id, **dict(params))
+
+
+class DiLoCoMember:
+    """One member of a span group: θ_global, outer momentum and both error-feedback residuals.
+
+    θ_global and the momentum are bit-identical on every member after each ``apply``; the
+    residuals are private. ``contribute`` and ``aggregate`` only stage changes; ``apply``
+    commits them and ``abort`` drops them, so an aborted round leaves nothing half-applied.
+    """
+
+    def __init__(self, initial: torch.Tensor, config: DiLoCoConfig, *,
+                 codec_factory: CodecFactory = registry_codec) -> None:
+        self.config = config
+        self.global_flat = initial.detach().reshape(-1).to(torch.float32).clone()
+        self.momentum = torch.zeros_like(self.global_flat)
+        self.residual = torch.zeros_like(self.global_flat)  # worker EF, committed
+        self.owner_residual = torch.zeros_like(self.global_flat)  # owner EF, committed
+        self.rounds_applied = 0
+        self._factory = codec_factory
+        self._codecs: dict[str, Codec] = {}
+        self._staged_residual: torch.Tensor | None = None
+        self._staged_owner: dict[int, tuple[int, int, torch.Tensor]] = {}
+
+    @property
+    def numel(self) -> int:
+        return self.global_flat.numel()
+
+    def codec_for(self, round_index: int) -> Codec:
+        """fp32 ("none") during warm-up rounds, the job's codec after."""
+        if round_index < self.config.warmup_rounds:
+            key, params = "none", {}
+        else:
+            key, params = self.config.codec, self.config.codec_params
+        if key not in self._codecs:
+            self._codecs[key] = self._factory(key, params)
+        return self._codecs[key]
+
+    def local_start(self) -> torch.Tensor:
+        """Where the inner optimizer starts the next H steps (a new tensor)."""
+        if self.config.residual_in_local:
+            return self.global_flat - self.config.worker_ef_decay * self.residual
+        return self.global_flat.clone()
+
+    def contribute(self, local_flat: torch.Tensor, *, round_index: int,
+                   num_shards: int) -> list[bytes]:
+        """Compress this member's pseudo-gradient; payload j is for the owner of shard j."""
+        if local_flat.numel() != self.numel:
+            raise RoundError(f"local vector has {local_flat.numel()} elements, "
+                             f"global {self.numel}")
+        delta = self.global_flat - local_flat.detach().reshape(-1).to(torch.float32)
+        if self.config.residual_in_local:
+            accum = delta  # θ_local already started at θ_global − decay × residual
+        else:
+            accum = delta.add_(self.residual, alpha=self.config.worker_ef_decay)
+        codec = self.codec_for(round_index)
+        payloads = []
+        for start, stop in shard_bounds(self.numel, num_shards):
+            seed = mask_seed(round_index, start)
+            payload = codec.encode(accum[start:stop].contiguous(), seed=seed)
+            accum[start:stop] -= codec.decode(payload, seed=seed).reshape(-1)
+            payloads.append(payload)
+        self._staged_residual = accum  # what was not sent
+        return payloads
+
+    def aggregate(self, contributions: Sequence[Contribution], *, round_index: int,
+                  shard_index: int, num_shards: int) -> ShardResult:
+        """Owner of ``shard_index``: screen, average by tokens, re-compress with owner EF."""
+        start, stop = shard_bounds(self.numel, num_shards)[shard_index]
+        seed = mask_seed(round_index, start)
+        codec = self.codec_for(round_index)
+        decoded: dict[str, torch.Tensor] = {}
+        rejected: dict[str, str] = {}
+        tokens = {c.sender: c.tokens for c in contributions}
+        for c in contributions:
+            if c.sender in decoded or c.sender in rejected:
+                rejected[c.sender] = "duplicate contribution"
+                decoded.pop(c.sender, None)
+            elif c.tokens <= 0:
+                rejected[c.sender] = f"tokens {c.tokens} <= 0"
+            else:
+                try:
+                    decoded[c.sender] = codec.decode(c.payload, seed=seed).reshape(-1)
+                except Exception as exc:  # a malformed frame rejects its sender only
+                    rejected[c.sender] = f"undecodable: {exc}"
+        accepted, bad = screen(decoded, numel=stop - start,
+                               norm_factor=self.config.reject_norm_factor)
+        rejected.update(bad)
+        for sender, reason in sorted(rejected.items()):
+            logger.warning("round %d shard %d: rejected contribution from %s: %s",
+                           round_index, shard_index, sender, reason)
+        if not accepted:
+            raise RoundError(f"round {round_index} shard {shard_index}: no acceptable "
+                             f"contribution ({dict(rejected)})")
+        average = weighted_average([decoded[s] for s in accepted],
+                                   [float(tokens[s]) for s in accepted])
+        if self.config.owner_error_feedback:
+            average += self.owner_residual[start:stop]
+        payload = codec.encode(average.contiguous(), seed=seed)
+        leftover = average - codec.decode(payload, seed=seed).reshape(-1)
+        if self.config.owner_error_feedback:
+            self._staged_owner[shard_index] = (start, stop, leftover)
+        return ShardResult(payload=payload, accepted=tuple(accepted), rejected=rejected)
+
+    def apply(self, results: Sequence[bytes], *, round_index: int, num_shards: int) -> str:
+        """Decode every shard's result, take the outer step, commit; returns the checksum."""
+        bounds = shard_bounds(self.numel, num_shards)
+        if len(results) != len(bounds):
+            raise RoundError(f"{len(results)} shard results for {len(bounds)} shards")
+        codec = self.codec_for(round_index)
+        update = torch.empty_like(self.global_flat)
+        for j, ((start, stop), payload) in enumerate(zip(bounds, results)):
+            try:
+                part = codec.decode(payload, seed=mask_seed(round_index, start)).reshape(-1)
+            except Exception as exc:
+                raise RoundError(f"shard {j} result undecodable: {exc}") from exc
+            if part.numel() != stop - start or not bool(torch.isfinite(part).all()):
+                raise RoundError(f"shard {j} result has wrong length or NaN/Inf")
+            update[start:stop] = part
+        outer_step(self.global_flat, self.momentum, update, lr=self.config.outer_lr,
+                   momentum_coef=self.config.outer_momentum, nesterov=self.config.nesterov)
+        if self._staged_residual is not None:
+            self.residual = self._staged_residual
+        for start, stop, leftover in self._staged_owner.values():
+            self.owner_residual[start:stop] = leftover
+        self._staged_residual, self._staged_owner = None, {}
+        self.rounds_applied += 1
+        return self.checksum()
+
+    def abort(self) -> None:
+        """Drop what this round staged; θ_global, momentum and residuals stay committed."""
+        self._staged_residual, self._staged_owner = None, {}
+
+    def checksum(self) -> str:
+        """Checksum of the shared state (θ_global and outer momentum)."""
+        return state_checksum(self.global_flat, self.momentum)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What a late joiner downloads (GetState): θ_global and the outer momentum."""
+        return {"global": self.global_flat.clone(), "momentum": self.momentum.clone()}
+
+    def load_shared_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Adopt a committed shared state; private residuals restart at zero."""
+        for key in ("global", "momentum"):
+            if state[key].numel() != self.numel:
+                raise RoundError(f"{key} has {state[key].numel()} elements, want {self.numel}")
+        self.global_flat = state["global"].reshape(-1).to(torch.float32).clone()
+        self.momentum = state["momentum"].reshape(-1).to(torch.float32).clone()
+        self.residual.zero_()
+        self.owner_residual.zero_()
+        self.abort()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundReport:
+    checksums: tuple[str, ...]  # per member, after apply
+    bytes_per_member: tuple[int, ...]  # encoded bytes sent + received by each member
+    rejected: Mapping[str, str]  # sender -> reason, over all shards
+
+
+def exchange_in_process(members: Sequence[DiLoCoMember], local_flats: Sequence[torch.Tensor],
+                        tokens: Sequence[int], *, round_index: int,
+                        names: Sequence[str] | None = None) -> RoundReport:
+    """One whole round among in-process members, the same calls the network layer makes.
+
+    Member j owns shard j. Bytes are counted as they would cross the network: every
+    contribution a member sends to another owner (and receives as owner), and every shard
+    result an owner sends to the others (and each member receives); nothing a member
+    passes to itself.
+    """
+    n = len(members)
+    names = list(names) if names is not None else [f"m{j}" for j in range(n)]
+    moved = [0] * n
+    payloads = [m.contribute(x, round_index=round_index, num_shards=n)
+                for m, x in zip(members, local_flats)]
+    results, rejected = [], {}
+    for owner in range(n):
+        contribs = [Contribution(sender=names[i], tokens=tokens[i], payload=payloads[i][owner])
+                    for i in range(n)]
+        for i in range(n):
+            if i != owner:
+                moved[i] += len(payloads[i][owner])
+                moved[owner] += len(payloads[i][owner])
+        result = members[owner].aggregate(contribs, round_index=round_index,
+                                          shard_index=owner, num_shards=n)
+        rejected.update(result.rejected)
+        for i in range(n):
+            if i != owner:
+                moved[i] += len(result.payload)
+                moved[owner] += len(result.payload)
+        results.append(result.payload)
+    checksums = tuple(m.apply(results, round_index=round_index, num_shards=n) for m in members)
+    return RoundReport(checksums=checksums, bytes_per_member=tuple(moved), rejected=rejected)
