@@ -1,0 +1,138 @@
+"""The swarm token: a shared secret every RPC but Health carries in its metadata.
+
+Only swarm members talk to the swarm (DESIGN.md invariant 4). The server side is a
+grpc.aio interceptor that rejects a call with UNAUTHENTICATED before its handler runs;
+the client side attaches the token to every call on a channel (`TokenClientInterceptor`)
+or to one call (`token_metadata`). The token proves membership, not identity, and travels
+in clear text unless TLS is on (channels.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Iterable
+
+import grpc
+import grpc.aio
+
+logger = logging.getLogger(__name__)
+
+# Metadata keys must be lowercase ASCII in gRPC.
+TOKEN_METADATA_KEY = "x-pollinate-token"
+
+# Liveness probes answer without a token, so orchestration and `pollinate status` can ask
+# whether a peer is up without being a member. Full method names: /package.Service/Method.
+HEALTH_METHODS: frozenset[str] = frozenset({"/pollinate.v1.Node/Health", "/pollinate.v1.Coordinator/Health"})
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that carries `token`: `stub.Info(request, metadata=token_metadata(t))`."""
+    return ((TOKEN_METADATA_KEY, token),)
+
+
+def _check_token(expected: bytes, metadata: Iterable | None) -> bool:
+    presented = None
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if key == TOKEN_METADATA_KEY:
+            if presented is not None:
+                return False  # two tokens: ambiguous, refuse rather than pick one
+            presented = value
+    if presented is None:
+        return False
+    if isinstance(presented, str):
+        presented = presented.encode("utf-8")
+    # Constant time, so the response time does not reveal how many leading bytes matched.
+    return hmac.compare_digest(presented, expected)
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    # The replacement must be of the same kind (unary/stream) as the method's own handler,
+    # or grpc would read the request stream the wrong way before we get to abort.
+    async def reject(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(reject, deserialize, serialize)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(reject, deserialize, serialize)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(reject, deserialize, serialize)
+    return grpc.stream_stream_rpc_method_handler(reject, deserialize, serialize)
+
+
+class TokenServerInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects every call whose metadata lacks the swarm token, except the exempt methods."""
+
+    def __init__(self, token: str, *, exempt: frozenset[str] = HEALTH_METHODS) -> None:
+        if not token:
+            raise ValueError("swarm token must be a non-empty string")
+        self._token = token.encode("utf-8")
+        self._exempt = exempt
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in self._exempt:
+            return handler
+        if _check_token(self._token, handler_call_details.invocation_metadata):
+            return handler
+        logger.warning("rejected %s: missing or wrong swarm token", method)
+        return _rejecting_handler(handler, f"{method} needs the swarm token in metadata {TOKEN_METADATA_KEY!r}")
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(TOKEN_METADATA_KEY, token)
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=metadata,
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+class _TokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+class _TokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+class _TokenStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_token(client_call_details, self._token), request_iterator)
+
+
+class _TokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_token(client_call_details, self._token), request_iterator)
+
+
+def token_client_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that attach `token` to every call on a grpc.aio channel, all four kinds
+    (grpc.aio picks interceptors per call kind, so one class per kind):
+
+        grpc.aio.insecure_channel(address, interceptors=token_client_interceptors(token))
+    """
+    if not token:
+        raise ValueError("swarm token must be a non-empty string")
+    return [_TokenUnaryUnary(token), _TokenUnaryStream(token), _TokenStreamUnary(token), _TokenStreamStream(token)]

@@ -1,0 +1,261 @@
+"""grpc.aio servers and channels with Pollinate's options: message size limits that fit the
+1 MiB tensor chunks, keepalive, the swarm token, and TLS one setting away.
+
+    server = RpcServer(ServerConfig(token=token))          # port 0 by default
+    server.add(node_pb2_grpc.add_NodeServicer_to_server, servicer)
+    async with server:                                     # start() ... stop(grace)
+        channel = open_channel(server.address, ChannelConfig(token=token))
+
+RpcServer installs, in this order, the token interceptor (so an outsider's call never
+reaches a handler) and the error-mapping interceptor (so every servicer method turns domain
+errors into their status code and unexpected exceptions into INTERNAL).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from pollinate.protocol.auth import TokenServerInterceptor, token_client_interceptors
+from pollinate.protocol.errors import ErrorMappingInterceptor
+from pollinate.protocol.tensors import DEFAULT_FRAMING
+
+logger = logging.getLogger(__name__)
+
+# One 1 MiB chunk plus its message's other fields (headers, names, shapes) stays far under
+# 64 KiB; anything larger than chunk + 64 KiB is not a Pollinate message.
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_FRAMING.max_message_bytes + 64 * 1024
+
+
+def _keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", int(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        # Ping idle connections too: a long Inference session sits idle between user turns,
+        # and a dead peer must be noticed before the next step, not after a TCP timeout.
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How an RpcServer listens."""
+
+    # Interface to bind. Loopback by default so nothing is exposed by accident; a volunteer
+    # node serving others binds "0.0.0.0" (or "[::]").
+    host: str = "127.0.0.1"
+    # TCP port; 0 lets the OS pick a free one (tests, several nodes on one machine) and
+    # RpcServer.address reports what was bound.
+    port: int = 0
+    # Swarm token that every RPC but Health must carry. None disables the check: only for
+    # in-process tests and single-user demos; the CLI always sets one.
+    token: str | None = field(default=None, repr=False)
+    # PEM certificate chain and private key. Both set = TLS; both None = plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Largest message accepted or sent, bytes; a bit above one tensor chunk (see above).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Keepalive ping interval and how long to wait for the ack, seconds. 30 s / 10 s notice a
+    # vanished peer within ~40 s at negligible traffic.
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    # Shortest interval between client pings the server tolerates, seconds; below the
+    # clients' keepalive_time_s, or the server would answer their pings with GOAWAY.
+    min_client_ping_interval_s: float = 10.0
+    # How long stop() lets in-flight calls finish before cancelling them, seconds. 5 s lets an
+    # Inference step or a shard upload complete without holding up shutdown for long.
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServerConfig.port must be in 0..65535, got {self.port}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"ServerConfig TLS needs both tls_cert_file and tls_key_file, got "
+                f"{self.tls_cert_file!r} and {self.tls_key_file!r}"
+            )
+        if self.token is not None and not self.token:
+            raise ValueError("ServerConfig.token must be None or a non-empty string, got ''")
+        if self.max_message_bytes <= DEFAULT_FRAMING.max_message_bytes:
+            raise ValueError(
+                f"ServerConfig.max_message_bytes ({self.max_message_bytes}) must exceed one tensor chunk "
+                f"({DEFAULT_FRAMING.max_message_bytes} bytes) plus its message overhead"
+            )
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ServerConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.grace_s < 0:
+            raise ValueError(f"ServerConfig.grace_s must be >= 0, got {self.grace_s!r}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelConfig:
+    """How a client connects to a Pollinate server."""
+
+    # Swarm token attached to every call; None sends none (Health needs none).
+    token: str | None = field(default=None, repr=False)
+    # Use TLS. With tls_root_cert_file None the system's trusted roots verify the server.
+    tls: bool = False
+    # PEM root certificate to trust (a swarm's self-signed certificate); needs tls=True.
+    tls_root_cert_file: Path | None = None
+    # Largest message accepted or sent, bytes; must match the servers' (see above).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Keepalive ping interval and ack timeout, seconds; the interval must stay at or above
+    # the servers' min_client_ping_interval_s (10 s by default).
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tls_root_cert_file is not None and not self.tls:
+            raise ValueError(f"ChannelConfig.tls_root_cert_file={self.tls_root_cert_file!r} needs tls=True")
+        if self.token is not None and not self.token:
+            raise ValueError("ChannelConfig.token must be None or a non-empty string, got ''")
+        if self.max_message_bytes <= DEFAULT_FRAMING.max_message_bytes:
+            raise ValueError(
+                f"ChannelConfig.max_message_bytes ({self.max_message_bytes}) must exceed one tensor chunk "
+                f"({DEFAULT_FRAMING.max_message_bytes} bytes) plus its message overhead"
+            )
+        for name in ("keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ChannelConfig.{name} must be positive, got {getattr(self, name)!r}")
+
+
+def open_channel(address: str, config: ChannelConfig = ChannelConfig()) -> grpc.aio.Channel:
+    """A grpc.aio channel to `address` ("host:port"); close it with `await channel.close()`.
+
+    Must be called with an event loop running (grpc.aio binds the channel to it)."""
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Unlimited pings without data: keepalive must keep working on idle sessions.
+        ("grpc.http2.max_pings_without_data", 0),
+        *_keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
+    ]
+    interceptors = token_client_interceptors(config.token) if config.token else None
+    if config.tls:
+        root = config.tls_root_cert_file.read_bytes() if config.tls_root_cert_file else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=root)
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+def _format_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+class RpcServer:
+    """A grpc.aio server with Pollinate's interceptors and options.
+
+    Register servicers with `add()` before `start()`; `address` is the bound "host:port"
+    (the real port when config.port is 0). An async context manager: start on enter,
+    stop(grace) on exit."""
+
+    def __init__(
+        self,
+        config: ServerConfig = ServerConfig(),
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.config = config
+        self._extra_interceptors = tuple(interceptors)
+        self._registrations: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]] = []
+        self._server: grpc.aio.Server | None = None
+        self._port: int | None = None
+
+    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
+        """Register a servicer with its generated function, e.g. add_NodeServicer_to_server."""
+        if self._server is not None:
+            raise RuntimeError("RpcServer.add() must come before start()")
+        self._registrations.append((register, servicer))
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("RpcServer has not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """The address clients dial: "host:port" with the port actually bound."""
+        return _format_address(self.config.host, self.port)
+
+    async def start(self) -> str:
+        """Bind and start serving; returns the bound address."""
+        if self._server is not None:
+            raise RuntimeError("RpcServer already started")
+        cfg = self.config
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if cfg.token is not None:
+            interceptors.append(TokenServerInterceptor(cfg.token))
+        interceptors.extend(self._extra_interceptors)
+        interceptors.append(ErrorMappingInterceptor())  # innermost: wraps the handlers themselves
+        options = [
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(cfg.min_client_ping_interval_s * 1000)),
+            # grpc sets SO_REUSEPORT by default, which lets a second server bind the same port
+            # and silently steal half the connections; a taken port must be an error.
+            ("grpc.so_reuseport", 0),
+            *_keepalive_options(cfg.keepalive_time_s, cfg.keepalive_timeout_s),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        for register, servicer in self._registrations:
+            register(servicer, server)
+        bind = _format_address(cfg.host, cfg.port)
+        try:
+            if cfg.tls:
+                assert cfg.tls_cert_file is not None and cfg.tls_key_file is not None
+                credentials = grpc.ssl_server_credentials(
+                    [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())]
+                )
+                port = server.add_secure_port(bind, credentials)
+            else:
+                port = server.add_insecure_port(bind)
+        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+            raise OSError(f"cannot listen on {bind}: {exc}") from exc
+        if port == 0:  # older grpc versions report a failed bind as port 0
+            raise OSError(f"cannot listen on {bind}")
+        await server.start()
+        self._server = server
+        self._port = port
+        logger.info(
+            "listening on %s (%s, token %s)",
+            self.address,
+            "TLS" if cfg.tls else "plaintext",
+            "required" if cfg.token is not None else "not required",
+        )
+        return self.address
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish for `grace` seconds (default:
+        config.grace_s), then cancel the rest. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await server.stop(self.config.grace_s if grace is None else grace)
+        logger.info("stopped serving on %s", _format_address(self.config.host, self._port or 0))
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Wait until the server stops; returns False on timeout."""
+        if self._server is None:
+            return True
+        return await self._server.wait_for_termination(timeout)
+
+    async def __aenter__(self) -> RpcServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

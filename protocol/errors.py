@@ -1,0 +1,262 @@
+"""Pollinate's error types and the one table that maps them to gRPC status codes.
+
+Servers raise these from domain code; the servicer wrapper (`map_errors`, installed on
+every server by `pollinate.protocol.channels.RpcServer`) turns them into a status with the
+exception's message, and turns anything unexpected into INTERNAL while the server keeps
+serving. Clients turn a failed call back into one of these with `from_rpc_error` (or the
+`translate_rpc_errors()` context manager), so callers handle `PeerUnavailable` and
+`RpcTimeout` as values (reroute, drop from the round) instead of inspecting status codes.
+
+CompressionError lives in pollinate.compression (compression must not depend on protocol);
+it is a ValueError and is looked up lazily, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+
+import grpc
+import grpc.aio
+
+logger = logging.getLogger(__name__)
+
+
+class PollinateError(Exception):
+    """Base of every error that crosses a Pollinate RPC boundary."""
+
+
+class InvalidRequest(PollinateError):
+    """The request is malformed: bad shape, dtype, codec, chunking, position, size."""
+
+
+class NotFound(PollinateError):
+    """The request names something that does not exist here: a job, a session, a round."""
+
+
+class FailedPrecondition(PollinateError):
+    """The request is well-formed but the system is not in a state to serve it."""
+
+
+class ResourceExhausted(PollinateError):
+    """No room for this request now (KV-cache budget, too many sessions); try another peer."""
+
+
+class Unauthenticated(PollinateError):
+    """Missing or wrong swarm token."""
+
+
+class PeerUnavailable(PollinateError):
+    """The peer cannot be reached or went away mid-call; an expected event, handled by rerouting."""
+
+
+class RpcTimeout(PollinateError):
+    """A call ran past its deadline."""
+
+
+class ProtocolMismatch(PollinateError):
+    """The peer speaks another protocol version or lacks the method."""
+
+
+class InternalError(PollinateError):
+    """The peer failed unexpectedly (a bug or a crash on its side)."""
+
+
+# The one table: each error type -> one status code. Subclasses inherit their base's
+# code (looked up along the MRO). CompressionError is added at lookup time, see below.
+STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PeerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    RpcTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ProtocolMismatch: grpc.StatusCode.UNIMPLEMENTED,
+    InternalError: grpc.StatusCode.INTERNAL,
+}
+# A codec rejecting a frame means the sender sent bad bytes: the caller's fault.
+COMPRESSION_ERROR_CODE = grpc.StatusCode.INVALID_ARGUMENT
+
+# Client side: status code -> error type. Codes Pollinate servers never send on purpose
+# still get the closest meaning; anything not listed becomes InternalError.
+_ERRORS_BY_CODE: dict[grpc.StatusCode, type[PollinateError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
+    # CANCELLED reaches a client when the server side went away mid-stream (shutdown,
+    # killed peer) as well as on its own cancel; either way the peer is gone for this call.
+    grpc.StatusCode.UNAVAILABLE: PeerUnavailable,
+    grpc.StatusCode.CANCELLED: PeerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: RpcTimeout,
+    grpc.StatusCode.UNIMPLEMENTED: ProtocolMismatch,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNKNOWN: InternalError,
+    grpc.StatusCode.DATA_LOSS: InternalError,
+}
+
+
+def _compression_error_type() -> type[BaseException] | None:
+    # Imported lazily: pollinate.compression may not be installed or importable yet, and
+    # protocol must keep working without it (dependencies point protocol <- compression's
+    # users, never compression -> protocol).
+    try:
+        from pollinate.compression.codec import CompressionError
+    except ImportError:
+        return None
+    return CompressionError
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code a server answers with for `exc` (INTERNAL if it is not a known error)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    compression_error = _compression_error_type()
+    if compression_error is not None and isinstance(exc, compression_error):
+        return COMPRESSION_ERROR_CODE
+    return grpc.StatusCode.INTERNAL
+
+
+def is_domain_error(exc: BaseException) -> bool:
+    """True for errors the table knows (their message goes to the caller as is)."""
+    if isinstance(exc, PollinateError):
+        return True
+    compression_error = _compression_error_type()
+    return compression_error is not None and isinstance(exc, compression_error)
+
+
+def _details_for(exc: BaseException) -> str:
+    if is_domain_error(exc):
+        return str(exc) or type(exc).__name__
+    # Unexpected: the type tells the caller what kind of bug; the traceback stays in our log.
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the current call with the status mapped from `exc`; never returns (raises AbortError)."""
+    await context.abort(status_code_for(exc), _details_for(exc))
+
+
+def _log_failure(method: str, exc: BaseException) -> None:
+    if is_domain_error(exc):
+        # The caller's problem or an expected condition: one line, no traceback.
+        logger.info("%s answered %s: %s", method, status_code_for(exc).name, exc)
+    else:
+        logger.exception("%s failed unexpectedly, answered INTERNAL", method, exc_info=exc)
+
+
+def _passes_through(exc: BaseException) -> bool:
+    # AbortError: the servicer already chose a status with context.abort. CancelledError:
+    # the client cancelled or the server is stopping; grpc handles it. Neither is ours to map.
+    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError))
+
+
+def map_errors(behavior: Callable) -> Callable:
+    """Wrap a grpc.aio servicer method so that exceptions become statuses.
+
+    Works for coroutine methods (unary or stream responses written with context.write) and
+    async-generator methods (stream responses with `yield`); the wrapper keeps the kind, since
+    grpc.aio inspects it to decide how to drive the method. Domain errors become their
+    mapped code with their message; anything else becomes INTERNAL and is logged with its
+    traceback. Either way only this call fails; the server keeps serving.
+    """
+    name = getattr(behavior, "__qualname__", repr(behavior))
+
+    if inspect.isasyncgenfunction(behavior):
+
+        @functools.wraps(behavior)
+        async def wrapped_stream(request, context):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                if _passes_through(exc) or not isinstance(exc, Exception):
+                    raise
+                _log_failure(name, exc)
+                await abort_with(context, exc)
+
+        return wrapped_stream
+
+    if inspect.iscoroutinefunction(behavior):
+
+        @functools.wraps(behavior)
+        async def wrapped(request, context):
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                if _passes_through(exc) or not isinstance(exc, Exception):
+                    raise
+                _log_failure(name, exc)
+                await abort_with(context, exc)
+
+        return wrapped
+
+    # A synchronous behavior would run in grpc's thread pool; Pollinate servicers are async.
+    return behavior
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Applies `map_errors` to every method of every servicer on the server, so no servicer
+    can forget it. RpcServer installs it after the auth interceptor."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                map_errors(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                map_errors(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                map_errors(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            map_errors(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def from_rpc_error(error: grpc.RpcError, *, peer: str | None = None) -> PollinateError:
+    """The PollinateError a failed call means; `peer` (an address) is added to the message."""
+    code = error.code() if hasattr(error, "code") else None
+    details = (error.details() if hasattr(error, "details") else None) or ""
+    cls = _ERRORS_BY_CODE.get(code, InternalError)
+    code_name = code.name if code is not None else "no status"
+    where = f" from {peer}" if peer else ""
+    if cls is PeerUnavailable or cls is RpcTimeout or cls is InternalError:
+        # Transport-level messages ("failed to connect to all addresses") make little sense
+        # without the code; domain messages are already written for the caller.
+        message = f"{code_name}{where}: {details}" if details else f"{code_name}{where}"
+    else:
+        message = f"{details}{' (' + peer + ')' if peer else ''}" if details else f"{code_name}{where}"
+    return cls(message)
+
+
+@contextlib.contextmanager
+def translate_rpc_errors(*, peer: str | None = None) -> Iterator[None]:
+    """Re-raise a failed gRPC call (or an asyncio timeout around one) as a PollinateError.
+
+        with translate_rpc_errors(peer=address):
+            reply = await stub.Info(node_pb2.InfoRequest(), timeout=config.rpc_timeout_s)
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc, peer=peer) from exc
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct classes before Python 3.11
+        where = f" waiting for {peer}" if peer else ""
+        raise RpcTimeout(f"timed out{where}") from exc

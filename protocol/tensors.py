@@ -1,0 +1,386 @@
+"""Tensors on the wire: encode with a codec, split into Tensor chunks, reassemble, check.
+
+A tensor of any size travels as a run of `pollinate.v1.Tensor` messages (chunks) of at
+most `FramingConfig.max_message_bytes` of encoded payload each. The receiver checks every
+chunk before it keeps any bytes, so a peer cannot make it allocate more than the configured
+limits, whatever the headers claim:
+
+- the header (dtype, shape, codec, total_bytes, num_chunks, name) is checked on chunk 0:
+  dtype in the whitelist, rank and dims sane, decoded size (shape product x dtype size)
+  and encoded size (total_bytes) under their limits, codec known;
+- chunking is exact: chunk 0 fixes the chunk size C (at most max_message_bytes, at least
+  min_chunk_bytes unless the tensor fits one chunk); every chunk but the last carries
+  exactly C bytes, the last one the remainder, and num_chunks = ceil(total_bytes / C);
+- chunk indices run 0, 1, 2, ... and every chunk repeats chunk 0's header;
+- bytes are kept only as they arrive (never preallocated from total_bytes);
+- after decoding, the codec's tensor must have the header's shape and dtype.
+
+Any violation raises InvalidRequest (INVALID_ARGUMENT on the wire) with a message naming
+the tensor and what was wrong. Encoding and decoding are CPU work: call `encode_tensor`
+and `EncodedTensor.decode` through `asyncio.to_thread` (or an executor) from async code;
+`TensorAssembler.feed` only checks and appends and is cheap enough for the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pollinate.protocol.errors import InvalidRequest
+from pollinate.protocol.v1 import common_pb2
+
+MiB = 1 << 20
+
+# dtype names allowed on the wire (torch names without "torch."). A whitelist, because the
+# name comes from a peer: getattr(torch, name) on arbitrary strings is not a parser.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FramingConfig:
+    """Limits for tensors on the wire; the same object configures sending and receiving."""
+
+    # Most encoded bytes per chunk (one gRPC message), bytes. 1 MiB is DESIGN.md's limit:
+    # messages stay small enough to interleave on a connection and to bound per-message
+    # memory. The channel's max message size (channels.py) sits a little above it.
+    max_message_bytes: int = 1 * MiB
+    # Fewest bytes in a chunk other than a tensor's only or last one, bytes. Stops a sender
+    # from splitting a tensor into millions of tiny messages; 64 KiB caps a 512 MiB tensor
+    # at 8192 chunks. Must not exceed max_message_bytes.
+    min_chunk_bytes: int = 64 * 1024
+    # Largest encoded payload of one tensor, bytes. 512 MiB: bigger than any activation
+    # batch or adapter slice Pollinate sends (SmolLM2 hidden states for 16 x 2048 tokens in
+    # fp32 are 72 MiB), small enough that one stream cannot exhaust a volunteer's RAM.
+    max_tensor_bytes: int = 512 * MiB
+    # Largest decoded tensor (shape product x dtype size), bytes. Separate from
+    # max_tensor_bytes because compressed codecs expand on decode (cocktail by ~175x), so
+    # the encoded size alone does not bound the memory decoding takes. 1 GiB holds any
+    # single weight matrix of a 7B Llama block in fp32 (45M elements = 180 MiB) with room.
+    max_decoded_bytes: int = 1024 * MiB
+    # Most dimensions a tensor may declare. Hidden states have 3; 8 leaves room and bounds
+    # the header a peer can make us parse.
+    max_rank: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "min_chunk_bytes", "max_tensor_bytes", "max_decoded_bytes", "max_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"FramingConfig.{name} must be a positive int, got {value!r}")
+        if self.min_chunk_bytes > self.max_message_bytes:
+            raise ValueError(
+                f"FramingConfig.min_chunk_bytes ({self.min_chunk_bytes}) exceeds "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+
+
+DEFAULT_FRAMING = FramingConfig()
+
+
+class Codec(Protocol):
+    """What framing needs from pollinate.compression's codecs (compression/codec.py).
+
+    `seed` is the DiLoCo round for codecs with shared randomness (cocktail's mask); decode
+    with seed=None trusts the seed in the frame, an int makes a mismatch an error."""
+
+    def encode(self, tensor: torch.Tensor, *, seed: int = 0) -> bytes: ...
+
+    def decode(self, data: bytes, *, seed: int | None = None) -> torch.Tensor: ...
+
+
+CodecLookup = Callable[[str], Codec]
+
+
+def _default_lookup(codec_id: str) -> Codec:
+    # Imported on use: protocol must import (and generate, and serve Health) without the
+    # codecs, and compression may not depend on protocol, so no import cycle either way.
+    from pollinate.compression.codec import get_codec
+
+    return get_codec(codec_id)
+
+
+def _get_codec(codec_id: str, lookup: CodecLookup | None, what: str) -> Codec:
+    if not codec_id:
+        raise InvalidRequest(f"{what}: no codec id")
+    try:
+        return (lookup or _default_lookup)(codec_id)
+    except (KeyError, LookupError, ValueError) as exc:  # CompressionError is a ValueError
+        raise InvalidRequest(f"{what}: unknown codec {codec_id!r} ({exc})") from exc
+
+
+def _describe(name: str) -> str:
+    return f"tensor {name!r}" if name else "tensor"
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A whole encoded tensor: header plus payload, before chunking or after reassembly.
+
+    Kept as its own value so that a payload can be sent to several peers, or decoded by
+    several parties, from the same bytes (DiLoCo members all decode the owner's result).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+    payload: bytes
+
+    def chunks(self, config: FramingConfig = DEFAULT_FRAMING) -> Iterator[common_pb2.Tensor]:
+        """The Tensor messages that carry this payload, in order (one empty chunk if empty)."""
+        size = config.max_message_bytes
+        total = len(self.payload)
+        if total > config.max_tensor_bytes:
+            raise InvalidRequest(
+                f"{_describe(self.name)}: encoded payload of {total} bytes exceeds "
+                f"max_tensor_bytes {config.max_tensor_bytes}"
+            )
+        num_chunks = max(1, math.ceil(total / size))
+        view = memoryview(self.payload)
+        for index in range(num_chunks):
+            yield common_pb2.Tensor(
+                dtype=self.dtype,
+                shape=self.shape,
+                codec=self.codec,
+                data=bytes(view[index * size : (index + 1) * size]),
+                total_bytes=total,
+                chunk_index=index,
+                num_chunks=num_chunks,
+                name=self.name,
+            )
+
+    def decode(self, *, seed: int | None = None, lookup: CodecLookup | None = None) -> torch.Tensor:
+        """Decode the payload and check it against the header (CPU work: use a thread).
+
+        The codecs' frames describe themselves (dtype, shape); a frame that disagrees with
+        the message header means an inconsistent sender and is refused, not reconciled."""
+        what = _describe(self.name)
+        codec = _get_codec(self.codec, lookup, what)
+        try:
+            decoded = codec.decode(self.payload, seed=seed)
+        except ValueError as exc:  # CompressionError: a truncated or inconsistent frame
+            raise InvalidRequest(f"{what}: codec {self.codec!r} rejected the payload: {exc}") from exc
+        numel = math.prod(self.shape)
+        if decoded.numel() != numel:
+            raise InvalidRequest(
+                f"{what}: header shape {list(self.shape)} has {numel} elements but codec "
+                f"{self.codec!r} decoded {decoded.numel()}"
+            )
+        if tuple(decoded.shape) != self.shape:
+            raise InvalidRequest(
+                f"{what}: header shape {list(self.shape)} but codec {self.codec!r} decoded {list(decoded.shape)}"
+            )
+        if decoded.dtype != DTYPES[self.dtype]:
+            raise InvalidRequest(f"{what}: header dtype {self.dtype} but codec {self.codec!r} decoded {decoded.dtype}")
+        return decoded
+
+
+def encode_tensor(
+    tensor: torch.Tensor,
+    *,
+    codec: str = "none",
+    name: str = "",
+    seed: int = 0,
+    lookup: CodecLookup | None = None,
+) -> EncodedTensor:
+    """Encode `tensor` with the codec `codec` (CPU work: use a thread from async code).
+
+    `seed`: the DiLoCo round for cocktail's shared random mask; other codecs ignore it.
+    A codec refusing the tensor (NaN/Inf, out of range for fp16) raises CompressionError."""
+    what = _describe(name)
+    dtype_name = DTYPE_NAMES.get(tensor.dtype)
+    if dtype_name is None:
+        raise InvalidRequest(f"{what}: dtype {tensor.dtype} is not allowed on the wire (allowed: {sorted(DTYPES)})")
+    encoder = _get_codec(codec, lookup, what)
+    payload = encoder.encode(tensor.detach(), seed=seed)
+    return EncodedTensor(name=name, dtype=dtype_name, shape=tuple(tensor.shape), codec=codec, payload=bytes(payload))
+
+
+def tensor_to_chunks(
+    tensor: torch.Tensor,
+    *,
+    codec: str = "none",
+    name: str = "",
+    seed: int = 0,
+    config: FramingConfig = DEFAULT_FRAMING,
+    lookup: CodecLookup | None = None,
+) -> list[common_pb2.Tensor]:
+    """Encode and chunk in one call."""
+    return list(encode_tensor(tensor, codec=codec, name=name, seed=seed, lookup=lookup).chunks(config))
+
+
+class TensorAssembler:
+    """Reassembles tensors from a stream of chunks, checking as it goes.
+
+        assembler = TensorAssembler(config)
+        async for request in request_iterator:
+            encoded = assembler.feed(request.tensor)
+            if encoded is not None:
+                tensor = await asyncio.to_thread(encoded.decode)
+        assembler.close()  # raises if the stream stopped inside a tensor
+
+    Holds at most one partial tensor; what to do with several complete ones is the caller's.
+    """
+
+    def __init__(self, config: FramingConfig = DEFAULT_FRAMING, *, lookup: CodecLookup | None = None) -> None:
+        self._config = config
+        self._lookup = lookup
+        self._first: common_pb2.Tensor | None = None  # chunk 0 of the tensor in progress
+        self._header: tuple | None = None
+        self._parts: list[bytes] = []
+        self._received = 0
+        self._chunk_size = 0
+
+    @property
+    def in_progress(self) -> bool:
+        """True between a tensor's first and last chunk."""
+        return self._first is not None
+
+    def feed(self, chunk: common_pb2.Tensor) -> EncodedTensor | None:
+        """Take the next chunk; returns the whole tensor when this was its last chunk."""
+        if self._first is None:
+            self._start(chunk)
+        else:
+            self._continue(chunk)
+        self._parts.append(chunk.data)
+        self._received += len(chunk.data)
+        first = self._first
+        assert first is not None
+        if chunk.chunk_index + 1 < first.num_chunks:
+            return None
+        if self._received != first.total_bytes:  # unreachable if the size checks hold
+            raise InvalidRequest(
+                f"{_describe(first.name)}: received {self._received} bytes, header declared {first.total_bytes}"
+            )
+        payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        encoded = EncodedTensor(
+            name=first.name, dtype=first.dtype, shape=tuple(first.shape), codec=first.codec, payload=payload
+        )
+        self._reset()
+        return encoded
+
+    def close(self) -> None:
+        """Call at end of stream: a stream that stopped inside a tensor is truncated."""
+        if self._first is not None:
+            first = self._first
+            got = len(self._parts)
+            self._reset()
+            raise InvalidRequest(
+                f"{_describe(first.name)}: stream ended after {got} of {first.num_chunks} chunks "
+                f"({first.total_bytes} bytes declared)"
+            )
+
+    def _reset(self) -> None:
+        self._first = None
+        self._header = None
+        self._parts = []
+        self._received = 0
+        self._chunk_size = 0
+
+    @staticmethod
+    def _header_of(chunk: common_pb2.Tensor) -> tuple:
+        return (chunk.dtype, tuple(chunk.shape), chunk.codec, chunk.total_bytes, chunk.num_chunks, chunk.name)
+
+    def _start(self, chunk: common_pb2.Tensor) -> None:
+        cfg = self._config
+        what = _describe(chunk.name)
+        if chunk.chunk_index != 0:
+            raise InvalidRequest(f"{what}: a tensor must start with chunk 0, got chunk {chunk.chunk_index}")
+        if chunk.dtype not in DTYPES:
+            raise InvalidRequest(f"{what}: dtype {chunk.dtype!r} is not allowed (allowed: {sorted(DTYPES)})")
+        shape = tuple(chunk.shape)
+        if len(shape) > cfg.max_rank:
+            raise InvalidRequest(f"{what}: rank {len(shape)} exceeds max_rank {cfg.max_rank}")
+        if any(dim < 0 for dim in shape):
+            raise InvalidRequest(f"{what}: negative dimension in shape {list(shape)}")
+        # Python ints: a hostile shape cannot overflow this product.
+        decoded_bytes = math.prod(shape) * DTYPES[chunk.dtype].itemsize
+        if decoded_bytes > cfg.max_decoded_bytes:
+            raise InvalidRequest(
+                f"{what}: shape {list(shape)} of {chunk.dtype} is {decoded_bytes} bytes decoded, "
+                f"over max_decoded_bytes {cfg.max_decoded_bytes}"
+            )
+        total = chunk.total_bytes
+        if total > cfg.max_tensor_bytes:
+            raise InvalidRequest(
+                f"{what}: declared total_bytes {total} exceeds max_tensor_bytes {cfg.max_tensor_bytes}"
+            )
+        _get_codec(chunk.codec, self._lookup, what)  # unknown codec: fail before taking bytes
+        if chunk.num_chunks < 1:
+            raise InvalidRequest(f"{what}: num_chunks must be at least 1, got {chunk.num_chunks}")
+        size = len(chunk.data)
+        if size > cfg.max_message_bytes:
+            raise InvalidRequest(f"{what}: chunk 0 carries {size} bytes, over max_message_bytes {cfg.max_message_bytes}")
+        if chunk.num_chunks == 1:
+            if size != total:
+                raise InvalidRequest(f"{what}: single chunk carries {size} bytes but total_bytes is {total}")
+        else:
+            if size < cfg.min_chunk_bytes:
+                raise InvalidRequest(
+                    f"{what}: chunk size {size} bytes is under min_chunk_bytes {cfg.min_chunk_bytes} "
+                    f"for a tensor of {chunk.num_chunks} chunks"
+                )
+            expected = math.ceil(total / size)
+            if chunk.num_chunks != expected:
+                raise InvalidRequest(
+                    f"{what}: num_chunks {chunk.num_chunks} does not fit total_bytes {total} in chunks "
+                    f"of {size} bytes (expected {expected})"
+                )
+        self._first = chunk
+        self._header = self._header_of(chunk)
+        self._chunk_size = size
+
+    def _continue(self, chunk: common_pb2.Tensor) -> None:
+        first = self._first
+        assert first is not None
+        what = _describe(first.name)
+        expected_index = len(self._parts)
+        if chunk.chunk_index != expected_index:
+            raise InvalidRequest(
+                f"{what}: expected chunk {expected_index} of {first.num_chunks}, got chunk {chunk.chunk_index}"
+            )
+        if self._header_of(chunk) != self._header:
+            raise InvalidRequest(f"{what}: chunk {chunk.chunk_index} header differs from chunk 0's")
+        size = len(chunk.data)
+        is_last = chunk.chunk_index + 1 == first.num_chunks
+        remaining = first.total_bytes - self._received
+        expected_size = remaining if is_last else self._chunk_size
+        if size != expected_size:
+            raise InvalidRequest(
+                f"{what}: chunk {chunk.chunk_index} of {first.num_chunks} carries {size} bytes, expected {expected_size}"
+            )
+
+
+def chunks_to_tensor(
+    chunks: Iterable[common_pb2.Tensor],
+    *,
+    seed: int | None = None,
+    config: FramingConfig = DEFAULT_FRAMING,
+    lookup: CodecLookup | None = None,
+) -> torch.Tensor:
+    """Reassemble and decode exactly one tensor from its chunks."""
+    assembler = TensorAssembler(config, lookup=lookup)
+    result: EncodedTensor | None = None
+    for chunk in chunks:
+        if result is not None:
+            raise InvalidRequest(f"{_describe(chunk.name)}: chunk after the end of {_describe(result.name)}")
+        result = assembler.feed(chunk)
+    assembler.close()
+    if result is None:
+        raise InvalidRequest("no tensor chunks received")
+    return result.decode(seed=seed, lookup=lookup)
