@@ -25,9 +25,9 @@ from typing import Iterable, Mapping, Sequence
 EPS = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class Span:
-    """Blocks [start, end) of the model."""
+    """Blocks [start, end) of the model; ordered by start, then end."""
 
     start: int
     end: int

@@ -1,0 +1,150 @@
+"""`pollinate coordinator`: run the swarm's control plane.
+
+    pollinate coordinator --data-dir DIR --port 7070 --http-port 7071 --token-file F
+
+Builds the config dataclasses from flags (nothing else reads argv), starts the bootstrap
+DHT before any gRPC object exists, then serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from pollinate.coordinator.config import (
+    DEFAULT_MODEL_ID,
+    KNOWN_MODELS,
+    CoordinatorConfig,
+    DhtConfig,
+    MembershipConfig,
+    StoreConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "POLLINATE_TOKEN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = MembershipConfig()
+    parser.add_argument("--data-dir", type=Path, required=True,
+                        help="directory for the SQLite state (created if missing)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface for gRPC and HTTP (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7070, help="gRPC port (0: any free port)")
+    parser.add_argument("--http-port", type=int, default=7071,
+                        help="HTTP status port (0: any free port, -1: off)")
+    parser.add_argument("--token-file", type=Path,
+                        help=f"file holding the swarm token (or set ${TOKEN_ENV})")
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID,
+                        help=f"model id the swarm serves (default {DEFAULT_MODEL_ID})")
+    parser.add_argument("--num-blocks", type=int,
+                        help="decoder blocks of the model (needed for models not built in: "
+                             f"{', '.join(sorted(KNOWN_MODELS))})")
+    parser.add_argument("--heartbeat-period", type=float, default=defaults.heartbeat_period_s,
+                        metavar="S", help="seconds between a member's heartbeats (default %(default)s)")
+    parser.add_argument("--lease", type=float, default=defaults.lease_s, metavar="S",
+                        help="evict a member after this many seconds without a heartbeat "
+                             "(default %(default)s)")
+    parser.add_argument("--restart-grace", type=float, default=defaults.restart_grace_s,
+                        metavar="S", help="extra lease for restored members after a restart "
+                                          "(default %(default)s)")
+    parser.add_argument("--max-members-per-address", type=int,
+                        default=defaults.max_members_per_address, metavar="N",
+                        help="live members allowed per source IP, 0: no cap (default %(default)s)")
+    parser.add_argument("--rebalance-margin", type=float, default=defaults.rebalance_margin,
+                        help="move a node only if the weakest block gains this fraction "
+                             "(default %(default)s)")
+    parser.add_argument("--rebalance-interval", type=float,
+                        default=defaults.rebalance_interval_s, metavar="S",
+                        help="seconds between periodic rebalance checks (default %(default)s)")
+    parser.add_argument("--dht-host-maddr", action="append", metavar="MADDR",
+                        help="listen multiaddr of the bootstrap DHT peer (repeatable; "
+                             "default /ip4/127.0.0.1/tcp/0)")
+    parser.add_argument("--dht-announce-maddr", action="append", metavar="MADDR",
+                        help="multiaddr to advertise for the DHT peer (behind NAT)")
+    parser.add_argument("--no-dht", action="store_true",
+                        help="do not run a bootstrap DHT peer (joins get no initial peers)")
+    parser.add_argument("--sqlite-synchronous", default="NORMAL",
+                        choices=("OFF", "NORMAL", "FULL", "EXTRA"),
+                        help="SQLite durability: NORMAL survives a killed process, FULL also "
+                             "power loss (default %(default)s)")
+    parser.add_argument("--ready-file", type=Path,
+                        help="write the bound addresses as JSON here once serving")
+
+
+def read_token(token_file: Path | None) -> str:
+    if token_file is not None:
+        token = token_file.read_text().strip()
+        if not token:
+            raise SystemExit(f"pollinate coordinator: {token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise SystemExit(
+            f"pollinate coordinator: no swarm token; pass --token-file or set ${TOKEN_ENV}"
+        )
+    return token
+
+
+def build_config(args: argparse.Namespace) -> CoordinatorConfig:
+    num_blocks = args.num_blocks or KNOWN_MODELS.get(args.model)
+    if num_blocks is None:
+        raise SystemExit(f"pollinate coordinator: unknown model {args.model!r}; pass --num-blocks")
+    return CoordinatorConfig(
+        membership=MembershipConfig(
+            model_id=args.model, num_blocks=num_blocks,
+            heartbeat_period_s=args.heartbeat_period, lease_s=args.lease,
+            restart_grace_s=args.restart_grace,
+            max_members_per_address=args.max_members_per_address,
+            rebalance_margin=args.rebalance_margin,
+            rebalance_interval_s=args.rebalance_interval,
+        ),
+        store=StoreConfig(data_dir=args.data_dir, synchronous=args.sqlite_synchronous),
+        dht=DhtConfig(
+            enabled=not args.no_dht,
+            host_maddrs=tuple(args.dht_host_maddr or DhtConfig().host_maddrs),
+            announce_maddrs=tuple(args.dht_announce_maddr or ()),
+        ),
+        host=args.host, port=args.port, http_port=args.http_port,
+        token=read_token(args.token_file), ready_file=args.ready_file,
+    )
+
+
+async def serve(config: CoordinatorConfig, dht) -> None:
+    import asyncio
+    import signal
+
+    from pollinate.coordinator.server import CoordinatorServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = CoordinatorServer(config, dht=dht)
+    try:
+        await server.start()
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pollinate.coordinator.server import start_bootstrap_dht
+
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"pollinate coordinator: {e}") from None
+    dht = start_bootstrap_dht(config.dht)  # before any gRPC object: it forks
+    try:
+        asyncio.run(serve(config, dht))
+    finally:
+        if dht is not None:
+            dht.shutdown()
+    return 0

@@ -1,0 +1,319 @@
+"""CoordinatorClient: a node's side of membership. Join, heartbeat, obey moves, re-join.
+
+    client = CoordinatorClient(CoordinatorClientConfig(
+        coordinator="10.0.0.1:7070", token=token, address="10.0.0.7:7100",
+        capacity_blocks=10, throughput=120.0), on_move=load_blocks)
+    assignment = await client.start()        # joins (retrying while the coordinator is down)
+    await load_blocks(assignment.span, "initial assignment")
+    client.set_serving(assignment.span)      # heartbeats now report the span as served
+    ...
+    await client.stop()                      # leaves gracefully
+
+The heartbeat loop never gives up: while the coordinator is unreachable it keeps trying
+once per period (the node keeps serving; clients route from the DHT), and when the
+coordinator answers NOT_FOUND (it evicted us, or lost its state) the client joins again,
+offering the span it already serves so nothing is reloaded needlessly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from pollinate.coordinator.placement import Span
+from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.errors import (
+    NotFound,
+    PeerUnavailable,
+    PollinateError,
+    RpcTimeout,
+    translate_rpc_errors,
+)
+from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# on_move(span, reason): load `span`; when it returns the client reports the span as served.
+MoveCallback = Callable[[Span, str], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorClientConfig:
+    # The coordinator's gRPC address, host:port.
+    coordinator: str
+    # Swarm token (sent on every call).
+    token: str = field(repr=False)
+    # host:port where this node serves the Node service; its identity in the swarm.
+    address: str
+    # Blocks this node can hold.
+    capacity_blocks: int
+    # Tokens/s this node adds to each block it serves; only relative values matter.
+    throughput: float
+    # Model the node serves; empty: whatever the swarm serves.
+    model_id: str = ""
+    # Operator-chosen blocks (--blocks): assigned as asked and never moved.
+    requested_span: Span | None = None
+    # Label for the coordinator's logs and status.
+    name: str = ""
+    # Deadline of each RPC, seconds. 5 s: far above a loopback or LAN round trip, short
+    # enough that one lost heartbeat does not delay the next.
+    rpc_timeout_s: float = 5.0
+    # How long start() keeps trying to join a coordinator that is down, seconds.
+    join_timeout_s: float = 60.0
+    # First and largest pause between join attempts while the coordinator is down, seconds.
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 2.0
+    # TLS towards the coordinator (see protocol/channels.py).
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise ValueError("token must not be empty")
+        if ":" not in self.coordinator:
+            raise ValueError(f"coordinator must be host:port, got {self.coordinator!r}")
+        if self.capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks!r}")
+        if not (math.isfinite(self.throughput) and self.throughput > 0):
+            raise ValueError(f"throughput must be positive, got {self.throughput!r}")
+        for name in ("rpc_timeout_s", "join_timeout_s", "retry_initial_s", "retry_max_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Assignment:
+    """What a Join returned."""
+
+    member_id: str
+    epoch: int
+    span: Span
+    dht_initial_peers: tuple[str, ...]
+    heartbeat_period_s: float
+    lease_s: float
+    model_id: str
+    num_blocks: int
+
+
+def _span_msg(span: Span | None) -> common_pb2.Span | None:
+    return None if span is None else common_pb2.Span(start=span.start, end=span.end)
+
+
+class CoordinatorClient:
+    def __init__(self, config: CoordinatorClientConfig, *, on_move: MoveCallback | None = None):
+        self.config = config
+        self._on_move = on_move
+        self._channel = None
+        self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
+        self.assignment: Assignment | None = None
+        self.epoch = 0
+        self.span: Span | None = None  # assigned
+        self.serving_span: Span | None = None  # reported to the coordinator
+        self.connected = False  # did the last call reach the coordinator?
+        self.rejoins = 0
+        self.heartbeats_ok = 0
+        self._throughput = 0.0  # 0: unchanged since join
+        self._task: asyncio.Task | None = None
+        self._move_task: asyncio.Task | None = None
+        self._moving_to: Span | None = None
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def member_id(self) -> str | None:
+        return self.assignment.member_id if self.assignment else None
+
+    def set_serving(self, span: Span | None) -> None:
+        """The blocks this node serves now (None while loading); sent with each heartbeat."""
+        self.serving_span = span
+
+    def set_throughput(self, throughput: float) -> None:
+        self._throughput = throughput
+
+    async def start(self) -> Assignment:
+        """Join (retrying up to join_timeout_s) and start heartbeating in the background."""
+        assignment = await self.join(deadline_s=self.config.join_timeout_s)
+        if self._on_move is None:
+            self.serving_span = assignment.span  # nothing to load: serve at once
+        self._task = asyncio.create_task(self._heartbeat_loop(), name="coordinator-heartbeat")
+        return assignment
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stop heartbeating and (by default) leave; never raises for a coordinator that is gone."""
+        for task in (self._task, self._move_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task], timeout=self.config.rpc_timeout_s)
+        self._task = self._move_task = None
+        if leave and self.assignment is not None:
+            try:
+                await self.leave()
+            except PollinateError as e:
+                logger.info("leave failed (%s); the coordinator will evict us after the lease", e)
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    async def join(self, *, deadline_s: float) -> Assignment:
+        """Join, retrying with backoff while the coordinator is unreachable, up to deadline_s."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline_s
+        pause = self.config.retry_initial_s
+        while True:
+            try:
+                return await self._join_once()
+            except (PeerUnavailable, RpcTimeout) as e:
+                if loop.time() + pause > give_up:
+                    raise PeerUnavailable(
+                        f"coordinator {self.config.coordinator} unreachable for {deadline_s:g} s: {e}"
+                    ) from e
+                logger.info("coordinator %s unreachable (%s); retrying in %.1f s",
+                            self.config.coordinator, e, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.retry_max_s)
+
+    async def leave(self) -> int:
+        cfg = self.config
+        with translate_rpc_errors(peer=cfg.coordinator):
+            reply = await self._get_stub().Leave(
+                coordinator_pb2.LeaveRequest(member_id=self.member_id), timeout=cfg.rpc_timeout_s
+            )
+        logger.info("left the swarm as %s at epoch %d", self.member_id, reply.epoch)
+        self.assignment = None
+        return reply.epoch
+
+    async def __aenter__(self) -> "CoordinatorClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _get_stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
+        if self._stub is None:
+            self._channel = open_channel(self.config.coordinator,
+                                         ChannelConfig(token=self.config.token, tls=self.config.tls))
+            self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        return self._stub
+
+    async def _reset_channel(self) -> None:
+        # A fresh channel dials at once; an old one in TRANSIENT_FAILURE waits out gRPC's
+        # reconnect backoff (up to 120 s), far longer than a coordinator restart takes.
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def _join_once(self) -> Assignment:
+        cfg = self.config
+        request = coordinator_pb2.JoinRequest(
+            address=cfg.address, model_id=cfg.model_id, capacity_blocks=cfg.capacity_blocks,
+            throughput=self._throughput or cfg.throughput, name=cfg.name,
+            requested_span=_span_msg(cfg.requested_span),
+            current_span=_span_msg(self.serving_span if cfg.requested_span is None else None),
+        )
+        try:
+            with translate_rpc_errors(peer=cfg.coordinator):
+                reply = await self._get_stub().Join(request, timeout=cfg.rpc_timeout_s)
+        except (PeerUnavailable, RpcTimeout):
+            self.connected = False
+            await self._reset_channel()
+            raise
+        self.connected = True
+        self.assignment = Assignment(
+            member_id=reply.member_id, epoch=reply.epoch, span=Span(reply.span.start, reply.span.end),
+            dht_initial_peers=tuple(reply.dht_initial_peers),
+            heartbeat_period_s=reply.heartbeat_period_s, lease_s=reply.lease_s,
+            model_id=reply.model_id, num_blocks=reply.num_blocks,
+        )
+        self.epoch, self.span = reply.epoch, self.assignment.span
+        logger.info("joined %s as %s: blocks %s, epoch %d", cfg.coordinator, reply.member_id,
+                    self.span, reply.epoch)
+        return self.assignment
+
+    async def _heartbeat_loop(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        while True:
+            period = self.assignment.heartbeat_period_s if self.assignment else 1.0
+            next_beat = max(next_beat + period, loop.time())
+            await asyncio.sleep(next_beat - loop.time())
+            try:
+                if self.assignment is None:  # lost membership earlier and could not re-join
+                    await self._rejoin()
+                    continue
+                request = coordinator_pb2.HeartbeatRequest(
+                    member_id=self.assignment.member_id,
+                    serving_span=_span_msg(self.serving_span), throughput=self._throughput,
+                )
+                with translate_rpc_errors(peer=cfg.coordinator):
+                    reply = await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s)
+            except NotFound:
+                logger.warning("coordinator does not know member %s; joining again",
+                               self.member_id)
+                self.assignment = None
+                await self._rejoin()
+                continue
+            except (PeerUnavailable, RpcTimeout) as e:
+                if self.connected:
+                    logger.warning("coordinator %s unreachable (%s); still serving, retrying "
+                                   "every %.1f s", cfg.coordinator, e, period)
+                self.connected = False
+                await self._reset_channel()
+                continue
+            except PollinateError as e:
+                logger.error("heartbeat refused: %s", e)
+                continue
+            if not self.connected:
+                logger.info("coordinator %s reachable again", cfg.coordinator)
+            self.connected = True
+            self.heartbeats_ok += 1
+            self.epoch = reply.epoch
+            self.span = Span(reply.span.start, reply.span.end)
+            if reply.instruction.kind == coordinator_pb2.Instruction.MOVE:
+                sp = reply.instruction.span
+                self._start_move(Span(sp.start, sp.end), reply.instruction.reason)
+
+    async def _rejoin(self) -> None:
+        try:
+            await self._join_once()
+        except (PeerUnavailable, RpcTimeout) as e:
+            logger.info("re-join failed (%s); will retry", e)
+            return
+        except PollinateError as e:
+            logger.error("re-join refused: %s", e)
+            return
+        self.rejoins += 1
+        if self.span != self.serving_span:
+            self._start_move(self.span, "assigned on re-join")
+
+    def _start_move(self, span: Span, reason: str) -> None:
+        if self._moving_to == span:
+            return  # already loading it; the coordinator repeats MOVE until we report it
+        logger.info("coordinator asks to serve blocks %s: %s", span, reason)
+        if self._move_task is not None:
+            self._move_task.cancel()
+        self._moving_to = span
+        if self._on_move is None:
+            self.serving_span = span
+            self._moving_to = None
+            return
+        self._move_task = asyncio.create_task(self._run_move(span, reason), name="coordinator-move")
+
+    async def _run_move(self, span: Span, reason: str) -> None:
+        try:
+            await self._on_move(span, reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("loading blocks %s failed; the coordinator will ask again", span)
+        else:
+            self.serving_span = span
+        finally:
+            if self._moving_to == span:
+                self._moving_to = None

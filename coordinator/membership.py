@@ -1,0 +1,349 @@
+"""Membership: who is in the swarm, which blocks each member is assigned, and their leases.
+
+The domain logic behind Join / Heartbeat / Leave. Every change bumps the membership epoch
+and is written to the store before the method returns, so an RPC never acknowledges a change
+that a crash could lose. Leases are soft state in memory; on restart every restored member
+gets a fresh lease plus a grace period. Placement decisions come from `placement` (pure);
+this module only applies them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from pollinate.coordinator.config import MembershipConfig
+from pollinate.coordinator.placement import (
+    Move,
+    Placement,
+    Span,
+    best_window,
+    block_throughputs,
+    holes_of,
+    plan_moves,
+)
+from pollinate.coordinator.store import MemberRecord, Store
+from pollinate.protocol.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+)
+
+logger = logging.getLogger(__name__)
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """host:port (IPv6 as [addr]:port) -> (host, port); InvalidRequest if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise InvalidRequest(f"address {address!r} is not host:port")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise InvalidRequest(f"address {address!r}: port {port} is outside 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidRequest(f"address {address!r}: {host} is not an IPv6 address") from None
+    elif not _HOSTNAME.match(host):
+        raise InvalidRequest(f"address {address!r}: {host!r} is not a hostname or IPv4 address")
+    return host, port
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinParams:
+    """A decoded Join request."""
+
+    address: str
+    model_id: str  # empty: the swarm's model
+    capacity: int  # blocks; 0 allowed only with requested_span
+    throughput: float  # tokens/s
+    requested_span: Span | None = None  # operator's --blocks: pinned
+    current_span: Span | None = None  # held already (re-join): kept if valid, movable
+    name: str = ""
+    source_host: str = ""  # peer IP as gRPC saw it
+
+
+@dataclass(slots=True)
+class Member:
+    """A live member: its durable record plus soft state."""
+
+    record: MemberRecord
+    name: str
+    span: Span  # assigned
+    throughput: float
+    serving_span: Span | None  # last reported; None until the node says it serves
+    lease_deadline: float  # monotonic seconds
+    last_heartbeat_at: float  # unix seconds, for status
+    move_reason: str = ""  # set while a MOVE instruction is pending
+
+    @property
+    def member_id(self) -> str:
+        return self.record.member_id
+
+    @property
+    def state(self) -> str:
+        return "online" if self.serving_span == self.span else "loading"
+
+    def placement(self) -> Placement:
+        return Placement(span=self.span, throughput=self.throughput,
+                         capacity=self.record.capacity, pinned=self.record.pinned)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeartbeatResult:
+    epoch: int
+    span: Span
+    move: Span | None  # an instruction to load this span, or None
+    reason: str
+
+
+class Membership:
+    """All members, in memory and in the store. Not thread-safe: one event loop owns it."""
+
+    def __init__(
+        self,
+        config: MembershipConfig,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.epoch = 0
+        self.members: dict[str, Member] = {}
+        self._by_address: dict[str, str] = {}
+        self._per_source: dict[str, int] = {}
+        # joins, heartbeats, leaves, evictions, moves: for /metrics.
+        self.counters: Counter[str] = Counter()
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Load members and epoch from the store; every member gets lease + restart grace."""
+        self.store.check_model(self.config.model_id, self.config.num_blocks)
+        self.epoch, records = self.store.load_members()
+        deadline = self.clock() + self.config.lease_s + self.config.restart_grace_s
+        for rec in records:
+            self._insert(Member(record=rec, name="", span=rec.span, throughput=rec.throughput,
+                                serving_span=None, lease_deadline=deadline,
+                                last_heartbeat_at=0.0))
+        if records:
+            logger.info("restored %d members at epoch %d; they have %.1f s to heartbeat",
+                        len(records), self.epoch,
+                        self.config.lease_s + self.config.restart_grace_s)
+        return len(records)
+
+    # ---- RPC-driven changes -----------------------------------------------------------
+
+    def join(self, params: JoinParams) -> Member:
+        cfg = self.config
+        parse_address(params.address)
+        if params.model_id and params.model_id != cfg.model_id:
+            raise FailedPrecondition(
+                f"this swarm serves {cfg.model_id!r}, not {params.model_id!r}"
+            )
+        if not (math.isfinite(params.throughput) and params.throughput > 0):
+            raise InvalidRequest(f"throughput must be a positive number, got {params.throughput!r}")
+        capacity = params.capacity
+        if capacity == 0 and params.requested_span is not None:
+            capacity = params.requested_span.length
+        if capacity < 1:
+            raise InvalidRequest(f"capacity_blocks must be at least 1, got {params.capacity}")
+        capacity = min(capacity, cfg.num_blocks)
+        for label, span in (("requested_span", params.requested_span),
+                            ("current_span", params.current_span)):
+            if span is not None and span.end > cfg.num_blocks:
+                raise InvalidRequest(
+                    f"{label} {span} is outside the model's blocks 0:{cfg.num_blocks}"
+                )
+        if params.requested_span is not None and params.requested_span.length > capacity:
+            raise InvalidRequest(
+                f"requested_span {params.requested_span} needs {params.requested_span.length} "
+                f"blocks but capacity_blocks is {capacity}"
+            )
+
+        # The same address joining again is the same node restarted: it replaces its ghost.
+        replaced = self._by_address.get(params.address)
+        if cfg.max_members_per_address and params.source_host:
+            count = self._per_source.get(params.source_host, 0)
+            if replaced is not None and self.members[replaced].record.source_host == params.source_host:
+                count -= 1
+            if count >= cfg.max_members_per_address:
+                raise ResourceExhausted(
+                    f"{params.source_host} already has {count} members, the cap is "
+                    f"{cfg.max_members_per_address} (--max-members-per-address)"
+                )
+
+        old = self.members.get(replaced) if replaced else None
+        others = [m.placement() for mid, m in self.members.items() if mid != replaced]
+        pinned = params.requested_span is not None
+        if pinned:
+            span = params.requested_span
+        elif params.current_span is not None and params.current_span.length <= capacity:
+            span = params.current_span
+        else:
+            span = best_window(block_throughputs(others, cfg.num_blocks), capacity)
+
+        record = MemberRecord(
+            member_id=uuid.uuid4().hex[:16], address=params.address,
+            source_host=params.source_host, capacity=capacity,
+            throughput=float(params.throughput), span=span, pinned=pinned,
+            joined_at=self.wall_clock(),
+        )
+        epoch = self.epoch + 1
+        self.store.record_change(epoch, added=[record], removed=[replaced] if replaced else [])
+        self.epoch = epoch
+        if old is not None:
+            self._remove(old.member_id)
+            logger.info("member %s at %s re-joined as %s", old.member_id, params.address,
+                        record.member_id)
+        member = Member(record=record, name=params.name, span=span,
+                        throughput=record.throughput,
+                        serving_span=params.current_span if params.current_span == span else None,
+                        lease_deadline=self.clock() + cfg.lease_s,
+                        last_heartbeat_at=self.wall_clock())
+        self._insert(member)
+        self.counters["joins"] += 1
+        logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",
+                    record.member_id, params.address, f", {params.name}" if params.name else "",
+                    span, " (pinned)" if pinned else "", record.throughput, epoch,
+                    len(self.members))
+        return member
+
+    def heartbeat(self, member_id: str, serving_span: Span | None,
+                  throughput: float = 0.0) -> HeartbeatResult:
+        member = self.members.get(member_id)
+        if member is None:
+            raise NotFound(f"unknown member {member_id!r}: join again")
+        if throughput:
+            if not (math.isfinite(throughput) and throughput > 0):
+                raise InvalidRequest(f"throughput must be a positive number, got {throughput!r}")
+            member.throughput = throughput
+        member.lease_deadline = self.clock() + self.config.lease_s
+        self.counters["heartbeats"] += 1
+        member.last_heartbeat_at = self.wall_clock()
+        member.serving_span = serving_span
+        if member.move_reason and serving_span == member.span:
+            logger.info("member %s now serves blocks %s", member_id, member.span)
+            member.move_reason = ""
+        move = member.span if member.move_reason else None
+        return HeartbeatResult(epoch=self.epoch, span=member.span, move=move,
+                               reason=member.move_reason)
+
+    def leave(self, member_id: str) -> int:
+        if member_id not in self.members:
+            raise NotFound(f"unknown member {member_id!r}")
+        self._remove_and_record([member_id], why="left")
+        self.counters["leaves"] += 1
+        return self.epoch
+
+    # ---- timers -----------------------------------------------------------------------
+
+    def evict_expired(self) -> list[str]:
+        """Evict every member whose lease ran out; refill holes that opens. Returns ids."""
+        now = self.clock()
+        expired = [mid for mid, m in self.members.items() if m.lease_deadline < now]
+        if expired:
+            self.counters["evictions"] += len(expired)
+            self._remove_and_record(expired, why=f"missed their lease ({self.config.lease_s:g} s)")
+        return expired
+
+    def rebalance(self, *, holes_only: bool = False) -> list[Move]:
+        """Apply the policy's improving moves; with holes_only, act only if a block is bare."""
+        cfg = self.config
+        if holes_only and not self.holes():
+            return []
+        placements = {mid: m.placement() for mid, m in self.members.items()}
+        moves = plan_moves(placements, cfg.num_blocks, margin=cfg.rebalance_margin,
+                           max_moves=cfg.max_moves_per_check)
+        if not moves:
+            return []
+        # A member may appear in several moves; its last one wins.
+        final = {m.member_id: m.new for m in moves}
+        bare = _ranges(self.holes())
+        epoch = self.epoch + 1
+        self.store.record_change(epoch, moved=list(final.items()))
+        self.epoch = epoch
+        self.counters["moves"] += len(moves)
+        for move in moves:
+            member = self.members[move.member_id]
+            reason = (f"blocks {bare} lost their last replica" if move.before.holes else
+                      f"weakest block {move.before.weakest:.1f} -> {move.after.weakest:.1f} tok/s")
+            member.span = final[move.member_id]
+            member.move_reason = reason
+            logger.info("member %s moves %s -> %s: %s; epoch %d", move.member_id, move.old,
+                        move.new, reason, epoch)
+        return moves
+
+    # ---- views ------------------------------------------------------------------------
+
+    def block_throughputs(self) -> list[float]:
+        return block_throughputs((m.placement() for m in self.members.values()),
+                                 self.config.num_blocks)
+
+    def block_replicas(self) -> list[int]:
+        counts = [0] * self.config.num_blocks
+        for m in self.members.values():
+            for i in range(m.span.start, m.span.end):
+                counts[i] += 1
+        return counts
+
+    def holes(self) -> list[int]:
+        return holes_of(self.block_throughputs())
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _remove_and_record(self, member_ids: list[str], *, why: str) -> None:
+        epoch = self.epoch + 1
+        self.store.record_change(epoch, removed=member_ids)
+        self.epoch = epoch
+        for mid in member_ids:
+            m = self._remove(mid)
+            logger.info("member %s (%s, blocks %s) %s; epoch %d, %d members", mid,
+                        m.record.address, m.span, why, epoch, len(self.members))
+        bare = self.holes()
+        if bare and self.members:
+            logger.warning("blocks %s have no replica; rebalancing", _ranges(bare))
+            self.rebalance()
+
+    def _insert(self, member: Member) -> None:
+        self.members[member.member_id] = member
+        self._by_address[member.record.address] = member.member_id
+        src = member.record.source_host
+        self._per_source[src] = self._per_source.get(src, 0) + 1
+
+    def _remove(self, member_id: str) -> Member:
+        member = self.members.pop(member_id)
+        if self._by_address.get(member.record.address) == member_id:
+            del self._by_address[member.record.address]
+        src = member.record.source_host
+        self._per_source[src] -= 1
+        if not self._per_source[src]:
+            del self._per_source[src]
+        return member
+
+
+def _ranges(blocks: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3:6,9:10"."""
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}:{b + 1}")
+            start = None
+    return ",".join(out)

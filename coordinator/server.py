@@ -1,0 +1,164 @@
+"""The coordinator process: store + membership + gRPC + HTTP status + timers, and the
+swarm's bootstrap DHT peer.
+
+    dht = start_bootstrap_dht(config.dht)        # first: it forks (before any gRPC object)
+    async with CoordinatorServer(config, dht=dht) as server:
+        print(server.grpc_address, server.http_address)
+        await server.wait_closed()
+
+start() restores members from the data directory, binds gRPC (and HTTP), starts the
+eviction and rebalance timers, then writes the ready file. stop(grace) undoes it in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pollinate import __version__
+from pollinate.coordinator.config import CoordinatorConfig, DhtConfig
+from pollinate.coordinator.http_status import HttpStatusServer
+from pollinate.coordinator.membership import Membership
+from pollinate.coordinator.status import snapshot
+from pollinate.coordinator.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def start_bootstrap_dht(config: DhtConfig) -> Any | None:
+    """Start the hivemind DHT peer that nodes and clients bootstrap from (None if disabled).
+
+    A hivemind DHT runs in a forked process; call this before the process creates any gRPC
+    channel or server, since forking after gRPC's threads exist is unsafe."""
+    if not config.enabled:
+        return None
+    import hivemind  # heavy (torch, libp2p daemon): only when a DHT is wanted
+
+    dht = hivemind.DHT(start=False, host_maddrs=list(config.host_maddrs),
+                       announce_maddrs=list(config.announce_maddrs) or None)
+    dht.run_in_background(await_ready=True, timeout=config.start_timeout_s)
+    if not dht.is_alive():
+        raise RuntimeError(f"bootstrap DHT did not start within {config.start_timeout_s} s")
+    logger.info("bootstrap DHT peer at %s", ", ".join(str(a) for a in dht.get_visible_maddrs()))
+    return dht
+
+
+def write_ready_file(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+class CoordinatorServer:
+    def __init__(self, config: CoordinatorConfig, *, dht: Any | None = None) -> None:
+        self.config = config
+        self.dht = dht
+        self.store = Store(config.store)
+        self.membership = Membership(config.membership, self.store)
+        self.started_at = time.time()
+        self._dht_peers: list[str] = []
+        self._rpc = None
+        self._servicer = None
+        self._http: HttpStatusServer | None = None
+        self._timers: list[asyncio.Task] = []
+        self._closed = asyncio.Event()
+
+    # ---- public -----------------------------------------------------------------------
+
+    @property
+    def grpc_address(self) -> str:
+        return self._rpc.address
+
+    @property
+    def http_address(self) -> str | None:
+        return self._http.address if self._http is not None else None
+
+    @property
+    def dht_initial_peers(self) -> list[str]:
+        return list(self._dht_peers)
+
+    def status(self) -> dict[str, Any]:
+        return snapshot(self.membership, dht_initial_peers=self._dht_peers,
+                        started_at=self.started_at, version=__version__)
+
+    async def start(self) -> None:
+        from pollinate.coordinator.service import CoordinatorServicer
+        from pollinate.protocol.channels import RpcServer, ServerConfig
+        from pollinate.protocol.v1 import coordinator_pb2_grpc
+
+        cfg = self.config
+        self.store.open()
+        self.membership.restore()
+        if self.dht is not None:
+            self._dht_peers = [str(a) for a in self.dht.get_visible_maddrs()]
+        self._servicer = CoordinatorServicer(
+            self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status
+        )
+        self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
+                                           grace_s=cfg.stop_grace_s))
+        self._rpc.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, self._servicer)
+        await self._rpc.start()
+        if cfg.http_port >= 0:
+            self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status)
+            await self._http.start()
+        self._timers = [
+            asyncio.create_task(self._every(cfg.membership.eviction_interval_s,
+                                            self.membership.evict_expired), name="evict"),
+            asyncio.create_task(self._every(cfg.membership.rebalance_interval_s,
+                                            self.membership.rebalance), name="rebalance"),
+        ]
+        logger.info("coordinator for %s (%d blocks) serving gRPC on %s, epoch %d, %d members",
+                    cfg.membership.model_id, cfg.membership.num_blocks, self.grpc_address,
+                    self.membership.epoch, len(self.membership.members))
+        if cfg.ready_file is not None:
+            write_ready_file(cfg.ready_file, {
+                "grpc": self.grpc_address, "http": self.http_address,
+                "dht_initial_peers": self._dht_peers, "pid": os.getpid(),
+            })
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._servicer is not None:
+            self._servicer.serving = False
+        for task in self._timers:
+            task.cancel()
+        if self._timers:
+            await asyncio.wait(self._timers, timeout=2.0)
+        self._timers = []
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+        if self._rpc is not None:
+            await self._rpc.stop(self.config.stop_grace_s if grace is None else grace)
+        self.store.close()
+        self._closed.set()
+
+    async def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until stop() has run; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._closed.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def __aenter__(self) -> "CoordinatorServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # ---- internals --------------------------------------------------------------------
+
+    async def _every(self, period_s: float, action) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                action()
+            except Exception:  # a bug in one tick must not stop leases from expiring
+                logger.exception("periodic %s failed", getattr(action, "__name__", action))

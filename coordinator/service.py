@@ -1,0 +1,136 @@
+"""The Coordinator gRPC servicer: decode, call Membership, encode. Nothing else.
+
+Domain errors (InvalidRequest, NotFound, ...) raised by Membership become status codes in
+the error-mapping interceptor that RpcServer installs; the swarm token is checked by its
+token interceptor before any method here runs, so a call with a wrong token records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import grpc.aio
+
+from pollinate import __version__
+from pollinate.coordinator.membership import JoinParams, Membership
+from pollinate.coordinator.placement import Span
+from pollinate.protocol.errors import InvalidRequest
+from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "v1"
+
+
+def span_from_proto(msg: common_pb2.Span, field: str) -> Span:
+    try:
+        return Span(msg.start, msg.end)
+    except ValueError:
+        raise InvalidRequest(f"{field} [{msg.start}, {msg.end}) is empty or reversed") from None
+
+
+def optional_span(parent, field: str) -> Span | None:
+    return span_from_proto(getattr(parent, field), field) if parent.HasField(field) else None
+
+
+def span_to_proto(span: Span | None) -> common_pb2.Span | None:
+    return None if span is None else common_pb2.Span(start=span.start, end=span.end)
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5000' -> '127.0.0.1'; 'ipv6:[::1]:5000' -> '::1'; else as is."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        dht_initial_peers: Callable[[], list[str]],
+        status: Callable[[], dict],
+    ) -> None:
+        self.membership = membership
+        self._dht_initial_peers = dht_initial_peers
+        self._status = status
+        self.serving = True
+
+    async def Health(self, request, context: grpc.aio.ServicerContext):
+        status = (common_pb2.HealthReply.SERVING if self.serving
+                  else common_pb2.HealthReply.NOT_SERVING)
+        return common_pb2.HealthReply(status=status, version=__version__,
+                                      protocol=PROTOCOL_VERSION)
+
+    async def Join(self, request: coordinator_pb2.JoinRequest, context):
+        params = JoinParams(
+            address=request.address,
+            model_id=request.model_id,
+            capacity=request.capacity_blocks,
+            throughput=request.throughput,
+            requested_span=optional_span(request, "requested_span"),
+            current_span=optional_span(request, "current_span"),
+            name=request.name[:64],
+            source_host=peer_host(context.peer() or ""),
+        )
+        member = self.membership.join(params)
+        cfg = self.membership.config
+        return coordinator_pb2.JoinReply(
+            member_id=member.member_id,
+            epoch=self.membership.epoch,
+            span=span_to_proto(member.span),
+            dht_initial_peers=self._dht_initial_peers(),
+            heartbeat_period_s=cfg.heartbeat_period_s,
+            lease_s=cfg.lease_s,
+            model_id=cfg.model_id,
+            num_blocks=cfg.num_blocks,
+        )
+
+    async def Heartbeat(self, request: coordinator_pb2.HeartbeatRequest, context):
+        result = self.membership.heartbeat(
+            request.member_id, optional_span(request, "serving_span"), request.throughput
+        )
+        if result.move is None:
+            instruction = coordinator_pb2.Instruction(kind=coordinator_pb2.Instruction.NONE)
+        else:
+            instruction = coordinator_pb2.Instruction(
+                kind=coordinator_pb2.Instruction.MOVE, span=span_to_proto(result.move),
+                reason=result.reason,
+            )
+        return coordinator_pb2.HeartbeatReply(
+            epoch=result.epoch, span=span_to_proto(result.span), instruction=instruction
+        )
+
+    async def Leave(self, request: coordinator_pb2.LeaveRequest, context):
+        return coordinator_pb2.LeaveReply(epoch=self.membership.leave(request.member_id))
+
+    async def Status(self, request, context):
+        return status_to_proto(self._status())
+
+
+def _member_to_proto(m: dict) -> coordinator_pb2.MemberInfo:
+    serving = m["serving_span"]
+    return coordinator_pb2.MemberInfo(
+        member_id=m["member_id"], address=m["address"], name=m["name"],
+        span=common_pb2.Span(start=m["span"][0], end=m["span"][1]),
+        serving_span=common_pb2.Span(start=serving[0], end=serving[1]) if serving else None,
+        state=m["state"], throughput=m["throughput"], capacity_blocks=m["capacity_blocks"],
+        pinned=m["pinned"], joined_at=m["joined_at"], last_heartbeat_at=m["last_heartbeat_at"],
+    )
+
+
+def status_to_proto(status: dict) -> coordinator_pb2.StatusReply:
+    return coordinator_pb2.StatusReply(
+        epoch=status["epoch"], model_id=status["model_id"], num_blocks=status["num_blocks"],
+        members=[_member_to_proto(m) for m in status["members"]],
+        blocks=[coordinator_pb2.BlockCoverage(**b) for b in status["blocks"]],
+        dht_initial_peers=status["dht_initial_peers"], started_at=status["started_at"],
+        version=status["version"], heartbeat_period_s=status["heartbeat_period_s"],
+        lease_s=status["lease_s"],
+    )
+

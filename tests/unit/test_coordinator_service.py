@@ -1,0 +1,250 @@
+"""The coordinator over real gRPC and HTTP on loopback, in one process (no DHT), with
+CoordinatorClients as nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import grpc
+import pytest
+
+from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
+from pollinate.coordinator.config import (
+    CoordinatorConfig,
+    DhtConfig,
+    MembershipConfig,
+    StoreConfig,
+)
+from pollinate.coordinator.placement import Span
+from pollinate.coordinator.server import CoordinatorServer
+from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+TOKEN = "test-token"
+
+
+def config(data_dir, port=0, **membership) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        membership=MembershipConfig(**{"heartbeat_period_s": 0.1, "lease_s": 0.6,
+                                       "eviction_interval_s": 0.05, "restart_grace_s": 0.5,
+                                       **membership}),
+        store=StoreConfig(data_dir=data_dir), dht=DhtConfig(enabled=False),
+        port=port, http_port=0, token=TOKEN,
+    )
+
+
+@pytest.fixture
+async def server(tmp_path):
+    srv = CoordinatorServer(config(tmp_path / "data"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(0)
+
+
+def client_for(srv, port: int, capacity=10, **kw) -> CoordinatorClient:
+    return CoordinatorClient(CoordinatorClientConfig(
+        coordinator=srv.grpc_address, token=TOKEN, address=f"127.0.0.1:{port}",
+        capacity_blocks=capacity, throughput=kw.pop("throughput", 10.0),
+        retry_initial_s=0.05, retry_max_s=0.2, rpc_timeout_s=2.0, **kw))
+
+
+async def wait_for(predicate, timeout=5.0, what="condition"):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def raw_call(srv, method: str, request, token=TOKEN):
+    channel = open_channel(srv.grpc_address, ChannelConfig(token=token))
+    try:
+        return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=5)
+    finally:
+        await channel.close()
+
+
+async def test_nodes_get_spans_that_cover_the_model(server):
+    clients = [client_for(server, 7000 + i) for i in range(3)]
+    try:
+        assignments = [await c.start() for c in clients]
+        assert sorted(a.span for a in assignments) == [Span(0, 10), Span(10, 20), Span(20, 30)]
+        assert [a.epoch for a in assignments] == [1, 2, 3]
+        assert assignments[0].num_blocks == 30 and assignments[0].heartbeat_period_s == 0.1
+        await wait_for(lambda: all(c.heartbeats_ok >= 2 for c in clients), what="heartbeats")
+        status = await raw_call(server, "Status", coordinator_pb2.StatusRequest())
+        assert status.epoch == 3 and len(status.members) == 3
+        assert all(b.replicas == 1 for b in status.blocks)
+        assert {m.state for m in status.members} == {"online"}
+    finally:
+        for c in clients:
+            await c.stop()
+    assert server.membership.epoch == 6 and server.membership.members == {}
+
+
+async def test_wrong_token_is_unauthenticated_and_records_nothing(server):
+    request = coordinator_pb2.JoinRequest(address="127.0.0.1:7000", capacity_blocks=5,
+                                          throughput=1.0)
+    for token in ("wrong", None):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw_call(server, "Join", request, token=token)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert server.membership.members == {} and server.membership.epoch == 0
+    assert server.store.load_members() == (0, [])
+    # Health needs no token.
+    reply = await raw_call(server, "Health", common_pb2.HealthRequest(), token=None)
+    assert reply.status == common_pb2.HealthReply.SERVING and reply.protocol == "v1"
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, code, message",
+    [
+        (dict(address="127.0.0.1:7000", capacity_blocks=0, throughput=1.0),
+         grpc.StatusCode.INVALID_ARGUMENT, "capacity_blocks"),
+        (dict(address="not an address", capacity_blocks=3, throughput=1.0),
+         grpc.StatusCode.INVALID_ARGUMENT, "host:port"),
+        (dict(address="127.0.0.1:7000", capacity_blocks=3, throughput=1.0,
+              requested_span=common_pb2.Span(start=28, end=31)),
+         grpc.StatusCode.INVALID_ARGUMENT, "outside the model"),
+        (dict(address="127.0.0.1:7000", capacity_blocks=3, throughput=1.0,
+              requested_span=common_pb2.Span(start=5, end=2)),
+         grpc.StatusCode.INVALID_ARGUMENT, "empty or reversed"),
+        (dict(address="127.0.0.1:7000", capacity_blocks=3, throughput=1.0, model_id="x/y"),
+         grpc.StatusCode.FAILED_PRECONDITION, "serves"),
+    ],
+)
+async def test_bad_joins_get_clear_errors(server, request_kwargs, code, message):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw_call(server, "Join", coordinator_pb2.JoinRequest(**request_kwargs))
+    assert err.value.code() == code and message in err.value.details()
+    assert server.membership.epoch == 0
+
+
+async def test_unknown_member_heartbeat_is_not_found(server):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw_call(server, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id="ghost"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_join_flood_is_capped_per_source_address(tmp_path):
+    srv = CoordinatorServer(config(tmp_path, max_members_per_address=2))
+    await srv.start()
+    try:
+        for i in range(2):
+            await raw_call(srv, "Join", coordinator_pb2.JoinRequest(
+                address=f"127.0.0.1:{7000 + i}", capacity_blocks=5, throughput=1.0))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw_call(srv, "Join", coordinator_pb2.JoinRequest(
+                address="127.0.0.1:7009", capacity_blocks=5, throughput=1.0))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(srv.membership.members) == 2
+    finally:
+        await srv.stop(0)
+
+
+async def test_silent_member_is_evicted_and_its_last_replica_span_moves(server):
+    a, b, c = (client_for(server, 7000 + i) for i in range(3))
+    spare = client_for(server, 7003)  # joins 0:10 as a second replica
+    for x in (a, b, c, spare):
+        await x.start()
+    assert spare.span == Span(0, 10)
+    epoch = server.membership.epoch
+    lost = c.span
+    await c.stop(leave=False)  # goes silent: no leave, no heartbeats
+    try:
+        # Evicted within the lease (0.6 s) plus a scan; then the spare is told to move.
+        await wait_for(lambda: c.member_id not in server.membership.members, timeout=2.0,
+                       what="eviction")
+        assert server.membership.epoch >= epoch + 2  # eviction, then the move
+        await wait_for(lambda: any(x.serving_span == lost for x in (a, spare)), timeout=2.0,
+                       what="the lost span to be served again")
+        assert server.membership.holes() == []
+    finally:
+        for x in (a, b, spare):
+            await x.stop()
+
+
+async def test_client_rejoins_after_coordinator_loses_its_state_and_keeps_its_span(tmp_path):
+    srv = CoordinatorServer(config(tmp_path / "one"))
+    await srv.start()
+    port = int(srv.grpc_address.rsplit(":", 1)[1])
+    other = client_for(srv, 7000, capacity=5)
+    await other.start()  # takes 0:5
+    await other.stop(leave=False)
+    node = client_for(srv, 7001, capacity=5)
+    await node.start()
+    first_id, span = node.member_id, node.span
+    assert span == Span(5, 10)  # a fresh join on an empty swarm would get 0:5
+    await srv.stop(0)
+    # A brand-new coordinator (empty data dir) on the same port knows nobody.
+    srv2 = CoordinatorServer(config(tmp_path / "two", port=port))
+    await srv2.start()
+    try:
+        await wait_for(lambda: node.rejoins >= 1, timeout=5.0, what="re-join")
+        assert node.member_id != first_id and node.connected
+        assert node.span == span  # offered its current span and kept it
+        assert list(srv2.membership.members) == [node.member_id]
+    finally:
+        await node.stop()
+        await srv2.stop(0)
+
+
+async def test_restart_on_same_data_dir_keeps_members_and_epoch(tmp_path):
+    srv = CoordinatorServer(config(tmp_path))
+    await srv.start()
+    port = int(srv.grpc_address.rsplit(":", 1)[1])
+    nodes = [client_for(srv, 7000 + i) for i in range(3)]
+    for n in nodes:
+        await n.start()
+    ids, epoch = {n.member_id for n in nodes}, srv.membership.epoch
+    await srv.stop(0)
+    await asyncio.sleep(0.3)  # the nodes' heartbeats fail meanwhile: they keep trying
+    assert not all(n.connected for n in nodes)
+    srv2 = CoordinatorServer(config(tmp_path, port=port))
+    await srv2.start()
+    try:
+        assert set(srv2.membership.members) == ids and srv2.membership.epoch == epoch
+        await wait_for(lambda: all(n.connected and n.heartbeats_ok > 3 for n in nodes),
+                       timeout=5.0, what="heartbeats to resume")
+        beats = [n.heartbeats_ok for n in nodes]
+        await asyncio.sleep(1.0)  # longer than lease + grace: nobody is evicted
+        assert [n.heartbeats_ok for n in nodes] > beats
+        assert set(srv2.membership.members) == ids and srv2.membership.epoch == epoch
+        assert all(n.rejoins == 0 for n in nodes)
+    finally:
+        for n in nodes:
+            await n.stop()
+        await srv2.stop(0)
+
+
+async def test_http_status_json_html_and_metrics(server):
+    node = client_for(server, 7000, capacity=12)
+    await node.start()
+    try:
+        base = f"http://{server.http_address}"
+
+        def get(path):
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                return r.status, r.headers["Content-Type"], r.read().decode()
+
+        status, ctype, body = await asyncio.to_thread(get, "/api/v1/status")
+        data = json.loads(body)
+        assert ctype == "application/json" and data["epoch"] == 1
+        assert data["holes"] == list(range(12, 30))
+        assert data["members"][0]["span"] == [0, 12]
+        _, ctype, page = await asyncio.to_thread(get, "/")
+        assert ctype.startswith("text/html") and page.count('class="bar hole"') == 18
+        _, _, metrics = await asyncio.to_thread(get, "/metrics")
+        assert "pollinate_coordinator_epoch 1\n" in metrics
+        assert "pollinate_coordinator_holes 18\n" in metrics
+        assert 'pollinate_coordinator_block_replicas{block="0"} 1\n' in metrics
+        with pytest.raises(urllib.error.HTTPError) as err:
+            await asyncio.to_thread(get, "/nope")
+        assert err.value.code == 404
+    finally:
+        await node.stop()
