@@ -241,8 +241,10 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str | None = None) -> Pollinat
         # Transport-level messages ("failed to connect to all addresses") make little sense
         # without the code; domain messages are already written for the caller.
         message = f"{code_name}{where}: {details}" if details else f"{code_name}{where}"
+    elif details:
+        message = f"{details} ({peer})" if peer else details
     else:
-        message = f"{details}{' (' + peer + ')' if peer else ''}" if details else f"{code_name}{where}"
+        message = f"{code_name}{where}"
     return cls(message)
 
 

@@ -121,3 +121,16 @@ def test_empty_tokens_are_configuration_errors():
         ServerConfig(token="")
     with pytest.raises(ValueError, match="token"):
         ChannelConfig(token="")
+
+
+async def test_token_interceptor_on_a_bidi_stream_driven_with_write_and_read(node):
+    # Inference sessions drive the stream step by step (write, read, write, ...) rather than
+    # from an iterator; the client interceptor must attach the token on that path too.
+    server, _ = node
+    async with open_channel(server.address, ChannelConfig(token=TOKEN)) as channel:
+        call = node_pb2_grpc.NodeStub(channel).Forward(timeout=5)
+        for name in ("a", "b"):
+            await call.write(node_pb2.ForwardRequest(tensor=common_pb2.Tensor(name=name)))
+            assert (await call.read()).tensor.name == name
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK

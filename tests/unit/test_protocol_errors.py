@@ -11,7 +11,7 @@ import grpc.aio
 import pytest
 
 from pollinate.protocol import errors
-from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
+from pollinate.protocol.channels import RpcServer, ServerConfig, open_channel
 from pollinate.protocol.errors import (
     FailedPrecondition,
     InternalError,
