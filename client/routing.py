@@ -52,7 +52,9 @@ class Hop:
 @dataclass(frozen=True, kw_only=True)
 class RoutingConfig:
     hop_latency_s: float = 0.005  # assumed per-hop round trip, seconds; loopback is ~1 ms
-    allow_partial_spans: bool = True  # let a hop use only part of a peer's span
+    # Let a hop use only part of a peer's span. Off: nodes serve their whole span only
+    # (node/span_server.py check_blocks), so a hop is always one peer's entire span.
+    allow_partial_spans: bool = False
 
     def __post_init__(self) -> None:
         if not self.hop_latency_s >= 0:

@@ -7,7 +7,7 @@ import pytest
 from pollinate.client.dht_lookup import merge_records
 from pollinate.client.routing import BanList, NoRouteError, PeerSpan, RoutingConfig, find_route
 
-CFG = RoutingConfig(hop_latency_s=0.01)
+CFG = RoutingConfig(hop_latency_s=0.01, allow_partial_spans=True)
 
 
 def peer(pid, start, end, thr=100.0, state="online"):

@@ -1,0 +1,37 @@
+"""ClientConfig: how a client talks to the swarm (timeouts, codec, failover, routing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pollinate.client.routing import RoutingConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    token: str | None = field(default=None, repr=False)  # swarm token sent with every call
+    # Codec of hidden states on the wire: "fp16" halves the bytes (DESIGN.md's default);
+    # "none" keeps fp32 for exact comparisons against the local model.
+    wire_codec: str = "fp16"
+    # Longest wait for one hop's answer to one step (or one Forward), seconds. A killed
+    # peer is usually noticed at once (connection reset); this bounds a hung one.
+    step_timeout_s: float = 30.0
+    # Longest wait for the DHT to answer a lookup of one block's records, seconds.
+    dht_timeout_s: float = 10.0
+    # DHT records are re-read at most this often, seconds (and always after a failure).
+    peers_ttl_s: float = 30.0
+    # Failures tolerated in one step (each bans a peer and reroutes) before giving up.
+    max_failovers: int = 8
+    # First ban of a failing peer, seconds; doubles per repeated failure up to ban_max_s.
+    ban_base_s: float = 15.0
+    ban_max_s: float = 600.0  # longest ban, seconds
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("step_timeout_s", "dht_timeout_s", "peers_ttl_s", "ban_base_s", "ban_max_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_failovers < 0:
+            raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
+        if self.token is not None and not self.token:
+            raise ValueError("token must be None or non-empty")

@@ -1,0 +1,210 @@
+"""RemoteModelForCausalLM: the model's embeddings and LM head here, its blocks in the swarm.
+
+    model = RemoteModelForCausalLM.from_pretrained("smollm2", initial_peers=[...], token=...)
+    out = model.generate(input_ids, max_new_tokens=32)          # greedy or sampling
+    with model.inference_session(max_length=512) as sess:        # chat: one session, many calls
+        out = model.generate(ids, max_new_tokens=32); ...; model.generate(more_ids, ...)
+
+Works with Hugging Face `generate()` (transformers 5.x) without its KV cache: the cache
+lives on the nodes, so `prepare_inputs_for_generation` hands `forward` the whole sequence,
+and `forward` sends only the tokens the open session has not processed yet (checking that
+the prefix is the one it processed). Without an open session, `forward` runs the sequence
+through a throwaway session. Padding (attention_mask zeros) is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from pollinate.client.config import ClientConfig
+from pollinate.client.session import RemoteSession
+from pollinate.client.swarm import Swarm
+from pollinate.client.worker import LoopThread
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceSession:
+    """A synchronous handle on a RemoteSession, plus the token ids it has processed."""
+
+    def __init__(self, model: RemoteModelForCausalLM, max_length: int):
+        self.model = model
+        self.max_length = max_length
+        self._remote = RemoteSession(model.swarm, max_length=max_length)
+        self.token_ids: torch.Tensor | None = None  # [batch, position] ids already processed
+
+    @property
+    def position(self) -> int:
+        return self._remote.position
+
+    @property
+    def route(self):
+        return self._remote.route
+
+    @property
+    def failovers(self) -> int:
+        return self._remote.failovers
+
+    @property
+    def recovery_seconds(self) -> float:
+        return self._remote.recovery_seconds
+
+    def hop_seconds(self) -> list[tuple[str, float]]:
+        return [(str(h.hop), h.step_seconds) for h in self._remote.hops]
+
+    def new_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The part of `input_ids` this session has not processed; checks the rest matches."""
+        pos = self.position
+        if input_ids.shape[1] <= pos:
+            raise ValueError(
+                f"input has {input_ids.shape[1]} tokens but the session already processed {pos}; "
+                f"pass the whole conversation, extended"
+            )
+        if self.token_ids is not None and not torch.equal(input_ids[:, :pos], self.token_ids):
+            raise ValueError("input does not extend the tokens this session already processed")
+        return input_ids[:, pos:]
+
+    def step_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        timeout = self.model.client_config.step_timeout_s * (2 + self.model.client_config.max_failovers) * 4
+        return self.model.worker.run(self._remote.step(hidden), timeout)
+
+    def step_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, new, vocab] for the new tokens of `input_ids`."""
+        new = self.new_tokens(input_ids)
+        part = self.model.client_part
+        with torch.inference_mode():
+            hidden = part.embed(new)
+            out = self.step_hidden(hidden)
+            logits = part.logits(out.to(part.dtype))
+        self.token_ids = input_ids.clone()
+        return logits
+
+    def close(self) -> None:
+        self.model.worker.run(self._remote.close(), 10.0)
+
+
+class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LlamaConfig
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(self, config, *, client_part, swarm: Swarm, worker: LoopThread, client_config: ClientConfig, dht=None):
+        super().__init__(config)
+        self.client_part = client_part
+        self.swarm = swarm
+        self.worker = worker
+        self.client_config = client_config
+        self.dht = dht
+        self._session: InferenceSession | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "smollm2",
+        *,
+        initial_peers: Sequence[str] = (),
+        coordinator: str | None = None,
+        token: str | None = None,
+        dht=None,
+        cache_dir=None,
+        config: ClientConfig | None = None,
+        **overrides,
+    ) -> RemoteModelForCausalLM:
+        """Load the client part of `model` and connect to its swarm.
+
+        Starts a client-mode hivemind DHT peer (a forked process) unless `dht` is given: call
+        this before creating any gRPC object in the process."""
+        from pollinate.node.announce import start_dht
+        from pollinate.node.model_files import open_model
+
+        client_config = config or ClientConfig(token=token, **overrides)
+        if dht is None:
+            peers = list(initial_peers)
+            if coordinator is not None:
+                peers += _coordinator_peers(coordinator, token)
+            if not peers:
+                raise ValueError("give initial_peers (DHT multiaddrs) or coordinator=HOST:PORT")
+            dht = start_dht(peers, client_mode=True)
+        files = open_model(model, cache_dir=cache_dir, show_progress=False)
+        part = files.load_client_part()
+        worker = LoopThread()
+        swarm = Swarm(dht=dht, model_id=model, num_blocks=files.num_blocks,
+                      config=client_config)
+        self = cls(files.config, client_part=part, swarm=swarm, worker=worker, client_config=client_config, dht=dht)
+        self.generation_config = files.generation_config()
+        self.generation_config.use_cache = False  # the KV cache lives on the nodes
+        self.model_files = files
+        return self.eval()
+
+    def get_input_embeddings(self):
+        return self.client_part.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.client_part.lm_head
+
+    # ---- sessions
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        if self._session is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        session = InferenceSession(self, max_length)
+        self._session = session
+        try:
+            yield session
+        finally:
+            self._session = None
+            session.close()
+
+    @property
+    def active_session(self) -> InferenceSession | None:
+        return self._session
+
+    # ---- generate() integration
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def generate(self, inputs=None, *args, **kwargs):
+        if self._session is not None:
+            return super().generate(inputs, *args, **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        n = ids.shape[1] if ids is not None else 1
+        max_new = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
+        max_length = n + max_new if max_new else (kwargs.get("max_length") or self.generation_config.max_length)
+        with self.inference_session(max_length=max_length):
+            return super().generate(inputs, *args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, return_dict=True, **kwargs):
+        if input_ids is None:
+            raise ValueError("RemoteModelForCausalLM.forward needs input_ids")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding (attention_mask zeros) is not supported by the remote model")
+        if self._session is not None:
+            logits = self._session.step_tokens(input_ids)
+        else:
+            with self.inference_session(max_length=input_ids.shape[1]) as s:
+                logits = s.step_tokens(input_ids)
+        return CausalLMOutputWithPast(logits=logits)
+
+    def shutdown(self) -> None:
+        """Close channels, the loop thread and the DHT peer this model started."""
+        try:
+            self.worker.run(self.swarm.close(), 5.0)
+        finally:
+            self.worker.stop()
+            if self.dht is not None:
+                self.dht.shutdown()
+
+
+def _coordinator_peers(address: str, token: str | None) -> list[str]:
+    """DHT bootstrap multiaddrs from the coordinator (its client joins as an observer)."""
+    raise NotImplementedError(
+        "coordinator= is not wired yet: pass initial_peers (the coordinator's DHT multiaddrs)"
+    )

@@ -1,0 +1,215 @@
+"""An inference session through a chain of nodes, with failover by replay.
+
+Each hop is one Inference stream to one peer for blocks [start, end). The client keeps,
+per hop, every hidden state it sent (`HopStream.history`). When a hop fails mid-session
+(error status, timeout, stream closed), the peer is banned, blocks [start, end) are routed
+again, the history is replayed to the replacement chain as one step at position 0 (which
+rebuilds its KV cache exactly as the dead peer had it), and the step that failed is
+retried. The downstream hops never notice. The session's position is the client's alone:
+a replacement starts a new session at 0 and is brought to the same position by the replay,
+so position and history cannot disagree (Petals issue #587).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import torch
+
+from pollinate.client.routing import Hop
+from pollinate.client.swarm import Swarm
+from pollinate.protocol.errors import (
+    InvalidRequest,
+    PeerUnavailable,
+    PollinateError,
+    RpcTimeout,
+    Unauthenticated,
+    translate_rpc_errors,
+)
+from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+from pollinate.protocol.v1 import common_pb2, node_pb2
+
+logger = logging.getLogger(__name__)
+
+HIDDEN = "hidden_states"
+# Errors that are the client's own fault: retrying elsewhere would fail the same way.
+FATAL = (InvalidRequest, Unauthenticated)
+
+
+class HopStream:
+    """One Inference stream to one peer for one hop of a route."""
+
+    def __init__(self, swarm: Swarm, hop: Hop, *, session_id: str, max_length: int):
+        self.swarm = swarm
+        self.hop = hop
+        self.session_id = session_id
+        self.max_length = max_length
+        self.history: list[torch.Tensor] = []  # inputs sent, in order (for replay)
+        self._call = None
+        self.step_seconds = 0.0  # time spent waiting on this hop, for --verbose and benchmarks
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        cfg = self.swarm.config
+        address = self.hop.peer.address
+        t0 = time.perf_counter()
+        encoded = encode_tensor(hidden, codec=cfg.wire_codec, name=HIDDEN)
+        with translate_rpc_errors(peer=address):
+            if self._call is None:
+                self._call = self.swarm.stub(address).Inference()
+                first = True
+            else:
+                first = False
+            for chunk in encoded.chunks():
+                req = node_pb2.InferenceRequest(position=position, tensor=chunk)
+                if first:
+                    req.open.CopyFrom(node_pb2.InferenceOpen(
+                        session_id=self.session_id,
+                        max_length=self.max_length,
+                        reply_codec=cfg.wire_codec,
+                        blocks=common_pb2.Span(start=self.hop.start, end=self.hop.end),
+                    ))
+                    first = False
+                await asyncio.wait_for(self._call.write(req), cfg.step_timeout_s)
+            assembler = TensorAssembler()
+            while True:
+                reply = await asyncio.wait_for(self._call.read(), cfg.step_timeout_s)
+                if reply is grpc_eof():
+                    raise PeerUnavailable(f"{address} closed the session stream")
+                if reply.position != position:
+                    raise PeerUnavailable(f"{address} answered position {reply.position} to step {position}")
+                out = assembler.feed(reply.tensor)
+                if out is not None:
+                    break
+        result = out.decode()
+        if tuple(result.shape) != tuple(hidden.shape):
+            raise PeerUnavailable(f"{address} returned shape {list(result.shape)} for {list(hidden.shape)}")
+        self.step_seconds += time.perf_counter() - t0
+        return result.to(hidden.dtype)
+
+    async def close(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            try:
+                await asyncio.wait_for(call.done_writing(), 1.0)
+            except Exception:  # the peer may be gone already; closing is best effort
+                pass
+            call.cancel()
+
+
+def grpc_eof():
+    import grpc.aio
+
+    return grpc.aio.EOF
+
+
+class RemoteSession:
+    """Async core of an inference session over blocks [0, num_blocks)."""
+
+    def __init__(self, swarm: Swarm, *, max_length: int):
+        self.swarm = swarm
+        self.max_length = max_length
+        self.session_id = uuid.uuid4().hex[:16]
+        self.hops: list[HopStream] = []
+        self.position = 0
+        self.failovers = 0  # replacements made during this session
+        self.recovery_seconds = 0.0  # time spent rerouting and replaying
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self.hops]
+
+    def _new_stream(self, hop: Hop) -> HopStream:
+        return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length)
+
+    async def _build(self, start: int, end: int, history: torch.Tensor | None) -> list[HopStream]:
+        """Route [start, end) and bring the new hops to the session's position by replay."""
+        streams = [self._new_stream(hop) for hop in await self.swarm.route(start, end)]
+        x = history
+        for s in streams:
+            if x is None:
+                continue
+            try:
+                y = await s.step(x, 0)
+            except BaseException as e:
+                for t in streams:
+                    await t.close()
+                if isinstance(e, (PollinateError, asyncio.TimeoutError, OSError)) and not isinstance(e, FATAL):
+                    self.swarm.ban(s.hop.peer, e)
+                raise
+            s.history.append(x)
+            x = y
+        return streams
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run `hidden` [batch, seq, hidden] through all blocks at the session's position."""
+        if self.position + hidden.shape[1] > self.max_length:
+            raise InvalidRequest(
+                f"session of max_length {self.max_length} cannot take {hidden.shape[1]} more tokens "
+                f"after {self.position}"
+            )
+        if not self.hops:
+            await self._reroute(0, None)
+        x, i, failures = hidden, 0, 0
+        while i < len(self.hops):
+            stream = self.hops[i]
+            try:
+                y = await stream.step(x, self.position)
+            except FATAL:
+                raise
+            except (PollinateError, asyncio.TimeoutError, OSError) as e:
+                failures += 1
+                self.swarm.ban(stream.hop.peer, e)
+                if failures > self.swarm.config.max_failovers:
+                    raise PeerUnavailable(f"gave up after {failures} failures in one step; last: {e}") from e
+                await self._reroute(i, e)
+                continue
+            stream.history.append(x)
+            self.swarm.bans.succeeded(stream.hop.peer.peer_id)
+            x, i = y, i + 1
+        self.position += hidden.shape[1]
+        return x
+
+    async def _reroute(self, index: int, error: BaseException | None) -> None:
+        """Replace hop `index` (or build the whole route when there are none yet)."""
+        t0 = time.perf_counter()
+        if error is None:
+            start, end, history = 0, self.swarm.num_blocks, None
+            old = None
+        else:
+            old = self.hops[index]
+            start, end = old.hop.start, old.hop.end
+            history = torch.cat(old.history, dim=1) if old.history else None
+            await old.close()
+        attempts = 0
+        while True:
+            try:
+                new = await self._build(start, end, history)
+                break
+            except FATAL:
+                raise
+            except (PollinateError, asyncio.TimeoutError, OSError) as e:
+                attempts += 1  # _build banned the peer that failed
+                if attempts > self.swarm.config.max_failovers:
+                    raise PeerUnavailable(f"blocks {start}:{end}: gave up after {attempts} failures; last: {e}") from e
+        if old is None:
+            self.hops = new
+        else:
+            self.hops[index:index + 1] = new
+            self.failovers += 1
+            self.recovery_seconds += time.perf_counter() - t0
+            logger.warning(
+                "session %s: blocks %d:%d moved from %s to %s (replayed %d tokens in %.2f s)",
+                self.session_id, start, end, old.hop.peer.address, " -> ".join(str(s.hop) for s in new),
+                self.position, time.perf_counter() - t0,
+            )
+
+    async def close(self) -> None:
+        hops, self.hops = self.hops, []
+        for h in hops:
+            await h.close()
+
+
+__all__ = ["HopStream", "RemoteSession", "RpcTimeout"]

@@ -1,0 +1,68 @@
+"""The client's view of the swarm: peers from the DHT, bans, routes, channels.
+
+All methods run on the client's event loop (client/worker.py). DHT lookups are blocking
+calls into hivemind's process, so they go through a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc.aio
+
+from pollinate.client.config import ClientConfig
+from pollinate.client.dht_lookup import fetch_peers
+from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
+from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.v1 import node_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class Swarm:
+    def __init__(self, *, dht, model_id: str, num_blocks: int, config: ClientConfig):
+        self.dht = dht
+        self.model_id = model_id
+        self.num_blocks = num_blocks
+        self.config = config
+        self.bans = BanList(base_s=config.ban_base_s, max_s=config.ban_max_s)
+        self._peers: list[PeerSpan] = []
+        self._fetched_at = -float("inf")
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channel_config = ChannelConfig(token=config.token)
+
+    async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
+        if refresh or time.monotonic() - self._fetched_at > self.config.peers_ttl_s:
+            self._peers = await asyncio.to_thread(
+                fetch_peers, self.dht, self.model_id, self.num_blocks, timeout_s=self.config.dht_timeout_s
+            )
+            self._fetched_at = time.monotonic()
+            logger.debug("DHT: %d peers: %s", len(self._peers), [f"{p.address}[{p.start}:{p.end}]" for p in self._peers])
+        return self._peers
+
+    async def route(self, start: int, end: int) -> list[Hop]:
+        """Cheapest chain for [start, end) among unbanned peers; re-reads the DHT once on failure."""
+        banned = self.bans.banned(time.monotonic())
+        try:
+            return find_route(await self.peers(), start, end, config=self.config.routing, banned=banned)
+        except NoRouteError:
+            peers = await self.peers(refresh=True)
+            return find_route(peers, start, end, config=self.config.routing, banned=banned)
+
+    def ban(self, peer: PeerSpan, reason: BaseException) -> None:
+        length = self.bans.ban(peer.peer_id, time.monotonic())
+        logger.warning("peer %s (%s, blocks %d:%d) failed: %s; banned for %.0f s",
+                       peer.peer_id[-8:], peer.address, peer.start, peer.end, reason, length)
+
+    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address, self._channel_config)
+        return node_pb2_grpc.NodeStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()

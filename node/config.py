@@ -1,0 +1,63 @@
+"""NodeConfig: everything `pollinate node` needs, built by node/cli.py and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pollinate.node.announce import AnnounceConfig
+from pollinate.node.sessions import SessionConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """How the span server treats requests."""
+
+    # Longest wait for the next message of an open Inference stream, seconds. A client that
+    # goes quiet longer loses the stream (its session is then closed, cache freed).
+    step_timeout_s: float = 120.0
+    # Most tokens (batch x sequence) one Forward call or one Inference step may carry;
+    # bounds a single request's compute and activation memory. 8192 x 576 fp32 = 18 MiB.
+    max_step_tokens: int = 8192
+    # Codec for replies when the request names none: the codec of the request's tensor.
+    default_reply_codec: str = ""
+    # How often idle sessions are swept, seconds.
+    sweep_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if self.max_step_tokens <= 0:
+            raise ValueError(f"max_step_tokens must be > 0, got {self.max_step_tokens}")
+        if not self.sweep_interval_s > 0:
+            raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    model: str  # "smollm2" (embedded default), a local directory or .gguf, or a hub id
+    start: int  # first hosted block
+    end: int  # one past the last hosted block
+    cache_dir: Path | None = None  # converted-model cache; None = ~/.cache/pollinate
+    host: str = "127.0.0.1"  # address the gRPC server binds and announces
+    port: int = 0  # 0 = any free port (the bound one goes to the ready file and the DHT)
+    token: str | None = field(default=None, repr=False)  # swarm token; None = no check (tests)
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join; empty = start a new DHT
+    ready_file: Path | None = None  # JSON {address, dht_maddrs, peer_id} written once serving
+    device: str = "cpu"  # torch device the span runs on
+    dtype: str = "float32"  # torch dtype the span computes in
+    throughput: float | None = None  # announced blocks/s; None = measure at startup
+    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    announce: AnnounceConfig = field(default_factory=AnnounceConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"blocks must satisfy 0 <= start < end, got {self.start}:{self.end}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.throughput is not None and not self.throughput > 0:
+            raise ValueError(f"throughput must be > 0, got {self.throughput}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")

@@ -1,0 +1,151 @@
+"""The Node gRPC service for serving: decode, call SpanServer, encode.
+
+Health, Info, Forward and Inference. Domain errors raised here or in SpanServer become
+status codes in the protocol's one table (the error-mapping interceptor installed by
+RpcServer); a bad request fails only its own call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc.aio
+import torch
+
+from pollinate.node.span_server import SpanServer
+from pollinate.protocol.errors import InvalidRequest, RpcTimeout
+from pollinate.protocol.tensors import DEFAULT_FRAMING, EncodedTensor, FramingConfig, TensorAssembler, encode_tensor
+from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+HIDDEN = "hidden_states"
+
+
+async def _encode(tensor: torch.Tensor, codec: str) -> EncodedTensor:
+    return await asyncio.to_thread(encode_tensor, tensor, codec=codec, name=HIDDEN)
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING):
+        self.server = server
+        self.throughput = throughput
+        self.framing = framing
+        self.serving = True
+
+    async def Health(self, request, context):
+        status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
+        return common_pb2.HealthReply(status=status, version=VERSION, protocol="v1")
+
+    async def Info(self, request, context):
+        s = self.server
+        return node_pb2.InfoReply(
+            span=common_pb2.Span(start=s.start, end=s.end),
+            model_id=s.model_id,
+            hidden_size=s.hidden_size,
+            dtype=str(s.compute_dtype).removeprefix("torch."),
+            throughput=self.throughput,
+            version=VERSION,
+            num_blocks=s.num_blocks,
+        )
+
+    async def _next(self, requests, what: str):
+        """The next message of a request stream, or None at its end; waits at most step_timeout_s."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.server.serving.step_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise RpcTimeout(
+                f"{what}: no message for {self.server.serving.step_timeout_s:.0f} s, closing the stream"
+            ) from None
+
+    async def Forward(self, request_iterator, context):
+        requests = aiter(request_iterator)
+        assembler = TensorAssembler(self.framing)
+        header = None
+        while True:
+            req = await self._next(requests, "Forward")
+            if req is None:
+                break
+            if header is None:
+                if not req.HasField("header"):
+                    raise InvalidRequest("Forward: the first message must carry the header")
+                header = req.header
+                self.server.check_blocks(header.blocks.start, header.blocks.end)
+                if header.job:
+                    raise InvalidRequest(f"Forward: job {header.job!r}: this node serves the base model only")
+            elif req.HasField("header"):
+                raise InvalidRequest("Forward: header sent twice")
+            if not req.HasField("tensor"):
+                continue
+            encoded = assembler.feed(req.tensor)
+            if encoded is None:
+                continue
+            if encoded.name not in ("", HIDDEN):
+                raise InvalidRequest(f"Forward: unexpected tensor {encoded.name!r}, want {HIDDEN!r}")
+            hidden = await asyncio.to_thread(encoded.decode)
+            out = await self.server.forward(hidden)
+            reply = await _encode(out, header.reply_codec or encoded.codec)
+            for chunk in reply.chunks(self.framing):
+                yield node_pb2.ForwardReply(tensor=chunk)
+        assembler.close()
+
+    async def Inference(self, request_iterator, context):
+        requests = aiter(request_iterator)
+        assembler = TensorAssembler(self.framing)
+        opened: node_pb2.InferenceOpen | None = None
+        session = None
+        step_position: int | None = None  # position carried by the chunks of the step in progress
+        try:
+            while True:
+                req = await self._next(requests, f"session {opened.session_id if opened else '?'}")
+                if req is None:
+                    break
+                if opened is None:
+                    if not req.HasField("open"):
+                        raise InvalidRequest("Inference: the first message must carry `open`")
+                    opened = req.open
+                    self.server.check_blocks(opened.blocks.start, opened.blocks.end)
+                    if opened.job:
+                        raise InvalidRequest(f"Inference: job {opened.job!r}: this node serves the base model only")
+                    if opened.max_length <= 0:
+                        raise InvalidRequest("Inference: max_length must be > 0")
+                elif req.HasField("open"):
+                    raise InvalidRequest(f"session {opened.session_id}: `open` sent twice")
+                if not req.HasField("tensor"):
+                    continue
+                if step_position is None:
+                    step_position = req.position
+                elif req.position != step_position:
+                    raise InvalidRequest(
+                        f"session {opened.session_id}: chunks of one step carry positions "
+                        f"{step_position} and {req.position}"
+                    )
+                encoded = assembler.feed(req.tensor)
+                if encoded is None:
+                    continue
+                position, step_position = step_position, None
+                hidden = await asyncio.to_thread(encoded.decode)
+                self.server.check_hidden(hidden)
+                if session is None:
+                    session = self.server.open_session(
+                        opened.session_id, max_length=opened.max_length, batch_size=hidden.shape[0]
+                    )
+                out = await self.server.step(session, hidden, position)
+                reply = await _encode(out, opened.reply_codec or encoded.codec)
+                for chunk in reply.chunks(self.framing):
+                    yield node_pb2.InferenceReply(position=position, tensor=chunk)
+            assembler.close()
+        finally:
+            if session is not None:
+                self.server.close_session(session.session_id)
+
+
+def add_to_server(rpc_server, servicer: NodeServicer) -> None:
+    rpc_server.add(node_pb2_grpc.add_NodeServicer_to_server, servicer)
+
+
+__all__ = ["NodeServicer", "add_to_server", "grpc"]

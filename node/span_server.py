@@ -1,0 +1,157 @@
+"""The node's serving domain: a loaded span, its inference sessions, and one torch worker.
+
+Plain async functions (`forward`, `open_session`, `step`) that the gRPC servicer
+(node/servicer.py) calls after decoding and whose results it encodes. Torch work runs on a
+single-thread executor, so the event loop never blocks and steps from concurrent sessions
+run one after another on the span, each with its own KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from pollinate.node.config import ServingConfig
+from pollinate.node.sessions import Session, SessionConfig, SessionManager
+from pollinate.node.span import SpanError
+from pollinate.protocol.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+
+class SpanServer:
+    """Serves blocks [span.start, span.end) of one model."""
+
+    def __init__(
+        self,
+        span,
+        *,
+        model_id: str,
+        num_blocks: int,
+        hidden_size: int,
+        serving: ServingConfig,
+        sessions: SessionConfig,
+    ):
+        self.span = span
+        self.model_id = model_id
+        self.num_blocks = num_blocks
+        self.hidden_size = hidden_size
+        self.start, self.end = span.start, span.end
+        self.serving = serving
+        self.sessions = SessionManager(sessions)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
+        self._sweeper: asyncio.Task | None = None
+        self.compute_dtype: torch.dtype = span.dtype
+
+    async def start_sweeper(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_idle())
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self.serving.sweep_interval_s)
+            self.sessions.expire_idle()
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- checks shared by Forward and Inference
+
+    def check_blocks(self, start: int, end: int) -> tuple[int, int]:
+        """A request's block range; (0, 0) means the whole span. Only the whole span is served."""
+        if (start, end) == (0, 0):
+            return self.start, self.end
+        if (start, end) != (self.start, self.end):
+            raise InvalidRequest(
+                f"this node serves blocks {self.start}:{self.end}, the request asked for {start}:{end}"
+            )
+        return start, end
+
+    def check_hidden(self, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 3:
+            raise InvalidRequest(f"hidden_states must be [batch, seq, hidden], got shape {list(hidden.shape)}")
+        if hidden.shape[-1] != self.hidden_size:
+            raise InvalidRequest(
+                f"hidden_states have hidden size {hidden.shape[-1]}, this model's is {self.hidden_size}"
+            )
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens == 0:
+            raise InvalidRequest(f"hidden_states are empty: shape {list(hidden.shape)}")
+        if tokens > self.serving.max_step_tokens:
+            raise InvalidRequest(
+                f"hidden_states carry {tokens} tokens, over this node's per-request limit "
+                f"{self.serving.max_step_tokens}"
+            )
+        if not hidden.dtype.is_floating_point:
+            raise InvalidRequest(f"hidden_states must be floating point, got {hidden.dtype}")
+
+    # ---- Forward: no cache
+
+    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.check_hidden(hidden)
+        return await self._run(self._forward_sync, hidden)
+
+    def _forward_sync(self, hidden: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.inference_mode():
+                out = self.span.forward(hidden.to(self.compute_dtype))
+        except SpanError as e:
+            raise InvalidRequest(str(e)) from e
+        return out.to(hidden.dtype)
+
+    # ---- Inference: sessions with a KV cache
+
+    def open_session(self, session_id: str, *, max_length: int, batch_size: int) -> Session:
+        limit = self.span.config.max_position_embeddings
+        if max_length > limit:
+            raise InvalidRequest(f"session {session_id}: max_length {max_length} exceeds the model's context {limit}")
+        return self.sessions.open(
+            session_id, max_length=max_length, batch_size=batch_size, start=self.start, end=self.end
+        )
+
+    async def step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        self.check_hidden(hidden)
+        session.check_step(position, hidden.shape[1], hidden.shape[0])
+        session.last_used = time.monotonic()
+        out = await self._run(self._step_sync, session, hidden, position)
+        session.position = position + hidden.shape[1]
+        session.last_used = time.monotonic()
+        return out
+
+    def _step_sync(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        try:
+            with torch.inference_mode():
+                if session.cache is None:
+                    session.cache = self.span.new_cache(session.batch_size, session.max_length)
+                position_ids = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)
+                out = self.span.forward(hidden.to(self.compute_dtype), position_ids, cache=session.cache)
+        except SpanError as e:
+            raise InvalidRequest(f"session {session.session_id}: {e}") from e
+        return out.to(hidden.dtype)
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.close(session_id)
+
+    # ---- throughput
+
+    def measure_throughput(self, *, steps: int = 8) -> float:
+        """Blocks per second for one-token steps with a warm cache (what generation does)."""
+        span = self.span
+        with torch.inference_mode():
+            cache = span.new_cache(1, 8 + steps)
+            x = torch.randn(1, 8, self.hidden_size, dtype=self.compute_dtype, device=span.device)
+            span.forward(x, cache=cache)
+            one = torch.randn(1, 1, self.hidden_size, dtype=self.compute_dtype, device=span.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                span.forward(one, cache=cache)
+            per_step = (time.perf_counter() - t0) / steps
+        return (self.end - self.start) / max(per_step, 1e-9)

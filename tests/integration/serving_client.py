@@ -1,0 +1,81 @@
+"""A client process for serving tests and chaos runs: generate through the swarm, print JSON.
+
+    python serving_client.py --model DIR --cache-dir C --initial-peers MADDR \
+        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0]
+
+With --pause-after N it prints `PAUSED <json: route>` after the N-th generated token and
+waits for a line on stdin before going on: the test kills a node in between, so the fault
+lands at a known token. The last stdout line is the result JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--cache-dir")
+    p.add_argument("--initial-peers", nargs="+", required=True)
+    p.add_argument("--prompt-ids", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--pause-after", type=int, default=0)
+    p.add_argument("--sample-seed", type=int, default=None)
+    p.add_argument("--codec", default="none")
+    p.add_argument("--token")
+    p.add_argument("--step-timeout", type=float, default=20.0)
+    args = p.parse_args()
+
+    from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
+
+    model = RemoteModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, cache_dir=args.cache_dir, token=args.token,
+        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0,
+    )
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Pause(BaseStreamer):
+        def __init__(self):
+            self.generated = 0
+            self.first = True
+
+        def put(self, value):
+            if self.first:  # the prompt
+                self.first = False
+                return
+            self.generated += 1
+            if self.generated == args.pause_after:
+                route = [[str(h.peer.address), h.start, h.end] for h in model.active_session.route]
+                print("PAUSED " + json.dumps(route), flush=True)
+                sys.stdin.readline()
+
+        def end(self):
+            pass
+
+    ids = torch.tensor([[int(x) for x in args.prompt_ids.split(",")]])
+    kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
+    if args.sample_seed is not None:
+        torch.manual_seed(args.sample_seed)
+        kwargs.update(do_sample=True, top_k=20, temperature=1.0)
+    t0 = time.perf_counter()
+    with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:
+        out = model.generate(ids, streamer=Pause() if args.pause_after else None, **kwargs)
+        result = {
+            "tokens": out[0, ids.shape[1]:].tolist(),
+            "route": [[str(h.peer.address), h.start, h.end] for h in session.route],
+            "failovers": session.failovers,
+            "recovery_s": session.recovery_seconds,
+            "seconds": time.perf_counter() - t0,
+        }
+    print(json.dumps(result), flush=True)
+    model.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
