@@ -1,0 +1,321 @@
+"""Codecs: the contract over every registered codec, stated error bounds, bad frames."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pollinate.compression import CompressionError, get_codec, registered_codecs
+from pollinate.compression.cocktail import PARAMS, CocktailConfig, random_mask
+from pollinate.compression.frame import MAX_ELEMENTS, peek_header
+from pollinate.compression.int8 import Int8Config
+
+CODECS = registered_codecs()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FAST = settings(max_examples=60, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def sample(shape, dtype, kind, seed):
+    """Heavy-tailed values (Student-t, 3 dof) at the scale ``kind`` names."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    t = torch.randn(n, generator=g) / torch.randn(3, n, generator=g).square().sum(0).div(3).sqrt()
+    big = {torch.float16: 3e4, torch.bfloat16: 1e30, torch.float32: 1e30}[dtype]
+    small = {torch.float16: 1e-6, torch.bfloat16: 1e-30, torch.float32: 1e-30}[dtype]
+    x = {"normal": t, "zeros": torch.zeros(n), "constant": torch.full((n,), -0.375),
+         "huge": torch.tanh(t) * big, "tiny": t * small}[kind]
+    return x.reshape(shape).to(dtype)
+
+
+def with_crc(frame_without_crc: bytes) -> bytes:
+    return frame_without_crc + struct.pack("<I", zlib.crc32(frame_without_crc))
+
+
+def header_len(frame: bytes) -> int:
+    id_len = frame[4]
+    return 5 + id_len + 2 + 8 * frame[6 + id_len]
+
+
+def check_roundtrip(codec, x: torch.Tensor, seed: int = 3) -> torch.Tensor:
+    y = codec.decode(codec.encode(x, seed=seed), seed=seed)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert bool(torch.isfinite(y.float()).all())
+    err = (x.float() - y.float()).abs()
+    bound = codec.error_bound(x)
+    if x.dtype != torch.float32:  # the cast back to 16 bits rounds once more
+        info = torch.finfo(x.dtype)
+        bound = bound + (x.float().abs() + bound) * info.eps + info.smallest_normal
+    assert bool((err <= bound).all()), f"max excess {float((err - bound).max())}"
+    return y
+
+
+# --- the contract, over every registered codec ---------------------------------------------
+
+@pytest.mark.parametrize("codec_id", CODECS)
+@FAST
+@given(shape=st.lists(st.integers(0, 9), max_size=3).map(tuple),
+       dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(["normal", "zeros", "constant", "huge", "tiny"]),
+       seed=st.integers(0, 2**16))
+def test_roundtrip_keeps_shape_dtype_and_bound(codec_id, shape, dtype, kind, seed):
+    codec = get_codec(codec_id)
+    x = sample(shape, dtype, kind, seed)
+    if codec_id == "fp16" and x.numel() and float(x.float().abs().max()) > 65504:
+        with pytest.raises(CompressionError, match="fp16's range"):
+            codec.encode(x)
+        return
+    check_roundtrip(codec, x, seed=seed)
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_encode_rejects_nan_and_inf(codec_id, bad):
+    x = torch.randn(300)
+    x[17] = bad
+    with pytest.raises(CompressionError, match="NaN/Inf"):
+        get_codec(codec_id).encode(x)
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+def test_every_prefix_of_a_frame_is_rejected(codec_id):
+    codec = get_codec(codec_id)
+    frame = codec.encode(torch.randn(4, 50), seed=2)
+    for cut in range(len(frame)):
+        with pytest.raises(CompressionError):
+            codec.decode(frame[:cut])
+    with pytest.raises(CompressionError, match="trailing|header implies|CRC"):
+        codec.decode(frame + b"\0")
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+def test_frame_of_another_codec_is_rejected(codec_id):
+    other = next(c for c in CODECS if c != codec_id)
+    frame = get_codec(other).encode(torch.randn(10))
+    with pytest.raises(CompressionError, match=f"encoded by codec '{other}'"):
+        get_codec(codec_id).decode(frame)
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+def test_header_shape_must_match_body(codec_id):
+    codec = get_codec(codec_id)
+    frame = bytearray(codec.encode(torch.randn(1000), seed=1))
+    shape_at = header_len(frame) - 8
+    for claimed in (999, 1001, 2000, 2**29):
+        frame[shape_at:shape_at + 8] = struct.pack("<Q", claimed)
+        with pytest.raises(CompressionError):
+            codec.decode(bytes(frame))
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+def test_absurd_shape_is_rejected_before_allocation(codec_id):
+    codec = get_codec(codec_id)
+    frame = bytearray(codec.encode(torch.randn(8, 8)))
+    shape_at = header_len(frame) - 16
+    frame[shape_at:shape_at + 16] = struct.pack("<QQ", 2**40, 2**40)
+    with pytest.raises(CompressionError, match="above the limit"):
+        codec.decode(bytes(frame))
+    with pytest.raises(CompressionError, match="above the limit"):
+        peek_header(bytes(frame))
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+def test_bad_magic_version_dtype_and_ndim(codec_id):
+    codec = get_codec(codec_id)
+    frame = codec.encode(torch.randn(5))
+    id_end = 5 + frame[4]
+    cases = {"magic": b"XYZ" + frame[3:], "version": frame[:3] + b"\x09" + frame[4:],
+             "dtype code": frame[:id_end] + b"\xee" + frame[id_end + 1:],
+             "dims": frame[:id_end + 1] + b"\xff" + frame[id_end + 2:]}
+    for what, bad in cases.items():
+        with pytest.raises(CompressionError):
+            codec.decode(bad)
+    with pytest.raises(CompressionError):
+        codec.decode("not bytes")
+
+
+@pytest.mark.parametrize("codec_id", CODECS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_corrupted_frames_decode_or_raise_compression_error(codec_id, data):
+    codec = get_codec(codec_id)
+    frame = bytearray(codec.encode(torch.randn(3, 70) * 5, seed=4))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(frame) - 1))
+        frame[at] = data.draw(st.integers(0, 255))
+    try:
+        y = codec.decode(bytes(frame), max_elements=10_000)
+    except CompressionError:
+        return
+    assert y.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or \
+        codec_id == "none"
+    if y.is_floating_point() and codec_id != "none":
+        assert bool(torch.isfinite(y).all())
+
+
+@settings(max_examples=100, deadline=None)
+@given(junk=st.binary(max_size=200), codec_id=st.sampled_from(CODECS))
+def test_random_bytes_raise_compression_error_only(junk, codec_id):
+    with pytest.raises(CompressionError):
+        get_codec(codec_id).decode(b"PLC\x01" + junk if junk[:1] == b"x" else junk)
+
+
+# --- registry and configs -------------------------------------------------------------------
+
+def test_registry_errors_are_compression_errors():
+    assert {"none", "fp16", "int8", "cocktail"} <= set(CODECS)
+    with pytest.raises(CompressionError, match="unknown codec 'zip'"):
+        get_codec("zip")
+    with pytest.raises(CompressionError, match="bits must be an int in \\[1, 8\\], got 9"):
+        get_codec("cocktail", bits=9)
+    with pytest.raises(CompressionError, match="codec 'none'"):
+        get_codec("none", p=0.1)
+
+
+@pytest.mark.parametrize("field,value", [("p", 0.0), ("p", 1.5), ("p", 1e-6), ("k", 0),
+                                         ("k", 2.0), ("bits", 0), ("bits", 9), ("bits", 4.0),
+                                         ("bucket", 0), ("zstd_level", 0),
+                                         ("sample_size", 10)])
+def test_cocktail_config_names_the_bad_value(field, value):
+    with pytest.raises(ValueError, match=f"{field} .*{value!r}"):
+        CocktailConfig(**{field: value})
+
+
+def test_int8_config_rejects_bad_block():
+    with pytest.raises(ValueError, match="block .*0"):
+        Int8Config(block=0)
+
+
+# --- per-codec claims -----------------------------------------------------------------------
+
+def test_none_is_bit_exact_for_every_dtype():
+    codec = get_codec("none")
+    for x in (torch.randn(3, 4).to(torch.bfloat16), torch.arange(-5, 5), torch.tensor(True),
+              torch.randn(2, 0, 3), torch.randn(7, dtype=torch.float64)):
+        y = codec.decode(codec.encode(x))
+        assert y.dtype == x.dtype and y.shape == x.shape and torch.equal(y, x)
+
+
+def test_lossy_codecs_refuse_integer_tensors():
+    for codec_id in ("fp16", "int8", "cocktail"):
+        with pytest.raises(CompressionError, match="cannot encode torch.int64"):
+            get_codec(codec_id).encode(torch.arange(10))
+
+
+def test_fp16_decoder_rejects_inf_in_frame():
+    codec = get_codec("fp16")
+    frame = bytearray(codec.encode(torch.ones(4)))
+    frame[-2:] = np.float16(np.inf).tobytes()
+    with pytest.raises(CompressionError, match="NaN/Inf"):
+        codec.decode(bytes(frame))
+
+
+def test_int8_decoder_rejects_bad_scale_and_code():
+    codec = get_codec("int8")
+    frame = codec.encode(torch.randn(10))
+    body = header_len(frame) + 4
+    nan_scale = frame[:body] + np.float32(np.nan).tobytes() + frame[body + 4:]
+    with pytest.raises(CompressionError, match="scales"):
+        codec.decode(nan_scale)
+    with pytest.raises(CompressionError, match="-128"):
+        codec.decode(frame[:-1] + b"\x80")
+
+
+def test_cocktail_full_mask_8_bits_is_near_lossless():
+    codec = get_codec("cocktail", p=1.0, k=1.0, bits=8)
+    # rows are buckets (128 values each), of scales six orders of magnitude apart
+    x = torch.randn(100, 128) * torch.logspace(-3, 3, 100).unsqueeze(1)
+    y = codec.decode(codec.encode(x))
+    per_bucket = x.abs().amax(dim=1, keepdim=True)
+    assert bool(((x - y).abs() <= per_bucket / 254 * (1 + 1e-5)).all())
+    assert float(((x - y).norm(dim=1) / x.norm(dim=1)).max()) < 1e-2  # every scale alike
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_cocktail_every_bit_width_meets_its_step_bound(bits):
+    x = sample((64, 32), torch.float32, "normal", bits)  # rows = buckets of 32
+    y = check_roundtrip(get_codec("cocktail", p=1.0, k=1.0, bits=bits, bucket=32), x)
+    if bits >= 2:  # every value kept: off by at most half a step of its bucket
+        step = x.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert bool(((x - y).abs() <= step / 2 * (1 + 1e-5)).all())
+    else:  # sign x mean magnitude per bucket
+        assert torch.equal(torch.sign(y), torch.sign(x))
+        assert torch.allclose(y.abs(), x.abs().mean(dim=1, keepdim=True).expand_as(x))
+
+
+def test_cocktail_keeps_about_p_times_k_inside_the_seeded_mask():
+    n, seed = 400_000, 11
+    codec = get_codec("cocktail")  # p=0.1, k=0.2
+    x = sample((n,), torch.float32, "normal", 0)
+    frame = codec.encode(x, seed=seed)
+    y = codec.decode(frame, seed=seed)
+    support = torch.nonzero(y).squeeze(1).numpy()
+    assert abs(support.size / (0.1 * 0.2 * n) - 1) < 0.1
+    assert np.isin(support, random_mask(n, 0.1, seed)).all()
+    kept = x[torch.from_numpy(support)].abs()
+    masked = x[torch.from_numpy(random_mask(n, 0.1, seed))].abs()
+    assert float(kept.min()) >= float(masked.quantile(0.75))  # the largest ~20% of the mask
+    assert codec.encode(x, seed=seed) == frame  # deterministic
+    other = codec.decode(codec.encode(x, seed=seed + 1))
+    assert not torch.equal(other != 0, y != 0)
+    assert 4 * n / len(frame) >= 100
+    with pytest.raises(CompressionError, match="seed 11, expected 12"):
+        codec.decode(frame, seed=12)
+
+
+def test_cocktail_sparse_frames_use_delta_coded_positions():
+    x = sample((200_000,), torch.float32, "normal", 5)
+    dense, sparse = get_codec("cocktail"), get_codec("cocktail", k=0.01)
+    mode_at = lambda f: header_len(f) + struct.calcsize("<" + PARAMS) - 2  # noqa: E731
+    f_dense, f_sparse = dense.encode(x), sparse.encode(x)
+    assert (f_dense[mode_at(f_dense)], f_sparse[mode_at(f_sparse)]) == (0, 1)
+    check_roundtrip(sparse, x)
+    assert int((sparse.decode(f_sparse) != 0).sum()) == pytest.approx(0.1 * 0.01 * 2e5, rel=0.3)
+
+
+def test_cocktail_decoder_validates_parameters_before_decompressing():
+    codec = get_codec("cocktail")
+    frame = codec.encode(torch.randn(5000), seed=3)
+    at = header_len(frame)
+    size = struct.calcsize("<" + PARAMS)
+    p, k, bits, bucket, seed, m, kept, mode, width = struct.unpack("<" + PARAMS,
+                                                                    frame[at:at + size])
+
+    def patched(**change):  # a well-formed frame (valid CRC) with one field changed
+        fields = dict(p=p, k=k, bits=bits, bucket=bucket, seed=seed, m=m, kept=kept,
+                      mode=mode, width=width) | change
+        return with_crc(frame[:at] + struct.pack("<" + PARAMS, *fields.values())
+                        + frame[at + size:-4])
+
+    for change, message in [({"bits": 0}, "bits=0"), ({"bits": 9}, "bits=9"),
+                            ({"p": 2.0}, "p=2.0"), ({"p": math.nan}, "p=nan"),
+                            ({"k": 0.0}, "k=0.0"), ({"bucket": 0}, "bucket=0"),
+                            ({"kept": m + 1}, "kept of"), ({"m": 4000}, "mask of 4000"),
+                            ({"mode": 7}, "index mode"), ({"kept": kept - 1}, "declares"),
+                            ({"seed": seed + 1}, "mask for seed|bitmap marks")]:
+        with pytest.raises(CompressionError, match=message):
+            codec.decode(patched(**change))
+
+    payload = bytearray(zstandard.ZstdDecompressor().decompress(frame[at + size:-4]))
+    payload[math.ceil(m / 8):math.ceil(m / 8) + 4] = np.float32(-1).tobytes()
+    with pytest.raises(CompressionError, match="scales"):
+        codec.decode(with_crc(frame[:at + size] + zstandard.ZstdCompressor().compress(payload)))
+    with pytest.raises(CompressionError, match="CRC-32"):
+        codec.decode(frame[:-5] + bytes([frame[-5] ^ 1]) + frame[-4:])
+
+
+def test_max_elements_bounds_what_a_frame_may_claim():
+    codec = get_codec("cocktail")
+    frame = codec.encode(torch.zeros(100_000))
+    assert len(frame) < 200  # a big tensor of zeros is a legitimately tiny frame ...
+    with pytest.raises(CompressionError, match="above the limit 1000"):
+        codec.decode(frame, max_elements=1000)  # ... so the receiver's limit is what bounds it
+    assert MAX_ELEMENTS == 1 << 30
