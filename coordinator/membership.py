@@ -127,6 +127,9 @@ class Membership:
         self.members: dict[str, Member] = {}
         self._by_address: dict[str, str] = {}
         self._per_source: dict[str, int] = {}
+        # Per-block assigned throughput, kept up to date on every change so a join costs
+        # O(num_blocks) instead of a pass over all members; rebuilt by rebalance().
+        self._load = [0.0] * config.num_blocks
         # joins, heartbeats, leaves, evictions, moves: for /metrics.
         self.counters: Counter[str] = Counter()
 
@@ -189,14 +192,17 @@ class Membership:
                 )
 
         old = self.members.get(replaced) if replaced else None
-        others = [m.placement() for mid, m in self.members.items() if mid != replaced]
         pinned = params.requested_span is not None
         if pinned:
             span = params.requested_span
         elif params.current_span is not None and params.current_span.length <= capacity:
             span = params.current_span
         else:
-            span = best_window(block_throughputs(others, cfg.num_blocks), capacity)
+            load = list(self._load)
+            if old is not None:  # its ghost's blocks are about to be freed
+                for i in range(old.span.start, old.span.end):
+                    load[i] -= old.throughput
+            span = best_window(load, capacity)
 
         record = MemberRecord(
             member_id=uuid.uuid4().hex[:16], address=params.address,
@@ -232,6 +238,7 @@ class Membership:
         if throughput:
             if not (math.isfinite(throughput) and throughput > 0):
                 raise InvalidRequest(f"throughput must be a positive number, got {throughput!r}")
+            self._add_load(member.span, throughput - member.throughput)
             member.throughput = throughput
         member.lease_deadline = self.clock() + self.config.lease_s
         self.counters["heartbeats"] += 1
@@ -268,6 +275,7 @@ class Membership:
         if holes_only and not self.holes():
             return []
         placements = {mid: m.placement() for mid, m in self.members.items()}
+        self._load = block_throughputs(placements.values(), cfg.num_blocks)  # drop float drift
         moves = plan_moves(placements, cfg.num_blocks, margin=cfg.rebalance_margin,
                            max_moves=cfg.max_moves_per_check)
         if not moves:
@@ -283,7 +291,10 @@ class Membership:
             member = self.members[move.member_id]
             reason = (f"blocks {bare} lost their last replica" if move.before.holes else
                       f"weakest block {move.before.weakest:.1f} -> {move.after.weakest:.1f} tok/s")
-            member.span = final[move.member_id]
+            if member.span != final[move.member_id]:
+                self._add_load(member.span, -member.throughput)
+                member.span = final[move.member_id]
+                self._add_load(member.span, member.throughput)
             member.move_reason = reason
             logger.info("member %s moves %s -> %s: %s; epoch %d", move.member_id, move.old,
                         move.new, reason, epoch)
@@ -292,8 +303,7 @@ class Membership:
     # ---- views ------------------------------------------------------------------------
 
     def block_throughputs(self) -> list[float]:
-        return block_throughputs((m.placement() for m in self.members.values()),
-                                 self.config.num_blocks)
+        return [t if t > 1e-9 else 0.0 for t in self._load]
 
     def block_replicas(self) -> list[int]:
         counts = [0] * self.config.num_blocks
@@ -320,7 +330,12 @@ class Membership:
             logger.warning("blocks %s have no replica; rebalancing", _ranges(bare))
             self.rebalance()
 
+    def _add_load(self, span: Span, delta: float) -> None:
+        for i in range(span.start, span.end):
+            self._load[i] += delta
+
     def _insert(self, member: Member) -> None:
+        self._add_load(member.span, member.throughput)
         self.members[member.member_id] = member
         self._by_address[member.record.address] = member.member_id
         src = member.record.source_host
@@ -328,6 +343,7 @@ class Membership:
 
     def _remove(self, member_id: str) -> Member:
         member = self.members.pop(member_id)
+        self._add_load(member.span, -member.throughput)
         if self._by_address.get(member.record.address) == member_id:
             del self._by_address[member.record.address]
         src = member.record.source_host
