@@ -4,6 +4,7 @@ CoordinatorClient), on loopback. Faults are named: kill(node_c), kill(coordinato
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import urllib.request
@@ -65,6 +66,13 @@ def test_nodes_cover_the_model_and_a_killed_node_is_evicted_and_replaced(tmp_pat
         assert nodes[0].info["dht_initial_peers"] == coord.info["dht_initial_peers"]
         before = status(coord)
         assert before["holes"] == [] and len(before["members"]) == 4 and before["epoch"] == 4
+        table = subprocess.run(
+            [sys.executable, "-m", "pollinate", "status", "--coordinator", coord.info["grpc"],
+             "--token-file", str(tmp_path / "token")],
+            capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0, table.stderr
+        assert "epoch 4, 4 nodes" in table.stdout and "every block is served" in table.stdout
+        assert all(n.info["member_id"] in table.stdout for n in nodes)
 
         victim = next(n for n in nodes if n.info["span"] == [20, 30])  # its only replica
         doubles = {n.info["member_id"] for n in nodes if n.info["span"] == [0, 10]}

@@ -1,0 +1,115 @@
+"""`pollinate status --coordinator HOST:PORT`: the swarm at a glance.
+
+Asks the coordinator's Status RPC and prints a table of nodes (id, address, span, state,
+last heartbeat, throughput) and per-block coverage, holes highlighted. `--json` prints the
+reply as JSON instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+TOKEN_ENV = "POLLINATE_TOKEN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", required=True, metavar="HOST:PORT",
+                        help="the coordinator's gRPC address")
+    parser.add_argument("--token-file", type=Path,
+                        help=f"file holding the swarm token (or set ${TOKEN_ENV})")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the coordinator (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
+def _color(enabled: bool):
+    def paint(text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if enabled else text
+    return paint
+
+
+def format_status(reply, *, now: float, color: bool = False) -> str:
+    """The human-readable report for a StatusReply."""
+    paint = _color(color)
+    lines = [
+        f"swarm of {reply.model_id} ({reply.num_blocks} blocks), epoch {reply.epoch}, "
+        f"{len(reply.members)} nodes",
+    ]
+    if reply.dht_initial_peers:
+        lines.append(f"DHT bootstrap: {reply.dht_initial_peers[0]}")
+    lines.append("")
+    header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S")
+    rows = []
+    for m in reply.members:
+        beat = f"{max(0.0, now - m.last_heartbeat_at):.1f}s ago" if m.last_heartbeat_at else "-"
+        state = m.state + (" pinned" if m.pinned else "")
+        rows.append((m.member_id, m.address, f"{m.span.start}:{m.span.end}", state, beat,
+                     f"{m.throughput:.1f}"))
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if not rows:
+        lines.append("(no nodes)")
+    lines.append("")
+    lines.append("coverage per block (replicas, tok/s):")
+    holes = []
+    top = max([b.throughput for b in reply.blocks] + [1e-9])
+    for b in reply.blocks:
+        bar = "#" * max(1, round(20 * b.throughput / top)) if b.replicas else ""
+        text = f"  {b.block:>3}  {b.replicas:>3}  {b.throughput:>9.1f}  {bar}"
+        if b.replicas == 0:
+            holes.append(b.block)
+            text = paint(text + "  <- HOLE", "1;31")
+        lines.append(text)
+    lines.append("")
+    if holes:
+        lines.append(paint(f"{len(holes)} blocks have no replica: {', '.join(map(str, holes))}",
+                           "1;31"))
+    else:
+        lines.append("every block is served")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from google.protobuf.json_format import MessageToDict
+
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.errors import PollinateError, translate_rpc_errors
+    from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(f"pollinate status: no swarm token; pass --token-file or set ${TOKEN_ENV}",
+              file=sys.stderr)
+        return 2
+
+    async def fetch():
+        channel = open_channel(args.coordinator, ChannelConfig(token=token))
+        try:
+            with translate_rpc_errors(peer=args.coordinator):
+                return await coordinator_pb2_grpc.CoordinatorStub(channel).Status(
+                    coordinator_pb2.StatusRequest(), timeout=args.timeout)
+        finally:
+            await channel.close()
+
+    try:
+        reply = asyncio.run(fetch())
+    except PollinateError as e:
+        print(f"pollinate status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=1))
+    else:
+        print(format_status(reply, now=time.time(), color=sys.stdout.isatty()))
+    return 0
