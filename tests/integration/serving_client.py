@@ -1,7 +1,7 @@
 """A client process for serving tests and chaos runs: generate through the swarm, print JSON.
 
     python serving_client.py --model DIR --cache-dir C --initial-peers MADDR \
-        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0]
+        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)]
 
 With --pause-after N it prints `PAUSED <json: route>` after the N-th generated token and
 waits for a line on stdin before going on: the test kills a node in between, so the fault
@@ -59,9 +59,6 @@ def main() -> int:
 
     ids = torch.tensor([[int(x) for x in args.prompt_ids.split(",")]])
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
-    if args.sample_seed is not None:
-        torch.manual_seed(args.sample_seed)
-        kwargs.update(do_sample=True, top_k=20, temperature=1.0)
     t0 = time.perf_counter()
     with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:
         out = model.generate(ids, streamer=Pause() if args.pause_after else None, **kwargs)
@@ -72,6 +69,10 @@ def main() -> int:
             "recovery_s": session.recovery_seconds,
             "seconds": time.perf_counter() - t0,
         }
+    if args.sample_seed is not None:  # a second, sampled generation (its own session)
+        torch.manual_seed(args.sample_seed)
+        out = model.generate(ids, **{**kwargs, "do_sample": True, "top_k": 20, "temperature": 1.0})
+        result["sampled_tokens"] = out[0, ids.shape[1]:].tolist()
     print(json.dumps(result), flush=True)
     model.shutdown()
     return 0

@@ -1,0 +1,42 @@
+"""Arguments shared by `pollinate generate` and `pollinate chat`, and the model they build."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (not wired yet: use --initial-peers)")
+    p.add_argument("--token-file", type=Path, help="file holding the swarm token")
+    p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
+    p.add_argument("--codec", default="fp16", help="hidden states on the wire: fp16 (default), none (fp32)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sample")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")
+    p.add_argument("--verbose", dest="show_route", action="store_true", help="print the route used")
+
+
+def load_model(args: argparse.Namespace):
+    from pollinate.client.remote_model import RemoteModelForCausalLM
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return RemoteModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
+        cache_dir=args.cache_dir, wire_codec=args.codec,
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    if args.temperature > 0:
+        return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    return {"do_sample": False}
+
+
+def print_route(session) -> None:
+    hops = " -> ".join(str(h) for h in session.route)
+    extra = f", {session.failovers} failover(s), {session.recovery_seconds:.2f} s recovering" if session.failovers else ""
+    print(f"[route: {hops}{extra}]", file=sys.stderr, flush=True)

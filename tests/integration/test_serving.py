@@ -1,0 +1,217 @@
+"""Serving with real processes on loopback: nodes host the tiny model's spans, clients generate.
+
+Swarm (module-scoped): A [0:1] (DHT bootstrap), B1 and B2 [1:3] (replicas), C [3:4].
+Clients run as their own processes (tests/integration/serving_client.py): a hivemind DHT
+forks, and it must do so before any gRPC object exists in the process. fp32 on the wire,
+so remote tokens must equal the local model's exactly. The SIGKILL test runs last: it
+takes a replica away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from procs import ProcGroup  # tests/integration is on sys.path (pytest rootdir-less import)
+
+CLIENT = Path(__file__).with_name("serving_client.py")
+PROMPT = [1, 5, 9, 33, 70]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, tiny_model_dir, tiny_model_files, tiny_cache_dir):
+    work = tmp_path_factory.mktemp("serving")
+    group = ProcGroup(work)
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tiny_cache_dir), "--torch-threads", "1"]
+    try:
+        a = group.start("A", ["node", "--blocks", "0:1", "--throughput", "100", *common])
+        group.wait_ready([a], timeout=90)
+        peers = ["--initial-peers", a.info["dht_maddrs"][0]]
+        b1 = group.start("B1", ["node", "--blocks", "1:3", "--throughput", "100", *common, *peers])
+        b2 = group.start("B2", ["node", "--blocks", "1:3", "--throughput", "100", *common, *peers])
+        c = group.start("C", ["node", "--blocks", "3:4", "--throughput", "100", *common, *peers])
+        group.wait_ready([b1, b2, c], timeout=120)
+        yield {"group": group, "A": a, "B1": b1, "B2": b2, "C": c, "maddr": a.info["dht_maddrs"][0],
+               "common": common, "model": str(tiny_model_dir), "cache": str(tiny_cache_dir)}
+    except BaseException:
+        print(group.dump_logs(), file=sys.stderr)
+        raise
+    finally:
+        group.stop_all()
+
+
+def client_cmd(swarm, prompt, *extra) -> list[str]:
+    return [sys.executable, str(CLIENT), "--model", swarm["model"], "--cache-dir", swarm["cache"],
+            "--initial-peers", swarm["maddr"], "--prompt-ids", ",".join(map(str, prompt)),
+            "--max-new-tokens", str(NEW_TOKENS), *extra]
+
+
+def start_client(swarm, prompt, *extra) -> subprocess.Popen:
+    return subprocess.Popen(client_cmd(swarm, prompt, *extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, swarm, timeout=120) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise AssertionError(f"client failed ({proc.returncode}):\n{err[-3000:]}\n{swarm['group'].dump_logs()}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_paused(proc: subprocess.Popen) -> list:
+    line = proc.stdout.readline()
+    assert line.startswith("PAUSED "), f"client said {line!r}; stderr: {proc.stderr.read()[-3000:]}"
+    return json.loads(line[len("PAUSED "):])
+
+
+def local_generate(model, prompt, *, sample_seed=None) -> list[int]:
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    if sample_seed is not None:
+        torch.manual_seed(sample_seed)
+        kwargs.update(do_sample=True, top_k=20, temperature=1.0)
+    with torch.inference_mode():
+        return model.generate(ids, **kwargs)[0, len(prompt):].tolist()
+
+
+def test_remote_greedy_and_sampling_equal_local(swarm, tiny_reference_model):
+    greedy = finish(start_client(swarm, PROMPT, "--sample-seed", "7"), swarm)
+    assert greedy["tokens"] == local_generate(tiny_reference_model, PROMPT)
+    assert [h[1:] for h in greedy["route"]] == [[0, 1], [1, 3], [3, 4]]
+    assert greedy["failovers"] == 0
+    assert greedy["sampled_tokens"] == local_generate(tiny_reference_model, PROMPT, sample_seed=7)
+    assert greedy["sampled_tokens"] != greedy["tokens"]
+
+
+def test_two_concurrent_clients_stay_independent(swarm, tiny_reference_model):
+    other = [1, 200, 17, 4]
+    p1 = start_client(swarm, PROMPT, "--pause-after", "3")
+    p2 = start_client(swarm, other, "--pause-after", "3")
+    # Both sessions are open on the nodes at once, with caches at different positions.
+    wait_paused(p1)
+    wait_paused(p2)
+    for p in (p1, p2):
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    r1, r2 = finish(p1, swarm), finish(p2, swarm)
+    assert r1["tokens"] == local_generate(tiny_reference_model, PROMPT)
+    assert r2["tokens"] == local_generate(tiny_reference_model, other)
+
+
+def test_node_refusing_session_for_memory_is_skipped(swarm, tiny_reference_model):
+    group = swarm["group"]
+    # Announces a far higher throughput, so routing tries it first; 4 cache tokens refuse
+    # any session of PROMPT + NEW_TOKENS.
+    greedy = group.start("G", ["node", "--blocks", "1:3", "--throughput", "1000000", "--cache-tokens", "4",
+                               *swarm["common"], "--initial-peers", swarm["maddr"]])
+    try:
+        group.wait_ready([greedy], timeout=120)
+        result = finish(start_client(swarm, PROMPT), swarm)
+        assert result["tokens"] == local_generate(tiny_reference_model, PROMPT)
+        assert result["route"][1][0] in (swarm["B1"].info["address"], swarm["B2"].info["address"])
+        # refused on the first step: one reroute, with nothing to replay
+        assert result["failovers"] == 1
+        assert "RESOURCE_EXHAUSTED" in greedy.log_path.read_text()
+    finally:
+        assert greedy.stop() == 0  # graceful: announces offline, exits 0
+    assert "announced offline" in greedy.log_path.read_text()
+
+
+async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_model_files):
+    import grpc
+
+    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.tensors import encode_tensor
+    from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+    address = swarm["C"].info["address"]
+    channel = open_channel(address)
+    stub = node_pb2_grpc.NodeStub(channel)
+
+    def step(t, position, open_=None):
+        chunks = list(encode_tensor(t, codec="none", name="hidden_states").chunks())
+        reqs = [node_pb2.InferenceRequest(position=position, tensor=c) for c in chunks]
+        if open_ is not None:
+            reqs[0].open.CopyFrom(open_)
+        return reqs
+
+    async def session(*steps):
+        call = stub.Inference()
+        for reqs in steps:
+            for r in reqs:
+                await call.write(r)
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                break
+        await call.done_writing()
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as e:
+            return e.code(), e.details()
+        return await call.code(), await call.details()
+
+    op = node_pb2.InferenceOpen(session_id="bad", max_length=4, blocks=common_pb2.Span(start=3, end=4))
+    try:
+        code, msg = await session(step(torch.randn(1, 2, 63), 0, op))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "hidden size 63" in msg
+        code, msg = await session(step(torch.randn(1, 2, 64), 0, op), step(torch.randn(1, 1, 64), 5))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "position 5 does not follow the 2 tokens" in msg
+        code, msg = await session(step(torch.randn(1, 3, 64), 0, op), step(torch.randn(1, 2, 64), 3))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceed the declared max_length 4" in msg
+        code, msg = await session(step(torch.randn(1, 1, 64), 0, None))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "first message must carry `open`" in msg
+        wrong = node_pb2.InferenceOpen(session_id="w", max_length=4, blocks=common_pb2.Span(start=1, end=3))
+        code, msg = await session(step(torch.randn(1, 1, 64), 0, wrong))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "serves blocks 3:4" in msg
+        # an oversized message is refused by the transport's limit, before any handler runs
+        big = node_pb2.InferenceRequest(open=op, tensor=common_pb2.Tensor(data=b"x" * (3 << 20)))
+        call = stub.Inference()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call.write(big)
+            await call.read()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        # still serving, and Forward equals the same block run locally
+        health = await stub.Health(common_pb2.HealthRequest(), timeout=10)
+        assert health.status == common_pb2.HealthReply.SERVING
+        x = torch.randn(2, 5, 64)
+        call = stub.Forward()
+        chunks = list(encode_tensor(x, codec="none", name="hidden_states").chunks())
+        await call.write(node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(), tensor=chunks[0]))
+        await call.done_writing()
+        from pollinate.protocol.tensors import chunks_to_tensor
+
+        got = chunks_to_tensor([r.tensor async for r in call])
+        with torch.inference_mode():
+            want = tiny_model_files.load_span(3, 4)(x)
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    finally:
+        await channel.close()
+
+
+def test_sigkill_of_replica_in_use_after_5th_token_keeps_tokens(swarm, tiny_reference_model):
+    proc = start_client(swarm, PROMPT, "--pause-after", "5")
+    route = wait_paused(proc)
+    in_use = route[1][0]
+    victim = next(swarm[n] for n in ("B1", "B2") if swarm[n].info["address"] == in_use)
+    survivor = next(swarm[n] for n in ("B1", "B2") if swarm[n] is not victim)
+    victim.kill()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    result = finish(proc, swarm)
+    assert result["tokens"] == local_generate(tiny_reference_model, PROMPT)
+    assert result["failovers"] == 1
+    assert result["route"][1] == [survivor.info["address"], 1, 3]
+    assert [h[0] for h in result["route"]][::2] == [swarm["A"].info["address"], swarm["C"].info["address"]]
