@@ -54,7 +54,7 @@ async def load(args: argparse.Namespace) -> dict:
     async def join(i: int) -> tuple[str, "coordinator_pb2.JoinReply"]:
         async with sem:
             reply = await stubs[i % len(stubs)].Join(coordinator_pb2.JoinRequest(
-                address=f"10.{i // 65000}.{(i // 250) % 250}.{i % 250 + 1}:7000",
+                address=f"10.{args.worker_index}.{(i // 250) % 250}.{i % 250 + 1}:7000",
                 capacity_blocks=1 + i % 12, throughput=10.0 + i % 7, name=f"sim{i}"),
                 metadata=meta, timeout=30)
             return reply.member_id, reply
@@ -65,7 +65,7 @@ async def load(args: argparse.Namespace) -> dict:
     all_joined = asyncio.Event()
     joined_count = 0
     window: dict[str, float] = {}  # start, stop: the measured interval (loop time)
-    victim = 0
+    victim = 0 if args.worker_index == 0 else -1  # worker 0's node 0 goes silent at the end
     state = {"epoch": 0, "silent_since": None, "bumped_at": None, "period": 1.0, "lease": 5.0}
 
     async def node(i: int) -> None:
@@ -122,10 +122,21 @@ async def load(args: argparse.Namespace) -> dict:
     detect = bumped - silent if silent is not None and bumped is not None else None
     for c in channels:
         await c.close()
-    latencies.sort()
+    return {"latencies": latencies, "errors": errors, "failure_detect_s": detect,
+            "lease_s": lease, "join_s": join_s}
+
+
+def merge(results: list[dict], args: argparse.Namespace) -> dict:
+    latencies = sorted(x for r in results for x in r["latencies"])
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    detect = results[0]["failure_detect_s"]
     return {
         "nodes": args.nodes,
         "duration_s": args.duration,
+        "load_processes": args.load_procs,
         "heartbeats": len(latencies),
         "heartbeats_per_s": round(len(latencies) / args.duration, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1e3, 2),
@@ -133,8 +144,8 @@ async def load(args: argparse.Namespace) -> dict:
         "max_ms": round(latencies[-1] * 1e3, 2) if latencies else None,
         "errors": errors,
         "failure_detect_s": round(detect, 3) if detect is not None else None,
-        "lease_s": lease,
-        "join_s": round(join_s, 2),
+        "lease_s": results[0]["lease_s"],
+        "join_s": round(max(r["join_s"] for r in results), 2),
     }
 
 
@@ -173,16 +184,24 @@ def drive(args: argparse.Namespace) -> dict:
         try:
             target = wait_ready(ready, coord, timeout=120)["grpc"]
             cpu0, wall0 = cpu_seconds(coord.pid), time.monotonic()
-            worker = subprocess.run(
-                [sys.executable, __file__, "--worker", "--target", target,
-                 "--nodes", str(args.nodes), "--duration", str(args.duration),
-                 "--channels", str(args.channels)],
-                capture_output=True, text=True, timeout=args.duration + args.lease + 300,
-            )
+            share = args.nodes // args.load_procs
+            workers = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", "--target", target,
+                     "--worker-index", str(k), "--duration", str(args.duration),
+                     "--nodes", str(share + (args.nodes % args.load_procs if k == 0 else 0)),
+                     "--channels", str(args.channels)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for k in range(args.load_procs)
+            ]
+            outputs = []
+            for w in workers:
+                out, err = w.communicate(timeout=args.duration + args.lease + 300)
+                if w.returncode != 0:
+                    raise RuntimeError(f"load process failed:\n{err[-3000:]}")
+                outputs.append(json.loads(out.strip().splitlines()[-1]))
             cpu = (cpu_seconds(coord.pid) - cpu0) / (time.monotonic() - wall0)
-            if worker.returncode != 0:
-                raise RuntimeError(f"load process failed:\n{worker.stderr[-3000:]}")
-            result = json.loads(worker.stdout.strip().splitlines()[-1])
+            result = merge(outputs, args)
             result["coordinator_cpu_pct"] = round(100 * cpu, 1)
             result["machine_cpus"] = os.cpu_count()
             return result
@@ -208,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-period", type=float, default=1.0)
     parser.add_argument("--lease", type=float, default=5.0)
     parser.add_argument("--channels", type=int, default=8, help="gRPC connections of the load process")
+    parser.add_argument("--load-procs", type=int, default=2,
+                        help="load processes sharing the nodes (one Python process cannot "
+                             "drive 2000 RPC/s on this machine)")
     parser.add_argument("--no-dht", action="store_true", help="skip the bootstrap DHT peer")
+    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -217,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.nodes, args.duration, args.lease, args.no_dht = 200, 3.0, 1.5, True
+        args.load_procs = 1
     print(json.dumps(drive(args)))
     return 0
 
