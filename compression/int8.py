@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 QMAX = 127  # symmetric: -128 is never produced, so negation is exact
 MAX_BLOCK = 1 << 20
+CHUNK = 1 << 16  # values per step: 256 KiB of fp32, an L2's worth
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,25 @@ def _blocks(flat32: torch.Tensor, block: int) -> torch.Tensor:
     return flat32.view(num_blocks, block)
 
 
+def _chunks(n: int, block: int):
+    """(start, end) ranges of whole blocks, about CHUNK values each (the last may be short).
+
+    Working a cache-sized chunk at a time keeps the temporaries (|x|, x / scale, rounding)
+    in L2; whole-tensor ops stream each through memory and were 3-5x slower on 30M values.
+    """
+    step = block * max(1, CHUNK // block)
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _rows(segment: np.ndarray, block: int) -> np.ndarray:
+    if segment.size % block:
+        padded = np.zeros(math.ceil(segment.size / block) * block, dtype=segment.dtype)
+        padded[:segment.size] = segment
+        segment = padded
+    return segment.reshape(-1, block)
+
+
 @register("int8")
 class Int8Codec(FramedCodec):
     codec_id = "int8"
@@ -54,12 +74,19 @@ class Int8Codec(FramedCodec):
         self.config = config if config is not None else Int8Config(**params)
 
     def _encode_body(self, flat: torch.Tensor, *, seed: int) -> bytes:
-        block = self.config.block
-        rows = _blocks(flat.to(torch.float32), block)
-        scale = rows.abs().amax(dim=1) / QMAX
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
-        q = torch.round(rows / safe).clamp_(-QMAX, QMAX).to(torch.int8).view(-1)[:flat.numel()]
-        return b"".join((np.uint32(block).tobytes(), scale.numpy().tobytes(), q.numpy().tobytes()))
+        block, x = self.config.block, flat.to(torch.float32).numpy()
+        n = x.size
+        scales = np.empty(math.ceil(n / block), dtype="<f4")
+        codes = np.empty(n, dtype=np.int8)
+        for start, end in _chunks(n, block):
+            rows = _rows(x[start:end], block)
+            scale = np.maximum(rows.max(axis=1), -rows.min(axis=1)) / np.float32(QMAX)
+            scales[start // block:start // block + scale.size] = scale
+            q = rows / np.where(scale > 0, scale, np.float32(1))[:, None]
+            np.rint(q, out=q)
+            np.clip(q, -QMAX, QMAX, out=q)
+            codes[start:end] = q.reshape(-1)[:end - start]
+        return b"".join((np.uint32(block).tobytes(), scales.tobytes(), codes.tobytes()))
 
     def _decode_body(self, reader: FrameReader, header: FrameHeader, *,
                      seed: int | None) -> torch.Tensor:
@@ -71,15 +98,18 @@ class Int8Codec(FramedCodec):
         expect_size(reader.remaining, 4 * num_blocks + n, f"int8 body for {n} values")
         if n == 0:
             return torch.empty(0, dtype=header.dtype)
-        scale = torch.frombuffer(bytearray(reader.take(4 * num_blocks, "scales")),
-                                 dtype=torch.float32)
-        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        scales = np.frombuffer(reader.take(4 * num_blocks, "scales"), dtype="<f4")
+        if not np.isfinite(scales).all() or (scales < 0).any():
             raise CompressionError("int8 frame holds negative or non-finite scales")
-        q = torch.frombuffer(bytearray(reader.take(n, "values")), dtype=torch.int8)
-        if bool((q == -128).any()):
+        codes = np.frombuffer(reader.take(n, "values"), dtype=np.int8)
+        if (codes == -128).any():
             raise CompressionError("int8 frame holds -128, which the encoder never writes")
-        rows = _blocks(q.to(torch.float32), block)
-        return (rows * scale.unsqueeze(1)).view(-1)[:n].to(header.dtype)
+        out = np.empty(n, dtype=np.float32)
+        for start, end in _chunks(n, block):
+            rows = _rows(codes[start:end], block).astype(np.float32)
+            rows *= scales[start // block:start // block + rows.shape[0], None]
+            out[start:end] = rows.reshape(-1)[:end - start]
+        return torch.from_numpy(out).to(header.dtype)
 
     def error_bound(self, tensor: torch.Tensor) -> torch.Tensor:
         x = tensor.detach().reshape(-1).float()
