@@ -141,7 +141,7 @@ def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:
 def mask_seed(round_index: int, shard_start: int) -> int:
     """Seed of the codec's random mask: the same for every member, new every round."""
     digest = hashlib.sha256(f"diloco-mask:{round_index}:{shard_start}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(digest[:4], "little") >> 1  # 31 bits: fits any frame's seed field
 
 
 def outer_step(theta: torch.Tensor, momentum: torch.Tensor, update: torch.Tensor, *,

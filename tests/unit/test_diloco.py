@@ -180,3 +180,24 @@ def test_shard_bounds_and_config_validation():
         DiLoCoConfig(outer_momentum=1.0)
     with pytest.raises(ValueError, match="inner_steps"):
         DiLoCoConfig(inner_steps=0)
+
+
+def test_with_the_registry_cocktail_codec_members_agree_and_stale_frames_are_rejected():
+    cfg = DiLoCoConfig(codec_params={"p": 0.5, "k": 0.2, "bits": 3})
+    theta = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    members = [DiLoCoMember(theta, cfg) for _ in range(3)]  # production codec factory
+    for r in range(3):
+        report = exchange_in_process(members, fake_training(members, r), [1, 1, 1],
+                                     round_index=r)
+        assert len(set(report.checksums)) == 1 and report.rejected == {}
+        # 3 members x 1/3 of 5000 fp32 values would be 4 x 2/3 x 20000 = 53 kB dense
+        assert max(report.bytes_per_member) < 53_000 / 4
+    # a frame compressed for round 2 replayed in round 3: the codec refuses the wrong seed
+    stale = members[1].contribute(fake_training(members, 3)[1], round_index=2, num_shards=3)
+    fresh = members[0].contribute(fake_training(members, 3)[0], round_index=3, num_shards=3)
+    result = members[0].aggregate(
+        [Contribution(sender="m0", tokens=1, payload=fresh[0]),
+         Contribution(sender="m1", tokens=1, payload=stale[0])],
+        round_index=3, shard_index=0, num_shards=3)
+    assert result.accepted == ("m0",)
+    assert result.rejected["m1"].startswith("undecodable")
