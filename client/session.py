@@ -56,6 +56,20 @@ class HopStream:
         address = self.hop.peer.address
         t0 = time.perf_counter()
         encoded = encode_tensor(hidden, codec=cfg.wire_codec, name=HIDDEN)
+        try:
+            out = await self._exchange(encoded, position, address)
+        except asyncio.InvalidStateError as e:
+            # grpc.aio: writing to a call the peer already ended (it died, or aborted it)
+            raise PeerUnavailable(f"{address} ended the session stream: {e}") from e
+        result = out.decode()
+        if tuple(result.shape) != tuple(hidden.shape):
+            raise PeerUnavailable(f"{address} returned shape {list(result.shape)} for {list(hidden.shape)}")
+        self.step_seconds += time.perf_counter() - t0
+        return result.to(hidden.dtype)
+
+    async def _exchange(self, encoded, position: int, address: str):
+        """Write one step's chunks, read the reply's; the reply still encoded."""
+        cfg = self.swarm.config
         with translate_rpc_errors(peer=address):
             if self._call is None:
                 self._call = self.swarm.stub(address).Inference()
@@ -82,12 +96,7 @@ class HopStream:
                     raise PeerUnavailable(f"{address} answered position {reply.position} to step {position}")
                 out = assembler.feed(reply.tensor)
                 if out is not None:
-                    break
-        result = out.decode()
-        if tuple(result.shape) != tuple(hidden.shape):
-            raise PeerUnavailable(f"{address} returned shape {list(result.shape)} for {list(hidden.shape)}")
-        self.step_seconds += time.perf_counter() - t0
-        return result.to(hidden.dtype)
+                    return out
 
     async def close(self) -> None:
         call, self._call = self._call, None

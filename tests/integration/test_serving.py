@@ -131,7 +131,7 @@ def test_node_refusing_session_for_memory_is_skipped(swarm, tiny_reference_model
 async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_model_files):
     import grpc
 
-    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.tensors import encode_tensor
     from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
 
@@ -147,15 +147,16 @@ async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_mo
         return reqs
 
     async def session(*steps):
+        """Run the steps on one stream; the status the node ended it with."""
         call = stub.Inference()
-        for reqs in steps:
-            for r in reqs:
-                await call.write(r)
-            reply = await call.read()
-            if reply is grpc.aio.EOF:
-                break
-        await call.done_writing()
         try:
+            for reqs in steps:
+                for r in reqs:
+                    await call.write(r)
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    break
+            await call.done_writing()
             async for _ in call:
                 pass
         except grpc.aio.AioRpcError as e:
@@ -175,13 +176,22 @@ async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_mo
         wrong = node_pb2.InferenceOpen(session_id="w", max_length=4, blocks=common_pb2.Span(start=1, end=3))
         code, msg = await session(step(torch.randn(1, 1, 64), 0, wrong))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "serves blocks 3:4" in msg
-        # an oversized message is refused by the transport's limit, before any handler runs
-        big = node_pb2.InferenceRequest(open=op, tensor=common_pb2.Tensor(data=b"x" * (3 << 20)))
-        call = stub.Inference()
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await call.write(big)
-            await call.read()
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # a chunk over 1 MiB: refused by the framing check with a message naming the limit
+        over = (1 << 20) + 1000
+        chunk = common_pb2.Tensor(dtype="float32", shape=[1, over // 256, 64], codec="none", data=b"\0" * over,
+                                  total_bytes=over, num_chunks=1)
+        code, msg = await session([node_pb2.InferenceRequest(open=op, tensor=chunk)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "over max_message_bytes" in msg
+        # a message over the transport limit: refused by gRPC before any handler runs
+        big_channel = open_channel(address, ChannelConfig(max_message_bytes=8 << 20))
+        try:
+            call = node_pb2_grpc.NodeStub(big_channel).Inference()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call.write(node_pb2.InferenceRequest(open=op, tensor=common_pb2.Tensor(data=b"x" * (3 << 20))))
+                await call.read()
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await big_channel.close()
 
         # still serving, and Forward equals the same block run locally
         health = await stub.Health(common_pb2.HealthRequest(), timeout=10)
