@@ -52,6 +52,10 @@ class InferenceSession:
         return self._remote.failovers
 
     @property
+    def reroutes(self) -> int:
+        return self._remote.reroutes
+
+    @property
     def recovery_seconds(self) -> float:
         return self._remote.recovery_seconds
 

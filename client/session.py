@@ -123,7 +123,8 @@ class RemoteSession:
         self.session_id = uuid.uuid4().hex[:16]
         self.hops: list[HopStream] = []
         self.position = 0
-        self.failovers = 0  # replacements made during this session
+        self.failovers = 0  # hops replaced mid-session, with their history replayed
+        self.reroutes = 0  # hops replaced before they held any state (refused, unreachable)
         self.recovery_seconds = 0.0  # time spent rerouting and replaying
 
     @property
@@ -207,6 +208,9 @@ class RemoteSession:
             self.hops = new
         else:
             self.hops[index:index + 1] = new
+            if history is None:
+                self.reroutes += 1
+                return
             self.failovers += 1
             self.recovery_seconds += time.perf_counter() - t0
             logger.warning(

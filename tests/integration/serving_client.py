@@ -66,6 +66,7 @@ def main() -> int:
             "tokens": out[0, ids.shape[1]:].tolist(),
             "route": [[str(h.peer.address), h.start, h.end] for h in session.route],
             "failovers": session.failovers,
+            "reroutes": session.reroutes,
             "recovery_s": session.recovery_seconds,
             "seconds": time.perf_counter() - t0,
         }

@@ -86,6 +86,7 @@ async def test_refused_session_goes_to_other_replica(session):
     FakeStream.refuse.add("b1")
     await session.step(torch.zeros(1, 3, 1))
     assert [h.peer.peer_id for h in session.route] == ["a", "b2", "c"]
+    assert (session.reroutes, session.failovers) == (1, 0)
 
 
 async def test_no_replica_left_raises_naming_blocks(session):
