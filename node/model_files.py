@@ -301,9 +301,13 @@ def _convert(src: ModelSource, target: Path, *, show_progress: bool) -> None:
             created_at=time.time(),
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
+        done = _read_manifest(target)
+        if done is not None and done.fingerprint == src.fingerprint:
+            # Another process finished the same conversion first; readers may be using it.
+            logger.info("%s was converted concurrently; keeping that copy", src.display)
+            return
         if target.exists():
-            # A stale entry (or one a concurrent conversion finished first) is replaced whole.
-            shutil.rmtree(target)
+            shutil.rmtree(target)  # a stale or damaged entry is replaced whole
         os.rename(tmp, target)
         logger.info("converted %s: %d blocks in %.1f s", src.display, num_blocks, time.monotonic() - t0)
     finally:

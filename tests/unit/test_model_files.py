@@ -179,3 +179,29 @@ def test_embedded_default_resolves_to_the_gguf():
 def test_missing_tokenizer_is_a_clear_error(tiny_model_files):
     with pytest.raises(ModelError, match="no usable tokenizer"):
         tiny_model_files.tokenizer()
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def test_convert_command_converts_and_reports(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from pollinate.main import main
+
+    monkeypatch.setenv("POLLINATE_CACHE", str(tmp_path / "from-env"))
+    assert main(["convert", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks:  4, hidden size 64" in out and str(tmp_path / "from-env") in out
+    assert main(["convert", str(tiny_model_dir), "--cache-dir", str(tmp_path / "flag")]) == 0
+    assert (tmp_path / "flag" / "models").is_dir()
+    assert main(["convert", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_demo_splits_blocks_into_near_equal_spans():
+    from pollinate.demo import split_blocks
+
+    assert split_blocks(30, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert split_blocks(4, 3) == [(0, 1), (1, 3), (3, 4)]
+    assert split_blocks(5, 1) == [(0, 5)]
+    with pytest.raises(ValueError, match="cannot cut 2 blocks into 3 spans"):
+        split_blocks(2, 3)
