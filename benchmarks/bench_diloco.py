@@ -56,7 +56,8 @@ def load_text() -> tuple[torch.Tensor, torch.Tensor]:
 def batch(text: torch.Tensor, n: int, key: tuple) -> torch.Tensor:
     """n windows of SEQ bytes at positions fixed by key (seed, replica, step)."""
     seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-    starts = torch.randint(0, text.numel() - SEQ, (n,), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, text.numel() - SEQ, (n,), generator=gen)
     return torch.stack([text[s:s + SEQ] for s in starts.tolist()])
 
 
@@ -88,7 +89,8 @@ def val_loss(model, val: torch.Tensor) -> float:
 
 def pretrained(args, train: torch.Tensor) -> dict:
     """Pretrain once from scratch, cached by the settings that define it."""
-    key = hashlib.sha256(repr((args.quick, args.pretrain_steps, SEQ, BATCH)).encode()).hexdigest()[:12]
+    settings = repr((args.quick, args.pretrain_steps, SEQ, BATCH)).encode()
+    key = hashlib.sha256(settings).hexdigest()[:12]
     path = Path(args.cache_dir).expanduser() / f"pretrain-{key}.pt"
     if path.exists():
         return torch.load(path)
@@ -191,12 +193,13 @@ def main() -> None:
             out["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
                              if k != "reject_norm_factor"}
         if name == "diloco-cocktail":
-            for base, key in (("ddp", "bytes_reduction_vs_ddp"),):
-                if base in results:
-                    out[key] = round(results[base]["bytes_per_replica"] / out["bytes_per_replica"], 1)
+            if "ddp" in results:
+                ratio = results["ddp"]["bytes_per_replica"] / out["bytes_per_replica"]
+                out["bytes_reduction_vs_ddp"] = round(ratio, 1)
             for base in ("ddp", "diloco"):
                 if base in results:
-                    out[f"loss_ratio_vs_{base}"] = round(out["val_loss"] / results[base]["val_loss"], 4)
+                    ratio = out["val_loss"] / results[base]["val_loss"]
+                    out[f"loss_ratio_vs_{base}"] = round(ratio, 4)
             if "local" in results:
                 out["beats_local"] = out["val_loss"] < results["local"]["val_loss"]
         results[name] = out
