@@ -14,6 +14,8 @@ import grpc.aio
 import torch
 
 from pollinate.node.span_server import SpanServer
+from pollinate.node.training import JobManager
+from pollinate.node.training_service import TrainingRpcs
 from pollinate.protocol.errors import InvalidRequest, RpcTimeout
 from pollinate.protocol.tensors import DEFAULT_FRAMING, EncodedTensor, FramingConfig, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
@@ -28,12 +30,13 @@ async def _encode(tensor: torch.Tensor, codec: str) -> EncodedTensor:
     return await asyncio.to_thread(encode_tensor, tensor, codec=codec, name=HIDDEN)
 
 
-class NodeServicer(node_pb2_grpc.NodeServicer):
+class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING):
         self.server = server
         self.throughput = throughput
         self.framing = framing
         self.serving = True
+        self.jobs = JobManager(server)  # training jobs: adapters and inner optimizers (node/training.py)
 
     async def Health(self, request, context):
         status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
@@ -65,7 +68,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Forward(self, request_iterator, context):
         requests = aiter(request_iterator)
         assembler = TensorAssembler(self.framing)
-        header = None
+        header, job = None, None
         while True:
             req = await self._next(requests, "Forward")
             if req is None:
@@ -75,8 +78,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     raise InvalidRequest("Forward: the first message must carry the header")
                 header = req.header
                 self.server.check_blocks(header.blocks.start, header.blocks.end)
-                if header.job:
-                    raise InvalidRequest(f"Forward: job {header.job!r}: this node serves the base model only")
+                if header.job:  # the job's adapter applies (created from header.spec on first sight)
+                    job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
             elif req.HasField("header"):
                 raise InvalidRequest("Forward: header sent twice")
             if not req.HasField("tensor"):
@@ -87,7 +90,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             if encoded.name not in ("", HIDDEN):
                 raise InvalidRequest(f"Forward: unexpected tensor {encoded.name!r}, want {HIDDEN!r}")
             hidden = await asyncio.to_thread(encoded.decode)
-            out = await self.server.forward(hidden)
+            out = await (self.jobs.forward(job, hidden) if job is not None else self.server.forward(hidden))
             reply = await _encode(out, header.reply_codec or encoded.codec)
             for chunk in reply.chunks(self.framing):
                 yield node_pb2.ForwardReply(tensor=chunk)

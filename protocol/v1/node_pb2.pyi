@@ -1,8 +1,9 @@
 from pollinate.protocol.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -30,16 +31,18 @@ class InfoReply(_message.Message):
     def __init__(self, span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class ForwardHeader(_message.Message):
-    __slots__ = ("job", "reply_codec", "blocks", "request_id")
+    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec")
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     job: str
     reply_codec: str
     blocks: _common_pb2.Span
     request_id: str
-    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    spec: JobSpec
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("header", "tensor")
@@ -56,16 +59,18 @@ class ForwardReply(_message.Message):
     def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardHeader(_message.Message):
-    __slots__ = ("job", "reply_codec", "blocks", "request_id")
+    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec")
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     job: str
     reply_codec: str
     blocks: _common_pb2.Span
     request_id: str
-    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    spec: JobSpec
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("header", "tensor")
@@ -158,3 +163,29 @@ class GetStateReply(_message.Message):
     round: int
     tensor: _common_pb2.Tensor
     def __init__(self, round: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    rank: int
+    alpha: float
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    micro_batches: int
+    seed: int
+    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,207 @@
+"""A node's training jobs: per job, the span's adapters, an inner AdamW and its counters.
+
+Backward recomputes the forward. The trainer sends the span's input hidden states again
+with the gradient of the span's output; the node runs the span forward with the job's
+adapter under autograd, back-propagates, and keeps nothing per request. That costs one
+extra forward per micro-batch but makes Backward stateless: no activation store to bound,
+no timeouts for trainers that vanish between Forward and Backward, and any replica of the
+span can take the Backward (the result depends only on the request and the adapter).
+
+Jobs are defined by the trainer: the first Forward/Backward that names a job with a
+JobSpec creates it here; a later spec under the same name must be equal, or the call is
+refused with FAILED_PRECONDITION (a job clash). Registering jobs at the coordinator is a
+later step.
+
+Step rule: gradients of `micro_batches` Backward calls are averaged, clipped (this span's
+adapter norm; 0 = off), checked (any NaN/Inf: the step is skipped, the adapter and the
+optimizer state stay untouched) and applied by AdamW.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pollinate.node.adapters import AdapterHost, build_adapter, METHODS
+from pollinate.node.span import SpanError
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A training job's settings; equal specs = the same job."""
+
+    method: str = "lora"  # adapter method, a key of node.adapters.METHODS
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha; scaling = alpha / rank (PEFT's convention)
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module name suffixes (PEFT's default for Llama)
+    lr: float = 4e-4  # inner AdamW lr: DESIGN.md's DiLoCo inner setting
+    weight_decay: float = 0.1  # inner AdamW weight decay (DiLoCo inner setting)
+    betas: tuple[float, float] = (0.9, 0.95)  # inner AdamW betas (DiLoCo inner setting)
+    grad_clip: float = 1.0  # max L2 norm of a span's adapter gradient per step; 0 = off
+    micro_batches: int = 1  # Backward calls per optimizer step; their gradients are averaged
+    seed: int = 0  # adapter initialisation seed
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown adapter method {self.method!r}; known: {sorted(METHODS)}")
+        if self.rank <= 0:
+            raise ValueError(f"rank must be > 0, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not self.targets:
+            raise ValueError("targets must name at least one module")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.micro_batches <= 0:
+            raise ValueError(f"micro_batches must be > 0, got {self.micro_batches}")
+
+    def to_proto(self, pb):
+        return pb.JobSpec(
+            method=self.method, rank=self.rank, alpha=self.alpha, targets=list(self.targets), lr=self.lr,
+            weight_decay=self.weight_decay, beta1=self.betas[0], beta2=self.betas[1], grad_clip=self.grad_clip,
+            micro_batches=self.micro_batches, seed=self.seed,
+        )
+
+    @classmethod
+    def from_proto(cls, msg) -> JobSpec:
+        try:
+            return cls(
+                method=msg.method, rank=msg.rank, alpha=msg.alpha, targets=tuple(msg.targets), lr=msg.lr,
+                weight_decay=msg.weight_decay, betas=(msg.beta1, msg.beta2), grad_clip=msg.grad_clip,
+                micro_batches=msg.micro_batches, seed=msg.seed,
+            )
+        except ValueError as e:
+            raise InvalidRequest(f"job spec: {e}") from e
+
+
+@dataclass(kw_only=True)
+class Job:
+    name: str
+    spec: JobSpec
+    adapter: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    pending: int = 0  # Backward calls accumulated since the last step
+    inner_steps: int = 0  # optimizer steps applied
+    skipped_steps: int = 0  # steps skipped for NaN/Inf gradients
+    tokens: int = 0  # tokens back-propagated through this span for this job
+    last_grad_norm: float = field(default=0.0)
+
+
+def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
+    """A job's adapter on `span` and its AdamW (torch's, same arguments as a local run)."""
+    host.attach(span)
+    adapter = build_adapter(spec, span)
+    optimizer = torch.optim.AdamW(
+        list(adapter.parameters()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+    )
+    return Job(name=name, spec=spec, adapter=adapter, optimizer=optimizer)
+
+
+def backward_step(job: Job, span, host: AdapterHost, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Recompute the span's forward with the job's adapter, back-propagate `grad_out`,
+    accumulate the adapter's gradients, and step when `micro_batches` have accumulated.
+    Returns the gradient with respect to `hidden`."""
+    x = hidden.detach().to(span.dtype).requires_grad_(True)
+    with torch.enable_grad(), host.use(job.adapter):
+        out = span(x)
+        torch.autograd.backward(out, grad_out.to(out.dtype))
+    job.pending += 1
+    job.tokens += hidden.shape[0] * hidden.shape[1]
+    if job.pending >= job.spec.micro_batches:
+        optimizer_step(job)
+    return x.grad.to(hidden.dtype)
+
+
+def optimizer_step(job: Job) -> bool:
+    """Average, clip, check and apply the accumulated gradients; False if the step was skipped."""
+    params = [p for p in job.adapter.parameters() if p.grad is not None]
+    n, job.pending = job.pending, 0
+    try:
+        if not params:
+            return False
+        grads = [p.grad for p in params]
+        if n > 1:
+            torch._foreach_div_(grads, float(n))
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        job.last_grad_norm = norm
+        if not math.isfinite(norm):
+            job.skipped_steps += 1
+            logger.warning("job %s: non-finite adapter gradient (norm %s): step skipped, adapter unchanged",
+                           job.name, norm)
+            return False
+        if job.spec.grad_clip > 0 and norm > job.spec.grad_clip:
+            torch._foreach_mul_(grads, job.spec.grad_clip / (norm + 1e-6))  # as clip_grad_norm_
+        job.optimizer.step()
+        job.inner_steps += 1
+        return True
+    finally:
+        job.optimizer.zero_grad(set_to_none=True)
+
+
+class JobManager:
+    """The jobs a node trains. Plain async domain functions; torch work on the span's executor."""
+
+    def __init__(self, server) -> None:
+        self.server = server  # SpanServer: the span, its checks and its single torch thread
+        self.host = AdapterHost()
+        self.jobs: dict[str, Job] = {}
+
+    def job(self, name: str, spec_msg=None) -> Job:
+        """The job `name`, created from `spec_msg` on first sight; clash -> FAILED_PRECONDITION."""
+        spec = JobSpec.from_proto(spec_msg) if spec_msg is not None else None
+        job = self.jobs.get(name)
+        if job is None:
+            if spec is None:
+                raise NotFound(f"job {name!r} is unknown on this node (send its spec to create it)")
+            try:
+                job = self.jobs[name] = make_job(name, spec, self.server.span, self.host)
+            except ValueError as e:
+                raise InvalidRequest(f"job {name!r}: {e}") from e
+            logger.info("job %s created on blocks %d:%d: %s", name, self.server.start, self.server.end, spec)
+        elif spec is not None and spec != job.spec:
+            raise FailedPrecondition(f"job {name!r} exists on this node with different settings: {job.spec} (asked: {spec})")
+        return job
+
+    async def forward(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
+        self.server.check_hidden(hidden)
+        return await self.server._run(self._forward_sync, job, hidden)
+
+    def _forward_sync(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.inference_mode(), self.host.use(job.adapter):
+                out = self.server.span(hidden.to(self.server.compute_dtype))
+        except SpanError as e:
+            raise InvalidRequest(str(e)) from e
+        return out.to(hidden.dtype)
+
+    async def backward(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        self.server.check_hidden(hidden)
+        if grad_out.shape != hidden.shape:
+            raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
+        return await self.server._run(self._backward_sync, job, hidden, grad_out)
+
+    def _backward_sync(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        try:
+            return backward_step(job, self.server.span, self.host, hidden, grad_out)
+        except SpanError as e:
+            raise InvalidRequest(str(e)) from e
+
+    async def state(self, name: str) -> dict[str, torch.Tensor]:
+        """The job's adapter under PEFT names, plus its counters as 0-d tensors (`counter.*`)."""
+        job = self.job(name)
+        state = await self.server._run(job.adapter.peft_state)
+        for key in ("inner_steps", "skipped_steps", "tokens"):
+            state[f"counter.{key}"] = torch.tensor(getattr(job, key), dtype=torch.int64)
+        return state

@@ -1,0 +1,82 @@
+"""The Node service's training RPCs (Backward, GetState), mixed into NodeServicer.
+
+Decode, call the JobManager (node/training.py), encode. Backward's request stream carries
+"hidden_states" (the span's forward input) and "grad_outputs", in either order, per
+micro-batch; each complete pair is answered with "grad_inputs". GetState with round 0
+streams the job's current adapter on this node (PEFT names) and its counters; committed
+DiLoCo rounds are node/diloco.py's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pollinate.node.training import JobManager
+from pollinate.protocol.errors import InvalidRequest, NotFound
+from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+from pollinate.protocol.v1 import node_pb2
+
+logger = logging.getLogger(__name__)
+
+HIDDEN, GRAD_OUT, GRAD_IN = "hidden_states", "grad_outputs", "grad_inputs"
+
+
+class TrainingRpcs:
+    """Needs self.server (SpanServer), self.jobs (JobManager), self.framing, self._next."""
+
+    jobs: JobManager
+
+    async def Backward(self, request_iterator, context):
+        requests = aiter(request_iterator)
+        assembler = TensorAssembler(self.framing)
+        header, job = None, None
+        pair: dict[str, object] = {}
+        while True:
+            req = await self._next(requests, "Backward")
+            if req is None:
+                break
+            if header is None:
+                if not req.HasField("header"):
+                    raise InvalidRequest("Backward: the first message must carry the header")
+                header = req.header
+                self.server.check_blocks(header.blocks.start, header.blocks.end)
+                if not header.job:
+                    raise InvalidRequest("Backward: a job name is required (it names the adapters to train)")
+                job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
+            elif req.HasField("header"):
+                raise InvalidRequest("Backward: header sent twice")
+            if not req.HasField("tensor"):
+                continue
+            encoded = assembler.feed(req.tensor)
+            if encoded is None:
+                continue
+            if encoded.name not in (HIDDEN, GRAD_OUT):
+                raise InvalidRequest(f"Backward: unexpected tensor {encoded.name!r}, want {HIDDEN!r} or {GRAD_OUT!r}")
+            if encoded.name in pair:
+                raise InvalidRequest(f"Backward: {encoded.name!r} sent twice for one micro-batch")
+            pair[encoded.name] = encoded
+            if len(pair) < 2:
+                continue
+            hidden_enc, grad_enc = pair.pop(HIDDEN), pair.pop(GRAD_OUT)
+            hidden = await asyncio.to_thread(hidden_enc.decode)
+            grad_out = await asyncio.to_thread(grad_enc.decode)
+            grad_in = await self.jobs.backward(job, hidden, grad_out)
+            codec = header.reply_codec or grad_enc.codec
+            reply = await asyncio.to_thread(encode_tensor, grad_in, codec=codec, name=GRAD_IN)
+            for chunk in reply.chunks(self.framing):
+                yield node_pb2.BackwardReply(tensor=chunk)
+        if pair:
+            raise InvalidRequest(f"Backward: stream ended with only {sorted(pair)} of a micro-batch")
+        assembler.close()
+
+    async def GetState(self, request, context):
+        if request.round != 0:
+            raise NotFound(f"GetState: job {request.job!r}: committed rounds are not kept here; ask for round 0")
+        if (request.span.start, request.span.end) != (0, 0):
+            self.server.check_blocks(request.span.start, request.span.end)
+        state = await self.jobs.state(request.job)
+        for name, tensor in state.items():
+            encoded = await asyncio.to_thread(encode_tensor, tensor, codec="none", name=name)
+            for chunk in encoded.chunks(self.framing):
+                yield node_pb2.GetStateReply(round=0, tensor=chunk)

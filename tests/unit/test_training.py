@@ -1,0 +1,116 @@
+"""Node-side training against PEFT on the whole model, in one process.
+
+The tiny model is split into three spans, each with its own job (LoRA + AdamW, as a node
+holds them); the same batches train a PEFT LoRA on the transformers model with torch's
+AdamW. Adapter weights must agree to 1e-5 after several steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pollinate.client.training_data import causal_lm_loss
+from pollinate.node.adapters import AdapterHost
+from pollinate.node.training import JobSpec, backward_step, make_job
+
+SPANS = [(0, 1), (1, 3), (3, 4)]
+
+
+def peft_reference(reference_model, spec: JobSpec, init_state: dict):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(reference_model), LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0))
+    named = {k.replace(".default", ""): v for k, v in model.named_parameters() if "lora_" in k}
+    assert set(named) == set(init_state), sorted(set(named) ^ set(init_state))[:4]
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(init_state[k])
+    return model, named
+
+
+def batches(n: int, *, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (2, 12), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("micro_batches,grad_clip", [(1, 0.0), (2, 0.0)])
+def test_spans_match_peft(tiny_model_files, tiny_reference_model, micro_batches, grad_clip):
+    spec = JobSpec(rank=4, alpha=8.0, lr=1e-2, micro_batches=micro_batches, grad_clip=grad_clip, seed=3)
+    host = AdapterHost()
+    part = tiny_model_files.load_client_part()
+    spans = [tiny_model_files.load_span(s, e) for s, e in SPANS]
+    jobs = [make_job("j", spec, span, host) for span in spans]
+    init = {k: v for job in jobs for k, v in job.adapter.peft_state().items()}
+    model, named = peft_reference(tiny_reference_model, spec, init)
+    opt = torch.optim.AdamW(list(named.values()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+    data = batches(3 * micro_batches)
+    for ids in data:  # "swarm": spans and client part, the trainer's arithmetic
+        with torch.no_grad():
+            h = part.embed(ids)
+        inputs = []
+        for span in spans:
+            inputs.append(h)
+            with torch.no_grad(), host.use(jobs[len(inputs) - 1].adapter):
+                h = span(h)
+        out = h.detach().requires_grad_(True)
+        causal_lm_loss(part.logits(out), ids).backward()
+        grad = out.grad
+        for job, span, x in zip(reversed(jobs), reversed(spans), reversed(inputs)):
+            grad = backward_step(job, span, host, x, grad)
+    for i in range(0, len(data), micro_batches):  # local: PEFT, one process
+        for ids in data[i:i + micro_batches]:
+            (causal_lm_loss(model(ids).logits, ids) / micro_batches).backward()
+        opt.step()
+        opt.zero_grad()
+
+    got = {k: v for job in jobs for k, v in job.adapter.peft_state().items()}
+    assert all(job.inner_steps == 3 for job in jobs)
+    moved = max(float((got[k] - init[k]).abs().max()) for k in got)
+    assert moved > 1e-3, "adapters did not train"
+    diff = max(float((got[k] - named[k].detach()).abs().max()) for k in got)
+    assert diff <= 1e-5, diff
+
+
+def test_nan_gradient_skips_step(tiny_model_files):
+    spec = JobSpec(rank=2, alpha=2.0)
+    host = AdapterHost()
+    span = tiny_model_files.load_span(0, 1)
+    job = make_job("j", spec, span, host)
+    before = job.adapter.peft_state()
+    x = torch.randn(1, 5, span.hidden_size)
+    g = torch.full_like(x, float("nan"))
+    backward_step(job, span, host, x, g)
+    after = job.adapter.peft_state()
+    assert job.skipped_steps == 1 and job.inner_steps == 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not job.optimizer.state  # AdamW moments untouched
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="unknown adapter method 'bogus'"):
+        JobSpec(method="bogus")
+    with pytest.raises(ValueError, match="rank"):
+        JobSpec(rank=0)
+
+
+def test_job_clash_refused(tiny_model_files):
+    from pollinate.node.training import JobManager
+    from pollinate.protocol.errors import FailedPrecondition, NotFound
+    from pollinate.protocol.v1 import node_pb2
+
+    class FakeServer:
+        span = tiny_model_files.load_span(0, 1)
+        start, end = 0, 1
+
+    jobs = JobManager(FakeServer())
+    jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))
+    jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))  # same settings: fine
+    with pytest.raises(FailedPrecondition, match="different settings"):
+        jobs.job("a", JobSpec(rank=4).to_proto(node_pb2))
+    with pytest.raises(NotFound):
+        jobs.job("b")
