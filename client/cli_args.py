@@ -10,7 +10,7 @@ from pathlib import Path
 def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
-    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (not wired yet: use --initial-peers)")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs --token-file)")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--codec", default="fp16", help="hidden states on the wire: fp16 (default), none (fp32)")

@@ -208,7 +208,15 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def _coordinator_peers(address: str, token: str | None) -> list[str]:
-    """DHT bootstrap multiaddrs from the coordinator (its client joins as an observer)."""
-    raise NotImplementedError(
-        "coordinator= is not wired yet: pass initial_peers (the coordinator's DHT multiaddrs)"
-    )
+    """The coordinator's DHT bootstrap multiaddrs, asked from a subprocess: this process
+    starts a DHT (it forks) right after, so it must not hold gRPC objects yet
+    (coordinator/probe.py). Routing then comes from the DHT alone: generation keeps working
+    while the coordinator is down."""
+    from pollinate.coordinator.probe import probe_coordinator
+
+    if not token:
+        raise ValueError("coordinator= needs the swarm token (token=...)")
+    peers = list(probe_coordinator(address, token).dht_initial_peers)
+    if not peers:
+        raise ValueError(f"coordinator {address} runs no bootstrap DHT peer; pass initial_peers")
+    return peers

@@ -11,7 +11,8 @@ from pathlib import Path
 # blocks. The coordinator never loads weights; it only needs the block count.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_NUM_BLOCKS = 30
-KNOWN_MODELS: dict[str, int] = {DEFAULT_MODEL_ID: DEFAULT_NUM_BLOCKS, "smollm2-135m": 30}
+# "smollm2" is the name `pollinate node` and the client give the embedded SmolLM2.
+KNOWN_MODELS: dict[str, int] = {DEFAULT_MODEL_ID: DEFAULT_NUM_BLOCKS, "smollm2-135m": 30, "smollm2": 30}
 
 
 def _positive(name: str, value: float) -> None:

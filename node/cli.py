@@ -5,6 +5,13 @@ gRPC object exists. Then the span loads, the server binds (port 0 = any free por
 node announces "joining", measures its throughput unless given, announces "online" and
 writes the ready file (JSON: address, dht_maddrs, peer_id) that scripts and tests wait for.
 SIGTERM/SIGINT: announce "offline", stop the server with a grace period, exit 0.
+
+With --coordinator HOST:PORT: a subprocess asks the coordinator for its DHT peers (this
+process must stay free of gRPC objects until the DHT has started; coordinator/probe.py),
+the DHT starts with them, then the node reserves its port, joins (capacity, throughput,
+address), loads the span it is assigned (or its --blocks, pinned), heartbeats, and leaves on
+SIGTERM. On a MOVE it loads the new span, switches the servicer to it, re-announces and
+frees the old one; sessions open on the old span fail over on the client side.
 """
 
 from __future__ import annotations
@@ -15,13 +22,22 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--blocks", required=True, help="blocks to host, START:END (end exclusive), e.g. 10:20")
+    p.add_argument("--blocks", help="blocks to host, START:END (end exclusive), e.g. 10:20; "
+                                    "optional with --coordinator (it assigns a span)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="join this coordinator: it gives the DHT peers and (without --blocks) the span")
+    p.add_argument("--num-blocks", dest="capacity_blocks", type=int, metavar="N",
+                   help="with --coordinator: host N blocks wherever it puts them (default: as many "
+                        "as fit in free memory); refused if N do not fit")
+    p.add_argument("--coordinator-timeout", type=float, default=60.0,
+                   help="seconds to wait for the coordinator at start-up (default %(default)s)")
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join (none: start a new DHT)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
@@ -51,9 +67,12 @@ def build_config(args: argparse.Namespace):
     from pollinate.node.config import NodeConfig
     from pollinate.node.sessions import SessionConfig
 
-    start, end = parse_blocks(args.blocks)
+    start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
     token = args.token_file.read_text().strip() if args.token_file else None
     return NodeConfig(
+        coordinator=args.coordinator,
+        capacity_blocks=args.capacity_blocks,
+        coordinator_timeout_s=args.coordinator_timeout,
         model=args.model,
         start=start,
         end=end,
@@ -73,10 +92,25 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args)
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"pollinate node: {e}") from None
     from pollinate.node.announce import start_dht
 
-    dht = start_dht(config.initial_peers, host=config.host)  # before any gRPC object exists
+    peers = list(config.initial_peers)
+    if config.coordinator is not None:
+        # The DHT must start before any gRPC object exists here, so the coordinator is asked
+        # for its DHT peers from a subprocess (see coordinator/probe.py).
+        from pollinate.coordinator.probe import ProbeError, probe_coordinator
+
+        try:
+            info = probe_coordinator(config.coordinator, config.token,
+                                     timeout_s=config.coordinator_timeout_s)
+        except ProbeError as e:
+            raise SystemExit(f"pollinate node: {e}") from None
+        peers += [p for p in info.dht_initial_peers if p not in peers]
+    dht = start_dht(peers, host=config.host)  # before any gRPC object exists
     try:
         return asyncio.run(serve(config, dht))
     finally:
@@ -89,9 +123,34 @@ def _write_ready(path: Path, info: dict) -> None:
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) host:port so the port is ours before the gRPC server exists: a
+    coordinator member names its address in Join, before its span (hence its server) loads.
+    RpcServer refuses SO_REUSEPORT, so the caller closes this socket just before binding the
+    server; in that instant another process could only take the port by asking for exactly it
+    or by the kernel's random pick of a free port landing on it."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host.strip("[]"), port))
+    return sock
+
+
+def _capacity_blocks(config, files, placement) -> int:
+    """Blocks to offer the coordinator: --blocks' length, --capacity-blocks, or what fits."""
+    if config.start is not None:
+        return config.end - config.start
+    from pollinate.node.sizing import BlockShape, choose_num_blocks, free_memory_bytes
+
+    fit, _ = choose_num_blocks(free_memory_bytes(placement.device), BlockShape.from_config(files.config),
+                               placement.dtype, requested=config.capacity_blocks)
+    return min(fit, files.num_blocks)
+
+
 async def serve(config, dht) -> int:
     import torch
 
+    from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
+    from pollinate.coordinator.placement import Span
     from pollinate.node.announce import Announcer
     from pollinate.node.device import resolve_placement
     from pollinate.node.model_files import open_model
@@ -103,30 +162,89 @@ async def serve(config, dht) -> int:
         torch.set_num_threads(config.torch_threads)
     placement = resolve_placement(config.device, config.dtype)
     files = await asyncio.to_thread(open_model, config.model, cache_dir=config.cache_dir, show_progress=False)
-    span = await asyncio.to_thread(
-        files.load_span, config.start, config.end, dtype=placement.dtype, device=placement.device
-    )
-    server = SpanServer(
-        span, model_id=config.model, num_blocks=files.num_blocks, hidden_size=files.hidden_size,
-        serving=config.serving, sessions=config.sessions,
-    )
-    rpc = RpcServer(ServerConfig(host=config.host, port=config.port, token=config.token))
-    servicer = NodeServicer(server, throughput=config.throughput or 1.0)
-    add_to_server(rpc, servicer)
-    address = await rpc.start()
-    await server.start_sweeper()
-    announcer = Announcer(
-        dht, model_id=config.model, start=config.start, end=config.end, address=address,
-        throughput=servicer.throughput, cache_tokens_left=lambda: server.sessions.tokens_left,
-        config=config.announce,
-    )
-    await asyncio.to_thread(announcer.announce, "joining")
-    if config.throughput is None:
-        servicer.throughput = announcer.throughput = await asyncio.to_thread(server.measure_throughput)
-    await asyncio.to_thread(announcer.start)
+
+    async def load(start: int, end: int) -> SpanServer:
+        span = await asyncio.to_thread(
+            files.load_span, start, end, dtype=placement.dtype, device=placement.device
+        )
+        server = SpanServer(
+            span, model_id=config.model, num_blocks=files.num_blocks, hidden_size=files.hidden_size,
+            serving=config.serving, sessions=config.sessions,
+        )
+        await server.start_sweeper()
+        return server
+
+    def announcer_for(server: SpanServer, address: str, throughput: float) -> Announcer:
+        return Announcer(
+            dht, model_id=config.model, start=server.start, end=server.end, address=address,
+            throughput=throughput, cache_tokens_left=lambda: server.sessions.tokens_left,
+            config=config.announce,
+        )
+
+    # The span being served; swapped under `lock` when the coordinator moves this node.
+    current: dict = {}
+    lock = asyncio.Lock()
+
+    async def move(span: Span, reason: str) -> None:
+        async with lock:
+            old, old_announcer = current["server"], current["announcer"]
+            if (old.start, old.end) == (span.start, span.end):
+                return
+            logger.info("moving from blocks %d:%d to %s (%s): loading", old.start, old.end, span, reason)
+            new = await load(span.start, span.end)
+            announcer = announcer_for(new, current["address"], servicer.throughput)
+            servicer.server = new  # new calls go to the new span; open sessions on the old fail over
+            await asyncio.to_thread(old_announcer.stop)  # "offline" for the old blocks first,
+            await asyncio.to_thread(announcer.start)  # then "online" (newer) for the new ones
+            await old.shutdown()
+            current.update(server=new, announcer=announcer)
+            logger.info("now serving blocks %d:%d", new.start, new.end)
+
+    member = None
+    reservation = None
+    port = config.port
+    if config.coordinator is not None:
+        reservation = _reserve_port(config.host, config.port)
+        port = reservation.getsockname()[1]
+        address = f"[{config.host.strip('[]')}]:{port}" if ":" in config.host.strip("[]") else f"{config.host}:{port}"
+        requested = Span(config.start, config.end) if config.start is not None else None
+        member = CoordinatorClient(CoordinatorClientConfig(
+            coordinator=config.coordinator, token=config.token, address=address,
+            capacity_blocks=_capacity_blocks(config, files, placement),
+            throughput=config.throughput or 1.0, requested_span=requested,
+            join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
+        ), on_move=move)
+        assignment = await member.start()
+        if assignment.num_blocks != files.num_blocks:
+            await member.stop(leave=True)
+            raise SystemExit(f"pollinate node: the swarm's model {assignment.model_id!r} has "
+                             f"{assignment.num_blocks} blocks, {config.model!r} has {files.num_blocks}")
+        start, end = assignment.span.start, assignment.span.end
+        logger.info("coordinator %s assigned blocks %d:%d (member %s, epoch %d)", config.coordinator,
+                    start, end, assignment.member_id, assignment.epoch)
+    else:
+        start, end = config.start, config.end
+
+    async with lock:  # a MOVE arriving while the first span loads waits for it
+        server = await load(start, end)
+        rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
+        servicer = NodeServicer(server, throughput=config.throughput or 1.0)
+        add_to_server(rpc, servicer)
+        if reservation is not None:
+            reservation.close()
+        address = await rpc.start()
+        announcer = announcer_for(server, address, servicer.throughput)
+        current.update(server=server, announcer=announcer, address=address)
+        await asyncio.to_thread(announcer.announce, "joining")
+        if config.throughput is None:
+            servicer.throughput = announcer.throughput = await asyncio.to_thread(server.measure_throughput)
+        await asyncio.to_thread(announcer.start)
+        if member is not None:
+            member.set_throughput(servicer.throughput)
+            member.set_serving(Span(start, end))
     logger.info(
         "serving blocks %d:%d of %s at %s (%.1f blocks/s, %d-token cache budget), peer %s",
-        config.start, config.end, config.model, address, servicer.throughput,
+        start, end, config.model, address, servicer.throughput,
         config.sessions.budget_tokens, announcer.peer_id,
     )
     if config.ready_file is not None:
@@ -134,8 +252,9 @@ async def serve(config, dht) -> int:
             "address": address,
             "dht_maddrs": [str(m) for m in dht.get_visible_maddrs()],
             "peer_id": announcer.peer_id,
-            "blocks": [config.start, config.end],
+            "blocks": [start, end],
             "throughput": servicer.throughput,
+            "member_id": member.member_id if member is not None else None,
         })
 
     stop = asyncio.Event()
@@ -143,9 +262,11 @@ async def serve(config, dht) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down: announcing offline, draining sessions")
+    logger.info("shutting down: leaving the swarm, announcing offline, draining sessions")
+    if member is not None:
+        await member.stop(leave=True)
     servicer.serving = False
-    await asyncio.to_thread(announcer.stop)
+    await asyncio.to_thread(current["announcer"].stop)
     await rpc.stop()
-    await server.shutdown()
+    await current["server"].shutdown()
     return 0

@@ -36,8 +36,8 @@ class ServingConfig:
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     model: str  # "smollm2" (embedded default), a local directory or .gguf, or a hub id
-    start: int  # first hosted block
-    end: int  # one past the last hosted block
+    start: int | None = None  # first hosted block; None = the coordinator assigns the span
+    end: int | None = None  # one past the last hosted block; None with start
     cache_dir: Path | None = None  # converted-model cache; None = ~/.cache/pollinate
     host: str = "127.0.0.1"  # address the gRPC server binds and announces
     port: int = 0  # 0 = any free port (the bound one goes to the ready file and the DHT)
@@ -51,10 +51,27 @@ class NodeConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
     announce: AnnounceConfig = field(default_factory=AnnounceConfig)
+    # The coordinator's gRPC host:port; None = no membership (--blocks and --initial-peers only).
+    coordinator: str | None = None
+    # Blocks this node offers the coordinator; None = as many as fit in free memory.
+    capacity_blocks: int | None = None
+    # Longest wait for the coordinator at start-up (probe and join), seconds. 60 s covers a
+    # coordinator that is restarting; a node that cannot join exits with a clear error.
+    coordinator_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
+        if (self.start is None) != (self.end is None):
+            raise ValueError(f"give both start and end or neither, got {self.start}:{self.end}")
+        if self.start is None and self.coordinator is None:
+            raise ValueError("blocks are required without a coordinator (--blocks or --coordinator)")
+        if self.start is not None and not 0 <= self.start < self.end:
             raise ValueError(f"blocks must satisfy 0 <= start < end, got {self.start}:{self.end}")
+        if self.coordinator is not None and not self.token:
+            raise ValueError("a coordinator needs the swarm token (--token-file)")
+        if self.capacity_blocks is not None and self.capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
+        if not self.coordinator_timeout_s > 0:
+            raise ValueError(f"coordinator_timeout_s must be > 0, got {self.coordinator_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.throughput is not None and not self.throughput > 0:
