@@ -1,0 +1,98 @@
+"""`pollinate train --job NAME --data FILE`: fine-tune a job's adapters through the swarm.
+
+The data are read and checked (line numbers in errors) and the job's settings validated
+before the client joins the swarm, so bad input never reaches a node. The job is defined
+here and sent to the nodes with each call (node/training.py explains clashes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--job", required=True, help="job name; nodes keep its adapters under it")
+    p.add_argument("--data", type=Path, required=True, help="JSONL (text, or prompt/completion) or plain text")
+    p.add_argument("--eval-data", type=Path, help="held-out data (default: --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data without --eval-data")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (not wired yet: use --initial-peers)")
+    p.add_argument("--token-file", type=Path, help="file holding the swarm token")
+    p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
+    p.add_argument("--codec", default="none", help="activations/gradients on the wire: none (fp32), fp16")
+    p.add_argument("--method", default="lora", help="adapter method (lora)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=0, help="longest sequence in tokens (0: the model's context)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pollinate.client.training_data import DataError, load_examples, split
+    from pollinate.client.trainer import TrainConfig
+    from pollinate.node.training import JobSpec
+
+    try:
+        spec = JobSpec(method=args.method, rank=args.rank, alpha=args.alpha,
+                       targets=tuple(t for t in args.targets.split(",") if t), lr=args.lr,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       micro_batches=args.micro_batches, seed=args.seed)
+        config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size,
+                             wire_codec=args.codec, eval_every=args.eval_every, seed=args.seed)
+        if not args.data.is_file():
+            raise DataError(f"{args.data}: no such file")
+        from pollinate.node.model_files import open_model
+
+        files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
+        limit = args.max_length or files.config.max_position_embeddings
+        tok = files.tokenizer()
+        examples = load_examples(args.data, tok, max_length=limit)
+        if args.eval_data:
+            train, held = examples, load_examples(args.eval_data, tok, max_length=limit)
+        else:
+            train, held = split(examples, args.eval_fraction, args.seed)
+        if not train:
+            raise DataError(f"{args.data}: no training examples left after the held-out split")
+    except ValueError as e:  # DataError, bad settings: before anything joins the swarm
+        print(f"pollinate train: {e}", file=sys.stderr)
+        return 2
+    return _train(args, files, tok, config, train, held)
+
+
+def _train(args, files, tok, config, train, held) -> int:
+    from pollinate.client.config import ClientConfig
+    from pollinate.client.swarm import Swarm
+    from pollinate.client.trainer import Trainer
+    from pollinate.client.training_data import batches
+    from pollinate.client.worker import LoopThread
+    from pollinate.node.announce import start_dht
+
+    if not args.initial_peers:
+        print("pollinate train: give --initial-peers (DHT multiaddrs of the swarm)", file=sys.stderr)
+        return 2
+    token = args.token_file.read_text().strip() if args.token_file else None
+    dht = start_dht(list(args.initial_peers), client_mode=True)  # before any gRPC object
+    worker = LoopThread()
+    swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
+    try:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        trainer = Trainer(swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=pad, config=config)
+        history = trainer.train(batches(train, config.batch_size, config.seed), eval_examples=held)
+        print(json.dumps(history[-1]))
+        return 0
+    finally:
+        worker.run(swarm.close(), 5.0)
+        worker.stop()
+        dht.shutdown()

@@ -1,0 +1,74 @@
+"""A trainer process for the fine-tuning test: train a job on seeded token batches through
+the swarm, export its adapter, and save the swarm's logits (with the job) for a probe.
+
+    python finetune_client.py --model DIR --cache-dir C --initial-peers MADDR --out DIR \
+        --job J --steps 3 --rank 4 --alpha 8 --lr 0.01 --micro-batches 1 --seed 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def token_batches(n: int, seed: int = 1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (2, 12), generator=g) for _ in range(n)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    for name in ("--model", "--cache-dir", "--out", "--job"):
+        p.add_argument(name, required=True)
+    p.add_argument("--initial-peers", nargs="+", required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=8.0)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--seed", type=int, default=3)
+    args = p.parse_args()
+
+    from pollinate.node.announce import start_dht
+
+    dht = start_dht(args.initial_peers, client_mode=True)  # before any gRPC object
+    import torch
+    from safetensors.torch import save_file
+
+    from pollinate.client.config import ClientConfig
+    from pollinate.client.peft_export import write_peft_adapter
+    from pollinate.client.swarm import Swarm
+    from pollinate.client.trainer import Trainer, TrainConfig
+    from pollinate.client.training_data import Example
+    from pollinate.client.worker import LoopThread
+    from pollinate.node.model_files import open_model
+    from pollinate.node.training import JobSpec
+
+    files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
+    spec = JobSpec(rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
+                   grad_clip=0.0, seed=args.seed)
+    config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
+    worker = LoopThread()
+    swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks,
+                  config=ClientConfig(wire_codec="none", ban_base_s=60.0))
+    trainer = Trainer(swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=0, config=config)
+    data = token_batches(args.steps * args.micro_batches)
+    batch_iter = iter([[Example(input_ids=row.tolist(), labels=row.tolist()) for row in ids] for ids in data])
+    history = trainer.train(batch_iter, progress=False)
+    state = trainer.adapter_state()
+    write_peft_adapter(args.out, state, spec, base_model=args.model)
+    probe = token_batches(1, seed=99)[0]
+    save_file({"probe": probe, "logits": trainer.forward_logits(probe),
+               "base_logits": trainer.forward_logits(probe, job="")}, f"{args.out}/swarm_logits.safetensors")
+    print(json.dumps({"history": history}), flush=True)
+    worker.run(swarm.close(), 5.0)
+    worker.stop()
+    dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
