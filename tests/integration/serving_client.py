@@ -20,7 +20,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--cache-dir")
-    p.add_argument("--initial-peers", nargs="+", required=True)
+    p.add_argument("--initial-peers", nargs="*", default=[])
+    p.add_argument("--coordinator", help="HOST:PORT: DHT peers from the coordinator (needs --token)")
     p.add_argument("--prompt-ids", required=True)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--pause-after", type=int, default=0)
@@ -33,7 +34,7 @@ def main() -> int:
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
 
     model = RemoteModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, cache_dir=args.cache_dir, token=args.token,
+        args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
         wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0,
     )
     import torch
