@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pollinate.client.training_data import DataError, load_examples, split
+    from pollinate.client.training_data import load_examples, read_records, split, tokenize
     from pollinate.client.trainer import TrainConfig
     from pollinate.node.training import JobSpec
 
@@ -51,14 +51,13 @@ def run(args: argparse.Namespace) -> int:
                        micro_batches=args.micro_batches, seed=args.seed)
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size,
                              wire_codec=args.codec, eval_every=args.eval_every, seed=args.seed)
-        if not args.data.is_file():
-            raise DataError(f"{args.data}: no such file")
+        records = read_records(args.data)  # format errors (line numbers) before loading anything
         from pollinate.node.model_files import open_model
 
         files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
         limit = args.max_length or files.config.max_position_embeddings
         tok = files.tokenizer()
-        examples = load_examples(args.data, tok, max_length=limit)
+        examples = tokenize(records, tok, max_length=limit, path=args.data)
         if args.eval_data:
             train, held = examples, load_examples(args.eval_data, tok, max_length=limit)
         else:
