@@ -24,7 +24,7 @@ import grpc.aio
 
 from pollinate.protocol.auth import TokenServerInterceptor, token_client_interceptors
 from pollinate.protocol.errors import ErrorMappingInterceptor
-from pollinate.protocol.tensors import DEFAULT_FRAMING
+from pollinate.protocol.framing import DEFAULT_FRAMING
 
 logger = logging.getLogger(__name__)
 
