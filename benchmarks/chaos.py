@@ -100,6 +100,95 @@ def kill_node_during_generation(args: argparse.Namespace, workdir: Path) -> dict
     }
 
 
+def _http_status(coord) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{coord.info['http']}/api/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+@scenario("coordinator-restart")
+def coordinator_restart(args: argparse.Namespace, workdir: Path) -> dict:
+    """Nodes started with --coordinator only; SIGKILL the coordinator, generate through the
+    swarm while it is down (fresh DHT lookup), restart it on the same data dir, and check
+    that the same members continue at the same epoch."""
+    from procs import ProcGroup
+
+    model, _ = _model(args, workdir)
+    cache = str(workdir / "cache") if args.model == "tiny" else None
+    from pollinate.node.model_files import open_model
+
+    files = open_model(model, cache_dir=cache, show_progress=False)  # convert once, up front
+    per_node = -(-files.num_blocks // 3)
+    token = workdir / "token"
+    token.write_text("chaos-token\n")
+
+    def coordinator(name: str, port: int = 0):
+        return group.start(name, [
+            "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", str(port),
+            "--http-port", "0", "--token-file", str(token), "--model", model,
+            "--num-blocks", str(files.num_blocks), "--heartbeat-period", "0.25", "--lease", "2",
+            "--restart-grace", "3",
+        ])
+
+    with ProcGroup(workdir) as group:
+        coord = coordinator("coordinator-1")
+        group.wait_ready([coord], timeout=90)
+        address = coord.info["grpc"]
+        nodes = [group.start(f"node-{i}", [
+            "node", "--coordinator", address, "--token-file", str(token), "--model", model,
+            *(["--cache-dir", cache] if cache else []), "--num-blocks", str(per_node),
+            "--torch-threads", "1", "--throughput", "100",
+        ]) for i in range(3)]
+        group.wait_ready(nodes, timeout=300)
+        before = _http_status(coord)
+
+        from pollinate.client.remote_model import RemoteModelForCausalLM
+
+        remote = RemoteModelForCausalLM.from_pretrained(
+            model, coordinator=address, token="chaos-token", cache_dir=cache, wire_codec="none")
+        import torch
+
+        ids = torch.tensor([[1, 5, 9, 33, 70, 12, 8]])
+        gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+        try:
+            baseline = remote.generate(ids, **gen)[0, ids.shape[1]:].tolist()
+            coord.kill()
+            killed_at = time.perf_counter()
+            # Forget the cached routes: the peers must come from the DHT with the coordinator gone.
+            peers = remote.worker.run(remote.swarm.peers(refresh=True), 60.0)
+            during = remote.generate(ids, **gen)[0, ids.shape[1]:].tolist()
+            outage_generation_s = time.perf_counter() - killed_at
+        finally:
+            remote.shutdown()
+        restarted = coordinator("coordinator-2", port=int(address.rsplit(":", 1)[1]))
+        group.wait_ready([restarted], timeout=90)
+        restart_wall = time.time()
+        deadline = time.monotonic() + 15.0
+        after = _http_status(restarted)
+        while (not all(m["last_heartbeat_at"] > restart_wall for m in after["members"])
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+            after = _http_status(restarted)
+    ids_before = sorted(m["member_id"] for m in before["members"])
+    ids_after = sorted(m["member_id"] for m in after["members"])
+    return {
+        "scenario": "coordinator-restart",
+        "model": args.model,
+        "completed": ids_before == ids_after and during == baseline,
+        "members_before": len(ids_before),
+        "members_after": len(ids_after),
+        "same_members": ids_before == ids_after,
+        "epoch_before": before["epoch"],
+        "epoch_after": after["epoch"],
+        "epoch_continued": after["epoch"] >= before["epoch"] > 0,
+        "generation_during_outage": during == baseline and len(during) == args.tokens,
+        "dht_peers_during_outage": len(peers),
+        "outage_generation_s": round(outage_generation_s, 3),
+        "heartbeats_resumed": all(m["last_heartbeat_at"] > restart_wall for m in after["members"]),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="fault scenarios against a local swarm")
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
