@@ -26,7 +26,7 @@ def load_model(args: argparse.Namespace):
     token = args.token_file.read_text().strip() if args.token_file else None
     return RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
-        cache_dir=args.cache_dir, wire_codec=args.codec,
+        cache_dir=args.cache_dir, wire_codec=args.codec, job=getattr(args, "job", None),
     )
 
 

@@ -10,6 +10,7 @@ from pollinate.client.cli_args import add_swarm_arguments, load_model, print_rou
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--job", help="generate with this training job's adapter (the job must exist on the nodes)")
     add_swarm_arguments(p)
 
 

@@ -4,6 +4,11 @@
     out = model.generate(input_ids, max_new_tokens=32)          # greedy or sampling
     with model.inference_session(max_length=512) as sess:        # chat: one session, many calls
         out = model.generate(ids, max_new_tokens=32); ...; model.generate(more_ids, ...)
+    model = RemoteModelForCausalLM.from_pretrained("smollm2", ..., job="sums")  # a job's adapter
+    with model.inference_session(max_length=512, job="sums"): ...  # or per session
+
+With a job, every node applies that job's adapter (the job must exist on the nodes of the
+route, i.e. have been trained there; otherwise NOT_FOUND).
 
 Works with Hugging Face `generate()` (transformers 5.x) without its KV cache: the cache
 lives on the nodes, so `prepare_inputs_for_generation` hands `forward` the whole sequence,
@@ -33,10 +38,11 @@ logger = logging.getLogger(__name__)
 class InferenceSession:
     """A synchronous handle on a RemoteSession, plus the token ids it has processed."""
 
-    def __init__(self, model: RemoteModelForCausalLM, max_length: int):
+    def __init__(self, model: RemoteModelForCausalLM, max_length: int, job: str = ""):
         self.model = model
         self.max_length = max_length
-        self._remote = RemoteSession(model.swarm, max_length=max_length)
+        self.job = job
+        self._remote = RemoteSession(model.swarm, max_length=max_length, job=job)
         self.token_ids: torch.Tensor | None = None  # [batch, position] ids already processed
 
     @property
@@ -98,8 +104,10 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_sdpa = True
 
-    def __init__(self, config, *, client_part, swarm: Swarm, worker: LoopThread, client_config: ClientConfig, dht=None):
+    def __init__(self, config, *, client_part, swarm: Swarm, worker: LoopThread, client_config: ClientConfig, dht=None,
+                 job: str = ""):
         super().__init__(config)
+        self.job = job  # default job for sessions ("" = the base model)
         self.client_part = client_part
         self.swarm = swarm
         self.worker = worker
@@ -118,6 +126,7 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         dht=None,
         cache_dir=None,
         config: ClientConfig | None = None,
+        job: str | None = None,
         **overrides,
     ) -> RemoteModelForCausalLM:
         """Load the client part of `model` and connect to its swarm.
@@ -140,7 +149,8 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         worker = LoopThread()
         swarm = Swarm(dht=dht, model_id=model, num_blocks=files.num_blocks,
                       config=client_config)
-        self = cls(files.config, client_part=part, swarm=swarm, worker=worker, client_config=client_config, dht=dht)
+        self = cls(files.config, client_part=part, swarm=swarm, worker=worker, client_config=client_config, dht=dht,
+                   job=job or "")
         self.generation_config = files.generation_config()
         self.generation_config.use_cache = False  # the KV cache lives on the nodes
         self.model_files = files
@@ -155,10 +165,11 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- sessions
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+    def inference_session(self, max_length: int, job: str | None = None) -> Iterator[InferenceSession]:
+        """A session on the nodes; `job` (default: the model's) applies that job's adapter."""
         if self._session is not None:
             raise RuntimeError("an inference session is already open on this model")
-        session = InferenceSession(self, max_length)
+        session = InferenceSession(self, max_length, self.job if job is None else job)
         self._session = session
         try:
             yield session

@@ -23,6 +23,7 @@ from pollinate.client.routing import Hop
 from pollinate.client.swarm import Swarm
 from pollinate.protocol.errors import (
     InvalidRequest,
+    NotFound,
     PeerUnavailable,
     PollinateError,
     RpcTimeout,
@@ -36,15 +37,17 @@ logger = logging.getLogger(__name__)
 
 HIDDEN = "hidden_states"
 # Errors that are the client's own fault: retrying elsewhere would fail the same way.
-FATAL = (InvalidRequest, Unauthenticated)
+# NotFound: the session's job does not exist on that node (it was not trained there).
+FATAL = (InvalidRequest, NotFound, Unauthenticated)
 
 
 class HopStream:
     """One Inference stream to one peer for one hop of a route."""
 
-    def __init__(self, swarm: Swarm, hop: Hop, *, session_id: str, max_length: int):
+    def __init__(self, swarm: Swarm, hop: Hop, *, session_id: str, max_length: int, job: str = ""):
         self.swarm = swarm
         self.hop = hop
+        self.job = job  # training job whose adapter the node applies; "" = the base model
         self.session_id = session_id
         self.max_length = max_length
         self.history: list[torch.Tensor] = []  # inputs sent, in order (for replay)
@@ -83,6 +86,7 @@ class HopStream:
                         session_id=self.session_id,
                         max_length=self.max_length,
                         reply_codec=cfg.wire_codec,
+                        job=self.job,
                         blocks=common_pb2.Span(start=self.hop.start, end=self.hop.end),
                     ))
                     first = False
@@ -117,9 +121,10 @@ def grpc_eof():
 class RemoteSession:
     """Async core of an inference session over blocks [0, num_blocks)."""
 
-    def __init__(self, swarm: Swarm, *, max_length: int):
+    def __init__(self, swarm: Swarm, *, max_length: int, job: str = ""):
         self.swarm = swarm
         self.max_length = max_length
+        self.job = job  # every hop applies this job's adapter ("" = the base model)
         self.session_id = uuid.uuid4().hex[:16]
         self.hops: list[HopStream] = []
         self.position = 0
@@ -132,7 +137,8 @@ class RemoteSession:
         return [h.hop for h in self.hops]
 
     def _new_stream(self, hop: Hop) -> HopStream:
-        return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length)
+        return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length,
+                         job=self.job)
 
     async def _build(self, start: int, end: int, history: torch.Tensor | None) -> list[HopStream]:
         """Route [start, end) and bring the new hops to the session's position by replay."""

@@ -100,7 +100,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
         requests = aiter(request_iterator)
         assembler = TensorAssembler(self.framing)
         opened: node_pb2.InferenceOpen | None = None
-        session = None
+        session, scope = None, None
         step_position: int | None = None  # position carried by the chunks of the step in progress
         try:
             while True:
@@ -112,8 +112,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                         raise InvalidRequest("Inference: the first message must carry `open`")
                     opened = req.open
                     self.server.check_blocks(opened.blocks.start, opened.blocks.end)
-                    if opened.job:
-                        raise InvalidRequest(f"Inference: job {opened.job!r}: this node serves the base model only")
+                    if opened.job:  # generation with a job's adapter; the job must exist here
+                        scope = self.jobs.scope(self.jobs.existing(opened.job, what=f"session {opened.session_id}"))
                     if opened.max_length <= 0:
                         raise InvalidRequest("Inference: max_length must be > 0")
                 elif req.HasField("open"):
@@ -137,7 +137,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                     session = self.server.open_session(
                         opened.session_id, max_length=opened.max_length, batch_size=hidden.shape[0]
                     )
-                out = await self.server.step(session, hidden, position)
+                out = await self.server.step(session, hidden, position, scope=scope)
                 reply = await _encode(out, opened.reply_codec or encoded.codec)
                 for chunk in reply.chunks(self.framing):
                     yield node_pb2.InferenceReply(position=position, tensor=chunk)

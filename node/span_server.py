@@ -9,6 +9,7 @@ run one after another on the span, each with its own KV cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,18 +118,20 @@ class SpanServer:
             session_id, max_length=max_length, batch_size=batch_size, start=self.start, end=self.end
         )
 
-    async def step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def step(self, session: Session, hidden: torch.Tensor, position: int, *, scope=None) -> torch.Tensor:
+        """One step of `session`; `scope()`, if given, is a context manager entered around the
+        span's forward on the torch thread (a job's adapter: JobManager.scope)."""
         self.check_hidden(hidden)
         session.check_step(position, hidden.shape[1], hidden.shape[0])
         session.last_used = time.monotonic()
-        out = await self._run(self._step_sync, session, hidden, position)
+        out = await self._run(self._step_sync, session, hidden, position, scope)
         session.position = position + hidden.shape[1]
         session.last_used = time.monotonic()
         return out
 
-    def _step_sync(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    def _step_sync(self, session: Session, hidden: torch.Tensor, position: int, scope=None) -> torch.Tensor:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), (scope() if scope is not None else contextlib.nullcontext()):
                 if session.cache is None:
                     session.cache = self.span.new_cache(session.batch_size, session.max_length)
                 position_ids = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)

@@ -174,6 +174,19 @@ class JobManager:
             raise FailedPrecondition(f"job {name!r} exists on this node with different settings: {job.spec} (asked: {spec})")
         return job
 
+    def scope(self, job: Job):
+        """A factory of contexts in which the span runs with `job`'s adapter (inference steps)."""
+        return lambda: self.host.use(job.adapter)
+
+    def existing(self, name: str, *, what: str) -> Job:
+        """A job that must already exist here (no spec to create it): NotFound says so clearly."""
+        job = self.jobs.get(name)
+        if job is None:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise NotFound(f"{what}: job {name!r} is unknown on the node serving blocks "
+                           f"{self.server.start}:{self.server.end} (jobs here: {known}); train it first")
+        return job
+
     async def forward(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
         self.server.check_hidden(hidden)
         return await self.server._run(self._forward_sync, job, hidden)

@@ -63,7 +63,23 @@ def main() -> int:
     probe = token_batches(1, seed=99)[0]
     save_file({"probe": probe, "logits": trainer.forward_logits(probe),
                "base_logits": trainer.forward_logits(probe, job="")}, f"{args.out}/swarm_logits.safetensors")
-    print(json.dumps({"history": history}), flush=True)
+    # Greedy generation through the swarm's Inference sessions with the job's adapter.
+    from pollinate.client.remote_model import RemoteModelForCausalLM
+
+    remote = RemoteModelForCausalLM.from_pretrained(args.model, dht=dht, cache_dir=args.cache_dir, job=args.job,
+                                                    wire_codec="none")
+    prompt = probe[:1, :6]
+    generated = remote.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    base = {}
+    try:
+        with remote.inference_session(max_length=8, job="no-such-job"):
+            remote.forward(prompt)
+    except Exception as e:  # the node answers NOT_FOUND for a job it does not have
+        base["unknown_job_error"] = f"{type(e).__name__}: {e}"
+    remote.worker.run(remote.swarm.close(), 5.0)
+    remote.worker.stop()
+    save_file({"prompt": prompt, "generated": generated}, f"{args.out}/swarm_generate.safetensors")
+    print(json.dumps({"history": history, **base}), flush=True)
     worker.run(swarm.close(), 5.0)
     worker.stop()
     dht.shutdown()

@@ -55,7 +55,9 @@ def test_swarm_lora_matches_local_and_exports_to_peft(swarm, tiny_model_dir, tin
            "--micro-batches", str(micro)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:] + swarm["group"].dump_logs()
-    history = json.loads(proc.stdout.strip().splitlines()[-1])["history"]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    history = result["history"]
+    assert "NotFound" in result["unknown_job_error"] and "'no-such-job' is unknown" in result["unknown_job_error"]
     assert len(history) == steps
 
     # The same steps locally: PEFT on the whole model, the job's initial adapter, torch AdamW.
@@ -104,6 +106,13 @@ def test_swarm_lora_matches_local_and_exports_to_peft(swarm, tiny_model_dir, tin
     print(f"exported PEFT vs swarm-with-job logits max |diff| {gap:.3e} (vs base model {base_gap:.3e})")
     assert gap <= 1e-4
     assert base_gap > 1e-3  # the adapter changes the logits: the comparison is not vacuous
+
+    # Greedy generation through the swarm with the job (Inference sessions, KV cache on the
+    # nodes) equals the exported PEFT model's greedy generation.
+    gen = load_file(str(out / "swarm_generate.safetensors"))
+    with torch.no_grad():
+        local_gen = peft_model.generate(gen["prompt"], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(local_gen, gen["generated"]), (local_gen, gen["generated"])
 
 
 def test_bad_input_fails_before_training(tmp_path, tiny_model_dir, tiny_cache_dir):
