@@ -5,8 +5,9 @@ client's ban list, the output is a chain of hops whose block ranges tile [start,
 Like Petals' sequence manager, this is a shortest path over block boundaries: boundary b
 is a vertex, and a peer serving [s, e) gives an edge a -> b for every s <= a < b <= e
 (a hop may cover a sub-range of a peer's span). An edge costs one hop's latency plus
-(b - a) / throughput, throughput being the peer's measured blocks-per-second for one
-token step. Dijkstra picks the cheapest chain.
+the time the peer takes for those blocks of one token step: the peer announces tokens/s
+through its whole span (node/throughput.py), so a block costs 1 / (throughput * span
+length). Dijkstra picks the cheapest chain.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class PeerSpan:
     address: str  # host:port of the peer's gRPC server
     start: int  # first hosted block
     end: int  # one past the last hosted block
-    throughput: float  # blocks per second for one token step (higher is faster)
+    throughput: float  # tokens/s for one-token steps through the whole span [start, end)
     state: str = "online"  # "joining" | "online" | "offline"
     cache_tokens_left: int | None = None  # KV-cache tokens the peer can still reserve
 
@@ -63,8 +64,8 @@ class RoutingConfig:
 
 def hop_cost(peer: PeerSpan, start: int, end: int, config: RoutingConfig) -> float:
     """Expected seconds one token step spends on this hop."""
-    throughput = peer.throughput if peer.throughput > 0 else 1e-9
-    return config.hop_latency_s + (end - start) / throughput
+    blocks_per_s = max(peer.throughput * (peer.end - peer.start), 1e-9)
+    return config.hop_latency_s + (end - start) / blocks_per_s
 
 
 def missing_blocks(peers: list[PeerSpan], start: int, end: int) -> list[int]:

@@ -45,13 +45,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-file", type=Path, help="write {address, dht_maddrs, peer_id} here once serving")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
-    p.add_argument("--device", default="cpu", help="'auto', 'cpu', 'cuda', 'cuda:N'")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16', 'float16'")
-    p.add_argument("--throughput", type=float, help="announce this many blocks/s instead of measuring")
+    p.add_argument("--throughput", type=parse_throughput, default="auto",
+                   help="tokens/s to announce: 'auto' (measured once per model, device, dtype and span "
+                        "length, then cached), 'eval' (measure again) or a number")
     p.add_argument("--cache-tokens", type=int, default=8192, help="KV-cache budget in tokens over all sessions")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close sessions idle this long, seconds")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--announce-expiration", type=float, default=60.0, help="DHT record lifetime, seconds")
+
+
+def parse_throughput(text: str) -> float | str:
+    from pollinate.node.throughput import parse_throughput as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _initial_throughput(config) -> float:
+    """What the node claims before it has measured: the override, or a placeholder of 1."""
+    return 1.0 if isinstance(config.throughput, str) else config.throughput
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -153,7 +169,8 @@ async def serve(config, dht) -> int:
     from pollinate.coordinator.placement import Span
     from pollinate.node.announce import Announcer
     from pollinate.node.device import resolve_placement
-    from pollinate.node.model_files import open_model
+    from pollinate.node.model_files import DEFAULT_CACHE_DIR, open_model
+    from pollinate.node.throughput import resolve_throughput
     from pollinate.node.servicer import NodeServicer, add_to_server
     from pollinate.node.span_server import SpanServer
     from pollinate.protocol.channels import RpcServer, ServerConfig
@@ -211,7 +228,7 @@ async def serve(config, dht) -> int:
         member = CoordinatorClient(CoordinatorClientConfig(
             coordinator=config.coordinator, token=config.token, address=address,
             capacity_blocks=_capacity_blocks(config, files, placement),
-            throughput=config.throughput or 1.0, requested_span=requested,
+            throughput=_initial_throughput(config), requested_span=requested,
             join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
         ), on_move=move)
         assignment = await member.start()
@@ -228,7 +245,7 @@ async def serve(config, dht) -> int:
     async with lock:  # a MOVE arriving while the first span loads waits for it
         server = await load(start, end)
         rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
-        servicer = NodeServicer(server, throughput=config.throughput or 1.0)
+        servicer = NodeServicer(server, throughput=_initial_throughput(config))
         add_to_server(rpc, servicer)
         if reservation is not None:
             reservation.close()
@@ -236,14 +253,17 @@ async def serve(config, dht) -> int:
         announcer = announcer_for(server, address, servicer.throughput)
         current.update(server=server, announcer=announcer, address=address)
         await asyncio.to_thread(announcer.announce, "joining")
-        if config.throughput is None:
-            servicer.throughput = announcer.throughput = await asyncio.to_thread(server.measure_throughput)
+        if isinstance(config.throughput, str):
+            servicer.throughput = announcer.throughput = await asyncio.to_thread(
+                resolve_throughput, config.throughput, server.span, model_id=config.model,
+                cache_dir=config.cache_dir or DEFAULT_CACHE_DIR, device_name=placement.device_name,
+            )
         await asyncio.to_thread(announcer.start)
         if member is not None:
             member.set_throughput(servicer.throughput)
             member.set_serving(Span(start, end))
     logger.info(
-        "serving blocks %d:%d of %s at %s (%.1f blocks/s, %d-token cache budget), peer %s",
+        "serving blocks %d:%d of %s at %s (%.1f tokens/s, %d-token cache budget), peer %s",
         start, end, config.model, address, servicer.throughput,
         config.sessions.budget_tokens, announcer.peer_id,
     )

@@ -46,7 +46,10 @@ class NodeConfig:
     ready_file: Path | None = None  # JSON {address, dht_maddrs, peer_id} written once serving
     device: str = "cpu"  # torch device the span runs on
     dtype: str = "float32"  # torch dtype the span computes in
-    throughput: float | None = None  # announced blocks/s; None = measure at startup
+    # Announced tokens/s for one-token steps through the whole span (node/throughput.py):
+    # "auto" = the cached figure for this model, device, dtype and span length, measured on a
+    # miss; "eval" = measure again; a number = announce that, measure nothing.
+    throughput: float | str = "auto"
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default
     serving: ServingConfig = field(default_factory=ServingConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
@@ -74,7 +77,7 @@ class NodeConfig:
             raise ValueError(f"coordinator_timeout_s must be > 0, got {self.coordinator_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.throughput is not None and not self.throughput > 0:
-            raise ValueError(f"throughput must be > 0, got {self.throughput}")
+        if not isinstance(self.throughput, str) and not self.throughput > 0:
+            raise ValueError(f"throughput must be > 0, auto or eval, got {self.throughput}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")

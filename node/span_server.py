@@ -143,18 +143,3 @@ class SpanServer:
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)
 
-    # ---- throughput
-
-    def measure_throughput(self, *, steps: int = 8) -> float:
-        """Blocks per second for one-token steps with a warm cache (what generation does)."""
-        span = self.span
-        with torch.inference_mode():
-            cache = span.new_cache(1, 8 + steps)
-            x = torch.randn(1, 8, self.hidden_size, dtype=self.compute_dtype, device=span.device)
-            span.forward(x, cache=cache)
-            one = torch.randn(1, 1, self.hidden_size, dtype=self.compute_dtype, device=span.device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                span.forward(one, cache=cache)
-            per_step = (time.perf_counter() - t0) / steps
-        return (self.end - self.start) / max(per_step, 1e-9)
