@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs --token-file)")
-    p.add_argument("--token-file", type=Path, help="file holding the swarm token")
+    p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--codec", default="fp16", help="hidden states on the wire: fp16 (default), none (fp32)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -20,10 +21,29 @@ def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", dest="show_route", action="store_true", help="print the route used")
 
 
+def swarm_token(args: argparse.Namespace) -> str | None:
+    """--token-file, else $POLLINATE_TOKEN."""
+    from pollinate.protocol.auth import TOKEN_ENV, read_token
+
+    return read_token(args.token_file, os.environ.get(TOKEN_ENV))
+
+
+def swarm_peers(args: argparse.Namespace, token: str | None) -> list[str]:
+    """DHT multiaddrs to bootstrap from: --initial-peers, else the coordinator's (asked in a
+    subprocess, so this process holds no gRPC object before its DHT forks)."""
+    from pollinate.client.remote_model import _coordinator_peers
+
+    if args.initial_peers:
+        return list(args.initial_peers)
+    if args.coordinator:
+        return _coordinator_peers(args.coordinator, token)
+    raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
+
+
 def load_model(args: argparse.Namespace):
     from pollinate.client.remote_model import RemoteModelForCausalLM
 
-    token = args.token_file.read_text().strip() if args.token_file else None
+    token = swarm_token(args)
     return RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
         cache_dir=args.cache_dir, wire_codec=args.codec, job=getattr(args, "job", None),

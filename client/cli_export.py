@@ -11,8 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="directory for adapter_config.json + adapter_model.safetensors")
     p.add_argument("--job", required=True)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--initial-peers", nargs="*", default=[])
-    p.add_argument("--token-file", type=Path)
+    p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
+    p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--rank", type=int, default=8, help="the job's LoRA rank (as trained)")
     p.add_argument("--alpha", type=float, default=16.0, help="the job's LoRA alpha (as trained)")
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pollinate.client.cli_args import swarm_peers, swarm_token
     from pollinate.client.config import ClientConfig
     from pollinate.client.peft_export import write_peft_adapter
     from pollinate.client.swarm import Swarm
@@ -30,12 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from pollinate.node.training import JobSpec
 
     spec = JobSpec(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
-    if not args.initial_peers:
-        print("pollinate export: give --initial-peers", file=sys.stderr)
+    try:
+        token = swarm_token(args)
+        peers = swarm_peers(args, token)
+    except ValueError as e:
+        print(f"pollinate export: {e}", file=sys.stderr)
         return 2
     files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
-    token = args.token_file.read_text().strip() if args.token_file else None
-    dht = start_dht(list(args.initial_peers), client_mode=True)
+    dht = start_dht(peers, client_mode=True)  # before any gRPC object
     worker = LoopThread()
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:

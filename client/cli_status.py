@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-TOKEN_ENV = "POLLINATE_TOKEN"
+from pollinate.protocol.auth import TOKEN_ENV, read_token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from pollinate.protocol.errors import PollinateError, translate_rpc_errors
     from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-    else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
+    token = read_token(args.token_file, os.environ.get(TOKEN_ENV))
     if not token:
         print(f"pollinate status: no swarm token; pass --token-file or set ${TOKEN_ENV}",
               file=sys.stderr)

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
-    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (not wired yet: use --initial-peers)")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--codec", default="none", help="activations/gradients on the wire: none (fp32), fp16")
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pollinate.client.training_data import load_examples, read_records, split, tokenize
+    from pollinate.client.training_data import DataError, load_examples, read_records, split, tokenize
     from pollinate.client.trainer import TrainConfig
     from pollinate.node.training import JobSpec
 
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args, files, tok, config, train, held) -> int:
+    from pollinate.client.cli_args import swarm_peers, swarm_token
     from pollinate.client.config import ClientConfig
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer
@@ -78,11 +79,13 @@ def _train(args, files, tok, config, train, held) -> int:
     from pollinate.client.worker import LoopThread
     from pollinate.node.announce import start_dht
 
-    if not args.initial_peers:
-        print("pollinate train: give --initial-peers (DHT multiaddrs of the swarm)", file=sys.stderr)
+    try:
+        token = swarm_token(args)
+        peers = swarm_peers(args, token)
+    except ValueError as e:
+        print(f"pollinate train: {e}", file=sys.stderr)
         return 2
-    token = args.token_file.read_text().strip() if args.token_file else None
-    dht = start_dht(list(args.initial_peers), client_mode=True)  # before any gRPC object
+    dht = start_dht(peers, client_mode=True)  # before any gRPC object
     worker = LoopThread()
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--ready-file", type=Path, help="write {address, dht_maddrs, peer_id} here once serving")
-    p.add_argument("--token-file", type=Path, help="file holding the swarm token")
+    p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16', 'float16'")
@@ -82,9 +82,10 @@ def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
     from pollinate.node.config import NodeConfig
     from pollinate.node.sessions import SessionConfig
+    from pollinate.protocol.auth import TOKEN_ENV, read_token
 
     start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
-    token = args.token_file.read_text().strip() if args.token_file else None
+    token = read_token(args.token_file, os.environ.get(TOKEN_ENV))
     return NodeConfig(
         coordinator=args.coordinator,
         capacity_blocks=args.capacity_blocks,

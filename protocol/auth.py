@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -24,6 +26,22 @@ TOKEN_METADATA_KEY = "x-pollinate-token"
 # Liveness probes answer without a token, so orchestration and `pollinate status` can ask
 # whether a peer is up without being a member. Full method names: /package.Service/Method.
 HEALTH_METHODS: frozenset[str] = frozenset({"/pollinate.v1.Node/Health", "/pollinate.v1.Coordinator/Health"})
+
+
+# The environment variable every command reads the token from when no --token-file is given
+# (docker-compose passes it this way). Only the command-line layer reads the environment.
+TOKEN_ENV = "POLLINATE_TOKEN"
+
+
+def read_token(token_file: str | os.PathLike | None, fallback: str | None = None) -> str | None:
+    """The swarm token from `token_file`, else `fallback` (the CLI passes $POLLINATE_TOKEN);
+    None when neither gives one. An empty token file is an error, not "no token"."""
+    if token_file is not None:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return (fallback or "").strip() or None
 
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:

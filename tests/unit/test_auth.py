@@ -134,3 +134,16 @@ async def test_token_interceptor_on_a_bidi_stream_driven_with_write_and_read(nod
             assert (await call.read()).tensor.name == name
         await call.done_writing()
         assert await call.code() == grpc.StatusCode.OK
+
+
+def test_read_token_prefers_the_file_then_the_fallback_and_refuses_an_empty_file(tmp_path):
+    from pollinate.protocol.auth import read_token
+
+    f = tmp_path / "token"
+    f.write_text("  s3cret\n")
+    assert read_token(f, "from-env") == "s3cret"
+    assert read_token(None, " from-env ") == "from-env"
+    assert read_token(None, "") is None and read_token(None, None) is None
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_token(f, "from-env")
