@@ -19,6 +19,7 @@ from pollinate.coordinator.config import (
     CoordinatorConfig,
     DhtConfig,
     MembershipConfig,
+    RoundsConfig,
     StoreConfig,
 )
 
@@ -51,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart-grace", type=float, default=defaults.restart_grace_s,
                         metavar="S", help="extra lease for restored members after a restart "
                                           "(default %(default)s)")
+    parser.add_argument("--round-window", type=float, default=RoundsConfig().window_s, metavar="S",
+                        help="how long a DiLoCo round waits for a span's replicas to ask "
+                             "(default %(default)s)")
     parser.add_argument("--max-members-per-address", type=int,
                         default=defaults.max_members_per_address, metavar="N",
                         help="live members allowed per source IP, 0: no cap (default %(default)s)")
@@ -103,6 +107,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
             rebalance_interval_s=args.rebalance_interval,
         ),
         store=StoreConfig(data_dir=args.data_dir, synchronous=args.sqlite_synchronous),
+        rounds=RoundsConfig(window_s=args.round_window),
         dht=DhtConfig(
             enabled=not args.no_dht,
             host_maddrs=tuple(args.dht_host_maddr or DhtConfig().host_maddrs),

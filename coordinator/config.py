@@ -111,10 +111,25 @@ class DhtConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoundsConfig:
+    # How long a round waits for the span's live replicas after the first one asked, seconds.
+    window_s: float = 5.0
+    # How long CommitRound waits for the other members' checksums, seconds.
+    commit_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("window_s", "commit_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class CoordinatorConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     store: StoreConfig
     dht: DhtConfig = field(default_factory=DhtConfig)
+    # DiLoCo rounds (coordinator/rounds.py)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     # Interface for gRPC and HTTP. 127.0.0.1: nothing is exposed unless asked for.
     host: str = "127.0.0.1"
     # gRPC port; 0 lets the OS choose (read the bound one from the ready file).

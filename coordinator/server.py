@@ -97,8 +97,11 @@ class CoordinatorServer:
         self.membership.restore()
         if self.dht is not None:
             self._dht_peers = [str(a) for a in self.dht.get_visible_maddrs()]
+        from pollinate.coordinator.rounds import Rounds
+
         self._servicer = CoordinatorServicer(
-            self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status
+            self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
+            rounds=Rounds(cfg.rounds, self.store, self.membership),
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
                                            grace_s=cfg.stop_grace_s))

@@ -15,7 +15,8 @@ import grpc.aio
 from pollinate import __version__
 from pollinate.coordinator.membership import JoinParams, Membership
 from pollinate.coordinator.placement import Span
-from pollinate.protocol.errors import InvalidRequest
+from pollinate.coordinator.rounds import Rounds
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         *,
         dht_initial_peers: Callable[[], list[str]],
         status: Callable[[], dict],
+        rounds: Rounds | None = None,
     ) -> None:
         self.membership = membership
+        self.rounds = rounds  # DiLoCo rounds (coordinator/rounds.py); None: not offered
         self._dht_initial_peers = dht_initial_peers
         self._status = status
         self.serving = True
@@ -111,6 +114,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Status(self, request, context):
         return status_to_proto(self._status())
+
+    def _rounds(self) -> Rounds:
+        if self.rounds is None:
+            raise FailedPrecondition("this coordinator does not run DiLoCo rounds")
+        return self.rounds
+
+    async def BeginRound(self, request: coordinator_pb2.BeginRoundRequest, context):
+        group, shard = await self._rounds().begin(
+            request.job, span_from_proto(request.span, "span"), request.round,
+            request.member_id, request.tokens)
+        return coordinator_pb2.BeginRoundReply(
+            round=group.round, shard_index=shard,
+            members=[coordinator_pb2.RoundMember(member_id=m, address=a) for m, a in group.members])
+
+    async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
+        committed, reason, last = await self._rounds().commit(
+            request.job, span_from_proto(request.span, "span"), request.round,
+            request.member_id, request.checksum, request.state)
+        return coordinator_pb2.CommitRoundReply(committed=committed, reason=reason,
+                                                committed_round=last)
+
+    async def GetCommittedState(self, request: coordinator_pb2.GetCommittedStateRequest, context):
+        rnd, checksum, state = self._rounds().committed_state(
+            request.job, span_from_proto(request.span, "span"))
+        return coordinator_pb2.GetCommittedStateReply(round=rnd, checksum=checksum, state=state)
 
 
 def _member_to_proto(m: dict) -> coordinator_pb2.MemberInfo:

@@ -247,6 +247,11 @@ async def serve(config, dht) -> int:
         server = await load(start, end)
         rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
         servicer = NodeServicer(server, throughput=_initial_throughput(config))
+        if member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
+            from pollinate.node.rounds import RoundConfig, RoundDriver
+            servicer.jobs.rounds = RoundDriver(RoundConfig(), coordinator_address=config.coordinator,
+                                               token=config.token, member_id=lambda: member.member_id,
+                                               framing=servicer.framing)
         add_to_server(rpc, servicer)
         if reservation is not None:
             reservation.close()

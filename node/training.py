@@ -46,6 +46,7 @@ class JobSpec:
     grad_clip: float = 1.0  # max L2 norm of a span's adapter gradient per step; 0 = off
     micro_batches: int = 1  # Backward calls per optimizer step; their gradients are averaged
     seed: int = 0  # adapter initialisation seed
+    round_steps: int = 0  # DiLoCo: inner steps between outer rounds (H); 0 = DiLoCoConfig's default
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,12 +67,14 @@ class JobSpec:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.micro_batches <= 0:
             raise ValueError(f"micro_batches must be > 0, got {self.micro_batches}")
+        if self.round_steps < 0:
+            raise ValueError(f"round_steps must be >= 0, got {self.round_steps}")
 
     def to_proto(self, pb):
         return pb.JobSpec(
             method=self.method, rank=self.rank, alpha=self.alpha, targets=list(self.targets), lr=self.lr,
             weight_decay=self.weight_decay, beta1=self.betas[0], beta2=self.betas[1], grad_clip=self.grad_clip,
-            micro_batches=self.micro_batches, seed=self.seed,
+            micro_batches=self.micro_batches, seed=self.seed, round_steps=self.round_steps,
         )
 
     @classmethod
@@ -80,7 +83,7 @@ class JobSpec:
             return cls(
                 method=msg.method, rank=msg.rank, alpha=msg.alpha, targets=tuple(msg.targets), lr=msg.lr,
                 weight_decay=msg.weight_decay, betas=(msg.beta1, msg.beta2), grad_clip=msg.grad_clip,
-                micro_batches=msg.micro_batches, seed=msg.seed,
+                micro_batches=msg.micro_batches, seed=msg.seed, round_steps=msg.round_steps,
             )
         except ValueError as e:
             raise InvalidRequest(f"job spec: {e}") from e
@@ -157,6 +160,7 @@ class JobManager:
         self.server = server  # SpanServer: the span, its checks and its single torch thread
         self.host = AdapterHost()
         self.jobs: dict[str, Job] = {}
+        self.rounds = None  # node/rounds.py RoundDriver when the node has a coordinator
 
     def job(self, name: str, spec_msg=None) -> Job:
         """The job `name`, created from `spec_msg` on first sight; clash -> FAILED_PRECONDITION."""
@@ -170,6 +174,8 @@ class JobManager:
             except ValueError as e:
                 raise InvalidRequest(f"job {name!r}: {e}") from e
             logger.info("job %s created on blocks %d:%d: %s", name, self.server.start, self.server.end, spec)
+            if self.rounds is not None:
+                self.rounds.track(job)
         elif spec is not None and spec != job.spec:
             raise FailedPrecondition(f"job {name!r} exists on this node with different settings: {job.spec} (asked: {spec})")
         return job
@@ -203,7 +209,10 @@ class JobManager:
         self.server.check_hidden(hidden)
         if grad_out.shape != hidden.shape:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
-        return await self.server._run(self._backward_sync, job, hidden, grad_out)
+        grad_in = await self.server._run(self._backward_sync, job, hidden, grad_out)
+        if self.rounds is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
+            await self.rounds.after_backward(self, job)
+        return grad_in
 
     def _backward_sync(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         try:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from pollinate.node.training import JobManager
-from pollinate.protocol.errors import InvalidRequest, NotFound
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 from pollinate.protocol.tensors import TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import node_pb2
 
@@ -70,11 +70,47 @@ class TrainingRpcs:
             raise InvalidRequest(f"Backward: stream ended with only {sorted(pair)} of a micro-batch")
         assembler.close()
 
+    async def ExchangeShard(self, request_iterator, context):
+        """A group member's CONTRIBUTION to this node's shard; answered with the RESULT."""
+        rounds = self.jobs.rounds
+        if rounds is None:
+            raise FailedPrecondition("ExchangeShard: this node runs no DiLoCo rounds (no coordinator)")
+        requests = aiter(request_iterator)
+        assembler = TensorAssembler(self.framing)
+        first, payload = None, None
+        while payload is None:
+            msg = await self._next(requests, "ExchangeShard")
+            if msg is None:
+                raise InvalidRequest("ExchangeShard: stream ended before the contribution was complete")
+            if msg.kind != node_pb2.ShardMessage.CONTRIBUTION:
+                raise InvalidRequest("ExchangeShard: only CONTRIBUTION messages are accepted")
+            first = first or msg
+            encoded = assembler.feed(msg.tensor)
+            if encoded is not None:
+                payload = encoded.payload
+        result = await rounds.receive(first.job, first.round, first.sender_id, first.shard_index,
+                                      first.weight, payload)
+        from pollinate.node.rounds import payload_chunks
+        for chunk in payload_chunks(result, self.framing):
+            yield node_pb2.ShardMessage(job=first.job, span=first.span, round=first.round,
+                                        shard_index=first.shard_index,
+                                        kind=node_pb2.ShardMessage.RESULT, tensor=chunk)
+
     async def GetState(self, request, context):
-        if request.round != 0:
-            raise NotFound(f"GetState: job {request.job!r}: committed rounds are not kept here; ask for round 0")
         if (request.span.start, request.span.end) != (0, 0):
             self.server.check_blocks(request.span.start, request.span.end)
+        if request.round != 0:  # the committed DiLoCo state (θ_global, momentum) of that round
+            if self.jobs.rounds is None:
+                raise NotFound(f"GetState: job {request.job!r}: this node runs no DiLoCo rounds")
+            committed, shared = self.jobs.rounds.committed(request.job)
+            if request.round != committed:
+                raise NotFound(f"GetState: job {request.job!r}: round {request.round} asked, "
+                               f"round {committed} is the last committed here")
+            for name, tensor in shared.items():
+                encoded = await asyncio.to_thread(encode_tensor, tensor, codec="none", name=f"diloco.{name}")
+                for chunk in encoded.chunks(self.framing):
+                    yield node_pb2.GetStateReply(round=committed, tensor=chunk)
+            return
         state = await self.jobs.state(request.job)
         for name, tensor in state.items():
             encoded = await asyncio.to_thread(encode_tensor, tensor, codec="none", name=name)

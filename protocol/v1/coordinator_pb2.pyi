@@ -159,3 +159,79 @@ class StatusReply(_message.Message):
     heartbeat_period_s: float
     lease_s: float
     def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class BeginRoundRequest(_message.Message):
+    __slots__ = ("job", "span", "round", "member_id", "tokens")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    span: _common_pb2.Span
+    round: int
+    member_id: str
+    tokens: int
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class RoundMember(_message.Message):
+    __slots__ = ("member_id", "address")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    address: str
+    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class BeginRoundReply(_message.Message):
+    __slots__ = ("round", "members", "shard_index")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    members: _containers.RepeatedCompositeFieldContainer[RoundMember]
+    shard_index: int
+    def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ..., shard_index: _Optional[int] = ...) -> None: ...
+
+class CommitRoundRequest(_message.Message):
+    __slots__ = ("job", "span", "round", "member_id", "checksum", "state")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    span: _common_pb2.Span
+    round: int
+    member_id: str
+    checksum: str
+    state: bytes
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...
+
+class CommitRoundReply(_message.Message):
+    __slots__ = ("committed", "reason", "committed_round")
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    reason: str
+    committed_round: int
+    def __init__(self, committed: _Optional[bool] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ...) -> None: ...
+
+class GetCommittedStateRequest(_message.Message):
+    __slots__ = ("job", "span")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    span: _common_pb2.Span
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ...) -> None: ...
+
+class GetCommittedStateReply(_message.Message):
+    __slots__ = ("round", "checksum", "state")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    checksum: str
+    state: bytes
+    def __init__(self, round: _Optional[int] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...

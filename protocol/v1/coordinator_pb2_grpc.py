@@ -60,6 +60,21 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.BeginRound = channel.unary_unary(
+                '/pollinate.v1.Coordinator/BeginRound',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.BeginRoundRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.BeginRoundReply.FromString,
+                _registered_method=True)
+        self.CommitRound = channel.unary_unary(
+                '/pollinate.v1.Coordinator/CommitRound',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundReply.FromString,
+                _registered_method=True)
+        self.GetCommittedState = channel.unary_unary(
+                '/pollinate.v1.Coordinator/GetCommittedState',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -101,6 +116,29 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginRound(self, request, context):
+        """DiLoCo round r of (job, span): waits up to the round window for the span's live
+        replicas to ask, then returns the group (ordered) and the caller's shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitRound(self, request, context):
+        """A member reports the checksum of its new global state (and the state itself); the reply
+        comes once every group member reported: committed when all checksums agree.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCommittedState(self, request, context):
+        """The last committed global state of (job, span); NOT_FOUND before the first commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +166,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'BeginRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginRound,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.BeginRoundRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.BeginRoundReply.SerializeToString,
+            ),
+            'CommitRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitRound,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundReply.SerializeToString,
+            ),
+            'GetCommittedState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCommittedState,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +318,87 @@ class Coordinator:
             '/pollinate.v1.Coordinator/Status',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/BeginRound',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.BeginRoundRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.BeginRoundReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/CommitRound',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCommittedState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/GetCommittedState',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
             options,
             channel_credentials,
             insecure,

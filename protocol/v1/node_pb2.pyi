@@ -165,7 +165,7 @@ class GetStateReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed")
+    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed", "round_steps")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class JobSpec(_message.Message):
     GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STEPS_FIELD_NUMBER: _ClassVar[int]
     method: str
     rank: int
     alpha: float
@@ -188,4 +189,5 @@ class JobSpec(_message.Message):
     grad_clip: float
     micro_batches: int
     seed: int
-    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    round_steps: int
+    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ...) -> None: ...
