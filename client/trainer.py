@@ -171,7 +171,7 @@ class Trainer:
         loss.backward()
         self._run(self.chain.backward(route, inputs, out.grad))
         self.tokens += int((labels != -100).sum())
-        return float(loss)
+        return float(loss.detach())
 
     def evaluate(self, examples) -> float:
         """Mean loss over `examples` with the job's adapter (Forward only, no training)."""
