@@ -22,10 +22,9 @@ from pollinate.coordinator.config import (
     RoundsConfig,
     StoreConfig,
 )
+from pollinate.protocol.auth import TOKEN_ENV, read_token
 
 logger = logging.getLogger(__name__)
-
-TOKEN_ENV = "POLLINATE_TOKEN"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,13 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the bound addresses as JSON here once serving")
 
 
-def read_token(token_file: Path | None) -> str:
-    if token_file is not None:
-        token = token_file.read_text().strip()
-        if not token:
-            raise SystemExit(f"pollinate coordinator: {token_file} is empty")
-        return token
-    token = os.environ.get(TOKEN_ENV, "").strip()
+def required_token(token_file: Path | None) -> str:
+    try:
+        token = read_token(token_file, os.environ.get(TOKEN_ENV))
+    except ValueError as e:
+        raise SystemExit(f"pollinate coordinator: {e}") from None
     if not token:
         raise SystemExit(
             f"pollinate coordinator: no swarm token; pass --token-file or set ${TOKEN_ENV}"
@@ -114,7 +111,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
             announce_maddrs=tuple(args.dht_announce_maddr or ()),
         ),
         host=args.host, port=args.port, http_port=args.http_port,
-        token=read_token(args.token_file), ready_file=args.ready_file,
+        token=required_token(args.token_file), ready_file=args.ready_file,
     )
 
 
