@@ -9,7 +9,10 @@ What a real deployment does across machines, here as local processes on loopback
 4. show the swarm as `pollinate status` does;
 5. answer a chat prompt through the swarm, streaming tokens, the way `pollinate generate
    --coordinator HOST:PORT` does, then run the whole model locally and compare the tokens;
-6. tear everything down: SIGTERM, then SIGKILL whatever lingers.
+6. fine-tune a little: `pollinate train --coordinator HOST:PORT` trains a LoRA job on the
+   nodes (a few steps of two-digit sums), then the same question is asked with and without
+   the job's adapter;
+7. tear everything down: SIGTERM, then SIGKILL whatever lingers.
 
 Each process logs to a file in the temporary directory; on a failure the tails are printed.
 """
@@ -35,6 +38,14 @@ COORDINATOR_READY_S = 90.0
 NODES_READY_S = 300.0
 # Seconds a process gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = 15.0
+# The demo's fine-tune: a handful of LoRA steps on two-digit sums, enough to move the
+# adapter and show the path end to end on a CPU in about a minute, not to teach arithmetic
+# (benchmarks/bench_finetune.py measures that).
+FINETUNE_JOB = "demo-sums"
+FINETUNE_STEPS = 8
+FINETUNE_LR = "1e-3"
+FINETUNE_S = 600.0
+SUM_QUESTION = "What is 23 + 45? Answer with just the number."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +122,28 @@ def _stop(procs: list[_Proc]) -> None:
 
 
 def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/6] {text}", flush=True)
+    print(f"\n[{n}/7] {text}", flush=True)
+
+
+def _write_sums(path: Path, count: int, seed: int = 0) -> None:
+    """`count` prompt/completion lines of two-digit sums answered with just the number."""
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(count):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}? Answer with just the number.",
+                                "completion": str(a + b)}) + "\n")
+
+
+def _ask(remote, tokenizer, question: str, max_new_tokens: int, job: str | None = None) -> str:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with remote.inference_session(max_length=ids.shape[1] + max_new_tokens, job=job):
+        out = remote.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         _wait_ready(nodes, NODES_READY_S, lambda p, i: print(
             f"  {p.name}: assigned blocks {i['blocks'][0]}:{i['blocks'][1]}, serving at {i['address']} "
-            f"({i['throughput']:.0f} blocks/s measured), after {time.monotonic() - t0:.0f} s", flush=True))
+            f"({i['throughput']:.0f} tokens/s measured), after {time.monotonic() - t0:.0f} s", flush=True))
 
         _step(4, "the swarm, as `pollinate status` shows it")
         table = subprocess.run([sys.executable, "-m", "pollinate", "status", "--coordinator", address,
@@ -205,14 +237,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"  MISMATCH: swarm {swarm_tokens}\n            local {local}", file=sys.stderr)
             return 1
         print(f"  match: the swarm's {len(local)} greedy tokens equal the local model's, token for token")
-        print("\n  fine-tuning through the demo is not yet available (`pollinate train` is in progress)")
+
+        _step(6, f"fine-tuning a little: {FINETUNE_STEPS} LoRA steps of job {FINETUNE_JOB!r} on two-digit "
+                 "sums, trained on the nodes (the trainer knows only the coordinator's address)")
+        data = workdir / "sums.jsonl"
+        _write_sums(data, 64)
+        before = _ask(remote, tokenizer, SUM_QUESTION, 8)
+        train = subprocess.run([
+            sys.executable, "-m", "pollinate", "train", "--coordinator", address,
+            "--token-file", str(token_file), "--model", model_name, "--cache-dir", str(cache_dir),
+            "--job", FINETUNE_JOB, "--data", str(data), "--steps", str(FINETUNE_STEPS),
+            "--batch-size", "4", "--lr", FINETUNE_LR, "--eval-fraction", "0.125",
+        ], timeout=FINETUNE_S)
+        if train.returncode != 0:
+            print(f"  pollinate train exited with code {train.returncode}", file=sys.stderr)
+            return 1
+        after = _ask(remote, tokenizer, SUM_QUESTION, 8, job=FINETUNE_JOB)
+        print(f"  user: {SUM_QUESTION}\n  base model: {before!r}\n  with job {FINETUNE_JOB!r}: {after!r}")
+        print(f"  (`pollinate generate --coordinator {address} --job {FINETUNE_JOB} ...` asks the same; "
+              f"`pollinate export --job {FINETUNE_JOB} DIR` writes it as a PEFT adapter)")
         ok = True
         return 0
-    except (RuntimeError, TimeoutError, OSError, ValueError) as e:
+    except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.TimeoutExpired) as e:
         print(f"\npollinate demo failed: {e}", file=sys.stderr)
         return 1
     finally:
-        _step(6, "tearing down: nodes leave the swarm, then the coordinator stops")
+        _step(7, "tearing down: nodes leave the swarm, then the coordinator stops")
         if remote is not None:
             remote.shutdown()
         _stop(procs)
