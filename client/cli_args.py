@@ -8,12 +8,18 @@ import sys
 from pathlib import Path
 
 
-def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """How every client command (generate, chat, train, export) finds the swarm."""
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
-    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs --token-file)")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
+
+
+def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
+    """generate and chat: the connection plus sampling settings."""
+    add_connection_arguments(p)
     p.add_argument("--codec", default="fp16", help="hidden states on the wire: fp16 (default), none (fp32)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sample")
@@ -38,6 +44,15 @@ def swarm_peers(args: argparse.Namespace, token: str | None) -> list[str]:
     if args.coordinator:
         return _coordinator_peers(args.coordinator, token)
     raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
+
+
+def join_dht(args: argparse.Namespace):
+    """(token, a client-mode DHT peer) for a command that talks to nodes directly. Call it
+    before creating any gRPC object: the DHT forks. ValueError says what to pass."""
+    from pollinate.node.announce import start_dht
+
+    token = swarm_token(args)
+    return token, start_dht(swarm_peers(args, token), client_mode=True)
 
 
 def load_model(args: argparse.Namespace):

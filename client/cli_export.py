@@ -6,40 +6,35 @@ import argparse
 import sys
 from pathlib import Path
 
+from pollinate.client.cli_args import add_connection_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="directory for adapter_config.json + adapter_model.safetensors")
     p.add_argument("--job", required=True)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
-    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
-    p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
-    p.add_argument("--cache-dir", type=Path)
+    add_connection_arguments(p)
     p.add_argument("--rank", type=int, default=8, help="the job's LoRA rank (as trained)")
     p.add_argument("--alpha", type=float, default=16.0, help="the job's LoRA alpha (as trained)")
     p.add_argument("--targets", default="q_proj,v_proj")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pollinate.client.cli_args import swarm_peers, swarm_token
+    from pollinate.client.cli_args import join_dht
     from pollinate.client.config import ClientConfig
     from pollinate.client.peft_export import write_peft_adapter
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer, TrainConfig
     from pollinate.client.worker import LoopThread
-    from pollinate.node.announce import start_dht
     from pollinate.node.model_files import open_model
     from pollinate.node.training import JobSpec
 
     spec = JobSpec(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     try:
-        token = swarm_token(args)
-        peers = swarm_peers(args, token)
+        token, dht = join_dht(args)
     except ValueError as e:
         print(f"pollinate export: {e}", file=sys.stderr)
         return 2
     files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
-    dht = start_dht(peers, client_mode=True)  # before any gRPC object
     worker = LoopThread()
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:

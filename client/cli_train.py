@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from pollinate.client.cli_args import add_connection_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", required=True, help="job name; nodes keep its adapters under it")
@@ -19,11 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", type=Path, help="held-out data (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data without --eval-data")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
-    p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
-    p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
-    p.add_argument("--token-file", type=Path, help="file holding the swarm token")
-    p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
+    add_connection_arguments(p)
     p.add_argument("--codec", default="none", help="activations/gradients on the wire: none (fp32), fp16")
     p.add_argument("--method", default="lora", help="adapter method (lora)")
     p.add_argument("--rank", type=int, default=8)
@@ -71,21 +69,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args, files, tok, config, train, held) -> int:
-    from pollinate.client.cli_args import swarm_peers, swarm_token
+    from pollinate.client.cli_args import join_dht
     from pollinate.client.config import ClientConfig
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer
     from pollinate.client.training_data import batches
     from pollinate.client.worker import LoopThread
-    from pollinate.node.announce import start_dht
 
     try:
-        token = swarm_token(args)
-        peers = swarm_peers(args, token)
+        token, dht = join_dht(args)
     except ValueError as e:
         print(f"pollinate train: {e}", file=sys.stderr)
         return 2
-    dht = start_dht(peers, client_mode=True)  # before any gRPC object
     worker = LoopThread()
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:
