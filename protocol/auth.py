@@ -98,7 +98,7 @@ class TokenServerInterceptor(grpc.aio.ServerInterceptor):
         if _check_token(self._token, handler_call_details.invocation_metadata):
             return handler
         logger.warning("rejected %s: missing or wrong swarm token", method)
-        return _rejecting_handler(handler, f"{method} needs the swarm token in metadata {TOKEN_METADATA_KEY!r}")
+        return _rejecting_handler(handler, f"{method} refused: missing or wrong swarm token (metadata {TOKEN_METADATA_KEY!r})")
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
