@@ -183,30 +183,34 @@ class RoundMember(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BeginRoundReply(_message.Message):
-    __slots__ = ("round", "members", "shard_index")
+    __slots__ = ("round", "members", "shard_index", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     members: _containers.RepeatedCompositeFieldContainer[RoundMember]
     shard_index: int
-    def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ..., shard_index: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ..., shard_index: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CommitRoundRequest(_message.Message):
-    __slots__ = ("job", "span", "round", "member_id", "checksum", "state")
+    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
     round: int
     member_id: str
     checksum: str
     state: bytes
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CommitRoundReply(_message.Message):
     __slots__ = ("committed", "reason", "committed_round")

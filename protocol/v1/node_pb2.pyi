@@ -119,7 +119,7 @@ class InferenceReply(_message.Message):
     def __init__(self, position: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ShardMessage(_message.Message):
-    __slots__ = ("job", "span", "round", "sender_id", "shard_index", "weight", "kind", "tensor")
+    __slots__ = ("job", "span", "round", "sender_id", "shard_index", "weight", "kind", "tensor", "attempt")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ShardMessage.Kind]
@@ -136,6 +136,7 @@ class ShardMessage(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
     round: int
@@ -144,7 +145,8 @@ class ShardMessage(_message.Message):
     weight: int
     kind: ShardMessage.Kind
     tensor: _common_pb2.Tensor
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., sender_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., weight: _Optional[int] = ..., kind: _Optional[_Union[ShardMessage.Kind, str]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., sender_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., weight: _Optional[int] = ..., kind: _Optional[_Union[ShardMessage.Kind, str]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("job", "span", "round")
