@@ -159,15 +159,17 @@ class GetStateRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GetStateReply(_message.Message):
-    __slots__ = ("round", "tensor")
+    __slots__ = ("round", "tensor", "spec")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensor: _common_pb2.Tensor
-    def __init__(self, round: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    spec: JobSpec
+    def __init__(self, round: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed", "round_steps")
+    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed", "round_steps", "feedforward_modules", "num_virtual_tokens")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,8 @@ class JobSpec(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ROUND_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FEEDFORWARD_MODULES_FIELD_NUMBER: _ClassVar[int]
+    NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     method: str
     rank: int
     alpha: float
@@ -192,4 +196,6 @@ class JobSpec(_message.Message):
     micro_batches: int
     seed: int
     round_steps: int
-    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ...) -> None: ...
+    feedforward_modules: _containers.RepeatedScalarFieldContainer[str]
+    num_virtual_tokens: int
+    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ..., feedforward_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ...) -> None: ...
