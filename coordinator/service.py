@@ -125,13 +125,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             request.job, span_from_proto(request.span, "span"), request.round,
             request.member_id, request.tokens)
         return coordinator_pb2.BeginRoundReply(
-            round=group.round, shard_index=shard,
+            round=group.round, shard_index=shard, attempt=group.attempt,
             members=[coordinator_pb2.RoundMember(member_id=m, address=a) for m, a in group.members])
 
     async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
         committed, reason, last = await self._rounds().commit(
             request.job, span_from_proto(request.span, "span"), request.round,
-            request.member_id, request.checksum, request.state)
+            request.member_id, request.checksum, request.state, request.attempt)
         return coordinator_pb2.CommitRoundReply(committed=committed, reason=reason,
                                                 committed_round=last)
 
