@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pollinate.node.adapters import AdapterHost, build_adapter, METHODS
+from pollinate.node.adapters import CLIENT_METHODS, METHODS, AdapterHost, build_adapter, known_methods
 from pollinate.node.span import SpanError
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 
@@ -36,10 +36,12 @@ logger = logging.getLogger(__name__)
 class JobSpec:
     """A training job's settings; equal specs = the same job."""
 
-    method: str = "lora"  # adapter method, a key of node.adapters.METHODS
+    method: str = "lora"  # adapter method: a key of node.adapters.METHODS, or "prompt-tuning" (client-side)
     rank: int = 8  # LoRA rank r
     alpha: float = 16.0  # LoRA alpha; scaling = alpha / rank (PEFT's convention)
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module name suffixes (PEFT's default for Llama)
+    targets: tuple[str, ...] = ()  # module name suffixes; () = the method's default (PEFT's for Llama)
+    feedforward: tuple[str, ...] = ()  # IA3: targets that scale their input; () = PEFT's default (down_proj)
+    num_virtual_tokens: int = 0  # prompt tuning: soft prompt length (> 0 for that method only)
     lr: float = 4e-4  # inner AdamW lr: DESIGN.md's DiLoCo inner setting
     weight_decay: float = 0.1  # inner AdamW weight decay (DiLoCo inner setting)
     betas: tuple[float, float] = (0.9, 0.95)  # inner AdamW betas (DiLoCo inner setting)
@@ -49,14 +51,27 @@ class JobSpec:
     round_steps: int = 0  # DiLoCo: inner steps between outer rounds (H); 0 = DiLoCoConfig's default
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown adapter method {self.method!r}; known: {sorted(METHODS)}")
+        if self.method not in METHODS and self.method not in CLIENT_METHODS:
+            raise ValueError(f"unknown adapter method {self.method!r}; known: {known_methods()}")
         if self.rank <= 0:
             raise ValueError(f"rank must be > 0, got {self.rank}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not self.targets:
+        adapter = METHODS.get(self.method)
+        if not self.targets and adapter is not None:  # frozen: resolve defaults once, here
+            object.__setattr__(self, "targets", adapter.default_targets)
+        if self.method in ("full", "prompt-tuning") and self.targets:
+            raise ValueError(f"{self.method!r} has no target modules (got {list(self.targets)})")
+        if self.method in ("lora", "ia3", "ln-tuning") and not self.targets:
             raise ValueError("targets must name at least one module")
+        if self.method == "ia3" and not self.feedforward:
+            object.__setattr__(self, "feedforward", tuple(t for t in ("down_proj",) if t in self.targets))
+        if self.method != "ia3" and self.feedforward:
+            raise ValueError(f"feedforward modules are an IA3 setting, not {self.method!r}'s")
+        if not set(self.feedforward) <= set(self.targets):
+            raise ValueError(f"feedforward modules {list(self.feedforward)} must be among the targets {list(self.targets)}")
+        if self.method == "prompt-tuning" and self.num_virtual_tokens <= 0:
+            raise ValueError(f"prompt tuning needs num_virtual_tokens > 0, got {self.num_virtual_tokens}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -75,6 +90,7 @@ class JobSpec:
             method=self.method, rank=self.rank, alpha=self.alpha, targets=list(self.targets), lr=self.lr,
             weight_decay=self.weight_decay, beta1=self.betas[0], beta2=self.betas[1], grad_clip=self.grad_clip,
             micro_batches=self.micro_batches, seed=self.seed, round_steps=self.round_steps,
+            feedforward_modules=list(self.feedforward), num_virtual_tokens=self.num_virtual_tokens,
         )
 
     @classmethod
@@ -84,6 +100,7 @@ class JobSpec:
                 method=msg.method, rank=msg.rank, alpha=msg.alpha, targets=tuple(msg.targets), lr=msg.lr,
                 weight_decay=msg.weight_decay, betas=(msg.beta1, msg.beta2), grad_clip=msg.grad_clip,
                 micro_batches=msg.micro_batches, seed=msg.seed, round_steps=msg.round_steps,
+                feedforward=tuple(msg.feedforward_modules), num_virtual_tokens=msg.num_virtual_tokens,
             )
         except ValueError as e:
             raise InvalidRequest(f"job spec: {e}") from e
@@ -112,14 +129,17 @@ def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
     return Job(name=name, spec=spec, adapter=adapter, optimizer=optimizer)
 
 
-def backward_step(job: Job, span, host: AdapterHost, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """Recompute the span's forward with the job's adapter, back-propagate `grad_out`,
     accumulate the adapter's gradients, and step when `micro_batches` have accumulated.
-    Returns the gradient with respect to `hidden`."""
+    Returns the gradient with respect to `hidden`. job None: the base span, input gradient
+    only (client-side methods such as prompt tuning train nothing on the node)."""
     x = hidden.detach().to(span.dtype).requires_grad_(True)
-    with torch.enable_grad(), host.use(job.adapter):
+    with torch.enable_grad(), host.use(job.adapter if job is not None else None):
         out = span(x)
-        torch.autograd.backward(out, grad_out.to(out.dtype))
+        torch.autograd.backward(out, grad_out.to(out.dtype), inputs=[x] if job is None else None)
+    if job is None:
+        return x.grad.to(hidden.dtype)
     job.pending += 1
     job.tokens += hidden.shape[0] * hidden.shape[1]
     if job.pending >= job.spec.micro_batches:
@@ -205,25 +225,26 @@ class JobManager:
             raise InvalidRequest(str(e)) from e
         return out.to(hidden.dtype)
 
-    async def backward(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    async def backward(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """job None: the base span's input gradient, nothing trained or counted."""
         self.server.check_hidden(hidden)
         if grad_out.shape != hidden.shape:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
         grad_in = await self.server._run(self._backward_sync, job, hidden, grad_out)
-        if self.rounds is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
+        if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
         return grad_in
 
-    def _backward_sync(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    def _backward_sync(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         try:
             return backward_step(job, self.server.span, self.host, hidden, grad_out)
         except SpanError as e:
             raise InvalidRequest(str(e)) from e
 
-    async def state(self, name: str) -> dict[str, torch.Tensor]:
-        """The job's adapter under PEFT names, plus its counters as 0-d tensors (`counter.*`)."""
+    async def state(self, name: str) -> tuple[JobSpec, dict[str, torch.Tensor]]:
+        """The job's spec, and its adapter under PEFT names plus its counters as 0-d tensors (`counter.*`)."""
         job = self.job(name)
         state = await self.server._run(job.adapter.peft_state)
         for key in ("inner_steps", "skipped_steps", "tokens"):
             state[f"counter.{key}"] = torch.tensor(getattr(job, key), dtype=torch.int64)
-        return state
+        return job.spec, state

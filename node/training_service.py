@@ -2,8 +2,9 @@
 
 Decode, call the JobManager (node/training.py), encode. Backward's request stream carries
 "hidden_states" (the span's forward input) and "grad_outputs", in either order, per
-micro-batch; each complete pair is answered with "grad_inputs". GetState with round 0
-streams the job's current adapter on this node (PEFT names) and its counters; committed
+micro-batch; each complete pair is answered with "grad_inputs" (job "": the base span's,
+nothing trained). GetState with round 0 streams the job's spec (first reply), its current
+adapter on this node (PEFT names) and its counters; committed
 DiLoCo rounds are node/diloco.py's business.
 """
 
@@ -41,9 +42,8 @@ class TrainingRpcs:
                     raise InvalidRequest("Backward: the first message must carry the header")
                 header = req.header
                 self.server.check_blocks(header.blocks.start, header.blocks.end)
-                if not header.job:
-                    raise InvalidRequest("Backward: a job name is required (it names the adapters to train)")
-                job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
+                if header.job:  # "": the base span's input gradient only (client-side prompt tuning)
+                    job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
             elif req.HasField("header"):
                 raise InvalidRequest("Backward: header sent twice")
             if not req.HasField("tensor"):
@@ -111,8 +111,10 @@ class TrainingRpcs:
                 for chunk in encoded.chunks(self.framing):
                     yield node_pb2.GetStateReply(round=committed, tensor=chunk)
             return
-        state = await self.jobs.state(request.job)
+        spec, state = await self.jobs.state(request.job)
+        spec_msg = spec.to_proto(node_pb2)  # in the first reply only
         for name, tensor in state.items():
             encoded = await asyncio.to_thread(encode_tensor, tensor, codec="none", name=name)
             for chunk in encoded.chunks(self.framing):
-                yield node_pb2.GetStateReply(round=0, tensor=chunk)
+                yield node_pb2.GetStateReply(round=0, tensor=chunk, spec=spec_msg)
+                spec_msg = None

@@ -1,39 +1,54 @@
 """Adapters: a job's trainable parameters on a span, kept apart from the frozen base weights.
 
 A span is shared by inference and by every job the node trains, so adapters never replace
-the span's modules. Instead `AdapterHost.attach(span)` puts one forward hook on each of the
-span's `nn.Linear` modules, and `with host.use(adapter): span(...)` makes that adapter's
-deltas apply for the duration of the call (torch work on a node runs on one thread, so
-"the adapter in use" is a plain attribute). Without `use`, the span is the base model.
+the span's modules or modify its weights. `AdapterHost.attach(span)` puts a forward
+pre-hook and a forward hook on each of the span's `nn.Linear` modules, and
+`with host.use(adapter): span(...)` makes that adapter apply for the duration of the call
+(torch work on a node runs on one thread, so "the adapter in use" is a plain attribute).
+An adapter acts in up to three ways, each a method of `Adapter` (defaults: no effect):
 
-To add a method: a module here with a class implementing `Adapter` (parameters named as
-PEFT names them, relative to the model's `model.` prefix) and an entry in METHODS.
+- `delta`: a Linear's output is replaced (LoRA adds B A x, IA3 scales the output);
+- `scale_input`: a Linear's input is replaced (IA3 on feedforward modules);
+- `replacements`: parameters of the span's modules are swapped for the job's own tensors
+  during the call and swapped back after it (LayerNorm tuning, full fine-tuning). The base
+  tensors are never written, so inference without the job and other jobs see them intact.
+
+Without `use`, the span is the base model. To add a method: a module here with a subclass
+of `Adapter` (parameters named as PEFT names them) and an entry in METHODS.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 from torch import nn
 
 
-class Adapter(Protocol):
-    method: str
+class Adapter(nn.Module):
+    method: str = ""
+    default_targets: tuple[str, ...] = ()  # module name suffixes when the spec names none (PEFT's Llama default)
 
     def delta(self, module_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
-        """The adapted output of `module_name` given its input and base output; None = unchanged."""
+        """The adapted output of Linear `module_name` given its input and base output; None = unchanged."""
+        return None
 
-    def parameters(self) -> Iterator[nn.Parameter]: ...
+    def scale_input(self, module_name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The input Linear `module_name` should see instead of `x`; None = unchanged."""
+        return None
+
+    def replacements(self) -> list[tuple[nn.Module, str, nn.Parameter]]:
+        """(module, parameter name, the job's tensor) to swap in while the adapter is in use."""
+        return []
 
     def peft_state(self) -> dict[str, torch.Tensor]:
-        """Parameters under PEFT's names (`base_model.model.model.layers.N...lora_A.weight`)."""
+        """Trainable tensors under PEFT's names (`base_model.model.model.layers.N...`)."""
+        raise NotImplementedError
 
 
 class AdapterHost:
-    """Forward hooks on a span's Linear modules that apply whichever adapter is in use."""
+    """Hooks on a span's Linear modules that apply whichever adapter is in use."""
 
     def __init__(self) -> None:
         self.active: Adapter | None = None
@@ -44,8 +59,19 @@ class AdapterHost:
             return
         for name, module in span.named_modules():
             if isinstance(module, nn.Linear):
+                module.register_forward_pre_hook(self._pre_hook(name))
                 module.register_forward_hook(self._hook(name))
         self._attached.add(id(span))
+
+    def _pre_hook(self, name: str):
+        def hook(module, inputs):
+            adapter = self.active
+            if adapter is None:
+                return None
+            x = adapter.scale_input(name, inputs[0])
+            return None if x is None else (x, *inputs[1:])
+
+        return hook
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -59,19 +85,45 @@ class AdapterHost:
     @contextlib.contextmanager
     def use(self, adapter: Adapter | None) -> Iterator[None]:
         previous, self.active = self.active, adapter
+        swapped = []
         try:
+            for module, name, tensor in adapter.replacements() if adapter is not None else ():
+                swapped.append((module, name, module._parameters[name]))
+                module._parameters[name] = tensor
             yield
         finally:
+            for module, name, base in reversed(swapped):
+                module._parameters[name] = base
             self.active = previous
 
 
+def matching_modules(span: nn.Module, targets: tuple[str, ...], kind: type[nn.Module] = nn.Linear) -> dict[str, nn.Module]:
+    """Modules of `span` of type `kind` whose name's last part is in `targets` ("q_proj", ...)."""
+    found = {n: m for n, m in span.named_modules() if isinstance(m, kind) and n.rsplit(".", 1)[-1] in targets}
+    if not found:
+        raise ValueError(f"no {kind.__name__} module of the span matches targets {list(targets)}")
+    return found
+
+
 def build_adapter(spec, span: nn.Module) -> Adapter:
-    """The adapter `spec.method` names, for `span`; ValueError for an unknown method."""
+    """The adapter `spec.method` names, for `span`; ValueError for an unknown or client-side method."""
+    if spec.method in CLIENT_METHODS:
+        raise ValueError(f"adapter method {spec.method!r} runs on the trainer; nodes hold no adapter for it")
     if spec.method not in METHODS:
-        raise ValueError(f"unknown adapter method {spec.method!r}; known: {sorted(METHODS)}")
+        raise ValueError(f"unknown adapter method {spec.method!r}; known: {known_methods()}")
     return METHODS[spec.method](spec, span)
 
 
-from pollinate.node.adapters.lora import LoRA  # noqa: E402  (the registry's entries)
+def known_methods() -> list[str]:
+    return sorted(METHODS) + sorted(CLIENT_METHODS)
 
-METHODS = {"lora": LoRA}
+
+from pollinate.node.adapters.full import Full  # noqa: E402  (the registry's entries)
+from pollinate.node.adapters.ia3 import IA3  # noqa: E402
+from pollinate.node.adapters.ln_tuning import LNTuning  # noqa: E402
+from pollinate.node.adapters.lora import LoRA  # noqa: E402
+
+METHODS: dict[str, type[Adapter]] = {"lora": LoRA, "ia3": IA3, "ln-tuning": LNTuning, "full": Full}
+# Methods whose trainable state the trainer owns (client/prompt_tuning.py): nodes run the
+# base span for them, so they have no entry in METHODS.
+CLIENT_METHODS = {"prompt-tuning"}

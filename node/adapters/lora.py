@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pollinate.node.adapters import Adapter, matching_modules
+
 PEFT_PREFIX = "base_model.model.model."  # PEFT key prefix of a LlamaForCausalLM's decoder
 
 
@@ -28,16 +30,9 @@ def init_lora_a(weight: torch.Tensor, seed: int, name: str) -> None:
         weight.copy_(torch.rand(weight.shape, generator=gen, dtype=torch.float64).mul_(2 * bound).sub_(bound))
 
 
-def target_modules(span: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """Linear modules of `span` whose name's last part is in `targets` ("q_proj", ...)."""
-    found = {n: m for n, m in span.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
-    if not found:
-        raise ValueError(f"no Linear module of the span matches targets {list(targets)}")
-    return found
-
-
-class LoRA(nn.Module):
+class LoRA(Adapter):
     method = "lora"
+    default_targets = ("q_proj", "v_proj")  # PEFT's default for Llama
 
     def __init__(self, spec, span: nn.Module) -> None:
         super().__init__()
@@ -46,7 +41,7 @@ class LoRA(nn.Module):
         self.names: list[str] = []
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
-        for name, linear in target_modules(span, spec.targets).items():
+        for name, linear in matching_modules(span, spec.targets).items():
             key = name.replace(".", "__")  # ParameterDict keys may not contain dots
             a = torch.empty(spec.rank, linear.in_features, dtype=torch.float32)
             init_lora_a(a, spec.seed, name)
