@@ -84,13 +84,14 @@ class SwarmChain:
         self.swarm = swarm
         self.config = config
         self.timeout_s = timeout_s
+        self.job = config.job  # the job named to the nodes; "" = the base model (client/prompt_tuning.py)
         self.spec_msg = config.spec.to_proto(node_pb2)
 
     def _span(self, hop: Hop) -> common_pb2.Span:
         return common_pb2.Span(start=hop.start, end=hop.end)
 
     async def forward_hop(self, hop: Hop, hidden: torch.Tensor, *, job: str | None = None) -> torch.Tensor:
-        header = node_pb2.ForwardHeader(job=job if job is not None else self.config.job, blocks=self._span(hop),
+        header = node_pb2.ForwardHeader(job=job if job is not None else self.job, blocks=self._span(hop),
                                         spec=self.spec_msg if job is None else None)
         enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name="hidden_states")
         reqs = [node_pb2.ForwardRequest(header=header)] + [node_pb2.ForwardRequest(tensor=c) for c in enc.chunks()]
@@ -99,7 +100,7 @@ class SwarmChain:
         return out
 
     async def backward_hop(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        header = node_pb2.BackwardHeader(job=self.config.job, blocks=self._span(hop), spec=self.spec_msg)
+        header = node_pb2.BackwardHeader(job=self.job, blocks=self._span(hop), spec=self.spec_msg)
         reqs = [node_pb2.BackwardRequest(header=header)]
         for name, t in (("hidden_states", hidden), ("grad_outputs", grad)):
             enc = await asyncio.to_thread(encode_tensor, t, codec=self.config.wire_codec, name=name)
@@ -224,7 +225,7 @@ class Trainer:
             route = await self.swarm.route(0, self.swarm.num_blocks)
             h = self.part.embed(ids)
             for hop in route:
-                h = await self.chain.forward_hop(hop, h, job=self.config.job if job is None else job)
+                h = await self.chain.forward_hop(hop, h, job=self.chain.job if job is None else job)
             return h
 
         with torch.no_grad():
