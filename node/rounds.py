@@ -12,8 +12,18 @@ replies, so the trainer feeding this replica waits for the round:
 3. ``apply`` → checksum; ``CommitRound`` with the checksum and the new global state.
 4. Committed: the adapter restarts from ``local_start()``. Anything else (a timeout, a peer
    error, checksums that disagree): θ_global, momentum and both residuals are restored to
-   their values before the round and the adapter restarts from the committed θ_global;
-   nothing is half-applied.
+   their values before the round; nothing is half-applied.
+
+Faults (issue 6). An owner waits ``contribution_wait_s`` for the group's contributions, then
+averages those that arrived (weighted by tokens: a member that died or whose stream broke is
+dropped and the average renormalises). A member whose exchange fails (an owner died, a
+stream broke, a timeout) still serves its own shard's result to the others, then rolls back
+and asks BeginRound for the same round again at once: the coordinator takes that as giving
+up the attempt, commits it for the members that hold every result if they agree, else
+aborts it and forms the next attempt with the live members (coordinator/rounds.py). Up to
+``max_attempts`` attempts; a member told the round was committed without it adopts the
+coordinator's committed state (``GetCommittedState``). Only after the last attempt fails
+does the adapter restart from the committed θ_global (the H steps are then lost).
 
 With one replica the group has one member and the exchange is local (no RPC).
 Math in node/diloco.py; nothing here changes it.
@@ -51,11 +61,22 @@ class RoundConfig:
     exchange_timeout_s: float = 60.0
     # CommitRound deadline, seconds (the coordinator waits for every member's checksum).
     commit_timeout_s: float = 90.0
+    # How long an owner waits for the group's contributions before averaging the ones that
+    # arrived, seconds: a sender that died or stalled is dropped after this (about one lease).
+    contribution_wait_s: float = 10.0
+    # Attempts at one round before the H steps are given up: a failed attempt (an owner died)
+    # is retried at once with a new quorum of the live members.
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("begin_timeout_s", "exchange_timeout_s", "commit_timeout_s"):
+        for name in ("begin_timeout_s", "exchange_timeout_s", "commit_timeout_s", "contribution_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.contribution_wait_s < self.exchange_timeout_s:
+            raise ValueError(f"contribution_wait_s ({self.contribution_wait_s}) must be < "
+                             f"exchange_timeout_s ({self.exchange_timeout_s})")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
 @dataclass(kw_only=True)
@@ -64,6 +85,7 @@ class _JobRounds:
     committed_round: int = 0
     steps_at_round: int = 0  # job.inner_steps when the last round ended
     tokens_at_round: int = 0  # job.tokens when the last round ended
+    left: tuple[int, int] = (0, 0)  # (round, attempt) this node last left: older ones are refused
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -132,90 +154,173 @@ class RoundDriver:
         return coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def run_round(self, manager, job, state: _JobRounds) -> bool:
-        from pollinate.protocol.errors import translate_rpc_errors
-        from pollinate.protocol.v1 import common_pb2, coordinator_pb2
+        """Round r = last committed + 1, retried with a new quorum after a failed attempt."""
+        from pollinate.protocol.v1 import common_pb2
 
-        member, server = state.member, manager.server
+        server = manager.server
         r = state.committed_round + 1
-        me = self._member_id()
         span = common_pb2.Span(start=server.start, end=server.end)
         tokens = max(job.tokens - state.tokens_at_round, 1)
         params = list(job.adapter.parameters())
-        saved = {k: getattr(member, k).clone() for k in ("global_flat", "momentum", "residual", "owner_residual")}
-        t0 = time.monotonic()
-        moved = 0
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                reply = await self._begin(job.name, span, r, tokens)
+            except FailedPrecondition as exc:  # formed without us, or committed without us
+                try:
+                    if await self._catch_up(server, job, span, state, params, r):
+                        return True
+                except Exception as fetch_exc:
+                    logger.warning("round %d of job %s: fetching the committed state failed: %s",
+                                   r, job.name, fetch_exc)
+                logger.warning("round %d of job %s span %d:%d: %s", r, job.name, server.start,
+                               server.end, exc)
+                break
+            except Exception as exc:
+                logger.warning("round %d of job %s span %d:%d: BeginRound failed: %s", r, job.name,
+                               server.start, server.end, exc)
+                break
+            if await self._attempt(server, job, span, state, params, r, reply, tokens):
+                return True
+        # Given up: restart the inner steps from the committed θ_global (the H steps are lost).
+        await server._run(assign_flat, params, state.member.global_flat.clone())
+        state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
+        logger.warning("round %d of job %s span %d:%d given up; adapter reset to round %d",
+                       r, job.name, server.start, server.end, state.committed_round)
+        return False
+
+    async def _begin(self, job: str, span, r: int, tokens: int):
+        from pollinate.protocol.errors import translate_rpc_errors
+        from pollinate.protocol.v1 import coordinator_pb2
+
+        with translate_rpc_errors(peer=self.coordinator_address):
+            return await self._coordinator().BeginRound(coordinator_pb2.BeginRoundRequest(
+                job=job, span=span, round=r, member_id=self._member_id(), tokens=tokens),
+                timeout=self.config.begin_timeout_s)
+
+    async def _catch_up(self, server, job, span, state: _JobRounds, params, r: int) -> bool:
+        """The group committed round >= r without us: adopt the coordinator's committed state."""
+        from pollinate.node.diloco import state_checksum
+        from pollinate.protocol.errors import translate_rpc_errors
+        from pollinate.protocol.v1 import coordinator_pb2
+
         try:
             with translate_rpc_errors(peer=self.coordinator_address):
-                reply = await self._coordinator().BeginRound(coordinator_pb2.BeginRoundRequest(
-                    job=job.name, span=span, round=r, member_id=me, tokens=tokens),
-                    timeout=self.config.begin_timeout_s)
-            group = [(m.member_id, m.address) for m in reply.members]
-            n, s = len(group), reply.shard_index
+                got = await self._coordinator().GetCommittedState(coordinator_pb2.GetCommittedStateRequest(
+                    job=job.name, span=span), timeout=self.config.begin_timeout_s)
+        except NotFound:
+            return False
+        if got.round < r:
+            return False
+        shared = load_state(got.state)
+        if state_checksum(shared["global"], shared["momentum"]) != got.checksum:
+            raise FailedPrecondition(f"committed state of round {got.round} does not match its checksum")
+        state.member.load_shared_state(shared)
+        await server._run(assign_flat, params, state.member.local_start())
+        state.committed_round = int(got.round)
+        state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
+        logger.info("round %d of job %s span %d:%d was committed without this node: adopted the "
+                    "coordinator's committed state", got.round, job.name, server.start, server.end)
+        return True
+
+    async def _attempt(self, server, job, span, state: _JobRounds, params, r: int, reply,
+                       tokens: int) -> bool:
+        """One formation of round r: exchange, apply, commit; on failure roll back, False."""
+        from pollinate.protocol.errors import translate_rpc_errors
+        from pollinate.protocol.v1 import coordinator_pb2
+
+        member, me = state.member, self._member_id()
+        group = [(m.member_id, m.address) for m in reply.members]
+        n, s, attempt = len(group), reply.shard_index, reply.attempt
+        saved = {k: getattr(member, k).clone() for k in ("global_flat", "momentum", "residual", "owner_residual")}
+        inbox = self._inbox(job.name, r, attempt)
+        t0, moved = time.monotonic(), 0
+        owner_task, sends = None, []
+        try:
             local = await server._run(flatten_params, params)
             payloads = await server._run(lambda: member.contribute(local, round_index=r, num_shards=n))
-            inbox = self._inbox(job.name, r)
             inbox.contributions[me] = Contribution(sender=me, tokens=tokens, payload=payloads[s])
+            inbox.arrived.set()
             owner_task = asyncio.create_task(self._own_shard(server, job.name, r, s, n, group, inbox))
-            sends = [asyncio.create_task(self._send(job.name, span, r, me, j, tokens, payloads[j], addr))
+            sends = [asyncio.create_task(self._send(job.name, span, r, attempt, me, j, tokens,
+                                                    payloads[j], addr))
                      for j, (_, addr) in enumerate(group) if j != s]
-            try:
-                own = await asyncio.wait_for(asyncio.shield(inbox.result), self.config.exchange_timeout_s)
-                got = await asyncio.wait_for(asyncio.gather(*sends), self.config.exchange_timeout_s)
-            finally:
-                for t in (owner_task, *sends):
-                    t.cancel()
-            results, k = [], 0
-            for j in range(n):
-                if j == s:
-                    results.append(own)
-                else:
-                    results.append(got[k][0])
-                    moved += got[k][1]
-                    k += 1
-            moved += len(own) * (n - 1) + sum(len(c.payload) for m, c in inbox.contributions.items() if m != me)
+            # The first failure (an owner gone, a broken stream) ends the wait at once.
+            own, *got = await asyncio.wait_for(asyncio.gather(asyncio.shield(inbox.result), *sends),
+                                               self.config.exchange_timeout_s)
+            results = [own if j == s else got[j - (j > s)][0] for j in range(n)]
+            moved = (sum(b for _, b in got) + len(own) * (n - 1)
+                     + sum(len(c.payload) for m, c in inbox.contributions.items() if m != me))
             checksum = await server._run(lambda: member.apply(results, round_index=r, num_shards=n))
             blob = await server._run(_save_state, member.shared_state())
             with translate_rpc_errors(peer=self.coordinator_address):
                 done = await self._coordinator().CommitRound(coordinator_pb2.CommitRoundRequest(
-                    job=job.name, span=span, round=r, member_id=me, checksum=checksum, state=blob),
-                    timeout=self.config.commit_timeout_s)
+                    job=job.name, span=span, round=r, member_id=me, checksum=checksum, state=blob,
+                    attempt=attempt), timeout=self.config.commit_timeout_s)
             if not done.committed:
                 raise FailedPrecondition(f"round {r} not committed: {done.reason}")
         except (Exception, asyncio.CancelledError) as exc:
+            for t in sends:
+                t.cancel()
+            if owner_task is not None and not isinstance(exc, asyncio.CancelledError):
+                # The others may still need our shard's result: serve it before leaving.
+                await asyncio.wait([owner_task], timeout=self.config.contribution_wait_s)
+            self._leave(job.name, state, r, attempt, exc)
             member.abort()
             for k_, v in saved.items():
                 setattr(member, k_, v)
-            await server._run(assign_flat, params, member.global_flat.clone())
-            state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
-            logger.warning("round %d of job %s span %d:%d failed, rolled back to round %d: %s",
-                           r, job.name, server.start, server.end, state.committed_round, exc)
+            logger.warning("round %d attempt %d of job %s span %d:%d failed, rolled back to round %d: %s",
+                           r, attempt, job.name, server.start, server.end, state.committed_round, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return False
         finally:
-            self._inboxes.pop((job.name, r), None)
+            if owner_task is not None:
+                owner_task.cancel()
+        self._leave(job.name, state, r, attempt, None)
         await server._run(assign_flat, params, member.local_start())
         state.committed_round = r
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
-        logger.info("round %d of job %s span %d:%d committed by %d/%d members, %.1f kB sent+received, "
-                    "%.2f s", r, job.name, server.start, server.end, n, n, moved / 1000,
-                    time.monotonic() - t0)
+        logger.info("round %d of job %s span %d:%d committed here (attempt %d, group of %d), "
+                    "%.1f kB sent+received, %.2f s", r, job.name, server.start, server.end, attempt, n,
+                    moved / 1000, time.monotonic() - t0)
         return True
 
-    def _inbox(self, job: str, r: int) -> _Inbox:
-        inbox = self._inboxes.get((job, r))
+    def _inbox(self, job: str, r: int, attempt: int) -> _Inbox:
+        inbox = self._inboxes.get((job, r, attempt))
         if inbox is None:
-            inbox = self._inboxes[(job, r)] = _Inbox()
+            inbox = self._inboxes[(job, r, attempt)] = _Inbox()
         return inbox
 
+    def _leave(self, job: str, state: _JobRounds, r: int, attempt: int, exc) -> None:
+        """Close our inbox for (r, attempt): waiting senders get an error, late ones are refused."""
+        state.left = max(state.left, (r, attempt))
+        for key in [k for k in self._inboxes if k[0] == job and k[1:] <= (r, attempt)]:
+            inbox = self._inboxes.pop(key)
+            if not inbox.result.done():
+                inbox.result.set_exception(FailedPrecondition(
+                    f"ExchangeShard: round {key[1]} attempt {key[2]} of job {job!r} was left by its "
+                    f"owner ({exc or 'done'})"))
+                inbox.result.exception()  # retrieved: nobody else may be waiting on it
+
     async def _own_shard(self, server, job: str, r: int, s: int, n: int, group, inbox: _Inbox) -> None:
-        """Wait for every group member's contribution to shard s, aggregate, publish."""
+        """Wait for the group's contributions to shard s (at most contribution_wait_s; a sender
+        that does not make it is dropped and the average renormalises), aggregate, publish."""
         ids = {m for m, _ in group}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.contribution_wait_s
         try:
-            while not ids <= set(inbox.contributions):
+            while not ids <= set(inbox.contributions) and loop.time() < deadline:
                 inbox.arrived.clear()
-                await inbox.arrived.wait()
-            contribs = [inbox.contributions[m] for m, _ in group]
+                try:
+                    await asyncio.wait_for(inbox.arrived.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            missing = sorted(ids - set(inbox.contributions))
+            if missing:
+                logger.warning("round %d of job %s shard %d: no contribution from %s within %.0f s; "
+                               "averaging the %d that arrived", r, job, s, ", ".join(missing),
+                               self.config.contribution_wait_s, n - len(missing))
+            contribs = [inbox.contributions[m] for m, _ in group if m in inbox.contributions]
             member = self.jobs[job].member
             result = await server._run(lambda: member.aggregate(
                 contribs, round_index=r, shard_index=s, num_shards=n))
@@ -225,8 +330,8 @@ class RoundDriver:
             if not inbox.result.done():
                 inbox.result.set_exception(exc)
 
-    async def _send(self, job: str, span, r: int, me: str, j: int, tokens: int, payload: bytes,
-                    address: str) -> tuple[bytes, int]:
+    async def _send(self, job: str, span, r: int, attempt: int, me: str, j: int, tokens: int,
+                    payload: bytes, address: str) -> tuple[bytes, int]:
         """ExchangeShard to owner j: our contribution out, its result back."""
         from pollinate.protocol.channels import ChannelConfig, open_channel
         from pollinate.protocol.errors import translate_rpc_errors
@@ -236,7 +341,7 @@ class RoundDriver:
             for chunk in payload_chunks(payload, self.framing):
                 yield node_pb2.ShardMessage(job=job, span=span, round=r, sender_id=me, shard_index=j,
                                             weight=tokens, kind=node_pb2.ShardMessage.CONTRIBUTION,
-                                            tensor=chunk)
+                                            tensor=chunk, attempt=attempt)
 
         channel = open_channel(address, ChannelConfig(token=self.token))
         try:
@@ -258,14 +363,17 @@ class RoundDriver:
     # ---- owner side, called by the servicer ------------------------------------------
 
     async def receive(self, job: str, r: int, sender: str, shard: int, tokens: int,
-                      payload: bytes) -> bytes:
-        """A contribution to our shard of round r; returns the shard's result bytes."""
+                      payload: bytes, attempt: int = 1) -> bytes:
+        """A contribution to our shard of round r (that attempt); returns the shard's result bytes."""
         state = self.jobs.get(job)
         if state is None:
             raise NotFound(f"ExchangeShard: job {job!r} is unknown on this node")
         if r <= state.committed_round:
             raise FailedPrecondition(f"ExchangeShard: round {r} of job {job!r} is already committed here")
-        inbox = self._inbox(job, r)
+        if (r, attempt) <= state.left:
+            raise FailedPrecondition(f"ExchangeShard: round {r} attempt {attempt} of job {job!r} is "
+                                     f"over on this node")
+        inbox = self._inbox(job, r, attempt)
         if sender in inbox.contributions:
             raise FailedPrecondition(f"ExchangeShard: {sender} sent round {r} twice")
         inbox.contributions[sender] = Contribution(sender=sender, tokens=tokens, payload=payload)

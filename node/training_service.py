@@ -89,11 +89,11 @@ class TrainingRpcs:
             if encoded is not None:
                 payload = encoded.payload
         result = await rounds.receive(first.job, first.round, first.sender_id, first.shard_index,
-                                      first.weight, payload)
+                                      first.weight, payload, first.attempt or 1)
         from pollinate.node.rounds import payload_chunks
         for chunk in payload_chunks(result, self.framing):
             yield node_pb2.ShardMessage(job=first.job, span=first.span, round=first.round,
-                                        shard_index=first.shard_index,
+                                        shard_index=first.shard_index, attempt=first.attempt,
                                         kind=node_pb2.ShardMessage.RESULT, tensor=chunk)
 
     async def GetState(self, request, context):

@@ -46,4 +46,5 @@ def test_two_replicas_run_three_rounds_and_end_bit_identical(tmp_path, tiny_mode
     assert result["replicas_equal_coordinator"] == [True, True], result
     assert result["inner_steps"] == [9, 9]
     assert result["momentum_norm"] > 0  # the outer step moved θ_global
-    assert logs.count("committed by 2/2 members") >= 6, logs  # 3 rounds on each node
+    assert logs.count("committed by 2/2 members") == 3, logs  # the coordinator, once per round
+    assert logs.count("committed here (attempt 1, group of 2)") == 6, logs  # 3 rounds on each node
