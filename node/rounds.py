@@ -114,7 +114,9 @@ class RoundDriver:
         self._member_id = member_id  # callable: the id changes when the node re-joins
         self.framing = framing
         self.jobs: dict[str, _JobRounds] = {}
-        self._inboxes: dict[tuple[str, int], _Inbox] = {}
+        self._inboxes: dict[tuple[str, int, int], _Inbox] = {}  # (job, round, attempt)
+        # job -> (state, round, attempt, owner task) of a failed attempt still served
+        self._serving: dict[str, tuple] = {}
         self._channel = None
 
     # ---- tracking --------------------------------------------------------------------
@@ -182,6 +184,7 @@ class RoundDriver:
             if await self._attempt(server, job, span, state, params, r, reply, tokens):
                 return True
         # Given up: restart the inner steps from the committed θ_global (the H steps are lost).
+        self._stop_serving(job.name)
         await server._run(assign_flat, params, state.member.global_flat.clone())
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
         logger.warning("round %d of job %s span %d:%d given up; adapter reset to round %d",
@@ -189,13 +192,25 @@ class RoundDriver:
         return False
 
     async def _begin(self, job: str, span, r: int, tokens: int):
+        """BeginRound; after a failed attempt this call is what gives it up at the coordinator,
+        and until it returns (the attempt settled) our shard of it is still served."""
         from pollinate.protocol.errors import translate_rpc_errors
         from pollinate.protocol.v1 import coordinator_pb2
 
-        with translate_rpc_errors(peer=self.coordinator_address):
-            return await self._coordinator().BeginRound(coordinator_pb2.BeginRoundRequest(
-                job=job, span=span, round=r, member_id=self._member_id(), tokens=tokens),
-                timeout=self.config.begin_timeout_s)
+        try:
+            with translate_rpc_errors(peer=self.coordinator_address):
+                return await self._coordinator().BeginRound(coordinator_pb2.BeginRoundRequest(
+                    job=job, span=span, round=r, member_id=self._member_id(), tokens=tokens),
+                    timeout=self.config.begin_timeout_s)
+        finally:
+            self._stop_serving(job)
+
+    def _stop_serving(self, job: str) -> None:
+        serving = self._serving.pop(job, None)
+        if serving is not None:
+            state, r, attempt, task = serving
+            task.cancel()
+            self._leave(job, state, r, attempt, "given up")
 
     async def _catch_up(self, server, job, span, state: _JobRounds, params, r: int) -> bool:
         """The group committed round >= r without us: adopt the coordinator's committed state."""
@@ -262,9 +277,12 @@ class RoundDriver:
             for t in sends:
                 t.cancel()
             if owner_task is not None and not isinstance(exc, asyncio.CancelledError):
-                # The others may still need our shard's result: serve it before leaving.
-                await asyncio.wait([owner_task], timeout=self.config.contribution_wait_s)
-            self._leave(job.name, state, r, attempt, exc)
+                # The others may still complete this attempt and need our shard's result: keep
+                # serving it until the coordinator has settled the attempt (see _begin).
+                self._serving[job.name] = (state, r, attempt, owner_task)
+                owner_task = None
+            else:
+                self._leave(job.name, state, r, attempt, exc)
             member.abort()
             for k_, v in saved.items():
                 setattr(member, k_, v)

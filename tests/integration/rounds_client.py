@@ -1,12 +1,16 @@
 """Trains one job through two replicas of a span at once (one Backward stream per step per
 replica, random hidden states and output gradients), then prints, as one JSON line, each
-replica's committed DiLoCo state and the coordinator's, for test_rounds.py to compare."""
+replica's committed DiLoCo state and the coordinator's, for test_rounds*.py to compare.
+
+With --tolerate-dead a replica whose stream fails (the fault tests SIGKILL one) stops being
+trained; the others go on, and only the replicas that finished every step are compared."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import sys
 
 
 async def main_async(args) -> dict:
@@ -22,7 +26,19 @@ async def main_async(args) -> dict:
     spec = JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=args.round_steps, seed=3).to_proto(node_pb2)
     nodes = args.nodes.split(",")
 
+    finished: dict[str, int] = {}  # address -> steps done, for the replicas that did them all
+
     async def train(i: int, address: str) -> None:
+        try:
+            await train_steps(i, address)
+        except Exception as exc:
+            if not args.tolerate_dead:
+                raise
+            print(f"replica {address} stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            finished[address] = args.steps
+
+    async def train_steps(i: int, address: str) -> None:
         channel = open_channel(address, cfg)
         stub = node_pb2_grpc.NodeStub(channel)
         info = await stub.Info(node_pb2.InfoRequest(), timeout=10)
@@ -35,12 +51,13 @@ async def main_async(args) -> dict:
                 msgs += [node_pb2.BackwardRequest(tensor=c) for c in encode_tensor(t, codec="none", name=name).chunks()]
             assembler = TensorAssembler()
             got = None
-            async for reply in stub.Backward(iter(msgs), timeout=120):
+            async for reply in stub.Backward(iter(msgs), timeout=args.step_timeout):
                 got = assembler.feed(reply.tensor) or got
             assert got is not None and got.name == "grad_inputs"
         await channel.close()
 
     await asyncio.gather(*(train(i, a) for i, a in enumerate(nodes)))
+    nodes = [a for a in nodes if a in finished]
 
     async def node_state(address: str, rnd: int) -> dict[str, torch.Tensor]:
         channel = open_channel(address, cfg)
@@ -71,6 +88,7 @@ async def main_async(args) -> dict:
         "momentum_norm": float(coord["diloco.momentum"].norm()),
         "inner_steps": [int(a["counter.inner_steps"]) for a in adapters],
         "numel": coord["diloco.global"].numel(),
+        "finished": nodes,
         "state_bytes": len(committed.state),
     }
 
@@ -84,6 +102,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--round-steps", type=int, default=3)
     p.add_argument("--num-blocks", type=int, default=4)
+    p.add_argument("--step-timeout", type=float, default=120.0, help="seconds per Backward call (a round included)")
+    p.add_argument("--tolerate-dead", action="store_true", help="a replica that fails stops; the rest go on")
     args = p.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
     return 0
