@@ -1,4 +1,5 @@
-"""`pollinate export --job NAME DIR`: gather a job's adapters from the spans, write PEFT files."""
+"""`pollinate export --job NAME DIR`: gather a job's state and settings from the spans and
+write it as a PEFT adapter (or a full checkpoint for `full`): client/peft_export.py."""
 
 from __future__ import annotations
 
@@ -10,25 +11,21 @@ from pollinate.client.cli_args import add_connection_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", type=Path, help="directory for adapter_config.json + adapter_model.safetensors")
+    p.add_argument("out", type=Path, help="directory for adapter_config.json + adapter_model.safetensors "
+                                          "(or a full checkpoint for method full)")
     p.add_argument("--job", required=True)
     add_connection_arguments(p)
-    p.add_argument("--rank", type=int, default=8, help="the job's LoRA rank (as trained)")
-    p.add_argument("--alpha", type=float, default=16.0, help="the job's LoRA alpha (as trained)")
-    p.add_argument("--targets", default="q_proj,v_proj")
 
 
 def run(args: argparse.Namespace) -> int:
     from pollinate.client.cli_args import join_dht
     from pollinate.client.config import ClientConfig
-    from pollinate.client.peft_export import write_peft_adapter
+    from pollinate.client.peft_export import export_job, gather_job
     from pollinate.client.swarm import Swarm
-    from pollinate.client.trainer import Trainer, TrainConfig
     from pollinate.client.worker import LoopThread
     from pollinate.node.model_files import open_model
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.errors import PollinateError
 
-    spec = JobSpec(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     try:
         token, dht = join_dht(args)
     except ValueError as e:
@@ -38,12 +35,13 @@ def run(args: argparse.Namespace) -> int:
     worker = LoopThread()
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:
-        trainer = Trainer(swarm=swarm, worker=worker, client_part=None, pad_id=0,
-                          config=TrainConfig(job=args.job, spec=spec))
-        state = trainer.adapter_state()
-        out = write_peft_adapter(args.out, state, spec, base_model=args.model)
-        print(f"wrote {len(state)} tensors to {out}")
+        spec, state = worker.run(gather_job(swarm, args.job), 120.0 * (files.num_blocks + 1))
+        out = export_job(args.out, spec, state, files, base_model=args.model)
+        print(f"wrote {len(state)} tensors of job {args.job!r} ({spec.method}) to {out}")
         return 0
+    except (ValueError, PollinateError) as e:
+        print(f"pollinate export: {e}", file=sys.stderr)
+        return 1
     finally:
         worker.run(swarm.close(), 5.0)
         worker.stop()

@@ -23,10 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     add_connection_arguments(p)
     p.add_argument("--codec", default="none", help="activations/gradients on the wire: none (fp32), fp16")
-    p.add_argument("--method", default="lora", help="adapter method (lora)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--method", default="lora",
+                   help="lora, ia3, ln-tuning, full (trained on the nodes) or prompt-tuning (a soft prompt trained here)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument("--targets", default="", help="comma-separated module names (default: the method's, as PEFT's)")
+    p.add_argument("--feedforward", default="", help="IA3: comma-separated targets scaled at their input "
+                                                     "(default: down_proj if targeted)")
+    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    p.add_argument("--save", type=Path, help="write the trained job at the end (PEFT adapter, or a full checkpoint "
+                                             "for full); required for prompt-tuning, whose prompt lives here only")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -44,9 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         spec = JobSpec(method=args.method, rank=args.rank, alpha=args.alpha,
-                       targets=tuple(t for t in args.targets.split(",") if t), lr=args.lr,
+                       targets=tuple(t for t in args.targets.split(",") if t),
+                       feedforward=tuple(t for t in args.feedforward.split(",") if t), lr=args.lr,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       micro_batches=args.micro_batches, seed=args.seed)
+                       micro_batches=args.micro_batches, seed=args.seed,
+                       num_virtual_tokens=args.num_virtual_tokens if args.method == "prompt-tuning" else 0)
+        if spec.method == "prompt-tuning" and args.save is None:
+            raise ValueError("--method prompt-tuning needs --save DIR: the soft prompt is trained here, "
+                             "no node keeps it for a later export")
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size,
                              wire_codec=args.codec, eval_every=args.eval_every, seed=args.seed)
         records = read_records(args.data)  # format errors (line numbers) before loading anything
@@ -71,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, files, tok, config, train, held) -> int:
     from pollinate.client.cli_args import join_dht
     from pollinate.client.config import ClientConfig
+    from pollinate.client.peft_export import export_job, gather_job
+    from pollinate.client.prompt_tuning import PromptTuningTrainer
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer
     from pollinate.client.training_data import batches
@@ -85,9 +98,16 @@ def _train(args, files, tok, config, train, held) -> int:
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        trainer = Trainer(swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=pad, config=config)
+        prompt_tuning = config.spec.method == "prompt-tuning"
+        trainer = (PromptTuningTrainer if prompt_tuning else Trainer)(
+            swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=pad, config=config)
         history = trainer.train(batches(train, config.batch_size, config.seed), eval_examples=held)
         print(json.dumps(history[-1]))
+        if args.save is not None:
+            spec, state = ((config.spec, trainer.adapter_state()) if prompt_tuning
+                           else worker.run(gather_job(swarm, config.job), 120.0 * (files.num_blocks + 1)))
+            out = export_job(args.save, spec, state, files, base_model=args.model)
+            print(f"saved job {config.job!r} ({spec.method}) to {out}", file=sys.stderr)
         return 0
     finally:
         worker.run(swarm.close(), 5.0)

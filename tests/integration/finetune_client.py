@@ -1,8 +1,13 @@
-"""A trainer process for the fine-tuning test: train a job on seeded token batches through
-the swarm, export its adapter, and save the swarm's logits (with the job) for a probe.
+"""A trainer process for the fine-tuning tests: train a job on seeded token batches through
+the swarm, export it, and save the swarm's logits (with the job) for a probe.
 
     python finetune_client.py --model DIR --cache-dir C --initial-peers MADDR --out DIR \
-        --job J --steps 3 --rank 4 --alpha 8 --lr 0.01 --micro-batches 1 --seed 3
+        --job J --steps 3 --rank 4 --alpha 8 --lr 0.01 --micro-batches 1 --seed 3 \
+        [--methods lora | ia3,ln-tuning,full,prompt-tuning] [--num-virtual-tokens 4]
+
+With several methods, one job per method (J-METHOD) is trained in turn and exported to
+OUT/METHOD with the job's settings read back from the nodes (client/peft_export.py); the
+LoRA run (one method, "lora") also generates through the swarm and exports to OUT.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--methods", default="lora")
+    p.add_argument("--num-virtual-tokens", type=int, default=4)
     args = p.parse_args()
 
     from pollinate.node.announce import start_dht
@@ -39,7 +46,8 @@ def main() -> int:
     from safetensors.torch import save_file
 
     from pollinate.client.config import ClientConfig
-    from pollinate.client.peft_export import write_peft_adapter
+    from pollinate.client.peft_export import export_job, gather_job
+    from pollinate.client.prompt_tuning import PromptTuningTrainer
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer, TrainConfig
     from pollinate.client.training_data import Example
@@ -48,21 +56,39 @@ def main() -> int:
     from pollinate.node.training import JobSpec
 
     files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
-    spec = JobSpec(rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
-                   grad_clip=0.0, seed=args.seed)
-    config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
     worker = LoopThread()
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks,
                   config=ClientConfig(wire_codec="none", ban_base_s=60.0))
-    trainer = Trainer(swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=0, config=config)
-    data = token_batches(args.steps * args.micro_batches)
-    batch_iter = iter([[Example(input_ids=row.tolist(), labels=row.tolist()) for row in ids] for ids in data])
-    history = trainer.train(batch_iter, progress=False)
-    state = trainer.adapter_state()
-    write_peft_adapter(args.out, state, spec, base_model=args.model)
-    probe = token_batches(1, seed=99)[0]
-    save_file({"probe": probe, "logits": trainer.forward_logits(probe),
-               "base_logits": trainer.forward_logits(probe, job="")}, f"{args.out}/swarm_logits.safetensors")
+    methods = args.methods.split(",")
+    histories = {}
+    for method in methods:
+        job = args.job if methods == ["lora"] else f"{args.job}-{method}"
+        out = args.out if methods == ["lora"] else f"{args.out}/{method}"
+        spec = JobSpec(method=method, rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
+                       grad_clip=0.0, seed=args.seed,
+                       num_virtual_tokens=args.num_virtual_tokens if method == "prompt-tuning" else 0)
+        config = TrainConfig(job=job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
+        trainer = (PromptTuningTrainer if method == "prompt-tuning" else Trainer)(
+            swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=0, config=config)
+        data = token_batches(args.steps * args.micro_batches)
+        batch_iter = iter([[Example(input_ids=row.tolist(), labels=row.tolist()) for row in ids] for ids in data])
+        histories[method] = trainer.train(batch_iter, progress=False)
+        if method == "prompt-tuning":
+            got_spec, state = spec, trainer.adapter_state()
+        else:  # the job's settings as the nodes report them, not ours
+            got_spec, state = worker.run(gather_job(swarm, job), 120.0)
+            assert got_spec == spec, (got_spec, spec)
+        export_job(out, got_spec, state, files, base_model=args.model)
+        probe = token_batches(1, seed=99)[0]
+        save_file({"probe": probe, "logits": trainer.forward_logits(probe),
+                   "base_logits": trainer.forward_logits(probe, job="")}, f"{out}/swarm_logits.safetensors")
+    if methods != ["lora"]:
+        print(json.dumps({"history": histories}), flush=True)
+        worker.run(swarm.close(), 5.0)
+        worker.stop()
+        dht.shutdown()
+        return 0
+    history = histories["lora"]
     # Greedy generation through the swarm's Inference sessions with the job's adapter.
     from pollinate.client.remote_model import RemoteModelForCausalLM
 
