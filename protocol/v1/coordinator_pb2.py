@@ -23,53 +23,66 @@ _sym_db = _symbol_database.Default()
 
 
 from pollinate.protocol.v1 import common_pb2 as pollinate_dot_protocol_dot_v1_dot_common__pb2
+from pollinate.protocol.v1 import node_pb2 as pollinate_dot_protocol_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pollinate/protocol/v1/coordinator.proto\x12\x0cpollinate.v1\x1a\"pollinate/protocol/v1/common.proto\"\xc1\x01\n\x0bJoinRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x03 \x01(\r\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12*\n\x0erequested_span\x18\x05 \x01(\x0b\x32\x12.pollinate.v1.Span\x12(\n\x0c\x63urrent_span\x18\x06 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x0c\n\x04name\x18\x07 \x01(\t\"\xbd\x01\n\tJoinReply\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12 \n\x04span\x18\x03 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x19\n\x11\x64ht_initial_peers\x18\x04 \x03(\t\x12\x1a\n\x12heartbeat_period_s\x18\x05 \x01(\x01\x12\x0f\n\x07lease_s\x18\x06 \x01(\x01\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x12\n\nnum_blocks\x18\x08 \x01(\r\"c\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12(\n\x0cserving_span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\x9f\x01\n\x0bInstruction\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.pollinate.v1.Instruction.Kind\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x0e\n\x06reason\x18\x03 \x01(\t\"0\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x08\n\x04MOVE\x10\x02\"q\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12.\n\x0binstruction\x18\x03 \x01(\x0b\x32\x19.pollinate.v1.Instruction\"!\n\x0cLeaveRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x1b\n\nLeaveReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\x84\x02\n\nMemberInfo\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12 \n\x04span\x18\x04 \x01(\x0b\x32\x12.pollinate.v1.Span\x12(\n\x0cserving_span\x18\x05 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nthroughput\x18\x07 \x01(\x01\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x08 \x01(\r\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x11\n\tjoined_at\x18\n \x01(\x01\x12\x19\n\x11last_heartbeat_at\x18\x0b \x01(\x01\"D\n\rBlockCoverage\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\x87\x02\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12)\n\x07members\x18\x04 \x03(\x0b\x32\x18.pollinate.v1.MemberInfo\x12+\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x1b.pollinate.v1.BlockCoverage\x12\x19\n\x11\x64ht_initial_peers\x18\x06 \x03(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x1a\n\x12heartbeat_period_s\x18\t \x01(\x01\x12\x0f\n\x07lease_s\x18\n \x01(\x01\"t\n\x11\x42\x65ginRoundRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tmember_id\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\"1\n\x0bRoundMember\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"r\n\x0f\x42\x65ginRoundReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12*\n\x07members\x18\x02 \x03(\x0b\x32\x19.pollinate.v1.RoundMember\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x32 \x01(\r\"\x97\x01\n\x12\x43ommitRoundRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tmember_id\x18\x04 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x32 \x01(\r\"N\n\x10\x43ommitRoundReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x63ommitted_round\x18\x03 \x01(\x04\"I\n\x18GetCommittedStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\"H\n\x16GetCommittedStateReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\x0c\x32\xd9\x04\n\x0b\x43oordinator\x12@\n\x06Health\x12\x1b.pollinate.v1.HealthRequest\x1a\x19.pollinate.v1.HealthReply\x12:\n\x04Join\x12\x19.pollinate.v1.JoinRequest\x1a\x17.pollinate.v1.JoinReply\x12I\n\tHeartbeat\x12\x1e.pollinate.v1.HeartbeatRequest\x1a\x1c.pollinate.v1.HeartbeatReply\x12=\n\x05Leave\x12\x1a.pollinate.v1.LeaveRequest\x1a\x18.pollinate.v1.LeaveReply\x12@\n\x06Status\x12\x1b.pollinate.v1.StatusRequest\x1a\x19.pollinate.v1.StatusReply\x12L\n\nBeginRound\x12\x1f.pollinate.v1.BeginRoundRequest\x1a\x1d.pollinate.v1.BeginRoundReply\x12O\n\x0b\x43ommitRound\x12 .pollinate.v1.CommitRoundRequest\x1a\x1e.pollinate.v1.CommitRoundReply\x12\x61\n\x11GetCommittedState\x12&.pollinate.v1.GetCommittedStateRequest\x1a$.pollinate.v1.GetCommittedStateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pollinate/protocol/v1/coordinator.proto\x12\x0cpollinate.v1\x1a\"pollinate/protocol/v1/common.proto\x1a pollinate/protocol/v1/node.proto\"\xc1\x01\n\x0bJoinRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x03 \x01(\r\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12*\n\x0erequested_span\x18\x05 \x01(\x0b\x32\x12.pollinate.v1.Span\x12(\n\x0c\x63urrent_span\x18\x06 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x0c\n\x04name\x18\x07 \x01(\t\"\xbd\x01\n\tJoinReply\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12 \n\x04span\x18\x03 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x19\n\x11\x64ht_initial_peers\x18\x04 \x03(\t\x12\x1a\n\x12heartbeat_period_s\x18\x05 \x01(\x01\x12\x0f\n\x07lease_s\x18\x06 \x01(\x01\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x12\n\nnum_blocks\x18\x08 \x01(\r\"c\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12(\n\x0cserving_span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\x9f\x01\n\x0bInstruction\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.pollinate.v1.Instruction.Kind\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x0e\n\x06reason\x18\x03 \x01(\t\"0\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x08\n\x04MOVE\x10\x02\"q\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12.\n\x0binstruction\x18\x03 \x01(\x0b\x32\x19.pollinate.v1.Instruction\"!\n\x0cLeaveRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x1b\n\nLeaveReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\x84\x02\n\nMemberInfo\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12 \n\x04span\x18\x04 \x01(\x0b\x32\x12.pollinate.v1.Span\x12(\n\x0cserving_span\x18\x05 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nthroughput\x18\x07 \x01(\x01\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x08 \x01(\r\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x11\n\tjoined_at\x18\n \x01(\x01\x12\x19\n\x11last_heartbeat_at\x18\x0b \x01(\x01\"D\n\rBlockCoverage\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x12\n\nthroughput\x18\x03 \x01(\x01\"\xac\x02\n\x0bStatusReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12)\n\x07members\x18\x04 \x03(\x0b\x32\x18.pollinate.v1.MemberInfo\x12+\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x1b.pollinate.v1.BlockCoverage\x12\x19\n\x11\x64ht_initial_peers\x18\x06 \x03(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x1a\n\x12heartbeat_period_s\x18\t \x01(\x01\x12\x0f\n\x07lease_s\x18\n \x01(\x01\x12#\n\x04jobs\x18( \x03(\x0b\x32\x15.pollinate.v1.JobInfo\"t\n\x11\x42\x65ginRoundRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tmember_id\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\"1\n\x0bRoundMember\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"r\n\x0f\x42\x65ginRoundReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12*\n\x07members\x18\x02 \x03(\x0b\x32\x19.pollinate.v1.RoundMember\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x32 \x01(\r\"\x97\x01\n\x12\x43ommitRoundRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tmember_id\x18\x04 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x32 \x01(\r\"N\n\x10\x43ommitRoundReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x63ommitted_round\x18\x03 \x01(\x04\"I\n\x18GetCommittedStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\"H\n\x16GetCommittedStateReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\x0c\"\x87\x01\n\x07JobInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.pollinate.v1.JobSpec\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\"E\n\x10\x43reateJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.pollinate.v1.JobSpec\"E\n\x0e\x43reateJobReply\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.pollinate.v1.JobInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"4\n\rListJobsReply\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.pollinate.v1.JobInfo2\xaa\x06\n\x0b\x43oordinator\x12@\n\x06Health\x12\x1b.pollinate.v1.HealthRequest\x1a\x19.pollinate.v1.HealthReply\x12:\n\x04Join\x12\x19.pollinate.v1.JoinRequest\x1a\x17.pollinate.v1.JoinReply\x12I\n\tHeartbeat\x12\x1e.pollinate.v1.HeartbeatRequest\x1a\x1c.pollinate.v1.HeartbeatReply\x12=\n\x05Leave\x12\x1a.pollinate.v1.LeaveRequest\x1a\x18.pollinate.v1.LeaveReply\x12@\n\x06Status\x12\x1b.pollinate.v1.StatusRequest\x1a\x19.pollinate.v1.StatusReply\x12L\n\nBeginRound\x12\x1f.pollinate.v1.BeginRoundRequest\x1a\x1d.pollinate.v1.BeginRoundReply\x12O\n\x0b\x43ommitRound\x12 .pollinate.v1.CommitRoundRequest\x1a\x1e.pollinate.v1.CommitRoundReply\x12\x61\n\x11GetCommittedState\x12&.pollinate.v1.GetCommittedStateRequest\x1a$.pollinate.v1.GetCommittedStateReply\x12I\n\tCreateJob\x12\x1e.pollinate.v1.CreateJobRequest\x1a\x1c.pollinate.v1.CreateJobReply\x12<\n\x06GetJob\x12\x1b.pollinate.v1.GetJobRequest\x1a\x15.pollinate.v1.JobInfo\x12\x46\n\x08ListJobs\x12\x1d.pollinate.v1.ListJobsRequest\x1a\x1b.pollinate.v1.ListJobsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pollinate.protocol.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOINREQUEST']._serialized_start=94
-  _globals['_JOINREQUEST']._serialized_end=287
-  _globals['_JOINREPLY']._serialized_start=290
-  _globals['_JOINREPLY']._serialized_end=479
-  _globals['_HEARTBEATREQUEST']._serialized_start=481
-  _globals['_HEARTBEATREQUEST']._serialized_end=580
-  _globals['_INSTRUCTION']._serialized_start=583
-  _globals['_INSTRUCTION']._serialized_end=742
-  _globals['_INSTRUCTION_KIND']._serialized_start=694
-  _globals['_INSTRUCTION_KIND']._serialized_end=742
-  _globals['_HEARTBEATREPLY']._serialized_start=744
-  _globals['_HEARTBEATREPLY']._serialized_end=857
-  _globals['_LEAVEREQUEST']._serialized_start=859
-  _globals['_LEAVEREQUEST']._serialized_end=892
-  _globals['_LEAVEREPLY']._serialized_start=894
-  _globals['_LEAVEREPLY']._serialized_end=921
-  _globals['_STATUSREQUEST']._serialized_start=923
-  _globals['_STATUSREQUEST']._serialized_end=938
-  _globals['_MEMBERINFO']._serialized_start=941
-  _globals['_MEMBERINFO']._serialized_end=1201
-  _globals['_BLOCKCOVERAGE']._serialized_start=1203
-  _globals['_BLOCKCOVERAGE']._serialized_end=1271
-  _globals['_STATUSREPLY']._serialized_start=1274
-  _globals['_STATUSREPLY']._serialized_end=1537
-  _globals['_BEGINROUNDREQUEST']._serialized_start=1539
-  _globals['_BEGINROUNDREQUEST']._serialized_end=1655
-  _globals['_ROUNDMEMBER']._serialized_start=1657
-  _globals['_ROUNDMEMBER']._serialized_end=1706
-  _globals['_BEGINROUNDREPLY']._serialized_start=1708
-  _globals['_BEGINROUNDREPLY']._serialized_end=1822
-  _globals['_COMMITROUNDREQUEST']._serialized_start=1825
-  _globals['_COMMITROUNDREQUEST']._serialized_end=1976
-  _globals['_COMMITROUNDREPLY']._serialized_start=1978
-  _globals['_COMMITROUNDREPLY']._serialized_end=2056
-  _globals['_GETCOMMITTEDSTATEREQUEST']._serialized_start=2058
-  _globals['_GETCOMMITTEDSTATEREQUEST']._serialized_end=2131
-  _globals['_GETCOMMITTEDSTATEREPLY']._serialized_start=2133
-  _globals['_GETCOMMITTEDSTATEREPLY']._serialized_end=2205
-  _globals['_COORDINATOR']._serialized_start=2208
-  _globals['_COORDINATOR']._serialized_end=2809
+  _globals['_JOINREQUEST']._serialized_start=128
+  _globals['_JOINREQUEST']._serialized_end=321
+  _globals['_JOINREPLY']._serialized_start=324
+  _globals['_JOINREPLY']._serialized_end=513
+  _globals['_HEARTBEATREQUEST']._serialized_start=515
+  _globals['_HEARTBEATREQUEST']._serialized_end=614
+  _globals['_INSTRUCTION']._serialized_start=617
+  _globals['_INSTRUCTION']._serialized_end=776
+  _globals['_INSTRUCTION_KIND']._serialized_start=728
+  _globals['_INSTRUCTION_KIND']._serialized_end=776
+  _globals['_HEARTBEATREPLY']._serialized_start=778
+  _globals['_HEARTBEATREPLY']._serialized_end=891
+  _globals['_LEAVEREQUEST']._serialized_start=893
+  _globals['_LEAVEREQUEST']._serialized_end=926
+  _globals['_LEAVEREPLY']._serialized_start=928
+  _globals['_LEAVEREPLY']._serialized_end=955
+  _globals['_STATUSREQUEST']._serialized_start=957
+  _globals['_STATUSREQUEST']._serialized_end=972
+  _globals['_MEMBERINFO']._serialized_start=975
+  _globals['_MEMBERINFO']._serialized_end=1235
+  _globals['_BLOCKCOVERAGE']._serialized_start=1237
+  _globals['_BLOCKCOVERAGE']._serialized_end=1305
+  _globals['_STATUSREPLY']._serialized_start=1308
+  _globals['_STATUSREPLY']._serialized_end=1608
+  _globals['_BEGINROUNDREQUEST']._serialized_start=1610
+  _globals['_BEGINROUNDREQUEST']._serialized_end=1726
+  _globals['_ROUNDMEMBER']._serialized_start=1728
+  _globals['_ROUNDMEMBER']._serialized_end=1777
+  _globals['_BEGINROUNDREPLY']._serialized_start=1779
+  _globals['_BEGINROUNDREPLY']._serialized_end=1893
+  _globals['_COMMITROUNDREQUEST']._serialized_start=1896
+  _globals['_COMMITROUNDREQUEST']._serialized_end=2047
+  _globals['_COMMITROUNDREPLY']._serialized_start=2049
+  _globals['_COMMITROUNDREPLY']._serialized_end=2127
+  _globals['_GETCOMMITTEDSTATEREQUEST']._serialized_start=2129
+  _globals['_GETCOMMITTEDSTATEREQUEST']._serialized_end=2202
+  _globals['_GETCOMMITTEDSTATEREPLY']._serialized_start=2204
+  _globals['_GETCOMMITTEDSTATEREPLY']._serialized_end=2276
+  _globals['_JOBINFO']._serialized_start=2279
+  _globals['_JOBINFO']._serialized_end=2414
+  _globals['_CREATEJOBREQUEST']._serialized_start=2416
+  _globals['_CREATEJOBREQUEST']._serialized_end=2485
+  _globals['_CREATEJOBREPLY']._serialized_start=2487
+  _globals['_CREATEJOBREPLY']._serialized_end=2556
+  _globals['_GETJOBREQUEST']._serialized_start=2558
+  _globals['_GETJOBREQUEST']._serialized_end=2587
+  _globals['_LISTJOBSREQUEST']._serialized_start=2589
+  _globals['_LISTJOBSREQUEST']._serialized_end=2606
+  _globals['_LISTJOBSREPLY']._serialized_start=2608
+  _globals['_LISTJOBSREPLY']._serialized_end=2660
+  _globals['_COORDINATOR']._serialized_start=2663
+  _globals['_COORDINATOR']._serialized_end=3473
 # @@protoc_insertion_point(module_scope)

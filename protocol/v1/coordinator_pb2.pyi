@@ -1,4 +1,5 @@
 from pollinate.protocol.v1 import common_pb2 as _common_pb2
+from pollinate.protocol.v1 import node_pb2 as _node_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -137,7 +138,7 @@ class BlockCoverage(_message.Message):
     def __init__(self, block: _Optional[int] = ..., replicas: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s")
+    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +149,7 @@ class StatusReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_PERIOD_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     model_id: str
     num_blocks: int
@@ -158,7 +160,8 @@ class StatusReply(_message.Message):
     version: str
     heartbeat_period_s: float
     lease_s: float
-    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
 
 class BeginRoundRequest(_message.Message):
     __slots__ = ("job", "span", "round", "member_id", "tokens")
@@ -239,3 +242,51 @@ class GetCommittedStateReply(_message.Message):
     checksum: str
     state: bytes
     def __init__(self, round: _Optional[int] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("name", "base_model", "spec", "state", "created_at", "updated_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base_model: str
+    spec: _node_pb2.JobSpec
+    state: str
+    created_at: float
+    updated_at: float
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., spec: _Optional[_Union[_node_pb2.JobSpec, _Mapping]] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+
+class CreateJobRequest(_message.Message):
+    __slots__ = ("name", "spec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: _node_pb2.JobSpec
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_node_pb2.JobSpec, _Mapping]] = ...) -> None: ...
+
+class CreateJobReply(_message.Message):
+    __slots__ = ("job", "created")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    created: bool
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsReply(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...

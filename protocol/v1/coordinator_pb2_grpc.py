@@ -75,6 +75,21 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
                 _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/pollinate.v1.Coordinator/CreateJob',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobReply.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/pollinate.v1.Coordinator/GetJob',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/pollinate.v1.Coordinator/ListJobs',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -139,6 +154,29 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJob(self, request, context):
+        """Register a training job (issue 5), persisted before the reply. The same name with the
+        same settings is idempotent (created = false); with other settings FAILED_PRECONDITION
+        naming the fields that differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """One registered job; NOT_FOUND if the name is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Every job the coordinator knows, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +219,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetCommittedState,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobReply.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobInfo.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +452,87 @@ class Coordinator:
             '/pollinate.v1.Coordinator/GetCommittedState',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/CreateJob',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/GetJob',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/ListJobs',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsReply.FromString,
             options,
             channel_credentials,
             insecure,
