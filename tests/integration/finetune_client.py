@@ -24,6 +24,29 @@ def token_batches(n: int, seed: int = 1):
     return [torch.randint(3, 256, (2, 12), generator=g) for _ in range(n)]
 
 
+def generate(args, dht, job: str, probe, path: str) -> dict:
+    """Greedy generation through the swarm's Inference sessions with the job's adapter,
+    saved to `path`; also the error a session with an unknown job gets."""
+    from safetensors.torch import save_file
+
+    from pollinate.client.remote_model import RemoteModelForCausalLM
+
+    remote = RemoteModelForCausalLM.from_pretrained(args.model, dht=dht, cache_dir=args.cache_dir, job=job,
+                                                    wire_codec="none")
+    prompt = probe[:1, :6]
+    generated = remote.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    base = {}
+    try:
+        with remote.inference_session(max_length=8, job="no-such-job"):
+            remote.forward(prompt)
+    except Exception as e:  # the node answers NOT_FOUND for a job it does not have
+        base["unknown_job_error"] = f"{type(e).__name__}: {e}"
+    remote.worker.run(remote.swarm.close(), 5.0)
+    remote.worker.stop()
+    save_file({"prompt": prompt, "generated": generated}, path)
+    return base
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     for name in ("--model", "--cache-dir", "--out", "--job"):
@@ -82,6 +105,8 @@ def main() -> int:
         probe = token_batches(1, seed=99)[0]
         save_file({"probe": probe, "logits": trainer.forward_logits(probe),
                    "base_logits": trainer.forward_logits(probe, job="")}, f"{out}/swarm_logits.safetensors")
+        if method == "full":  # generation with a job whose weights are swapped in (not hooked)
+            generate(args, dht, f"{job}", probe, f"{out}/swarm_generate.safetensors")
     if methods != ["lora"]:
         print(json.dumps({"history": histories}), flush=True)
         worker.run(swarm.close(), 5.0)
@@ -89,22 +114,7 @@ def main() -> int:
         dht.shutdown()
         return 0
     history = histories["lora"]
-    # Greedy generation through the swarm's Inference sessions with the job's adapter.
-    from pollinate.client.remote_model import RemoteModelForCausalLM
-
-    remote = RemoteModelForCausalLM.from_pretrained(args.model, dht=dht, cache_dir=args.cache_dir, job=args.job,
-                                                    wire_codec="none")
-    prompt = probe[:1, :6]
-    generated = remote.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    base = {}
-    try:
-        with remote.inference_session(max_length=8, job="no-such-job"):
-            remote.forward(prompt)
-    except Exception as e:  # the node answers NOT_FOUND for a job it does not have
-        base["unknown_job_error"] = f"{type(e).__name__}: {e}"
-    remote.worker.run(remote.swarm.close(), 5.0)
-    remote.worker.stop()
-    save_file({"prompt": prompt, "generated": generated}, f"{args.out}/swarm_generate.safetensors")
+    base = generate(args, dht, args.job, probe, f"{args.out}/swarm_generate.safetensors")
     print(json.dumps({"history": history, **base}), flush=True)
     worker.run(swarm.close(), 5.0)
     worker.stop()

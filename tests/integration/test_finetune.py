@@ -210,6 +210,11 @@ def test_swarm_methods_match_local_and_export(swarm, tiny_model_dir, tiny_cache_
         assert swarm_losses == pytest.approx(losses, abs=1e-5), method
         assert gap <= 1e-4, method
         assert base_gap > 1e-3, method
+        if method == "full":  # generating through the swarm with the job = the exported checkpoint's
+            gen = load_file(str(out / method / "swarm_generate.safetensors"))
+            with torch.no_grad():
+                local_gen = exported.generate(gen["prompt"], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert torch.equal(local_gen, gen["generated"]), (local_gen, gen["generated"])
 
 
 def test_bad_input_fails_before_training(tmp_path, tiny_model_dir, tiny_cache_dir):

@@ -187,3 +187,25 @@ def test_base_backward_trains_nothing(tiny_model_files):
         span(xr).backward(g)
     assert torch.equal(got, xr.grad)
     assert all(p.grad is None for p in span.parameters())
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SPECS))
+def test_diloco_writes_the_jobs_flat_vector_only(tiny_model_files, method):
+    """DiLoCo (node/rounds.py) reads and writes a job as the flat vector of
+    `adapter.parameters()`; for every method that vector is the job's own state."""
+    from pollinate.node.diloco import assign_flat, flatten_params
+
+    span = tiny_model_files.load_span(0, 1)
+    base = {k: v.clone() for k, v in span.state_dict().items()}
+    host = AdapterHost()
+    job = make_job("j", JobSpec(method=method, **METHOD_SPECS[method]), span, host)
+    params = list(job.adapter.parameters())
+    flat = flatten_params(params)
+    x = torch.randn(1, 4, span.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), host.use(job.adapter):
+        before = span(x)
+    assign_flat(params, flat + 0.01)
+    assert torch.equal(flatten_params(params), flat + 0.01)
+    with torch.no_grad(), host.use(job.adapter):
+        assert not torch.equal(span(x), before)
+    assert all(torch.equal(v, base[k]) for k, v in span.state_dict().items())
