@@ -1,9 +1,11 @@
-"""Trains one job through two replicas of a span at once (one Backward stream per step per
+"""Trains one job through replicas of a span at once (one Backward stream per step per
 replica, random hidden states and output gradients), then prints, as one JSON line, each
 replica's committed DiLoCo state and the coordinator's, for test_rounds*.py to compare.
 
 With --tolerate-dead a replica whose stream fails (the fault tests SIGKILL one) stops being
-trained; the others go on, and only the replicas that finished every step are compared."""
+trained; the others go on, and only the replicas that finished every step are compared.
+The helpers (train_steps, node_state, coordinator_state, replicas_report) are shared with
+rounds_member_client.py."""
 
 from __future__ import annotations
 
@@ -12,85 +14,119 @@ import asyncio
 import json
 import sys
 
+JOB_SEED = 3  # every replica's adapter starts from the same seed
 
-async def main_async(args) -> dict:
+
+def job_spec(round_steps: int):
+    from pollinate.node.training import JobSpec
+    from pollinate.protocol.v1 import node_pb2
+
+    return JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED).to_proto(node_pb2)
+
+
+async def train_steps(cfg, address: str, job: str, spec, *, seed: int, steps: int, timeout: float,
+                      gen=None) -> None:
+    """`steps` Backward calls on one replica (a round runs inside the H-th one)."""
     import torch
 
-    from pollinate.node.rounds import load_state
-    from pollinate.node.training import JobSpec
-    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.channels import open_channel
     from pollinate.protocol.tensors import TensorAssembler, encode_tensor
-    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
+    from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
-    cfg = ChannelConfig(token=args.token)
-    spec = JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=args.round_steps, seed=3).to_proto(node_pb2)
-    nodes = args.nodes.split(",")
-
-    finished: dict[str, int] = {}  # address -> steps done, for the replicas that did them all
-
-    async def train(i: int, address: str) -> None:
-        try:
-            await train_steps(i, address)
-        except Exception as exc:
-            if not args.tolerate_dead:
-                raise
-            print(f"replica {address} stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
-        else:
-            finished[address] = args.steps
-
-    async def train_steps(i: int, address: str) -> None:
-        channel = open_channel(address, cfg)
-        stub = node_pb2_grpc.NodeStub(channel)
-        info = await stub.Info(node_pb2.InfoRequest(), timeout=10)
-        gen = torch.Generator().manual_seed(100 + i)
-        for step in range(args.steps):
+    channel = open_channel(address, cfg)
+    stub = node_pb2_grpc.NodeStub(channel)
+    info = await stub.Info(node_pb2.InfoRequest(), timeout=10)
+    gen = gen or torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(steps):
             hidden = torch.randn(1, 8, info.hidden_size, generator=gen)
             grad = torch.randn(1, 8, info.hidden_size, generator=gen)
-            msgs = [node_pb2.BackwardRequest(header=node_pb2.BackwardHeader(job=args.job, spec=spec))]
+            msgs = [node_pb2.BackwardRequest(header=node_pb2.BackwardHeader(job=job, spec=spec))]
             for name, t in (("hidden_states", hidden), ("grad_outputs", grad)):
                 msgs += [node_pb2.BackwardRequest(tensor=c) for c in encode_tensor(t, codec="none", name=name).chunks()]
             assembler = TensorAssembler()
             got = None
-            async for reply in stub.Backward(iter(msgs), timeout=args.step_timeout):
+            async for reply in stub.Backward(iter(msgs), timeout=timeout):
                 got = assembler.feed(reply.tensor) or got
             assert got is not None and got.name == "grad_inputs"
+    finally:
         await channel.close()
 
-    await asyncio.gather(*(train(i, a) for i, a in enumerate(nodes)))
-    nodes = [a for a in nodes if a in finished]
 
-    async def node_state(address: str, rnd: int) -> dict[str, torch.Tensor]:
-        channel = open_channel(address, cfg)
-        assembler, out = TensorAssembler(), {}
-        async for reply in node_pb2_grpc.NodeStub(channel).GetState(
-                node_pb2.GetStateRequest(job=args.job, round=rnd), timeout=30):
-            enc = assembler.feed(reply.tensor)
-            if enc is not None:
-                out[enc.name] = enc.decode()
-        await channel.close()
-        return out
+async def node_state(cfg, address: str, job: str, rnd: int) -> dict:
+    """GetState: round 0 = the adapter and counters, round r = the committed DiLoCo state."""
+    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.tensors import TensorAssembler
+    from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
-    channel = open_channel(args.coordinator, cfg)
+    channel = open_channel(address, cfg)
+    assembler, out = TensorAssembler(), {}
+    async for reply in node_pb2_grpc.NodeStub(channel).GetState(
+            node_pb2.GetStateRequest(job=job, round=rnd), timeout=30):
+        enc = assembler.feed(reply.tensor)
+        if enc is not None:
+            out[enc.name] = enc.decode()
+    await channel.close()
+    return out
+
+
+async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int):
+    """(round, {"diloco.global", "diloco.momentum"}, state bytes) last committed at the coordinator."""
+    from pollinate.node.rounds import load_state
+    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+    channel = open_channel(coordinator, cfg)
     committed = await coordinator_pb2_grpc.CoordinatorStub(channel).GetCommittedState(
-        coordinator_pb2.GetCommittedStateRequest(job=args.job, span=common_pb2.Span(start=0, end=args.num_blocks)),
+        coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=0, end=num_blocks)),
         timeout=10)
     await channel.close()
-    coord = {f"diloco.{k}": v for k, v in load_state(committed.state).items()}
-    replicas = [await node_state(a, committed.round) for a in nodes]
-    adapters = [await node_state(a, 0) for a in nodes]
-    initial = JobSpec  # noqa: F841 (documentation: the adapters started equal, seed 3)
+    return committed.round, {f"diloco.{k}": v for k, v in load_state(committed.state).items()}, committed.state
+
+
+async def replicas_report(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int) -> dict:
+    import torch
+
+    rnd, coord, blob = await coordinator_state(cfg, coordinator, job, num_blocks)
+    replicas = [await node_state(cfg, a, job, rnd) for a in nodes]
+    adapters = [await node_state(cfg, a, job, 0) for a in nodes]
     return {
-        "round": committed.round,
+        "round": rnd,
         "keys": sorted(coord),
         "replicas_equal_coordinator": [
             sorted(r) == sorted(coord) and all(torch.equal(r[k], coord[k]) for k in coord) for r in replicas],
         "global_norm": float(coord["diloco.global"].norm()),
         "momentum_norm": float(coord["diloco.momentum"].norm()),
+        "finite": bool(torch.isfinite(coord["diloco.global"]).all() and torch.isfinite(coord["diloco.momentum"]).all()),
         "inner_steps": [int(a["counter.inner_steps"]) for a in adapters],
         "numel": coord["diloco.global"].numel(),
+        "state_bytes": len(blob),
         "finished": nodes,
-        "state_bytes": len(committed.state),
     }
+
+
+async def main_async(args) -> dict:
+    from pollinate.protocol.channels import ChannelConfig
+
+    cfg = ChannelConfig(token=args.token)
+    spec = job_spec(args.round_steps)
+    nodes = args.nodes.split(",")
+    finished: list[str] = []  # the replicas that did every step
+
+    async def train(i: int, address: str) -> None:
+        try:
+            await train_steps(cfg, address, args.job, spec, seed=100 + i, steps=args.steps,
+                              timeout=args.step_timeout)
+        except Exception as exc:
+            if not args.tolerate_dead:
+                raise
+            print(f"replica {address} stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            finished.append(address)
+
+    await asyncio.gather(*(train(i, a) for i, a in enumerate(nodes)))
+    return await replicas_report(cfg, args.coordinator, [a for a in nodes if a in finished],
+                                 args.job, args.num_blocks)
 
 
 def main() -> int:

@@ -83,3 +83,43 @@ def test_sigkill_of_a_replica_during_a_round_the_job_finishes(tmp_path, tiny_mod
     retried = "round 2 of job rounds span 0:4 formed (attempt 2) with 2 member(s)" in coord_log
     assert retried or re.search(r"round 2 of job rounds span 0:4 committed by 2/3 members", coord_log), logs
     print("round 2:", "aborted and retried (attempt 2)" if retried else "committed by the 2 survivors")
+
+
+MEMBER_CLIENT = str(Path(__file__).with_name("rounds_member_client.py"))
+
+
+def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny_model_dir, tiny_model_files,
+                                                                  tiny_cache_dir):
+    """A third member (rounds_member_client.py: the node's own RoundDriver and ExchangeShard
+    handler, joined through Join/Heartbeat) sends a x1e6 pseudo-gradient in round 2 — every
+    owner rejects it, logged with the sender, and round 2 commits for all three — then in
+    round 3 its stream to node 0 breaks: node 0 drops it after the contribution wait and
+    averages the two that arrived, round 3 commits for the two nodes, and the member adopts
+    the committed state. The nodes end bit-identical with the coordinator's copy."""
+    with ProcGroup(tmp_path) as group:
+        coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2)
+        done = subprocess.run(
+            [sys.executable, MEMBER_CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
+             "--nodes", ",".join(n.info["address"] for n in nodes), "--round-steps", "3",
+             "--contribution-wait", "10"],
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:] + group.dump_logs()
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        coord_log = coord.log_path.read_text(errors="replace")
+        node_logs = [n.log_path.read_text(errors="replace") for n in nodes]
+        logs = group.dump_logs(200)
+    bad = result["member_id"]
+    # round 2: the poison went through ExchangeShard to both nodes and each rejected it
+    for log in node_logs:
+        assert re.search(rf"round 2 shard \d: rejected contribution from {bad}: norm .* x median", log), logs
+        assert "round 2 of job rounds span 0:4 committed here (attempt 1, group of 3)" in log, logs
+    assert "round 2 of job rounds span 0:4 committed by 3/3 members" in coord_log, coord_log
+    assert result["poison_round_committed_here"] is True and result["round_after_poison"] == 2
+    # round 3: node 0 dropped the broken sender and renormalised; the group shrank to the nodes
+    assert re.search(rf"round 3 of job rounds shard \d: no contribution from {bad} within 10 s; "
+                     r"averaging the 2 that arrived", node_logs[0]), logs
+    assert "round 3 of job rounds span 0:4 committed by 2/3 members" in coord_log, coord_log
+    assert result["break_round_committed_here"] is True and result["member_committed_round"] == 3
+    assert result["member_equals_coordinator"] is True
+    assert result["round"] == 3 and result["replicas_equal_coordinator"] == [True, True], result
+    assert result["finite"] and result["momentum_norm"] < 1e3, result  # the x1e6 update left no trace
