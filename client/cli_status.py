@@ -73,7 +73,30 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
                            "1;31"))
     else:
         lines.append("every block is served")
+    lines += ["", format_jobs(reply.jobs, now=now)]
     return "\n".join(lines)
+
+
+def format_jobs(jobs, *, now: float) -> str:
+    """A table of JobInfo messages: name, settings, state, age."""
+    from pollinate.coordinator.jobs import spec_to_dict
+    from pollinate.coordinator.status import job_summary
+
+    if not jobs:
+        return "jobs: none registered"
+    header = ("JOB", "SETTINGS", "STATE", "CREATED")
+    rows = [(j.name, job_summary(spec_to_dict(j.spec) if j.spec.method else {}),
+             j.state, f"{_age(now - j.created_at)} ago") for j in jobs]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
     from google.protobuf.json_format import MessageToDict
 
-    from pollinate.protocol.channels import ChannelConfig, open_channel
-    from pollinate.protocol.errors import PollinateError, translate_rpc_errors
-    from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
+    from pollinate.coordinator.client import call_coordinator
+    from pollinate.protocol.errors import PollinateError
+    from pollinate.protocol.v1 import coordinator_pb2
 
     token = read_token(args.token_file, os.environ.get(TOKEN_ENV))
     if not token:
@@ -91,17 +114,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    async def fetch():
-        channel = open_channel(args.coordinator, ChannelConfig(token=token))
-        try:
-            with translate_rpc_errors(peer=args.coordinator):
-                return await coordinator_pb2_grpc.CoordinatorStub(channel).Status(
-                    coordinator_pb2.StatusRequest(), timeout=args.timeout)
-        finally:
-            await channel.close()
-
     try:
-        reply = asyncio.run(fetch())
+        reply = asyncio.run(call_coordinator(args.coordinator, token, "Status",
+                                             coordinator_pb2.StatusRequest(), timeout_s=args.timeout))
     except PollinateError as e:
         print(f"pollinate status: {e}", file=sys.stderr)
         return 1

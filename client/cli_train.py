@@ -2,7 +2,9 @@
 
 The data are read and checked (line numbers in errors) and the job's settings validated
 before the client joins the swarm, so bad input never reaches a node. The job is defined
-here and sent to the nodes with each call (node/training.py explains clashes).
+here and sent to the nodes with each call (node/training.py explains clashes); with
+--coordinator it is also registered there first (client/cli_job.py), and a job already
+registered gives its settings to the flags left out and refuses flags that differ.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pollinate.client.cli_args import add_connection_arguments
+from pollinate.client.cli_job import add_job_arguments, job_spec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,43 +26,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     add_connection_arguments(p)
     p.add_argument("--codec", default="none", help="activations/gradients on the wire: none (fp32), fp16")
-    p.add_argument("--method", default="lora",
-                   help="lora, ia3, ln-tuning, full (trained on the nodes) or prompt-tuning (a soft prompt trained here)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    p.add_argument("--targets", default="", help="comma-separated module names (default: the method's, as PEFT's)")
-    p.add_argument("--feedforward", default="", help="IA3: comma-separated targets scaled at their input "
-                                                     "(default: down_proj if targeted)")
-    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    add_job_arguments(p)
     p.add_argument("--save", type=Path, help="write the trained job at the end (PEFT adapter, or a full checkpoint "
                                              "for full); required for prompt-tuning, whose prompt lives here only")
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=0, help="longest sequence in tokens (0: the model's context)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pollinate.client.training_data import DataError, load_examples, read_records, split, tokenize
     from pollinate.client.trainer import TrainConfig
-    from pollinate.node.training import JobSpec
 
     try:
-        spec = JobSpec(method=args.method, rank=args.rank, alpha=args.alpha,
-                       targets=tuple(t for t in args.targets.split(",") if t),
-                       feedforward=tuple(t for t in args.feedforward.split(",") if t), lr=args.lr,
-                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       micro_batches=args.micro_batches, seed=args.seed,
-                       num_virtual_tokens=args.num_virtual_tokens if args.method == "prompt-tuning" else 0)
-        if spec.method == "prompt-tuning" and args.save is None:
-            raise ValueError("--method prompt-tuning needs --save DIR: the soft prompt is trained here, "
-                             "no node keeps it for a later export")
+        spec = job_spec(args)  # bad settings fail here; a registered job's settings replace them later
+        check_save(spec, args)
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size,
-                             wire_codec=args.codec, eval_every=args.eval_every, seed=args.seed)
+                             wire_codec=args.codec, eval_every=args.eval_every, seed=spec.seed)
         records = read_records(args.data)  # format errors (line numbers) before loading anything
         from pollinate.node.model_files import open_model
 
@@ -70,13 +53,37 @@ def run(args: argparse.Namespace) -> int:
         if args.eval_data:
             train, held = examples, load_examples(args.eval_data, tok, max_length=limit)
         else:
-            train, held = split(examples, args.eval_fraction, args.seed)
+            train, held = split(examples, args.eval_fraction, spec.seed)
         if not train:
             raise DataError(f"{args.data}: no training examples left after the held-out split")
     except ValueError as e:  # DataError, bad settings: before anything joins the swarm
         print(f"pollinate train: {e}", file=sys.stderr)
         return 2
     return _train(args, files, tok, config, train, held)
+
+
+def check_save(spec, args: argparse.Namespace) -> None:
+    if spec.method == "prompt-tuning" and args.save is None:
+        raise ValueError("--method prompt-tuning needs --save DIR: the soft prompt is trained here, "
+                         "no node keeps it for a later export")
+
+
+def registered_config(args, config, token: str, worker):
+    """With --coordinator: the config with the job's settings as the coordinator registers
+    them (registering it if new). ValueError or PollinateError (a clash names the fields)."""
+    from dataclasses import replace
+
+    from pollinate.client.cli_job import register_job
+    from pollinate.node.training import JobSpec
+
+    if not args.coordinator:
+        return config  # --initial-peers only: the job lives in request headers, as nodes create it
+    info, created = worker.run(register_job(args.coordinator, token, config.job, args), 30.0)
+    spec = JobSpec.from_proto(info.spec)
+    check_save(spec, args)
+    print(f"job {config.job!r} {'registered' if created else 'uses the registered settings'}: {spec}",
+          file=sys.stderr)
+    return replace(config, spec=spec, seed=spec.seed)
 
 
 def _train(args, files, tok, config, train, held) -> int:
@@ -88,6 +95,7 @@ def _train(args, files, tok, config, train, held) -> int:
     from pollinate.client.trainer import Trainer
     from pollinate.client.training_data import batches
     from pollinate.client.worker import LoopThread
+    from pollinate.protocol.errors import PollinateError
 
     try:
         token, dht = join_dht(args)
@@ -95,6 +103,13 @@ def _train(args, files, tok, config, train, held) -> int:
         print(f"pollinate train: {e}", file=sys.stderr)
         return 2
     worker = LoopThread()
+    try:
+        config = registered_config(args, config, token, worker)
+    except (ValueError, PollinateError) as e:  # before any batch reaches a node
+        print(f"pollinate train: {e}", file=sys.stderr)
+        worker.stop()
+        dht.shutdown()
+        return 2
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
     try:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -317,3 +317,15 @@ class CoordinatorClient:
         finally:
             if self._moving_to == span:
                 self._moving_to = None
+
+
+async def call_coordinator(address: str, token: str, method: str, request, *, timeout_s: float = 10.0,
+                           tls: bool = False):
+    """One unary RPC to the coordinator on a channel of its own (CLI commands, the trainer's
+    job registration); gRPC errors arrive as PollinateError subclasses."""
+    channel = open_channel(address, ChannelConfig(token=token, tls=tls))
+    try:
+        with translate_rpc_errors(peer=address):
+            return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=timeout_s)
+    finally:
+        await channel.close()

@@ -23,6 +23,7 @@ from typing import Any
 from pollinate import __version__
 from pollinate.coordinator.config import CoordinatorConfig, DhtConfig
 from pollinate.coordinator.http_status import HttpStatusServer
+from pollinate.coordinator.jobs import Jobs
 from pollinate.coordinator.membership import Membership
 from pollinate.coordinator.status import snapshot
 from pollinate.coordinator.store import Store
@@ -61,6 +62,7 @@ class CoordinatorServer:
         self.dht = dht
         self.store = Store(config.store)
         self.membership = Membership(config.membership, self.store)
+        self.jobs = Jobs(self.store, base_model=config.membership.model_id)
         self.started_at = time.time()
         self._dht_peers: list[str] = []
         self._rpc = None
@@ -85,7 +87,7 @@ class CoordinatorServer:
 
     def status(self) -> dict[str, Any]:
         return snapshot(self.membership, dht_initial_peers=self._dht_peers,
-                        started_at=self.started_at, version=__version__)
+                        started_at=self.started_at, version=__version__, jobs=self.jobs.list())
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer
@@ -101,7 +103,7 @@ class CoordinatorServer:
 
         self._servicer = CoordinatorServicer(
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
-            rounds=Rounds(cfg.rounds, self.store, self.membership),
+            rounds=Rounds(cfg.rounds, self.store, self.membership), jobs=self.jobs,
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
                                            grace_s=cfg.stop_grace_s))

@@ -13,11 +13,13 @@ from typing import Callable
 import grpc.aio
 
 from pollinate import __version__
+from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import Rounds
+from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest
-from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         dht_initial_peers: Callable[[], list[str]],
         status: Callable[[], dict],
         rounds: Rounds | None = None,
+        jobs: Jobs | None = None,
     ) -> None:
         self.membership = membership
+        self.jobs = jobs or Jobs(membership.store, base_model=membership.config.model_id)
         self.rounds = rounds  # DiLoCo rounds (coordinator/rounds.py); None: not offered
         self._dht_initial_peers = dht_initial_peers
         self._status = status
@@ -140,6 +144,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             request.job, span_from_proto(request.span, "span"))
         return coordinator_pb2.GetCommittedStateReply(round=rnd, checksum=checksum, state=state)
 
+    async def CreateJob(self, request: coordinator_pb2.CreateJobRequest, context):
+        job, created = self.jobs.create(request.name, spec_to_dict(request.spec))
+        return coordinator_pb2.CreateJobReply(job=job_to_proto(job_to_dict(job)), created=created)
+
+    async def GetJob(self, request: coordinator_pb2.GetJobRequest, context):
+        return job_to_proto(job_to_dict(self.jobs.get(request.name)))
+
+    async def ListJobs(self, request, context):
+        return coordinator_pb2.ListJobsReply(jobs=[job_to_proto(job_to_dict(j)) for j in self.jobs.list()])
+
+
+def job_to_proto(job: dict) -> coordinator_pb2.JobInfo:
+    return coordinator_pb2.JobInfo(
+        name=job["name"], base_model=job["base_model"], spec=node_pb2.JobSpec(**job["spec"]),
+        state=job["state"], created_at=job["created_at"], updated_at=job["updated_at"])
+
 
 def _member_to_proto(m: dict) -> coordinator_pb2.MemberInfo:
     serving = m["serving_span"]
@@ -159,6 +179,6 @@ def status_to_proto(status: dict) -> coordinator_pb2.StatusReply:
         blocks=[coordinator_pb2.BlockCoverage(**b) for b in status["blocks"]],
         dht_initial_peers=status["dht_initial_peers"], started_at=status["started_at"],
         version=status["version"], heartbeat_period_s=status["heartbeat_period_s"],
-        lease_s=status["lease_s"],
+        lease_s=status["lease_s"], jobs=[job_to_proto(j) for j in status.get("jobs", [])],
     )
 

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from pollinate.coordinator.membership import Membership
+from pollinate.coordinator.store import JobRecord
 
 
 def snapshot(
@@ -20,6 +21,7 @@ def snapshot(
     dht_initial_peers: list[str],
     started_at: float,
     version: str,
+    jobs: list[JobRecord] = (),
 ) -> dict[str, Any]:
     """Everything `pollinate status`, the HTML page and /metrics show, as plain data."""
     cfg = membership.config
@@ -58,7 +60,26 @@ def snapshot(
         "heartbeat_period_s": cfg.heartbeat_period_s,
         "lease_s": cfg.lease_s,
         "counters": dict(membership.counters),
+        "jobs": [job_to_dict(j) for j in jobs],
     }
+
+
+def job_to_dict(job: JobRecord) -> dict[str, Any]:
+    return {"name": job.name, "base_model": job.base_model, "spec": job.spec, "state": job.state,
+            "created_at": job.created_at, "updated_at": job.updated_at}
+
+
+def job_summary(spec: dict[str, Any]) -> str:
+    """'lora r=8 alpha=16 lr=0.0004' - the settings a person compares at a glance."""
+    if not spec:
+        return "(not registered: seen in a round)"
+    parts = [spec["method"]]
+    if spec["method"] == "lora":
+        parts += [f"r={spec.get('rank')}", f"alpha={spec.get('alpha'):g}"]
+    if spec["method"] == "prompt-tuning":
+        parts.append(f"tokens={spec.get('num_virtual_tokens')}")
+    parts.append(f"lr={spec.get('lr'):g}")
+    return " ".join(parts)
 
 
 def render_metrics(status: dict[str, Any]) -> str:
@@ -133,6 +154,13 @@ def render_html(status: dict[str, Any]) -> str:
         )) + "</tr>"
         for m in status["members"]
     )
+    job_rows = "".join(
+        "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+            j["name"], job_summary(j["spec"]), j["state"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j["created_at"])) + " UTC",
+        )) + "</tr>"
+        for j in status.get("jobs", [])
+    ) or '<tr><td colspan="4">(no jobs)</td></tr>'
     holes = status["holes"]
     hole_line = (f'<p class="hole-text">Holes: blocks {", ".join(map(str, holes))} have no replica</p>'
                  if holes else "<p>Every block is served.</p>")
@@ -149,5 +177,7 @@ metrics: <a href="/metrics">/metrics</a>.</p>
 <h2>Nodes</h2>
 <table><tr><th>id</th><th>address</th><th>name</th><th>span</th><th>state</th>
 <th>last heartbeat</th><th>tok/s</th></tr>{rows}</table>
+<h2>Jobs</h2>
+<table><tr><th>name</th><th>settings</th><th>state</th><th>created</th></tr>{job_rows}</table>
 </body></html>
 """

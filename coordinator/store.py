@@ -15,6 +15,7 @@ Tables (schema version 1):
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -105,6 +106,24 @@ class MemberRecord:
     span: Span
     pinned: bool
     joined_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A registered training job (coordinator/jobs.py). `spec` holds the JobSpec's fields as
+    plain values (node.proto's field names); {} for a job first seen in a round."""
+
+    name: str
+    base_model: str
+    spec: dict
+    state: str
+    created_at: float
+    updated_at: float
+
+
+# JobSpec fields stored in jobs.adapter_config; every other field is an optimizer setting
+# and goes to jobs.hyperparameters.
+ADAPTER_FIELDS = ("rank", "alpha", "targets", "feedforward_modules", "num_virtual_tokens", "seed")
 
 
 class Store:
@@ -216,6 +235,39 @@ class Store:
                 "INSERT INTO meta VALUES ('epoch', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(epoch),),
+            )
+
+
+    # ---- jobs -------------------------------------------------------------------------
+
+    def load_jobs(self, name: str | None = None) -> list[JobRecord]:
+        """Every job by name, or the one named `name` (an empty list if unknown)."""
+        where, args = ("WHERE name=?", (name,)) if name is not None else ("", ())
+        rows = self.db.execute(
+            "SELECT name, base_model, adapter_method, adapter_config, hyperparameters, state, "
+            f"created_at, updated_at FROM jobs {where} ORDER BY name", args
+        ).fetchall()
+        jobs = []
+        for name, base, method, adapter, hyper, state, created, updated in rows:
+            spec = {"method": method, **json.loads(adapter), **json.loads(hyper)} if method else {}
+            jobs.append(JobRecord(name=name, base_model=base, spec=spec, state=state,
+                                  created_at=created, updated_at=updated))
+        return jobs
+
+    def save_job(self, job: JobRecord) -> None:
+        """Insert the job, or fill in the settings of a row a round created before it was
+        registered (same name); committed before returning."""
+        spec = dict(job.spec)
+        method = spec.pop("method", "")
+        adapter = {k: spec.pop(k) for k in ADAPTER_FIELDS if k in spec}
+        with _transaction(self.db):
+            self.db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "base_model=excluded.base_model, adapter_method=excluded.adapter_method, "
+                "adapter_config=excluded.adapter_config, hyperparameters=excluded.hyperparameters, "
+                "updated_at=excluded.updated_at",
+                (job.name, job.base_model, method, json.dumps(adapter, sort_keys=True),
+                 json.dumps(spec, sort_keys=True), job.state, job.created_at, job.updated_at),
             )
 
 

@@ -1,0 +1,158 @@
+"""`pollinate job create|list|show`: training jobs registered at the coordinator.
+
+    pollinate job create sums --coordinator HOST:PORT --method lora --rank 16
+    pollinate job list --coordinator HOST:PORT
+    pollinate job show sums --coordinator HOST:PORT [--json]
+
+A job's settings flags are shared with `pollinate train` (add_job_arguments): train with
+flags registers the job (or checks them against the registered settings); train with none
+uses the registered job's settings (job_spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# Job settings and their defaults. The flags default to None so that `train` can tell
+# "not given" (use the registered job's value) from "given" (must match it).
+SPEC_DEFAULTS = {"method": "lora", "rank": 8, "alpha": 16.0, "targets": "", "feedforward": "",
+                 "num_virtual_tokens": 20, "lr": 4e-4, "weight_decay": 0.1, "grad_clip": 1.0,
+                 "micro_batches": 1, "seed": 0}
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that define a job (the JobSpec); without any, a registered job's settings."""
+    g = p.add_argument_group("job settings (default: the registered job's, else the value shown)")
+    g.add_argument("--method", help="lora, ia3, ln-tuning, full (trained on the nodes) or prompt-tuning "
+                                    "(a soft prompt trained by the trainer) [lora]")
+    g.add_argument("--rank", type=int, help="LoRA rank [8]")
+    g.add_argument("--alpha", type=float, help="LoRA alpha [16]")
+    g.add_argument("--targets", help="comma-separated module names [the method's, as PEFT's]")
+    g.add_argument("--feedforward", help="IA3: comma-separated targets scaled at their input [down_proj if targeted]")
+    g.add_argument("--num-virtual-tokens", type=int, help="prompt tuning: soft prompt length [20]")
+    g.add_argument("--lr", type=float, help="inner AdamW learning rate [4e-4]")
+    g.add_argument("--weight-decay", type=float, help="inner AdamW weight decay [0.1]")
+    g.add_argument("--grad-clip", type=float, help="max L2 norm of each span's gradient per step; 0 = off [1.0]")
+    g.add_argument("--micro-batches", type=int, help="micro-batches per optimizer step [1]")
+    g.add_argument("--seed", type=int, help="adapter initialisation seed (and train's data order) [0]")
+
+
+def spec_flags_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None for k in SPEC_DEFAULTS)
+
+
+def job_spec(args: argparse.Namespace, registered=None):
+    """The JobSpec the flags ask for: each flag not given takes the registered job's value
+    (a node_pb2.JobSpec, or None) or else its default. ValueError names a bad setting."""
+    from pollinate.node.training import JobSpec
+
+    base = JobSpec.from_proto(registered) if registered is not None else None
+    def pick(key, from_registered):
+        value = getattr(args, key, None)
+        if value is not None:
+            return value
+        return from_registered(base) if base is not None else SPEC_DEFAULTS[key]
+
+    method = pick("method", lambda b: b.method)
+    names = lambda key, attr: tuple(t for t in pick(key, lambda b: ",".join(getattr(b, attr))).split(",") if t)
+    return JobSpec(
+        method=method, rank=pick("rank", lambda b: b.rank), alpha=pick("alpha", lambda b: b.alpha),
+        targets=names("targets", "targets"), feedforward=names("feedforward", "feedforward"),
+        num_virtual_tokens=pick("num_virtual_tokens", lambda b: b.num_virtual_tokens) if method == "prompt-tuning" else 0,
+        lr=pick("lr", lambda b: b.lr), weight_decay=pick("weight_decay", lambda b: b.weight_decay),
+        grad_clip=pick("grad_clip", lambda b: b.grad_clip), micro_batches=pick("micro_batches", lambda b: b.micro_batches),
+        seed=pick("seed", lambda b: b.seed), betas=base.betas if base is not None else (0.9, 0.95),
+        round_steps=base.round_steps if base is not None else 0,
+    )
+
+
+async def register_job(coordinator: str, token: str, name: str, args: argparse.Namespace,
+                       *, timeout_s: float = 10.0):
+    """The job `name` as the coordinator registers it: (JobInfo, created). A new job is
+    created from the flags (defaults for the rest). For a registered one, the flags left out
+    take its values and the flags given must equal them (FailedPrecondition names the fields
+    that differ), so `train --job NAME` alone trains with the registered settings."""
+    from pollinate.coordinator.client import call_coordinator
+    from pollinate.protocol.errors import NotFound
+    from pollinate.protocol.v1 import coordinator_pb2, node_pb2
+
+    registered = None
+    try:
+        info = await call_coordinator(coordinator, token, "GetJob", coordinator_pb2.GetJobRequest(name=name),
+                                      timeout_s=timeout_s)
+        registered = info.spec if info.spec.method else None  # a round's placeholder row has no spec
+    except NotFound:
+        pass
+    if registered is not None and not spec_flags_given(args):
+        return info, False
+    spec = job_spec(args, registered).to_proto(node_pb2)
+    reply = await call_coordinator(coordinator, token, "CreateJob",
+                                   coordinator_pb2.CreateJobRequest(name=name, spec=spec), timeout_s=timeout_s)
+    return reply.job, reply.created
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+    for action, help_text in (("create", "register a job (same settings again: no-op)"),
+                              ("list", "every registered job"), ("show", "one job's settings and state")):
+        q = sub.add_parser(action, help=help_text, description=help_text)
+        if action != "list":
+            q.add_argument("name", help="job name")
+        if action == "create":
+            add_job_arguments(q)
+        q.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
+        q.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
+        q.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _job_dict(info) -> dict:
+    from pollinate.coordinator.jobs import spec_to_dict
+
+    return {"name": info.name, "base_model": info.base_model,
+            "spec": spec_to_dict(info.spec) if info.spec.method else {}, "state": info.state,
+            "created_at": info.created_at, "updated_at": info.updated_at}
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pollinate.client.cli_args import swarm_token
+    from pollinate.client.cli_status import format_jobs
+    from pollinate.coordinator.client import call_coordinator
+    from pollinate.protocol.errors import PollinateError
+    from pollinate.protocol.v1 import coordinator_pb2
+
+    prog = f"pollinate job {args.job_command}"
+    token = swarm_token(args)
+    if not token:
+        print(f"{prog}: no swarm token; pass --token-file or set $POLLINATE_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        if args.job_command == "create":
+            job_spec(args)  # bad settings: a clear error before any RPC
+            info, created = asyncio.run(register_job(args.coordinator, token, args.name, args, timeout_s=args.timeout))
+            jobs = [info]
+            print(f"job {info.name!r} {'registered' if created else 'already registered with these settings'}",
+                  file=sys.stderr)
+        elif args.job_command == "show":
+            jobs = [asyncio.run(call_coordinator(args.coordinator, token, "GetJob",
+                                                 coordinator_pb2.GetJobRequest(name=args.name), timeout_s=args.timeout))]
+        else:
+            jobs = list(asyncio.run(call_coordinator(args.coordinator, token, "ListJobs",
+                                                     coordinator_pb2.ListJobsRequest(), timeout_s=args.timeout)).jobs)
+    except (ValueError, PollinateError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    if args.json:
+        out = [_job_dict(j) for j in jobs]
+        print(json.dumps(out if args.job_command == "list" else out[0], indent=1))
+    elif args.job_command == "list":
+        print(format_jobs(jobs, now=time.time()))
+    else:
+        print(json.dumps(_job_dict(jobs[0]), indent=1))
+    return 0
