@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from pollinate.client.swarm import Swarm
     from pollinate.client.worker import LoopThread
     from pollinate.node.model_files import open_model
-    from pollinate.protocol.errors import PollinateError
+    from pollinate.protocol.errors import NotFound, PollinateError
 
     try:
         token, dht = join_dht(args)
@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         out = export_job(args.out, spec, state, files, base_model=args.model)
         print(f"wrote {len(state)} tensors of job {args.job!r} ({spec.method}) to {out}")
         return 0
+    except NotFound as e:
+        print(f"pollinate export: {e}; a prompt-tuning job is kept by its trainer only "
+              f"(`pollinate train --save DIR` writes it)", file=sys.stderr)
+        return 1
     except (ValueError, PollinateError) as e:
         print(f"pollinate export: {e}", file=sys.stderr)
         return 1
