@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn

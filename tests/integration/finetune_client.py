@@ -65,7 +65,6 @@ def main() -> int:
     from pollinate.node.announce import start_dht
 
     dht = start_dht(args.initial_peers, client_mode=True)  # before any gRPC object
-    import torch
     from safetensors.torch import save_file
 
     from pollinate.client.config import ClientConfig

@@ -17,6 +17,7 @@ import torch
 from pollinate.client.training_data import causal_lm_loss
 from pollinate.node.adapters import AdapterHost, known_methods
 from pollinate.node.training import JobSpec, backward_step, make_job
+from test_training import batches
 
 SPANS = [(0, 1), (1, 3), (3, 4)]
 METHOD_SPECS = {
@@ -53,11 +54,6 @@ def local_reference(reference_model, spec: JobSpec, init_state: dict):
         for k, p in named.items():
             p.copy_(init_state[k])
     return model, named
-
-
-def batches(n: int, *, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (2, 12), generator=g) for _ in range(n)]
 
 
 @pytest.mark.parametrize("method", ["ia3", "ln-tuning", "full"])
