@@ -10,7 +10,9 @@ and `completed`). Coordinator and training scenarios plug in the same way.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import re
 import sys
 import tempfile
 import time
@@ -189,6 +191,180 @@ def coordinator_restart(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def _text_windows(files: list[Path], length: int) -> torch.Tensor:
+    """Byte-level windows (the tiny model's vocabulary is 256) of the files' text."""
+    import torch
+
+    data = torch.tensor(list(b"".join(f.read_bytes() for f in files)), dtype=torch.long)
+    n = data.numel() // length
+    return data[: n * length].view(n, length)
+
+
+async def _train_job(args, model: str, coord_address: str, nodes: list, token: str) -> dict:
+    """Each replica trains the job on its own shard of the data through Forward/Backward
+    (embeddings and head here, the blocks on the node: client/trainer.py's SwarmChain), a
+    DiLoCo round inside every H-th Backward. Returns the steps each replica finished, the
+    coordinator's last committed round and the held-out loss through the first replica."""
+    import os
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from pollinate.client.routing import Hop, PeerSpan
+    from pollinate.client.trainer import SwarmChain, TrainConfig
+    from pollinate.client.training_data import causal_lm_loss
+    from pollinate.node.training import JobSpec
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2_grpc
+
+    torch.manual_seed(args.seed)
+    local = LlamaForCausalLM.from_pretrained(model).eval()
+    for p in local.parameters():
+        p.requires_grad_(False)
+    num_blocks = local.config.num_hidden_layers
+    src = sorted(Path(os.__file__).parent.glob("*.py"))  # the standard library's own source
+    train_data = _text_windows(src[:40], args.seq_len)
+    val_data = _text_windows(src[40:44], args.seq_len)[: args.val_batches * args.batch_size]
+    channels: dict[str, object] = {}
+
+    class Stubs:  # what SwarmChain needs of a swarm: a Node stub per address
+        def stub(self, address: str):
+            if address not in channels:
+                channels[address] = open_channel(address, ChannelConfig(token=token))
+            return node_pb2_grpc.NodeStub(channels[address])
+
+    spec = JobSpec(rank=4, alpha=8.0, lr=args.lr, round_steps=args.round_steps, seed=args.seed)
+    chain = SwarmChain(Stubs(), TrainConfig(job=JOB, spec=spec), timeout_s=args.step_timeout)
+    hops = [Hop(peer=PeerSpan(peer_id=p.name, address=p.info["address"], start=0, end=num_blocks,
+                              throughput=1.0), start=0, end=num_blocks) for p in nodes]
+    done = [0] * len(hops)
+
+    def loss_of(ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(local.lm_head(local.model.norm(hidden)), ids)
+
+    async def replica(i: int) -> None:
+        gen = torch.Generator().manual_seed(args.seed * 1000 + i)
+        mine = train_data[i :: len(hops)]  # each replica its own shard of the data
+        try:
+            for step in range(args.train_steps):
+                ids = mine[torch.randint(len(mine), (args.batch_size,), generator=gen)]
+                h0 = local.model.embed_tokens(ids)
+                out = (await chain.forward_hop(hops[i], h0)).requires_grad_()
+                loss_of(ids, out).backward()
+                await chain.backward_hop(hops[i], h0, out.grad)
+                done[i] = step + 1
+        except Exception as exc:
+            print(f"replica {i} stopped after {done[i]} steps: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    await asyncio.gather(*(replica(i) for i in range(len(hops))))
+    survivor = next(i for i, d in enumerate(done) if d == args.train_steps)
+    with torch.no_grad():
+        losses = [float(loss_of(ids, await chain.forward_hop(hops[survivor], local.model.embed_tokens(ids), job=JOB)))
+                  for ids in val_data.split(args.batch_size)]
+    channel = open_channel(coord_address, ChannelConfig(token=token))
+    committed = await coordinator_pb2_grpc.CoordinatorStub(channel).GetCommittedState(
+        coordinator_pb2.GetCommittedStateRequest(job=JOB, span=common_pb2.Span(start=0, end=num_blocks)),
+        timeout=30)
+    for c in [channel, *channels.values()]:
+        await c.close()
+    with torch.no_grad():  # the base model (a LoRA adapter starts as the identity)
+        base = [float(causal_lm_loss(local(input_ids=ids).logits, ids)) for ids in val_data.split(args.batch_size)]
+    return {"steps_done": done, "committed_round": int(committed.round),
+            "val_loss": sum(losses) / len(losses), "val_loss_base": sum(base) / len(base)}
+
+
+JOB = "chaos"
+
+
+def _replica_run(args, workdir: Path, *, kill: bool) -> dict:
+    """Coordinator + --replicas nodes of the whole tiny model; with `kill`, SIGKILL the last
+    replica right after round --kill-round is formed with all of them."""
+    import threading
+
+    from procs import ProcGroup
+
+    model, _ = _model(args, workdir)
+    cache = str(workdir / "cache")
+    from pollinate.node.model_files import open_model
+
+    files = open_model(model, cache_dir=cache, show_progress=False)  # convert once, up front
+    token = workdir / "token"
+    token.write_text("chaos-token\n")
+    with ProcGroup(workdir) as group:
+        coord = group.start("coordinator", [
+            "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "-1",
+            "--token-file", str(token), "--model", model, "--num-blocks", str(files.num_blocks),
+            "--heartbeat-period", "0.5", "--lease", str(args.lease), "--round-window", "60",
+        ])
+        group.wait_ready([coord], timeout=90)
+        nodes = [group.start(f"node-{i}", [
+            "node", "--coordinator", coord.info["grpc"], "--token-file", str(token), "--model", model,
+            "--cache-dir", cache, "--blocks", f"0:{files.num_blocks}", "--torch-threads", "1",
+            "--throughput", "10",
+        ]) for i in range(args.replicas)]
+        group.wait_ready(nodes, timeout=300)
+        killed: list[float] = []
+        stop = threading.Event()
+        formed = f"round {args.kill_round} of job {JOB} span 0:{files.num_blocks} formed (attempt 1) with {args.replicas} member"
+
+        def killer() -> None:  # the fault's moment: the coordinator's log line, polled
+            while not stop.is_set():
+                if formed in coord.log_path.read_text(errors="replace"):
+                    nodes[-1].kill()
+                    killed.append(time.perf_counter())
+                    return
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=killer, daemon=True)
+        if kill:
+            watcher.start()
+        t0 = time.perf_counter()
+        try:
+            out = asyncio.run(_train_job(args, model, coord.info["grpc"], nodes, "chaos-token"))
+        finally:
+            stop.set()
+        out["wall_s"] = time.perf_counter() - t0
+        log = coord.log_path.read_text(errors="replace")
+    out["killed"] = bool(killed)
+    out["aborted_attempts"] = log.count(" aborted: ")
+    out["retried_attempts"] = len(re.findall(r"formed \(attempt [2-9]", log))
+    out["committed_without_some"] = len(re.findall(r"committed by (\d+)/(?!\1\b)\d+ members", log))
+    return out
+
+
+@scenario("kill-replica-during-training")
+def kill_replica_during_training(args: argparse.Namespace, workdir: Path) -> dict:
+    """DiLoCo training of one job by --replicas replicas of the whole tiny model; SIGKILL one
+    replica inside round --kill-round; compare with the same run (same seed) without the kill."""
+    if args.model != "tiny":
+        raise SystemExit("kill-replica-during-training runs on the tiny model only")
+    fault = _replica_run(args, workdir / "fault", kill=True)
+    clean = _replica_run(args, workdir / "no-fault", kill=False)
+    expected = args.train_steps // args.round_steps
+    survivors = fault["steps_done"][:-1]
+    return {
+        "scenario": "kill-replica-during-training",
+        "completed": fault["killed"] and all(d == args.train_steps for d in survivors),
+        "val_loss": round(fault["val_loss"], 4),
+        "val_loss_no_fault": round(clean["val_loss"], 4),
+        "val_loss_base_model": round(fault["val_loss_base"], 4),
+        "rounds_lost": expected - fault["committed_round"],
+        "rounds_expected": expected,
+        "committed_round": fault["committed_round"],
+        "killed_replica_steps": fault["steps_done"][-1],
+        "aborted_attempts": fault["aborted_attempts"],
+        "retried_attempts": fault["retried_attempts"],
+        "rounds_committed_by_a_subset": fault["committed_without_some"],
+        "replicas": args.replicas,
+        "train_steps": args.train_steps,
+        "round_steps": args.round_steps,
+        "kill_round": args.kill_round,
+        "wall_s": round(fault["wall_s"], 1),
+        "wall_s_no_fault": round(clean["wall_s"], 1),
+        "seed": args.seed,
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="fault scenarios against a local swarm")
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
@@ -196,6 +372,18 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
     p.add_argument("--kill-after", type=int, default=5, help="kill after this many generated tokens")
     p.add_argument("--workdir", type=Path)
+    training = p.add_argument_group("training scenarios (kill-replica-during-training)")
+    training.add_argument("--replicas", type=int, default=3, help="replicas of the whole tiny model")
+    training.add_argument("--train-steps", type=int, default=100, help="inner steps per replica")
+    training.add_argument("--round-steps", type=int, default=10, help="H: inner steps per DiLoCo round")
+    training.add_argument("--kill-round", type=int, default=4, help="SIGKILL the last replica inside this round")
+    training.add_argument("--batch-size", type=int, default=8)
+    training.add_argument("--seq-len", type=int, default=64)
+    training.add_argument("--lr", type=float, default=1e-2, help="inner AdamW lr")
+    training.add_argument("--val-batches", type=int, default=8)
+    training.add_argument("--lease", type=float, default=4.0, help="coordinator lease, seconds")
+    training.add_argument("--step-timeout", type=float, default=240.0, help="seconds per Forward/Backward")
+    training.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     result = SCENARIOS[args.scenario](args, workdir)
