@@ -63,11 +63,21 @@ class BaseModelChain(SwarmChain):
         super().__init__(swarm, config, timeout_s=timeout_s)
         self.job, self.spec_msg = "", None
         self.prompt_job = job
+        self._input_grad: torch.Tensor | None = None
+
+    async def backward_hop(self, hop, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        grad_in = await super().backward_hop(hop, hidden, grad)
+        if hop.start == 0:  # the model's input: whichever replica took it (the trainer may fail over)
+            self._input_grad = grad_in
+        return grad_in
 
     async def backward(self, route, inputs, grad) -> None:
-        for hop, h in zip(reversed(route), reversed(inputs)):
-            grad = await self.backward_hop(hop, h, grad)
+        self._input_grad = None
+        await super().backward(route, inputs, grad)
+        if self._input_grad is None:
+            raise RuntimeError("Backward ended without the first blocks' input gradient")
         job, n = self.prompt_job, self.prompt_job.adapter.num_virtual_tokens
+        grad = self._input_grad
         g = grad[:, :n].sum(0).to(torch.float32)  # the prompt is shared by the batch's rows
         prompt = job.adapter.embedding
         prompt.grad = g if prompt.grad is None else prompt.grad + g
