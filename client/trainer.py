@@ -8,9 +8,18 @@ getting its own input again plus the gradient of its output (the node recomputes
 forward, see node/training.py) and returning the gradient of its input. The embeddings
 are frozen, so the first hop's input gradient is dropped.
 
-Failures: a hop that fails during Forward bans the peer and the micro-batch is retried
-on a new route; a failure during Backward is not retried (a node may already have
-accumulated that micro-batch's gradient) and stops the trainer.
+Failures (a peer unreachable, timed out, or killed): a hop that fails during Forward bans
+the peer and the micro-batch's Forward is retried on a new route. A hop that fails during
+Backward is replaced by another replica of its blocks (a new route for [start, end), run
+forward from the hop's kept input to get each new hop's input) and only that hop's Backward
+is redone there: the hops after it already accumulated this micro-batch and are not asked
+again, so no node counts it twice. Replicas train independently (issue 5; DiLoCo rounds
+synchronise them, issue 6): the replacement applies its own adapter for the job and the
+trainer copies nothing between replicas. The gradient of the failed hop's output was
+computed downstream from the failed replica's output, so that one micro-batch's gradient
+on the replacement is taken at the other replica's activations; every later micro-batch
+routes through the replacement alone. Errors that are the caller's own (a bad request, a
+job clash) stop the trainer.
 """
 
 from __future__ import annotations
@@ -86,6 +95,8 @@ class SwarmChain:
         self.timeout_s = timeout_s
         self.job = config.job  # the job named to the nodes; "" = the base model (client/prompt_tuning.py)
         self.spec_msg = config.spec.to_proto(node_pb2)
+        self.failovers = 0  # Backward hops moved to another replica after a failure
+        self.reroutes = 0  # Forwards retried on a new route after a failure
 
     def _span(self, hop: Hop) -> common_pb2.Span:
         return common_pb2.Span(start=hop.start, end=hop.end)
@@ -123,11 +134,51 @@ class SwarmChain:
                 if attempt == self.config.max_forward_retries or not _transient(e):
                     raise
                 self.swarm.ban(hop.peer, e)
+                self.reroutes += 1
         raise AssertionError("unreachable")
 
-    async def backward(self, route: list[Hop], inputs: list[torch.Tensor], grad: torch.Tensor) -> None:
-        for hop, h in zip(reversed(route), reversed(inputs)):
-            grad = await self.backward_hop(hop, h, grad)
+    async def backward(self, route: list[Hop], inputs: list[torch.Tensor], grad: torch.Tensor) -> list[Hop]:
+        """Backward through the route in reverse; a failed hop moves to another replica.
+        Returns the hops that accumulated the micro-batch, in route order."""
+        hops = list(zip(route, inputs))
+        i, failures = len(hops) - 1, 0
+        while i >= 0:
+            hop, h = hops[i]
+            try:
+                grad = await self.backward_hop(hop, h, grad)
+                i -= 1
+                continue
+            except (PollinateError, asyncio.TimeoutError) as e:
+                failures += 1
+                if failures > self.config.max_forward_retries or not _transient(e):
+                    raise
+                self.swarm.ban(hop.peer, e)
+                error = e
+            replacement = await self._replace(hop, h, error)
+            hops[i:i + 1] = replacement
+            i += len(replacement) - 1
+        return [hop for hop, _ in hops]
+
+    async def _replace(self, hop: Hop, hidden: torch.Tensor, error: BaseException) -> list[tuple[Hop, torch.Tensor]]:
+        """A new chain for the blocks of a failed hop, with each new hop's input."""
+        for attempt in range(self.config.max_forward_retries + 1):
+            sub = await self.swarm.route(hop.start, hop.end)
+            pairs, h = [], hidden
+            try:
+                for i, s in enumerate(sub):
+                    pairs.append((s, h))
+                    if i + 1 < len(sub):  # the last new hop's output is not needed
+                        h = await self.forward_hop(s, h)
+            except (PollinateError, asyncio.TimeoutError) as e:
+                if attempt == self.config.max_forward_retries or not _transient(e):
+                    raise
+                self.swarm.ban(s.peer, e)
+                continue
+            self.failovers += 1
+            logger.warning("job %s: Backward of blocks %d:%d moved from %s to %s after: %s", self.job, hop.start,
+                           hop.end, hop.peer.address, " -> ".join(str(s) for s in sub), error)
+            return pairs
+        raise AssertionError("unreachable")
 
     async def fetch_state(self, hop: Hop) -> dict[str, torch.Tensor]:
         req = node_pb2.GetStateRequest(job=self.config.job, span=self._span(hop), round=0)
