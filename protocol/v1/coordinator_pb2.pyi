@@ -138,7 +138,7 @@ class BlockCoverage(_message.Message):
     def __init__(self, block: _Optional[int] = ..., replicas: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs")
+    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class StatusReply(_message.Message):
     HEARTBEAT_PERIOD_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     model_id: str
     num_blocks: int
@@ -161,7 +162,36 @@ class StatusReply(_message.Message):
     heartbeat_period_s: float
     lease_s: float
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
-    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
+    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+
+class RoundInfo(_message.Message):
+    __slots__ = ("job", "span", "round", "committed_at", "members")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    span: _common_pb2.Span
+    round: int
+    committed_at: float
+    members: _containers.RepeatedCompositeFieldContainer[RoundMemberTraffic]
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., committed_at: _Optional[float] = ..., members: _Optional[_Iterable[_Union[RoundMemberTraffic, _Mapping]]] = ...) -> None: ...
+
+class RoundMemberTraffic(_message.Message):
+    __slots__ = ("member_id", "shard_index", "bytes_sent", "bytes_received", "committed")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    shard_index: int
+    bytes_sent: int
+    bytes_received: int
+    committed: bool
+    def __init__(self, member_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class BeginRoundRequest(_message.Message):
     __slots__ = ("job", "span", "round", "member_id", "tokens")
@@ -198,7 +228,7 @@ class BeginRoundReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ..., shard_index: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CommitRoundRequest(_message.Message):
-    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt")
+    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt", "bytes_sent", "bytes_received")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +236,8 @@ class CommitRoundRequest(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
     round: int
@@ -213,7 +245,9 @@ class CommitRoundRequest(_message.Message):
     checksum: str
     state: bytes
     attempt: int
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
+    bytes_sent: int
+    bytes_received: int
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class CommitRoundReply(_message.Message):
     __slots__ = ("committed", "reason", "committed_round")
