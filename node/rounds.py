@@ -55,8 +55,9 @@ PAYLOAD = "payload"
 
 @dataclass(frozen=True, kw_only=True)
 class RoundConfig:
-    # BeginRound deadline, seconds: must exceed the coordinator's round window.
-    begin_timeout_s: float = 60.0
+    # BeginRound deadline, seconds: must exceed the coordinator's round window, and after a
+    # failed attempt its commit timeout too (the retry waits until the attempt is settled).
+    begin_timeout_s: float = 150.0
     # Longest wait for the group's contributions (owner) and for each owner's result, seconds.
     exchange_timeout_s: float = 60.0
     # CommitRound deadline, seconds (the coordinator waits for every member's checksum).
@@ -86,6 +87,7 @@ class _JobRounds:
     steps_at_round: int = 0  # job.inner_steps when the last round ended
     tokens_at_round: int = 0  # job.tokens when the last round ended
     left: tuple[int, int] = (0, 0)  # (round, attempt) this node last left: older ones are refused
+    restored: bool = False  # the coordinator's last committed state fetched (before the first step)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -117,15 +119,16 @@ class RoundDriver:
         self._inboxes: dict[tuple[str, int, int], _Inbox] = {}  # (job, round, attempt)
         # job -> (state, round, attempt, owner task) of a failed attempt still served
         self._serving: dict[str, tuple] = {}
+        # (job, round, attempt) -> [bytes sent, bytes received]: serialized ExchangeShard messages
+        self._traffic: dict[tuple[str, int, int], list[int]] = {}
         self._channel = None
 
     # ---- tracking --------------------------------------------------------------------
 
     def track(self, job) -> None:
         """A new job: θ_global starts at the adapter's initial value (same seed everywhere)."""
-        cfg = DiLoCoConfig(inner_steps=job.spec.round_steps) if job.spec.round_steps else DiLoCoConfig()
         params = list(job.adapter.parameters())
-        self.jobs[job.name] = _JobRounds(member=DiLoCoMember(flatten_params(params), cfg))
+        self.jobs[job.name] = _JobRounds(member=DiLoCoMember(flatten_params(params), job.spec.diloco_config()))
 
     def committed(self, name: str) -> tuple[int, dict[str, torch.Tensor]]:
         """The last committed round of a job on this node and its shared state."""
@@ -133,6 +136,43 @@ class RoundDriver:
         if state is None or state.committed_round == 0:
             raise NotFound(f"job {name!r}: no committed round on this node")
         return state.committed_round, state.member.shared_state()
+
+    async def before_step(self, manager, job) -> None:
+        """Before a job's first Forward/Backward here: a node that joins the span mid-job (or
+        replaces a dead replica, or restarted) adopts the coordinator's last committed state
+        and round number, so its first round is the group's next one. Nothing committed yet:
+        it starts from the job's seed like everyone else. The coordinator unreachable: the
+        call fails (clear error) and the next one tries again."""
+        from pollinate.protocol.v1 import common_pb2
+
+        state = self.jobs.get(job.name)
+        if state is None or state.restored:
+            return
+        async with state.lock:
+            if state.restored:
+                return
+            server = manager.server
+            span = common_pb2.Span(start=server.start, end=server.end)
+            try:
+                adopted = await self._catch_up(server, job, span, state, list(job.adapter.parameters()),
+                                               state.committed_round + 1, why="restored at job start")
+            except Exception as exc:
+                logger.warning("job %s span %d:%d: restoring the last committed state failed: %s",
+                               job.name, server.start, server.end, exc)
+                raise
+            if not adopted:
+                logger.info("job %s span %d:%d: no committed round at the coordinator; starting "
+                            "from the job's initial state", job.name, server.start, server.end)
+            state.restored = True
+
+    def count(self, job: str, r: int, attempt: int, *, sent: int = 0, received: int = 0) -> None:
+        """Add serialized ExchangeShard message sizes to (job, round, attempt)'s traffic."""
+        state = self.jobs.get(job)
+        if state is None or (r, attempt) <= state.left:
+            return  # over here: already reported (or refused)
+        traffic = self._traffic.setdefault((job, r, attempt), [0, 0])
+        traffic[0] += sent
+        traffic[1] += received
 
     async def after_backward(self, manager, job) -> None:
         state = self.jobs.get(job.name)
@@ -169,7 +209,8 @@ class RoundDriver:
                 reply = await self._begin(job.name, span, r, tokens)
             except FailedPrecondition as exc:  # formed without us, or committed without us
                 try:
-                    if await self._catch_up(server, job, span, state, params, r):
+                    if await self._catch_up(server, job, span, state, params, r,
+                                            why="committed without this node"):
                         return True
                 except Exception as fetch_exc:
                     logger.warning("round %d of job %s: fetching the committed state failed: %s",
@@ -212,8 +253,9 @@ class RoundDriver:
             task.cancel()
             self._leave(job, state, r, attempt, "given up")
 
-    async def _catch_up(self, server, job, span, state: _JobRounds, params, r: int) -> bool:
-        """The group committed round >= r without us: adopt the coordinator's committed state."""
+    async def _catch_up(self, server, job, span, state: _JobRounds, params, r: int, *, why: str) -> bool:
+        """Adopt the coordinator's last committed state if it is of round >= r (checksum
+        verified; residuals restart at zero); False if there is none that recent."""
         from pollinate.node.diloco import state_checksum
         from pollinate.protocol.errors import translate_rpc_errors
         from pollinate.protocol.v1 import coordinator_pb2
@@ -233,8 +275,8 @@ class RoundDriver:
         await server._run(assign_flat, params, state.member.local_start())
         state.committed_round = int(got.round)
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
-        logger.info("round %d of job %s span %d:%d was committed without this node: adopted the "
-                    "coordinator's committed state", got.round, job.name, server.start, server.end)
+        logger.info("round %d of job %s span %d:%d (%s): adopted the coordinator's committed state, "
+                    "checksum %s", got.round, job.name, server.start, server.end, why, got.checksum[:16])
         return True
 
     async def _attempt(self, server, job, span, state: _JobRounds, params, r: int, reply,
@@ -248,11 +290,18 @@ class RoundDriver:
         n, s, attempt = len(group), reply.shard_index, reply.attempt
         saved = {k: getattr(member, k).clone() for k in ("global_flat", "momentum", "residual", "owner_residual")}
         inbox = self._inbox(job.name, r, attempt)
-        t0, moved = time.monotonic(), 0
+        t0 = time.monotonic()
         owner_task, sends = None, []
         try:
             local = await server._run(flatten_params, params)
-            payloads = await server._run(lambda: member.contribute(local, round_index=r, num_shards=n))
+
+            def contribute() -> list[bytes]:
+                # abort() first: a failed attempt's owner may have staged an owner residual after
+                # its rollback; the executor is one thread, so that aggregate ran before this.
+                member.abort()
+                return member.contribute(local, round_index=r, num_shards=n)
+
+            payloads = await server._run(contribute)
             inbox.contributions[me] = Contribution(sender=me, tokens=tokens, payload=payloads[s])
             inbox.arrived.set()
             owner_task = asyncio.create_task(self._own_shard(server, job.name, r, s, n, group, inbox))
@@ -262,15 +311,17 @@ class RoundDriver:
             # The first failure (an owner gone, a broken stream) ends the wait at once.
             own, *got = await asyncio.wait_for(asyncio.gather(asyncio.shield(inbox.result), *sends),
                                                self.config.exchange_timeout_s)
-            results = [own if j == s else got[j - (j > s)][0] for j in range(n)]
-            moved = (sum(b for _, b in got) + len(own) * (n - 1)
-                     + sum(len(c.payload) for m, c in inbox.contributions.items() if m != me))
+            results = [own if j == s else got[j - (j > s)] for j in range(n)]
             checksum = await server._run(lambda: member.apply(results, round_index=r, num_shards=n))
             blob = await server._run(_save_state, member.shared_state())
+            # Every ExchangeShard message of the attempt has been counted by now: our calls
+            # returned, and the handlers answering our shard count their replies before sending.
+            sent, received = self._traffic.get((job.name, r, attempt), (0, 0))
             with translate_rpc_errors(peer=self.coordinator_address):
                 done = await self._coordinator().CommitRound(coordinator_pb2.CommitRoundRequest(
                     job=job.name, span=span, round=r, member_id=me, checksum=checksum, state=blob,
-                    attempt=attempt), timeout=self.config.commit_timeout_s)
+                    attempt=attempt, bytes_sent=sent, bytes_received=received),
+                    timeout=self.config.commit_timeout_s)
             if not done.committed:
                 raise FailedPrecondition(f"round {r} not committed: {done.reason}")
         except (Exception, asyncio.CancelledError) as exc:
@@ -299,8 +350,8 @@ class RoundDriver:
         state.committed_round = r
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
         logger.info("round %d of job %s span %d:%d committed here (attempt %d, group of %d), "
-                    "%.1f kB sent+received, %.2f s", r, job.name, server.start, server.end, attempt, n,
-                    moved / 1000, time.monotonic() - t0)
+                    "%d B sent, %d B received, %.2f s", r, job.name, server.start, server.end, attempt, n,
+                    sent, received, time.monotonic() - t0)
         return True
 
     def _inbox(self, job: str, r: int, attempt: int) -> _Inbox:
@@ -312,6 +363,8 @@ class RoundDriver:
     def _leave(self, job: str, state: _JobRounds, r: int, attempt: int, exc) -> None:
         """Close our inbox for (r, attempt): waiting senders get an error, late ones are refused."""
         state.left = max(state.left, (r, attempt))
+        for key in [k for k in self._traffic if k[0] == job and k[1:] <= state.left]:
+            del self._traffic[key]
         for key in [k for k in self._inboxes if k[0] == job and k[1:] <= (r, attempt)]:
             inbox = self._inboxes.pop(key)
             if not inbox.result.done():
@@ -349,17 +402,19 @@ class RoundDriver:
                 inbox.result.set_exception(exc)
 
     async def _send(self, job: str, span, r: int, attempt: int, me: str, j: int, tokens: int,
-                    payload: bytes, address: str) -> tuple[bytes, int]:
-        """ExchangeShard to owner j: our contribution out, its result back."""
+                    payload: bytes, address: str) -> bytes:
+        """ExchangeShard to owner j: our contribution out, its result back (both counted)."""
         from pollinate.protocol.channels import ChannelConfig, open_channel
         from pollinate.protocol.errors import translate_rpc_errors
         from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
         def messages():
             for chunk in payload_chunks(payload, self.framing):
-                yield node_pb2.ShardMessage(job=job, span=span, round=r, sender_id=me, shard_index=j,
+                msg = node_pb2.ShardMessage(job=job, span=span, round=r, sender_id=me, shard_index=j,
                                             weight=tokens, kind=node_pb2.ShardMessage.CONTRIBUTION,
                                             tensor=chunk, attempt=attempt)
+                self.count(job, r, attempt, sent=msg.ByteSize())
+                yield msg
 
         channel = open_channel(address, ChannelConfig(token=self.token))
         try:
@@ -368,12 +423,13 @@ class RoundDriver:
                     messages(), timeout=self.config.exchange_timeout_s)
                 assembler = TensorAssembler(self.framing)
                 async for msg in call:
+                    self.count(job, r, attempt, received=msg.ByteSize())
                     if msg.kind != node_pb2.ShardMessage.RESULT or msg.shard_index != j or msg.round != r:
                         raise FailedPrecondition(f"ExchangeShard to {address}: unexpected reply "
                                                  f"(kind {msg.kind}, shard {msg.shard_index}, round {msg.round})")
                     encoded = assembler.feed(msg.tensor)
                     if encoded is not None:
-                        return encoded.payload, len(payload) + len(encoded.payload)
+                        return encoded.payload
         finally:
             await channel.close()
         raise FailedPrecondition(f"ExchangeShard to {address}: no result for shard {j}")
