@@ -5,11 +5,13 @@
 
 Starts a real coordinator process (`python -m pollinate coordinator`, port 0, ready file)
 and a separate load process that joins N simulated nodes over real gRPC on loopback, then
-has each send one Heartbeat per period (phases spread evenly), measuring each call's
+has each send one heartbeat per period on its own HeartbeatStream (`--rpc unary`: the
+unary Heartbeat RPC) (phases spread evenly), measuring each call's
 latency. At the end one node goes silent; failure_detect_s is the time from its last
 heartbeat to the first heartbeat reply (of any other node) that shows the epoch bumped by
 its eviction. Prints one JSON object: nodes, heartbeats_per_s, p50_ms, p99_ms, max_ms,
-errors, failure_detect_s, lease_s, join_s, coordinator_cpu_pct.
+errors, failure_detect_s, lease_s, join_s, coordinator_cpu_pct (while the nodes join and
+beat) and load_cpu_pct (each load process, over the measured window).
 """
 
 from __future__ import annotations
@@ -82,22 +84,46 @@ async def load(args: argparse.Namespace) -> dict:
             window["stop"] = window["start"] + args.duration
             all_joined.set()
         request = coordinator_pb2.HeartbeatRequest(member_id=member_id, serving_span=reply.span)
+        stream = None  # --rpc stream: this node's HeartbeatStream, opened at its first beat
+
+        async def beat():
+            nonlocal stream
+            if args.rpc == "unary":
+                return await stub.Heartbeat(request, metadata=meta, timeout=5)
+            if stream is None:
+                stream = stub.HeartbeatStream(metadata=meta)
+            try:
+                await stream.write(request)
+                answer = await asyncio.wait_for(stream.read(), timeout=5)
+            except BaseException:
+                stream.cancel()
+                stream = None
+                raise
+            if answer is grpc.aio.EOF:
+                stream = None
+                raise RuntimeError("heartbeat stream ended")
+            return answer
+
         t = loop.time() + period * (i % 1000) / 1000  # spread phases over one period
         while True:
             await asyncio.sleep(max(0.0, t - loop.time()))
             t += period
             if all_joined.is_set():
-                if i == victim and loop.time() > window["stop"]:
-                    return  # goes silent; its last beat is state["silent_since"]
-                if state["bumped_at"] is not None:
+                if (i == victim and loop.time() > window["stop"] or state["bumped_at"] is not None
+                        or loop.time() > window["stop"] + state["lease"] + 5.0):
+                    # The victim goes silent (its last beat is state["silent_since"]); the
+                    # others stop once its eviction was seen, or (never seen) after a while.
+                    if stream is not None:
+                        await stream.done_writing()
                     return
-                if loop.time() > window["stop"] + state["lease"] + 5.0:
-                    return  # the eviction was never seen: failure_detect_s stays null
             sent = time.perf_counter()
             try:
-                reply = await stub.Heartbeat(request, metadata=meta, timeout=5)
+                reply = await beat()
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                continue
+            except (asyncio.TimeoutError, RuntimeError) as e:
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
                 continue
             done = time.perf_counter()
             now = loop.time()
@@ -116,6 +142,11 @@ async def load(args: argparse.Namespace) -> dict:
     tasks = [asyncio.create_task(node(i)) for i in range(args.nodes)]
     await asyncio.wait_for(all_joined.wait(), timeout=300)
     join_s = time.perf_counter() - t0
+    # This process's own CPU over the measured window: is the load generator the limit?
+    await asyncio.sleep(max(0.0, window["start"] - loop.time()))
+    cpu0 = time.process_time()
+    await asyncio.sleep(max(0.0, window["stop"] - loop.time()))
+    load_cpu = (time.process_time() - cpu0) / args.duration
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=args.duration + 60)
     lease = state["lease"]
     silent, bumped = state["silent_since"], state["bumped_at"]
@@ -123,7 +154,7 @@ async def load(args: argparse.Namespace) -> dict:
     for c in channels:
         await c.close()
     return {"latencies": latencies, "errors": errors, "failure_detect_s": detect,
-            "lease_s": lease, "join_s": join_s}
+            "lease_s": lease, "join_s": join_s, "load_cpu": load_cpu}
 
 
 def merge(results: list[dict], args: argparse.Namespace) -> dict:
@@ -136,6 +167,7 @@ def merge(results: list[dict], args: argparse.Namespace) -> dict:
     return {
         "nodes": args.nodes,
         "duration_s": args.duration,
+        "rpc": args.rpc,
         "load_processes": args.load_procs,
         "heartbeats": len(latencies),
         "heartbeats_per_s": round(len(latencies) / args.duration, 1),
@@ -146,6 +178,7 @@ def merge(results: list[dict], args: argparse.Namespace) -> dict:
         "failure_detect_s": round(detect, 3) if detect is not None else None,
         "lease_s": results[0]["lease_s"],
         "join_s": round(max(r["join_s"] for r in results), 2),
+        "load_cpu_pct": [round(100 * r["load_cpu"], 1) for r in results],
     }
 
 
@@ -190,7 +223,7 @@ def drive(args: argparse.Namespace) -> dict:
                     [sys.executable, __file__, "--worker", "--target", target,
                      "--worker-index", str(k), "--duration", str(args.duration),
                      "--nodes", str(share + (args.nodes % args.load_procs if k == 0 else 0)),
-                     "--channels", str(args.channels)],
+                     "--channels", str(args.channels), "--rpc", args.rpc],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for k in range(args.load_procs)
             ]
@@ -230,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-procs", type=int, default=2,
                         help="load processes sharing the nodes (one Python process cannot "
                              "drive 2000 RPC/s on this machine)")
+    parser.add_argument("--rpc", choices=("stream", "unary"), default="stream",
+                        help="heartbeat over one HeartbeatStream per node (what nodes do) or "
+                             "the unary Heartbeat RPC (default %(default)s)")
     parser.add_argument("--no-dht", action="store_true", help="skip the bootstrap DHT peer")
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

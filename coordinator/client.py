@@ -9,7 +9,9 @@
     ...
     await client.stop()                      # leaves gracefully
 
-The heartbeat loop never gives up: while the coordinator is unreachable it keeps trying
+Heartbeats travel on one long-lived HeartbeatStream per member (a stream costs the
+coordinator a fraction of a unary call per beat); a broken stream is re-opened at the next
+beat. The heartbeat loop never gives up: while the coordinator is unreachable it keeps trying
 once per period (the node keeps serving; clients route from the DHT), and when the
 coordinator answers NOT_FOUND (it evicted us, or lost its state) the client joins again,
 offering the span it already serves so nothing is reloaded needlessly.
@@ -22,6 +24,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
+
+import grpc.aio
 
 from pollinate.coordinator.placement import Span
 from pollinate.protocol.channels import ChannelConfig, open_channel
@@ -119,6 +123,7 @@ class CoordinatorClient:
         self._task: asyncio.Task | None = None
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
+        self._stream = None  # the open HeartbeatStream call, or None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class CoordinatorClient:
                 task.cancel()
                 await asyncio.wait([task], timeout=self.config.rpc_timeout_s)
         self._task = self._move_task = None
+        self._close_stream()
         if leave and self.assignment is not None:
             try:
                 await self.leave()
@@ -204,6 +210,7 @@ class CoordinatorClient:
     async def _reset_channel(self) -> None:
         # A fresh channel dials at once; an old one in TRANSIENT_FAILURE waits out gRPC's
         # reconnect backoff (up to 120 s), far longer than a coordinator restart takes.
+        self._close_stream()
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             await channel.close()
@@ -224,6 +231,7 @@ class CoordinatorClient:
             await self._reset_channel()
             raise
         self.connected = True
+        self._close_stream()  # a stream is bound to the member id this join replaces
         self.assignment = Assignment(
             member_id=reply.member_id, epoch=reply.epoch, span=Span(reply.span.start, reply.span.end),
             dht_initial_peers=tuple(reply.dht_initial_peers),
@@ -251,8 +259,7 @@ class CoordinatorClient:
                     member_id=self.assignment.member_id,
                     serving_span=_span_msg(self.serving_span), throughput=self._throughput,
                 )
-                with translate_rpc_errors(peer=cfg.coordinator):
-                    reply = await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s)
+                reply = await self._beat(request)
             except NotFound:
                 logger.warning("coordinator does not know member %s; joining again",
                                self.member_id)
@@ -278,6 +285,29 @@ class CoordinatorClient:
             if reply.instruction.kind == coordinator_pb2.Instruction.MOVE:
                 sp = reply.instruction.span
                 self._start_move(Span(sp.start, sp.end), reply.instruction.reason)
+
+    async def _beat(self, request: coordinator_pb2.HeartbeatRequest) -> coordinator_pb2.HeartbeatReply:
+        """One heartbeat on this member's HeartbeatStream, opened on first use and after any
+        failure (the coordinator binds a stream to one member, so a re-join opens a new one)."""
+        cfg = self.config
+        try:
+            with translate_rpc_errors(peer=cfg.coordinator):
+                if self._stream is None:
+                    self._stream = self._get_stub().HeartbeatStream()
+                await asyncio.wait_for(self._stream.write(request), cfg.rpc_timeout_s)
+                reply = await asyncio.wait_for(self._stream.read(), cfg.rpc_timeout_s)
+        except BaseException:
+            self._close_stream()
+            raise
+        if reply is grpc.aio.EOF:  # the coordinator is stopping: a new stream next beat
+            self._close_stream()
+            raise PeerUnavailable(f"coordinator {cfg.coordinator} ended the heartbeat stream")
+        return reply
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
 
     async def _rejoin(self) -> None:
         try:

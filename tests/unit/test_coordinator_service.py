@@ -131,6 +131,56 @@ async def test_unknown_member_heartbeat_is_not_found(server):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def heartbeat_stream(srv, requests, token=TOKEN) -> list:
+    """Send `requests` on one HeartbeatStream, one at a time; the replies (AioRpcError raised)."""
+    channel = open_channel(srv.grpc_address, ChannelConfig(token=token))
+    try:
+        call = coordinator_pb2_grpc.CoordinatorStub(channel).HeartbeatStream(timeout=5)
+        replies = []
+        for request in requests:
+            await call.write(request)
+            replies.append(await call.read())
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        return replies
+    finally:
+        await channel.close()
+
+
+async def test_heartbeat_stream_renews_the_lease_and_is_bound_to_one_member(server):
+    a, b = [await raw_call(server, "Join", coordinator_pb2.JoinRequest(
+        address=f"127.0.0.1:{7000 + i}", capacity_blocks=10, throughput=1.0)) for i in range(2)]
+    beat = coordinator_pb2.HeartbeatRequest(member_id=a.member_id, serving_span=a.span,
+                                            throughput=4.0)
+    before = server.membership.members[a.member_id].lease_deadline
+    replies = await heartbeat_stream(server, [beat] * 3)
+    assert [r.epoch for r in replies] == [2, 2, 2] and replies[0].span == a.span
+    assert replies[0].instruction.kind == coordinator_pb2.Instruction.NONE
+    member = server.membership.members[a.member_id]
+    assert member.lease_deadline > before and member.state == "online" and member.throughput == 4.0
+    # A second member on the same stream ends it; the first member's beats were counted.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await heartbeat_stream(server, [beat, coordinator_pb2.HeartbeatRequest(member_id=b.member_id)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "belongs to member" in err.value.details()
+    assert server.membership.counters["heartbeats"] == 4
+
+
+async def test_heartbeat_stream_unknown_member_is_not_found_and_wrong_token_unauthenticated(server):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await heartbeat_stream(server, [coordinator_pb2.HeartbeatRequest(member_id="ghost")])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "join again" in err.value.details()
+    join = await raw_call(server, "Join", coordinator_pb2.JoinRequest(
+        address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await heartbeat_stream(server, [coordinator_pb2.HeartbeatRequest(member_id=join.member_id)],
+                               token="wrong")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert server.membership.counters["heartbeats"] == 0
+    # The server keeps serving: the same member's stream with the right token works.
+    assert len(await heartbeat_stream(
+        server, [coordinator_pb2.HeartbeatRequest(member_id=join.member_id)])) == 1
+
+
 async def test_join_flood_is_capped_per_source_address(tmp_path):
     srv = CoordinatorServer(config(tmp_path, max_members_per_address=2))
     await srv.start()
