@@ -235,9 +235,12 @@ class Membership:
         member = self.members.get(member_id)
         if member is None:
             raise NotFound(f"unknown member {member_id!r}: join again")
-        if throughput:
+        if throughput and throughput != member.throughput:
             if not (math.isfinite(throughput) and throughput > 0):
                 raise InvalidRequest(f"throughput must be a positive number, got {throughput!r}")
+            # Written before the reply like every other change (placement after a restart
+            # depends on it); only on change, so a steady beat costs no write.
+            self.store.update_throughput(member_id, throughput)
             self._add_load(member.span, throughput - member.throughput)
             member.throughput = throughput
         member.lease_deadline = self.clock() + self.config.lease_s

@@ -238,6 +238,12 @@ class Store:
             )
 
 
+    def update_throughput(self, member_id: str, throughput: float) -> None:
+        """A member re-announced its throughput (no epoch change: its span is the same)."""
+        with _transaction(self.db):
+            self.db.execute("UPDATE members SET throughput=? WHERE member_id=?",
+                            (throughput, member_id))
+
     # ---- jobs -------------------------------------------------------------------------
 
     def load_jobs(self, name: str | None = None) -> list[JobRecord]:

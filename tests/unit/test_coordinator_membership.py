@@ -69,6 +69,24 @@ def test_store_is_in_wal_mode_and_state_survives_reopen(tmp_path):
     assert m2.epoch == 4
 
 
+def test_throughput_update_survives_restart_and_only_a_change_is_written(tmp_path):
+    m = make(tmp_path)
+    a = m.join(params(7000, throughput=1.0))
+    writes = []
+    m.store.db.set_trace_callback(lambda sql: writes.append(sql) if "UPDATE" in sql else None)
+    m.heartbeat(a.member_id, a.span, 0.0)  # 0: unchanged
+    m.heartbeat(a.member_id, a.span, 1.0)  # the same value: nothing to write
+    assert writes == []
+    m.heartbeat(a.member_id, a.span, 42.5)
+    assert len(writes) == 1 and m.block_throughputs()[0] == 42.5 and m.epoch == 1
+    with pytest.raises(InvalidRequest, match="throughput"):
+        m.heartbeat(a.member_id, a.span, float("nan"))
+    m.store.close()
+    m2 = make(tmp_path)
+    assert m2.members[a.member_id].throughput == 42.5 and m2.block_throughputs()[0] == 42.5
+    assert m2.epoch == 1
+
+
 def test_data_dir_is_bound_to_one_model(tmp_path):
     make(tmp_path).store.close()
     with pytest.raises(RuntimeError, match="belongs to a swarm"):
