@@ -8,6 +8,11 @@ rebuilds its KV cache exactly as the dead peer had it), and the step that failed
 retried. The downstream hops never notice. The session's position is the client's alone:
 a replacement starts a new session at 0 and is brought to the same position by the replay,
 so position and history cannot disagree (Petals issue #587).
+
+A session with a job (generate --job) may reach a replica that never trained that job: it
+answers NOT_FOUND. That replica is left out of this session's routes (it is not banned:
+it serves everyone else) and the hop goes to another replica of its blocks; when none is
+left, NotFound names the blocks, the job and the replicas that lack it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import uuid
 
 import torch
 
-from pollinate.client.routing import Hop
+from pollinate.client.routing import Hop, NoRouteError
 from pollinate.client.swarm import Swarm
 from pollinate.protocol.errors import (
     InvalidRequest,
@@ -131,6 +136,7 @@ class RemoteSession:
         self.failovers = 0  # hops replaced mid-session, with their history replayed
         self.reroutes = 0  # hops replaced before they held any state (refused, unreachable)
         self.recovery_seconds = 0.0  # time spent rerouting and replaying
+        self.lacking_job: dict[str, tuple[str, str]] = {}  # peer id -> (address, its NOT_FOUND) for self.job
 
     @property
     def route(self) -> list[Hop]:
@@ -140,9 +146,29 @@ class RemoteSession:
         return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length,
                          job=self.job)
 
+    def _lacks_job(self, hop: Hop, error: BaseException) -> bool:
+        """Record a replica that answered NOT_FOUND for the session's job; True if it did."""
+        if not (self.job and isinstance(error, NotFound)):
+            return False
+        self.lacking_job[hop.peer.peer_id] = (hop.peer.address, str(error))
+        logger.warning("session %s: %s has no job %r; trying another replica of blocks %d:%d",
+                       self.session_id, hop.peer.address, self.job, hop.start, hop.end)
+        return True
+
+    async def _route(self, start: int, end: int) -> list[Hop]:
+        try:
+            return await self.swarm.route(start, end, exclude=frozenset(self.lacking_job))
+        except NoRouteError as e:
+            if not self.lacking_job:
+                raise
+            lacking = ", ".join(a for a, _ in self.lacking_job.values())
+            last = list(self.lacking_job.values())[-1][1]
+            raise NotFound(f"no replica of blocks {start}:{end} has job {self.job!r} ({e}; without the job: "
+                           f"{lacking}; last answer: {last})") from e
+
     async def _build(self, start: int, end: int, history: torch.Tensor | None) -> list[HopStream]:
         """Route [start, end) and bring the new hops to the session's position by replay."""
-        streams = [self._new_stream(hop) for hop in await self.swarm.route(start, end)]
+        streams = [self._new_stream(hop) for hop in await self._route(start, end)]
         x = history
         for s in streams:
             if x is None:
@@ -154,6 +180,7 @@ class RemoteSession:
                     await t.close()
                 if isinstance(e, (PollinateError, asyncio.TimeoutError, OSError)) and not isinstance(e, FATAL):
                     self.swarm.ban(s.hop.peer, e)
+                self._lacks_job(s.hop, e)
                 raise
             s.history.append(x)
             x = y
@@ -173,8 +200,11 @@ class RemoteSession:
             stream = self.hops[i]
             try:
                 y = await stream.step(x, self.position)
-            except FATAL:
-                raise
+            except FATAL as e:
+                if not self._lacks_job(stream.hop, e):
+                    raise
+                await self._reroute(i, e)
+                continue
             except (PollinateError, asyncio.TimeoutError, OSError) as e:
                 failures += 1
                 self.swarm.ban(stream.hop.peer, e)
@@ -201,11 +231,13 @@ class RemoteSession:
             await old.close()
         attempts = 0
         while True:
+            lacking = len(self.lacking_job)
             try:
                 new = await self._build(start, end, history)
                 break
-            except FATAL:
-                raise
+            except FATAL as e:
+                if len(self.lacking_job) == lacking:  # not a replica without the job: nothing else to try
+                    raise
             except (PollinateError, asyncio.TimeoutError, OSError) as e:
                 attempts += 1  # _build banned the peer that failed
                 if attempts > self.swarm.config.max_failovers:

@@ -42,9 +42,10 @@ class Swarm:
             logger.debug("DHT: %d peers: %s", len(self._peers), [f"{p.address}[{p.start}:{p.end}]" for p in self._peers])
         return self._peers
 
-    async def route(self, start: int, end: int) -> list[Hop]:
-        """Cheapest chain for [start, end) among unbanned peers; re-reads the DHT once on failure."""
-        banned = self.bans.banned(time.monotonic())
+    async def route(self, start: int, end: int, *, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+        """Cheapest chain for [start, end) among unbanned peers not in `exclude` (peer ids);
+        re-reads the DHT once on failure."""
+        banned = self.bans.banned(time.monotonic()) | exclude
         try:
             return find_route(await self.peers(), start, end, config=self.config.routing, banned=banned)
         except NoRouteError:

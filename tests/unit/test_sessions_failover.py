@@ -18,8 +18,9 @@ class FakeSwarm:
         self.peers = peers
         self.num_blocks = 4
 
-    async def route(self, start, end):
-        return find_route(self.peers, start, end, config=self.config.routing, banned=self.bans.banned(time.monotonic()))
+    async def route(self, start, end, exclude=frozenset()):
+        return find_route(self.peers, start, end, config=self.config.routing,
+                          banned=self.bans.banned(time.monotonic()) | exclude)
 
     def ban(self, peer, reason):
         self.bans.ban(peer.peer_id, time.monotonic())
