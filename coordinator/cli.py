@@ -75,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=("OFF", "NORMAL", "FULL", "EXTRA"),
                         help="SQLite durability: NORMAL survives a killed process, FULL also "
                              "power loss (default %(default)s)")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve gRPC over TLS with this certificate chain (needs --tls-key); "
+                             "nodes and clients then connect with TLS, trusting it")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM",
+                        help="private key of --tls-cert")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound addresses as JSON here once serving")
 
@@ -113,6 +118,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         ),
         host=args.host, port=args.port, http_port=args.http_port,
         token=required_token(args.token_file), ready_file=args.ready_file,
+        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
     )
 
 

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import grpc.aio
@@ -70,8 +71,10 @@ class CoordinatorClientConfig:
     # First and largest pause between join attempts while the coordinator is down, seconds.
     retry_initial_s: float = 0.2
     retry_max_s: float = 2.0
-    # TLS towards the coordinator (see protocol/channels.py).
+    # TLS towards the coordinator (see protocol/channels.py), trusting tls_root_cert_file
+    # (a swarm's self-signed certificate) or, if None, the system's roots.
     tls: bool = False
+    tls_root_cert_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -202,8 +205,9 @@ class CoordinatorClient:
 
     def _get_stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._stub is None:
-            self._channel = open_channel(self.config.coordinator,
-                                         ChannelConfig(token=self.config.token, tls=self.config.tls))
+            self._channel = open_channel(self.config.coordinator, ChannelConfig(
+                token=self.config.token, tls=self.config.tls,
+                tls_root_cert_file=self.config.tls_root_cert_file))
             self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         return self._stub
 
@@ -350,10 +354,11 @@ class CoordinatorClient:
 
 
 async def call_coordinator(address: str, token: str, method: str, request, *, timeout_s: float = 10.0,
-                           tls: bool = False):
+                           tls: bool = False, tls_root_cert_file: Path | None = None):
     """One unary RPC to the coordinator on a channel of its own (CLI commands, the trainer's
     job registration); gRPC errors arrive as PollinateError subclasses."""
-    channel = open_channel(address, ChannelConfig(token=token, tls=tls))
+    channel = open_channel(address, ChannelConfig(token=token, tls=tls,
+                                                  tls_root_cert_file=tls_root_cert_file))
     try:
         with translate_rpc_errors(peer=address):
             return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=timeout_s)

@@ -142,6 +142,10 @@ class CoordinatorConfig:
     stop_grace_s: float = 2.0
     # Written (atomically) with the bound addresses as JSON once serving; None: not written.
     ready_file: Path | None = None
+    # PEM certificate chain and private key for gRPC: both set = TLS (a plaintext call is
+    # refused), both None = plaintext. The HTTP status page stays plain HTTP.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -152,3 +156,8 @@ class CoordinatorConfig:
             raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port!r}")
         if not (math.isfinite(self.stop_grace_s) and self.stop_grace_s >= 0):
             raise ValueError(f"stop_grace_s must be >= 0, got {self.stop_grace_s!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")

@@ -106,7 +106,8 @@ class CoordinatorServer:
             rounds=Rounds(cfg.rounds, self.store, self.membership), jobs=self.jobs,
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
-                                           grace_s=cfg.stop_grace_s))
+                                           grace_s=cfg.stop_grace_s, tls_cert_file=cfg.tls_cert_file,
+                                           tls_key_file=cfg.tls_key_file))
         self._rpc.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, self._servicer)
         await self._rpc.start()
         if cfg.http_port >= 0:
@@ -123,7 +124,7 @@ class CoordinatorServer:
                     self.membership.epoch, len(self.membership.members))
         if cfg.ready_file is not None:
             write_ready_file(cfg.ready_file, {
-                "grpc": self.grpc_address, "http": self.http_address,
+                "grpc": self.grpc_address, "tls": cfg.tls_cert_file is not None, "http": self.http_address,
                 "dht_initial_peers": self._dht_peers, "pid": os.getpid(),
             })
 

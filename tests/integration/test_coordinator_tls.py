@@ -1,0 +1,116 @@
+"""A coordinator process started with --tls-cert/--tls-key: a client that trusts the
+(self-signed, generated here) certificate joins and heartbeats; plaintext and untrusting
+clients are refused, and the coordinator keeps serving."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import subprocess
+import sys
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig, call_coordinator
+from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.errors import PeerUnavailable
+from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from procs import ProcGroup, pollinate_cmd
+
+TOKEN = "tls-token"
+
+
+def self_signed(tmp, name: str) -> tuple:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / f"{name}.crt", tmp / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def coordinator_args(tmp, *tls: str) -> list[str]:
+    (tmp / "token").write_text(TOKEN)
+    return ["coordinator", "--data-dir", str(tmp / "data"), "--port", "0", "--http-port", "-1",
+            "--token-file", str(tmp / "token"), "--no-dht", "--heartbeat-period", "0.2", *tls]
+
+
+async def test_tls_coordinator_serves_a_trusting_client_and_refuses_plaintext(tmp_path):
+    cert, key = self_signed(tmp_path, "coordinator")
+    other_cert, _ = self_signed(tmp_path, "someone-else")
+    with ProcGroup(tmp_path) as group:
+        coord = group.start("coordinator", coordinator_args(
+            tmp_path, "--tls-cert", str(cert), "--tls-key", str(key)))
+        group.wait_ready([coord], timeout=90)
+        address = coord.info["grpc"]
+        assert coord.info["tls"] is True
+
+        node = CoordinatorClient(CoordinatorClientConfig(
+            coordinator=address, token=TOKEN, address="127.0.0.1:7001", capacity_blocks=4,
+            throughput=5.0, tls=True, tls_root_cert_file=cert, join_timeout_s=30))
+        await node.start()
+        try:
+            assert node.span is not None and node.connected
+            await wait_heartbeats(node, 2)  # on the HeartbeatStream, over TLS
+        finally:
+            await node.stop()
+
+        # Plaintext to a TLS port: the handshake fails, nothing is served.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call_plain(address, common_pb2.HealthRequest(), "Health")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # TLS that trusts another certificate: refused as well.
+        with pytest.raises(PeerUnavailable):
+            await call_coordinator(address, TOKEN, "Status", coordinator_pb2.StatusRequest(),
+                                   timeout_s=5, tls=True, tls_root_cert_file=other_cert)
+        # The coordinator kept serving: the node's join and leave are in its state.
+        reply = await call_coordinator(address, TOKEN, "Status", coordinator_pb2.StatusRequest(),
+                                       tls=True, tls_root_cert_file=cert)
+        assert reply.epoch == 2 and list(reply.members) == []
+        assert coord.alive()
+
+
+def test_tls_flags_need_each_other_and_existing_files(tmp_path):
+    cert, _ = self_signed(tmp_path, "coordinator")
+    for tls, message in (
+        (["--tls-cert", str(cert)], "needs both a certificate and its key"),
+        (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.key")], "does not exist"),
+    ):
+        result = subprocess.run(pollinate_cmd(*coordinator_args(tmp_path, *tls)),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+async def wait_heartbeats(client: CoordinatorClient, n: int, timeout: float = 30.0) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while client.heartbeats_ok < n:
+        assert loop.time() < end, f"only {client.heartbeats_ok} heartbeats in {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def call_plain(address: str, request, method: str):
+    channel = open_channel(address, ChannelConfig(token=TOKEN))
+    try:
+        return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=5)
+    finally:
+        await channel.close()
