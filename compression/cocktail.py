@@ -8,6 +8,9 @@ Three stages, each cheap on a CPU:
    ``random_raw`` stream: the bit generator's output is fixed across numpy versions and
    machines (a torch CPU generator is not documented to be), and p*n draws instead of n
    made the mask 5x cheaper than ``torch.rand(n) < p`` on the benchmark's 30M elements.
+   With ``cycled=True`` the mask is instead a window over fixed random phases that moves
+   every round (``cycled_mask``): still a random p-subset each round, but every coordinate
+   is sent at least once in any ceil(1/p) consecutive rounds.
 2. Top-k of ratio ``k`` inside the mask, by magnitude. The threshold is the k-quantile of a
    strided sample of the masked magnitudes (the mask already made them a random subset),
    never a ``torch.topk`` over the tensor; so about k of the masked values survive, not
@@ -21,7 +24,8 @@ Kept positions travel as a bitmap over the mask, or as delta-coded gaps when few
 
 Body after the common header (little-endian):
     p f64, k f64, bits u8, bucket u32, seed u64, mask_count u64, kept u64,
-    index_mode u8 (0 bitmap, 1 deltas), delta_width u8, then one zstd frame holding
+    index_mode u8 (0 bitmap, 1 deltas), delta_width u8, mask schedule u8 (0 Bernoulli,
+    1 cycled), then one zstd frame holding
     [positions | ceil(kept / bucket) fp32 scales | packed codes], then the CRC-32 of the
     whole frame before it (u32). The checksum matters here more than for the dense codecs:
     the mask is regenerated from the header, so a flipped bit in the shape or the seed
@@ -54,7 +58,9 @@ MAX_BUCKET = 1 << 16
 # below this the mask's gap table (about 22/p entries) stops being small
 MIN_P = 1e-4
 BITMAP, DELTAS = 0, 1
-PARAMS = "ddBIQQQBB"
+PARAMS = "ddBIQQQBBB"
+BERNOULLI, CYCLED = 0, 1  # mask schedules (the frame's last parameter byte)
+CYCLE_PHASE_SEED = 0x636F636B  # b"cock": the cycled mask's phases, never changed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +79,11 @@ class CocktailConfig:
     # masked magnitudes sampled to place the top-k threshold; 65536 puts the kept fraction
     # within about 1% of k (binomial error of a quantile from 2^16 draws)
     sample_size: int = 65536
+    # False: a fresh Bernoulli(p) mask every round (a coordinate waits a geometric number of
+    # rounds, sometimes many). True: every coordinate gets a fixed random phase and round r
+    # sends the phases in a window of width p that moves by p each round, so over 1/p rounds
+    # every coordinate is sent and none waits more than ceil(1/p) - 1 rounds; see cycled_mask
+    cycled: bool = False
 
     def __post_init__(self) -> None:
         for name in ("p", "k"):
@@ -90,6 +101,8 @@ class CocktailConfig:
             raise ValueError(f"cocktail zstd_level must be in [1, 22], got {self.zstd_level!r}")
         if not isinstance(self.sample_size, int) or self.sample_size < 1024:
             raise ValueError(f"cocktail sample_size must be >= 1024, got {self.sample_size!r}")
+        if not isinstance(self.cycled, bool):
+            raise ValueError(f"cocktail cycled must be a bool, got {self.cycled!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,7 +153,7 @@ def random_mask(numel: int, p: float, seed: int) -> np.ndarray | None:
         return None
     if numel == 0:
         return np.empty(0, dtype=np.int64)
-    generator = np.random.PCG64(seed)
+    generator = np.random.PCG64(seed & 0xFFFFFFFF)  # the bits above are the round
     # enough gaps for the mask in one draw unless we are 8 sigma unlucky; then draw more
     batch = math.ceil(numel * p + 8 * math.sqrt(numel * p * (1 - p)) + 64)
     parts, end = [], -1
@@ -152,6 +165,31 @@ def random_mask(numel: int, p: float, seed: int) -> np.ndarray | None:
         end = int(positions[-1])
     positions = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return positions[:np.searchsorted(positions, numel)]
+
+
+def cycled_mask(numel: int, p: float, seed: int) -> np.ndarray | None:
+    """Sorted positions of a cycled mask, or None for p = 1 (every position).
+
+    Each coordinate has a fixed uniform 32-bit phase (PCG64 raw stream from a constant seed,
+    fixed across machines like random_mask's; shards of equal length share the pattern,
+    which is harmless: they hold different parameters). The seed's bits above the low 32
+    are the round r (the low bits, random_mask's seed, are unused here). Round r sends
+    the coordinates whose phase lies in the window [o_r, o_r + p) mod 1 with o_r = frac(r p),
+    in 32-bit fixed point. Consecutive windows tile the circle, so each round's mask is still
+    a random p-subset (the same on every member), but within any ceil(1/p) consecutive rounds
+    every coordinate is sent at least once.
+    """
+    if p >= 1:
+        return None
+    phases = np.random.PCG64(CYCLE_PHASE_SEED).random_raw(
+        math.ceil(numel / 2)).astype("<u8", copy=False).view("<u4")[:numel]
+    offset = np.uint32(int(math.fmod((seed >> 32) * p, 1.0) * (1 << 32)) & 0xFFFFFFFF)
+    width = np.uint32(int(p * (1 << 32)))
+    return np.flatnonzero(phases - offset < width)  # uint32 arithmetic wraps around
+
+
+def make_mask(numel: int, p: float, seed: int, schedule: int) -> np.ndarray | None:
+    return (cycled_mask if schedule == CYCLED else random_mask)(numel, p, seed)
 
 
 def _qmax(bits: int) -> int:
@@ -214,7 +252,8 @@ class CocktailCodec(FramedCodec):
     def _encode_body(self, flat: torch.Tensor, *, seed: int) -> bytes:
         cfg = self.config
         x = flat.to(torch.float32).numpy()
-        mask = random_mask(x.size, cfg.p, seed)
+        schedule = CYCLED if cfg.cycled else BERNOULLI
+        mask = make_mask(x.size, cfg.p, seed, schedule)
         masked = x if mask is None else x[mask]
         magnitude = np.abs(masked)
         threshold = _topk_threshold(magnitude, cfg.k, cfg.sample_size)
@@ -235,12 +274,12 @@ class CocktailCodec(FramedCodec):
         payload = b"".join((index, scale.tobytes(), bitpack.pack_codes(codes, cfg.bits)))
         packed = zstandard.ZstdCompressor(level=cfg.zstd_level).compress(payload)
         head = struct.pack("<" + PARAMS, cfg.p, cfg.k, cfg.bits, cfg.bucket, seed, m, kept,
-                           index_mode, width)
+                           index_mode, width, schedule)
         return head + packed
 
     def _decode_body(self, reader: FrameReader, header: FrameHeader, *,
                      seed: int | None) -> torch.Tensor:
-        p, k, bits, bucket, frame_seed, m, kept, index_mode, width = reader.unpack(
+        p, k, bits, bucket, frame_seed, m, kept, index_mode, width, schedule = reader.unpack(
             PARAMS, "cocktail parameters")
         n = header.numel
         if not (math.isfinite(p) and MIN_P <= p <= 1):
@@ -255,6 +294,8 @@ class CocktailCodec(FramedCodec):
             raise CompressionError(f"frame was encoded for seed {frame_seed}, expected {seed}")
         if frame_seed >= 1 << 63:
             raise CompressionError(f"cocktail seed {frame_seed} >= 2^63")
+        if schedule not in (BERNOULLI, CYCLED):
+            raise CompressionError(f"unknown cocktail mask schedule {schedule}")
         if m > n or kept > m:
             raise CompressionError(f"cocktail frame claims {kept} kept of {m} masked of {n}")
         spread = 12 * math.sqrt(n * p * (1 - p)) + 16  # the mask size is Binomial(n, p)
@@ -289,7 +330,7 @@ class CocktailCodec(FramedCodec):
         if bits > 1 and kept and int(codes.max()) > 2 * _qmax(bits):
             raise CompressionError(f"code {int(codes.max())} outside the {bits}-bit range")
 
-        mask = random_mask(n, p, frame_seed)
+        mask = make_mask(n, p, frame_seed, schedule)
         if (n if mask is None else mask.size) != m:
             raise CompressionError(
                 f"mask for seed {frame_seed} has {n if mask is None else mask.size} "

@@ -145,9 +145,16 @@ def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def mask_seed(round_index: int, shard_start: int) -> int:
-    """Seed of the codec's random mask: the same for every member, new every round."""
+    """Seed of the codec's random mask: the same for every member, new every round.
+
+    Low 32 bits: a hash of the round and the shard (the cocktail codec's Bernoulli mask
+    seeds its generator with them); the bits above: the round itself (its cycled mask moves
+    its window by the round).
+    """
+    if not 0 <= round_index < 1 << 30:
+        raise ValueError(f"round_index must be in [0, 2^30), got {round_index}")
     digest = hashlib.sha256(f"diloco-mask:{round_index}:{shard_start}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") >> 1  # 31 bits: fits any frame's seed field
+    return (round_index << 32) | int.from_bytes(digest[:4], "little") >> 1  # < 2^62
 
 
 def outer_step(theta: torch.Tensor, momentum: torch.Tensor, update: torch.Tensor, *,

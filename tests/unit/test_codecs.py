@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pollinate.compression import CompressionError, get_codec, registered_codecs
-from pollinate.compression.cocktail import PARAMS, CocktailConfig, random_mask
+from pollinate.compression.cocktail import PARAMS, CocktailConfig, cycled_mask, random_mask
 from pollinate.compression.frame import MAX_ELEMENTS, peek_header
 from pollinate.compression.int8 import Int8Config
 
@@ -287,10 +287,48 @@ def test_cocktail_mask_is_pinned_and_bernoulli():
     assert np.all(np.abs(counts - 10_000) < 600)  # uniform over the tensor
 
 
+def test_cocktail_cycled_mask_sends_every_coordinate_within_ceil_one_over_p_rounds():
+    n = 50_000
+    for p in (0.7, 0.3, 0.5):
+        window = math.ceil(1 / p)
+        masks = [cycled_mask(n, p, (r << 32) | 12345) for r in range(3 * window)]
+        for mask in masks:  # each round: a random p-subset, sorted, in range
+            assert abs(mask.size / n - p) < 0.02 and np.all(np.diff(mask) > 0)
+        for r in range(len(masks) - window + 1):  # no coordinate waits ceil(1/p) rounds
+            sent = np.zeros(n, dtype=bool)
+            for mask in masks[r:r + window]:
+                sent[mask] = True
+            assert sent.all()
+        assert not np.array_equal(masks[0], masks[1])
+    # pinned like random_mask: members on any machine must rebuild the same positions
+    assert cycled_mask(20, 0.5, 0).tolist() == cycled_mask(20, 0.5, 7).tolist()  # low bits unused
+    assert cycled_mask(10, 1.0, 5 << 32) is None
+    # each round's mask is the complement of the previous one at p = 1/2
+    a, b = cycled_mask(1000, 0.5, 0 << 32), cycled_mask(1000, 0.5, 1 << 32)
+    assert np.intersect1d(a, b).size == 0 and np.union1d(a, b).size == 1000
+
+
+def test_cocktail_cycled_frames_round_trip_and_say_their_schedule():
+    x = sample((100_000,), torch.float32, "normal", 3)
+    cycled = get_codec("cocktail", p=0.7, k=1.0, bits=1, bucket=512, cycled=True)
+    seed = (4 << 32) | 99
+    frame = cycled.encode(x, seed=seed)
+    y = cycled.decode(frame, seed=seed)
+    support = torch.nonzero(y).squeeze(1).numpy()
+    assert np.array_equal(support, cycled_mask(x.numel(), 0.7, seed))
+    assert torch.equal(torch.sign(y[support]), torch.sign(x[support]))
+    assert frame[header_len(frame) + struct.calcsize("<" + PARAMS) - 1] == 1
+    assert get_codec("cocktail").decode(frame).equal(y)  # the frame, not the config, decides
+    bernoulli = get_codec("cocktail", p=0.7, k=1.0, bits=1, bucket=512).encode(x, seed=seed)
+    assert bernoulli[header_len(bernoulli) + struct.calcsize("<" + PARAMS) - 1] == 0
+    with pytest.raises(ValueError, match="cycled must be a bool"):
+        CocktailConfig(cycled=1)
+
+
 def test_cocktail_sparse_frames_use_delta_coded_positions():
     x = sample((200_000,), torch.float32, "normal", 5)
     dense, sparse = get_codec("cocktail"), get_codec("cocktail", k=0.01)
-    mode_at = lambda f: header_len(f) + struct.calcsize("<" + PARAMS) - 2  # noqa: E731
+    mode_at = lambda f: header_len(f) + struct.calcsize("<" + PARAMS) - 3  # noqa: E731
     f_dense, f_sparse = dense.encode(x), sparse.encode(x)
     assert (f_dense[mode_at(f_dense)], f_sparse[mode_at(f_sparse)]) == (0, 1)
     check_roundtrip(sparse, x)
@@ -302,12 +340,12 @@ def test_cocktail_decoder_validates_parameters_before_decompressing():
     frame = codec.encode(torch.randn(5000), seed=3)
     at = header_len(frame)
     size = struct.calcsize("<" + PARAMS)
-    p, k, bits, bucket, seed, m, kept, mode, width = struct.unpack("<" + PARAMS,
-                                                                    frame[at:at + size])
+    p, k, bits, bucket, seed, m, kept, mode, width, schedule = struct.unpack(
+        "<" + PARAMS, frame[at:at + size])
 
     def patched(**change):  # a well-formed frame (valid CRC) with one field changed
         fields = dict(p=p, k=k, bits=bits, bucket=bucket, seed=seed, m=m, kept=kept,
-                      mode=mode, width=width) | change
+                      mode=mode, width=width, schedule=schedule) | change
         return with_crc(frame[:at] + struct.pack("<" + PARAMS, *fields.values())
                         + frame[at + size:-4])
 
@@ -316,6 +354,7 @@ def test_cocktail_decoder_validates_parameters_before_decompressing():
                             ({"k": 0.0}, "k=0.0"), ({"bucket": 0}, "bucket=0"),
                             ({"kept": m + 1}, "kept of"), ({"m": 4000}, "mask of 4000"),
                             ({"mode": 7}, "index mode"), ({"kept": kept - 1}, "declares"),
+                            ({"schedule": 2}, "mask schedule 2"),
                             ({"seed": seed + 1}, "mask for seed|bitmap marks")]:
         with pytest.raises(CompressionError, match=message):
             codec.decode(patched(**change))

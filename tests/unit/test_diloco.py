@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pollinate.node.diloco import (Contribution, DiLoCoConfig, DiLoCoMember, RoundError,
-                                   exchange_in_process, outer_step, screen, shard_bounds)
+                                   exchange_in_process, mask_seed, outer_step, screen,
+                                   shard_bounds)
 
 
 class Fp32:
@@ -201,3 +202,24 @@ def test_with_the_registry_cocktail_codec_members_agree_and_stale_frames_are_rej
         round_index=3, shard_index=0, num_shards=3)
     assert result.accepted == ("m0",)
     assert result.rejected["m1"].startswith("undecodable")
+
+
+def test_cycled_cocktail_members_agree_and_each_coordinate_moves_within_ceil_one_over_p():
+    # no outer momentum: a coordinate moves only in a round whose mask holds it
+    cfg = DiLoCoConfig(outer_momentum=0.0, codec_params={"p": 0.5, "k": 1.0, "bits": 1,
+                                                         "bucket": 64, "cycled": True})
+    theta = torch.randn(6000, generator=torch.Generator().manual_seed(1))
+    members = [DiLoCoMember(theta, cfg) for _ in range(3)]
+    moved = torch.zeros(6000, dtype=torch.bool)
+    for r in range(2):  # p = 1/2: two consecutive rounds send complementary halves
+        before = members[0].global_flat.clone()
+        report = exchange_in_process(members, fake_training(members, r), [1, 1, 1],
+                                     round_index=r)
+        assert len(set(report.checksums)) == 1 and report.rejected == {}
+        changed = members[0].global_flat != before
+        if r == 0:
+            assert 0.45 < float(changed.float().mean()) < 0.55
+        moved |= changed
+    assert bool(moved.all())
+    with pytest.raises(ValueError, match="round_index"):
+        mask_seed(-1, 0)
