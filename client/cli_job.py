@@ -22,6 +22,12 @@ from pathlib import Path
 SPEC_DEFAULTS = {"method": "lora", "rank": 8, "alpha": 16.0, "targets": "", "feedforward": "",
                  "num_virtual_tokens": 20, "lr": 4e-4, "weight_decay": 0.1, "grad_clip": 1.0,
                  "micro_batches": 1, "seed": 0}
+# DiLoCo settings (issue 6): flag dest -> (JobSpec field, value meaning "DiLoCoConfig's default").
+# The defaults themselves live in node/diloco.py's DiLoCoConfig, read by the nodes.
+DILOCO_FLAGS = {"round_steps": ("round_steps", 0), "diloco_codec": ("codec", ""), "diloco_p": ("codec_p", 0.0),
+                "diloco_k": ("codec_k", 0.0), "diloco_bits": ("codec_bits", 0), "diloco_bucket": ("codec_bucket", 0),
+                "warmup_rounds": ("warmup_rounds", None), "outer_lr": ("outer_lr", 0.0),
+                "outer_momentum": ("outer_momentum", None)}
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +45,22 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, help="max L2 norm of each span's gradient per step; 0 = off [1.0]")
     g.add_argument("--micro-batches", type=int, help="micro-batches per optimizer step [1]")
     g.add_argument("--seed", type=int, help="adapter initialisation seed (and train's data order) [0]")
+    d = p.add_argument_group("DiLoCo rounds between replicas of a span (default: the registered job's, "
+                             "else the nodes' DiLoCoConfig defaults, node/diloco.py; docs/diloco.md)")
+    d.add_argument("--round-steps", type=int, help="H: inner steps between outer rounds")
+    d.add_argument("--diloco-codec", choices=("cocktail", "int8", "fp16", "none"),
+                   help="pseudo-gradient codec: cocktail (random mask + top-k + low-bit), int8, fp16, none (fp32)")
+    d.add_argument("--diloco-p", type=float, help="cocktail: fraction of coordinates in the random mask, (0, 1]")
+    d.add_argument("--diloco-k", type=float, help="cocktail: fraction of the masked coordinates kept (top-k), (0, 1]")
+    d.add_argument("--diloco-bits", type=int, help="cocktail: bits per kept value, 1..8")
+    d.add_argument("--diloco-bucket", type=int, help="cocktail: kept values per fp32 scale")
+    d.add_argument("--warmup-rounds", type=int, help="first rounds sent uncompressed (fp32); 0 = none")
+    d.add_argument("--outer-lr", type=float, help="outer Nesterov SGD learning rate, > 0")
+    d.add_argument("--outer-momentum", type=float, help="outer momentum in [0, 1); 0 = plain averaging step")
 
 
 def spec_flags_given(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k, None) is not None for k in SPEC_DEFAULTS)
+    return any(getattr(args, k, None) is not None for k in [*SPEC_DEFAULTS, *DILOCO_FLAGS])
 
 
 def job_spec(args: argparse.Namespace, registered=None):
@@ -66,7 +84,9 @@ def job_spec(args: argparse.Namespace, registered=None):
         lr=pick("lr", lambda b: b.lr), weight_decay=pick("weight_decay", lambda b: b.weight_decay),
         grad_clip=pick("grad_clip", lambda b: b.grad_clip), micro_batches=pick("micro_batches", lambda b: b.micro_batches),
         seed=pick("seed", lambda b: b.seed), betas=base.betas if base is not None else (0.9, 0.95),
-        round_steps=base.round_steps if base is not None else 0,
+        **{field: (getattr(args, dest, None) if getattr(args, dest, None) is not None
+                   else getattr(base, field) if base is not None else unset)
+           for dest, (field, unset) in DILOCO_FLAGS.items()},
     )
 
 

@@ -73,8 +73,33 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
                            "1;31"))
     else:
         lines.append("every block is served")
-    lines += ["", format_jobs(reply.jobs, now=now)]
+    lines += ["", format_jobs(reply.jobs, now=now), "", format_rounds(reply.rounds, now=now)]
     return "\n".join(lines)
+
+
+def format_rounds(rounds, *, now: float) -> str:
+    """Per (job, span): the last committed DiLoCo round, and per member of its group the
+    ExchangeShard bytes it sent and received in that round (counted at its gRPC calls)."""
+    if not rounds:
+        return "DiLoCo rounds: none committed"
+    header = ("JOB", "SPAN", "ROUND", "COMMITTED", "MEMBER", "SHARD", "SENT", "RECEIVED")
+    rows = []
+    for r in rounds:
+        for i, m in enumerate(r.members or [None]):
+            lead = (r.job, f"{r.span.start}:{r.span.end}", str(r.round), f"{_age(now - r.committed_at)} ago") \
+                if i == 0 else ("", "", "", "")
+            rows.append(lead + ((m.member_id + ("" if m.committed else " (gave up)"), str(m.shard_index),
+                                 _bytes(m.bytes_sent), _bytes(m.bytes_received)) if m else ("-",) * 4))
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    return "\n".join(["DiLoCo rounds (last committed; bytes per member in that round):"] + [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]])
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def format_jobs(jobs, *, now: float) -> str:

@@ -32,9 +32,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def spec_to_dict(spec) -> dict:
-    """Every field of a node.proto JobSpec (defaults included) as plain values."""
+    """Every field of a node.proto JobSpec (defaults included) as plain values; an unset
+    `optional` field is left out, so that unset (the node's default) is not stored as 0."""
     return {f.name: (v if isinstance(v, (str, int, float)) else list(v))
-            for f in spec.DESCRIPTOR.fields for v in [getattr(spec, f.name)]}
+            for f in spec.DESCRIPTOR.fields for v in [getattr(spec, f.name)]
+            if not (f.has_presence and not spec.HasField(f.name))}
 
 
 def check_spec(spec: dict) -> None:

@@ -208,7 +208,8 @@ class Rounds:
     # ---- CommitRound ----------------------------------------------------------------
 
     async def commit(self, job: str, span: Span, round_index: int, member_id: str,
-                     checksum: str, state: bytes, attempt: int = 0) -> tuple[bool, str, int]:
+                     checksum: str, state: bytes, attempt: int = 0, *, bytes_sent: int = 0,
+                     bytes_received: int = 0) -> tuple[bool, str, int]:
         key = (job, span.start, span.end)
         rnd = self._open.get((key, round_index))
         if rnd is None or rnd.group is None:
@@ -224,9 +225,16 @@ class Rounds:
             rnd.checksums[member_id] = checksum
             if state and not rnd.state:
                 rnd.state = state
-            self.store.db.execute(
-                "UPDATE round_members SET checksum=? WHERE job_name=? AND span_start=? AND span_end=? "
-                "AND round=? AND member_id=?", (checksum, *key, round_index, member_id))
+            db = self.store.db
+            with _transaction(db):
+                db.execute(
+                    "UPDATE round_members SET checksum=? WHERE job_name=? AND span_start=? AND span_end=? "
+                    "AND round=? AND member_id=?", (checksum, *key, round_index, member_id))
+                db.execute(  # bytes the member moved in this attempt (ExchangeShard, node-counted)
+                    "INSERT INTO round_traffic VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                    "attempt=excluded.attempt, bytes_sent=excluded.bytes_sent, "
+                    "bytes_received=excluded.bytes_received",
+                    (*key, round_index, member_id, rnd.attempt, bytes_sent, bytes_received))
         await self._settled(key, round_index, rnd)
         committed, reason = rnd.outcome
         return committed, reason, self.committed_round(key)

@@ -87,7 +87,8 @@ class CoordinatorServer:
 
     def status(self) -> dict[str, Any]:
         return snapshot(self.membership, dht_initial_peers=self._dht_peers,
-                        started_at=self.started_at, version=__version__, jobs=self.jobs.list())
+                        started_at=self.started_at, version=__version__, jobs=self.jobs.list(),
+                        rounds=self.store.last_committed_rounds())
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer

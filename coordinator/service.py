@@ -154,7 +154,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
         committed, reason, last = await self._rounds().commit(
             request.job, span_from_proto(request.span, "span"), request.round,
-            request.member_id, request.checksum, request.state, request.attempt)
+            request.member_id, request.checksum, request.state, request.attempt,
+            bytes_sent=request.bytes_sent, bytes_received=request.bytes_received)
         return coordinator_pb2.CommitRoundReply(committed=committed, reason=reason,
                                                 committed_round=last)
 
@@ -199,5 +200,9 @@ def status_to_proto(status: dict) -> coordinator_pb2.StatusReply:
         dht_initial_peers=status["dht_initial_peers"], started_at=status["started_at"],
         version=status["version"], heartbeat_period_s=status["heartbeat_period_s"],
         lease_s=status["lease_s"], jobs=[job_to_proto(j) for j in status.get("jobs", [])],
+        rounds=[coordinator_pb2.RoundInfo(
+            job=r["job"], span=common_pb2.Span(start=r["span"][0], end=r["span"][1]), round=r["round"],
+            committed_at=r["committed_at"], members=[coordinator_pb2.RoundMemberTraffic(**m) for m in r["members"]])
+            for r in status.get("rounds", [])],
     )
 

@@ -22,6 +22,7 @@ def snapshot(
     started_at: float,
     version: str,
     jobs: list[JobRecord] = (),
+    rounds: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Everything `pollinate status`, the HTML page and /metrics show, as plain data."""
     cfg = membership.config
@@ -61,6 +62,7 @@ def snapshot(
         "lease_s": cfg.lease_s,
         "counters": dict(membership.counters),
         "jobs": [job_to_dict(j) for j in jobs],
+        "rounds": list(rounds),  # Store.last_committed_rounds(): per (job, span), bytes per member
     }
 
 

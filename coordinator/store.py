@@ -11,6 +11,7 @@ Tables (schema version 1):
   rounds           DiLoCo outer rounds per (job, span) (issue 6), never deleted once committed
   round_members    each member's part in a round: shard, tokens, reported checksum
   committed_states where the committed global state of a (job, span, round) lives on disk
+  round_traffic    ExchangeShard bytes each member sent and received in a round, as it reported
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ CREATE TABLE IF NOT EXISTS committed_states (
     nbytes      INTEGER NOT NULL,
     created_at  REAL NOT NULL,
     PRIMARY KEY (job_name, span_start, span_end, round)
+);
+CREATE TABLE IF NOT EXISTS round_traffic (
+    job_name       TEXT NOT NULL,
+    span_start     INTEGER NOT NULL,
+    span_end       INTEGER NOT NULL,
+    round          INTEGER NOT NULL,
+    member_id      TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,    -- the formation the numbers are of (the last reported)
+    bytes_sent     INTEGER NOT NULL,    -- serialized ExchangeShard messages, counted by the node
+    bytes_received INTEGER NOT NULL,
+    PRIMARY KEY (job_name, span_start, span_end, round, member_id)
 );
 """
 
@@ -275,6 +287,32 @@ class Store:
                 (job.name, job.base_model, method, json.dumps(adapter, sort_keys=True),
                  json.dumps(spec, sort_keys=True), job.state, job.created_at, job.updated_at),
             )
+
+
+    # ---- rounds -----------------------------------------------------------------------
+
+    def last_committed_rounds(self) -> list[dict]:
+        """Per (job, span): its last committed round, when, and each member of that round's
+        group with its shard, whether its checksum is in the commit, and the bytes it
+        reported (0 = none reported). For status; ordered by job and span."""
+        db = self.db
+        last = db.execute(
+            "SELECT c.job_name, c.span_start, c.span_end, c.round, c.created_at FROM committed_states c "
+            "WHERE c.round = (SELECT MAX(round) FROM committed_states d WHERE d.job_name=c.job_name "
+            "AND d.span_start=c.span_start AND d.span_end=c.span_end) "
+            "ORDER BY c.job_name, c.span_start, c.span_end").fetchall()
+        out = []
+        for job, start, end, rnd, at in last:
+            members = db.execute(
+                "SELECT m.member_id, m.shard_index, m.checksum IS NOT NULL, COALESCE(t.bytes_sent, 0), "
+                "COALESCE(t.bytes_received, 0) FROM round_members m LEFT JOIN round_traffic t ON "
+                "t.job_name=m.job_name AND t.span_start=m.span_start AND t.span_end=m.span_end AND "
+                "t.round=m.round AND t.member_id=m.member_id WHERE m.job_name=? AND m.span_start=? "
+                "AND m.span_end=? AND m.round=? ORDER BY m.shard_index", (job, start, end, rnd)).fetchall()
+            out.append({"job": job, "span": [start, end], "round": rnd, "committed_at": at, "members": [
+                {"member_id": m, "shard_index": j, "committed": bool(c), "bytes_sent": sent,
+                 "bytes_received": received} for m, j, c, sent, received in members]})
+        return out
 
 
 class _transaction:

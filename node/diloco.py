@@ -21,6 +21,7 @@ coordinator quorum) moves the bytes and compares checksums. The defaults of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -217,6 +218,38 @@ def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
     """The production codec factory: pollinate.compression's registry."""
     from pollinate.compression.codec import get_codec  # compression is a sibling package
     return get_codec(codec_id, **dict(params))
+
+
+JOB_CODECS = ("cocktail", "int8", "fp16", "none")  # what a job may name (JobSpec.codec)
+COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
+
+
+def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, k: float = 0.0,
+                      bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
+                      outer_lr: float = 0.0, outer_momentum: float | None = None) -> DiLoCoConfig:
+    """A job's settings (JobSpec, issue 6) over DiLoCoConfig's defaults: 0 / "" / None = the
+    default. Cocktail parameters apply over the default codec's when that is cocktail too.
+    Raises ValueError naming the bad setting; the codec is built once to check its parameters."""
+    default = DiLoCoConfig()
+    if codec and codec not in JOB_CODECS:
+        raise ValueError(f"codec must be one of {', '.join(JOB_CODECS)}, got {codec!r}")
+    key = codec or default.codec
+    given = {name: v for name, v in zip(COCKTAIL_SETTINGS, (p, k, bits, bucket)) if v}
+    if given and key != "cocktail":
+        raise ValueError(f"{', '.join(sorted(given))} are cocktail settings; codec {key!r} takes none")
+    params = dict(default.codec_params) if key == default.codec else {}
+    params.update(given)
+    registry_codec(key, params)  # the codec's own checks: p, k in (0, 1], bits 1..8, bucket
+    overrides = {"codec": key, "codec_params": params}
+    if round_steps:
+        overrides["inner_steps"] = round_steps
+    if warmup_rounds is not None:
+        overrides["warmup_rounds"] = warmup_rounds
+    if outer_lr:
+        overrides["outer_lr"] = outer_lr
+    if outer_momentum is not None:
+        overrides["outer_momentum"] = outer_momentum
+    return dataclasses.replace(default, **overrides)
 
 
 class DiLoCoMember:

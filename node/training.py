@@ -49,6 +49,15 @@ class JobSpec:
     micro_batches: int = 1  # Backward calls per optimizer step; their gradients are averaged
     seed: int = 0  # adapter initialisation seed
     round_steps: int = 0  # DiLoCo: inner steps between outer rounds (H); 0 = DiLoCoConfig's default
+    # DiLoCo settings recorded with the job (issue 6); ""/0/None = DiLoCoConfig's default
+    codec: str = ""  # pseudo-gradient codec: "cocktail", "int8", "fp16", "none"
+    codec_p: float = 0.0  # cocktail random-mask ratio
+    codec_k: float = 0.0  # cocktail top-k ratio inside the mask
+    codec_bits: int = 0  # cocktail bits per kept value
+    codec_bucket: int = 0  # cocktail kept values per fp32 scale
+    warmup_rounds: int | None = None  # first rounds sent uncompressed
+    outer_lr: float = 0.0  # outer Nesterov SGD learning rate
+    outer_momentum: float | None = None  # outer momentum (0 = plain averaging step)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS and self.method not in CLIENT_METHODS:
@@ -84,6 +93,16 @@ class JobSpec:
             raise ValueError(f"micro_batches must be > 0, got {self.micro_batches}")
         if self.round_steps < 0:
             raise ValueError(f"round_steps must be >= 0, got {self.round_steps}")
+        self.diloco_config()  # the DiLoCo settings' own checks
+
+    def diloco_config(self):
+        """The job's DiLoCoConfig: its settings over DiLoCoConfig's defaults (node/diloco.py)."""
+        from pollinate.node.diloco import job_diloco_config
+
+        return job_diloco_config(
+            round_steps=self.round_steps, codec=self.codec, p=self.codec_p, k=self.codec_k,
+            bits=self.codec_bits, bucket=self.codec_bucket, warmup_rounds=self.warmup_rounds,
+            outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
 
     def to_proto(self, pb):
         return pb.JobSpec(
@@ -91,6 +110,9 @@ class JobSpec:
             weight_decay=self.weight_decay, beta1=self.betas[0], beta2=self.betas[1], grad_clip=self.grad_clip,
             micro_batches=self.micro_batches, seed=self.seed, round_steps=self.round_steps,
             feedforward_modules=list(self.feedforward), num_virtual_tokens=self.num_virtual_tokens,
+            codec=self.codec, codec_p=self.codec_p, codec_k=self.codec_k, codec_bits=self.codec_bits,
+            codec_bucket=self.codec_bucket, warmup_rounds=self.warmup_rounds, outer_lr=self.outer_lr,
+            outer_momentum=self.outer_momentum,
         )
 
     @classmethod
@@ -101,6 +123,10 @@ class JobSpec:
                 weight_decay=msg.weight_decay, betas=(msg.beta1, msg.beta2), grad_clip=msg.grad_clip,
                 micro_batches=msg.micro_batches, seed=msg.seed, round_steps=msg.round_steps,
                 feedforward=tuple(msg.feedforward_modules), num_virtual_tokens=msg.num_virtual_tokens,
+                codec=msg.codec, codec_p=msg.codec_p, codec_k=msg.codec_k, codec_bits=msg.codec_bits,
+                codec_bucket=msg.codec_bucket, outer_lr=msg.outer_lr,
+                warmup_rounds=msg.warmup_rounds if msg.HasField("warmup_rounds") else None,
+                outer_momentum=msg.outer_momentum if msg.HasField("outer_momentum") else None,
             )
         except ValueError as e:
             raise InvalidRequest(f"job spec: {e}") from e
@@ -215,6 +241,8 @@ class JobManager:
 
     async def forward(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
         self.server.check_hidden(hidden)
+        if self.rounds is not None:  # first use here: adopt the last committed round (node/rounds.py)
+            await self.rounds.before_step(self, job)
         return await self.server._run(self._forward_sync, job, hidden)
 
     def _forward_sync(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
@@ -230,6 +258,8 @@ class JobManager:
         self.server.check_hidden(hidden)
         if grad_out.shape != hidden.shape:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
+        if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
+            await self.rounds.before_step(self, job)
         grad_in = await self.server._run(self._backward_sync, job, hidden, grad_out)
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)

@@ -85,16 +85,21 @@ class TrainingRpcs:
             if msg.kind != node_pb2.ShardMessage.CONTRIBUTION:
                 raise InvalidRequest("ExchangeShard: only CONTRIBUTION messages are accepted")
             first = first or msg
+            rounds.count(msg.job, msg.round, msg.attempt or 1, received=msg.ByteSize())
             encoded = assembler.feed(msg.tensor)
             if encoded is not None:
                 payload = encoded.payload
         result = await rounds.receive(first.job, first.round, first.sender_id, first.shard_index,
                                       first.weight, payload, first.attempt or 1)
         from pollinate.node.rounds import payload_chunks
-        for chunk in payload_chunks(result, self.framing):
-            yield node_pb2.ShardMessage(job=first.job, span=first.span, round=first.round,
-                                        shard_index=first.shard_index, attempt=first.attempt,
-                                        kind=node_pb2.ShardMessage.RESULT, tensor=chunk)
+        replies = [node_pb2.ShardMessage(job=first.job, span=first.span, round=first.round,
+                                         shard_index=first.shard_index, attempt=first.attempt,
+                                         kind=node_pb2.ShardMessage.RESULT, tensor=chunk)
+                   for chunk in payload_chunks(result, self.framing)]
+        # Counted before the first is sent: our own CommitRound reports this attempt's traffic.
+        rounds.count(first.job, first.round, first.attempt or 1, sent=sum(m.ByteSize() for m in replies))
+        for reply in replies:
+            yield reply
 
     async def GetState(self, request, context):
         if (request.span.start, request.span.end) != (0, 0):

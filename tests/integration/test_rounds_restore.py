@@ -1,0 +1,94 @@
+"""Late joiners and replacements restore the last committed DiLoCo state (issue 6), with real
+processes and a real SIGKILL; and bytes per round, counted at the gRPC layer, reach
+`pollinate status`.
+
+The only replica of span 0:4 (node 0) trains the job with H = 3: rounds 1 and 2 commit, it
+makes one more step into round 3 and is SIGKILLed. Two nodes for the span start (the
+replacement and a second one joining mid-job); before its first step each fetches the
+coordinator's committed state, so their committed θ_global and momentum (GetState round 2)
+equal the coordinator's bit for bit, and their first round is the group's next one: after
+3 steps round 3 commits with both (a node that had not restored would ask for round 1, be
+refused, and never reach round 3 in 3 steps). Each reports the serialized size of the
+ExchangeShard messages it sent and received in round 3; what one sent is what the other
+received, counted independently on each side, and `pollinate status --json` shows them
+with the round.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from procs import ProcGroup
+
+CLIENT = str(Path(__file__).with_name("rounds_client.py"))
+TOKEN = "rounds-restore-token"
+
+
+def train(coord, nodes, steps: int) -> dict:
+    """rounds_client.py: `steps` Backward calls on each node (H = 3), then the report of each
+    node's committed state against the coordinator's."""
+    done = subprocess.run(
+        [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
+         "--nodes", ",".join(n.info["address"] for n in nodes), "--steps", str(steps), "--round-steps", "3",
+         "--step-timeout", "180"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def node_args(coord, tmp_path: Path, model_dir, cache_dir) -> list[str]:
+    return ["node", "--coordinator", coord.info["grpc"], "--token-file", str(tmp_path / "token"),
+            "--model", str(model_dir), "--cache-dir", str(cache_dir), "--blocks", "0:4",
+            "--throughput", "10", "--torch-threads", "1"]
+
+
+def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, tiny_model_dir,
+                                                                     tiny_model_files, tiny_cache_dir):
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    with ProcGroup(tmp_path) as group:
+        coord = group.start("coordinator", [
+            "coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", "0", "--http-port", "-1",
+            "--token-file", str(tmp_path / "token"), "--model", str(tiny_model_dir), "--num-blocks", "4",
+            "--heartbeat-period", "0.5", "--lease", "4", "--round-window", "30",
+        ])
+        group.wait_ready([coord], timeout=60)
+        first = group.start("node-0", node_args(coord, tmp_path, tiny_model_dir, tiny_cache_dir))
+        group.wait_ready([first], timeout=120)
+        before = train(coord, [first], steps=7)  # rounds 1, 2 committed; one step into round 3
+        assert before["round"] == 2 and before["inner_steps"] == [7], before
+        first.kill()  # the fault: SIGKILL of the only replica of the span, mid-job
+
+        # Two new replicas of the span start (the replacement, and a node joining mid-job).
+        fresh = [group.start(f"node-{i}", node_args(coord, tmp_path, tiny_model_dir, tiny_cache_dir))
+                 for i in (1, 2)]
+        group.wait_ready(fresh, timeout=180)
+        restored = train(coord, fresh, steps=1)  # the restore runs before this step
+        assert restored["round"] == 2, restored
+        assert restored["replicas_equal_coordinator"] == [True, True], restored  # bit for bit
+
+        after = train(coord, fresh, steps=2)  # their 3rd step: round 3, the group's next
+        status = subprocess.run(
+            [sys.executable, "-m", "pollinate", "status", "--coordinator", coord.info["grpc"],
+             "--token-file", str(tmp_path / "token"), "--json"], capture_output=True, text=True, timeout=60)
+        logs = [p.log_path.read_text(errors="replace") for p in fresh]
+        coord_log = coord.log_path.read_text(errors="replace")
+        dump = group.dump_logs(100)
+    for log in logs:
+        assert "round 2 of job rounds span 0:4 (restored at job start): adopted" in log, dump
+    assert "round 3 of job rounds span 0:4 committed by 2/2 members" in coord_log, dump
+    assert after["round"] == 3 and after["replicas_equal_coordinator"] == [True, True], after
+    assert after["inner_steps"] == [3, 3], after
+
+    assert status.returncode == 0, status.stderr
+    (rnd,) = json.loads(status.stdout)["rounds"]
+    assert (rnd["job"], int(rnd["round"])) == ("rounds", 3), rnd
+    a, b = rnd["members"]
+    sent = [int(m["bytes_sent"]) for m in (a, b)]
+    received = [int(m["bytes_received"]) for m in (a, b)]
+    assert all(m.get("committed") for m in (a, b)) and min(sent) > 0, rnd
+    # Counted independently on both sides of each ExchangeShard call: one's out is the other's in.
+    assert sent == received[::-1], rnd
+    print("round 3 bytes per member (sent, received):", list(zip(sent, received)))

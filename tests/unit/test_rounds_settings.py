@@ -1,0 +1,110 @@
+"""Per-job DiLoCo settings (JobSpec fields 20-27) and bytes per round at the coordinator
+(issue 6): the settings override DiLoCoConfig's defaults (read from it, never copied), bad
+values are refused with the setting named, unset stays distinct from 0 through the proto
+and the coordinator's job registry; the bytes a member reports with CommitRound are stored
+with the round and shown by status (JSON, StatusReply, `pollinate status`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+
+import pytest
+
+from pollinate.client.cli_job import add_job_arguments, job_spec
+from pollinate.client.cli_status import format_rounds
+from pollinate.coordinator.config import RoundsConfig, StoreConfig
+from pollinate.coordinator.jobs import spec_to_dict
+from pollinate.coordinator.rounds import Rounds
+from pollinate.coordinator.service import status_to_proto
+from pollinate.coordinator.store import Store
+from pollinate.node.diloco import DiLoCoConfig
+from pollinate.node.training import JobSpec
+from pollinate.protocol.errors import InvalidRequest
+from pollinate.protocol.v1 import node_pb2
+from test_coordinator_rounds import SPAN, membership
+
+
+def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
+    assert JobSpec().diloco_config() == DiLoCoConfig()
+    default = DiLoCoConfig()
+    cfg = JobSpec(round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0).diloco_config()
+    expected_params = dict(default.codec_params, p=0.5) if default.codec == "cocktail" else {"p": 0.5}
+    assert cfg == dataclasses.replace(default, inner_steps=7, codec="cocktail", codec_params=expected_params,
+                                      warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0)
+    cfg = JobSpec(codec="int8").diloco_config()
+    assert (cfg.codec, dict(cfg.codec_params)) == ("int8", {})
+    cfg = JobSpec(codec="cocktail", codec_bits=4, codec_bucket=128, codec_k=0.25).diloco_config()
+    assert {k: cfg.codec_params[k] for k in ("bits", "bucket", "k")} == {"bits": 4, "bucket": 128, "k": 0.25}
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(codec="zstd"), "codec must be one of cocktail, int8, fp16, none"),
+    (dict(codec_p=1.5), "p must be in (0, 1]"),
+    (dict(codec_k=-0.1), "k must be in (0, 1]"),
+    (dict(codec_bits=9), "bits must be an int in [1, 8]"),
+    (dict(codec="fp16", codec_p=0.5), "p are cocktail settings; codec 'fp16' takes none"),
+    (dict(outer_momentum=1.0), "outer_momentum must be in [0, 1)"),
+    (dict(outer_lr=-1.0), "outer_lr must be > 0"),
+])
+def test_bad_settings_are_refused_naming_the_setting(bad, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        JobSpec(**bad)
+    msg = JobSpec().to_proto(node_pb2)
+    for key, value in bad.items():
+        setattr(msg, key, value)
+    with pytest.raises(InvalidRequest, match="job spec"):  # what a node answers a bad header with
+        JobSpec.from_proto(msg)
+
+
+def test_unset_and_zero_stay_apart_through_the_proto_and_the_job_registry():
+    for spec in (JobSpec(), JobSpec(outer_momentum=0.0, warmup_rounds=0), JobSpec(outer_momentum=0.5, warmup_rounds=2)):
+        msg = spec.to_proto(node_pb2)
+        assert JobSpec.from_proto(msg) == spec
+        stored = spec_to_dict(msg)  # what the coordinator's registry keeps (JSON)
+        assert JobSpec.from_proto(node_pb2.JobSpec(**stored)) == spec
+    assert "outer_momentum" not in spec_to_dict(JobSpec().to_proto(node_pb2))
+
+
+def test_train_flags_set_the_job_settings():
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    spec = job_spec(parser.parse_args(["--round-steps", "10", "--diloco-codec", "cocktail", "--diloco-bits", "2",
+                                       "--outer-momentum", "0", "--warmup-rounds", "1"]))
+    assert (spec.round_steps, spec.codec, spec.codec_bits, spec.outer_momentum, spec.warmup_rounds) == (
+        10, "cocktail", 2, 0.0, 1)
+    assert spec.outer_lr == 0.0 and spec.codec_p == 0.0  # not given: the nodes' defaults
+    registered = JobSpec(round_steps=5, codec="fp16", outer_lr=0.5).to_proto(node_pb2)
+    spec = job_spec(parser.parse_args([]), registered)  # flags left out: the registered job's
+    assert (spec.round_steps, spec.codec, spec.outer_lr) == (5, "fp16", 0.5)
+    with pytest.raises(ValueError, match="bits must be an int in"):
+        job_spec(parser.parse_args(["--diloco-bits", "12"]))
+
+
+def test_bytes_reported_with_commit_are_stored_with_the_round_and_shown(tmp_path):
+    async def scenario():
+        store = Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=5.0, commit_timeout_s=5.0), store, membership("a", "b"))
+        assert store.last_committed_rounds() == []
+        for r, (sa, sb) in enumerate([(100, 200), (300, 400)], start=1):
+            await asyncio.gather(rounds.begin("j", SPAN, r, "a", 1), rounds.begin("j", SPAN, r, "b", 1))
+            out = await asyncio.gather(
+                rounds.commit("j", SPAN, r, "a", "c", b"s", bytes_sent=sa, bytes_received=sb),
+                rounds.commit("j", SPAN, r, "b", "c", b"", bytes_sent=sb, bytes_received=sa))
+            assert [o[0] for o in out] == [True, True]
+        store.close()
+        return Store(StoreConfig(data_dir=tmp_path)).open().last_committed_rounds()  # survives a reopen
+
+    (last,) = asyncio.run(scenario())
+    assert (last["job"], last["span"], last["round"]) == ("j", [0, 4], 2)
+    assert last["members"] == [
+        {"member_id": "a", "shard_index": 0, "committed": True, "bytes_sent": 300, "bytes_received": 400},
+        {"member_id": "b", "shard_index": 1, "committed": True, "bytes_sent": 400, "bytes_received": 300}]
+    reply = status_to_proto({"epoch": 1, "model_id": "m", "num_blocks": 4, "members": [], "blocks": [],
+                             "dht_initial_peers": [], "started_at": 0.0, "version": "v",
+                             "heartbeat_period_s": 1.0, "lease_s": 4.0, "rounds": [last]})
+    assert [m.bytes_sent for m in reply.rounds[0].members] == [300, 400]
+    text = format_rounds(reply.rounds, now=last["committed_at"] + 5)
+    assert text.splitlines()[2].split() == ["j", "0:4", "2", "5s", "ago", "a", "0", "300", "B", "400", "B"], text
