@@ -210,6 +210,12 @@ async def serve(config, dht) -> int:
                 return
             logger.info("moving from blocks %d:%d to %s (%s): loading", old.start, old.end, span, reason)
             new = await load(span.start, span.end)
+            if isinstance(config.throughput, str):  # measured: the figure is per span length
+                servicer.throughput = await asyncio.to_thread(
+                    resolve_throughput, config.throughput, new.span, model_id=config.model,
+                    cache_dir=config.cache_dir or DEFAULT_CACHE_DIR, device_name=placement.device_name,
+                )
+                member.set_throughput(servicer.throughput)  # sent with the next heartbeat
             announcer = announcer_for(new, current["address"], servicer.throughput)
             servicer.server = new  # new calls go to the new span; open sessions on the old fail over
             await asyncio.to_thread(old_announcer.stop)  # "offline" for the old blocks first,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import subprocess
-import sys
 
 import grpc
 import pytest
