@@ -163,6 +163,13 @@ def render_html(status: dict[str, Any]) -> str:
         )) + "</tr>"
         for j in status.get("jobs", [])
     ) or '<tr><td colspan="4">(no jobs)</td></tr>'
+    round_rows = "".join(
+        "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+            r["job"], f'{r["span"][0]}:{r["span"][1]}', r["round"], m["member_id"],
+            m["bytes_sent"], m["bytes_received"],
+        )) + "</tr>"
+        for r in status.get("rounds", []) for m in r["members"]
+    ) or '<tr><td colspan="6">(no committed round)</td></tr>'
     holes = status["holes"]
     hole_line = (f'<p class="hole-text">Holes: blocks {", ".join(map(str, holes))} have no replica</p>'
                  if holes else "<p>Every block is served.</p>")
@@ -181,5 +188,8 @@ metrics: <a href="/metrics">/metrics</a>.</p>
 <th>last heartbeat</th><th>tok/s</th></tr>{rows}</table>
 <h2>Jobs</h2>
 <table><tr><th>name</th><th>settings</th><th>state</th><th>created</th></tr>{job_rows}</table>
+<h2>DiLoCo rounds (last committed; ExchangeShard bytes per member in it)</h2>
+<table><tr><th>job</th><th>span</th><th>round</th><th>member</th><th>bytes sent</th>
+<th>bytes received</th></tr>{round_rows}</table>
 </body></html>
 """

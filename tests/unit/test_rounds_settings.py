@@ -18,6 +18,7 @@ from pollinate.coordinator.config import RoundsConfig, StoreConfig
 from pollinate.coordinator.jobs import spec_to_dict
 from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.service import status_to_proto
+from pollinate.coordinator.status import render_html
 from pollinate.coordinator.store import Store
 from pollinate.node.diloco import DiLoCoConfig
 from pollinate.node.training import JobSpec
@@ -102,9 +103,11 @@ def test_bytes_reported_with_commit_are_stored_with_the_round_and_shown(tmp_path
     assert last["members"] == [
         {"member_id": "a", "shard_index": 0, "committed": True, "bytes_sent": 300, "bytes_received": 400},
         {"member_id": "b", "shard_index": 1, "committed": True, "bytes_sent": 400, "bytes_received": 300}]
-    reply = status_to_proto({"epoch": 1, "model_id": "m", "num_blocks": 4, "members": [], "blocks": [],
-                             "dht_initial_peers": [], "started_at": 0.0, "version": "v",
-                             "heartbeat_period_s": 1.0, "lease_s": 4.0, "rounds": [last]})
+    status = {"epoch": 1, "model_id": "m", "num_blocks": 4, "members": [], "blocks": [], "holes": [],
+              "dht_initial_peers": [], "started_at": 0.0, "version": "v", "heartbeat_period_s": 1.0,
+              "lease_s": 4.0, "rounds": [last]}
+    reply = status_to_proto(status)
+    assert "<td>j</td><td>0:4</td><td>2</td><td>a</td><td>300</td><td>400</td>" in render_html(status)
     assert [m.bytes_sent for m in reply.rounds[0].members] == [300, 400]
     text = format_rounds(reply.rounds, now=last["committed_at"] + 5)
     assert text.splitlines()[2].split() == ["j", "0:4", "2", "5s", "ago", "a", "0", "300", "B", "400", "B"], text
