@@ -6,6 +6,10 @@ job; between the Forward and the Backward of its third micro-batch it names the 
 used for [2:4], the test SIGKILLs that node, and the trainer must move the Backward to the
 other replica and finish every step with finite losses. The survivor's counters show it
 stepped exactly for the micro-batches whose Backward it ran.
+
+Then a fresh node D joins on [2:4], faster (so routes prefer it) and without the job: a
+session generating with the job gets NOT_FOUND from D and must go on through the survivor,
+giving the same tokens as a session that never meets D.
 """
 
 from __future__ import annotations
@@ -74,3 +78,16 @@ def test_trainer_survives_sigkill_of_the_replica_it_uses(tmp_path, tiny_model_di
         counters = result["counters"][survivor]
         assert counters["inner_steps"] == STEPS - PAUSE_AT + 1, counters
         assert "Backward of blocks 2:4 moved from" in err, err[-3000:]
+
+        d = group.start("D", ["node", "--blocks", "2:4", *common[:-1], "1000", "--initial-peers", maddr])
+        group.wait_ready([d], timeout=90)
+        proc = subprocess.run(
+            [sys.executable, str(CLIENT), "--model", str(tiny_model_dir), "--cache-dir", str(tiny_cache_dir),
+             "--initial-peers", maddr, "--job", "failover", "--span", "2:4", "--dir", str(signals),
+             "--generate-with-job", d.info["address"]],
+            capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-4000:] + group.dump_logs()
+        with_d, reference = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert with_d["lacking_job"] == [d.info["address"]] and reference["lacking_job"] == [], (with_d, reference)
+        assert with_d["route"][1] == reference["route"][1] == f"{survivor}[2:4]", (with_d, reference)
+        assert len(with_d["generated"]) == 8 and with_d["generated"] == reference["generated"], (with_d, reference)

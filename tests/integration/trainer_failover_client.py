@@ -8,6 +8,11 @@ test can SIGKILL that replica exactly while the trainer needs its Backward.
 
 Prints one JSON line: history, the address of --span's hop per micro-batch (Backward), the
 chain's failovers and reroutes, and the counters of the job on each replica still alive.
+
+With --generate-with-job ADDRESS instead: once ADDRESS (a replica that never trained the
+job) is in the DHT, greedy-generate 8 tokens with the job's adapter through an inference
+session, then again with ADDRESS banned (the reference); prints both runs' tokens, route
+and the replicas each found without the job.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--pause-at", type=int, default=3)
     p.add_argument("--wait-s", type=float, default=120.0)
+    p.add_argument("--generate-with-job", metavar="ADDRESS")
     args = p.parse_args()
+    if args.generate_with_job:
+        return generate(args)
     start, end = map(int, args.span.split(":"))
     signals = Path(args.dir)
 
@@ -94,6 +102,39 @@ def main() -> int:
                       "counters": worker.run(counters(), 60.0)}), flush=True)
     worker.run(swarm.close(), 5.0)
     worker.stop()
+    dht.shutdown()
+    return 0
+
+
+def generate(args) -> int:
+    from pollinate.node.announce import start_dht
+
+    dht = start_dht(args.initial_peers, client_mode=True)  # before any gRPC object
+    import torch
+
+    from pollinate.client.remote_model import RemoteModelForCausalLM
+
+    remote = RemoteModelForCausalLM.from_pretrained(args.model, dht=dht, cache_dir=args.cache_dir, job=args.job,
+                                                    wire_codec="none")
+    deadline = time.monotonic() + args.wait_s
+    while args.generate_with_job not in [p.address for p in remote.worker.run(remote.swarm.peers(refresh=True), 30)]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{args.generate_with_job} not in the DHT after {args.wait_s} s")
+        time.sleep(0.2)
+    prompt = torch.arange(3, 9).unsqueeze(0)
+    runs = []
+    for _ in range(2):
+        with remote.inference_session(max_length=14) as session:
+            generated = remote.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            lacking = list(session._remote.lacking_job.values())
+            runs.append({"generated": generated[0, 6:].tolist(), "route": [str(h) for h in session.route],
+                         "lacking_job": [a for a, _ in lacking]})
+        # the reference: a session that never meets ADDRESS (banned here) goes to a replica with the job at once
+        (peer,) = [p for p in remote.worker.run(remote.swarm.peers(), 30) if p.address == args.generate_with_job]
+        remote.swarm.ban(peer, RuntimeError("reference run without it"))
+    print(json.dumps(runs), flush=True)
+    remote.worker.run(remote.swarm.close(), 5.0)
+    remote.worker.stop()
     dht.shutdown()
     return 0
 
