@@ -130,6 +130,12 @@ class Membership:
         # Per-block assigned throughput, kept up to date on every change so a join costs
         # O(num_blocks) instead of a pass over all members; rebuilt by rebalance().
         self._load = [0.0] * config.num_blocks
+        # Bumped by every placement change (all go through _add_load). A plan depends on
+        # placements alone, so a periodic check with nothing changed since a plan that found
+        # no move is skipped: it cost 20-50 ms per 2000 members, a stall every heartbeat
+        # arriving meanwhile waited out.
+        self._changes = 0
+        self._settled_at = -1  # _changes when the last plan found nothing to do
         # joins, heartbeats, leaves, evictions, moves: for /metrics.
         self.counters: Counter[str] = Counter()
 
@@ -275,13 +281,14 @@ class Membership:
     def rebalance(self, *, holes_only: bool = False) -> list[Move]:
         """Apply the policy's improving moves; with holes_only, act only if a block is bare."""
         cfg = self.config
-        if holes_only and not self.holes():
+        if holes_only and not self.holes() or self._settled_at == self._changes:
             return []
         placements = {mid: m.placement() for mid, m in self.members.items()}
         self._load = block_throughputs(placements.values(), cfg.num_blocks)  # drop float drift
         moves = plan_moves(placements, cfg.num_blocks, margin=cfg.rebalance_margin,
                            max_moves=cfg.max_moves_per_check)
         if not moves:
+            self._settled_at = self._changes
             return []
         # A member may appear in several moves; its last one wins.
         final = {m.member_id: m.new for m in moves}
@@ -334,6 +341,7 @@ class Membership:
             self.rebalance()
 
     def _add_load(self, span: Span, delta: float) -> None:
+        self._changes += 1
         for i in range(span.start, span.end):
             self._load[i] += delta
 

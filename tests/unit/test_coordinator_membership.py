@@ -215,3 +215,25 @@ def test_periodic_rebalance_moves_only_for_a_real_gain(tmp_path):
     moves = m.rebalance()
     assert len(moves) == 1 and moves[0].new == Span(10, 20)
     assert m.rebalance() == []  # balanced now (2 and 2): nothing further, no flip-flop
+
+
+def test_rebalance_check_is_skipped_until_a_placement_changes(tmp_path, monkeypatch):
+    import pollinate.coordinator.membership as membership_module
+
+    plans = []
+    real = membership_module.plan_moves
+    monkeypatch.setattr(membership_module, "plan_moves", lambda *a, **k: plans.append(1) or real(*a, **k))
+    m = make(tmp_path, num_blocks=20, rebalance_margin=0.1)
+    a = m.join(params(7000, current_span=Span(0, 10)))
+    m.join(params(7001, current_span=Span(10, 20)))
+    assert m.rebalance() == [] and m.rebalance() == [] and len(plans) == 1
+    m.heartbeat(a.member_id, a.span, 1.0)  # beats that change nothing: still nothing to plan
+    assert m.rebalance() == [] and len(plans) == 1
+    # Three more on 0:10 make a move worth it; the throughput change alone re-plans too.
+    for i in range(3):
+        m.join(params(7002 + i, current_span=Span(0, 10)))
+    assert len(m.rebalance()) == 1 and len(plans) == 2
+    assert m.rebalance() == [] and len(plans) == 3  # the move itself changed placements
+    m.heartbeat(a.member_id, a.span, 2.0)
+    m.rebalance()
+    assert len(plans) == 4
