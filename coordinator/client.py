@@ -34,6 +34,7 @@ from pollinate.protocol.errors import (
     NotFound,
     PeerUnavailable,
     PollinateError,
+    ProtocolMismatch,
     RpcTimeout,
     translate_rpc_errors,
 )
@@ -127,6 +128,7 @@ class CoordinatorClient:
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
         self._stream = None  # the open HeartbeatStream call, or None
+        self._unary = False  # the coordinator lacks HeartbeatStream: unary Heartbeat calls
 
     # ---- public API -------------------------------------------------------------------
 
@@ -294,12 +296,21 @@ class CoordinatorClient:
         """One heartbeat on this member's HeartbeatStream, opened on first use and after any
         failure (the coordinator binds a stream to one member, so a re-join opens a new one)."""
         cfg = self.config
+        if self._unary:
+            with translate_rpc_errors(peer=cfg.coordinator):
+                return await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s)
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
                 if self._stream is None:
                     self._stream = self._get_stub().HeartbeatStream()
                 await asyncio.wait_for(self._stream.write(request), cfg.rpc_timeout_s)
                 reply = await asyncio.wait_for(self._stream.read(), cfg.rpc_timeout_s)
+        except ProtocolMismatch:
+            self._close_stream()
+            logger.warning("coordinator %s has no HeartbeatStream (an older version); "
+                           "heartbeating with unary calls", cfg.coordinator)
+            self._unary = True
+            return await self._beat(request)
         except BaseException:
             self._close_stream()
             raise

@@ -298,3 +298,28 @@ async def test_http_status_json_html_and_metrics(server):
         assert err.value.code == 404
     finally:
         await node.stop()
+
+
+async def test_client_falls_back_to_unary_heartbeats_on_a_coordinator_without_the_stream(tmp_path):
+    from pollinate.coordinator.service import CoordinatorServicer
+
+    class OlderServicer(CoordinatorServicer):  # what a coordinator before HeartbeatStream serves
+        HeartbeatStream = coordinator_pb2_grpc.CoordinatorServicer.HeartbeatStream
+
+    srv = CoordinatorServer(config(tmp_path))
+    import pollinate.coordinator.service as service_module
+
+    original = service_module.CoordinatorServicer
+    service_module.CoordinatorServicer = OlderServicer
+    try:
+        await srv.start()
+    finally:
+        service_module.CoordinatorServicer = original
+    node = client_for(srv, 7000)
+    try:
+        await node.start()
+        await wait_for(lambda: node.heartbeats_ok >= 3, what="unary heartbeats")
+        assert node._unary and srv.membership.counters["heartbeats"] >= 3
+    finally:
+        await node.stop()
+        await srv.stop(0)
