@@ -14,7 +14,8 @@ One JSON object per arm on stdout. Bytes are what one replica sends + receives i
 owner exchange pattern (its contributions to the 3 other owners, the 3 others' contributions
 to its shard, its shard result to the 3 others, the 3 others' results): the encoded frame
 lengths for the DiLoCo arms, 4 bytes per element for ddp (the same pattern every step, i.e.
-a reduce-scatter + all-gather). Usage: python benchmarks/bench_diloco.py [--quick] [--seeds N]
+a reduce-scatter + all-gather).
+Usage: python benchmarks/bench_diloco.py [--quick] [--seeds N] [--first-seed S]
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke run (< 60 s)")
     ap.add_argument("--seeds", type=int, default=1, help="data-order seeds per arm")
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+N-1 "
+                    "(every seed's run is deterministic: splitting seeds across processes "
+                    "gives the same per-seed numbers as one --seeds run)")
     ap.add_argument("--cache-dir", default="~/.cache/pollinate/bench_diloco")
     ap.add_argument("--arms", default="ddp,local,diloco,diloco-cocktail")
     ap.add_argument("--steps", type=int, help="inner steps per replica after the warm start")
@@ -183,8 +187,10 @@ def main() -> None:
             "diloco-cocktail": lambda s: run_diloco(args, state, train, val, s, cocktail)}
     results: dict[str, dict] = {}
     for name in args.arms.split(","):
-        t0, runs = time.time(), [arms[name](seed) for seed in range(args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        t0, runs = time.time(), [arms[name](seed) for seed in seeds]
         out = {"arm": name, "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
+               "seeds": list(seeds),
                "val_loss_per_seed": [round(r["val_loss"], 4) for r in runs],
                "bytes_per_replica": runs[0]["bytes_per_replica"], "steps": args.steps,
                "seconds": round(time.time() - t0, 1)}
