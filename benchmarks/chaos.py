@@ -200,11 +200,14 @@ def _text_windows(files: list[Path], length: int) -> torch.Tensor:
     return data[: n * length].view(n, length)
 
 
-async def _train_job(args, model: str, coord_address: str, nodes: list, token: str) -> dict:
+async def _train_job(args, model: str, coord_address: str, nodes: list, token: str,
+                     after_step=None) -> dict:
     """Each replica trains the job on its own shard of the data through Forward/Backward
     (embeddings and head here, the blocks on the node: client/trainer.py's SwarmChain), a
     DiLoCo round inside every H-th Backward. Returns the steps each replica finished, the
-    coordinator's last committed round and the held-out loss through the first replica."""
+    coordinator's last committed round and the held-out loss through the first replica.
+    `after_step(i, steps_done)`, if given, may return a node process that replica i's
+    trainer continues on from then on (a replacement)."""
     import os
 
     import torch
@@ -253,6 +256,10 @@ async def _train_job(args, model: str, coord_address: str, nodes: list, token: s
                 loss_of(ids, out).backward()
                 await chain.backward_hop(hops[i], h0, out.grad)
                 done[i] = step + 1
+                moved = await after_step(i, done[i]) if after_step is not None else None
+                if moved is not None:
+                    hops[i] = Hop(peer=PeerSpan(peer_id=moved.name, address=moved.info["address"], start=0,
+                                                end=num_blocks, throughput=1.0), start=0, end=num_blocks)
         except Exception as exc:
             print(f"replica {i} stopped after {done[i]} steps: {type(exc).__name__}: {exc}", file=sys.stderr)
 
@@ -365,6 +372,95 @@ def kill_replica_during_training(args: argparse.Namespace, workdir: Path) -> dic
     }
 
 
+def _last_replica_run(args, workdir: Path, *, kill: bool) -> dict:
+    """Coordinator + one node of the whole tiny model (the only replica); with `kill`, SIGKILL
+    it after --kill-round's first half of inner steps and continue the trainer's remaining
+    steps on a replacement node, which restores the last committed state before its first
+    step (node/rounds.py). Without `kill`, the same run on one node throughout."""
+    from procs import ProcGroup
+
+    model, _ = _model(args, workdir)
+    cache = str(workdir / "cache")
+    from pollinate.node.model_files import open_model
+
+    files = open_model(model, cache_dir=cache, show_progress=False)  # convert once, up front
+    token = workdir / "token"
+    token.write_text("chaos-token\n")
+    kill_at = (args.kill_round - 1) * args.round_steps + args.round_steps // 2
+    with ProcGroup(workdir) as group:
+        coord = group.start("coordinator", [
+            "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "-1",
+            "--token-file", str(token), "--model", model, "--num-blocks", str(files.num_blocks),
+            "--heartbeat-period", "0.5", "--lease", str(args.lease), "--round-window", "60",
+        ])
+        group.wait_ready([coord], timeout=90)
+
+        def node(name: str):
+            return group.start(name, [
+                "node", "--coordinator", coord.info["grpc"], "--token-file", str(token), "--model", model,
+                "--cache-dir", cache, "--blocks", f"0:{files.num_blocks}", "--torch-threads", "1",
+                "--throughput", "10",
+            ])
+
+        nodes = [node("node-0")]
+        group.wait_ready(nodes, timeout=300)
+        events: dict[str, float] = {}
+
+        async def after_step(i: int, steps: int):
+            if not kill or steps != kill_at:
+                return None
+            nodes[0].kill()  # the fault: SIGKILL of the span's only replica, mid-round
+            events["killed"] = time.perf_counter()
+            replacement = node("node-1")
+            await asyncio.to_thread(group.wait_ready, [replacement], 300)
+            events["replacement_ready"] = time.perf_counter()
+            return replacement
+
+        t0 = time.perf_counter()
+        out = asyncio.run(_train_job(args, model, coord.info["grpc"], nodes, "chaos-token", after_step))
+        out["wall_s"] = time.perf_counter() - t0
+        logs = "".join(p.log_path.read_text(errors="replace") for p in group.procs)
+    restored = re.search(r"round (\d+) of job \S+ span \S+ \(restored at job start\)", logs)
+    out["killed"] = "killed" in events
+    out["killed_after_step"] = kill_at if kill else None
+    out["restored_round"] = int(restored.group(1)) if restored else None
+    out["replacement_start_s"] = (events["replacement_ready"] - events["killed"]) if kill else None
+    return out
+
+
+@scenario("kill-last-replica")
+def kill_last_replica(args: argparse.Namespace, workdir: Path) -> dict:
+    """DiLoCo training of one job on the only replica of the whole tiny model; SIGKILL it in
+    the middle of round --kill-round, start a replacement that restores the last committed
+    state, finish the trainer's steps there; compare with the same seed without the kill."""
+    if args.model != "tiny":
+        raise SystemExit("kill-last-replica runs on the tiny model only")
+    fault = _last_replica_run(args, workdir / "fault", kill=True)
+    clean = _last_replica_run(args, workdir / "no-fault", kill=False)
+    expected = args.train_steps // args.round_steps
+    return {
+        "scenario": "kill-last-replica",
+        "completed": (fault["killed"] and fault["steps_done"] == [args.train_steps]
+                      and fault["restored_round"] == args.kill_round - 1),
+        "val_loss": round(fault["val_loss"], 4),
+        "val_loss_no_fault": round(clean["val_loss"], 4),
+        "val_loss_base_model": round(fault["val_loss_base"], 4),
+        "rounds_lost": expected - fault["committed_round"],
+        "rounds_expected": expected,
+        "committed_round": fault["committed_round"],
+        "committed_round_no_fault": clean["committed_round"],
+        "restored_round": fault["restored_round"],
+        "killed_after_step": fault["killed_after_step"],
+        "replacement_start_s": round(fault["replacement_start_s"], 1),
+        "train_steps": args.train_steps,
+        "round_steps": args.round_steps,
+        "kill_round": args.kill_round,
+        "wall_s": round(fault["wall_s"], 1),
+        "wall_s_no_fault": round(clean["wall_s"], 1),
+        "seed": args.seed,
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="fault scenarios against a local swarm")
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
@@ -372,11 +468,12 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
     p.add_argument("--kill-after", type=int, default=5, help="kill after this many generated tokens")
     p.add_argument("--workdir", type=Path)
-    training = p.add_argument_group("training scenarios (kill-replica-during-training)")
+    training = p.add_argument_group("training scenarios (kill-replica-during-training, kill-last-replica)")
     training.add_argument("--replicas", type=int, default=3, help="replicas of the whole tiny model")
     training.add_argument("--train-steps", type=int, default=100, help="inner steps per replica")
     training.add_argument("--round-steps", type=int, default=10, help="H: inner steps per DiLoCo round")
-    training.add_argument("--kill-round", type=int, default=4, help="SIGKILL the last replica inside this round")
+    training.add_argument("--kill-round", type=int, default=4, help="SIGKILL the last replica inside this round "
+                          "(kill-last-replica: after half of its inner steps)")
     training.add_argument("--batch-size", type=int, default=8)
     training.add_argument("--seq-len", type=int, default=64)
     training.add_argument("--lr", type=float, default=1e-2, help="inner AdamW lr")
