@@ -176,7 +176,10 @@ class LogFollower:
 
 
 def _step(n: int, text: str, t_start: float) -> None:
-    print(f"\n[{n}/{STEPS}] ({time.monotonic() - t_start:.0f} s) {text}", flush=True)
+    import textwrap
+
+    head = f"[{n}/{STEPS}] ({time.monotonic() - t_start:.0f} s) "
+    print("\n" + textwrap.fill(head + text, width=100, subsequent_indent=" " * len(head)), flush=True)
 
 
 def _write_sums(path: Path, count: int, seed: int) -> None:
