@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from procs import ProcGroup
+from rounds_swarm import start_swarm
 
 CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 TOKEN = "rounds-token"
@@ -20,20 +21,8 @@ TOKEN = "rounds-token"
 
 def test_two_replicas_run_three_rounds_and_end_bit_identical(tmp_path, tiny_model_dir, tiny_model_files,
                                                             tiny_cache_dir):
-    (tmp_path / "token").write_text(TOKEN + "\n")
     with ProcGroup(tmp_path) as group:
-        coord = group.start("coordinator", [
-            "coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", "0", "--http-port", "-1",
-            "--token-file", str(tmp_path / "token"), "--model", str(tiny_model_dir), "--num-blocks", "4",
-            "--heartbeat-period", "0.5", "--lease", "10", "--round-window", "20",
-        ])
-        group.wait_ready([coord], timeout=60)
-        nodes = [group.start(f"node-{i}", [
-            "node", "--coordinator", coord.info["grpc"], "--token-file", str(tmp_path / "token"),
-            "--model", str(tiny_model_dir), "--cache-dir", str(tiny_cache_dir), "--blocks", "0:4",
-            "--throughput", "10", "--torch-threads", "1",
-        ]) for i in range(2)]
-        group.wait_ready(nodes, timeout=90)
+        coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2, token=TOKEN)
         done = subprocess.run(
             [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
              "--nodes", ",".join(n.info["address"] for n in nodes), "--steps", "9", "--round-steps", "3"],

@@ -19,26 +19,10 @@ import time
 from pathlib import Path
 
 from procs import ProcGroup
+from rounds_swarm import start_swarm
 
 CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 TOKEN = "rounds-faults-token"
-
-
-def start_swarm(group: ProcGroup, tmp_path: Path, model_dir, cache_dir, replicas: int):
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    coord = group.start("coordinator", [
-        "coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", "0", "--http-port", "-1",
-        "--token-file", str(tmp_path / "token"), "--model", str(model_dir), "--num-blocks", "4",
-        "--heartbeat-period", "0.5", "--lease", "4", "--round-window", "30",
-    ])
-    group.wait_ready([coord], timeout=60)
-    nodes = [group.start(f"node-{i}", [
-        "node", "--coordinator", coord.info["grpc"], "--token-file", str(tmp_path / "token"),
-        "--model", str(model_dir), "--cache-dir", str(cache_dir), "--blocks", "0:4",
-        "--throughput", "10", "--torch-threads", "1",
-    ]) for i in range(replicas)]
-    group.wait_ready(nodes, timeout=120)
-    return coord, nodes
 
 
 def wait_for_log(proc, pattern: str, client: subprocess.Popen, timeout: float) -> None:
@@ -55,7 +39,8 @@ def wait_for_log(proc, pattern: str, client: subprocess.Popen, timeout: float) -
 def test_sigkill_of_a_replica_during_a_round_the_job_finishes(tmp_path, tiny_model_dir, tiny_model_files,
                                                               tiny_cache_dir):
     with ProcGroup(tmp_path) as group:
-        coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=3)
+        coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=3, token=TOKEN,
+                                   lease=4, window=30)
         client = subprocess.Popen(
             [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
              "--nodes", ",".join(n.info["address"] for n in nodes), "--steps", "9", "--round-steps", "3",
@@ -97,7 +82,8 @@ def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny
     averages the two that arrived, round 3 commits for the two nodes, and the member adopts
     the committed state. The nodes end bit-identical with the coordinator's copy."""
     with ProcGroup(tmp_path) as group:
-        coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2)
+        coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2, token=TOKEN,
+                                   lease=4, window=30)
         done = subprocess.run(
             [sys.executable, MEMBER_CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
              "--nodes", ",".join(n.info["address"] for n in nodes), "--round-steps", "3",
