@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {files.num_blocks} blocks, hidden size {files.hidden_size}, cache {files.path}")
 
     workdir = Path(tempfile.mkdtemp(prefix="pollinate-demo-"))
-    print(f"  every process logs to {workdir}/<name>.log")
+    print(f"  every process logs to {workdir}/<name>.log (removed at the end unless --keep-logs or a failure)")
     token_file = workdir / "swarm.token"
     token_file.write_text(secrets.token_hex(16) + "\n")
     token_file.chmod(0o600)
