@@ -182,6 +182,16 @@ def _step(n: int, text: str, t_start: float) -> None:
     print("\n" + textwrap.fill(head + text, width=100, subsequent_indent=" " * len(head)), flush=True)
 
 
+def replica_round(status: dict, job: str, span: tuple[int, int]) -> tuple[int, list[str]]:
+    """From `pollinate status --json`: the last committed round of `job` on `span` and the
+    members whose checksum is in it ((0, []) when none committed)."""
+    for r in status.get("rounds", []):  # proto3 JSON leaves zeros and false out
+        got = (r.get("span", {}).get("start", 0), r.get("span", {}).get("end", 0))
+        if r.get("job") == job and got == tuple(span):
+            return int(r.get("round", 0)), [m["member_id"] for m in r.get("members", []) if m.get("committed")]
+    return 0, []
+
+
 def _write_sums(path: Path, count: int, seed: int) -> None:
     """`count` prompt/completion lines of two-digit sums answered with just the number."""
     import random
@@ -348,7 +358,15 @@ def run(args: argparse.Namespace) -> int:
         procs[:0] = trainers
         _follow_training(trainers, LogFollower(nodes, ROUND_LINE), t_start)
 
-        print("  the job at the coordinator, as `pollinate status` shows it:")
+        status = _cli(["status", "--coordinator", address, *auth, "--json"])
+        if status.returncode != 0:
+            raise RuntimeError(f"pollinate status --json exited with code {status.returncode}: {status.stderr}")
+        rnd, members = replica_round(json.loads(status.stdout), FINETUNE_JOB, layout[1])
+        if len(members) < 2:
+            raise RuntimeError(f"no DiLoCo round of {FINETUNE_JOB!r} on {layout[1][0]}:{layout[1][1]} was "
+                               f"committed by both replicas (last committed: round {rnd}, members {members})")
+        print(f"  round {rnd} of blocks {layout[1][0]}:{layout[1][1]} committed by both replicas: the coordinator "
+              "holds their common state. The job and its rounds, as `pollinate status` shows them:")
         _show(_cli(["status", "--coordinator", address, *auth]), "pollinate status")
 
         _step(7, "the same question to the swarm, without and with the job's adapter", t_start)

@@ -65,3 +65,17 @@ def test_replica_trainer_does_not_see_the_avoided_replica():
     # `pollinate train` would take the faster replica b; this trainer goes through c.
     assert [h.peer.peer_id for h in find_route(peers, 0, 4, config=ClientConfig().routing)] == ["a", "b"]
     assert [h.peer.peer_id for h in asyncio.run(swarm.route(0, 4))] == ["a", "c"]
+
+
+def test_replica_round_reads_the_status_json():
+    from pollinate.demo import replica_round
+
+    status = {"rounds": [  # as `pollinate status --json` prints it: zeros and false left out
+        {"job": "demo-sums", "span": {"end": 15}, "round": "4", "members": [{"member_id": "a", "committed": True}]},
+        {"job": "demo-sums", "span": {"start": 15, "end": 30}, "round": "2", "members": [
+            {"member_id": "b", "committed": True}, {"member_id": "c", "shard_index": 1}]},
+    ]}
+    assert replica_round(status, "demo-sums", (0, 15)) == (4, ["a"])
+    assert replica_round(status, "demo-sums", (15, 30)) == (2, ["b"])  # c gave the round up
+    assert replica_round(status, "other", (15, 30)) == (0, [])
+    assert replica_round({}, "demo-sums", (15, 30)) == (0, [])
