@@ -122,7 +122,7 @@ async def load(args: argparse.Namespace) -> dict:
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
                 continue
-            except (asyncio.TimeoutError, RuntimeError) as e:
+            except (asyncio.TimeoutError, asyncio.InvalidStateError, RuntimeError) as e:
                 errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
                 continue
             done = time.perf_counter()

@@ -29,6 +29,7 @@ from typing import Awaitable, Callable
 import grpc.aio
 
 from pollinate.coordinator.placement import Span
+from pollinate.protocol.auth import token_metadata
 from pollinate.protocol.channels import ChannelConfig, open_channel
 from pollinate.protocol.errors import (
     NotFound,
@@ -128,6 +129,7 @@ class CoordinatorClient:
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
         self._stream = None  # the open HeartbeatStream call, or None
+        self._metadata = token_metadata(config.token)
         self._unary = False  # the coordinator lacks HeartbeatStream: unary Heartbeat calls
 
     # ---- public API -------------------------------------------------------------------
@@ -190,7 +192,8 @@ class CoordinatorClient:
         cfg = self.config
         with translate_rpc_errors(peer=cfg.coordinator):
             reply = await self._get_stub().Leave(
-                coordinator_pb2.LeaveRequest(member_id=self.member_id), timeout=cfg.rpc_timeout_s
+                coordinator_pb2.LeaveRequest(member_id=self.member_id), timeout=cfg.rpc_timeout_s,
+                metadata=self._metadata,
             )
         logger.info("left the swarm as %s at epoch %d", self.member_id, reply.epoch)
         self.assignment = None
@@ -207,8 +210,11 @@ class CoordinatorClient:
 
     def _get_stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._stub is None:
+            # The token goes in each call's metadata, not a channel interceptor: grpc.aio's
+            # intercepted stream calls raise InvalidStateError instead of the call's status
+            # and leak tasks when they end between two writes.
             self._channel = open_channel(self.config.coordinator, ChannelConfig(
-                token=self.config.token, tls=self.config.tls,
+                tls=self.config.tls, own_subchannels=True,
                 tls_root_cert_file=self.config.tls_root_cert_file))
             self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         return self._stub
@@ -231,7 +237,8 @@ class CoordinatorClient:
         )
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
-                reply = await self._get_stub().Join(request, timeout=cfg.rpc_timeout_s)
+                reply = await self._get_stub().Join(request, timeout=cfg.rpc_timeout_s,
+                                                    metadata=self._metadata)
         except (PeerUnavailable, RpcTimeout):
             self.connected = False
             await self._reset_channel()
@@ -282,6 +289,10 @@ class CoordinatorClient:
             except PollinateError as e:
                 logger.error("heartbeat refused: %s", e)
                 continue
+            except Exception:  # a bug must not end the heartbeats: the lease would run out
+                logger.exception("heartbeat failed unexpectedly; retrying on a fresh channel")
+                await self._reset_channel()
+                continue
             if not self.connected:
                 logger.info("coordinator %s reachable again", cfg.coordinator)
             self.connected = True
@@ -298,13 +309,19 @@ class CoordinatorClient:
         cfg = self.config
         if self._unary:
             with translate_rpc_errors(peer=cfg.coordinator):
-                return await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s)
+                return await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s,
+                                                        metadata=self._metadata)
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
                 if self._stream is None:
-                    self._stream = self._get_stub().HeartbeatStream()
+                    self._stream = self._get_stub().HeartbeatStream(metadata=self._metadata)
                 await asyncio.wait_for(self._stream.write(request), cfg.rpc_timeout_s)
                 reply = await asyncio.wait_for(self._stream.read(), cfg.rpc_timeout_s)
+        except asyncio.InvalidStateError:
+            # The call ended between two beats (the coordinator died or is stopping); grpc.aio
+            # says so on write, without the status.
+            self._close_stream()
+            raise PeerUnavailable(f"coordinator {cfg.coordinator} ended the heartbeat stream") from None
         except ProtocolMismatch:
             self._close_stream()
             logger.warning("coordinator %s has no HeartbeatStream (an older version); "

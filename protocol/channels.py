@@ -114,6 +114,11 @@ class ChannelConfig:
     # the servers' min_client_ping_interval_s (10 s by default).
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
+    # Subchannels (connections) of this channel's own instead of gRPC's process-wide pool:
+    # a fresh channel then dials at once rather than inherit the reconnect backoff (up to
+    # 120 s) of an earlier channel to the same address. For clients that reopen a channel to
+    # get a peer back quickly (the coordinator client after an outage).
+    own_subchannels: bool = False
 
     def __post_init__(self) -> None:
         if self.tls_root_cert_file is not None and not self.tls:
@@ -141,6 +146,8 @@ def open_channel(address: str, config: ChannelConfig = ChannelConfig()) -> grpc.
         ("grpc.http2.max_pings_without_data", 0),
         *_keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
     ]
+    if config.own_subchannels:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     interceptors = token_client_interceptors(config.token) if config.token else None
     if config.tls:
         root = config.tls_root_cert_file.read_bytes() if config.tls_root_cert_file else None
