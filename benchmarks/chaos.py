@@ -283,13 +283,10 @@ async def _train_job(args, model: str, coord_address: str, nodes: list, token: s
 JOB = "chaos"
 
 
-def _replica_run(args, workdir: Path, *, kill: bool) -> dict:
-    """Coordinator + --replicas nodes of the whole tiny model; with `kill`, SIGKILL the last
-    replica right after round --kill-round is formed with all of them."""
-    import threading
-
-    from procs import ProcGroup
-
+def _round_swarm(group, args, workdir: Path):
+    """(model, files, coordinator, node(name)) for the training scenarios: the tiny model
+    converted once up front, a coordinator ready, and a starter of nodes hosting the whole
+    model (the caller waits for them)."""
     model, _ = _model(args, workdir)
     cache = str(workdir / "cache")
     from pollinate.node.model_files import open_model
@@ -297,18 +294,33 @@ def _replica_run(args, workdir: Path, *, kill: bool) -> dict:
     files = open_model(model, cache_dir=cache, show_progress=False)  # convert once, up front
     token = workdir / "token"
     token.write_text("chaos-token\n")
-    with ProcGroup(workdir) as group:
-        coord = group.start("coordinator", [
-            "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "-1",
-            "--token-file", str(token), "--model", model, "--num-blocks", str(files.num_blocks),
-            "--heartbeat-period", "0.5", "--lease", str(args.lease), "--round-window", "60",
-        ])
-        group.wait_ready([coord], timeout=90)
-        nodes = [group.start(f"node-{i}", [
+    coord = group.start("coordinator", [
+        "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "-1",
+        "--token-file", str(token), "--model", model, "--num-blocks", str(files.num_blocks),
+        "--heartbeat-period", "0.5", "--lease", str(args.lease), "--round-window", "60",
+    ])
+    group.wait_ready([coord], timeout=90)
+
+    def node(name: str):
+        return group.start(name, [
             "node", "--coordinator", coord.info["grpc"], "--token-file", str(token), "--model", model,
             "--cache-dir", cache, "--blocks", f"0:{files.num_blocks}", "--torch-threads", "1",
             "--throughput", "10",
-        ]) for i in range(args.replicas)]
+        ])
+
+    return model, files, coord, node
+
+
+def _replica_run(args, workdir: Path, *, kill: bool) -> dict:
+    """Coordinator + --replicas nodes of the whole tiny model; with `kill`, SIGKILL the last
+    replica right after round --kill-round is formed with all of them."""
+    import threading
+
+    from procs import ProcGroup
+
+    with ProcGroup(workdir) as group:
+        model, files, coord, node = _round_swarm(group, args, workdir)
+        nodes = [node(f"node-{i}") for i in range(args.replicas)]
         group.wait_ready(nodes, timeout=300)
         killed: list[float] = []
         stop = threading.Event()
@@ -379,29 +391,9 @@ def _last_replica_run(args, workdir: Path, *, kill: bool) -> dict:
     step (node/rounds.py). Without `kill`, the same run on one node throughout."""
     from procs import ProcGroup
 
-    model, _ = _model(args, workdir)
-    cache = str(workdir / "cache")
-    from pollinate.node.model_files import open_model
-
-    files = open_model(model, cache_dir=cache, show_progress=False)  # convert once, up front
-    token = workdir / "token"
-    token.write_text("chaos-token\n")
     kill_at = (args.kill_round - 1) * args.round_steps + args.round_steps // 2
     with ProcGroup(workdir) as group:
-        coord = group.start("coordinator", [
-            "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "-1",
-            "--token-file", str(token), "--model", model, "--num-blocks", str(files.num_blocks),
-            "--heartbeat-period", "0.5", "--lease", str(args.lease), "--round-window", "60",
-        ])
-        group.wait_ready([coord], timeout=90)
-
-        def node(name: str):
-            return group.start(name, [
-                "node", "--coordinator", coord.info["grpc"], "--token-file", str(token), "--model", model,
-                "--cache-dir", cache, "--blocks", f"0:{files.num_blocks}", "--torch-threads", "1",
-                "--throughput", "10",
-            ])
-
+        model, _, coord, node = _round_swarm(group, args, workdir)
         nodes = [node("node-0")]
         group.wait_ready(nodes, timeout=300)
         events: dict[str, float] = {}
