@@ -42,11 +42,11 @@ def test_trainer_survives_sigkill_of_the_replica_it_uses(tmp_path, tiny_model_di
               "--throughput", "100"]
     with ProcGroup(tmp_path) as group:
         a = group.start("A", ["node", "--blocks", "0:2", *common])
-        group.wait_ready([a], timeout=90)
+        group.wait_ready([a], timeout=240)
         maddr = a.info["dht_maddrs"][0]
         replicas = {n: group.start(n, ["node", "--blocks", "2:4", *common, "--initial-peers", maddr])
                     for n in ("B", "C")}
-        group.wait_ready(list(replicas.values()), timeout=90)
+        group.wait_ready(list(replicas.values()), timeout=240)
         signals = tmp_path / "signals"
         signals.mkdir()
         trainer = subprocess.Popen(
@@ -80,7 +80,7 @@ def test_trainer_survives_sigkill_of_the_replica_it_uses(tmp_path, tiny_model_di
         assert "Backward of blocks 2:4 moved from" in err, err[-3000:]
 
         d = group.start("D", ["node", "--blocks", "2:4", *common[:-1], "1000", "--initial-peers", maddr])
-        group.wait_ready([d], timeout=90)
+        group.wait_ready([d], timeout=240)
         proc = subprocess.run(
             [sys.executable, str(CLIENT), "--model", str(tiny_model_dir), "--cache-dir", str(tiny_cache_dir),
              "--initial-peers", maddr, "--job", "failover", "--span", "2:4", "--dir", str(signals),
