@@ -84,8 +84,8 @@ def test_trainer_survives_sigkill_of_the_replica_it_uses(tmp_path, tiny_model_di
         proc = subprocess.run(
             [sys.executable, str(CLIENT), "--model", str(tiny_model_dir), "--cache-dir", str(tiny_cache_dir),
              "--initial-peers", maddr, "--job", "failover", "--span", "2:4", "--dir", str(signals),
-             "--generate-with-job", d.info["address"]],
-            capture_output=True, text=True, timeout=180)
+             "--generate-with-job", d.info["address"], "--wait-s", "240"],  # DHT announces took ~2 min at load ~13
+            capture_output=True, text=True, timeout=360)
         assert proc.returncode == 0, proc.stderr[-4000:] + group.dump_logs()
         with_d, reference = json.loads(proc.stdout.strip().splitlines()[-1])
         assert with_d["lacking_job"] == [d.info["address"]] and reference["lacking_job"] == [], (with_d, reference)
