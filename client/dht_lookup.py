@@ -28,22 +28,27 @@ def parse_record(peer_id: str, value: Any) -> PeerSpan | None:
         return None
 
 
-def merge_records(per_block: dict[int, dict[str, Any]]) -> list[PeerSpan]:
-    """Records of every block -> one PeerSpan per peer (the freshest-looking one)."""
-    peers: dict[str, PeerSpan] = {}
+def merge_records(per_block: dict[int, dict[str, tuple[Any, float]]]) -> list[PeerSpan]:
+    """Records of every block, each (value, expiration) -> one PeerSpan per peer.
+
+    A peer serves one span at a time, but after it moves (or leaves) its older records may
+    still be on the DHT under other blocks: the record that expires last is its newest
+    announcement, so that one wins."""
+    peers: dict[str, tuple[float, PeerSpan]] = {}
     for block in sorted(per_block):
-        for peer_id, value in per_block[block].items():
+        for peer_id, (value, expiration) in per_block[block].items():
             p = parse_record(peer_id, value)
             if p is None or not p.start <= block < p.end:
                 continue
-            peers.setdefault(p.peer_id, p)
-    return sorted(peers.values(), key=lambda p: (p.start, p.peer_id))
+            if p.peer_id not in peers or expiration > peers[p.peer_id][0]:
+                peers[p.peer_id] = (expiration, p)
+    return sorted((p for _, p in peers.values()), key=lambda p: (p.start, p.peer_id))
 
 
 def fetch_peers(dht, model_id: str, num_blocks: int, *, timeout_s: float) -> list[PeerSpan]:
     """Every peer announcing any block of the model (all states; routing filters)."""
     futures = {b: dht.get(block_key(model_id, b), latest=True, return_future=True) for b in range(num_blocks)}
-    per_block: dict[int, dict[str, Any]] = {}
+    per_block: dict[int, dict[str, tuple[Any, float]]] = {}
     for b, f in futures.items():
         try:
             found = f.result(timeout=timeout_s)
@@ -52,5 +57,5 @@ def fetch_peers(dht, model_id: str, num_blocks: int, *, timeout_s: float) -> lis
             continue
         if found is None or not isinstance(found.value, dict):
             continue
-        per_block[b] = {str(k): v.value for k, v in found.value.items()}
+        per_block[b] = {str(k): (v.value, float(v.expiration_time)) for k, v in found.value.items()}
     return merge_records(per_block)

@@ -54,6 +54,7 @@ class Swarm:
 
     def ban(self, peer: PeerSpan, reason: BaseException) -> None:
         length = self.bans.ban(peer.peer_id, time.monotonic())
+        self._fetched_at = -float("inf")  # what failed may be a stale record: re-read the DHT on the next route
         logger.warning("peer %s (%s, blocks %d:%d) failed: %s; banned for %.0f s",
                        peer.peer_id[-8:], peer.address, peer.start, peer.end, reason, length)
 

@@ -192,9 +192,9 @@ class SwarmChain:
 
 
 def _transient(e: BaseException) -> bool:
-    from pollinate.protocol.errors import PeerUnavailable, RpcTimeout
+    from pollinate.protocol.errors import PeerUnavailable, RpcTimeout, SpanMoved
 
-    return isinstance(e, (PeerUnavailable, RpcTimeout, asyncio.TimeoutError))
+    return isinstance(e, (PeerUnavailable, RpcTimeout, SpanMoved, asyncio.TimeoutError))
 
 
 class Trainer:

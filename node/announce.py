@@ -3,7 +3,7 @@
 Key `"<model>.<block>"` (as Petals does), subkey = the node's DHT peer id, value = a small
 dict (state, address, span, throughput, free cache), with an expiration time. A node
 announces "joining" while it loads, "online" once its server is up, re-announces before the
-records expire, and "offline" (short-lived) when it shuts down gracefully. A killed node's
+records expire, and "offline" when it shuts down gracefully or moves to other blocks. A killed node's
 records simply expire; clients also ban a peer that fails them, so they never wait for that.
 
 The DHT runs in a forked process: create it before any gRPC object exists in this process
@@ -105,6 +105,7 @@ class Announcer:
         self.cache_tokens_left = cache_tokens_left
         self.config = config
         self.state = "joining"
+        self._last_expiration = 0.0  # DHT time the newest stored record expires
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,7 +127,12 @@ class Announcer:
             throughput=self.throughput,
             cache_tokens_left=self.cache_tokens_left(),
         )
-        expiration = get_dht_time() + lifetime
+        # hivemind keeps, per key and subkey, the value that expires last and drops a store
+        # that expires earlier: a short-lived "offline" written soon after a refresh would be
+        # ignored and clients would keep routing here. So a record never expires before the
+        # one it replaces.
+        expiration = max(get_dht_time() + lifetime, self._last_expiration + 1e-3)
+        self._last_expiration = expiration
         futures = [
             self.dht.store(block_key(self.model_id, b), value, expiration, subkey=self.peer_id, return_future=True)
             for b in range(self.start_block, self.end_block)

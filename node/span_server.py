@@ -19,7 +19,7 @@ import torch
 from pollinate.node.config import ServingConfig
 from pollinate.node.sessions import Session, SessionConfig, SessionManager
 from pollinate.node.span import SpanError
-from pollinate.protocol.errors import InvalidRequest
+from pollinate.protocol.errors import InvalidRequest, SpanMoved
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class SpanServer:
         if (start, end) == (0, 0):
             return self.start, self.end
         if (start, end) != (self.start, self.end):
-            raise InvalidRequest(
+            # Not the client's fault: its route came from a record this node has since replaced
+            # (it moved), so the client routes those blocks again.
+            raise SpanMoved(
                 f"this node serves blocks {self.start}:{self.end}, the request asked for {start}:{end}"
             )
         return start, end

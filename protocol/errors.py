@@ -42,6 +42,11 @@ class FailedPrecondition(PollinateError):
     """The request is well-formed but the system is not in a state to serve it."""
 
 
+class SpanMoved(PollinateError):
+    """The peer no longer serves the blocks the caller's route assumed (it moved to others since
+    the record the route came from); route those blocks again."""
+
+
 class ResourceExhausted(PollinateError):
     """No room for this request now (KV-cache budget, too many sessions); try another peer."""
 
@@ -72,6 +77,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    SpanMoved: grpc.StatusCode.ABORTED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PeerUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -90,6 +96,7 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[PollinateError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: FailedPrecondition,
+    grpc.StatusCode.ABORTED: SpanMoved,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,

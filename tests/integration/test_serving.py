@@ -175,7 +175,7 @@ async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_mo
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "first message must carry `open`" in msg
         wrong = node_pb2.InferenceOpen(session_id="w", max_length=4, blocks=common_pb2.Span(start=1, end=3))
         code, msg = await session(step(torch.randn(1, 1, 64), 0, wrong))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "serves blocks 3:4" in msg
+        assert code == grpc.StatusCode.ABORTED and "serves blocks 3:4" in msg
         # a chunk over 1 MiB: refused by the framing check with a message naming the limit
         over = (1 << 20) + 1000
         chunk = common_pb2.Tensor(dtype="float32", shape=[1, over // 256, 64], codec="none", data=b"\0" * over,

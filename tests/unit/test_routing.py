@@ -84,5 +84,17 @@ def test_many_random_peers_route_is_a_valid_cheapest_tiling():
 
 def test_merge_records_one_peer_per_id_and_drops_malformed():
     rec = {"state": "online", "address": "h:1", "start": 0, "end": 2, "throughput": 5.0, "cache_tokens_left": 10}
-    merged = merge_records({0: {"p": rec, "bad": {"state": "online"}}, 1: {"p": rec}})
+    merged = merge_records({0: {"p": (rec, 100.0), "bad": ({"state": "online"}, 100.0)}, 1: {"p": (rec, 100.0)}})
     assert merged == [PeerSpan(peer_id="p", address="h:1", start=0, end=2, throughput=5.0, cache_tokens_left=10)]
+
+
+def test_merge_records_a_moved_peer_is_where_its_newest_record_says():
+    # The peer served 0:2, then moved to 2:4: its "offline" records for 0 and 1 expire before
+    # its "online" ones for 2 and 3, whichever block is read first.
+    old = {"state": "offline", "address": "h:1", "start": 0, "end": 2, "throughput": 5.0}
+    new = {"state": "online", "address": "h:1", "start": 2, "end": 4, "throughput": 5.0}
+    stale_online = dict(old, state="online")
+    for first in (old, stale_online):
+        merged = merge_records({0: {"p": (first, 160.0)}, 1: {"p": (first, 160.0)},
+                                2: {"p": (new, 170.0)}, 3: {"p": (new, 170.0)}})
+        assert [(p.start, p.end, p.state) for p in merged] == [(2, 4, "online")]
