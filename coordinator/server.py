@@ -92,7 +92,7 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer
-        from pollinate.protocol.channels import RpcServer, ServerConfig
+        from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, RpcServer, ServerConfig
         from pollinate.protocol.v1 import coordinator_pb2_grpc
 
         cfg = self.config
@@ -107,6 +107,7 @@ class CoordinatorServer:
             rounds=Rounds(cfg.rounds, self.store, self.membership), jobs=self.jobs,
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
+                                           max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
                                            grace_s=cfg.stop_grace_s, tls_cert_file=cfg.tls_cert_file,
                                            tls_key_file=cfg.tls_key_file))
         self._rpc.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, self._servicer)

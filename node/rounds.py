@@ -45,6 +45,7 @@ from pollinate.node.diloco import (
     assign_flat,
     flatten_params,
 )
+from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
 from pollinate.protocol.errors import FailedPrecondition, NotFound, RpcTimeout
 from pollinate.protocol.tensors import EncodedTensor, TensorAssembler
 
@@ -188,11 +189,12 @@ class RoundDriver:
     # ---- one round -------------------------------------------------------------------
 
     def _coordinator(self):
-        from pollinate.protocol.channels import ChannelConfig, open_channel
+        from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
         from pollinate.protocol.v1 import coordinator_pb2_grpc
 
-        if self._channel is None:
-            self._channel = open_channel(self.coordinator_address, ChannelConfig(token=self.token))
+        if self._channel is None:  # committed states travel whole: the coordinator's message limit
+            self._channel = open_channel(self.coordinator_address, ChannelConfig(
+                token=self.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
         return coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def run_round(self, manager, job, state: _JobRounds) -> bool:
@@ -314,6 +316,11 @@ class RoundDriver:
             results = [own if j == s else got[j - (j > s)] for j in range(n)]
             checksum = await server._run(lambda: member.apply(results, round_index=r, num_shards=n))
             blob = await server._run(_save_state, member.shared_state())
+            if len(blob) > COORDINATOR_STATE_BYTES:
+                raise FailedPrecondition(
+                    f"job {job.name!r} span {span.start}:{span.end}: the round's state is {len(blob) / 1e6:.1f} MB, "
+                    f"over the {COORDINATOR_STATE_BYTES >> 20} MiB a coordinator keeps per round; use a smaller "
+                    f"adapter (rank) or fewer blocks per node")
             # Every ExchangeShard message of the attempt has been counted by now: our calls
             # returned, and the handlers answering our shard count their replies before sending.
             sent, received = self._traffic.get((job.name, r, attempt), (0, 0))

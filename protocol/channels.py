@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 # One 1 MiB chunk plus its message's other fields (headers, names, shapes) stays far under
 # 64 KiB; anything larger than chunk + 64 KiB is not a Pollinate message.
 DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_FRAMING.max_message_bytes + 64 * 1024
+# The coordinator's server and the nodes' round channel to it: a round's committed adapter
+# state travels whole in one CommitRound and one GetCommittedState message (LoRA rank 8 on 15
+# SmolLM2 blocks is 1.8 MB; rank 64 on all 30 is ~30 MB). The token guards who may send one.
+COORDINATOR_STATE_BYTES = 64 << 20
+COORDINATOR_MAX_MESSAGE_BYTES = COORDINATOR_STATE_BYTES + 64 * 1024
 
 
 def _keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:

@@ -323,3 +323,38 @@ async def test_client_falls_back_to_unary_heartbeats_on_a_coordinator_without_th
     finally:
         await node.stop()
         await srv.stop(0)
+
+
+async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
+    """LoRA rank 8 on 15 SmolLM2 blocks commits a 1.8 MB state: over the 1.1 MB limit of the
+    other channels, within the coordinator's; it comes back byte for byte."""
+    from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+    from pollinate.protocol.errors import ResourceExhausted, translate_rpc_errors
+
+    node = client_for(server, 7100)
+    try:
+        assigned = await node.start()
+        span = common_pb2.Span(start=assigned.span.start, end=assigned.span.end)
+        state = bytes(range(256)) * (DEFAULT_MAX_MESSAGE_BYTES // 128)  # ~2.2 MB
+        commit = coordinator_pb2.CommitRoundRequest(job="big", span=span, round=1, member_id=node.member_id,
+                                                    checksum="c", state=state)
+        small = open_channel(server.grpc_address, ChannelConfig(token=TOKEN))
+        big = open_channel(server.grpc_address, ChannelConfig(token=TOKEN,
+                                                              max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
+        try:
+            with pytest.raises(ResourceExhausted), translate_rpc_errors():  # why the round channel is bigger
+                await coordinator_pb2_grpc.CoordinatorStub(small).CommitRound(commit, timeout=5)
+            stub = coordinator_pb2_grpc.CoordinatorStub(big)
+            formed = await stub.BeginRound(coordinator_pb2.BeginRoundRequest(
+                job="big", span=span, round=1, member_id=node.member_id, tokens=1), timeout=10)
+            assert [m.member_id for m in formed.members] == [node.member_id]
+            done = await stub.CommitRound(commit, timeout=10)
+            assert done.committed and done.committed_round == 1, done.reason
+            got = await stub.GetCommittedState(coordinator_pb2.GetCommittedStateRequest(job="big", span=span),
+                                               timeout=10)
+            assert (got.round, got.checksum, got.state == state) == (1, "c", True)
+        finally:
+            await small.close()
+            await big.close()
+    finally:
+        await node.stop()
