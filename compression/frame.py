@@ -3,7 +3,7 @@
 Layout (little-endian), identical for every codec so that a receiver can say what a frame
 claims before it trusts any of it:
 
-    magic    4 bytes  b"PLC" + format version (1)
+    magic    4 bytes  b"PLC" + format version (2)
     id_len   u8       length of the codec id
     codec    id_len   ASCII codec id, e.g. b"cocktail"
     dtype    u8       DTYPE_CODES below
@@ -33,7 +33,8 @@ from pollinate.compression.codec import Codec, CompressionError
 logger = logging.getLogger(__name__)
 
 MAGIC = b"PLC"
-VERSION = 1
+# 2: the cocktail body gained its mask-schedule byte (version 1 frames lack it)
+VERSION = 2
 # Tensors in Pollinate are at most 4-d (activations: batch x seq x hidden); 16 leaves room
 # and keeps a hostile ndim from making the parser read a huge shape list.
 MAX_NDIM = 16

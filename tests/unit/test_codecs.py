@@ -165,7 +165,7 @@ def test_corrupted_frames_decode_or_raise_compression_error(codec_id, data):
 @given(junk=st.binary(max_size=200), codec_id=st.sampled_from(CODECS))
 def test_random_bytes_raise_compression_error_only(junk, codec_id):
     with pytest.raises(CompressionError):
-        get_codec(codec_id).decode(b"PLC\x01" + junk if junk[:1] == b"x" else junk)
+        get_codec(codec_id).decode(b"PLC\x02" + junk if junk[:1] == b"x" else junk)
 
 
 # --- registry and configs -------------------------------------------------------------------
@@ -374,3 +374,9 @@ def test_max_elements_bounds_what_a_frame_may_claim():
     with pytest.raises(CompressionError, match="above the limit 1000"):
         codec.decode(frame, max_elements=1000)  # ... so the receiver's limit is what bounds it
     assert MAX_ELEMENTS == 1 << 30
+
+
+def test_a_version_1_frame_is_refused_naming_both_versions():
+    frame = get_codec("cocktail").encode(torch.randn(64), seed=1)
+    with pytest.raises(CompressionError, match="frame format version 1, this build reads 2"):
+        get_codec("cocktail").decode(frame[:3] + b"\x01" + frame[4:])
