@@ -90,6 +90,9 @@ class ProcGroup:
         popen = subprocess.Popen(
             full, stdout=subprocess.PIPE if cmd is not None else log, stderr=log,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, env=self.env, cwd=self.workdir,
+            # Its own process group: the hivemind DHT process a node or coordinator forks
+            # outlives a SIGKILLed parent, and teardown must not leave it running.
+            start_new_session=True,
         )
         log.close()
         proc = Proc(name=name, popen=popen, log_path=log_path, ready_path=ready_path)
@@ -127,6 +130,11 @@ class ProcGroup:
             except subprocess.TimeoutExpired:
                 p.popen.send_signal(signal.SIGKILL)
                 p.popen.wait(10)
+        for p in self.procs:  # what they forked (DHT processes), above all of the SIGKILLed ones
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def __enter__(self) -> ProcGroup:
         return self
