@@ -53,8 +53,8 @@ class DiLoCoConfig:
     # outer learning rate for the default (cocktail) codec; bench_diloco with momentum 0.8:
     # lr 0.7 / 0.8 / 1.0 / 1.2 gave val 1.881 / 1.871 / 1.856 / 1.846 (1.2: two seeds).
     # Uncompressed rounds want less: fp32 DiLoCo at 1.2/0.8 gave 1.953 (alone: 1.985),
-    # its best measured is the DiLoCo paper's 0.7/0.9 (1.825); a job with codec
-    # "none"/"fp16"/"int8" should set outer_lr 0.7 and outer_momentum 0.9
+    # its best measured is the DiLoCo paper's 0.7/0.9 (1.825), so a job with a dense codec
+    # ("none"/"fp16"/"int8") gets DENSE_OUTER_OPTIMIZER unless it sets its own (job_diloco_config)
     outer_lr: float = 1.2
     # outer momentum coefficient (0 = plain averaging step); DiLoCo paper: 0.9; with the
     # compressed codec bench_diloco measured 0.8 best (1.881 vs 1.888 at 0.9, 1.894 at 0.7)
@@ -226,6 +226,11 @@ JOB_CODECS = ("cocktail", "int8", "fp16", "none")  # what a job may name (JobSpe
 COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
 
 
+# (outer lr, outer momentum) for jobs with a dense codec: the DiLoCo paper's, the best fp32
+# setting bench_diloco measured (1.825 vs 1.953 at the cocktail default 1.2/0.8)
+DENSE_OUTER_OPTIMIZER = (0.7, 0.9)
+
+
 def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, k: float = 0.0,
                       bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
                       outer_lr: float = 0.0, outer_momentum: float | None = None) -> DiLoCoConfig:
@@ -243,6 +248,8 @@ def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, 
     params.update(given)
     registry_codec(key, params)  # the codec's own checks: p, k in (0, 1], bits 1..8, bucket
     overrides = {"codec": key, "codec_params": params}
+    if key != "cocktail":
+        overrides["outer_lr"], overrides["outer_momentum"] = DENSE_OUTER_OPTIMIZER
     if round_steps:
         overrides["inner_steps"] = round_steps
     if warmup_rounds is not None:

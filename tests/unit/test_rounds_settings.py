@@ -20,7 +20,7 @@ from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.service import status_to_proto
 from pollinate.coordinator.status import render_html
 from pollinate.coordinator.store import Store
-from pollinate.node.diloco import DiLoCoConfig
+from pollinate.node.diloco import DENSE_OUTER_OPTIMIZER, DiLoCoConfig
 from pollinate.node.training import JobSpec
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.v1 import node_pb2
@@ -36,6 +36,11 @@ def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
                                       warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0)
     cfg = JobSpec(codec="int8").diloco_config()
     assert (cfg.codec, dict(cfg.codec_params)) == ("int8", {})
+    # a dense codec gets the DiLoCo paper's outer optimizer, not the cocktail default ...
+    assert (cfg.outer_lr, cfg.outer_momentum) == DENSE_OUTER_OPTIMIZER != (default.outer_lr, default.outer_momentum)
+    # ... unless the job sets its own
+    cfg = JobSpec(codec="none", outer_lr=0.5, outer_momentum=0.0).diloco_config()
+    assert (cfg.outer_lr, cfg.outer_momentum) == (0.5, 0.0)
     cfg = JobSpec(codec="cocktail", codec_bits=4, codec_bucket=128, codec_k=0.25).diloco_config()
     assert {k: cfg.codec_params[k] for k in ("bits", "bucket", "k")} == {"bits": 4, "bucket": 128, "k": 0.25}
 
