@@ -45,7 +45,12 @@ from pollinate.node.diloco import (
     assign_flat,
     flatten_params,
 )
-from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
+from pollinate.protocol.channels import (
+    COORDINATOR_MAX_MESSAGE_BYTES,
+    COORDINATOR_STATE_BYTES,
+    ChannelConfig,
+    open_channel,
+)
 from pollinate.protocol.errors import FailedPrecondition, NotFound, RpcTimeout
 from pollinate.protocol.tensors import EncodedTensor, TensorAssembler
 
@@ -189,7 +194,6 @@ class RoundDriver:
     # ---- one round -------------------------------------------------------------------
 
     def _coordinator(self):
-        from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
         from pollinate.protocol.v1 import coordinator_pb2_grpc
 
         if self._channel is None:  # committed states travel whole: the coordinator's message limit
@@ -411,7 +415,6 @@ class RoundDriver:
     async def _send(self, job: str, span, r: int, attempt: int, me: str, j: int, tokens: int,
                     payload: bytes, address: str) -> bytes:
         """ExchangeShard to owner j: our contribution out, its result back (both counted)."""
-        from pollinate.protocol.channels import ChannelConfig, open_channel
         from pollinate.protocol.errors import translate_rpc_errors
         from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pollinate.compression import CompressionError, get_codec, registered_codecs
 from pollinate.compression.cocktail import PARAMS, CocktailConfig, cycled_mask, random_mask
-from pollinate.compression.frame import MAX_ELEMENTS, peek_header
+from pollinate.compression.frame import MAGIC, MAX_ELEMENTS, VERSION, peek_header
 from pollinate.compression.int8 import Int8Config
 
 CODECS = registered_codecs()
@@ -165,7 +165,7 @@ def test_corrupted_frames_decode_or_raise_compression_error(codec_id, data):
 @given(junk=st.binary(max_size=200), codec_id=st.sampled_from(CODECS))
 def test_random_bytes_raise_compression_error_only(junk, codec_id):
     with pytest.raises(CompressionError):
-        get_codec(codec_id).decode(b"PLC\x02" + junk if junk[:1] == b"x" else junk)
+        get_codec(codec_id).decode(MAGIC + bytes([VERSION]) + junk if junk[:1] == b"x" else junk)
 
 
 # --- registry and configs -------------------------------------------------------------------
