@@ -216,7 +216,10 @@ class RpcServer:
         options = [
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(cfg.min_client_ping_interval_s * 1000)),
+            # (C-core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; the string has no
+            # "recv" in it, and an unknown option is silently ignored, leaving the 5 min default
+            # that answered every client's 30 s keepalive with GOAWAY too_many_pings)
+            ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.min_client_ping_interval_s * 1000)),
             # grpc sets SO_REUSEPORT by default, which lets a second server bind the same port
             # and silently steal half the connections; a taken port must be an error.
             ("grpc.so_reuseport", 0),

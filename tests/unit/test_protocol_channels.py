@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,3 +117,23 @@ async def test_add_after_start_is_refused():
     async with server:
         with pytest.raises(RuntimeError, match="before start"):
             server.add(node_pb2_grpc.add_NodeServicer_to_server, HealthyNode())
+
+
+async def test_idle_keepalive_pings_at_the_permitted_rate_keep_the_connection():
+    """A client pinging an idle connection as often as the server permits is not cut off.
+
+    gRPC servers count a ping that arrives sooner than their minimum interval as a strike
+    and after two strikes close the connection with GOAWAY "too_many_pings". With the
+    server's minimum at 0.5 s and the client pinging every 1 s, the connection must stay
+    READY through several pings with no call in flight."""
+    server = RpcServer(ServerConfig(min_client_ping_interval_s=0.5))
+    server.add(node_pb2_grpc.add_NodeServicer_to_server, HealthyNode())
+    async with server:
+        config = ChannelConfig(keepalive_time_s=1.0, keepalive_timeout_s=1.0)
+        async with open_channel(server.address, config) as channel:
+            stub = node_pb2_grpc.NodeStub(channel)
+            await stub.Health(common_pb2.HealthRequest(), timeout=5)
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            # Six idle pings: any state change in that window is the server hanging up.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 6.5)
