@@ -10,9 +10,12 @@ from pathlib import Path
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     """How every client command (generate, chat, train, export) finds the swarm."""
+    from pollinate.protocol.channels import add_coordinator_tls_argument
+
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
+    add_coordinator_tls_argument(p)
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
 
@@ -42,7 +45,7 @@ def swarm_peers(args: argparse.Namespace, token: str | None) -> list[str]:
     if args.initial_peers:
         return list(args.initial_peers)
     if args.coordinator:
-        return _coordinator_peers(args.coordinator, token)
+        return _coordinator_peers(args.coordinator, token, args.coordinator_tls)
     raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
 
 
@@ -56,13 +59,20 @@ def join_dht(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace):
+    """The remote model for generate and chat; a bad setting or an unreachable coordinator
+    exits with the reason (no traceback)."""
     from pollinate.client.remote_model import RemoteModelForCausalLM
+    from pollinate.coordinator.probe import ProbeError
 
     token = swarm_token(args)
-    return RemoteModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
-        cache_dir=args.cache_dir, wire_codec=args.codec, job=getattr(args, "job", None),
-    )
+    try:
+        return RemoteModelForCausalLM.from_pretrained(
+            args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
+            coordinator_tls=args.coordinator_tls,
+            cache_dir=args.cache_dir, wire_codec=args.codec, job=getattr(args, "job", None),
+        )
+    except (ValueError, ProbeError) as e:
+        raise SystemExit(f"pollinate {args.command}: {e}") from None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from pollinate.protocol.channels import add_coordinator_tls_argument, coordinator_tls
+
 # Job settings and their defaults. The flags default to None so that `train` can tell
 # "not given" (use the registered job's value) from "given" (must match it).
 SPEC_DEFAULTS = {"method": "lora", "rank": 8, "alpha": 16.0, "targets": "", "feedforward": "",
@@ -100,10 +102,11 @@ async def register_job(coordinator: str, token: str, name: str, args: argparse.N
     from pollinate.protocol.errors import NotFound
     from pollinate.protocol.v1 import coordinator_pb2, node_pb2
 
+    tls = coordinator_tls(getattr(args, "coordinator_tls", None))
     registered = None
     try:
         info = await call_coordinator(coordinator, token, "GetJob", coordinator_pb2.GetJobRequest(name=name),
-                                      timeout_s=timeout_s)
+                                      timeout_s=timeout_s, **tls)
         registered = info.spec if info.spec.method else None  # a round's placeholder row has no spec
     except NotFound:
         pass
@@ -111,7 +114,7 @@ async def register_job(coordinator: str, token: str, name: str, args: argparse.N
         return info, False
     spec = job_spec(args, registered).to_proto(node_pb2)
     reply = await call_coordinator(coordinator, token, "CreateJob",
-                                   coordinator_pb2.CreateJobRequest(name=name, spec=spec), timeout_s=timeout_s)
+                                   coordinator_pb2.CreateJobRequest(name=name, spec=spec), timeout_s=timeout_s, **tls)
     return reply.job, reply.created
 
 
@@ -126,6 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             add_job_arguments(q)
         q.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
         q.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
+        add_coordinator_tls_argument(q)
         q.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
         q.add_argument("--json", action="store_true", help="print JSON")
 
@@ -161,10 +165,12 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         elif args.job_command == "show":
             jobs = [asyncio.run(call_coordinator(args.coordinator, token, "GetJob",
-                                                 coordinator_pb2.GetJobRequest(name=args.name), timeout_s=args.timeout))]
+                                                 coordinator_pb2.GetJobRequest(name=args.name), timeout_s=args.timeout,
+                                                 **coordinator_tls(args.coordinator_tls)))]
         else:
             jobs = list(asyncio.run(call_coordinator(args.coordinator, token, "ListJobs",
-                                                     coordinator_pb2.ListJobsRequest(), timeout_s=args.timeout)).jobs)
+                                                     coordinator_pb2.ListJobsRequest(), timeout_s=args.timeout,
+                                                     **coordinator_tls(args.coordinator_tls))).jobs)
     except (ValueError, PollinateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

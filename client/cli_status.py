@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pollinate.protocol.auth import TOKEN_ENV, read_token
+from pollinate.protocol.channels import add_coordinator_tls_argument, coordinator_tls
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the coordinator's gRPC address")
     parser.add_argument("--token-file", type=Path,
                         help=f"file holding the swarm token (or set ${TOKEN_ENV})")
+    add_coordinator_tls_argument(parser)
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for the coordinator (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -141,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         reply = asyncio.run(call_coordinator(args.coordinator, token, "Status",
-                                             coordinator_pb2.StatusRequest(), timeout_s=args.timeout))
-    except PollinateError as e:
+                                             coordinator_pb2.StatusRequest(), timeout_s=args.timeout,
+                                             **coordinator_tls(args.coordinator_tls)))
+    except (PollinateError, ValueError) as e:
         print(f"pollinate status: {e}", file=sys.stderr)
         return 1
     if args.json:

@@ -123,6 +123,7 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         initial_peers: Sequence[str] = (),
         coordinator: str | None = None,
         token: str | None = None,
+        coordinator_tls: str | None = None,
         dht=None,
         cache_dir=None,
         config: ClientConfig | None = None,
@@ -132,7 +133,9 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Load the client part of `model` and connect to its swarm.
 
         Starts a client-mode hivemind DHT peer (a forked process) unless `dht` is given: call
-        this before creating any gRPC object in the process."""
+        this before creating any gRPC object in the process. `coordinator_tls`: None for a
+        plaintext coordinator, "" for TLS trusting the system's roots, or the path of the PEM
+        certificate to trust (the CLI's --coordinator-tls)."""
         from pollinate.node.announce import start_dht
         from pollinate.node.model_files import open_model
 
@@ -140,7 +143,7 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         if dht is None:
             peers = list(initial_peers)
             if coordinator is not None:
-                peers += _coordinator_peers(coordinator, token)
+                peers += _coordinator_peers(coordinator, token, coordinator_tls)
             if not peers:
                 raise ValueError("give initial_peers (DHT multiaddrs) or coordinator=HOST:PORT")
             dht = start_dht(peers, client_mode=True)
@@ -218,16 +221,17 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
                 self.dht.shutdown()
 
 
-def _coordinator_peers(address: str, token: str | None) -> list[str]:
+def _coordinator_peers(address: str, token: str | None, tls: str | None = None) -> list[str]:
     """The coordinator's DHT bootstrap multiaddrs, asked from a subprocess: this process
     starts a DHT (it forks) right after, so it must not hold gRPC objects yet
     (coordinator/probe.py). Routing then comes from the DHT alone: generation keeps working
     while the coordinator is down."""
     from pollinate.coordinator.probe import probe_coordinator
+    from pollinate.protocol.channels import coordinator_tls
 
     if not token:
         raise ValueError("coordinator= needs the swarm token (token=...)")
-    peers = list(probe_coordinator(address, token).dht_initial_peers)
+    peers = list(probe_coordinator(address, token, **coordinator_tls(tls)).dht_initial_peers)
     if not peers:
         raise ValueError(f"coordinator {address} runs no bootstrap DHT peer; pass initial_peers")
     return peers

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,14 @@ class SwarmInfo:
 
 
 def probe_coordinator(address: str, token: str, *, timeout_s: float = 60.0,
-                      rpc_timeout_s: float = 5.0) -> SwarmInfo:
-    """Run the Status RPC in a subprocess, retrying while the coordinator is down, up to timeout_s."""
+                      rpc_timeout_s: float = 5.0, tls: bool = False,
+                      tls_root_cert_file: Path | None = None) -> SwarmInfo:
+    """Run the Status RPC in a subprocess, retrying while the coordinator is down, up to timeout_s.
+    With tls, over TLS trusting tls_root_cert_file (None: the system's roots)."""
     cmd = [sys.executable, "-m", "pollinate.coordinator.probe", address,
            "--timeout", str(timeout_s), "--rpc-timeout", str(rpc_timeout_s)]
+    if tls:
+        cmd += ["--coordinator-tls", str(tls_root_cert_file or "")]
     try:
         done = subprocess.run(cmd, input=token + "\n", capture_output=True, text=True,
                               timeout=timeout_s + STARTUP_ALLOWANCE_S)
@@ -65,7 +70,8 @@ def probe_coordinator(address: str, token: str, *, timeout_s: float = 60.0,
     return info
 
 
-async def _status(address: str, token: str, timeout_s: float, rpc_timeout_s: float) -> dict:
+async def _status(address: str, token: str, timeout_s: float, rpc_timeout_s: float,
+                  tls: dict) -> dict:
     from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.errors import PeerUnavailable, RpcTimeout, translate_rpc_errors
     from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -73,7 +79,7 @@ async def _status(address: str, token: str, timeout_s: float, rpc_timeout_s: flo
     deadline = time.monotonic() + timeout_s
     pause = 0.2
     while True:
-        channel = open_channel(address, ChannelConfig(token=token))
+        channel = open_channel(address, ChannelConfig(token=token, **tls))
         try:
             with translate_rpc_errors(peer=address):
                 reply = await coordinator_pb2_grpc.CoordinatorStub(channel).Status(
@@ -97,12 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("address", help="the coordinator's gRPC HOST:PORT")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to keep retrying")
     p.add_argument("--rpc-timeout", type=float, default=5.0, help="deadline of each call, seconds")
+    from pollinate.protocol.channels import add_coordinator_tls_argument, coordinator_tls
+
+    add_coordinator_tls_argument(p)
     args = p.parse_args(argv)
     token = sys.stdin.readline().strip()
     from pollinate.protocol.errors import PollinateError
 
     try:
-        reply = asyncio.run(_status(args.address, token, args.timeout, args.rpc_timeout))
+        tls = coordinator_tls(args.coordinator_tls)
+    except ValueError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return REFUSED_EXIT
+    try:
+        reply = asyncio.run(_status(args.address, token, args.timeout, args.rpc_timeout, tls))
     except TimeoutError as e:
         print(f"unreachable: {e}", file=sys.stderr)
         return 1

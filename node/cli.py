@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pollinate.protocol.channels import add_coordinator_tls_argument
+
+
     p.add_argument("--blocks", help="blocks to host, START:END (end exclusive), e.g. 10:20; "
                                     "optional with --coordinator (it assigns a span)")
     p.add_argument("--coordinator", metavar="HOST:PORT",
@@ -38,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "as fit in free memory); refused if N do not fit")
     p.add_argument("--coordinator-timeout", type=float, default=60.0,
                    help="seconds to wait for the coordinator at start-up (default %(default)s)")
+    add_coordinator_tls_argument(p)
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join (none: start a new DHT)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
@@ -70,6 +74,10 @@ def _initial_throughput(config) -> float:
     return 1.0 if isinstance(config.throughput, str) else config.throughput
 
 
+def _coordinator_tls(config) -> dict:
+    return {"tls": config.coordinator_tls, "tls_root_cert_file": config.coordinator_tls_root_cert_file}
+
+
 def parse_blocks(text: str) -> tuple[int, int]:
     try:
         start, end = (int(x) for x in text.split(":"))
@@ -83,13 +91,17 @@ def build_config(args: argparse.Namespace):
     from pollinate.node.config import NodeConfig
     from pollinate.node.sessions import SessionConfig
     from pollinate.protocol.auth import TOKEN_ENV, read_token
+    from pollinate.protocol.channels import coordinator_tls
 
+    tls = coordinator_tls(args.coordinator_tls)
     start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
     token = read_token(args.token_file, os.environ.get(TOKEN_ENV))
     return NodeConfig(
         coordinator=args.coordinator,
         capacity_blocks=args.capacity_blocks,
         coordinator_timeout_s=args.coordinator_timeout,
+        coordinator_tls=tls["tls"],
+        coordinator_tls_root_cert_file=tls["tls_root_cert_file"],
         model=args.model,
         start=start,
         end=end,
@@ -123,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             info = probe_coordinator(config.coordinator, config.token,
-                                     timeout_s=config.coordinator_timeout_s)
+                                     timeout_s=config.coordinator_timeout_s, **_coordinator_tls(config))
         except ProbeError as e:
             raise SystemExit(f"pollinate node: {e}") from None
         peers += [p for p in info.dht_initial_peers if p not in peers]
@@ -237,6 +249,7 @@ async def serve(config, dht) -> int:
             capacity_blocks=_capacity_blocks(config, files, placement),
             throughput=_initial_throughput(config), requested_span=requested,
             join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
+            **_coordinator_tls(config),
         ), on_move=move)
         assignment = await member.start()
         if assignment.num_blocks != files.num_blocks:
@@ -257,7 +270,7 @@ async def serve(config, dht) -> int:
             from pollinate.node.rounds import RoundConfig, RoundDriver
             servicer.jobs.rounds = RoundDriver(RoundConfig(), coordinator_address=config.coordinator,
                                                token=config.token, member_id=lambda: member.member_id,
-                                               framing=servicer.framing)
+                                               framing=servicer.framing, **_coordinator_tls(config))
         add_to_server(rpc, servicer)
         if reservation is not None:
             reservation.close()

@@ -61,6 +61,10 @@ class NodeConfig:
     # Longest wait for the coordinator at start-up (probe and join), seconds. 60 s covers a
     # coordinator that is restarting; a node that cannot join exits with a clear error.
     coordinator_timeout_s: float = 60.0
+    # TLS towards the coordinator (--coordinator-tls), trusting coordinator_tls_root_cert_file
+    # (a swarm's self-signed certificate) or, if None, the system's roots.
+    coordinator_tls: bool = False
+    coordinator_tls_root_cert_file: Path | None = None
 
     def __post_init__(self) -> None:
         if (self.start is None) != (self.end is None):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -115,10 +116,11 @@ class RoundDriver:
     """Runs a job's rounds on one node. ``coordinator``: a CoordinatorClient (member id)."""
 
     def __init__(self, config: RoundConfig, *, coordinator_address: str, token: str,
-                 member_id, framing) -> None:
+                 member_id, framing, tls: bool = False, tls_root_cert_file: Path | None = None) -> None:
         self.config = config
         self.coordinator_address = coordinator_address
         self.token = token
+        self._tls = {"tls": tls, "tls_root_cert_file": tls_root_cert_file}  # towards the coordinator
         self._member_id = member_id  # callable: the id changes when the node re-joins
         self.framing = framing
         self.jobs: dict[str, _JobRounds] = {}
@@ -198,7 +200,7 @@ class RoundDriver:
 
         if self._channel is None:  # committed states travel whole: the coordinator's message limit
             self._channel = open_channel(self.coordinator_address, ChannelConfig(
-                token=self.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
+                token=self.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES, **self._tls))
         return coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def run_round(self, manager, job, state: _JobRounds) -> bool:

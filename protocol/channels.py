@@ -140,6 +140,33 @@ class ChannelConfig:
                 raise ValueError(f"ChannelConfig.{name} must be positive, got {getattr(self, name)!r}")
 
 
+def add_coordinator_tls_argument(parser) -> None:
+    """`--coordinator-tls [PEM]` for every command that dials a coordinator started with
+    --tls-cert: alone it trusts the system's roots, with a file it trusts that certificate
+    (a swarm's self-signed one, or its CA)."""
+    parser.add_argument("--coordinator-tls", nargs="?", const="", default=None, metavar="PEM",
+                        help="reach the coordinator over TLS, trusting the certificate in PEM "
+                             "(the coordinator's own or its CA) or, without PEM, the system's roots")
+
+
+def coordinator_tls(value: str | None) -> dict[str, Any]:
+    """`tls` and `tls_root_cert_file` keyword arguments from a --coordinator-tls value
+    (None: plaintext, "": system roots, a path: that certificate). ValueError names a
+    certificate file that cannot be read."""
+    if value is None:
+        return {"tls": False, "tls_root_cert_file": None}
+    if not value:
+        return {"tls": True, "tls_root_cert_file": None}
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--coordinator-tls {value}: cannot read the certificate ({e})") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"--coordinator-tls {value}: not a PEM certificate")
+    return {"tls": True, "tls_root_cert_file": path}
+
+
 def open_channel(address: str, config: ChannelConfig = ChannelConfig()) -> grpc.aio.Channel:
     """A grpc.aio channel to `address` ("host:port"); close it with `await channel.close()`.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import subprocess
 
 import grpc
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig, call_coordinator
+from pollinate.coordinator.probe import ProbeError, probe_coordinator
 from pollinate.protocol.channels import ChannelConfig, open_channel
 from pollinate.protocol.errors import PeerUnavailable
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -83,6 +85,42 @@ async def test_tls_coordinator_serves_a_trusting_client_and_refuses_plaintext(tm
         reply = await call_coordinator(address, TOKEN, "Status", coordinator_pb2.StatusRequest(),
                                        tls=True, tls_root_cert_file=cert)
         assert reply.epoch == 2 and list(reply.members) == []
+        assert coord.alive()
+
+
+def test_commands_reach_a_tls_coordinator_with_coordinator_tls(tmp_path):
+    """status, job and the DHT-peer probe that node/generate/train run first: with
+    --coordinator-tls CERT they work, without it they fail and say so, and a certificate
+    file that is not one is refused before any connection."""
+    cert, key = self_signed(tmp_path, "coordinator")
+    with ProcGroup(tmp_path) as group:
+        coord = group.start("coordinator", coordinator_args(
+            tmp_path, "--tls-cert", str(cert), "--tls-key", str(key)))
+        group.wait_ready([coord], timeout=90)
+        address = coord.info["grpc"]
+        auth = ["--coordinator", address, "--token-file", str(tmp_path / "token")]
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(pollinate_cmd(*args), capture_output=True, text=True, timeout=120)
+
+        created = cli("job", "create", "sums", *auth, "--coordinator-tls", str(cert), "--json")
+        assert created.returncode == 0, created.stderr[-2000:]
+        status = cli("status", *auth, "--coordinator-tls", str(cert), "--json")
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert json.loads(status.stdout)["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        listed = cli("job", "list", *auth, "--coordinator-tls", str(cert), "--json")
+        assert [j["name"] for j in json.loads(listed.stdout)] == ["sums"]
+
+        plain = cli("status", *auth, "--timeout", "3")
+        assert plain.returncode == 1 and "pollinate status:" in plain.stderr, plain.stderr[-2000:]
+        bogus = cli("status", *auth, "--coordinator-tls", str(tmp_path / "token"))
+        assert bogus.returncode == 1 and "not a PEM certificate" in bogus.stderr, bogus.stderr[-2000:]
+
+        info = probe_coordinator(address, TOKEN, timeout_s=20, tls=True, tls_root_cert_file=cert)
+        assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and info.dht_initial_peers == ()
+        with pytest.raises(ProbeError, match="refused: --coordinator-tls"):
+            probe_coordinator(address, TOKEN, timeout_s=5, tls=True,
+                              tls_root_cert_file=tmp_path / "missing.pem")
         assert coord.alive()
 
 
