@@ -272,7 +272,9 @@ class DiLoCoMember:
     def __init__(self, initial: torch.Tensor, config: DiLoCoConfig, *,
                  codec_factory: CodecFactory = registry_codec) -> None:
         self.config = config
-        self.global_flat = initial.detach().reshape(-1).to(torch.float32).clone()
+        # fp32 on the CPU whatever the adapters' device and dtype (issue 7: DiLoCo keeps the
+        # outer state in full precision; the codecs work on CPU bytes anyway)
+        self.global_flat = initial.detach().reshape(-1).to("cpu", torch.float32).clone()
         self.momentum = torch.zeros_like(self.global_flat)
         self.residual = torch.zeros_like(self.global_flat)  # worker EF, committed
         self.owner_residual = torch.zeros_like(self.global_flat)  # owner EF, committed
@@ -308,7 +310,7 @@ class DiLoCoMember:
         if local_flat.numel() != self.numel:
             raise RoundError(f"local vector has {local_flat.numel()} elements, "
                              f"global {self.numel}")
-        delta = self.global_flat - local_flat.detach().reshape(-1).to(torch.float32)
+        delta = self.global_flat - local_flat.detach().reshape(-1).to("cpu", torch.float32)
         if self.config.residual_in_local:
             accum = delta  # θ_local already started at θ_global − decay × residual
         else:
@@ -404,8 +406,8 @@ class DiLoCoMember:
         for key in ("global", "momentum"):
             if state[key].numel() != self.numel:
                 raise RoundError(f"{key} has {state[key].numel()} elements, want {self.numel}")
-        self.global_flat = state["global"].reshape(-1).to(torch.float32).clone()
-        self.momentum = state["momentum"].reshape(-1).to(torch.float32).clone()
+        self.global_flat = state["global"].reshape(-1).to("cpu", torch.float32).clone()
+        self.momentum = state["momentum"].reshape(-1).to("cpu", torch.float32).clone()
         self.residual.zero_()
         self.owner_residual.zero_()
         self.abort()

@@ -95,3 +95,28 @@ def test_throughput_and_free_memory(tiny_model_files, device):
         assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
     chosen, sizing = choose_num_blocks(free, BlockShape.from_config(tiny_model_files.config), torch.float32)
     assert chosen == n and sizing.usable_bytes > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_diloco_round_with_half_precision_adapters_on_the_device(device):
+    """Adapters train in bf16 on the node's device; the DiLoCo global state and outer momentum
+    stay fp32 on the CPU (issue 7), a round runs, and the members end bit-identical."""
+    from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat,
+                                       exchange_in_process, flatten_params)
+
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(64, 8, generator=gen), torch.randn(8, generator=gen)]
+    replicas = [[t.clone().to(device, torch.bfloat16) for t in start] for _ in range(2)]
+    config = DiLoCoConfig()
+    members = [DiLoCoMember(flatten_params(r), config) for r in replicas]
+    for m in members:
+        assert m.global_flat.device.type == "cpu" and m.global_flat.dtype == torch.float32
+    for i, params in enumerate(replicas):  # stand-in for H inner steps: replicas drift apart
+        for p in params:
+            p.sub_(0.01 * (i + 1) * torch.ones_like(p))
+    report = exchange_in_process(members, [flatten_params(r) for r in replicas], [100, 100], round_index=0)
+    assert len(set(report.checksums)) == 1 and not report.rejected
+    for m, params in zip(members, replicas):
+        assign_flat(params, m.local_start())
+        assert all(p.device.type == torch.device(device).type and p.dtype == torch.bfloat16 for p in params)
+    assert not torch.equal(members[0].global_flat, flatten_params(start).float())
