@@ -48,6 +48,11 @@ class SpanServer:
         self._sweeper: asyncio.Task | None = None
         self.compute_dtype: torch.dtype = span.dtype
 
+    def to_span(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A decoded request tensor (CPU, wire dtype) on the span's device in its dtype; the
+        answer goes back with ``.to(hidden.device, hidden.dtype)``."""
+        return hidden.to(self.span.device, self.compute_dtype)
+
     async def start_sweeper(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_idle())
 
@@ -105,10 +110,10 @@ class SpanServer:
     def _forward_sync(self, hidden: torch.Tensor) -> torch.Tensor:
         try:
             with torch.inference_mode():
-                out = self.span.forward(hidden.to(self.compute_dtype))
+                out = self.span.forward(self.to_span(hidden))
         except SpanError as e:
             raise InvalidRequest(str(e)) from e
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)
 
     # ---- Inference: sessions with a KV cache
 
@@ -137,10 +142,10 @@ class SpanServer:
                 if session.cache is None:
                     session.cache = self.span.new_cache(session.batch_size, session.max_length)
                 position_ids = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)
-                out = self.span.forward(hidden.to(self.compute_dtype), position_ids, cache=session.cache)
+                out = self.span.forward(self.to_span(hidden), position_ids, cache=session.cache)
         except SpanError as e:
             raise InvalidRequest(f"session {session.session_id}: {e}") from e
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)
 
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)

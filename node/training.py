@@ -160,17 +160,17 @@ def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor
     accumulate the adapter's gradients, and step when `micro_batches` have accumulated.
     Returns the gradient with respect to `hidden`. job None: the base span, input gradient
     only (client-side methods such as prompt tuning train nothing on the node)."""
-    x = hidden.detach().to(span.dtype).requires_grad_(True)
+    x = hidden.detach().to(span.device, span.dtype).requires_grad_(True)
     with torch.enable_grad(), host.use(job.adapter if job is not None else None):
         out = span(x)
-        torch.autograd.backward(out, grad_out.to(out.dtype), inputs=[x] if job is None else None)
+        torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=[x] if job is None else None)
     if job is None:
-        return x.grad.to(hidden.dtype)
+        return x.grad.to(hidden.device, hidden.dtype)
     job.pending += 1
     job.tokens += hidden.shape[0] * hidden.shape[1]
     if job.pending >= job.spec.micro_batches:
         optimizer_step(job)
-    return x.grad.to(hidden.dtype)
+    return x.grad.to(hidden.device, hidden.dtype)
 
 
 def optimizer_step(job: Job) -> bool:
@@ -248,10 +248,10 @@ class JobManager:
     def _forward_sync(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
         try:
             with torch.inference_mode(), self.host.use(job.adapter):
-                out = self.server.span(hidden.to(self.server.compute_dtype))
+                out = self.server.span(self.server.to_span(hidden))
         except SpanError as e:
             raise InvalidRequest(str(e)) from e
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)
 
     async def backward(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """job None: the base span's input gradient, nothing trained or counted."""

@@ -120,3 +120,42 @@ def test_diloco_round_with_half_precision_adapters_on_the_device(device):
         assign_flat(params, m.local_start())
         assert all(p.device.type == torch.device(device).type and p.dtype == torch.bfloat16 for p in params)
     assert not torch.equal(members[0].global_flat, flatten_params(start).float())
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+async def test_wire_tensors_reach_a_half_precision_span_on_the_device(tiny_model_files, device):
+    """What the servicer decodes is an fp32 CPU tensor; the node's span may be bf16 on a GPU.
+    Forward, a session step and a LoRA backward take it there and answer in the request's
+    device and dtype (a GPU node used to refuse every request: "hidden_states are on cpu")."""
+    from pollinate.node.adapters import AdapterHost
+    from pollinate.node.config import ServingConfig
+    from pollinate.node.sessions import SessionConfig
+    from pollinate.node.span_server import SpanServer
+    from pollinate.node.training import JobSpec, backward_step, make_job
+
+    n = tiny_model_files.num_blocks
+    reference = tiny_model_files.load_span(0, n, dtype=torch.float32, device="cpu")
+    span = tiny_model_files.load_span(0, n, dtype=torch.bfloat16, device=device)
+    server = SpanServer(span, model_id="tiny", num_blocks=n, hidden_size=span.hidden_size,
+                        serving=ServingConfig(), sessions=SessionConfig())
+    try:
+        x = inputs(span.hidden_size, batch=1, seq=4)
+        with torch.inference_mode():
+            expected = reference(x)
+
+        def close(got: torch.Tensor, want: torch.Tensor) -> None:
+            assert got.device.type == "cpu" and got.dtype == torch.float32
+            assert float((got - want).norm() / want.norm()) < 4e-2  # bf16, as above
+
+        close(await server.forward(x), expected)
+        session = server.open_session("s", max_length=8, batch_size=1)
+        close(await server.step(session, x, 0), expected)
+
+        host = AdapterHost()
+        job = make_job("j", JobSpec(rank=4, alpha=8.0, lr=1e-2, seed=3), span, host)
+        grad_in = backward_step(job, span, host, x, torch.ones_like(x))
+        assert grad_in.device.type == "cpu" and grad_in.dtype == torch.float32
+        assert bool(torch.isfinite(grad_in).all()) and float(grad_in.abs().sum()) > 0
+        assert all(p.device.type == torch.device(device).type for p in job.adapter.parameters())
+    finally:
+        await server.shutdown()
