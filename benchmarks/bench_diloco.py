@@ -18,12 +18,14 @@ owner exchange pattern (its contributions to the 3 other owners, the 3 others' c
 to its shard, its shard result to the 3 others, the 3 others' results): the encoded frame
 lengths for the DiLoCo arms, 4 bytes per element for ddp (the same pattern every step, i.e.
 a reduce-scatter + all-gather).
-Usage: python benchmarks/bench_diloco.py [--quick] [--seeds N] [--first-seed S]
+Usage: python benchmarks/bench_diloco.py [--quick] [--seeds N] [--first-seed S] [--jobs J]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -45,6 +47,7 @@ SEQ = 64  # tokens per sequence (bytes)
 BATCH = 8  # sequences per replica per step
 INNER_LR = 1e-3  # AdamW; the DiLoCo 4e-4 is for large models, tiny ones want more
 VAL_SEQS = 256
+ARMS = ("ddp", "local", "diloco", "diloco-paper", "diloco-cocktail")  # the order they print in
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,25 +159,9 @@ def run_diloco(args, state, train, val, seed, config: DiLoCoConfig) -> dict:
     return {"val_loss": val_loss(final, val), "bytes_per_replica": moved, "rounds": rounds}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke run (< 60 s)")
-    ap.add_argument("--seeds", type=int, default=1, help="data-order seeds per arm")
-    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+N-1 "
-                    "(every seed's run is deterministic: splitting seeds across processes "
-                    "gives the same per-seed numbers as one --seeds run)")
-    ap.add_argument("--cache-dir", default="~/.cache/pollinate/bench_diloco")
-    ap.add_argument("--arms", default="ddp,local,diloco,diloco-paper,diloco-cocktail")
-    ap.add_argument("--steps", type=int, help="inner steps per replica after the warm start")
-    ap.add_argument("--pretrain-steps", type=int)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--config", default="{}", help="JSON overrides of DiLoCoConfig fields for "
-                    "the compressed arm (the diloco arm shares H and the outer optimizer)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    args.steps = args.steps or (30 if args.quick else 300)
-    args.pretrain_steps = args.pretrain_steps or (100 if args.quick else 400)
-    args.codec_factory = registry_codec
+def arm_configs(args) -> dict[str, DiLoCoConfig]:
+    """The DiLoCo arms' configs: the compressed one from --config, the dense ones sharing its
+    H and outer optimizer, and the paper's outer optimizer."""
     overrides = json.loads(args.config)
     if args.quick:
         overrides.setdefault("inner_steps", 10)
@@ -183,38 +170,88 @@ def main() -> None:
                          outer_momentum=cocktail.outer_momentum, nesterov=cocktail.nesterov,
                          codec="none", codec_params={})
     paper = dataclasses.replace(dense, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    return {"diloco": dense, "diloco-paper": paper, "diloco-cocktail": cocktail}
+
+
+def run_arm(args, name: str, seed: int) -> dict:
+    """One (arm, seed) run; deterministic, so runs may go to separate processes."""
+    torch.set_num_threads(args.threads)
     train, val = load_text()
     state = pretrained(args, train)
-    arms = {"ddp": lambda s: run_ddp(args, state, train, val, s),
-            "local": lambda s: run_local(args, state, train, val, s),
-            "diloco": lambda s: run_diloco(args, state, train, val, s, dense),
-            "diloco-paper": lambda s: run_diloco(args, state, train, val, s, paper),
-            "diloco-cocktail": lambda s: run_diloco(args, state, train, val, s, cocktail)}
-    results: dict[str, dict] = {}
-    for name in args.arms.split(","):
-        seeds = range(args.first_seed, args.first_seed + args.seeds)
-        t0, runs = time.time(), [arms[name](seed) for seed in seeds]
-        out = {"arm": name, "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
-               "seeds": list(seeds),
-               "val_loss_per_seed": [round(r["val_loss"], 4) for r in runs],
-               "bytes_per_replica": runs[0]["bytes_per_replica"], "steps": args.steps,
-               "seconds": round(time.time() - t0, 1)}
-        if name.startswith("diloco"):
-            cfg = {"diloco-cocktail": cocktail, "diloco": dense, "diloco-paper": paper}[name]
-            out["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
-                             if k != "reject_norm_factor"}
-        if name == "diloco-cocktail":
-            if "ddp" in results:
-                ratio = results["ddp"]["bytes_per_replica"] / out["bytes_per_replica"]
-                out["bytes_reduction_vs_ddp"] = round(ratio, 1)
-            for base in ("ddp", "diloco", "diloco-paper"):
-                if base in results:
-                    ratio = out["val_loss"] / results[base]["val_loss"]
-                    out[f"loss_ratio_vs_{base.replace('-', '_')}"] = round(ratio, 4)
-            if "local" in results:
-                out["beats_local"] = out["val_loss"] < results["local"]["val_loss"]
-        results[name] = out
-        print(json.dumps(out), flush=True)
+    if name == "ddp":
+        return run_ddp(args, state, train, val, seed)
+    if name == "local":
+        return run_local(args, state, train, val, seed)
+    return run_diloco(args, state, train, val, seed, arm_configs(args)[name])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI smoke run (< 60 s)")
+    ap.add_argument("--seeds", type=int, default=1, help="data-order seeds per arm")
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+N-1 "
+                    "(every seed's run is deterministic: splitting seeds across processes "
+                    "gives the same per-seed numbers as one --seeds run)")
+    ap.add_argument("--cache-dir", default="~/.cache/pollinate/bench_diloco")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--steps", type=int, help="inner steps per replica after the warm start")
+    ap.add_argument("--pretrain-steps", type=int)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs (arm, seed) in parallel processes; "
+                    "the numbers do not depend on it (2 on a 2-core machine halves the wall time)")
+    ap.add_argument("--config", default="{}", help="JSON overrides of DiLoCoConfig fields for "
+                    "the compressed arm (the diloco arm shares H and the outer optimizer)")
+    args = ap.parse_args()
+    args.steps = args.steps or (30 if args.quick else 300)
+    args.pretrain_steps = args.pretrain_steps or (100 if args.quick else 400)
+    args.codec_factory = registry_codec
+    names = args.arms.split(",")
+    unknown = sorted(set(names) - set(ARMS))
+    if unknown or args.jobs < 1 or args.seeds < 1:
+        ap.error(f"--arms takes {', '.join(ARMS)} (got {', '.join(unknown)})" if unknown
+                 else "--jobs and --seeds must be >= 1")
+    configs = arm_configs(args)
+    torch.set_num_threads(args.threads)
+    pretrained(args, load_text()[0])  # once, before any worker reads the cache
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    t0 = time.time()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) if args.jobs > 1 else \
+            contextlib.nullcontext() as pool:
+        submit = pool.submit if pool is not None else _Later
+        futures = {(name, seed): submit(run_arm, args, name, seed) for name in names for seed in seeds}
+        results: dict[str, dict] = {}
+        for name in names:  # printed in --arms order, each as soon as its seeds are done
+            runs = [futures[name, seed].result() for seed in seeds]
+            out = {"arm": name, "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
+                   "seeds": seeds, "val_loss_per_seed": [round(r["val_loss"], 4) for r in runs],
+                   "bytes_per_replica": runs[0]["bytes_per_replica"], "steps": args.steps,
+                   "elapsed_s": round(time.time() - t0, 1)}  # since the start, when this arm ended
+            if name in configs:
+                out["config"] = {k: v for k, v in dataclasses.asdict(configs[name]).items()
+                                 if k != "reject_norm_factor"}
+            if name == "diloco-cocktail":
+                if "ddp" in results:
+                    ratio = results["ddp"]["bytes_per_replica"] / out["bytes_per_replica"]
+                    out["bytes_reduction_vs_ddp"] = round(ratio, 1)
+                for base in ("ddp", "diloco", "diloco-paper"):
+                    if base in results:
+                        ratio = out["val_loss"] / results[base]["val_loss"]
+                        out[f"loss_ratio_vs_{base.replace('-', '_')}"] = round(ratio, 4)
+                if "local" in results:
+                    out["beats_local"] = out["val_loss"] < results["local"]["val_loss"]
+            results[name] = out
+            print(json.dumps(out), flush=True)
+
+
+class _Later:
+    """A call made when its result() is asked for (--jobs 1: no pool, runs in print order)."""
+
+    def __init__(self, fn, *args) -> None:
+        self._call = (fn, args)
+
+    def result(self):
+        fn, args = self._call
+        return fn(*args)
 
 
 if __name__ == "__main__":
