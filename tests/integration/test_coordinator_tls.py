@@ -53,13 +53,18 @@ def coordinator_args(tmp, *tls: str) -> list[str]:
             "--token-file", str(tmp / "token"), "--no-dht", "--heartbeat-period", "0.2", *tls]
 
 
+def start_tls_coordinator(group: ProcGroup, tmp):
+    """A coordinator process serving TLS with a fresh self-signed certificate: (proc, cert)."""
+    cert, key = self_signed(tmp, "coordinator")
+    coord = group.start("coordinator", coordinator_args(tmp, "--tls-cert", str(cert), "--tls-key", str(key)))
+    group.wait_ready([coord], timeout=90)
+    return coord, cert
+
+
 async def test_tls_coordinator_serves_a_trusting_client_and_refuses_plaintext(tmp_path):
-    cert, key = self_signed(tmp_path, "coordinator")
     other_cert, _ = self_signed(tmp_path, "someone-else")
     with ProcGroup(tmp_path) as group:
-        coord = group.start("coordinator", coordinator_args(
-            tmp_path, "--tls-cert", str(cert), "--tls-key", str(key)))
-        group.wait_ready([coord], timeout=90)
+        coord, cert = start_tls_coordinator(group, tmp_path)
         address = coord.info["grpc"]
         assert coord.info["tls"] is True
 
@@ -92,11 +97,8 @@ def test_commands_reach_a_tls_coordinator_with_coordinator_tls(tmp_path):
     """status, job and the DHT-peer probe that node/generate/train run first: with
     --coordinator-tls CERT they work, without it they fail and say so, and a certificate
     file that is not one is refused before any connection."""
-    cert, key = self_signed(tmp_path, "coordinator")
     with ProcGroup(tmp_path) as group:
-        coord = group.start("coordinator", coordinator_args(
-            tmp_path, "--tls-cert", str(cert), "--tls-key", str(key)))
-        group.wait_ready([coord], timeout=90)
+        coord, cert = start_tls_coordinator(group, tmp_path)
         address = coord.info["grpc"]
         auth = ["--coordinator", address, "--token-file", str(tmp_path / "token")]
 
