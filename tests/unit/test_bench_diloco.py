@@ -1,0 +1,41 @@
+"""benchmarks/bench_diloco.py --quick: every arm prints its row, and the same (arm, seed) gives
+the same number whether the runs share a process or are spread over a pool."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quick(tmp_path: Path, *extra: str) -> dict[str, dict]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_diloco.py"), "--quick", "--steps", "10",
+         "--pretrain-steps", "20", "--cache-dir", str(tmp_path), *extra],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {row["arm"]: row for row in map(json.loads, done.stdout.splitlines())}
+
+
+def test_quick_run_rows_and_ratios_do_not_depend_on_jobs(tmp_path):
+    arms = "ddp,local,diloco-paper,diloco-cocktail"
+    alone = quick(tmp_path, "--arms", arms)
+    pooled = quick(tmp_path, "--arms", arms, "--jobs", "2")
+    assert list(alone) == arms.split(",")
+    for arm in alone:
+        assert alone[arm]["val_loss_per_seed"] == pooled[arm]["val_loss_per_seed"]
+        assert alone[arm]["bytes_per_replica"] == pooled[arm]["bytes_per_replica"]
+    cocktail = alone["diloco-cocktail"]
+    assert cocktail["bytes_reduction_vs_ddp"] > 100  # H=10 at ~0.77 bit: ~400x
+    assert {"loss_ratio_vs_ddp", "loss_ratio_vs_diloco_paper", "beats_local"} <= set(cocktail)
+    assert cocktail["config"]["codec"] == "cocktail" and alone["diloco-paper"]["config"]["outer_lr"] == 0.7
+
+
+def test_unknown_arm_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_diloco.py"), "--quick",
+                           "--arms", "ddp,fedavg", "--cache-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "fedavg" in done.stderr
