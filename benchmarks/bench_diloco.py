@@ -12,6 +12,8 @@ that checkpoint with 4 replicas that see the same tokens:
   diloco-paper     as diloco but with the DiLoCo paper's outer optimizer (Nesterov 0.7/0.9),
                    the best measured for fp32 rounds: the compressed arm is also compared
                    with it, so a ratio cannot be won by an outer lr that suits only the codec
+  solo             one replica with the compressed arm's config: its rounds are groups of one
+                   (a span with a single replica); compared with local, which has no rounds
 
 One JSON object per arm on stdout. Bytes are what one replica sends + receives in the
 owner exchange pattern (its contributions to the 3 other owners, the 3 others' contributions
@@ -47,7 +49,7 @@ SEQ = 64  # tokens per sequence (bytes)
 BATCH = 8  # sequences per replica per step
 INNER_LR = 1e-3  # AdamW; the DiLoCo 4e-4 is for large models, tiny ones want more
 VAL_SEQS = 256
-ARMS = ("ddp", "local", "diloco", "diloco-paper", "diloco-cocktail")  # the order they print in
+ARMS = ("ddp", "local", "diloco", "diloco-paper", "diloco-cocktail", "solo")  # the order they print in
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,11 +138,11 @@ def run_local(args, state, train, val, seed) -> dict:
     return {"val_loss": val_loss(model, val), "bytes_per_replica": 0}
 
 
-def run_diloco(args, state, train, val, seed, config: DiLoCoConfig) -> dict:
-    replicas = [fresh(args, state) for _ in range(REPLICAS)]
+def run_diloco(args, state, train, val, seed, config: DiLoCoConfig, num_replicas: int = REPLICAS) -> dict:
+    replicas = [fresh(args, state) for _ in range(num_replicas)]
     params = [list(m.parameters()) for m, _ in replicas]
     members = [DiLoCoMember(flatten_params(params[0]), config, codec_factory=args.codec_factory)
-               for _ in range(REPLICAS)]
+               for _ in range(num_replicas)]
     moved, rounds, step = 0, 0, 0
     while step < args.steps:
         h = min(config.inner_steps, args.steps - step)
@@ -149,10 +151,10 @@ def run_diloco(args, state, train, val, seed, config: DiLoCoConfig) -> dict:
             for s in range(step, step + h):
                 train_step(model, opt, batch(train, BATCH, (seed, r, s)))
         report = exchange_in_process(members, [flatten_params(p) for p in params],
-                                     [h * BATCH * SEQ] * REPLICAS, round_index=rounds)
+                                     [h * BATCH * SEQ] * num_replicas, round_index=rounds)
         if len(set(report.checksums)) != 1 or report.rejected:
             raise RuntimeError(f"round {rounds}: members diverged or rejected {report.rejected}")
-        moved += sum(report.bytes_per_member) // REPLICAS
+        moved += sum(report.bytes_per_member) // num_replicas
         step, rounds = step + h, rounds + 1
     final, _ = replicas[0]
     assign_flat(params[0], members[0].global_flat)  # the committed global model is evaluated
@@ -170,7 +172,7 @@ def arm_configs(args) -> dict[str, DiLoCoConfig]:
                          outer_momentum=cocktail.outer_momentum, nesterov=cocktail.nesterov,
                          codec="none", codec_params={})
     paper = dataclasses.replace(dense, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
-    return {"diloco": dense, "diloco-paper": paper, "diloco-cocktail": cocktail}
+    return {"diloco": dense, "diloco-paper": paper, "diloco-cocktail": cocktail, "solo": cocktail}
 
 
 def run_arm(args, name: str, seed: int) -> dict:
@@ -182,6 +184,8 @@ def run_arm(args, name: str, seed: int) -> dict:
         return run_ddp(args, state, train, val, seed)
     if name == "local":
         return run_local(args, state, train, val, seed)
+    if name == "solo":
+        return run_diloco(args, state, train, val, seed, arm_configs(args)["solo"], num_replicas=1)
     return run_diloco(args, state, train, val, seed, arm_configs(args)[name])
 
 
@@ -239,6 +243,8 @@ def main() -> None:
                         out[f"loss_ratio_vs_{base.replace('-', '_')}"] = round(ratio, 4)
                 if "local" in results:
                     out["beats_local"] = out["val_loss"] < results["local"]["val_loss"]
+            if name == "solo" and "local" in results:  # a lone replica's rounds must not hurt it
+                out["loss_ratio_vs_local"] = round(out["val_loss"] / results["local"]["val_loss"], 4)
             results[name] = out
             print(json.dumps(out), flush=True)
 

@@ -45,6 +45,11 @@ class RoundError(ValueError):
     """A round cannot proceed on this member (bad result bytes, wrong round); nothing changed."""
 
 
+# (outer lr, outer momentum) for uncompressed rounds: the DiLoCo paper's, the best fp32
+# setting bench_diloco measured (1.823 over three seeds, vs 1.953 at 1.2/0.8 and 2.491 at 1.6/0.8)
+DENSE_OUTER_OPTIMIZER = (0.7, 0.9)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DiLoCoConfig:
     # inner steps between outer rounds (H); 25 on the toy of benchmarks/bench_diloco.py,
@@ -82,6 +87,11 @@ class DiLoCoConfig:
     residual_in_local: bool = True
     # owner-side error feedback on the re-compressed average (DESIGN.md; CocktailSGD)
     owner_error_feedback: bool = True
+    # A round whose group is this member alone sends nothing, so it runs uncompressed with
+    # this outer (lr, momentum) instead of the job's; None: like any other round. bench_diloco's
+    # solo arm (one replica, seeds 0-2): see docs/diloco.md; at seed 0 no outer step gave
+    # 1.977, the cocktail codec at 1.6/0.8 2.048 (worse than not syncing), fp32 at 0.7/0.9 1.958
+    solo_outer_optimizer: tuple[float, float] | None = DENSE_OUTER_OPTIMIZER
     # reject a contribution whose norm exceeds this × the median norm of the others
     # (poisoning guard; honest members differ by well under 10x on the benchmark)
     reject_norm_factor: float = 10.0
@@ -97,6 +107,11 @@ class DiLoCoConfig:
             raise ValueError(f"warmup_rounds must be >= 0, got {self.warmup_rounds}")
         if not 0 <= self.worker_ef_decay <= 1:
             raise ValueError(f"worker_ef_decay must be in [0, 1], got {self.worker_ef_decay}")
+        if self.solo_outer_optimizer is not None:
+            lr, momentum = self.solo_outer_optimizer
+            if not (lr > 0 and 0 <= momentum < 1):
+                raise ValueError(f"solo_outer_optimizer must be (lr > 0, momentum in [0, 1)), "
+                                 f"got {self.solo_outer_optimizer}")
         if not self.reject_norm_factor > 1:
             raise ValueError(
                 f"reject_norm_factor must be > 1, got {self.reject_norm_factor}")
@@ -228,10 +243,6 @@ JOB_CODECS = ("cocktail", "int8", "fp16", "none")  # what a job may name (JobSpe
 COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
 
 
-# (outer lr, outer momentum) for jobs with a dense codec: the DiLoCo paper's, the best fp32
-# setting bench_diloco measured (1.825 vs 1.953 at the cocktail default 1.2/0.8)
-DENSE_OUTER_OPTIMIZER = (0.7, 0.9)
-
 
 def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, k: float = 0.0,
                       bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
@@ -250,8 +261,9 @@ def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, 
     params.update(given)
     registry_codec(key, params)  # the codec's own checks: p, k in (0, 1], bits 1..8, bucket
     overrides = {"codec": key, "codec_params": params}
-    if key != "cocktail":
+    if key != "cocktail":  # dense rounds: the same optimizer alone or not
         overrides["outer_lr"], overrides["outer_momentum"] = DENSE_OUTER_OPTIMIZER
+        overrides["solo_outer_optimizer"] = None
     if round_steps:
         overrides["inner_steps"] = round_steps
     if warmup_rounds is not None:
@@ -290,9 +302,13 @@ class DiLoCoMember:
     def numel(self) -> int:
         return self.global_flat.numel()
 
-    def codec_for(self, round_index: int) -> Codec:
-        """fp32 ("none") during warm-up rounds, the job's codec after."""
-        if round_index < self.config.warmup_rounds:
+    def solo(self, num_shards: int) -> bool:
+        """A group of one with solo settings: nothing is sent, so nothing is compressed."""
+        return num_shards == 1 and self.config.solo_outer_optimizer is not None
+
+    def codec_for(self, round_index: int, num_shards: int) -> Codec:
+        """fp32 ("none") during warm-up rounds and solo rounds, the job's codec otherwise."""
+        if round_index < self.config.warmup_rounds or self.solo(num_shards):
             key, params = "none", {}
         else:
             key, params = self.config.codec, self.config.codec_params
@@ -317,7 +333,7 @@ class DiLoCoMember:
             accum = delta  # θ_local already started at θ_global − decay × residual
         else:
             accum = delta.add_(self.residual, alpha=self.config.worker_ef_decay)
-        codec = self.codec_for(round_index)
+        codec = self.codec_for(round_index, num_shards)
         payloads = []
         for start, stop in shard_bounds(self.numel, num_shards):
             seed = mask_seed(round_index, start)
@@ -332,7 +348,7 @@ class DiLoCoMember:
         """Owner of ``shard_index``: screen, average by tokens, re-compress with owner EF."""
         start, stop = shard_bounds(self.numel, num_shards)[shard_index]
         seed = mask_seed(round_index, start)
-        codec = self.codec_for(round_index)
+        codec = self.codec_for(round_index, num_shards)
         decoded: dict[str, torch.Tensor] = {}
         rejected: dict[str, str] = {}
         tokens = {c.sender: c.tokens for c in contributions}
@@ -371,7 +387,7 @@ class DiLoCoMember:
         bounds = shard_bounds(self.numel, num_shards)
         if len(results) != len(bounds):
             raise RoundError(f"{len(results)} shard results for {len(bounds)} shards")
-        codec = self.codec_for(round_index)
+        codec = self.codec_for(round_index, num_shards)
         update = torch.empty_like(self.global_flat)
         for j, ((start, stop), payload) in enumerate(zip(bounds, results)):
             try:
@@ -381,8 +397,10 @@ class DiLoCoMember:
             if part.numel() != stop - start or not bool(torch.isfinite(part).all()):
                 raise RoundError(f"shard {j} result has wrong length or NaN/Inf")
             update[start:stop] = part
-        outer_step(self.global_flat, self.momentum, update, lr=self.config.outer_lr,
-                   momentum_coef=self.config.outer_momentum, nesterov=self.config.nesterov)
+        lr, momentum_coef = (self.config.solo_outer_optimizer if self.solo(num_shards)
+                             else (self.config.outer_lr, self.config.outer_momentum))
+        outer_step(self.global_flat, self.momentum, update, lr=lr, momentum_coef=momentum_coef,
+                   nesterov=self.config.nesterov)
         if self._staged_residual is not None:
             self.residual = self._staged_residual
         for start, stop, leftover in self._staged_owner.values():

@@ -21,7 +21,7 @@ def quick(tmp_path: Path, *extra: str) -> dict[str, dict]:
 
 
 def test_quick_run_rows_and_ratios_do_not_depend_on_jobs(tmp_path):
-    arms = "ddp,local,diloco-paper,diloco-cocktail"
+    arms = "ddp,local,diloco-paper,diloco-cocktail,solo"
     alone = quick(tmp_path, "--arms", arms)
     pooled = quick(tmp_path, "--arms", arms, "--jobs", "2")
     assert list(alone) == arms.split(",")
@@ -32,6 +32,7 @@ def test_quick_run_rows_and_ratios_do_not_depend_on_jobs(tmp_path):
     assert cocktail["bytes_reduction_vs_ddp"] > 100  # H=10 at ~0.77 bit: ~400x
     assert {"loss_ratio_vs_ddp", "loss_ratio_vs_diloco_paper", "beats_local"} <= set(cocktail)
     assert cocktail["config"]["codec"] == "cocktail" and alone["diloco-paper"]["config"]["outer_lr"] == 0.7
+    assert alone["solo"]["bytes_per_replica"] == 0 and "loss_ratio_vs_local" in alone["solo"]
 
 
 def test_unknown_arm_is_refused(tmp_path):

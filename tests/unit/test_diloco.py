@@ -85,6 +85,22 @@ def test_closed_form_nesterov_with_one_member_and_no_codec():
     assert torch.allclose(m.momentum, buf, atol=1e-7, rtol=0)
 
 
+def test_a_lone_member_sends_nothing_lossy_and_takes_the_solo_outer_step():
+    """A group of one: the job's lossy codec and outer lr 1.6 would only hurt (nothing is
+    sent); the round is lossless with the solo optimizer, and residuals end at zero."""
+    (m,) = make_members(1, outer_lr=1.6, outer_momentum=0.8, solo_outer_optimizer=(0.7, 0.9))
+    theta0 = m.global_flat.clone()
+    local0 = theta0 - 0.01 * torch.arange(m.numel) / m.numel
+    report = exchange_in_process([m], [local0], [1], round_index=0)
+    d0 = theta0 - local0
+    assert torch.allclose(m.global_flat, theta0 - 0.7 * (d0 + 0.9 * d0), atol=1e-6, rtol=0)
+    assert not m.residual.any() and not m.owner_residual.any() and report.rejected == {}
+    # the same member in a group of two compresses with the job's codec again
+    pair = make_members(2, outer_lr=1.6, outer_momentum=0.8)
+    exchange_in_process(pair, fake_training(pair, 0), [1, 1], round_index=0)
+    assert pair[0].residual.any()
+
+
 def test_outer_step_matches_torch_sgd():
     theta = torch.randn(50)
     grads = [torch.randn(50) for _ in range(3)]
@@ -165,7 +181,8 @@ def test_abort_changes_nothing_and_bad_result_raises():
 
 
 def test_error_feedback_keeps_what_was_not_sent():
-    (m,) = make_members(1, owner_error_feedback=False, outer_momentum=0.0, outer_lr=1.0)
+    (m,) = make_members(1, owner_error_feedback=False, outer_momentum=0.0, outer_lr=1.0,
+                        solo_outer_optimizer=None)  # a group of one that still compresses
     theta = m.global_flat.clone()
     local = theta - torch.linspace(-1, 1, m.numel)
     exchange_in_process([m], [local], [1], round_index=0)
@@ -181,6 +198,8 @@ def test_shard_bounds_and_config_validation():
         DiLoCoConfig(outer_momentum=1.0)
     with pytest.raises(ValueError, match="inner_steps"):
         DiLoCoConfig(inner_steps=0)
+    with pytest.raises(ValueError, match="solo_outer_optimizer"):
+        DiLoCoConfig(solo_outer_optimizer=(0.7, 1.0))
 
 
 def test_with_the_registry_cocktail_codec_members_agree_and_stale_frames_are_rejected():

@@ -41,6 +41,9 @@ def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
     # ... unless the job sets its own
     cfg = JobSpec(codec="none", outer_lr=0.5, outer_momentum=0.0).diloco_config()
     assert (cfg.outer_lr, cfg.outer_momentum) == (0.5, 0.0)
+    # a lone replica's rounds: uncompressed at the dense optimizer for the cocktail codec; a
+    # dense job's rounds are the same alone or not
+    assert default.solo_outer_optimizer == DENSE_OUTER_OPTIMIZER and cfg.solo_outer_optimizer is None
     cfg = JobSpec(codec="cocktail", codec_bits=4, codec_bucket=128, codec_k=0.25).diloco_config()
     assert {k: cfg.codec_params[k] for k in ("bits", "bucket", "k")} == {"bits": 4, "bucket": 128, "k": 0.25}
 
