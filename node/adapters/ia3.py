@@ -29,8 +29,8 @@ class IA3(Adapter):
         for name, linear in matching_modules(span, spec.targets).items():
             ff = name.rsplit(".", 1)[-1] in spec.feedforward
             shape = (1, linear.in_features) if ff else (linear.out_features, 1)
-            self.ia3_l[name.replace(".", "__")] = nn.Parameter(
-                torch.ones(shape, dtype=linear.weight.dtype, device=linear.weight.device))
+            self.ia3_l[name.replace(".", "__")] = nn.Parameter(  # fp32, as for LoRA (lora.py)
+                torch.ones(shape, dtype=torch.float32, device=linear.weight.device))
             self.names.append(name)
             if ff:
                 self.feedforward.add(name)

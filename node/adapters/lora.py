@@ -44,9 +44,12 @@ class LoRA(Adapter):
             key = name.replace(".", "__")  # ParameterDict keys may not contain dots
             a = torch.empty(spec.rank, linear.in_features, dtype=torch.float32)
             init_lora_a(a, spec.seed, name)
-            dtype, device = linear.weight.dtype, linear.weight.device
-            self.lora_a[key] = nn.Parameter(a.to(dtype=dtype, device=device))
-            self.lora_b[key] = nn.Parameter(torch.zeros(linear.out_features, spec.rank, dtype=dtype, device=device))
+            # fp32 whatever the span's dtype (PEFT's autocast_adapter_dtype does the same): an
+            # AdamW step is ~lr relative, below bf16's 8-bit mantissa, so bf16 adapters on a
+            # GPU node would round most updates away
+            device = linear.weight.device
+            self.lora_a[key] = nn.Parameter(a.to(device=device))
+            self.lora_b[key] = nn.Parameter(torch.zeros(linear.out_features, spec.rank, device=device))
             self.names.append(name)
         self._keys = {n: n.replace(".", "__") for n in self.names}
 
@@ -55,8 +58,9 @@ class LoRA(Adapter):
         if key is None:
             return None
         a, b = self.lora_a[key], self.lora_b[key]
-        # The same operations, in the same order, as peft.tuners.lora.Linear.forward.
-        return output + nn.functional.linear(nn.functional.linear(x.to(a.dtype), a), b) * self.scaling
+        # The same operations, in the same order, as peft.tuners.lora.Linear.forward
+        # (including its cast of the sum back to the base layer's dtype).
+        return (output + nn.functional.linear(nn.functional.linear(x.to(a.dtype), a), b) * self.scaling).to(output.dtype)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         state = {}

@@ -159,3 +159,24 @@ async def test_wire_tensors_reach_a_half_precision_span_on_the_device(tiny_model
         assert all(p.device.type == torch.device(device).type for p in job.adapter.parameters())
     finally:
         await server.shutdown()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_adapters_on_a_half_precision_span_train_in_fp32(tiny_model_files, device):
+    """A bf16 span's LoRA keeps fp32 weights (as PEFT does), so a small AdamW step is not
+    rounded away: with lr 1e-4 most of A moves, where bf16 weights would keep most of it."""
+    from pollinate.node.adapters import AdapterHost
+    from pollinate.node.training import JobSpec, backward_step, make_job
+
+    span = tiny_model_files.load_span(0, tiny_model_files.num_blocks, dtype=torch.bfloat16, device=device)
+    host = AdapterHost()
+    job = make_job("j", JobSpec(rank=4, alpha=8.0, lr=1e-4, seed=3), span, host)
+    assert {p.dtype for p in job.adapter.parameters()} == {torch.float32}
+    before = {k: v.detach().clone() for k, v in job.adapter.named_parameters()}
+    x = inputs(span.hidden_size, batch=1, seq=4)
+    with host.use(job.adapter), torch.no_grad():
+        assert span(x.to(device, torch.bfloat16)).dtype == torch.bfloat16  # the stream stays bf16
+    backward_step(job, span, host, x, torch.ones_like(x))  # micro_batches 1: one AdamW step
+    a_moved = [float((p.detach() != before[k]).float().mean())
+               for k, p in job.adapter.named_parameters() if k.startswith("lora_a")]
+    assert min(a_moved) > 0.9, a_moved
