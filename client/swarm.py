@@ -16,6 +16,7 @@ from pollinate.client.config import ClientConfig
 from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
 from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.errors import SpanMoved
 from pollinate.protocol.v1 import node_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class Swarm:
         self.bans = BanList(base_s=config.ban_base_s, max_s=config.ban_max_s)
         self._peers: list[PeerSpan] = []
         self._fetched_at = -float("inf")
+        # (peer id, start, end) of records a peer has refuted (SpanMoved) -> ignored until then
+        self._stale: dict[tuple[str, int, int], float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._channel_config = ChannelConfig(token=config.token)
 
@@ -40,7 +43,9 @@ class Swarm:
             )
             self._fetched_at = time.monotonic()
             logger.debug("DHT: %d peers: %s", len(self._peers), [f"{p.address}[{p.start}:{p.end}]" for p in self._peers])
-        return self._peers
+        now = time.monotonic()
+        self._stale = {k: until for k, until in self._stale.items() if until > now}
+        return [p for p in self._peers if (p.peer_id, p.start, p.end) not in self._stale]
 
     async def route(self, start: int, end: int, *, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         """Cheapest chain for [start, end) among unbanned peers not in `exclude` (peer ids);
@@ -53,8 +58,16 @@ class Swarm:
             return find_route(peers, start, end, config=self.config.routing, banned=banned)
 
     def ban(self, peer: PeerSpan, reason: BaseException) -> None:
-        length = self.bans.ban(peer.peer_id, time.monotonic())
+        """Leave a failed peer out of routes for a while (doubling per repeat). A peer that
+        answered SpanMoved is alive and serves other blocks now: only that record of it is
+        ignored, so it stays routable for the blocks it does serve (it may be their only host)."""
         self._fetched_at = -float("inf")  # what failed may be a stale record: re-read the DHT on the next route
+        if isinstance(reason, SpanMoved):
+            self._stale[(peer.peer_id, peer.start, peer.end)] = time.monotonic() + self.config.ban_base_s
+            logger.info("peer %s (%s) no longer serves blocks %d:%d (%s); re-reading the DHT",
+                        peer.peer_id[-8:], peer.address, peer.start, peer.end, reason)
+            return
+        length = self.bans.ban(peer.peer_id, time.monotonic())
         logger.warning("peer %s (%s, blocks %d:%d) failed: %s; banned for %.0f s",
                        peer.peer_id[-8:], peer.address, peer.start, peer.end, reason, length)
 

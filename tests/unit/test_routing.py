@@ -98,3 +98,34 @@ def test_merge_records_a_moved_peer_is_where_its_newest_record_says():
         merged = merge_records({0: {"p": (first, 160.0)}, 1: {"p": (first, 160.0)},
                                 2: {"p": (new, 170.0)}, 3: {"p": (new, 170.0)}})
         assert [(p.start, p.end, p.state) for p in merged] == [(2, 4, "online")]
+
+
+async def test_a_moved_peer_stays_routable_for_the_blocks_it_serves_now(monkeypatch):
+    """SpanMoved from a peer reached through a stale record: that record is ignored and the DHT
+    re-read, but the peer is not banned, since it may be the only host of its new blocks."""
+    import pollinate.client.swarm as swarm_module
+    from pollinate.client.config import ClientConfig
+    from pollinate.client.swarm import Swarm
+    from pollinate.protocol.errors import PeerUnavailable, SpanMoved
+
+    stale = PeerSpan(peer_id="m", address="m:1", start=0, end=2, throughput=50.0)
+    moved = PeerSpan(peer_id="m", address="m:1", start=2, end=4, throughput=50.0)
+    other = PeerSpan(peer_id="a", address="a:1", start=0, end=2, throughput=10.0)
+    dht = {"records": [stale, other], "reads": 0}
+
+    def fetch(_dht, _model, _num_blocks, timeout_s):
+        dht["reads"] += 1
+        return list(dht["records"])
+
+    monkeypatch.setattr(swarm_module, "fetch_peers", fetch)
+    swarm = Swarm(dht=None, model_id="m", num_blocks=4, config=ClientConfig())
+    assert [h.peer for h in await swarm.route(0, 2)] == [stale]  # the faster one, by its old record
+    swarm.ban(stale, SpanMoved("this node serves blocks 2:4, the request asked for 0:2"))
+    # the DHT has not caught up yet: the refuted record is left out, the other replica used
+    assert [h.peer for h in await swarm.route(0, 2)] == [other] and dht["reads"] == 2
+    dht["records"] = [moved, other]  # the mover's new record arrives
+    assert [h.peer for h in await swarm.route(2, 4)] == [moved]
+    # a real failure still bans the peer itself, for all its blocks
+    swarm.ban(moved, PeerUnavailable("connection refused"))
+    with pytest.raises(NoRouteError, match="unbanned"):
+        await swarm.route(2, 4)
