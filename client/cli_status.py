@@ -105,15 +105,16 @@ def _bytes(n: int) -> str:
 
 
 def format_jobs(jobs, *, now: float) -> str:
-    """A table of JobInfo messages: name, settings, state, age."""
+    """A table of JobInfo messages: name, settings, state, age, and when it last changed (for
+    a training job: when its last DiLoCo round formed)."""
     from pollinate.coordinator.jobs import spec_to_dict
     from pollinate.coordinator.status import job_summary
 
     if not jobs:
         return "jobs: none registered"
-    header = ("JOB", "SETTINGS", "STATE", "CREATED")
+    header = ("JOB", "SETTINGS", "STATE", "CREATED", "UPDATED")
     rows = [(j.name, job_summary(spec_to_dict(j.spec) if j.spec.method else {}),
-             j.state, f"{_age(now - j.created_at)} ago") for j in jobs]
+             j.state, f"{_age(now - j.created_at)} ago", f"{_age(now - j.updated_at)} ago") for j in jobs]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 

@@ -148,7 +148,10 @@ class Rounds:
         now = time.time()
         db = self.store.db
         with _transaction(db):
-            db.execute("INSERT OR IGNORE INTO jobs VALUES (?,?,?,?,?,?,?,?)",
+            # a registered job turns "training" (updated_at: its last round formed); a job met
+            # here first gets a placeholder row that registering fills in
+            db.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                       "state=excluded.state, updated_at=excluded.updated_at",
                        (key[0], "", "", "{}", "{}", "training", now, now))
             db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,NULL) ON CONFLICT DO UPDATE SET "
                        "state=excluded.state, created_at=excluded.created_at",

@@ -110,3 +110,22 @@ def test_a_member_that_gives_up_is_dropped_and_the_round_commits_for_the_others(
         store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_registered_job_turns_training_when_its_first_round_forms(tmp_path):
+    from pollinate.coordinator.jobs import Jobs
+    from test_coordinator_jobs import LORA
+
+    async def scenario():
+        store = Store(StoreConfig(data_dir=tmp_path)).open()
+        jobs = Jobs(store, base_model="tiny")
+        job, _ = jobs.create("j", LORA)
+        assert job.state == "created"
+        rounds = Rounds(RoundsConfig(window_s=0.2), store, membership("a"))
+        await rounds.begin("j", SPAN, 1, "a", 5)
+        now = jobs.get("j")
+        assert now.state == "training" and now.spec == LORA and now.created_at == job.created_at
+        assert now.updated_at >= job.updated_at
+        store.close()
+
+    asyncio.run(scenario())
