@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to keep retrying")
     p.add_argument("--rpc-timeout", type=float, default=5.0, help="deadline of each call, seconds")
     from pollinate.protocol.channels import add_coordinator_tls_argument, coordinator_tls
+    from pollinate.protocol.errors import PollinateError
 
     add_coordinator_tls_argument(p)
     args = p.parse_args(argv)
     token = sys.stdin.readline().strip()
-    from pollinate.protocol.errors import PollinateError
 
     try:
         tls = coordinator_tls(args.coordinator_tls)

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pollinate.protocol.channels import add_coordinator_tls_argument
 
-
     p.add_argument("--blocks", help="blocks to host, START:END (end exclusive), e.g. 10:20; "
                                     "optional with --coordinator (it assigns a span)")
     p.add_argument("--coordinator", metavar="HOST:PORT",
