@@ -243,7 +243,6 @@ JOB_CODECS = ("cocktail", "int8", "fp16", "none")  # what a job may name (JobSpe
 COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
 
 
-
 def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, k: float = 0.0,
                       bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
                       outer_lr: float = 0.0, outer_momentum: float | None = None) -> DiLoCoConfig:
