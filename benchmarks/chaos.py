@@ -236,7 +236,8 @@ async def _train_job(args, model: str, coord_address: str, nodes: list, token: s
                 channels[address] = open_channel(address, ChannelConfig(token=token))
             return node_pb2_grpc.NodeStub(channels[address])
 
-    spec = JobSpec(rank=4, alpha=8.0, lr=args.lr, round_steps=args.round_steps, seed=args.seed)
+    spec = JobSpec(rank=4, alpha=8.0, lr=args.lr, round_steps=args.round_steps, seed=args.seed,
+                   outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
     chain = SwarmChain(Stubs(), TrainConfig(job=JOB, spec=spec), timeout_s=args.step_timeout)
     hops = [Hop(peer=PeerSpan(peer_id=p.name, address=p.info["address"], start=0, end=num_blocks,
                               throughput=1.0), start=0, end=num_blocks) for p in nodes]
@@ -376,7 +377,7 @@ def kill_replica_during_training(args: argparse.Namespace, workdir: Path) -> dic
         "rounds_committed_by_a_subset": fault["committed_without_some"],
         "replicas": args.replicas,
         "train_steps": args.train_steps,
-        "round_steps": args.round_steps,
+        "round_steps": args.round_steps, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
         "kill_round": args.kill_round,
         "wall_s": round(fault["wall_s"], 1),
         "wall_s_no_fault": round(clean["wall_s"], 1),
@@ -445,7 +446,7 @@ def kill_last_replica(args: argparse.Namespace, workdir: Path) -> dict:
         "killed_after_step": fault["killed_after_step"],
         "replacement_start_s": round(fault["replacement_start_s"], 1),
         "train_steps": args.train_steps,
-        "round_steps": args.round_steps,
+        "round_steps": args.round_steps, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
         "kill_round": args.kill_round,
         "wall_s": round(fault["wall_s"], 1),
         "wall_s_no_fault": round(clean["wall_s"], 1),
@@ -469,6 +470,9 @@ def main() -> int:
     training.add_argument("--batch-size", type=int, default=8)
     training.add_argument("--seq-len", type=int, default=64)
     training.add_argument("--lr", type=float, default=1e-2, help="inner AdamW lr")
+    training.add_argument("--outer-lr", type=float, default=0.0, help="DiLoCo outer lr (0: the job default)")
+    training.add_argument("--outer-momentum", type=float, default=None,
+                          help="DiLoCo outer momentum (unset: the job default)")
     training.add_argument("--val-batches", type=int, default=8)
     training.add_argument("--lease", type=float, default=4.0, help="coordinator lease, seconds")
     training.add_argument("--step-timeout", type=float, default=240.0, help="seconds per Forward/Backward")
