@@ -49,6 +49,7 @@ SEQ = 64  # tokens per sequence (bytes)
 BATCH = 8  # sequences per replica per step
 INNER_LR = 1e-3  # AdamW; the DiLoCo 4e-4 is for large models, tiny ones want more
 VAL_SEQS = 256
+LORA_LR = 3e-3  # inner AdamW lr with --lora (adapters take a larger step than full weights)
 ARMS = ("ddp", "local", "diloco", "diloco-paper", "diloco-cocktail", "solo")  # the order they print in
 
 
@@ -79,9 +80,13 @@ def make_model(quick: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adamw(model: torch.nn.Module, lr: float = INNER_LR) -> torch.optim.Optimizer:
     # weight decay 0.1, betas 0.9/0.95: the DiLoCo/OpenDiLoCo inner optimizer
-    return torch.optim.AdamW(model.parameters(), lr=INNER_LR, weight_decay=0.1, betas=(0.9, 0.95))
+    return torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
 
 
 def train_step(model, opt, x: torch.Tensor) -> None:
@@ -113,9 +118,18 @@ def pretrained(args, train: torch.Tensor) -> dict:
 
 
 def fresh(args, state: dict):
+    """The warm-start model, all weights trained; with --lora R, frozen under a PEFT LoRA of
+    rank R on every linear layer of the blocks (the same seeded init in every replica)."""
     model = make_model(args.quick)
     model.load_state_dict(state)
-    return model, adamw(model)
+    if not args.lora:
+        return model, adamw(model)
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    return model, adamw(model, LORA_LR)
 
 
 def run_ddp(args, state, train, val, seed) -> dict:
@@ -126,7 +140,7 @@ def run_ddp(args, state, train, val, seed) -> dict:
             (model(input_ids=x, labels=x).loss / REPLICAS).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    numel = sum(p.numel() for p in model.parameters())
+    numel = sum(p.numel() for p in trainable(model))
     per_step = 4 * (REPLICAS - 1) * math.ceil(numel / REPLICAS) * 4  # fp32, see module doc
     return {"val_loss": val_loss(model, val), "bytes_per_replica": per_step * args.steps}
 
@@ -140,7 +154,7 @@ def run_local(args, state, train, val, seed) -> dict:
 
 def run_diloco(args, state, train, val, seed, config: DiLoCoConfig, num_replicas: int = REPLICAS) -> dict:
     replicas = [fresh(args, state) for _ in range(num_replicas)]
-    params = [list(m.parameters()) for m, _ in replicas]
+    params = [trainable(m) for m, _ in replicas]
     members = [DiLoCoMember(flatten_params(params[0]), config, codec_factory=args.codec_factory)
                for _ in range(num_replicas)]
     moved, rounds, step = 0, 0, 0
@@ -201,6 +215,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="inner steps per replica after the warm start")
     ap.add_argument("--pretrain-steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="train a rank-R LoRA on every "
+                    "linear layer instead of all weights (the pretrained checkpoint is the same)")
     ap.add_argument("--jobs", type=int, default=1, help="runs (arm, seed) in parallel processes; "
                     "the numbers do not depend on it (2 on a 2-core machine halves the wall time)")
     ap.add_argument("--config", default="{}", help="JSON overrides of DiLoCoConfig fields for "

@@ -241,10 +241,15 @@ def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
 
 JOB_CODECS = ("cocktail", "int8", "fp16", "none")  # what a job may name (JobSpec.codec)
 COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
+# Outer lr with the cocktail codec for jobs that train adapters (every method but "full"):
+# DiLoCoConfig's 1.6 comes from training all weights; with LoRA, bench_diloco --lora 8 gave
+# 1.992 at 1.0 vs 2.004 at 1.6 (three seeds, every seed), and the chaos LoRA toy 4.015 vs
+# 4.052 without faults and 4.029 vs 4.135 with a replica killed (results 2026-11-29)
+ADAPTER_OUTER_LR = 1.0
 
 
-def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, k: float = 0.0,
-                      bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
+def job_diloco_config(*, method: str = "full", round_steps: int = 0, codec: str = "", p: float = 0.0,
+                      k: float = 0.0, bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
                       outer_lr: float = 0.0, outer_momentum: float | None = None) -> DiLoCoConfig:
     """A job's settings (JobSpec, issue 6) over DiLoCoConfig's defaults: 0 / "" / None = the
     default. Cocktail parameters apply over the default codec's when that is cocktail too.
@@ -263,6 +268,8 @@ def job_diloco_config(*, round_steps: int = 0, codec: str = "", p: float = 0.0, 
     if key != "cocktail":  # dense rounds: the same optimizer alone or not
         overrides["outer_lr"], overrides["outer_momentum"] = DENSE_OUTER_OPTIMIZER
         overrides["solo_outer_optimizer"] = None
+    elif method != "full":
+        overrides["outer_lr"] = ADAPTER_OUTER_LR
     if round_steps:
         overrides["inner_steps"] = round_steps
     if warmup_rounds is not None:

@@ -100,7 +100,7 @@ class JobSpec:
         from pollinate.node.diloco import job_diloco_config
 
         return job_diloco_config(
-            round_steps=self.round_steps, codec=self.codec, p=self.codec_p, k=self.codec_k,
+            method=self.method, round_steps=self.round_steps, codec=self.codec, p=self.codec_p, k=self.codec_k,
             bits=self.codec_bits, bucket=self.codec_bucket, warmup_rounds=self.warmup_rounds,
             outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
 

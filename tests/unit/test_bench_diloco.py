@@ -40,3 +40,12 @@ def test_unknown_arm_is_refused(tmp_path):
                            "--arms", "ddp,fedavg", "--cache-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "fedavg" in done.stderr
+
+
+def test_lora_runs_train_only_the_adapter(tmp_path):
+    full = quick(tmp_path, "--arms", "ddp,diloco-cocktail")
+    lora = quick(tmp_path, "--arms", "ddp,diloco-cocktail", "--lora", "4")
+    # ddp moves every trainable value each step: a rank-4 LoRA of width-64 blocks is ~10x fewer
+    assert lora["ddp"]["bytes_per_replica"] * 5 < full["ddp"]["bytes_per_replica"]
+    assert lora["diloco-cocktail"]["bytes_reduction_vs_ddp"] > 100
+    assert lora["diloco-cocktail"]["val_loss"] != full["diloco-cocktail"]["val_loss"]

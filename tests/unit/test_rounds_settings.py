@@ -20,7 +20,7 @@ from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.service import status_to_proto
 from pollinate.coordinator.status import render_html
 from pollinate.coordinator.store import Store
-from pollinate.node.diloco import DENSE_OUTER_OPTIMIZER, DiLoCoConfig
+from pollinate.node.diloco import ADAPTER_OUTER_LR, DENSE_OUTER_OPTIMIZER, DiLoCoConfig
 from pollinate.node.training import JobSpec
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.v1 import node_pb2
@@ -28,7 +28,10 @@ from test_coordinator_rounds import SPAN, membership
 
 
 def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
-    assert JobSpec().diloco_config() == DiLoCoConfig()
+    # full-weight jobs get DiLoCoConfig's defaults; adapter jobs (LoRA by default) its outer lr
+    assert JobSpec(method="full").diloco_config() == DiLoCoConfig()
+    assert JobSpec().diloco_config() == dataclasses.replace(DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR)
+    assert JobSpec(method="ia3", outer_lr=2.0).diloco_config().outer_lr == 2.0  # a set lr wins
     default = DiLoCoConfig()
     cfg = JobSpec(round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0).diloco_config()
     expected_params = dict(default.codec_params, p=0.5) if default.codec == "cocktail" else {"p": 0.5}
