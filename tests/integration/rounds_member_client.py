@@ -30,9 +30,10 @@ POISON = 1e6
 async def main_async(args) -> dict:
     import torch
 
-    from pollinate.node.diloco import DiLoCoConfig, DiLoCoMember, assign_flat
+    from pollinate.node.diloco import DiLoCoMember, assign_flat
     from pollinate.node.rounds import RoundConfig, RoundDriver, _JobRounds
     from pollinate.node.servicer import NodeServicer
+    from pollinate.node.training import JobSpec
     from pollinate.node.training_service import TrainingRpcs
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
     from pollinate.protocol.errors import PeerUnavailable
@@ -76,7 +77,8 @@ async def main_async(args) -> dict:
     driver = Member(RoundConfig(contribution_wait_s=args.contribution_wait, exchange_timeout_s=60.0),
                     coordinator_address=args.coordinator, token=args.token,
                     member_id=lambda: member_id, framing=DEFAULT_FRAMING)
-    member = DiLoCoMember(shared["diloco.global"].clone(), DiLoCoConfig(inner_steps=args.round_steps))
+    # the job's DiLoCo settings, as a node derives them from the job spec it is sent
+    member = DiLoCoMember(shared["diloco.global"].clone(), JobSpec.from_proto(spec).diloco_config())
     member.load_shared_state({"global": shared["diloco.global"], "momentum": shared["diloco.momentum"]})
     state = driver.jobs[args.job] = _JobRounds(member=member, committed_round=1)
 
