@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: no swarm token; pass --token-file or set $POLLINATE_TOKEN", file=sys.stderr)
         return 2
     try:
+        tls = coordinator_tls(args.coordinator_tls)
         if args.job_command == "create":
             job_spec(args)  # bad settings: a clear error before any RPC
             info, created = asyncio.run(register_job(args.coordinator, token, args.name, args, timeout_s=args.timeout))
@@ -165,12 +166,10 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         elif args.job_command == "show":
             jobs = [asyncio.run(call_coordinator(args.coordinator, token, "GetJob",
-                                                 coordinator_pb2.GetJobRequest(name=args.name), timeout_s=args.timeout,
-                                                 **coordinator_tls(args.coordinator_tls)))]
+                                                 coordinator_pb2.GetJobRequest(name=args.name), timeout_s=args.timeout, **tls))]
         else:
             jobs = list(asyncio.run(call_coordinator(args.coordinator, token, "ListJobs",
-                                                     coordinator_pb2.ListJobsRequest(), timeout_s=args.timeout,
-                                                     **coordinator_tls(args.coordinator_tls))).jobs)
+                                                     coordinator_pb2.ListJobsRequest(), timeout_s=args.timeout, **tls)).jobs)
     except (ValueError, PollinateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
