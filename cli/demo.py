@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a model other than the embedded SmolLM2")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with the logs")
     add_cache_dir_argument(parser)
+    from pollinate.client.cli_args import add_torch_threads_argument
+
+    add_torch_threads_argument(parser)  # this process runs the local reference model
 
 
 def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     from pollinate.protocol.errors import PollinateError
 
     args = parse_args(argv)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     try:
         spec = job_spec(args)
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size, seed=spec.seed)

@@ -70,7 +70,41 @@ def main(argv: list[str] | None = None) -> int:
     if mod is None:
         print(f"pollinate {args.command}: not yet available in this version", file=sys.stderr)
         return 2
-    return int(mod.run(args) or 0)
+    threads = getattr(args, "torch_threads", 0)
+    if threads:  # before any torch work; every command that runs torch has the flag
+        import torch
+
+        torch.set_num_threads(threads)
+    setup_errors = _setup_errors()
+    try:
+        return int(mod.run(args) or 0)
+    except setup_errors as e:
+        # A set-up problem (an address, a firewall, an unreachable coordinator): one line that
+        # says what to change, not a traceback. -v shows the traceback.
+        if args.verbose:
+            raise
+        print(f"pollinate {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    from pollinate.protocol.errors import SetupError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, SetupError) else f"{type(exc).__name__}: {text}"
+
+
+def _setup_errors() -> tuple[type[BaseException], ...]:
+    """What a user's set-up causes, as opposed to a bug: the DHT cannot bootstrap, the
+    coordinator is unreachable or refuses us, no node can be routed to. (Imported after
+    argument parsing, so `pollinate --help` stays fast; none of these imports torch.)"""
+    from pollinate.client.routing import NoRouteError
+    from pollinate.coordinator.probe import ProbeError
+    from pollinate.protocol.errors import (FailedPrecondition, PeerUnavailable, RpcTimeout, SetupError,
+                                           Unauthenticated)
+
+    return (SetupError, ProbeError, NoRouteError, PeerUnavailable, RpcTimeout, FailedPrecondition,
+            Unauthenticated)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,14 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     add_coordinator_tls_argument(p)
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
+    add_torch_threads_argument(p)
+
+
+def add_torch_threads_argument(p: argparse.ArgumentParser) -> None:
+    """`--torch-threads N` for every command that runs torch; cli/main.py applies it before
+    the command runs (several processes sharing a machine each want fewer threads)."""
+    p.add_argument("--torch-threads", type=int, default=0, metavar="N",
+                   help="torch intra-op threads (0: torch's default, one per core)")
 
 
 def add_swarm_arguments(p: argparse.ArgumentParser) -> None:

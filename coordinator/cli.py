@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 from pollinate.coordinator.config import (
+    ADDRESS_CHECK_MODES,
     DEFAULT_MODEL_ID,
+    AddressCheckConfig,
     KNOWN_MODELS,
     CoordinatorConfig,
     DhtConfig,
@@ -33,7 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, required=True,
                         help="directory for the SQLite state (created if missing)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="interface for gRPC and HTTP (default 127.0.0.1; 0.0.0.0 for all)")
+                        help="interface to bind for gRPC, HTTP and the DHT (default 127.0.0.1; 0.0.0.0 "
+                             "for all)")
+    parser.add_argument("--announce-host", metavar="HOST",
+                        help="address other machines reach this one at (default: --host, or with "
+                             "0.0.0.0 the default route's interface address); given to every joiner "
+                             "in the DHT multiaddrs")
+    parser.add_argument("--dht-port", type=int, default=0,
+                        help="TCP port of the bootstrap DHT peer (default 0: any free port; fix it "
+                             "to open it in a firewall)")
+    check = AddressCheckConfig()
+    parser.add_argument("--check-addresses", choices=ADDRESS_CHECK_MODES, default=check.undialable,
+                        help="a joiner announcing 0.0.0.0, or loopback from another machine: refuse "
+                             "it, warn, or off (default %(default)s)")
+    parser.add_argument("--dial-back", choices=ADDRESS_CHECK_MODES, default=check.dial_back,
+                        help="connect back to a remote joiner's announced address and refuse it, "
+                             "warn, or skip when that fails (default %(default)s)")
+    parser.add_argument("--dial-timeout", type=float, default=check.dial_timeout_s, metavar="S",
+                        help="seconds the dial-back may take (default %(default)s)")
     parser.add_argument("--port", type=int, default=7070, help="gRPC port (0: any free port)")
     parser.add_argument("--http-port", type=int, default=7071,
                         help="HTTP status port (0: any free port, -1: off)")
@@ -65,10 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=defaults.rebalance_interval_s, metavar="S",
                         help="seconds between periodic rebalance checks (default %(default)s)")
     parser.add_argument("--dht-host-maddr", action="append", metavar="MADDR",
-                        help="listen multiaddr of the bootstrap DHT peer (repeatable; "
-                             "default /ip4/127.0.0.1/tcp/0)")
+                        help="listen multiaddr of the bootstrap DHT peer (repeatable; default: "
+                             "--host and --dht-port)")
     parser.add_argument("--dht-announce-maddr", action="append", metavar="MADDR",
-                        help="multiaddr to advertise for the DHT peer (behind NAT)")
+                        help="multiaddr to advertise for the DHT peer (repeatable; default: "
+                             "--announce-host and the DHT port when it differs from --host)")
     parser.add_argument("--no-dht", action="store_true",
                         help="do not run a bootstrap DHT peer (joins get no initial peers)")
     parser.add_argument("--sqlite-synchronous", default="NORMAL",
@@ -82,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="private key of --tls-cert")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound addresses as JSON here once serving")
+    from pollinate.client.cli_args import add_torch_threads_argument
+
+    add_torch_threads_argument(parser)
 
 
 def required_token(token_file: Path | None) -> str:
@@ -111,15 +134,33 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         ),
         store=StoreConfig(data_dir=args.data_dir, synchronous=args.sqlite_synchronous),
         rounds=RoundsConfig(window_s=args.round_window),
-        dht=DhtConfig(
-            enabled=not args.no_dht,
-            host_maddrs=tuple(args.dht_host_maddr or DhtConfig().host_maddrs),
-            announce_maddrs=tuple(args.dht_announce_maddr or ()),
-        ),
-        host=args.host, port=args.port, http_port=args.http_port,
+        dht=dht_config(args),
+        host=args.host, announce_host=args.announce_host,
+        addresses=AddressCheckConfig(undialable=args.check_addresses, dial_back=args.dial_back,
+                                     dial_timeout_s=args.dial_timeout),
+        port=args.port, http_port=args.http_port,
         token=required_token(args.token_file), ready_file=args.ready_file,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
     )
+
+
+def dht_config(args: argparse.Namespace) -> DhtConfig:
+    """The bootstrap DHT peer listens where gRPC does (--host) and advertises what joiners
+    can dial (--announce-host, or the interface address chosen for 0.0.0.0); explicit
+    --dht-host-maddr / --dht-announce-maddr replace either."""
+    from pollinate.protocol.addresses import choose_announce_host, dht_maddrs, free_port
+
+    if args.no_dht:
+        return DhtConfig(enabled=False)
+    if not 0 <= args.dht_port <= 65535:
+        raise ValueError(f"--dht-port must be in 0..65535, got {args.dht_port}")
+    announce = choose_announce_host(args.host, args.announce_host).host
+    port = args.dht_port
+    if port == 0 and announce != args.host.strip("[]") and not args.dht_announce_maddr:
+        port = free_port(args.host)  # an announced multiaddr needs a real port
+    host_maddrs, announce_maddrs = dht_maddrs(args.host, announce, port)
+    return DhtConfig(host_maddrs=tuple(args.dht_host_maddr or host_maddrs),
+                     announce_maddrs=tuple(args.dht_announce_maddr or announce_maddrs))
 
 
 async def serve(config: CoordinatorConfig, dht) -> None:
@@ -154,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
     except ValueError as e:
         raise SystemExit(f"pollinate coordinator: {e}") from None
-    dht = start_bootstrap_dht(config.dht)  # before any gRPC object: it forks
+    dht = start_bootstrap_dht(config.dht)  # before any gRPC object: it forks (SetupError: one line)
     try:
         asyncio.run(serve(config, dht))
     finally:

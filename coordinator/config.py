@@ -123,6 +123,32 @@ class RoundsConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
 
+ADDRESS_CHECK_MODES = ("refuse", "warn", "off")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddressCheckConfig:
+    """What Join does about the address a member announces (protocol/addresses.py)."""
+
+    # An address no other machine can dial: 0.0.0.0, or loopback from a joiner on another
+    # machine. "refuse" (FAILED_PRECONDITION naming the flag to change), "warn" (log, admit)
+    # or "off". Refuse: such a member would only make clients fail later, far from the cause.
+    undialable: str = "refuse"
+    # Dial the announced host:port back (one TCP connect) when the joiner is on another
+    # machine: "refuse", "warn" or "off". A node listens on its port before it joins
+    # (node/cli.py), so a failed connect means a firewall, a router or a wrong address.
+    dial_back: str = "refuse"
+    # Seconds the dial-back connect may take. 3 s: a LAN or WAN handshake takes well under
+    # 1 s; a dropped SYN (firewall) is then reported within a join's 5 s RPC deadline.
+    dial_timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("undialable", "dial_back"):
+            if getattr(self, name) not in ADDRESS_CHECK_MODES:
+                raise ValueError(f"{name} must be one of {ADDRESS_CHECK_MODES}, got {getattr(self, name)!r}")
+        _positive("dial_timeout_s", self.dial_timeout_s)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CoordinatorConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
@@ -132,6 +158,11 @@ class CoordinatorConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     # Interface for gRPC and HTTP. 127.0.0.1: nothing is exposed unless asked for.
     host: str = "127.0.0.1"
+    # The host others dial (ready file, logs); None: `host`, or when that is 0.0.0.0 the
+    # address of the default route's interface (protocol/addresses.py).
+    announce_host: str | None = None
+    # Checks of the addresses members announce at Join.
+    addresses: AddressCheckConfig = field(default_factory=AddressCheckConfig)
     # gRPC port; 0 lets the OS choose (read the bound one from the ready file).
     port: int = 7070
     # HTTP status port (JSON, HTML, /metrics); 0 lets the OS choose, -1 disables it.

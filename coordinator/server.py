@@ -40,11 +40,18 @@ def start_bootstrap_dht(config: DhtConfig) -> Any | None:
         return None
     import hivemind  # heavy (torch, libp2p daemon): only when a DHT is wanted
 
+    from pollinate.protocol.errors import SetupError
+
     dht = hivemind.DHT(start=False, host_maddrs=list(config.host_maddrs),
                        announce_maddrs=list(config.announce_maddrs) or None)
-    dht.run_in_background(await_ready=True, timeout=config.start_timeout_s)
+    try:
+        dht.run_in_background(await_ready=True, timeout=config.start_timeout_s)
+    except Exception as e:  # the daemon's own message: a taken port, an address not ours
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise SetupError(f"the bootstrap DHT peer could not listen on {', '.join(config.host_maddrs)} "
+                         f"({detail}); check --host, --dht-port and --dht-host-maddr") from None
     if not dht.is_alive():
-        raise RuntimeError(f"bootstrap DHT did not start within {config.start_timeout_s} s")
+        raise SetupError(f"bootstrap DHT did not start within {config.start_timeout_s} s")
     logger.info("bootstrap DHT peer at %s", ", ".join(str(a) for a in dht.get_visible_maddrs()))
     return dht
 
@@ -65,6 +72,7 @@ class CoordinatorServer:
         self.jobs = Jobs(self.store, base_model=config.membership.model_id)
         self.started_at = time.time()
         self._dht_peers: list[str] = []
+        self._announce_host = config.host
         self._rpc = None
         self._servicer = None
         self._http: HttpStatusServer | None = None
@@ -75,7 +83,10 @@ class CoordinatorServer:
 
     @property
     def grpc_address(self) -> str:
-        return self._rpc.address
+        """host:port others dial: the announced host (protocol/addresses.py) and the bound port."""
+        from pollinate.protocol.addresses import join_host_port
+
+        return join_host_port(self._announce_host, self._rpc.port)
 
     @property
     def http_address(self) -> str | None:
@@ -99,12 +110,28 @@ class CoordinatorServer:
         self.store.open()
         self.membership.restore()
         if self.dht is not None:
-            self._dht_peers = [str(a) for a in self.dht.get_visible_maddrs()]
+            from pollinate.protocol.addresses import dialable_maddrs
+
+            self._dht_peers = dialable_maddrs(self.dht.get_visible_maddrs())
         from pollinate.coordinator.rounds import Rounds
 
+        from pollinate.coordinator.address_check import AddressCheck
+        from pollinate.protocol.addresses import choose_announce_host, interface_hosts
+
+        from pollinate.protocol.errors import SetupError
+
+        try:
+            announce = choose_announce_host(cfg.host, cfg.announce_host)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        self._announce_host = announce.host
+        if announce.host != cfg.host:
+            logger.info("bound to %s; announcing %s (%s)", cfg.host, announce.host, announce.reason)
         self._servicer = CoordinatorServicer(
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
             rounds=Rounds(cfg.rounds, self.store, self.membership), jobs=self.jobs,
+            address_check=AddressCheck(cfg.addresses,
+                                       local_hosts=interface_hosts() | {announce.host, cfg.host}),
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
                                            max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
@@ -126,7 +153,7 @@ class CoordinatorServer:
                     self.membership.epoch, len(self.membership.members))
         if cfg.ready_file is not None:
             write_ready_file(cfg.ready_file, {
-                "grpc": self.grpc_address, "tls": cfg.tls_cert_file is not None, "http": self.http_address,
+                "grpc": self.grpc_address, "grpc_bound": self._rpc.address, "tls": cfg.tls_cert_file is not None, "http": self.http_address,
                 "dht_initial_peers": self._dht_peers, "pid": os.getpid(),
             })
 

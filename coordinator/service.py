@@ -13,6 +13,7 @@ from typing import Callable
 import grpc.aio
 
 from pollinate import __version__
+from pollinate.coordinator.address_check import AddressCheck
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership
 from pollinate.coordinator.placement import Span
@@ -61,8 +62,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         status: Callable[[], dict],
         rounds: Rounds | None = None,
         jobs: Jobs | None = None,
+        address_check: AddressCheck | None = None,
     ) -> None:
         self.membership = membership
+        self.address_check = address_check  # None: announced addresses are not checked
         self.jobs = jobs or Jobs(membership.store, base_model=membership.config.model_id)
         self.rounds = rounds  # DiLoCo rounds (coordinator/rounds.py); None: not offered
         self._dht_initial_peers = dht_initial_peers
@@ -76,6 +79,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                                       protocol=PROTOCOL_VERSION)
 
     async def Join(self, request: coordinator_pb2.JoinRequest, context):
+        source_host = peer_host(context.peer() or "")
+        if self.address_check is not None:
+            await self.address_check.joining(request.address, peer_host=source_host)
         params = JoinParams(
             address=request.address,
             model_id=request.model_id,
@@ -84,7 +90,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             requested_span=optional_span(request, "requested_span"),
             current_span=optional_span(request, "current_span"),
             name=request.name[:64],
-            source_host=peer_host(context.peer() or ""),
+            source_host=source_host,
         )
         member = self.membership.join(params)
         cfg = self.membership.config

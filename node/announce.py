@@ -72,14 +72,33 @@ def record_value(
     }
 
 
-def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_mode: bool = False):
-    """Start a hivemind DHT peer (forks a process: call before creating gRPC objects)."""
+def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_mode: bool = False,
+              host_maddrs: Sequence[str] | None = None, announce_maddrs: Sequence[str] = ()):
+    """Start a hivemind DHT peer (forks a process: call before creating gRPC objects).
+
+    It listens on `host_maddrs` (default: `host`, any free port) and advertises
+    `announce_maddrs` instead when given (protocol/addresses.py: bind vs announce). A peer
+    that cannot reach any of `initial_peers` raises SetupError saying what to check."""
     import hivemind
+
+    from pollinate.protocol.errors import SetupError
 
     kwargs: dict[str, Any] = {"initial_peers": list(initial_peers), "start": True, "client_mode": client_mode}
     if not client_mode:
-        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/0"]
-    return hivemind.DHT(**kwargs)
+        kwargs["host_maddrs"] = list(host_maddrs or [f"/ip4/{host}/tcp/0"])
+        if announce_maddrs:
+            kwargs["announce_maddrs"] = list(announce_maddrs)
+    try:
+        return hivemind.DHT(**kwargs)
+    except Exception as e:  # hivemind raises P2PDaemonError / RuntimeError with a daemon log line
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if initial_peers:
+            raise SetupError(
+                f"cannot join the swarm's DHT at {', '.join(initial_peers)} ({detail}); check that "
+                "this machine can reach that address and port (firewall, router), and that the "
+                "coordinator announces an address others can dial (--announce-host)") from None
+        raise SetupError(f"the DHT peer did not start on {kwargs.get('host_maddrs')} ({detail}); "
+                         "check --host / --dht-port") from None
 
 
 class Announcer:

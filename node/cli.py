@@ -43,7 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_coordinator_tls_argument(p)
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local dir or .gguf, or a hub id")
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join (none: start a new DHT)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
+    p.add_argument("--host", default=None,
+                   help="interface to bind for gRPC and the DHT (default: 127.0.0.1, or 0.0.0.0 when "
+                        "--coordinator is on another machine)")
+    p.add_argument("--announce-host", metavar="HOST",
+                   help="address other machines reach this node at, told to the coordinator and the DHT "
+                        "(default: --host, or with 0.0.0.0 the address of the interface that reaches "
+                        "the coordinator); behind a router, its public address (forward the ports)")
+    p.add_argument("--dht-port", type=int, default=0,
+                   help="TCP port of this node's DHT peer (default 0: any free port; fix it to open "
+                        "it in a firewall or forward it)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--ready-file", type=Path, help="write {address, dht_maddrs, peer_id} here once serving")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
@@ -95,6 +104,7 @@ def build_config(args: argparse.Namespace):
     tls = coordinator_tls(args.coordinator_tls)
     start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
     token = read_token(args.token_file, os.environ.get(TOKEN_ENV))
+    host, announce = bind_and_announce(args)
     return NodeConfig(
         coordinator=args.coordinator,
         capacity_blocks=args.capacity_blocks,
@@ -105,8 +115,10 @@ def build_config(args: argparse.Namespace):
         start=start,
         end=end,
         cache_dir=args.cache_dir,
-        host=args.host,
+        host=host,
+        announce_host=announce,
         port=args.port,
+        dht_port=args.dht_port,
         token=token or None,
         initial_peers=tuple(args.initial_peers),
         ready_file=args.ready_file,
@@ -117,6 +129,27 @@ def build_config(args: argparse.Namespace):
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
     )
+
+
+def bind_and_announce(args: argparse.Namespace) -> tuple[str, str]:
+    """(host to bind, host to announce), logged when they differ. Without --host a node joining
+    a coordinator on another machine binds every interface, so that machine can reach it."""
+    from pollinate.protocol.addresses import choose_announce_host, is_loopback, split_host_port
+
+    towards = None
+    if args.coordinator:
+        towards = split_host_port(args.coordinator)[0]
+    elif args.initial_peers:
+        from pollinate.protocol.addresses import maddr_host
+
+        towards = maddr_host(args.initial_peers[0])
+    host = args.host
+    if host is None:
+        host = "0.0.0.0" if towards is not None and not is_loopback(towards) else "127.0.0.1"
+    choice = choose_announce_host(host, args.announce_host, towards=towards)
+    if choice.host != host:
+        logger.info("binding %s, announcing %s (%s)", host, choice.host, choice.reason)
+    return host, choice.host
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +171,14 @@ def run(args: argparse.Namespace) -> int:
         except ProbeError as e:
             raise SystemExit(f"pollinate node: {e}") from None
         peers += [p for p in info.dht_initial_peers if p not in peers]
-    dht = start_dht(peers, host=config.host)  # before any gRPC object exists
+    from pollinate.protocol.addresses import dht_maddrs, free_port
+
+    port = config.dht_port
+    if port == 0 and config.announce_host != config.host.strip("[]"):
+        port = free_port(config.host)  # an announced multiaddr needs a real port
+    host_maddrs, announce_maddrs = dht_maddrs(config.host, config.announce_host, port)
+    # before any gRPC object exists; a DHT that cannot bootstrap raises SetupError (one line)
+    dht = start_dht(peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs)
     try:
         return asyncio.run(serve(config, dht))
     finally:
@@ -159,7 +199,11 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     or by the kernel's random pick of a free port landing on it."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's own bind does
     sock.bind((host.strip("[]"), port))
+    # Listening already: the coordinator's dial-back at Join (coordinator/address_check.py)
+    # completes a TCP handshake here before the span has loaded and the server exists.
+    sock.listen(8)
     return sock
 
 
@@ -185,6 +229,7 @@ async def serve(config, dht) -> int:
     from pollinate.node.throughput import resolve_throughput
     from pollinate.node.servicer import NodeServicer, add_to_server
     from pollinate.node.span_server import SpanServer
+    from pollinate.protocol.addresses import join_host_port
     from pollinate.protocol.channels import RpcServer, ServerConfig
 
     if config.torch_threads:
@@ -241,7 +286,7 @@ async def serve(config, dht) -> int:
     if config.coordinator is not None:
         reservation = _reserve_port(config.host, config.port)
         port = reservation.getsockname()[1]
-        address = f"[{config.host.strip('[]')}]:{port}" if ":" in config.host.strip("[]") else f"{config.host}:{port}"
+        address = join_host_port(config.announce_host, port)
         requested = Span(config.start, config.end) if config.start is not None else None
         member = CoordinatorClient(CoordinatorClientConfig(
             coordinator=config.coordinator, token=config.token, address=address,
@@ -273,7 +318,8 @@ async def serve(config, dht) -> int:
         add_to_server(rpc, servicer)
         if reservation is not None:
             reservation.close()
-        address = await rpc.start()
+        await rpc.start()
+        address = join_host_port(config.announce_host, rpc.port)  # what others dial
         announcer = announcer_for(server, address, servicer.throughput)
         current.update(server=server, announcer=announcer, address=address)
         await asyncio.to_thread(announcer.announce, "joining")

@@ -39,8 +39,12 @@ class NodeConfig:
     start: int | None = None  # first hosted block; None = the coordinator assigns the span
     end: int | None = None  # one past the last hosted block; None with start
     cache_dir: Path | None = None  # converted-model cache; None = ~/.cache/pollinate
-    host: str = "127.0.0.1"  # address the gRPC server binds and announces
+    host: str = "127.0.0.1"  # interface the gRPC server and the DHT peer bind
+    # Host others dial (Join, DHT records, DHT multiaddr); None = `host`. Differs from it when
+    # binding 0.0.0.0 or behind a router (protocol/addresses.py).
+    announce_host: str | None = None
     port: int = 0  # 0 = any free port (the bound one goes to the ready file and the DHT)
+    dht_port: int = 0  # TCP port of the DHT peer; 0 = any free port
     token: str | None = field(default=None, repr=False)  # swarm token; None = no check (tests)
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join; empty = start a new DHT
     ready_file: Path | None = None  # JSON {address, dht_maddrs, peer_id} written once serving
@@ -67,6 +71,10 @@ class NodeConfig:
     coordinator_tls_root_cert_file: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.announce_host is None:
+            object.__setattr__(self, "announce_host", self.host.strip("[]"))
+        if not 0 <= self.dht_port <= 65535:
+            raise ValueError(f"dht_port must be in 0..65535, got {self.dht_port}")
         if (self.start is None) != (self.end is None):
             raise ValueError(f"give both start and end or neither, got {self.start}:{self.end}")
         if self.start is None and self.coordinator is None:

@@ -71,6 +71,12 @@ class InternalError(PollinateError):
     """The peer failed unexpectedly (a bug or a crash on its side)."""
 
 
+class SetupError(Exception):
+    """A set-up problem the user fixes (a flag, an address, a firewall): the DHT cannot reach
+    its bootstrap peers, the coordinator refuses the announced address. Never crosses the
+    wire; `pollinate` prints its message on one line and exits 1 (cli/main.py)."""
+
+
 # The one table: each error type -> one status code. Subclasses inherit their base's
 # code (looked up along the MRO). CompressionError is added at lookup time, see below.
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
