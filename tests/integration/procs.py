@@ -78,11 +78,13 @@ class ProcGroup:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
 
     def start(self, name: str, args: list[str], *, ready: bool = True, cmd: list[str] | None = None,
-              stdin: bool = False) -> Proc:
-        """Start `python -m pollinate ARGS --ready-file F` (or `cmd` verbatim), logging to a file."""
+              stdin: bool = False, wrap: list[str] = ()) -> Proc:
+        """Start `python -m pollinate ARGS --ready-file F` (or `cmd` verbatim), logging to a file.
+        `wrap` goes in front of the command line, e.g. `ip netns exec NS` (benchmarks/netlab.py);
+        it must exec the command, so the pid (and process group) stay the command's."""
         log_path = self.workdir / f"{name}.log"
         ready_path = self.workdir / f"{name}.ready.json" if ready else None
-        full = list(cmd) if cmd is not None else pollinate_cmd(*args)
+        full = [*wrap, *(list(cmd) if cmd is not None else pollinate_cmd(*args))]
         if ready_path is not None:
             ready_path.unlink(missing_ok=True)
             full += ["--ready-file", str(ready_path)]
