@@ -101,6 +101,17 @@ def interface_hosts() -> frozenset[str]:
     return frozenset(hosts)
 
 
+def routed_host(towards: str | None = None) -> str | None:
+    """The address to announce for a wildcard bind: the interface that routes to `towards`
+    (or the default route); failing a route, this machine's one non-loopback address.
+    None when there is none, or several and no route to choose between them."""
+    found = outbound_host(towards)
+    if found is not None:
+        return found
+    candidates = sorted(h for h in interface_hosts() if not is_loopback(h))
+    return candidates[0] if len(candidates) == 1 else None
+
+
 @dataclass(frozen=True)
 class AnnounceChoice:
     host: str  # what to announce
@@ -108,7 +119,7 @@ class AnnounceChoice:
 
 
 def choose_announce_host(bind_host: str, announce_host: str | None, *, towards: str | None = None,
-                         resolve: Callable[[str | None], str | None] = outbound_host) -> AnnounceChoice:
+                         resolve: Callable[[str | None], str | None] = routed_host) -> AnnounceChoice:
     """What a process bound to `bind_host` announces. An explicit announce host wins; a
     specific bind address is announced as is; a wildcard bind (0.0.0.0, ::) announces the
     address of the interface that routes to `towards` (the coordinator, when known; else
@@ -122,9 +133,9 @@ def choose_announce_host(bind_host: str, announce_host: str | None, *, towards: 
         return AnnounceChoice(bind_host.strip("[]"), "the bound address")
     found = resolve(towards)
     if found is None:
-        raise ValueError(f"bound to {bind_host} but no interface routes to "
-                         f"{towards or 'the default route'}; pass --announce-host with the "
-                         "address other machines reach this one at")
+        raise ValueError(f"bound to {bind_host} but {f'no interface routes to {towards}' if towards else 'there is no default route'} "
+                         "and not exactly one non-loopback address to announce instead; pass "
+                         "--announce-host with the address other machines reach this one at")
     where = f"the interface that reaches {towards}" if towards else "the default route's interface"
     return AnnounceChoice(found, f"{where} (bound to {bind_host}; --announce-host overrides)")
 
