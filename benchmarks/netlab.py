@@ -119,6 +119,16 @@ def cleanup_stale() -> list[str]:
     return stale
 
 
+def read_counters(namespaces: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """{name: (rx_bytes, tx_bytes)} of eth0 in each named namespace (any process running as
+    root can read them: `ip -n` names the namespace, nothing is dialed)."""
+    out = {}
+    for name, ns in namespaces.items():
+        stats = json.loads(_run("ip", "-n", ns, "-s", "-j", "link", "show", "dev", "eth0"))[0]["stats64"]
+        out[name] = (int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"]))
+    return out
+
+
 @dataclass(frozen=True)
 class Host:
     name: str  # role in the lab: "coord", "node-0", "trainer"
@@ -213,12 +223,7 @@ class NetLab:
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """{host name: (rx_bytes, tx_bytes)} of each host's eth0, as the kernel counts them."""
-        out = {}
-        for host in self.hosts.values():
-            link = json.loads(_run("ip", "-n", host.ns, "-s", "-j", "link", "show", "dev", "eth0"))[0]
-            stats = link["stats64"]
-            out[host.name] = (int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"]))
-        return out
+        return read_counters({host.name: host.ns for host in self.hosts.values()})
 
     # ---- teardown ---------------------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""The swarm on capped links: SmolLM2 over three nodes in network namespaces, at several rates.
+
+    sudo python benchmarks/bench_wan.py [--quick] [--wires fp32,fp16] [--default-wire fp32]
+                                        [--rates 0,100,20]
+
+benchmarks/netlab.py gives the coordinator, three nodes (blocks 0:10, 10:20, 20:30: one
+replica per span, so each span's DiLoCo round is a group of one that still commits its
+state to the coordinator) and the trainer a namespace and an address each, with `tc tbf` on
+both directions of every link. For each rate (0 = unlimited) it times greedy generation
+(fp16 activations, as `pollinate generate`) and, per wire, trains a fresh LoRA job (same
+seed, same steps, same data: examples/train.jsonl) with benchmarks/wan_client.py.
+
+One JSON object per (rate, wire), then a summary object:
+- `gen_tokens_per_s`: generated tokens / seconds of one greedy generation (after a warm-up);
+  the same figure on every wire's line of a rate (generation does not use the training wire).
+- `train_tokens_per_s`: input tokens (prompt + completion) the trainer sent / training seconds.
+- `train_bytes_per_token`: bytes every lab host sent during training (the sum of each eth0's
+  tx counter: a byte crossing trainer -> node-0 is counted once, when it leaves the trainer),
+  trainer, nodes and coordinator, / input tokens. `trainer_bytes_per_step` is the trainer's
+  link (rx + tx) per step, the issue's "13.85 MB per step".
+- `round_bytes_per_token`: the coordinator's link (rx + tx) during training / trained
+  (label) tokens. Only nodes talk to the coordinator while the trainer trains (heartbeats,
+  a few hundred bytes a second, and the rounds' BeginRound/CommitRound), and with one
+  replica per span there is no peer exchange, so this is the round traffic, commit included.
+- `trainer_round_wait_fraction`: the sum of `backward_wait_s=<float>` over the lines the nodes
+  logged during the run / training seconds; null while nodes log no such line.
+- summary: `bytes_reduction` (fp32 / default wire, train bytes per token, unlimited rate),
+  `loss_ratio` (default wire / fp32 held-out loss, unlimited rate), `throughput_ratio_20mbit`
+  (default wire's train tokens/s at 20 Mbit/s / unlimited), `gen_ratio_100mbit`.
+
+Needs root, `ip` and `tc`; the lab models bandwidth only (no netem here: no added delay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netlab  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENT = str(Path(__file__).with_name("wan_client.py"))
+# Wire names -> the trainer's --codec values; a name not listed is passed through as the
+# codec id, so a codec registered in compression/ plugs in by its own name.
+WIRE_CODECS = {"fp32": "none"}
+SPANS = [(0, 10), (10, 20), (20, 30)]
+TOKEN = "bench-wan-token"
+COORD_PORT = 7070
+WAIT_LINE = re.compile(r"backward_wait_s=([0-9.eE+-]+)")
+
+
+def wire_codec(name: str) -> str:
+    return WIRE_CODECS.get(name, name)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps, fewer tokens, no generation at 20 Mbit/s")
+    p.add_argument("--wires", default="fp32,fp16", help="training wires, comma-separated (fp32 = codec none)")
+    p.add_argument("--default-wire", default="fp32", help="the wire the summary compares with fp32")
+    p.add_argument("--rates", default="0,100,20", help="Mbit/s per link, comma-separated; 0 = unlimited")
+    p.add_argument("--steps", type=int, help="training steps per (rate, wire) (default 12, quick 4)")
+    p.add_argument("--round-steps", type=int, help="DiLoCo H (default: half the steps)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gen-tokens", type=int, help="tokens per generation (default 64, quick 24)")
+    p.add_argument("--eval-examples", type=int, help="held-out examples for the loss (default 16, quick 8)")
+    p.add_argument("--data", type=Path, default=ROOT / "examples" / "train.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="converted-model cache (default ~/.cache/pollinate)")
+    p.add_argument("--workdir", type=Path, help="logs go here (default: a temporary directory)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 12)
+    args.round_steps = args.round_steps or max(1, args.steps // 2)
+    args.gen_tokens = args.gen_tokens or (24 if args.quick else 64)
+    args.eval_examples = args.eval_examples or (8 if args.quick else 16)
+    args.wire_list = [w for w in args.wires.split(",") if w]
+    args.rate_list = [float(r) for r in args.rates.split(",") if r]
+    if "fp32" not in args.wire_list or args.default_wire not in args.wire_list:
+        p.error(f"--wires must include fp32 and the default wire {args.default_wire!r}")
+    return args
+
+
+def log_sizes(procs) -> dict[str, int]:
+    return {p.name: p.log_path.stat().st_size if p.log_path.exists() else 0 for p in procs}
+
+
+def round_wait_s(procs, since: dict[str, int]) -> float | None:
+    """Sum of backward_wait_s over what the nodes logged since `since`; None if no such line."""
+    total, seen = 0.0, False
+    for p in procs:
+        with open(p.log_path, "rb") as f:
+            f.seek(since[p.name])
+            for m in WAIT_LINE.finditer(f.read().decode(errors="replace")):
+                total += float(m.group(1))
+                seen = True
+    return total if seen else None
+
+
+def start_swarm(lab: netlab.NetLab, args, work: Path):
+    coord_h = lab.add_host("coord")
+    node_hs = [lab.add_host(f"node-{i}") for i in range(len(SPANS))]
+    trainer_h = lab.add_host("trainer")
+    (work / "token").write_text(TOKEN + "\n")
+    cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
+    coord = lab.start(coord_h, "coordinator", [
+        "coordinator", "--data-dir", str(work / "coord-data"), "--host", coord_h.ip, "--port", str(COORD_PORT),
+        "--http-port", "-1", "--token-file", str(work / "token"), "--round-window", "10"])
+    lab.group.wait_ready([coord], timeout=120)
+    nodes = [lab.start(h, h.name, [
+        "node", "--coordinator", coord.info["grpc"], "--token-file", str(work / "token"), "--host", h.ip,
+        "--blocks", f"{s}:{e}", "--throughput", "10", "--torch-threads", "1", *cache])
+        for h, (s, e) in zip(node_hs, SPANS)]
+    lab.group.wait_ready(nodes, timeout=300)
+    return coord, nodes, trainer_h
+
+
+def run_client(lab, trainer_h, coord, args, *, job: str, wire: str, gen_tokens: int) -> dict:
+    count = ",".join(f"{h.name}={h.ns}" for h in lab.hosts.values() if h.name != "trainer") + \
+        f",trainer={trainer_h.ns}"
+    cmd = [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN, "--job", job,
+           "--codec", wire_codec(wire), "--data", str(args.data), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--round-steps", str(args.round_steps),
+           "--eval-examples", str(args.eval_examples), "--seed", str(args.seed),
+           "--gen-tokens", str(gen_tokens), "--count", count,
+           *(["--cache-dir", args.cache_dir] if args.cache_dir else [])]
+    done = lab.exec(trainer_h, cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"wan_client ({job}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def record(rate: float, wire: str, res: dict, gen_tps: float | None, wait_s: float | None, steps: int) -> dict:
+    counters = res["counters"]
+    sent = sum(tx for _, tx in counters.values())
+    trainer_rx, trainer_tx = counters["trainer"]
+    coord_rx, coord_tx = counters["coord"]
+    return {
+        "rate_mbit": rate, "wire": wire, "codec": wire_codec(wire),
+        "gen_tokens_per_s": gen_tps, "gen_wire": "fp16",
+        "train_tokens_per_s": res["input_tokens"] / res["train_seconds"],
+        "train_bytes_per_token": sent / res["input_tokens"],
+        "round_bytes_per_token": (coord_rx + coord_tx) / res["trained_tokens"],
+        "trainer_round_wait_fraction": None if wait_s is None else wait_s / res["train_seconds"],
+        "trainer_bytes_per_step": (trainer_rx + trainer_tx) / steps,
+        "s_per_step": res["train_seconds"] / steps,
+        "input_tokens": res["input_tokens"], "trained_tokens": res["trained_tokens"],
+        "train_loss": res["train_loss"], "eval_loss": res["eval_loss"], "eval_examples": res["eval_examples"],
+        "steps": steps,
+    }
+
+
+def summary(rows: list[dict], args) -> dict:
+    def row(rate, wire):
+        return next((r for r in rows if r["rate_mbit"] == rate and r["wire"] == wire), None)
+
+    def ratio(a, b):
+        return None if a is None or b is None or not b else a / b
+
+    base, default = row(0.0, "fp32"), row(0.0, args.default_wire)
+    slow = row(20.0, args.default_wire)
+    gen100 = next((r["gen_tokens_per_s"] for r in rows if r["rate_mbit"] == 100.0), None)
+    out = {
+        "summary": True, "default_wire": args.default_wire,
+        "bytes_reduction": ratio(base and base["train_bytes_per_token"], default and default["train_bytes_per_token"]),
+        "loss_ratio": ratio(default and default["eval_loss"], base and base["eval_loss"]),
+        "throughput_ratio_20mbit": ratio(slow and slow["train_tokens_per_s"], default and default["train_tokens_per_s"]),
+        "gen_ratio_100mbit": ratio(gen100, base and base["gen_tokens_per_s"]),
+        "steps": args.steps, "round_steps": args.round_steps, "batch_size": args.batch_size,
+        "quick": args.quick,
+    }
+    if all(r["trainer_round_wait_fraction"] is None for r in rows):
+        out["note"] = ("trainer_round_wait_fraction is null: no node logged a backward_wait_s= line "
+                       "(nodes do not report the Backward wait for a round yet)")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    why = netlab.unavailable()
+    if why is not None:
+        print(f"bench_wan: {why}", file=sys.stderr)
+        return 2
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-wan-"))
+    rows: list[dict] = []
+    with netlab.NetLab(work) as lab:
+        coord, nodes, trainer_h = start_swarm(lab, args, work)
+        print(f"bench_wan: swarm ready in the lab (logs in {work})", file=sys.stderr)
+        for rate in args.rate_list:
+            lab.set_rate(rate)
+            gen_tps = None
+            for i, wire in enumerate(args.wire_list):
+                gen = args.gen_tokens if i == 0 and not (args.quick and rate == 20.0) else 0
+                since = log_sizes(nodes)
+                t0 = time.perf_counter()
+                res = run_client(lab, trainer_h, coord, args, job=f"wan-{int(rate)}-{wire}", wire=wire,
+                                 gen_tokens=gen)
+                if gen:
+                    gen_tps = res["gen_tokens"] / res["gen_seconds"]
+                rows.append(record(rate, wire, res, gen_tps, round_wait_s(nodes, since), args.steps))
+                print(json.dumps(rows[-1]), flush=True)
+                print(f"bench_wan: rate {rate:g} wire {wire}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(json.dumps(summary(rows, args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
