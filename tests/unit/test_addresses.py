@@ -165,3 +165,21 @@ def test_address_check_dials_remote_joiners_back_only():
     assert remote.counters["dialed_back"] == 1
     with pytest.raises(ValueError, match="dial_back"):
         AddressCheckConfig(dial_back="maybe")
+
+
+def test_a_node_without_host_binds_everything_only_for_a_remote_coordinator():
+    from argparse import Namespace
+
+    from pollinate.node.cli import bind_and_announce
+
+    def args(**kw):
+        return Namespace(**{"coordinator": None, "initial_peers": [], "host": None, "announce_host": None, **kw})
+
+    assert bind_and_announce(args(coordinator="127.0.0.1:7070")) == ("127.0.0.1", "127.0.0.1")
+    assert bind_and_announce(args(initial_peers=["/ip4/127.0.0.1/tcp/5/p2p/Qm"])) == ("127.0.0.1", "127.0.0.1")
+    route = outbound_host("192.0.2.77")
+    if route is not None:  # a machine with a route to TEST-NET-1 (a default route)
+        assert bind_and_announce(args(coordinator="192.0.2.77:7070")) == ("0.0.0.0", route)
+    assert bind_and_announce(args(coordinator="192.0.2.77:7070", host="0.0.0.0",
+                                  announce_host="203.0.113.9")) == ("0.0.0.0", "203.0.113.9")
+    assert bind_and_announce(args(coordinator="192.0.2.77:7070", host="10.1.2.3")) == ("10.1.2.3", "10.1.2.3")
