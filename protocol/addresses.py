@@ -84,31 +84,41 @@ def outbound_host(target: str | None = None) -> str | None:
 
 
 def interface_hosts() -> frozenset[str]:
-    """This machine's IPv4 interface addresses (from the kernel's routing table of local
-    addresses); loopback included. Empty if /proc is unreadable."""
-    hosts = {"127.0.0.1"}
+    """This machine's (this network namespace's) interface addresses, loopback included:
+    IPv4 from the kernel's table of local addresses, IPv6 from /proc/net/if_inet6 (link-local
+    ones left out: they need a scope to be dialed). Just loopback if /proc is unreadable."""
+    hosts = {"127.0.0.1", "::1"}
     try:
         with open("/proc/net/fib_trie") as f:
             lines = f.read().splitlines()
+        for i, line in enumerate(lines[1:], start=1):
+            # "|-- 10.77.0.2" followed by "/32 host LOCAL": a local address of this namespace
+            if "/32 host LOCAL" in line:
+                candidate = lines[i - 1].split()[-1]
+                if _ip(candidate) is not None:
+                    hosts.add(candidate)
     except OSError:
-        return frozenset(hosts)
-    for i, line in enumerate(lines[1:], start=1):
-        # "|-- 10.77.0.2" followed by "/32 host LOCAL": a local address of this namespace
-        if "/32 host LOCAL" in line:
-            candidate = lines[i - 1].split()[-1]
-            if _ip(candidate) is not None:
-                hosts.add(candidate)
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                raw = line.split()[0]
+                ip = ipaddress.IPv6Address(int(raw, 16))
+                if not ip.is_link_local:
+                    hosts.add(str(ip))
+    except (OSError, ValueError, IndexError):
+        pass
     return frozenset(hosts)
 
 
 def routed_host(towards: str | None = None) -> str | None:
     """The address to announce for a wildcard bind: the interface that routes to `towards`
-    (or the default route); failing a route, this machine's one non-loopback address.
+    (or the default route); failing a route, this machine's one non-loopback IPv4 address.
     None when there is none, or several and no route to choose between them."""
     found = outbound_host(towards)
     if found is not None:
         return found
-    candidates = sorted(h for h in interface_hosts() if not is_loopback(h))
+    candidates = sorted(h for h in interface_hosts() if not is_loopback(h) and _ip(h).version == 4)
     return candidates[0] if len(candidates) == 1 else None
 
 
