@@ -2,7 +2,8 @@
 address (benchmarks/netlab.py), links capped by tc tbf. Skipped without root, `ip` or `tc`.
 
 - the lab itself: a capped link carries bytes at about its rate, the counters see them, and
-  nothing outside the lab can be reached;
+  nothing outside the lab can be reached; a lab goes with its namespaces and processes on
+  SIGTERM, and one whose owner was SIGKILLed is removed by the next lab's stale cleanup;
 - the coordinator's Join check (coordinator/address_check.py) with real processes: a node on
   another machine announcing loopback, or an address the coordinator cannot dial back, is
   refused with one line that says what to change (exit code 1, no traceback);
@@ -166,3 +167,56 @@ def test_swarm_in_the_lab_generates_the_local_tokens_and_commits_a_round(
     rounds = {(r["job"], tuple(r["span"])): r["round"] for r in status["rounds"]}
     assert rounds == {("lab", (0, 2)): 2, ("lab", (2, 4)): 2}, status["rounds"]
     assert counters["trainer"][1] > 0 and counters["coord"][0] > 0
+
+
+LAB_THEN_SLEEP = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from netlab import NetLab
+with NetLab(sys.argv[2]) as lab:
+    host = lab.add_host("a")
+    proc = lab.start(host, "sleeper", [], cmd=["sleep", "300"], ready=False)
+    print(proc.pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def _lab_in_a_process(tmp_path):
+    bench = str(Path(netlab.__file__).parent)
+    owner = subprocess.Popen([sys.executable, "-c", LAB_THEN_SLEEP, bench, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True)
+    sleeper = int(owner.stdout.readline())
+    prefix = f"{netlab.PREFIX}{owner.pid}-"
+    assert len([ns for ns in netlab.list_namespaces() if ns.startswith(prefix)]) == 2
+    return owner, sleeper, prefix
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_lab_is_torn_down_on_sigterm_and_a_sigkilled_one_by_the_next(tmp_path):
+    import signal
+
+    owner, sleeper, prefix = _lab_in_a_process(tmp_path / "term")
+    owner.send_signal(signal.SIGTERM)
+    assert owner.wait(30) != 0
+    assert not [ns for ns in netlab.list_namespaces() if ns.startswith(prefix)]
+    assert not _alive(sleeper)
+
+    owner, sleeper, prefix = _lab_in_a_process(tmp_path / "kill")
+    owner.kill()  # nothing runs in the owner: the namespaces and the sleeper outlive it
+    owner.wait(30)
+    assert _alive(sleeper) and [ns for ns in netlab.list_namespaces() if ns.startswith(prefix)]
+    removed = netlab.cleanup_stale()
+    assert len([ns for ns in removed if ns.startswith(prefix)]) == 2, removed
+    assert not [ns for ns in netlab.list_namespaces() if ns.startswith(prefix)]
+    for _ in range(50):  # SIGKILL is delivered asynchronously: up to 5 s for it to land
+        if not _alive(sleeper):
+            break
+        time.sleep(0.1)
+    assert not _alive(sleeper)
+
