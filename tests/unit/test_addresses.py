@@ -183,3 +183,32 @@ def test_a_node_without_host_binds_everything_only_for_a_remote_coordinator():
     assert bind_and_announce(args(coordinator="192.0.2.77:7070", host="0.0.0.0",
                                   announce_host="203.0.113.9")) == ("0.0.0.0", "203.0.113.9")
     assert bind_and_announce(args(coordinator="192.0.2.77:7070", host="10.1.2.3")) == ("10.1.2.3", "10.1.2.3")
+
+
+class FakeContext:
+    def __init__(self, peer: str):
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+
+def test_join_from_another_machine_announcing_loopback_is_refused_and_changes_nothing(tmp_path):
+    from pollinate.coordinator.config import MembershipConfig, StoreConfig
+    from pollinate.coordinator.membership import Membership
+    from pollinate.coordinator.service import CoordinatorServicer
+    from pollinate.coordinator.store import Store
+    from pollinate.protocol.v1 import coordinator_pb2
+
+    store = Store(StoreConfig(data_dir=tmp_path))
+    store.open()
+    membership = Membership(MembershipConfig(), store)
+    servicer = CoordinatorServicer(membership, dht_initial_peers=list, status=dict,
+                                   address_check=AddressCheck(AddressCheckConfig(dial_back="off")))
+    join = coordinator_pb2.JoinRequest(address="127.0.0.1:7100", capacity_blocks=10, throughput=1.0)
+    with pytest.raises(FailedPrecondition, match="loopback but the node joined from 10.0.0.7"):
+        run(servicer.Join(join, FakeContext("ipv4:10.0.0.7:51234")))
+    assert (membership.epoch, len(membership.members)) == (0, 0)
+    reply = run(servicer.Join(join, FakeContext("ipv4:127.0.0.1:51234")))  # the same from this machine
+    assert reply.epoch == 1 and len(membership.members) == 1
+    store.close()
