@@ -103,8 +103,9 @@ def _setup_errors() -> tuple[type[BaseException], ...]:
     from pollinate.protocol.errors import (FailedPrecondition, PeerUnavailable, RpcTimeout, SetupError,
                                            Unauthenticated)
 
+    # OSError: a port already taken ("cannot listen on HOST:PORT"), a file that is not there.
     return (SetupError, ProbeError, NoRouteError, PeerUnavailable, RpcTimeout, FailedPrecondition,
-            Unauthenticated)
+            Unauthenticated, OSError)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,19 @@ def test_a_coordinator_told_to_announce_the_wildcard_refuses_to_start(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         "pollinate coordinator: --announce-host 0.0.0.0 is not an address others can dial; "
         "give this machine's LAN or public address")
+
+
+def test_a_coordinator_on_a_taken_port_says_so(tmp_path):
+    import socket
+
+    (tmp_path / "token").write_text("t\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = pollinate("coordinator", "--data-dir", str(tmp_path / "d"), "--token-file", str(tmp_path / "token"),
+                         "--port", str(port), "--http-port", "-1", "--no-dht")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"pollinate coordinator: OSError: cannot listen on 127.0.0.1:{port}")
