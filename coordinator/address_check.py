@@ -25,9 +25,13 @@ logger = logging.getLogger(__name__)
 
 
 class AddressCheck:
-    def __init__(self, config: AddressCheckConfig, *, local_hosts: Iterable[str] = ()) -> None:
+    def __init__(self, config: AddressCheckConfig, *, local_hosts: Iterable[str] = (),
+                 serves_others: bool = False) -> None:
         self.config = config
         self.local_hosts = frozenset(local_hosts)
+        # The coordinator itself announces a non-loopback address: other machines are
+        # expected, so a local member announcing loopback is worth a warning.
+        self.serves_others = serves_others
         self.counters = {"refused": 0, "warned": 0, "dialed_back": 0}
 
     def is_local(self, peer_host: str) -> bool:
@@ -46,6 +50,10 @@ class AddressCheck:
             if problem is not None:
                 self._verdict(cfg.undialable, problem)
                 return  # warned: dialing it back would only fail again
+        if self.serves_others and cfg.undialable != "off" and is_loopback(split_host_port(address)[0]):
+            self.counters["warned"] += 1
+            logger.warning("member at %s announces a loopback address: only clients on this machine can "
+                           "reach it (start it with --host 0.0.0.0 to serve the others)", address)
         if cfg.dial_back == "off" or self.is_local(peer_host):
             return
         self.counters["dialed_back"] += 1

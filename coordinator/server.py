@@ -116,7 +116,7 @@ class CoordinatorServer:
         from pollinate.coordinator.rounds import Rounds
 
         from pollinate.coordinator.address_check import AddressCheck
-        from pollinate.protocol.addresses import choose_announce_host, interface_hosts
+        from pollinate.protocol.addresses import choose_announce_host, interface_hosts, is_loopback
 
         from pollinate.protocol.errors import SetupError
 
@@ -131,7 +131,8 @@ class CoordinatorServer:
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
             rounds=Rounds(cfg.rounds, self.store, self.membership), jobs=self.jobs,
             address_check=AddressCheck(cfg.addresses,
-                                       local_hosts=interface_hosts() | {announce.host, cfg.host}),
+                                       local_hosts=interface_hosts() | {announce.host, cfg.host},
+                                       serves_others=not is_loopback(announce.host)),
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
                                            max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,

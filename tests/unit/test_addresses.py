@@ -144,6 +144,9 @@ def test_address_check_refuses_warns_or_ignores_per_config(caplog):
     warn = AddressCheck(AddressCheckConfig(undialable="warn", dial_back="off"))
     run(warn.joining("0.0.0.0:7100", peer_host="10.0.0.7"))
     assert warn.counters["warned"] == 1 and "doubtful address" in caplog.text
+    public = AddressCheck(AddressCheckConfig(dial_back="off"), serves_others=True)
+    run(public.joining("127.0.0.1:7100", peer_host="127.0.0.1"))  # admitted: a local joiner
+    assert public.counters["warned"] == 1 and "only clients on this machine can reach it" in caplog.text
     off = AddressCheck(AddressCheckConfig(undialable="off", dial_back="off"))
     run(off.joining("0.0.0.0:7100", peer_host="10.0.0.7"))
     assert off.counters == {"refused": 0, "warned": 0, "dialed_back": 0}
