@@ -143,8 +143,9 @@ def choose_announce_host(bind_host: str, announce_host: str | None, *, towards: 
         return AnnounceChoice(bind_host.strip("[]"), "the bound address")
     found = resolve(towards)
     if found is None:
-        raise ValueError(f"bound to {bind_host} but {f'no interface routes to {towards}' if towards else 'there is no default route'} "
-                         "and not exactly one non-loopback address to announce instead; pass "
+        why = f"no interface routes to {towards}" if towards else "there is no default route"
+        raise ValueError(f"bound to {bind_host} but {why} and not exactly one non-loopback "
+                         "address to announce instead; pass "
                          "--announce-host with the address other machines reach this one at")
     where = f"the interface that reaches {towards}" if towards else "the default route's interface"
     return AnnounceChoice(found, f"{where} (bound to {bind_host}; --announce-host overrides)")

@@ -44,7 +44,8 @@ while True:
     n += len(d)
 print(n, flush=True)
 """
-SEND = "import socket, sys; s = socket.create_connection((sys.argv[1], 9000)); s.sendall(b'x' * int(sys.argv[2])); s.close()"
+SEND = ("import socket, sys; s = socket.create_connection((sys.argv[1], 9000)); "
+        "s.sendall(b'x' * int(sys.argv[2])); s.close()")
 
 
 def test_a_capped_link_carries_its_rate_and_the_counters_see_it(tmp_path):
@@ -121,7 +122,8 @@ def test_join_refuses_loopback_and_undialable_addresses_from_another_machine(tmp
 
 def _http_json(lab, host, url: str) -> dict:
     done = lab.exec(host, [sys.executable, "-c",
-                           "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
+                           "import sys, urllib.request; "
+                           "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
                            url], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
