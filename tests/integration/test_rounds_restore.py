@@ -11,12 +11,15 @@ equal the coordinator's bit for bit, and their first round is the group's next o
 refused, and never reach round 3 in 3 steps). Each reports the serialized size of the
 ExchangeShard messages it sent and received in round 3; what one sent is what the other
 received, counted independently on each side, and `pollinate status --json` shows them
-with the round.
+with the round, plus the BeginRound and CommitRound bytes (issue 12): each node's log line
+gives the same totals, and they stay below the size of the state that a commit carried
+before the coordinator rebuilt it from the result frames.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +91,18 @@ def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, 
     a, b = rnd["members"]
     sent = [int(m["bytes_sent"]) for m in (a, b)]
     received = [int(m["bytes_received"]) for m in (a, b)]
+    to_coord = [int(m.get("coordinator_bytes_sent", 0)) for m in (a, b)]
+    from_coord = [int(m.get("coordinator_bytes_received", 0)) for m in (a, b)]
     assert all(m.get("committed") for m in (a, b)) and min(sent) > 0, rnd
+    assert min(to_coord) > 0 and min(from_coord) > 0, rnd  # BeginRound and CommitRound counted
     # Counted independently on both sides of each ExchangeShard call: one's out is the other's in.
-    assert sent == received[::-1], rnd
-    print("round 3 bytes per member (sent, received):", list(zip(sent, received)))
+    exchanged = [s - c for s, c in zip(sent, to_coord)]
+    assert exchanged == [r - c for r, c in zip(received, from_coord)][::-1], rnd
+    # The nodes log the same totals as status shows, commit included.
+    logged = sorted((int(x), int(y)) for log in logs for x, y in re.findall(
+        r"round 3 of job rounds span 0:4 committed here \(attempt \d+, group of 2\), (\d+) B sent, (\d+) B received",
+        log))
+    assert logged == sorted(zip(sent, received)), (logged, rnd)
+    # The commit no longer carries the state: a member's whole round is below the state's size.
+    assert max(sent) < after["state_bytes"], (rnd, after["state_bytes"])
+    print("round 3 bytes per member (sent, received):", list(zip(sent, received)), "state", after["state_bytes"])
