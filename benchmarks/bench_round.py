@@ -22,6 +22,9 @@ counter counts this case's traffic only):
   ``hivemind_step_s``). After each step the peer checks that its tensor really is the group
   mean (hivemind 1.1.12's 8-bit quantization returns without averaging under numpy 2).
 
+``round_s``: the slowest member's ``run_round`` (BeginRound to the commit reply), median
+over the rounds after the first; ``commit_s`` its CommitRound part.
+
 Bytes: transmitted bytes of ``lo`` in the case's namespace (/proc/self/net/dev) from the moment the round starts until
 every member finished it (every packet once: TCP/IP headers included, heartbeats of the
 window too), divided by N. Pollinate's own count (serialized gRPC messages, what status and
@@ -79,9 +82,20 @@ async def pollinate_member(args) -> None:
     from pollinate.protocol.framing import DEFAULT_FRAMING
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2_grpc
 
+    class Driver(RoundDriver):
+        """The node's RoundDriver; only the time of its commit phase is noted."""
+        commit_s = 0.0
+
+        async def _commit(self, *a, **kw):
+            t0 = time.monotonic()
+            try:
+                return await super()._commit(*a, **kw)
+            finally:
+                self.commit_s = time.monotonic() - t0
+
     member_id = ""
-    driver = RoundDriver(RoundConfig(), coordinator_address=args.coordinator, token=TOKEN,
-                         member_id=lambda: member_id, framing=DEFAULT_FRAMING)
+    driver = Driver(RoundConfig(), coordinator_address=args.coordinator, token=TOKEN,
+                    member_id=lambda: member_id, framing=DEFAULT_FRAMING)
     initial = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * 0.02  # same everywhere
     member = DiLoCoMember(initial, job_diloco_config(method="lora"))
     state = driver.jobs[JOB] = _JobRounds(member=member, restored=True)
@@ -132,7 +146,7 @@ async def pollinate_member(args) -> None:
             t0 = time.monotonic()
             ok = await driver.run_round(manager, job, state)
             print(json.dumps({"round": state.committed_round, "ok": ok, "s": time.monotonic() - t0,
-                              "checksum": member.checksum()}), flush=True)
+                              "commit_s": driver.commit_s, "checksum": member.checksum()}), flush=True)
     finally:
         beating.cancel()
         await coord.Leave(coordinator_pb2.LeaveRequest(member_id=member_id), timeout=10)
@@ -279,7 +293,8 @@ def run_pollinate(n: int, numel: int, rounds: int, tmp: Path) -> dict:
             workers.send("go")
             got = workers.read()
             per_round.append({"lo_bytes": lo_bytes() - before, "wall_s": time.monotonic() - t0,
-                              "round_s": max(g["s"] for g in got), "ok": all(g["ok"] for g in got),
+                              "round_s": max(g["s"] for g in got), "commit_s": max(g["commit_s"] for g in got),
+                              "ok": all(g["ok"] for g in got),
                               "agree": len({g["checksum"] for g in got}) == 1, "checksum": got[0]["checksum"]})
         view, checksum = asyncio.run(coordinator_view(address))
     except BaseException:
@@ -301,6 +316,8 @@ def run_pollinate(n: int, numel: int, rounds: int, tmp: Path) -> dict:
     return {
         "round_bytes_per_member": statistics.median(r["lo_bytes"] for r in steady) / n,
         "round_s": statistics.median(r["round_s"] for r in steady),
+        # of which CommitRound (the coordinator rebuilds, checks and fsyncs the state before it replies)
+        "commit_s": statistics.median(r["commit_s"] for r in steady),
         "message_bytes_per_member": message,
         "coordinator_bytes_per_member": sum(m["to_coordinator"] + m["from_coordinator"] for m in members) / n,
         "first_round_bytes_per_member": per_round[0]["lo_bytes"] / n,
