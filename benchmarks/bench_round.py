@@ -409,6 +409,7 @@ def run_case(args) -> dict:
         "bytes_ratio_allreduce_only": ratio(ours["round_bytes_per_member"], fp16["allreduce_bytes_per_member"]),
         "bytes_ratio_8bit": ratio(ours["round_bytes_per_member"], q8["bytes_per_member"]) if q8["averaged"] else None,
         "time_ratio": ratio(ours["round_s"], fp16["round_s"]),
+        "time_ratio_step": ratio(ours["round_s"], fp16["step_s"]),  # vs matchmaking + all-reduce
         "time_ratio_8bit": ratio(ours["round_s"], q8["round_s"]) if q8["averaged"] else None,
     }
 

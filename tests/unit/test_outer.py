@@ -71,3 +71,19 @@ def test_bad_frames_change_nothing():
         state_from_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="lr"):
         OuterStep(codec="none", lr=0.0, momentum=0.9)
+
+
+def test_cocktail_masks_are_drawn_once_and_the_cache_stays_bounded(monkeypatch):
+    """A round uses each shard's mask ~6 times (members and the coordinator's rebuild): drawn
+    once, shared read-only, and the cache never holds more than MASK_CACHE_BYTES."""
+    import numpy as np
+
+    from pollinate.compression import cocktail
+
+    a = cocktail.make_mask(1000, 0.5, 7, cocktail.BERNOULLI)
+    assert cocktail.make_mask(1000, 0.5, 7, cocktail.BERNOULLI) is a
+    assert np.array_equal(a, cocktail.random_mask(1000, 0.5, 7)) and not a.flags.writeable
+    monkeypatch.setattr(cocktail, "MASK_CACHE_BYTES", 2 * a.nbytes + 100)
+    masks = [cocktail.make_mask(1000, 0.5, 100 + s, cocktail.BERNOULLI) for s in range(10)]
+    assert cocktail._masks_bytes <= 2 * a.nbytes + 100
+    assert all(np.array_equal(m, cocktail.random_mask(1000, 0.5, 100 + s)) for s, m in enumerate(masks))
