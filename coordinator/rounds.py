@@ -43,19 +43,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from pollinate.compression.outer import (
-    OuterStep,
-    apply_results,
-    state_checksum,
-    state_from_bytes,
-    state_to_bytes,
-)
 from pollinate.coordinator.config import RoundsConfig
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.store import Store, _transaction
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+
+if TYPE_CHECKING:  # compression/outer.py imports torch: loaded on the first round's commit only
+    from pollinate.compression.outer import OuterStep
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +351,8 @@ class Rounds:
     def _previous(stored) -> tuple:
         """(θ_global, momentum, why): the state ``_stored`` points at, read and checked against
         its checksum if it is a file (after a restart); (None, None, why) if unusable."""
+        from pollinate.compression.outer import state_checksum, state_from_bytes
+
         if stored is None:
             return None, None, "not committed"
         if len(stored) == 3:
@@ -372,6 +370,8 @@ class Rounds:
     def _rebuild(cls, round_index: int, group_size: int, results: dict, outer: OuterStep | None, stored):
         """The new (θ_global, momentum, checksum) from the previous state and the results, or
         (None, why) where that is not possible. Worker thread: touches no shared state."""
+        from pollinate.compression.outer import apply_results
+
         missing = [j for j in range(group_size) if j not in results]
         if missing or outer is None:
             return None, f"result frames of shards {missing} missing" if missing else "no outer step settings"
@@ -389,6 +389,8 @@ class Rounds:
     @staticmethod
     def _check_state(data: bytes, checksum: str):
         """(θ_global, momentum) of a state a member sent, if it matches the checksum."""
+        from pollinate.compression.outer import state_checksum, state_from_bytes
+
         state = state_from_bytes(data)
         if state_checksum(state["global"], state["momentum"]) != checksum:
             raise ValueError("the state sent does not match the agreed checksum")
@@ -397,6 +399,8 @@ class Rounds:
     async def _finish(self, key: Key, round_index: int, rnd: _Round) -> None:
         """Every member reported and the checksums agree: hold the new state (rebuilt, or
         taken from the member that sent it and checked), write it, commit."""
+        from pollinate.compression.outer import state_to_bytes
+
         checksum = next(iter(rnd.checksums.values()))
         try:
             if rnd.state:
@@ -463,6 +467,8 @@ def outer_from_proto(codec: str, params_json: str, lr: float, momentum: float, n
     falls back to taking the state whole)."""
     if not codec:
         return None
+    from pollinate.compression.outer import OuterStep
+
     try:
         params = json.loads(params_json or "{}")
         if not isinstance(params, dict):
