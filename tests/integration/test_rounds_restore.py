@@ -77,10 +77,16 @@ def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, 
             [sys.executable, "-m", "pollinate", "status", "--coordinator", coord.info["grpc"],
              "--token-file", str(tmp_path / "token"), "--json"], capture_output=True, text=True, timeout=60)
         logs = [p.log_path.read_text(errors="replace") for p in fresh]
+        alone_log = first.log_path.read_text(errors="replace")
         coord_log = coord.log_path.read_text(errors="replace")
         dump = group.dump_logs(100)
     for log in logs:
         assert "round 2 of job rounds span 0:4 (restored at job start): adopted" in log, dump
+    # A group of one moves no ExchangeShard bytes, but its round is not free: BeginRound, the
+    # commit with its result frame (round 1: the whole state) are counted and logged.
+    alone = [(int(x), int(y)) for x, y in re.findall(
+        r"committed here \(attempt \d+, group of 1\), (\d+) B sent, (\d+) B received", alone_log)]
+    assert len(alone) == 2 and all(x > 0 and y > 0 for x, y in alone), (alone, dump)
     assert "round 3 of job rounds span 0:4 committed by 2/2 members" in coord_log, dump
     assert after["round"] == 3 and after["replicas_equal_coordinator"] == [True, True], after
     assert after["inner_steps"] == [3, 3], after
