@@ -159,7 +159,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             request.job, span, request.round, request.member_id, request.checksum, request.state,
             request.attempt, bytes_sent=request.bytes_sent, bytes_received=request.bytes_received,
             coordinator_bytes_sent=request.coordinator_bytes_sent,
-            coordinator_bytes_received=request.coordinator_bytes_received, results=[(r.shard_index, r.payload) for r in request.results],
+            coordinator_bytes_received=request.coordinator_bytes_received,
+            results=[(r.shard_index, r.payload) for r in request.results],
             outer=outer_from_proto(o.codec, o.codec_params_json, o.lr, o.momentum, o.nesterov),
             request_bytes=request.ByteSize())
         reply = coordinator_pb2.CommitRoundReply(
