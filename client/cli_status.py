@@ -80,8 +80,9 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
 
 
 def format_rounds(rounds, *, now: float) -> str:
-    """Per (job, span): the last committed DiLoCo round, and per member of its group the
-    ExchangeShard bytes it sent and received in that round (counted at its gRPC calls)."""
+    """Per (job, span): the last committed DiLoCo round, and per member of its group every
+    byte it sent and received in that round (ExchangeShard, BeginRound and CommitRound
+    messages, serialized sizes)."""
     if not rounds:
         return "DiLoCo rounds: none committed"
     header = ("JOB", "SPAN", "ROUND", "COMMITTED", "MEMBER", "SHARD", "SENT", "RECEIVED")

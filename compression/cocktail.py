@@ -38,9 +38,11 @@ p = k = 1 and 8 bits the error is at most the bucket's absmax / 254.
 
 from __future__ import annotations
 
-import logging
+import collections
 import functools
+import logging
 import math
+import threading
 import struct
 from dataclasses import dataclass
 
@@ -188,8 +190,36 @@ def cycled_mask(numel: int, p: float, seed: int) -> np.ndarray | None:
     return np.flatnonzero(phases - offset < width)  # uint32 arithmetic wraps around
 
 
+# Masks kept for reuse, bytes: one DiLoCo round draws each shard's mask ~5 times on a member
+# (contribute: encode and decode; as owner: decode every contribution, encode, decode; apply:
+# decode) and once more at the coordinator's rebuild (issue 12); drawing it is about half of
+# a decode. 256 MiB holds a round's masks for ~40M elements at p = 0.75 (8 B per position).
+MASK_CACHE_BYTES = 256 << 20
+_masks: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+_masks_bytes = 0
+_masks_lock = threading.Lock()  # encode/decode run in executor threads
+
+
 def make_mask(numel: int, p: float, seed: int, schedule: int) -> np.ndarray | None:
-    return (cycled_mask if schedule == CYCLED else random_mask)(numel, p, seed)
+    """The mask for (numel, p, seed, schedule), read-only, from the cache when drawn lately."""
+    global _masks_bytes
+    key = (numel, p, seed, schedule)
+    with _masks_lock:
+        mask = _masks.get(key)
+        if mask is not None:
+            _masks.move_to_end(key)
+            return mask
+    mask = (cycled_mask if schedule == CYCLED else random_mask)(numel, p, seed)
+    if mask is None or mask.nbytes > MASK_CACHE_BYTES:
+        return mask
+    mask.flags.writeable = False  # shared by every caller from now on
+    with _masks_lock:
+        if key not in _masks:
+            _masks[key] = mask
+            _masks_bytes += mask.nbytes
+        while _masks_bytes > MASK_CACHE_BYTES:
+            _masks_bytes -= _masks.popitem(last=False)[1].nbytes
+    return mask
 
 
 def _qmax(bits: int) -> int:

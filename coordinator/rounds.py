@@ -4,9 +4,20 @@ BeginRound(job, span, r): the first member to ask opens round r; the round close
 live replica of the span has asked, or when ``window_s`` has passed since it opened (a
 replica that does not show is left out). The group is the members that asked, sorted by
 member id; member j owns shard j. CommitRound: each member reports the checksum of its new
-global state; once all have reported, the round commits if the checksums agree (the state
-bytes are written to a file in the data directory and the row to ``committed_states``, both
-before any reply) and aborts otherwise. A committed round is never deleted.
+global state and the result frames of the shards it owns; once all have reported, the round
+commits if the checksums agree and the coordinator holds the new state (written to a file in
+the data directory and the row to ``committed_states``, both before any reply), and aborts
+otherwise. A committed round is never deleted.
+
+The state (issue 12). Members do not send the new state whole: every member applied the same
+result frames to the same θ_global, so the coordinator applies them too, with the same code
+(compression/outer.py), to its copy of the previous committed state, and commits what it
+gets only if its checksum is the one the members agreed on. Where it cannot rebuild (round 1
+or no readable previous state: BeginRound already tells shard 0's member to send the state;
+a result frame missing because its owner gave the attempt up; a rebuild that disagrees) it
+asks one member that reported for the whole state (CommitRoundReply.send_state) and checks
+that state against the checksum instead. Either way a round's traffic is the exchange plus
+one copy of the result frames, not N copies of the fp32 state.
 
 Round numbers: r must be the last committed round of (job, span) + 1. After an abort the
 same number is formed again, as a new *attempt* (1, 2, ...; CommitRound names the attempt).
@@ -26,16 +37,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from pollinate.coordinator.config import RoundsConfig
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.store import Store, _transaction
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+
+if TYPE_CHECKING:  # compression/outer.py imports torch: loaded on the first round's commit only
+    from pollinate.compression.outer import OuterStep
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +64,9 @@ class Group:
     round: int
     members: tuple[tuple[str, str], ...]  # (member_id, address), in shard order
     attempt: int = 1
+    # the member that sends the whole new state with its CommitRound ("": the coordinator
+    # rebuilds it from the result frames)
+    state_member: str = ""
 
 
 @dataclass(kw_only=True)
@@ -60,8 +79,21 @@ class _Round:
     group: Group | None = None
     checksums: dict[str, str] = field(default_factory=dict)
     state: bytes = b""
+    results: dict[int, bytes] = field(default_factory=dict)  # shard -> its owner's result frame
+    outer: OuterStep | None = None  # the outer step the results make, as the members sent it
+    state_from: str = ""  # the member asked for the whole state (CommitRoundReply.send_state)
+    state_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    finishing: asyncio.Task | None = None  # rebuilding/checking and writing the new state
     done: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: tuple[bool, str] = (False, "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitOutcome:
+    committed: bool
+    reason: str  # why not, when not committed
+    committed_round: int  # the last committed round of (job, span) after the call
+    send_state: bool = False  # this member is to call again with the whole state
 
 
 Key = tuple[str, int, int]  # job, span start, span end
@@ -76,6 +108,10 @@ class Rounds:
         self.membership = membership
         self._open: dict[tuple[Key, int], _Round] = {}
         self._attempts: dict[tuple[Key, int], int] = {}  # the last attempt formed per round
+        # the last committed state per (job, span), decoded: (round, θ_global, momentum); the
+        # next round is rebuilt from it (read back from its file after a restart)
+        self._last: dict[Key, tuple] = {}
+        self._tasks: set[asyncio.Task] = set()  # running _finish tasks (a reference each)
 
     # ---- queries --------------------------------------------------------------------
 
@@ -144,7 +180,10 @@ class Rounds:
         ids = sorted(rnd.asked)
         members = tuple((m, self.membership.members[m].record.address)
                         for m in ids if m in self.membership.members)
-        rnd.group = Group(round=round_index, members=members, attempt=rnd.attempt)
+        # nothing to rebuild from: shard 0's member sends the state with its commit
+        state_member = members[0][0] if members and not self._has_state(key, round_index - 1) else ""
+        rnd.group = Group(round=round_index, members=members, attempt=rnd.attempt,
+                          state_member=state_member)
         now = time.time()
         db = self.store.db
         with _transaction(db):
@@ -180,39 +219,62 @@ class Rounds:
 
     def _settle(self, key: Key, round_index: int, rnd: _Round) -> None:
         """Finish the formation once every member reported, gave up, or left the swarm."""
-        if rnd.done.is_set():
+        if rnd.done.is_set() or rnd.finishing is not None:
             return
         ids = {m for m, _ in rnd.group.members}
         gone = {m for m in ids if m not in self.membership.members}
         if not ids <= set(rnd.checksums) | rnd.abandoned | gone:
             return
-        if rnd.checksums:
-            self._finish(key, round_index, rnd)
-        else:
+        if not rnd.checksums:
             self._abort(key, round_index, rnd, f"no member completed attempt {rnd.attempt} "
                                                f"(gave up: {sorted(rnd.abandoned)}, left: {sorted(gone)})")
+        elif len(set(rnd.checksums.values())) != 1:
+            self._abort(key, round_index, rnd, f"checksums disagree: {dict(sorted(rnd.checksums.items()))}")
+        elif rnd.state_from and not rnd.state:
+            if rnd.state_from in gone or rnd.state_from in rnd.abandoned:
+                self._abort(key, round_index, rnd, f"{rnd.state_from}, asked for the state, left")
+        else:  # the state's bytes are checked or rebuilt off the event loop
+            rnd.finishing = asyncio.create_task(self._finish(key, round_index, rnd))
+            self._tasks.add(rnd.finishing)
+            rnd.finishing.add_done_callback(self._tasks.discard)
 
-    async def _settled(self, key: Key, round_index: int, rnd: _Round) -> None:
-        """Wait until the formation is done, re-checking leases; abort after commit_timeout_s."""
+    async def _settled(self, key: Key, round_index: int, rnd: _Round, member_id: str = "") -> bool:
+        """Wait until the formation is done, re-checking leases; abort after commit_timeout_s.
+        True if instead ``member_id`` was asked for the whole state (the round waits for it)."""
         deadline = time.monotonic() + self.config.commit_timeout_s
         while not rnd.done.is_set():
+            if member_id and rnd.state_from == member_id and not rnd.state:
+                return True
             self._settle(key, round_index, rnd)
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 and rnd.finishing is None:
                 missing = sorted({m for m, _ in rnd.group.members} - set(rnd.checksums) - rnd.abandoned)
-                self._abort(key, round_index, rnd, f"no checksum from {', '.join(missing)} "
-                                                   f"within {self.config.commit_timeout_s:.0f} s")
+                why = (f"no checksum from {', '.join(missing)}" if missing
+                       else f"no state from {rnd.state_from}")
+                self._abort(key, round_index, rnd, f"{why} within {self.config.commit_timeout_s:.0f} s")
                 break
+            waits = [asyncio.ensure_future(rnd.done.wait())]
+            if not rnd.state_asked.is_set():  # once asked, only the asked member stops waiting
+                waits.append(asyncio.ensure_future(rnd.state_asked.wait()))
             try:
-                await asyncio.wait_for(rnd.done.wait(), min(left, POLL_S))
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=min(left, POLL_S) if left > 0 else POLL_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        return False
 
     # ---- CommitRound ----------------------------------------------------------------
 
     async def commit(self, job: str, span: Span, round_index: int, member_id: str,
-                     checksum: str, state: bytes, attempt: int = 0, *, bytes_sent: int = 0,
-                     bytes_received: int = 0) -> tuple[bool, str, int]:
+                     checksum: str, state: bytes = b"", attempt: int = 0, *, bytes_sent: int = 0,
+                     bytes_received: int = 0, coordinator_bytes_sent: int = 0,
+                     coordinator_bytes_received: int = 0, results: Sequence[tuple[int, bytes]] = (),
+                     outer: OuterStep | None = None, request_bytes: int = 0) -> CommitOutcome:
+        """A member's report: its checksum, the result frames of the shards it owns and the
+        outer step they make (or, where asked, the whole state). ``bytes_*`` are its
+        ExchangeShard bytes, ``coordinator_bytes_*`` its BeginRound's, as it counted them;
+        ``request_bytes`` is this request's serialized size."""
         key = (job, span.start, span.end)
         rnd = self._open.get((key, round_index))
         if rnd is None or rnd.group is None:
@@ -224,56 +286,172 @@ class Rounds:
         ids = [m for m, _ in rnd.group.members]
         if member_id not in ids or member_id in rnd.abandoned:
             raise FailedPrecondition(f"CommitRound: {member_id} is not in round {round_index}'s group")
-        if not rnd.done.is_set():
+        db = self.store.db
+        if member_id in rnd.checksums:  # called again: with the state it was asked for
+            if rnd.checksums[member_id] != checksum or (state and rnd.state_from != member_id):
+                raise FailedPrecondition(f"CommitRound: {member_id} already reported round {round_index}")
+            if state and not rnd.done.is_set() and not rnd.state:
+                rnd.state = state
+            self.count_traffic(job, span, round_index, member_id, sent=request_bytes)
+        elif not rnd.done.is_set():
             rnd.checksums[member_id] = checksum
             if state and not rnd.state:
                 rnd.state = state
-            db = self.store.db
+            for shard, payload in results:
+                if 0 <= shard < len(ids):
+                    rnd.results.setdefault(shard, payload)
+            if outer is not None and rnd.outer is None:
+                rnd.outer = outer
             with _transaction(db):
                 db.execute(
                     "UPDATE round_members SET checksum=? WHERE job_name=? AND span_start=? AND span_end=? "
                     "AND round=? AND member_id=?", (checksum, *key, round_index, member_id))
-                db.execute(  # bytes the member moved in this attempt (ExchangeShard, node-counted)
-                    "INSERT INTO round_traffic VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                db.execute(  # every byte of the round the member moved in this attempt (issue 12)
+                    "INSERT INTO round_traffic VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                     "attempt=excluded.attempt, bytes_sent=excluded.bytes_sent, "
-                    "bytes_received=excluded.bytes_received",
-                    (*key, round_index, member_id, rnd.attempt, bytes_sent, bytes_received))
-        await self._settled(key, round_index, rnd)
+                    "bytes_received=excluded.bytes_received, coordinator_bytes_sent=excluded.coordinator_bytes_sent, "
+                    "coordinator_bytes_received=excluded.coordinator_bytes_received",
+                    (*key, round_index, member_id, rnd.attempt, bytes_sent, bytes_received,
+                     coordinator_bytes_sent + request_bytes, coordinator_bytes_received))
+        if await self._settled(key, round_index, rnd, member_id):
+            return CommitOutcome(committed=False, reason="send the whole state",
+                                 committed_round=self.committed_round(key), send_state=True)
         committed, reason = rnd.outcome
-        return committed, reason, self.committed_round(key)
+        return CommitOutcome(committed=committed, reason=reason, committed_round=self.committed_round(key))
 
-    def _finish(self, key: Key, round_index: int, rnd: _Round) -> None:
-        values = set(rnd.checksums.values())
-        if len(values) != 1:
-            self._abort(key, round_index, rnd, f"checksums disagree: {dict(sorted(rnd.checksums.items()))}")
+    def count_traffic(self, job: str, span: Span, round_index: int, member_id: str, *,
+                      sent: int = 0, received: int = 0) -> None:
+        """Add bytes measured here (CommitRound requests and replies) to a member's round."""
+        with _transaction(self.store.db):
+            self.store.db.execute(
+                "UPDATE round_traffic SET coordinator_bytes_sent=coordinator_bytes_sent+?, "
+                "coordinator_bytes_received=coordinator_bytes_received+? "
+                "WHERE job_name=? AND span_start=? AND span_end=? AND round=? AND member_id=?",
+                (sent, received, job, span.start, span.end, round_index, member_id))
+
+    # ---- the committed state ---------------------------------------------------------
+
+    def _has_state(self, key: Key, round_index: int) -> bool:
+        """Whether round ``round_index``'s committed state is here to rebuild the next from."""
+        stored = self._stored(key, round_index) if round_index >= 1 else None
+        return stored is not None and (len(stored) == 3 or stored[0].is_file())
+
+    def _stored(self, key: Key, round_index: int):
+        """Where round ``round_index``'s committed state is: the decoded copy kept in memory,
+        or (path, checksum) of its file; None if not committed. Event loop (reads the store)."""
+        last = self._last.get(key)
+        if last is not None and last[0] == round_index:
+            return last
+        row = self.store.db.execute(
+            "SELECT path, checksum FROM committed_states WHERE job_name=? AND span_start=? AND span_end=? "
+            "AND round=?", (*key, round_index)).fetchone()
+        return None if row is None else (Path(self.store.config.data_dir) / row[0], row[1])
+
+    @staticmethod
+    def _previous(stored) -> tuple:
+        """(θ_global, momentum, why): the state ``_stored`` points at, read and checked against
+        its checksum if it is a file (after a restart); (None, None, why) if unusable."""
+        from pollinate.compression.outer import state_checksum, state_from_bytes
+
+        if stored is None:
+            return None, None, "not committed"
+        if len(stored) == 3:
+            return stored[1], stored[2], ""
+        path, checksum = stored
+        try:
+            state = state_from_bytes(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            return None, None, f"stored state unreadable: {exc}"
+        if state_checksum(state["global"], state["momentum"]) != checksum:
+            return None, None, "stored state does not match its checksum"
+        return state["global"], state["momentum"], ""
+
+    @classmethod
+    def _rebuild(cls, round_index: int, group_size: int, results: dict, outer: OuterStep | None, stored):
+        """The new (θ_global, momentum, checksum) from the previous state and the results, or
+        (None, why) where that is not possible. Worker thread: touches no shared state."""
+        from pollinate.compression.outer import apply_results
+
+        missing = [j for j in range(group_size) if j not in results]
+        if missing or outer is None:
+            return None, f"result frames of shards {missing} missing" if missing else "no outer step settings"
+        theta, momentum, why = cls._previous(stored)
+        if theta is None:
+            return None, f"previous state (round {round_index - 1}): {why}"
+        theta, momentum = theta.clone(), momentum.clone()  # the kept copy stays round r-1's
+        try:
+            checksum = apply_results(theta, momentum, [results[j] for j in range(group_size)], outer,
+                                     round_index=round_index)
+        except ValueError as exc:  # OuterStepError, CompressionError, a bad codec setting
+            return None, f"results do not apply: {exc}"
+        return (theta, momentum, checksum), ""
+
+    @staticmethod
+    def _check_state(data: bytes, checksum: str):
+        """(θ_global, momentum) of a state a member sent, if it matches the checksum."""
+        from pollinate.compression.outer import state_checksum, state_from_bytes
+
+        state = state_from_bytes(data)
+        if state_checksum(state["global"], state["momentum"]) != checksum:
+            raise ValueError("the state sent does not match the agreed checksum")
+        return state["global"], state["momentum"]
+
+    async def _finish(self, key: Key, round_index: int, rnd: _Round) -> None:
+        """Every member reported and the checksums agree: hold the new state (rebuilt, or
+        taken from the member that sent it and checked), write it, commit."""
+        from pollinate.compression.outer import state_to_bytes
+
+        checksum = next(iter(rnd.checksums.values()))
+        try:
+            if rnd.state:
+                theta, momentum = await asyncio.to_thread(self._check_state, rnd.state, checksum)
+                data, how = rnd.state, f"taken whole from {rnd.state_from or rnd.group.state_member or 'a member'}"
+            else:
+                rebuilt, why = await asyncio.to_thread(
+                    self._rebuild, round_index, len(rnd.group.members), dict(rnd.results), rnd.outer,
+                    self._stored(key, round_index - 1))
+                if rebuilt is not None and rebuilt[2] != checksum:
+                    why, rebuilt = f"rebuilt checksum {rebuilt[2][:16]} != the group's {checksum[:16]}", None
+                if rebuilt is None:
+                    self._ask_state(key, round_index, rnd, why)
+                    return
+                theta, momentum, _ = rebuilt
+                data = await asyncio.to_thread(state_to_bytes, theta, momentum)
+                how = f"rebuilt from {len(rnd.results)} result frame(s), {sum(map(len, rnd.results.values()))} B"
+            rel = Path(STATES_DIR) / f"{hashlib.sha256(key[0].encode()).hexdigest()[:16]}-{key[1]}-{key[2]}-r{round_index}.safetensors"
+            await asyncio.to_thread(_write_durably, Path(self.store.config.data_dir) / rel, data)
+        except Exception as exc:  # a bad state sent, a disk error: the round does not commit
+            self._abort(key, round_index, rnd, f"the new state could not be stored: {exc}")
             return
-        if not rnd.state:
-            self._abort(key, round_index, rnd, "no member sent the state")
+        if rnd.done.is_set():  # aborted meanwhile (a member's commit timed out)
             return
-        checksum = values.pop()
-        rel = Path(STATES_DIR) / f"{hashlib.sha256(key[0].encode()).hexdigest()[:16]}-{key[1]}-{key[2]}-r{round_index}.safetensors"
-        path = Path(self.store.config.data_dir) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(rnd.state)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
         now = time.time()
         db = self.store.db
         with _transaction(db):
             db.execute("INSERT INTO committed_states VALUES (?,?,?,?,?,?,?,?)",
-                       (*key, round_index, str(rel), checksum, len(rnd.state), now))
+                       (*key, round_index, str(rel), checksum, len(data), now))
             db.execute("UPDATE rounds SET state='committed', finished_at=? WHERE job_name=? AND "
                        "span_start=? AND span_end=? AND round=?", (now, *key, round_index))
+        self._last[key] = (round_index, theta, momentum)
         rnd.outcome = (True, "")
         rnd.done.set()
         self._open.pop((key, round_index), None)
         self._attempts.pop((key, round_index), None)
-        logger.info("round %d of job %s span %d:%d committed by %d/%d members, state %.1f kB",
+        logger.info("round %d of job %s span %d:%d committed by %d/%d members, state %.1f kB %s",
                     round_index, key[0], key[1], key[2], len(rnd.checksums), len(rnd.group.members),
-                    len(rnd.state) / 1000)
+                    len(data) / 1000, how)
+
+    def _ask_state(self, key: Key, round_index: int, rnd: _Round, why: str) -> None:
+        """The state cannot be rebuilt: ask the first member that reported (shard order) for it."""
+        alive = [m for m, _ in rnd.group.members if m in rnd.checksums and m in self.membership.members]
+        if not alive:
+            self._abort(key, round_index, rnd, f"cannot rebuild the state ({why}) and no member is left to send it")
+            return
+        rnd.state_from = alive[0]
+        rnd.finishing = None
+        rnd.state_asked.set()
+        logger.info("round %d of job %s span %d:%d: cannot rebuild the state (%s); asking %s for it",
+                    round_index, *key, why, rnd.state_from)
 
     def _abort(self, key: Key, round_index: int, rnd: _Round, reason: str) -> None:
         self.store.db.execute(
@@ -284,4 +462,31 @@ class Rounds:
         logger.warning("round %d of job %s span %d:%d aborted: %s", round_index, *key, reason)
 
 
-__all__ = ["Group", "Rounds", "RoundsConfig"]
+def outer_from_proto(codec: str, params_json: str, lr: float, momentum: float, nesterov: bool) -> OuterStep | None:
+    """CommitRoundRequest.outer as an OuterStep; None if absent or malformed (the round then
+    falls back to taking the state whole)."""
+    if not codec:
+        return None
+    from pollinate.compression.outer import OuterStep
+
+    try:
+        params = json.loads(params_json or "{}")
+        if not isinstance(params, dict):
+            raise ValueError("codec_params_json is not an object")
+        return OuterStep(codec=codec, codec_params=params, lr=lr, momentum=momentum, nesterov=nesterov)
+    except ValueError as exc:
+        logger.warning("CommitRound: outer step settings refused: %s", exc)
+        return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+__all__ = ["CommitOutcome", "Group", "Rounds", "RoundsConfig", "outer_from_proto"]

@@ -17,7 +17,7 @@ from pollinate.coordinator.address_check import AddressCheck
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership
 from pollinate.coordinator.placement import Span
-from pollinate.coordinator.rounds import Rounds
+from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
@@ -155,15 +155,27 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             request.member_id, request.tokens)
         return coordinator_pb2.BeginRoundReply(
             round=group.round, shard_index=shard, attempt=group.attempt,
-            members=[coordinator_pb2.RoundMember(member_id=m, address=a) for m, a in group.members])
+            members=[coordinator_pb2.RoundMember(member_id=m, address=a) for m, a in group.members],
+            send_state=group.state_member == request.member_id)
 
     async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
-        committed, reason, last = await self._rounds().commit(
-            request.job, span_from_proto(request.span, "span"), request.round,
-            request.member_id, request.checksum, request.state, request.attempt,
-            bytes_sent=request.bytes_sent, bytes_received=request.bytes_received)
-        return coordinator_pb2.CommitRoundReply(committed=committed, reason=reason,
-                                                committed_round=last)
+        span = span_from_proto(request.span, "span")
+        o = request.outer
+        outcome = await self._rounds().commit(
+            request.job, span, request.round, request.member_id, request.checksum, request.state,
+            request.attempt, bytes_sent=request.bytes_sent, bytes_received=request.bytes_received,
+            coordinator_bytes_sent=request.coordinator_bytes_sent,
+            coordinator_bytes_received=request.coordinator_bytes_received,
+            results=[(r.shard_index, r.payload) for r in request.results],
+            outer=outer_from_proto(o.codec, o.codec_params_json, o.lr, o.momentum, o.nesterov),
+            request_bytes=request.ByteSize())
+        reply = coordinator_pb2.CommitRoundReply(
+            committed=outcome.committed, reason=outcome.reason, committed_round=outcome.committed_round,
+            send_state=outcome.send_state)
+        # the round's bytes include the commit's: the reply counts towards the member's received
+        self._rounds().count_traffic(request.job, span, request.round, request.member_id,
+                                     received=reply.ByteSize())
+        return reply
 
     async def GetCommittedState(self, request: coordinator_pb2.GetCommittedStateRequest, context):
         rnd, checksum, state = self._rounds().committed_state(

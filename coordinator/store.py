@@ -11,7 +11,8 @@ Tables (schema version 1):
   rounds           DiLoCo outer rounds per (job, span) (issue 6), never deleted once committed
   round_members    each member's part in a round: shard, tokens, reported checksum
   committed_states where the committed global state of a (job, span, round) lives on disk
-  round_traffic    ExchangeShard bytes each member sent and received in a round, as it reported
+  round_traffic    bytes each member sent and received in a round: ExchangeShard (as it
+                   reported) plus its BeginRound and CommitRound messages (coordinator_*)
 """
 
 from __future__ import annotations
@@ -101,9 +102,18 @@ CREATE TABLE IF NOT EXISTS round_traffic (
     attempt        INTEGER NOT NULL,    -- the formation the numbers are of (the last reported)
     bytes_sent     INTEGER NOT NULL,    -- serialized ExchangeShard messages, counted by the node
     bytes_received INTEGER NOT NULL,
+    coordinator_bytes_sent     INTEGER NOT NULL DEFAULT 0,  -- BeginRound + CommitRound (issue 12)
+    coordinator_bytes_received INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_name, span_start, span_end, round, member_id)
 );
 """
+
+# Columns added to schema version 1 after it shipped: (table, column, definition). Added on
+# open where missing, so a data directory written before them keeps working.
+_ADDED_COLUMNS = (
+    ("round_traffic", "coordinator_bytes_sent", "INTEGER NOT NULL DEFAULT 0"),
+    ("round_traffic", "coordinator_bytes_received", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +170,9 @@ class Store:
         db.execute(f"PRAGMA synchronous={self.config.synchronous}")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)  # IF NOT EXISTS: a no-op on an existing database
+        for table, column, definition in _ADDED_COLUMNS:
+            if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if version is None:
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -293,8 +306,9 @@ class Store:
 
     def last_committed_rounds(self) -> list[dict]:
         """Per (job, span): its last committed round, when, and each member of that round's
-        group with its shard, whether its checksum is in the commit, and the bytes it
-        reported (0 = none reported). For status; ordered by job and span."""
+        group with its shard, whether its checksum is in the commit, and every byte of the
+        round it moved (0 = none reported), of which coordinator_bytes_* with the coordinator.
+        For status; ordered by job and span."""
         db = self.db
         last = db.execute(
             "SELECT c.job_name, c.span_start, c.span_end, c.round, c.created_at FROM committed_states c "
@@ -305,13 +319,16 @@ class Store:
         for job, start, end, rnd, at in last:
             members = db.execute(
                 "SELECT m.member_id, m.shard_index, m.checksum IS NOT NULL, COALESCE(t.bytes_sent, 0), "
-                "COALESCE(t.bytes_received, 0) FROM round_members m LEFT JOIN round_traffic t ON "
+                "COALESCE(t.bytes_received, 0), COALESCE(t.coordinator_bytes_sent, 0), "
+                "COALESCE(t.coordinator_bytes_received, 0) FROM round_members m LEFT JOIN round_traffic t ON "
                 "t.job_name=m.job_name AND t.span_start=m.span_start AND t.span_end=m.span_end AND "
                 "t.round=m.round AND t.member_id=m.member_id WHERE m.job_name=? AND m.span_start=? "
                 "AND m.span_end=? AND m.round=? ORDER BY m.shard_index", (job, start, end, rnd)).fetchall()
             out.append({"job": job, "span": [start, end], "round": rnd, "committed_at": at, "members": [
-                {"member_id": m, "shard_index": j, "committed": bool(c), "bytes_sent": sent,
-                 "bytes_received": received} for m, j, c, sent, received in members]})
+                {"member_id": m, "shard_index": j, "committed": bool(c), "bytes_sent": sent + co_sent,
+                 "bytes_received": received + co_received, "coordinator_bytes_sent": co_sent,
+                 "coordinator_bytes_received": co_received}
+                for m, j, c, sent, received, co_sent, co_received in members]})
         return out
 
 

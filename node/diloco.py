@@ -22,13 +22,24 @@ coordinator quorum) moves the bytes and compares checksums. The defaults of
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
+
+# The outer step itself is shared with the coordinator, which rebuilds each committed state
+# from the owners' result bytes (issue 12): one piece of code for both sides.
+from pollinate.compression.outer import (
+    OuterStep,
+    OuterStepError,
+    apply_results,
+    mask_seed,
+    outer_step,
+    shard_bounds,
+    state_checksum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,48 +160,6 @@ def assign_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
             n = p.numel()
             p.copy_(flat[offset:offset + n].view_as(p))
             offset += n
-
-
-def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:
-    """Member j owns [start_j, stop_j): contiguous, sizes differ by at most one element."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    base, extra = divmod(numel, num_shards)
-    bounds, start = [], 0
-    for j in range(num_shards):
-        stop = start + base + (1 if j < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
-def mask_seed(round_index: int, shard_start: int) -> int:
-    """Seed of the codec's random mask: the same for every member, new every round.
-
-    Low 32 bits: a hash of the round and the shard (the cocktail codec's Bernoulli mask
-    seeds its generator with them); the bits above: the round itself (its cycled mask moves
-    its window by the round).
-    """
-    if not 0 <= round_index < 1 << 30:
-        raise ValueError(f"round_index must be in [0, 2^30), got {round_index}")
-    digest = hashlib.sha256(f"diloco-mask:{round_index}:{shard_start}".encode()).digest()
-    return (round_index << 32) | int.from_bytes(digest[:4], "little") >> 1  # < 2^62
-
-
-def outer_step(theta: torch.Tensor, momentum: torch.Tensor, update: torch.Tensor, *,
-               lr: float, momentum_coef: float, nesterov: bool) -> None:
-    """SGD with momentum on θ_global, in place, as torch.optim.SGD does it (dampening 0)."""
-    momentum.mul_(momentum_coef).add_(update)
-    direction = update + momentum_coef * momentum if nesterov else momentum
-    theta.sub_(lr * direction)
-
-
-def state_checksum(*tensors: torch.Tensor) -> str:
-    """sha256 over the exact bytes: equal only if every member holds bit-identical state."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def screen(decoded: Mapping[str, torch.Tensor], *, numel: int,
@@ -388,32 +357,35 @@ class DiLoCoMember:
             self._staged_owner[shard_index] = (start, stop, leftover)
         return ShardResult(payload=payload, accepted=tuple(accepted), rejected=rejected)
 
+    def outer_settings(self, round_index: int, num_shards: int) -> OuterStep:
+        """The codec and outer optimizer of this round: what ``apply`` runs, and what the
+        coordinator needs to rebuild the committed state from the result frames."""
+        if round_index < self.config.warmup_rounds or self.solo(num_shards):
+            codec, params = "none", {}
+        else:
+            codec, params = self.config.codec, dict(self.config.codec_params)
+        lr, momentum = (self.config.solo_outer_optimizer if self.solo(num_shards)
+                        else (self.config.outer_lr, self.config.outer_momentum))
+        return OuterStep(codec=codec, codec_params=params, lr=lr, momentum=momentum,
+                         nesterov=self.config.nesterov)
+
     def apply(self, results: Sequence[bytes], *, round_index: int, num_shards: int) -> str:
         """Decode every shard's result, take the outer step, commit; returns the checksum."""
-        bounds = shard_bounds(self.numel, num_shards)
-        if len(results) != len(bounds):
-            raise RoundError(f"{len(results)} shard results for {len(bounds)} shards")
-        codec = self.codec_for(round_index, num_shards)
-        update = torch.empty_like(self.global_flat)
-        for j, ((start, stop), payload) in enumerate(zip(bounds, results)):
-            try:
-                part = codec.decode(payload, seed=mask_seed(round_index, start)).reshape(-1)
-            except Exception as exc:
-                raise RoundError(f"shard {j} result undecodable: {exc}") from exc
-            if part.numel() != stop - start or not bool(torch.isfinite(part).all()):
-                raise RoundError(f"shard {j} result has wrong length or NaN/Inf")
-            update[start:stop] = part
-        lr, momentum_coef = (self.config.solo_outer_optimizer if self.solo(num_shards)
-                             else (self.config.outer_lr, self.config.outer_momentum))
-        outer_step(self.global_flat, self.momentum, update, lr=lr, momentum_coef=momentum_coef,
-                   nesterov=self.config.nesterov)
+        if len(results) != num_shards:
+            raise RoundError(f"{len(results)} shard results for {num_shards} shards")
+        try:  # compression/outer.py: the same code the coordinator rebuilds the state with
+            checksum = apply_results(self.global_flat, self.momentum, results,
+                          self.outer_settings(round_index, num_shards), round_index=round_index,
+                          codec=self.codec_for(round_index, num_shards))
+        except OuterStepError as exc:
+            raise RoundError(str(exc)) from exc
         if self._staged_residual is not None:
             self.residual = self._staged_residual
         for start, stop, leftover in self._staged_owner.values():
             self.owner_residual[start:stop] = leftover
         self._staged_residual, self._staged_owner = None, {}
         self.rounds_applied += 1
-        return self.checksum()
+        return checksum
 
     def abort(self) -> None:
         """Drop what this round staged; θ_global, momentum and residuals stay committed."""

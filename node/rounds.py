@@ -9,7 +9,10 @@ replies, so the trainer feeding this replica waits for the round:
    (one call per other owner: CONTRIBUTION in, that owner's RESULT back on the same call).
    As owner, this node collects the group's contributions for its shard (``receive``, called
    by the servicer), ``aggregate``s once all are in and answers every call with the result.
-3. ``apply`` → checksum; ``CommitRound`` with the checksum and the new global state.
+3. ``apply`` → checksum; ``CommitRound`` with the checksum, the result frame of our own shard
+   and the outer step's settings: the coordinator rebuilds the new global state from its
+   previous one with the same code (compression/outer.py), so the state itself travels only
+   when it asks (``send_state``: round 1, a result missing, a rebuild that disagreed).
 4. Committed: the adapter restarts from ``local_start()``. Anything else (a timeout, a peer
    error, checksums that disagree): θ_global, momentum and both residuals are restored to
    their values before the round; nothing is half-applied.
@@ -25,8 +28,11 @@ aborts it and forms the next attempt with the live members (coordinator/rounds.p
 coordinator's committed state (``GetCommittedState``). Only after the last attempt fails
 does the adapter restart from the committed θ_global (the H steps are then lost).
 
-With one replica the group has one member and the exchange is local (no RPC).
-Math in node/diloco.py; nothing here changes it.
+With one replica the group has one member and the exchange is local (no RPC); its commit
+still carries the (fp32, solo) result frame. Bytes: every message of the round (BeginRound,
+ExchangeShard, CommitRound, requests and replies) is counted at its serialized size; the
+commit log line and the coordinator's status report the same totals.
+Math in node/diloco.py and compression/outer.py; nothing here changes it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from pollinate.compression.outer import state_to_bytes
 from pollinate.node.diloco import (
     Contribution,
     DiLoCoConfig,
@@ -127,7 +134,8 @@ class RoundDriver:
         self._inboxes: dict[tuple[str, int, int], _Inbox] = {}  # (job, round, attempt)
         # job -> (state, round, attempt, owner task) of a failed attempt still served
         self._serving: dict[str, tuple] = {}
-        # (job, round, attempt) -> [bytes sent, bytes received]: serialized ExchangeShard messages
+        # (job, round, attempt) -> [bytes sent, bytes received] of serialized ExchangeShard
+        # messages, then the same of BeginRound's request and reply (to/from the coordinator)
         self._traffic: dict[tuple[str, int, int], list[int]] = {}
         self._channel = None
 
@@ -173,14 +181,16 @@ class RoundDriver:
                             "from the job's initial state", job.name, server.start, server.end)
             state.restored = True
 
-    def count(self, job: str, r: int, attempt: int, *, sent: int = 0, received: int = 0) -> None:
-        """Add serialized ExchangeShard message sizes to (job, round, attempt)'s traffic."""
+    def count(self, job: str, r: int, attempt: int, *, sent: int = 0, received: int = 0,
+              coordinator: bool = False) -> None:
+        """Add serialized message sizes to (job, round, attempt)'s traffic: ExchangeShard's, or
+        with ``coordinator`` BeginRound's."""
         state = self.jobs.get(job)
         if state is None or (r, attempt) <= state.left:
             return  # over here: already reported (or refused)
-        traffic = self._traffic.setdefault((job, r, attempt), [0, 0])
-        traffic[0] += sent
-        traffic[1] += received
+        traffic = self._traffic.setdefault((job, r, attempt), [0, 0, 0, 0])
+        traffic[2 * coordinator] += sent
+        traffic[2 * coordinator + 1] += received
 
     async def after_backward(self, manager, job) -> None:
         state = self.jobs.get(job.name)
@@ -248,9 +258,13 @@ class RoundDriver:
 
         try:
             with translate_rpc_errors(peer=self.coordinator_address):
-                return await self._coordinator().BeginRound(coordinator_pb2.BeginRoundRequest(
-                    job=job, span=span, round=r, member_id=self._member_id(), tokens=tokens),
-                    timeout=self.config.begin_timeout_s)
+                request = coordinator_pb2.BeginRoundRequest(
+                    job=job, span=span, round=r, member_id=self._member_id(), tokens=tokens)
+                reply = await self._coordinator().BeginRound(request, timeout=self.config.begin_timeout_s)
+            # the attempt's traffic includes its BeginRound (issue 12: every byte of the round)
+            self.count(job, r, reply.attempt, sent=request.ByteSize(), received=reply.ByteSize(),
+                       coordinator=True)
+            return reply
         finally:
             self._stop_serving(job)
 
@@ -290,9 +304,6 @@ class RoundDriver:
     async def _attempt(self, server, job, span, state: _JobRounds, params, r: int, reply,
                        tokens: int) -> bool:
         """One formation of round r: exchange, apply, commit; on failure roll back, False."""
-        from pollinate.protocol.errors import translate_rpc_errors
-        from pollinate.protocol.v1 import coordinator_pb2
-
         member, me = state.member, self._member_id()
         group = [(m.member_id, m.address) for m in reply.members]
         n, s, attempt = len(group), reply.shard_index, reply.attempt
@@ -321,22 +332,8 @@ class RoundDriver:
                                                self.config.exchange_timeout_s)
             results = [own if j == s else got[j - (j > s)] for j in range(n)]
             checksum = await server._run(lambda: member.apply(results, round_index=r, num_shards=n))
-            blob = await server._run(_save_state, member.shared_state())
-            if len(blob) > COORDINATOR_STATE_BYTES:
-                raise FailedPrecondition(
-                    f"job {job.name!r} span {span.start}:{span.end}: the round's state is {len(blob) / 1e6:.1f} MB, "
-                    f"over the {COORDINATOR_STATE_BYTES >> 20} MiB a coordinator keeps per round; use a smaller "
-                    f"adapter (rank) or fewer blocks per node")
-            # Every ExchangeShard message of the attempt has been counted by now: our calls
-            # returned, and the handlers answering our shard count their replies before sending.
-            sent, received = self._traffic.get((job.name, r, attempt), (0, 0))
-            with translate_rpc_errors(peer=self.coordinator_address):
-                done = await self._coordinator().CommitRound(coordinator_pb2.CommitRoundRequest(
-                    job=job.name, span=span, round=r, member_id=me, checksum=checksum, state=blob,
-                    attempt=attempt, bytes_sent=sent, bytes_received=received),
-                    timeout=self.config.commit_timeout_s)
-            if not done.committed:
-                raise FailedPrecondition(f"round {r} not committed: {done.reason}")
+            sent, received = await self._commit(server, job.name, span, r, attempt, me, checksum,
+                                                member, own=(s, results[s]), n=n, send_state=reply.send_state)
         except (Exception, asyncio.CancelledError) as exc:
             for t in sends:
                 t.cancel()
@@ -366,6 +363,50 @@ class RoundDriver:
                     "%d B sent, %d B received, %.2f s", r, job.name, server.start, server.end, attempt, n,
                     sent, received, time.monotonic() - t0)
         return True
+
+    async def _commit(self, server, job: str, span, r: int, attempt: int, me: str, checksum: str,
+                      member: DiLoCoMember, *, own: tuple[int, bytes], n: int,
+                      send_state: bool) -> tuple[int, int]:
+        """CommitRound: our checksum, our shard's result frame and the outer step; the whole
+        state only where the coordinator asks (BeginRound said so, or its reply does). Raises
+        unless committed; returns every byte of the attempt (sent, received): ExchangeShard,
+        BeginRound and CommitRound messages."""
+        from pollinate.protocol.errors import translate_rpc_errors
+        from pollinate.protocol.v1 import coordinator_pb2
+
+        if member.numel * 8 > COORDINATOR_STATE_BYTES:  # θ_global and momentum, fp32
+            raise FailedPrecondition(
+                f"job {job!r} span {span.start}:{span.end}: the round's state is {member.numel * 8 / 1e6:.1f} MB, "
+                f"over the {COORDINATOR_STATE_BYTES >> 20} MiB a coordinator keeps per round; use a smaller "
+                f"adapter (rank) or fewer blocks per node")
+        step = member.outer_settings(r, n)
+
+        async def blob() -> bytes:
+            return await server._run(state_to_bytes, member.global_flat, member.momentum)
+
+        # Every ExchangeShard message of the attempt has been counted by now: our calls
+        # returned, and the handlers answering our shard count their replies before sending.
+        sent, received, co_sent, co_received = self._traffic.get((job, r, attempt), (0, 0, 0, 0))
+        request = coordinator_pb2.CommitRoundRequest(
+            job=job, span=span, round=r, member_id=me, checksum=checksum, attempt=attempt,
+            bytes_sent=sent, bytes_received=received, coordinator_bytes_sent=co_sent,
+            coordinator_bytes_received=co_received, state=await blob() if send_state else b"",
+            results=[coordinator_pb2.ShardResultFrame(shard_index=own[0], payload=own[1])],
+            outer=coordinator_pb2.OuterStepSettings(
+                codec=step.codec, codec_params_json=step.params_json(), lr=step.lr,
+                momentum=step.momentum, nesterov=step.nesterov))
+        for _ in range(2):  # the second call only if asked for the state
+            with translate_rpc_errors(peer=self.coordinator_address):
+                done = await self._coordinator().CommitRound(request, timeout=self.config.commit_timeout_s)
+            co_sent, co_received = co_sent + request.ByteSize(), co_received + done.ByteSize()
+            if not done.send_state:
+                break
+            request = coordinator_pb2.CommitRoundRequest(
+                job=job, span=span, round=r, member_id=me, checksum=checksum, attempt=attempt,
+                state=await blob())
+        if not done.committed:
+            raise FailedPrecondition(f"round {r} not committed: {done.reason}")
+        return sent + co_sent, received + co_received
 
     def _inbox(self, job: str, r: int, attempt: int) -> _Inbox:
         inbox = self._inboxes.get((job, r, attempt))
@@ -474,12 +515,6 @@ class RoundDriver:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-
-
-def _save_state(state: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in state.items()})
 
 
 def load_state(data: bytes) -> dict[str, torch.Tensor]:

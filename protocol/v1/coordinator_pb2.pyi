@@ -180,18 +180,22 @@ class RoundInfo(_message.Message):
     def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., committed_at: _Optional[float] = ..., members: _Optional[_Iterable[_Union[RoundMemberTraffic, _Mapping]]] = ...) -> None: ...
 
 class RoundMemberTraffic(_message.Message):
-    __slots__ = ("member_id", "shard_index", "bytes_sent", "bytes_received", "committed")
+    __slots__ = ("member_id", "shard_index", "bytes_sent", "bytes_received", "committed", "coordinator_bytes_sent", "coordinator_bytes_received")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     shard_index: int
     bytes_sent: int
     bytes_received: int
     committed: bool
-    def __init__(self, member_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
+    coordinator_bytes_sent: int
+    coordinator_bytes_received: int
+    def __init__(self, member_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., committed: _Optional[bool] = ..., coordinator_bytes_sent: _Optional[int] = ..., coordinator_bytes_received: _Optional[int] = ...) -> None: ...
 
 class BeginRoundRequest(_message.Message):
     __slots__ = ("job", "span", "round", "member_id", "tokens")
@@ -216,19 +220,43 @@ class RoundMember(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BeginRoundReply(_message.Message):
-    __slots__ = ("round", "members", "shard_index", "attempt")
+    __slots__ = ("round", "members", "shard_index", "attempt", "send_state")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SEND_STATE_FIELD_NUMBER: _ClassVar[int]
     round: int
     members: _containers.RepeatedCompositeFieldContainer[RoundMember]
     shard_index: int
     attempt: int
-    def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ..., shard_index: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    send_state: bool
+    def __init__(self, round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ..., shard_index: _Optional[int] = ..., attempt: _Optional[int] = ..., send_state: _Optional[bool] = ...) -> None: ...
+
+class OuterStepSettings(_message.Message):
+    __slots__ = ("codec", "codec_params_json", "lr", "momentum", "nesterov")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    codec_params_json: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    def __init__(self, codec: _Optional[str] = ..., codec_params_json: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ...) -> None: ...
+
+class ShardResultFrame(_message.Message):
+    __slots__ = ("shard_index", "payload")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    payload: bytes
+    def __init__(self, shard_index: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class CommitRoundRequest(_message.Message):
-    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt", "bytes_sent", "bytes_received")
+    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt", "bytes_sent", "bytes_received", "coordinator_bytes_sent", "coordinator_bytes_received", "results", "outer")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +266,10 @@ class CommitRoundRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    OUTER_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
     round: int
@@ -247,17 +279,23 @@ class CommitRoundRequest(_message.Message):
     attempt: int
     bytes_sent: int
     bytes_received: int
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    coordinator_bytes_sent: int
+    coordinator_bytes_received: int
+    results: _containers.RepeatedCompositeFieldContainer[ShardResultFrame]
+    outer: OuterStepSettings
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., coordinator_bytes_sent: _Optional[int] = ..., coordinator_bytes_received: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ShardResultFrame, _Mapping]]] = ..., outer: _Optional[_Union[OuterStepSettings, _Mapping]] = ...) -> None: ...
 
 class CommitRoundReply(_message.Message):
-    __slots__ = ("committed", "reason", "committed_round")
+    __slots__ = ("committed", "reason", "committed_round", "send_state")
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEND_STATE_FIELD_NUMBER: _ClassVar[int]
     committed: bool
     reason: str
     committed_round: int
-    def __init__(self, committed: _Optional[bool] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ...) -> None: ...
+    send_state: bool
+    def __init__(self, committed: _Optional[bool] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ..., send_state: _Optional[bool] = ...) -> None: ...
 
 class GetCommittedStateRequest(_message.Message):
     __slots__ = ("job", "span")

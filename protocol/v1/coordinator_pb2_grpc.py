@@ -157,8 +157,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CommitRound(self, request, context):
-        """A member reports the checksum of its new global state (and the state itself); the reply
-        comes once every group member reported: committed when all checksums agree.
+        """A member reports the checksum of its new global state and the result frames of the
+        shards it owns; the reply comes once every group member reported: committed when all
+        checksums agree and the coordinator holds the new state, which it rebuilds from its
+        previous committed state and the results (compression/outer.py). Where it cannot (first
+        round, a result missing, its rebuild disagrees) the reply to one member says send_state
+        and that member calls again with the whole state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2,12 +2,15 @@
 the whole tiny model (two replicas of span 0:4) train one job at once; every 3 inner steps
 they run a round (BeginRound, ExchangeShard, CommitRound). After 9 steps: round 3 is
 committed, and both replicas' committed global state (θ_global and outer momentum, from
-GetState) is bit-identical to the coordinator's stored copy.
+GetState) is bit-identical to the coordinator's stored copy. The members send that state
+only once (round 1, when the coordinator has nothing to rebuild from); rounds 2 and 3 the
+coordinator rebuilds from the owners' result frames, and its copy is still the replicas'.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +40,9 @@ def test_two_replicas_run_three_rounds_and_end_bit_identical(tmp_path, tiny_mode
     assert result["momentum_norm"] > 0  # the outer step moved θ_global
     assert logs.count("committed by 2/2 members") == 3, logs  # the coordinator, once per round
     assert logs.count("committed here (attempt 1, group of 2)") == 6, logs  # 3 rounds on each node
+    # issue 12: the state travelled once (round 1); rounds 2 and 3 were rebuilt from results
+    for r in (2, 3):
+        assert re.search(rf"round {r} of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB "
+                         r"rebuilt from 2 result frame\(s\)", logs), logs
+    assert re.search(r"round 1 of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB taken whole",
+                     logs), logs

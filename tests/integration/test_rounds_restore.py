@@ -11,12 +11,15 @@ equal the coordinator's bit for bit, and their first round is the group's next o
 refused, and never reach round 3 in 3 steps). Each reports the serialized size of the
 ExchangeShard messages it sent and received in round 3; what one sent is what the other
 received, counted independently on each side, and `pollinate status --json` shows them
-with the round.
+with the round, plus the BeginRound and CommitRound bytes (issue 12): each node's log line
+gives the same totals, and they stay below the size of the state that a commit carried
+before the coordinator rebuilt it from the result frames.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,10 +77,16 @@ def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, 
             [sys.executable, "-m", "pollinate", "status", "--coordinator", coord.info["grpc"],
              "--token-file", str(tmp_path / "token"), "--json"], capture_output=True, text=True, timeout=60)
         logs = [p.log_path.read_text(errors="replace") for p in fresh]
+        alone_log = first.log_path.read_text(errors="replace")
         coord_log = coord.log_path.read_text(errors="replace")
         dump = group.dump_logs(100)
     for log in logs:
         assert "round 2 of job rounds span 0:4 (restored at job start): adopted" in log, dump
+    # A group of one moves no ExchangeShard bytes, but its round is not free: BeginRound, the
+    # commit with its result frame (round 1: the whole state) are counted and logged.
+    alone = [(int(x), int(y)) for x, y in re.findall(
+        r"committed here \(attempt \d+, group of 1\), (\d+) B sent, (\d+) B received", alone_log)]
+    assert len(alone) == 2 and all(x > 0 and y > 0 for x, y in alone), (alone, dump)
     assert "round 3 of job rounds span 0:4 committed by 2/2 members" in coord_log, dump
     assert after["round"] == 3 and after["replicas_equal_coordinator"] == [True, True], after
     assert after["inner_steps"] == [3, 3], after
@@ -88,7 +97,56 @@ def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, 
     a, b = rnd["members"]
     sent = [int(m["bytes_sent"]) for m in (a, b)]
     received = [int(m["bytes_received"]) for m in (a, b)]
+    to_coord = [int(m.get("coordinator_bytes_sent", 0)) for m in (a, b)]
+    from_coord = [int(m.get("coordinator_bytes_received", 0)) for m in (a, b)]
     assert all(m.get("committed") for m in (a, b)) and min(sent) > 0, rnd
+    assert min(to_coord) > 0 and min(from_coord) > 0, rnd  # BeginRound and CommitRound counted
     # Counted independently on both sides of each ExchangeShard call: one's out is the other's in.
-    assert sent == received[::-1], rnd
-    print("round 3 bytes per member (sent, received):", list(zip(sent, received)))
+    exchanged = [s - c for s, c in zip(sent, to_coord)]
+    assert exchanged == [r - c for r, c in zip(received, from_coord)][::-1], rnd
+    # The nodes log the same totals as status shows, commit included.
+    logged = sorted((int(x), int(y)) for log in logs for x, y in re.findall(
+        r"round 3 of job rounds span 0:4 committed here \(attempt \d+, group of 2\), (\d+) B sent, (\d+) B received",
+        log))
+    assert logged == sorted(zip(sent, received)), (logged, rnd)
+    # The commit no longer carries the state: a member's whole round is below the state's size.
+    assert max(sent) < after["state_bytes"], (rnd, after["state_bytes"])
+    print("round 3 bytes per member (sent, received):", list(zip(sent, received)), "state", after["state_bytes"])
+
+
+def coordinator_args(tmp_path: Path, model_dir, port: int) -> list[str]:
+    return ["coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", str(port), "--http-port", "-1",
+            "--token-file", str(tmp_path / "token"), "--model", str(model_dir), "--num-blocks", "4",
+            "--heartbeat-period", "0.5", "--lease", "10", "--round-window", "30"]
+
+
+def test_a_coordinator_killed_mid_job_rebuilds_the_next_round_from_its_stored_state(
+        tmp_path, tiny_model_dir, tiny_model_files, tiny_cache_dir):
+    """Two replicas commit round 1 (the state sent whole: nothing to rebuild from); the
+    coordinator is SIGKILLed and restarted on the same data directory and port; round 2 then
+    commits without any member sending the state: the new process reads round 1's state back
+    from its file (checksum verified) and rebuilds round 2 from the result frames, bit for bit
+    the replicas' (issue 12: the coordinator holds every committed state, across restarts)."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    with ProcGroup(tmp_path) as group:
+        coord = group.start("coordinator", coordinator_args(tmp_path, tiny_model_dir, 0))
+        group.wait_ready([coord], timeout=60)
+        port = int(coord.info["grpc"].rsplit(":", 1)[1])
+        nodes = [group.start(f"node-{i}", node_args(coord, tmp_path, tiny_model_dir, tiny_cache_dir))
+                 for i in range(2)]
+        group.wait_ready(nodes, timeout=180)
+        first = train(coord, nodes, steps=3)
+        assert first["round"] == 1 and first["replicas_equal_coordinator"] == [True, True], first
+
+        coord.kill()  # the fault: SIGKILL of the coordinator between rounds
+        restarted = group.start("coordinator-2", coordinator_args(tmp_path, tiny_model_dir, port))
+        group.wait_ready([restarted], timeout=60)
+        second = train(restarted, nodes, steps=3)
+        log_1 = coord.log_path.read_text(errors="replace")
+        log_2 = restarted.log_path.read_text(errors="replace")
+        dump = group.dump_logs(100)
+    assert re.search(r"round 1 of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB taken whole", log_1), dump
+    assert re.search(r"round 2 of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB rebuilt from "
+                     r"2 result frame\(s\)", log_2), dump
+    assert second["round"] == 2 and second["replicas_equal_coordinator"] == [True, True], second
+    assert second["inner_steps"] == [6, 6], second

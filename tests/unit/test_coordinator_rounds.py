@@ -1,5 +1,6 @@
 """coordinator/rounds.py: quorum forming, commit on agreeing checksums, abort on disagreement,
-and a committed round (and its state file) surviving a reopen of the data directory."""
+a committed round (and its state file) surviving a reopen of the data directory, and the
+new state rebuilt from the owners' result frames (issue 12) or taken whole where it cannot be."""
 
 from __future__ import annotations
 
@@ -7,14 +8,45 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from pollinate.compression.outer import (
+    OuterStep,
+    apply_results,
+    mask_seed,
+    shard_bounds,
+    state_to_bytes,
+)
 from pollinate.coordinator.config import RoundsConfig, StoreConfig
 from pollinate.coordinator.placement import Span
-from pollinate.coordinator.rounds import Rounds
+from pollinate.coordinator.rounds import CommitOutcome, Rounds
 from pollinate.coordinator.store import Store
 from pollinate.protocol.errors import FailedPrecondition, NotFound
 
 SPAN = Span(0, 4)
+NUMEL = 5000
+# the adapter-job defaults (node/diloco.py): cocktail at ~0.77 bit/element, outer lr 1.0
+STEP = OuterStep(codec="cocktail", codec_params={"p": 0.75, "k": 1.0, "bits": 1, "bucket": 1024},
+                 lr=1.0, momentum=0.8)
+OK = CommitOutcome(committed=True, reason="", committed_round=1)
+
+
+class Job:
+    """What every member of a group holds and does: the state, one round's result frames."""
+
+    def __init__(self) -> None:
+        self.theta = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
+        self.momentum = torch.zeros(NUMEL)
+
+    def round(self, r: int, n: int, step: OuterStep = STEP) -> tuple[list[bytes], str]:
+        """Owners' results for round r (n shards) and the checksum after applying them."""
+        codec, g = step.make_codec(), torch.Generator().manual_seed(r)
+        results = [codec.encode(torch.randn(stop - start, generator=g) * 1e-2, seed=mask_seed(r, start))
+                   for start, stop in shard_bounds(NUMEL, n)]
+        return results, apply_results(self.theta, self.momentum, results, step, round_index=r)
+
+    def state(self) -> bytes:
+        return state_to_bytes(self.theta, self.momentum)
 
 
 def membership(*ids: str, span: Span = SPAN):
@@ -25,28 +57,47 @@ def membership(*ids: str, span: Span = SPAN):
 
 def test_round_forms_commits_and_survives_reopen(tmp_path):
     async def scenario():
+        job = Job()
         store = Store(StoreConfig(data_dir=tmp_path)).open()
         rounds = Rounds(RoundsConfig(window_s=5.0, commit_timeout_s=5.0), store, membership("b", "a"))
         (ga, sa), (gb, sb) = await asyncio.gather(rounds.begin("j", SPAN, 1, "b", 10),
                                                   rounds.begin("j", SPAN, 1, "a", 30))
         assert ga == gb and [m for m, _ in ga.members] == ["a", "b"] and (sa, sb) == (1, 0)
+        assert ga.state_member == "a"  # round 1: nothing to rebuild from, shard 0 sends the state
         with pytest.raises(FailedPrecondition):
             await rounds.begin("j", SPAN, 2, "a", 1)  # round 1 is not committed yet
-        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", "c1", b"state-1"),
-                                   rounds.commit("j", SPAN, 1, "b", "c1", b""))
-        assert out == [(True, "", 1), (True, "", 1)]
+        results, c1 = job.round(1, 2)
+        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", c1, job.state()),
+                                   rounds.commit("j", SPAN, 1, "b", c1, b""))
+        assert out == [OK, OK]
+        assert rounds.committed_state("j", SPAN) == (1, c1, job.state())
         # round 2: checksums disagree -> aborted, nothing committed, same number formed again
         await asyncio.gather(rounds.begin("j", SPAN, 2, "a", 1), rounds.begin("j", SPAN, 2, "b", 1))
-        out = await asyncio.gather(rounds.commit("j", SPAN, 2, "a", "x", b"s"),
-                                   rounds.commit("j", SPAN, 2, "b", "y", b"s"))
-        assert [o[0] for o in out] == [False, False] and "disagree" in out[0][1] and out[0][2] == 1
-        await asyncio.gather(rounds.begin("j", SPAN, 2, "a", 1), rounds.begin("j", SPAN, 2, "b", 1))
+        out = await asyncio.gather(rounds.commit("j", SPAN, 2, "a", "x"), rounds.commit("j", SPAN, 2, "b", "y"))
+        assert [o.committed for o in out] == [False, False] and "disagree" in out[0].reason
+        assert out[0].committed_round == 1
+        (g2, _), _ = await asyncio.gather(rounds.begin("j", SPAN, 2, "a", 1), rounds.begin("j", SPAN, 2, "b", 1))
+        assert g2.attempt == 2 and g2.state_member == ""  # round 1's state is here: rebuild
+        results, c2 = job.round(2, 2)
+        out = await asyncio.gather(*(rounds.commit("j", SPAN, 2, m, c2, attempt=2, results=[(j, results[j])],
+                                                   outer=STEP) for j, m in enumerate("ab")))
+        assert [o.committed for o in out] == [True, True]
+        assert rounds.committed_state("j", SPAN) == (2, c2, job.state())  # rebuilt bit for bit
         store.close()
 
-        reopened = Rounds(RoundsConfig(), Store(StoreConfig(data_dir=tmp_path)).open(), membership("a"))
-        assert reopened.committed_state("j", SPAN) == (1, "c1", b"state-1")
+        # a restarted coordinator rebuilds round 3 from round 2's file
+        reopened = Rounds(RoundsConfig(window_s=5.0, commit_timeout_s=5.0),
+                          Store(StoreConfig(data_dir=tmp_path)).open(), membership("a", "b"))
+        assert reopened.committed_state("j", SPAN) == (2, c2, job.state())
         with pytest.raises(NotFound):
             reopened.committed_state("other", SPAN)
+        (g3, _), _ = await asyncio.gather(reopened.begin("j", SPAN, 3, "a", 1), reopened.begin("j", SPAN, 3, "b", 1))
+        assert g3.state_member == ""
+        results, c3 = job.round(3, 2)
+        out = await asyncio.gather(*(reopened.commit("j", SPAN, 3, m, c3, results=[(j, results[j])], outer=STEP)
+                                     for j, m in enumerate("ab")))
+        assert [o.committed for o in out] == [True, True]
+        assert reopened.committed_state("j", SPAN) == (3, c3, job.state())
 
     asyncio.run(scenario())
 
@@ -59,7 +110,9 @@ def test_a_replica_that_does_not_show_is_left_out(tmp_path):
         assert [m for m, _ in group.members] == ["a"] and shard == 0
         with pytest.raises(FailedPrecondition):
             await rounds.begin("j", SPAN, 1, "b", 5)  # too late: formed without it
-        assert await rounds.commit("j", SPAN, 1, "a", "c", b"s") == (True, "", 1)
+        job = Job()
+        _, c1 = job.round(1, 1)
+        assert await rounds.commit("j", SPAN, 1, "a", c1, job.state()) == OK
         store.close()
 
     asyncio.run(scenario())
@@ -80,11 +133,13 @@ def test_owner_failure_aborts_and_the_live_members_form_the_next_attempt_at_once
         del members.members["c"]  # its lease expired
         (ga, sa), (gb, sb) = await asyncio.wait_for(retry, 5.0)
         assert ga == gb and ga.attempt == 2 and [m for m, _ in ga.members] == ["a", "b"]
+        job = Job()
+        _, c1 = job.round(1, 2)
         with pytest.raises(FailedPrecondition):  # a checksum for the aborted attempt
-            await rounds.commit("j", SPAN, 1, "a", "c1", b"s", attempt=1)
-        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", "c1", b"s", attempt=2),
-                                   rounds.commit("j", SPAN, 1, "b", "c1", b"", attempt=2))
-        assert out == [(True, "", 1), (True, "", 1)]
+            await rounds.commit("j", SPAN, 1, "a", c1, job.state(), attempt=1)
+        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", c1, job.state(), attempt=2),
+                                   rounds.commit("j", SPAN, 1, "b", c1, b"", attempt=2))
+        assert out == [OK, OK]
         row = store.db.execute("SELECT state FROM rounds WHERE round=1").fetchone()
         assert row[0] == "committed"
         store.close()
@@ -101,12 +156,14 @@ def test_a_member_that_gives_up_is_dropped_and_the_round_commits_for_the_others(
                         membership("a", "b", "c"))
         await asyncio.gather(*(rounds.begin("j", SPAN, 1, m, 1) for m in "abc"))
         b_again = asyncio.ensure_future(rounds.begin("j", SPAN, 1, "b", 1))
-        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", "c1", b"s", attempt=1),
-                                   rounds.commit("j", SPAN, 1, "c", "c1", b"", attempt=1))
-        assert out == [(True, "", 1), (True, "", 1)]
+        job = Job()
+        _, c1 = job.round(1, 3)
+        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", c1, job.state(), attempt=1),
+                                   rounds.commit("j", SPAN, 1, "c", c1, b"", attempt=1))
+        assert out == [OK, OK]
         with pytest.raises(FailedPrecondition, match="committed without b"):
             await b_again
-        assert rounds.committed_state("j", SPAN) == (1, "c1", b"s")
+        assert rounds.committed_state("j", SPAN) == (1, c1, job.state())
         store.close()
 
     asyncio.run(scenario())
@@ -126,6 +183,93 @@ def test_a_registered_job_turns_training_when_its_first_round_forms(tmp_path):
         now = jobs.get("j")
         assert now.state == "training" and now.spec == LORA and now.created_at == job.created_at
         assert now.updated_at >= job.updated_at
+        store.close()
+
+    asyncio.run(scenario())
+
+
+async def _commit_round_1(rounds: Rounds, job: Job, ids: str) -> None:
+    await asyncio.gather(*(rounds.begin("j", SPAN, 1, m, 1) for m in ids))
+    _, c1 = job.round(1, len(ids))
+    out = await asyncio.gather(*(rounds.commit("j", SPAN, 1, m, c1, job.state() if m == ids[0] else b"")
+                                 for m in ids))
+    assert all(o.committed for o in out), out
+
+
+def test_a_result_missing_the_coordinator_asks_one_member_for_the_state(tmp_path):
+    """b (owner of shard 1) gives round 2 up after serving its result; a and c commit it, but
+    shard 1's frame never reached the coordinator: it asks a, the first reporter, for the whole
+    state, checks it against the checksum and commits; c only ever sent its own frame."""
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b", "c"))
+        await _commit_round_1(rounds, job, "abc")
+        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "abc"))
+        results, c2 = job.round(2, 3)
+        b_again = asyncio.ensure_future(rounds.begin("j", SPAN, 2, "b", 1))
+        c = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "c", c2, results=[(2, results[2])], outer=STEP))
+        a = await rounds.commit("j", SPAN, 2, "a", c2, results=[(0, results[0])], outer=STEP)
+        assert a.send_state and not a.committed and not c.done()  # c waits for a's state
+        again = await rounds.commit("j", SPAN, 2, "a", c2, job.state())
+        assert again.committed and not again.send_state
+        c = await c
+        assert c.committed and not c.send_state and c.committed_round == 2
+        assert rounds.committed_state("j", SPAN) == (2, c2, job.state())
+        with pytest.raises(FailedPrecondition, match="committed without b"):
+            await b_again
+        store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_rebuild_that_disagrees_takes_the_state_and_a_wrong_state_aborts(tmp_path):
+    """The members applied another outer step than the one they sent (here: lr 0.5 vs 1.0):
+    the coordinator's rebuild does not match their checksum, so it takes the state whole; a
+    state that does not match the checksum either is refused and the round aborts."""
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b"))
+        await _commit_round_1(rounds, job, "ab")
+        before = job.state()
+        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "ab"))
+        results, c2 = job.round(2, 2, OuterStep(codec=STEP.codec, codec_params=STEP.codec_params, lr=0.5,
+                                                momentum=0.8))
+        b = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "b", c2, results=[(1, results[1])], outer=STEP))
+        a = await rounds.commit("j", SPAN, 2, "a", c2, results=[(0, results[0])], outer=STEP)
+        assert (a.committed, a.send_state) == (False, True)
+        assert (await rounds.commit("j", SPAN, 2, "a", c2, job.state())).committed
+        assert (await b).committed
+        assert rounds.committed_state("j", SPAN) == (2, c2, job.state())
+
+        await asyncio.gather(*(rounds.begin("j", SPAN, 3, m, 1) for m in "ab"))
+        results, c3 = job.round(3, 2, OuterStep(codec="none", lr=1.0, momentum=0.8))  # STEP sent: disagrees
+        b = asyncio.ensure_future(rounds.commit("j", SPAN, 3, "b", c3, results=[(1, results[1])], outer=STEP))
+        assert (await rounds.commit("j", SPAN, 3, "a", c3, results=[(0, results[0])], outer=STEP)).send_state
+        wrong = await rounds.commit("j", SPAN, 3, "a", c3, before)  # round 1's state
+        assert not wrong.committed and "does not match" in wrong.reason
+        assert not (await b).committed
+        assert rounds.committed_round(("j", 0, 4)) == 2
+        store.close()
+
+    asyncio.run(scenario())
+
+
+def test_commit_traffic_is_counted_with_the_round(tmp_path):
+    """Status's bytes of a round include the commit: the member's own counts (ExchangeShard,
+    BeginRound) plus the CommitRound request and reply sizes measured here, also alone."""
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=0.2), store, membership("a"))
+        await rounds.begin("j", SPAN, 1, "a", 5)
+        _, c1 = job.round(1, 1)
+        assert (await rounds.commit("j", SPAN, 1, "a", c1, job.state(), bytes_sent=0, bytes_received=0,
+                                    coordinator_bytes_sent=40, coordinator_bytes_received=30,
+                                    request_bytes=80_000)).committed
+        rounds.count_traffic("j", SPAN, 1, "a", received=9)  # the reply, counted by the servicer
+        (row,) = store.last_committed_rounds()
+        (m,) = row["members"]
+        assert (m["bytes_sent"], m["bytes_received"]) == (80_040, 39)
+        assert (m["coordinator_bytes_sent"], m["coordinator_bytes_received"]) == (80_040, 39)
         store.close()
 
     asyncio.run(scenario())

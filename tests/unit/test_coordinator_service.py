@@ -327,7 +327,11 @@ async def test_client_falls_back_to_unary_heartbeats_on_a_coordinator_without_th
 
 async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
     """LoRA rank 8 on 15 SmolLM2 blocks commits a 1.8 MB state: over the 1.1 MB limit of the
-    other channels, within the coordinator's; it comes back byte for byte."""
+    other channels, within the coordinator's; it comes back byte for byte. (Round 1: the
+    coordinator has nothing to rebuild from, so BeginRound asks for the whole state.)"""
+    import torch
+
+    from pollinate.compression.outer import state_checksum, state_to_bytes
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES
     from pollinate.protocol.errors import ResourceExhausted, translate_rpc_errors
 
@@ -335,9 +339,11 @@ async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
     try:
         assigned = await node.start()
         span = common_pb2.Span(start=assigned.span.start, end=assigned.span.end)
-        state = bytes(range(256)) * (DEFAULT_MAX_MESSAGE_BYTES // 128)  # ~2.2 MB
+        theta = torch.randn(DEFAULT_MAX_MESSAGE_BYTES // 4, generator=torch.Generator().manual_seed(0))
+        momentum = torch.zeros_like(theta)
+        state, checksum = state_to_bytes(theta, momentum), state_checksum(theta, momentum)  # ~2.2 MB
         commit = coordinator_pb2.CommitRoundRequest(job="big", span=span, round=1, member_id=node.member_id,
-                                                    checksum="c", state=state)
+                                                    checksum=checksum, state=state)
         small = open_channel(server.grpc_address, ChannelConfig(token=TOKEN))
         big = open_channel(server.grpc_address, ChannelConfig(token=TOKEN,
                                                               max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
@@ -347,12 +353,12 @@ async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
             stub = coordinator_pb2_grpc.CoordinatorStub(big)
             formed = await stub.BeginRound(coordinator_pb2.BeginRoundRequest(
                 job="big", span=span, round=1, member_id=node.member_id, tokens=1), timeout=10)
-            assert [m.member_id for m in formed.members] == [node.member_id]
+            assert [m.member_id for m in formed.members] == [node.member_id] and formed.send_state
             done = await stub.CommitRound(commit, timeout=10)
             assert done.committed and done.committed_round == 1, done.reason
             got = await stub.GetCommittedState(coordinator_pb2.GetCommittedStateRequest(job="big", span=span),
                                                timeout=10)
-            assert (got.round, got.checksum, got.state == state) == (1, "c", True)
+            assert (got.round, got.checksum, got.state == state) == (1, checksum, True)
         finally:
             await small.close()
             await big.close()

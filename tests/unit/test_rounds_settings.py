@@ -24,7 +24,7 @@ from pollinate.node.diloco import ADAPTER_OUTER_LR, DENSE_OUTER_OPTIMIZER, DiLoC
 from pollinate.node.training import JobSpec
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.v1 import node_pb2
-from test_coordinator_rounds import SPAN, membership
+from test_coordinator_rounds import SPAN, STEP, Job, membership
 
 
 def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
@@ -100,25 +100,34 @@ def test_bytes_reported_with_commit_are_stored_with_the_round_and_shown(tmp_path
         store = Store(StoreConfig(data_dir=tmp_path)).open()
         rounds = Rounds(RoundsConfig(window_s=5.0, commit_timeout_s=5.0), store, membership("a", "b"))
         assert store.last_committed_rounds() == []
+        job = Job()
         for r, (sa, sb) in enumerate([(100, 200), (300, 400)], start=1):
             await asyncio.gather(rounds.begin("j", SPAN, r, "a", 1), rounds.begin("j", SPAN, r, "b", 1))
+            results, checksum = job.round(r, 2)
             out = await asyncio.gather(
-                rounds.commit("j", SPAN, r, "a", "c", b"s", bytes_sent=sa, bytes_received=sb),
-                rounds.commit("j", SPAN, r, "b", "c", b"", bytes_sent=sb, bytes_received=sa))
-            assert [o[0] for o in out] == [True, True]
+                rounds.commit("j", SPAN, r, "a", checksum, job.state() if r == 1 else b"", bytes_sent=sa,
+                              bytes_received=sb, coordinator_bytes_sent=10, coordinator_bytes_received=20,
+                              results=[(0, results[0])], outer=STEP, request_bytes=1000),
+                rounds.commit("j", SPAN, r, "b", checksum, b"", bytes_sent=sb, bytes_received=sa,
+                              results=[(1, results[1])], outer=STEP, request_bytes=2000))
+            assert [o.committed for o in out] == [True, True]
         store.close()
         return Store(StoreConfig(data_dir=tmp_path)).open().last_committed_rounds()  # survives a reopen
 
     (last,) = asyncio.run(scenario())
     assert (last["job"], last["span"], last["round"]) == ("j", [0, 4], 2)
+    # ExchangeShard bytes as reported, plus BeginRound's (reported) and CommitRound's (measured here)
     assert last["members"] == [
-        {"member_id": "a", "shard_index": 0, "committed": True, "bytes_sent": 300, "bytes_received": 400},
-        {"member_id": "b", "shard_index": 1, "committed": True, "bytes_sent": 400, "bytes_received": 300}]
+        {"member_id": "a", "shard_index": 0, "committed": True, "bytes_sent": 1310, "bytes_received": 420,
+         "coordinator_bytes_sent": 1010, "coordinator_bytes_received": 20},
+        {"member_id": "b", "shard_index": 1, "committed": True, "bytes_sent": 2400, "bytes_received": 300,
+         "coordinator_bytes_sent": 2000, "coordinator_bytes_received": 0}]
     status = {"epoch": 1, "model_id": "m", "num_blocks": 4, "members": [], "blocks": [], "holes": [],
               "dht_initial_peers": [], "started_at": 0.0, "version": "v", "heartbeat_period_s": 1.0,
               "lease_s": 4.0, "rounds": [last]}
     reply = status_to_proto(status)
-    assert "<td>j</td><td>0:4</td><td>2</td><td>a</td><td>300</td><td>400</td>" in render_html(status)
-    assert [m.bytes_sent for m in reply.rounds[0].members] == [300, 400]
+    assert "<td>j</td><td>0:4</td><td>2</td><td>a</td><td>1310</td><td>420</td>" in render_html(status)
+    assert [m.bytes_sent for m in reply.rounds[0].members] == [1310, 2400]
+    assert [m.coordinator_bytes_sent for m in reply.rounds[0].members] == [1010, 2000]
     text = format_rounds(reply.rounds, now=last["committed_at"] + 5)
-    assert text.splitlines()[2].split() == ["j", "0:4", "2", "5s", "ago", "a", "0", "300", "B", "400", "B"], text
+    assert text.splitlines()[2].split() == ["j", "0:4", "2", "5s", "ago", "a", "0", "1.3", "kB", "420", "B"], text
