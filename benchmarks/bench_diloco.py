@@ -19,8 +19,9 @@ that checkpoint with 4 replicas that see the same tokens:
                    overlap_rounds (node/rounds.py): at each boundary the replicas snapshot and
                    go on training; round r is computed from the snapshots and lands
                    --overlap-delay inner steps later (θ_local ← local_start + progress since
-                   the snapshot, node.diloco.overlap_restart); a round still out at the next
-                   boundary lands there first (the node's Backward waits for it)
+                   the snapshot, node.diloco.overlap_restart). A node lets a round land at
+                   most overlap_max_steps steps late (the Backward after that waits), so the
+                   default delay, equal to it, is the node's worst case
 
 One JSON object per arm on stdout. Bytes are what one replica sends + receives in the
 owner exchange pattern (its contributions to the 3 other owners, the 3 others' contributions
@@ -275,10 +276,12 @@ def main() -> None:
                     "linear layer instead of all weights (the pretrained checkpoint is the same)")
     ap.add_argument("--jobs", type=int, default=1, help="runs (arm, seed) in parallel processes; "
                     "the numbers do not depend on it (2 on a 2-core machine halves the wall time)")
-    ap.add_argument("--overlap-delay", type=int, default=1, metavar="STEPS", help="inner steps "
-                    "an overlapped round takes to land (diloco-cocktail-overlap): 1 = a round "
-                    "shorter than one inner step, as a node's rounds on a home link are; "
-                    ">= H = one round late (Eager Updates' delayed outer step); 0 = blocking")
+    ap.add_argument("--overlap-delay", type=int, default=DiLoCoConfig().overlap_max_steps,
+                    metavar="STEPS", help="inner steps an overlapped round takes to land "
+                    "(diloco-cocktail-overlap). Default: DiLoCoConfig.overlap_max_steps, the "
+                    "latest a node lets it land (its Backward waits then), i.e. the node's worst "
+                    "case; >= H = one round late (Eager Updates' naive delayed outer step); "
+                    "0 = blocking")
     ap.add_argument("--config", default="{}", help="JSON overrides of DiLoCoConfig fields for "
                     "the compressed arm (the diloco arm shares H and the outer optimizer)")
     args = ap.parse_args()

@@ -5,9 +5,10 @@ cover in both modes).
 
 What must hold: the Backward that ends a round's steps does not wait for it; the steps made
 while it is out are kept when it lands (θ_local ← restart point + progress since the
-snapshot); the Backward that reaches the next boundary waits for a round still out, and only
-then; each round logs one backward_wait_s line; a round that crashes leaves the adapter as it
-is and the next Backward starts it again; a pseudo-gradient carries each step exactly once.
+snapshot); a Backward waits for a round still out after overlap_max_steps steps (or at the
+next boundary), and only then; each round logs one backward_wait_s line; a round that crashes
+leaves the adapter as it is and the next Backward starts it again; a pseudo-gradient carries
+each step exactly once.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ NUMEL = 6
 H = 2
 
 
-def config(overlap: bool) -> DiLoCoConfig:
+def config(overlap: bool, max_steps: int = 100) -> DiLoCoConfig:
     # fp32 rounds, one member, outer SGD without momentum at lr 0.5: θ_global moves halfway
-    # to the member's θ_local, so every number below can be written down by hand
+    # to the member's θ_local, so every number below can be written down by hand. max_steps
+    # 100 (> H): a round may stay out until the next boundary
     return DiLoCoConfig(inner_steps=H, codec="none", codec_params={}, outer_lr=0.5, outer_momentum=0.0,
-                        solo_outer_optimizer=None, overlap_rounds=overlap)
+                        solo_outer_optimizer=None, overlap_rounds=overlap, overlap_max_steps=max_steps)
 
 
 class Driver(RoundDriver):
@@ -68,12 +70,13 @@ async def run_now(fn, *args):
     return fn(*args)
 
 
-def setup(overlap: bool):
+def setup(overlap: bool, max_steps: int = 100):
     driver = Driver()
     param = torch.nn.Parameter(torch.zeros(NUMEL))
     job = SimpleNamespace(name="j", inner_steps=0, tokens=0,
                           adapter=SimpleNamespace(parameters=lambda: [param]))
-    driver.jobs["j"] = _JobRounds(member=DiLoCoMember(torch.zeros(NUMEL), config(overlap)), restored=True)
+    driver.jobs["j"] = _JobRounds(member=DiLoCoMember(torch.zeros(NUMEL), config(overlap, max_steps)),
+                                  restored=True)
     manager = SimpleNamespace(server=SimpleNamespace(start=0, end=2, _run=run_now))
     return driver, job, param, manager
 
@@ -158,6 +161,35 @@ def test_the_next_boundary_waits_for_a_round_still_out(caplog):
         assert [w[0] for w in waits(caplog)] == [1, 2]  # one line per round
 
     asyncio.run(main())
+
+
+def test_a_round_out_longer_than_overlap_max_steps_holds_the_backward(caplog):
+    caplog.set_level(logging.INFO, logger="pollinate.node.rounds")
+
+    async def main():
+        driver, job, param, manager = setup(overlap=True, max_steps=1)
+        ones = torch.ones(NUMEL)
+        for _ in range(H):
+            step(job, param, ones)
+            await driver.after_backward(manager, job)  # the H-th: round 1 starts, no wait
+        step(job, param, 2 * ones)  # one step past the snapshot: the most it may stay out
+        held = asyncio.create_task(driver.after_backward(manager, job))
+        await settle()
+        assert not held.done()
+        driver.gate.set()
+        await held
+        # landed after that step: θ_global = 0.5 × 2, plus the step made since the snapshot
+        assert torch.allclose(param.detach(), ones + 2 * ones)
+        (r, how, wait), = waits(caplog)
+        assert (r, how) == (1, "overlapped, landed 1 inner steps after its snapshot") and wait >= 0.0
+        step(job, param, ones)  # round 2 starts at the boundary (step 4); nothing out: no wait
+        await driver.after_backward(manager, job)
+        assert driver._overlapped["j"].round == 2 and driver._overlapped["j"].steps == 4
+
+    asyncio.run(main())
+
+    with pytest.raises(ValueError, match="overlap_max_steps"):
+        DiLoCoConfig(overlap_max_steps=0)
 
 
 def test_every_step_reaches_global_exactly_once():
