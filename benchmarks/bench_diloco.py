@@ -234,10 +234,11 @@ def arm_configs(args) -> dict[str, DiLoCoConfig]:
     overrides = json.loads(args.config)
     if args.quick:
         overrides.setdefault("inner_steps", 10)
-    cocktail = DiLoCoConfig(**overrides)
+    # the arm says how its rounds run (diloco-cocktail blocking, -overlap overlapped), not the default
+    cocktail = dataclasses.replace(DiLoCoConfig(**overrides), overlap_rounds=False)
     dense = DiLoCoConfig(inner_steps=cocktail.inner_steps, outer_lr=cocktail.outer_lr,
                          outer_momentum=cocktail.outer_momentum, nesterov=cocktail.nesterov,
-                         codec="none", codec_params={})
+                         codec="none", codec_params={}, overlap_rounds=False)
     paper = dataclasses.replace(dense, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
     return {"diloco": dense, "diloco-paper": paper, "diloco-cocktail": cocktail, "solo": cocktail,
             "diloco-cocktail-overlap": dataclasses.replace(cocktail, overlap_rounds=True)}
