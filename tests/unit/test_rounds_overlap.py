@@ -263,3 +263,29 @@ def test_blocking_rounds_hold_the_backward_and_log_it(caplog):
         assert (r, how) == (1, "blocking")
 
     asyncio.run(main())
+
+
+def test_the_job_setting_travels_unset_true_and_false_apart():
+    """JobSpec.overlap_rounds (node.proto field 31, optional): unset = the nodes' default,
+    through the proto, the coordinator's registry and the train/job-create flags."""
+    import argparse
+
+    from pollinate.client.cli_job import add_job_arguments, job_spec
+    from pollinate.coordinator.jobs import spec_to_dict
+    from pollinate.node.training import JobSpec
+    from pollinate.protocol.v1 import node_pb2
+
+    for value in (None, True, False):
+        spec = JobSpec(overlap_rounds=value)
+        msg = spec.to_proto(node_pb2)
+        assert JobSpec.from_proto(msg) == spec
+        assert JobSpec.from_proto(node_pb2.JobSpec(**spec_to_dict(msg))) == spec
+        assert spec.diloco_config().overlap_rounds is (DiLoCoConfig().overlap_rounds if value is None else value)
+    assert "overlap_rounds" not in spec_to_dict(JobSpec().to_proto(node_pb2))
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    assert job_spec(parser.parse_args([])).overlap_rounds is None
+    assert job_spec(parser.parse_args(["--no-overlap-rounds"])).overlap_rounds is False
+    assert job_spec(parser.parse_args(["--overlap-rounds"])).overlap_rounds is True
+    registered = JobSpec(overlap_rounds=False).to_proto(node_pb2)
+    assert job_spec(parser.parse_args([]), registered).overlap_rounds is False  # the registered job's
