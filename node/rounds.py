@@ -132,7 +132,7 @@ class _Overlapped:
     before: tuple[int, int]  # (steps_at_round, tokens_at_round) before it, restored if it crashes
     task: asyncio.Task | None = None
     landed: int = 0  # inner steps made between the snapshot and the landing
-    waited: bool = False  # a Backward waits for it at the next boundary (and logs the wait)
+    waited: bool = False  # a Backward was held for it (that Backward logs the wait)
 
 
 def payload_chunks(payload: bytes, framing):
