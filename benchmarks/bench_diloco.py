@@ -14,6 +14,14 @@ that checkpoint with 4 replicas that see the same tokens:
                    with it, so a ratio cannot be won by an outer lr that suits only the codec
   solo             one replica with the compressed arm's config: its rounds are groups of one
                    (a span with a single replica); compared with local, which has no rounds
+  diloco-cocktail-overlap
+                   the compressed arm with overlapped rounds, as a node runs them with
+                   overlap_rounds (node/rounds.py): at each boundary the replicas snapshot and
+                   go on training; round r is computed from the snapshots and lands
+                   --overlap-delay inner steps later (θ_local ← local_start + progress since
+                   the snapshot, node.diloco.overlap_restart). A node lets a round land at
+                   most overlap_max_steps steps late (the Backward after that waits), so the
+                   default delay, equal to it, is the node's worst case
 
 One JSON object per arm on stdout. Bytes are what one replica sends + receives in the
 owner exchange pattern (its contributions to the 3 other owners, the 3 others' contributions
@@ -21,6 +29,7 @@ to its shard, its shard result to the 3 others, the 3 others' results): the enco
 lengths for the DiLoCo arms, 4 bytes per element for ddp (the same pattern every step, i.e.
 a reduce-scatter + all-gather).
 Usage: python benchmarks/bench_diloco.py [--quick] [--seeds N] [--first-seed S] [--jobs J]
+       [--arms A,B] [--lora R] [--overlap-delay STEPS] [--config JSON]
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat,
-                                   exchange_in_process, flatten_params, registry_codec)
+                                   exchange_in_process, flatten_params, overlap_restart,
+                                   registry_codec)
 
 REPLICAS = 4
 SEQ = 64  # tokens per sequence (bytes)
@@ -50,7 +60,8 @@ BATCH = 8  # sequences per replica per step
 INNER_LR = 1e-3  # AdamW; the DiLoCo 4e-4 is for large models, tiny ones want more
 VAL_SEQS = 256
 LORA_LR = 3e-3  # inner AdamW lr with --lora (adapters take a larger step than full weights)
-ARMS = ("ddp", "local", "diloco", "diloco-paper", "diloco-cocktail", "solo")  # the order they print in
+ARMS = ("ddp", "local", "diloco", "diloco-paper", "diloco-cocktail", "solo",
+        "diloco-cocktail-overlap")  # the order they print in
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,18 +186,62 @@ def run_diloco(args, state, train, val, seed, config: DiLoCoConfig, num_replicas
     return {"val_loss": val_loss(final, val), "bytes_per_replica": moved, "rounds": rounds}
 
 
+def run_diloco_overlapped(args, state, train, val, seed, config: DiLoCoConfig, delay: int) -> dict:
+    """run_diloco with overlapped rounds (module doc): the same members, rounds and tokens;
+    only when each round's outer update reaches θ_local differs. delay 0 is run_diloco."""
+    replicas = [fresh(args, state) for _ in range(REPLICAS)]
+    params = [trainable(m) for m, _ in replicas]
+    members = [DiLoCoMember(flatten_params(params[0]), config, codec_factory=args.codec_factory)
+               for _ in range(REPLICAS)]
+    moved, rounds, since = 0, 0, 0
+    pending = None  # (round index, the replicas' snapshots, tokens each, step it lands after)
+
+    def land() -> None:
+        nonlocal moved, pending
+        index, snapshots, tokens, _ = pending
+        report = exchange_in_process(members, snapshots, [tokens] * REPLICAS, round_index=index)
+        if len(set(report.checksums)) != 1 or report.rejected:
+            raise RuntimeError(f"round {index}: members diverged or rejected {report.rejected}")
+        moved += sum(report.bytes_per_member) // REPLICAS
+        for r in range(REPLICAS):
+            now = flatten_params(params[r])
+            assign_flat(params[r], overlap_restart(members[r].local_start(), now, snapshots[r]))
+        pending = None
+
+    for step in range(args.steps):
+        for r, (model, opt) in enumerate(replicas):
+            train_step(model, opt, batch(train, BATCH, (seed, r, step)))
+        since += 1
+        if pending is not None and step + 1 >= pending[3]:
+            land()
+        if since == config.inner_steps or step + 1 == args.steps:
+            if pending is not None:  # still out at the boundary: the node's Backward waits here
+                land()
+            pending = (rounds, [flatten_params(p) for p in params], since * BATCH * SEQ, step + 1 + delay)
+            rounds, since = rounds + 1, 0
+            if delay == 0:  # lands before the next step: the blocking round
+                land()
+    if pending is not None:
+        land()  # the last round: the committed global model is evaluated, as in run_diloco
+    final, _ = replicas[0]
+    assign_flat(params[0], members[0].global_flat)
+    return {"val_loss": val_loss(final, val), "bytes_per_replica": moved, "rounds": rounds}
+
+
 def arm_configs(args) -> dict[str, DiLoCoConfig]:
     """The DiLoCo arms' configs: the compressed one from --config, the dense ones sharing its
     H and outer optimizer, and the paper's outer optimizer."""
     overrides = json.loads(args.config)
     if args.quick:
         overrides.setdefault("inner_steps", 10)
-    cocktail = DiLoCoConfig(**overrides)
+    # the arm says how its rounds run (diloco-cocktail blocking, -overlap overlapped), not the default
+    cocktail = dataclasses.replace(DiLoCoConfig(**overrides), overlap_rounds=False)
     dense = DiLoCoConfig(inner_steps=cocktail.inner_steps, outer_lr=cocktail.outer_lr,
                          outer_momentum=cocktail.outer_momentum, nesterov=cocktail.nesterov,
-                         codec="none", codec_params={})
+                         codec="none", codec_params={}, overlap_rounds=False)
     paper = dataclasses.replace(dense, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
-    return {"diloco": dense, "diloco-paper": paper, "diloco-cocktail": cocktail, "solo": cocktail}
+    return {"diloco": dense, "diloco-paper": paper, "diloco-cocktail": cocktail, "solo": cocktail,
+            "diloco-cocktail-overlap": dataclasses.replace(cocktail, overlap_rounds=True)}
 
 
 def run_arm(args, name: str, seed: int) -> dict:
@@ -200,6 +255,9 @@ def run_arm(args, name: str, seed: int) -> dict:
         return run_local(args, state, train, val, seed)
     if name == "solo":
         return run_diloco(args, state, train, val, seed, arm_configs(args)["solo"], num_replicas=1)
+    if name == "diloco-cocktail-overlap":
+        return run_diloco_overlapped(args, state, train, val, seed, arm_configs(args)[name],
+                                     args.overlap_delay)
     return run_diloco(args, state, train, val, seed, arm_configs(args)[name])
 
 
@@ -219,6 +277,12 @@ def main() -> None:
                     "linear layer instead of all weights (the pretrained checkpoint is the same)")
     ap.add_argument("--jobs", type=int, default=1, help="runs (arm, seed) in parallel processes; "
                     "the numbers do not depend on it (2 on a 2-core machine halves the wall time)")
+    ap.add_argument("--overlap-delay", type=int, default=DiLoCoConfig().overlap_max_steps,
+                    metavar="STEPS", help="inner steps an overlapped round takes to land "
+                    "(diloco-cocktail-overlap). Default: DiLoCoConfig.overlap_max_steps, the "
+                    "latest a node lets it land (its Backward waits then), i.e. the node's worst "
+                    "case; >= H = one round late (Eager Updates' naive delayed outer step); "
+                    "0 = blocking")
     ap.add_argument("--config", default="{}", help="JSON overrides of DiLoCoConfig fields for "
                     "the compressed arm (the diloco arm shares H and the outer optimizer)")
     args = ap.parse_args()
@@ -227,9 +291,9 @@ def main() -> None:
     args.codec_factory = registry_codec
     names = args.arms.split(",")
     unknown = sorted(set(names) - set(ARMS))
-    if unknown or args.jobs < 1 or args.seeds < 1:
+    if unknown or args.jobs < 1 or args.seeds < 1 or args.overlap_delay < 0:
         ap.error(f"--arms takes {', '.join(ARMS)} (got {', '.join(unknown)})" if unknown
-                 else "--jobs and --seeds must be >= 1")
+                 else "--jobs and --seeds must be >= 1, --overlap-delay >= 0")
     configs = arm_configs(args)
     torch.set_num_threads(args.threads)
     pretrained(args, load_text()[0])  # once, before any worker reads the cache
@@ -259,6 +323,15 @@ def main() -> None:
                         out[f"loss_ratio_vs_{base.replace('-', '_')}"] = round(ratio, 4)
                 if "local" in results:
                     out["beats_local"] = out["val_loss"] < results["local"]["val_loss"]
+            if name == "diloco-cocktail-overlap":
+                out["overlap_delay_steps"] = args.overlap_delay
+                if "diloco-cocktail" in results:  # the same rounds, blocking
+                    ratio = out["val_loss"] / results["diloco-cocktail"]["val_loss"]
+                    out["loss_ratio_vs_blocking"] = round(ratio, 4)
+                for base in ("ddp", "diloco-paper"):
+                    if base in results:
+                        ratio = out["val_loss"] / results[base]["val_loss"]
+                        out[f"loss_ratio_vs_{base.replace('-', '_')}"] = round(ratio, 4)
             if name == "solo" and "local" in results:  # a lone replica's rounds must not hurt it
                 out["loss_ratio_vs_local"] = round(out["val_loss"] / results["local"]["val_loss"], 4)
             results[name] = out

@@ -29,7 +29,7 @@ SPEC_DEFAULTS = {"method": "lora", "rank": 8, "alpha": 16.0, "targets": "", "fee
 DILOCO_FLAGS = {"round_steps": ("round_steps", 0), "diloco_codec": ("codec", ""), "diloco_p": ("codec_p", 0.0),
                 "diloco_k": ("codec_k", 0.0), "diloco_bits": ("codec_bits", 0), "diloco_bucket": ("codec_bucket", 0),
                 "warmup_rounds": ("warmup_rounds", None), "outer_lr": ("outer_lr", 0.0),
-                "outer_momentum": ("outer_momentum", None)}
+                "outer_momentum": ("outer_momentum", None), "overlap_rounds": ("overlap_rounds", None)}
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +59,10 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--warmup-rounds", type=int, help="first rounds sent uncompressed (fp32); 0 = none")
     d.add_argument("--outer-lr", type=float, help="outer Nesterov SGD learning rate, > 0")
     d.add_argument("--outer-momentum", type=float, help="outer momentum in [0, 1); 0 = plain averaging step")
+    d.add_argument("--overlap-rounds", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each round in the background while the next inner steps proceed (its "
+                        "update lands late, training does not stop); --no-overlap-rounds: the Backward "
+                        "that ends a round's steps waits for the round")
 
 
 def spec_flags_given(args: argparse.Namespace) -> bool:

@@ -1,8 +1,16 @@
 """The node's side of a DiLoCo round over the network: coordinator quorum, ExchangeShard, commit.
 
 After every H inner steps of a job (``JobSpec.round_steps``, 0 = ``DiLoCoConfig``'s default)
-the Backward call that made the H-th step runs round r = last committed + 1 before it
-replies, so the trainer feeding this replica waits for the round:
+round r = last committed + 1 runs. With blocking rounds (``DiLoCoConfig.overlap_rounds``
+False) the Backward call that made the H-th step runs it before it replies, so the trainer
+feeding this replica waits for the round. With overlapped rounds that Backward snapshots the
+adapter and starts the round in the background on the snapshot (``_start_overlapped``); the
+inner steps go on, and when the round lands the adapter takes the round's restart point plus
+the steps made since the snapshot (``diloco.overlap_restart``). A Backward waits only for a
+round still out after ``DiLoCoConfig.overlap_max_steps`` inner steps (bounded staleness: a
+round landing a whole round late costs 13% on bench_diloco, one step late 0.1%). Either way
+each round logs one line with ``backward_wait_s=<seconds>``: how long a Backward was held for
+it. A round:
 
 1. ``BeginRound`` at the coordinator: the group (shard order) and this member's shard.
 2. ``DiLoCoMember.contribute``; each payload goes to its shard's owner by ``ExchangeShard``
@@ -32,12 +40,16 @@ With one replica the group has one member and the exchange is local (no RPC); it
 still carries the (fp32, solo) result frame. Bytes: every message of the round (BeginRound,
 ExchangeShard, CommitRound, requests and replies) is counted at its serialized size; the
 commit log line and the coordinator's status report the same totals.
-Math in node/diloco.py and compression/outer.py; nothing here changes it.
+Math in node/diloco.py and compression/outer.py; nothing here changes it. An overlapped
+round is the same round: it runs ``run_round`` on a copy of the adapter taken at the
+snapshot, so everything above (checksums, commit, faults, catch-up, poison rejection) is
+unchanged; only when its result reaches the live adapter differs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,6 +64,7 @@ from pollinate.node.diloco import (
     DiLoCoMember,
     assign_flat,
     flatten_params,
+    overlap_restart,
 )
 from pollinate.protocol.channels import (
     COORDINATOR_MAX_MESSAGE_BYTES,
@@ -114,6 +127,21 @@ class _Inbox:
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+@dataclass(kw_only=True)
+class _Overlapped:
+    """A round running in the background on a snapshot of the adapter (overlap_rounds)."""
+
+    round: int  # the round it runs (last committed + 1 at the snapshot)
+    shadow: list  # copies of the adapter's tensors at the snapshot: the round restarts these
+    snapshot: torch.Tensor  # flatten_params(shadow) at the snapshot
+    steps: int  # job.inner_steps at the snapshot: the next boundary counts from here
+    tokens: int  # job.tokens at the snapshot
+    before: tuple[int, int]  # (steps_at_round, tokens_at_round) before it, restored if it crashes
+    task: asyncio.Task | None = None
+    landed: int = 0  # inner steps made between the snapshot and the landing
+    waited: bool = False  # a Backward was held for it (that Backward logs the wait)
+
+
 def payload_chunks(payload: bytes, framing):
     return EncodedTensor(name=PAYLOAD, dtype="uint8", shape=(len(payload),), codec="none",
                          payload=payload).chunks(framing)
@@ -138,6 +166,7 @@ class RoundDriver:
         # messages, then the same of BeginRound's request and reply (to/from the coordinator)
         self._traffic: dict[tuple[str, int, int], list[int]] = {}
         self._channel = None
+        self._overlapped: dict[str, _Overlapped] = {}  # job -> its round running in the background
 
     # ---- tracking --------------------------------------------------------------------
 
@@ -196,12 +225,103 @@ class RoundDriver:
         state = self.jobs.get(job.name)
         if state is None:
             return
+        running = self._overlapped.get(job.name)
+        if running is not None and running.task is not None and not running.task.done() and \
+                job.inner_steps - running.steps >= state.member.config.overlap_max_steps:
+            await self._wait_overlapped(manager, job, running)  # out for as long as it may be
         if job.inner_steps - state.steps_at_round < state.member.config.inner_steps:
             return
         async with state.lock:
             if job.inner_steps - state.steps_at_round < state.member.config.inner_steps:
                 return
-            await self.run_round(manager, job, state)
+            if state.member.config.overlap_rounds:
+                await self._overlapped_boundary(manager, job, state)
+                return
+            r, t0 = state.committed_round + 1, time.monotonic()
+            try:
+                await self.run_round(manager, job, state)
+            finally:
+                self._log_wait(r, job.name, manager.server, "blocking", time.monotonic() - t0)
+
+    # ---- overlapped rounds -----------------------------------------------------------
+
+    def _log_wait(self, r: int, job: str, server, how: str, wait_s: float) -> None:
+        # One line per round; benchmarks (bench_wan) parse the backward_wait_s= token.
+        logger.info("round %d of job %s span %d:%d: %s, backward_wait_s=%.3f", r, job, server.start,
+                    server.end, how, wait_s)
+
+    async def _overlapped_boundary(self, manager, job, state: _JobRounds) -> None:
+        """A boundary with overlapped rounds (under state.lock): wait for the previous round
+        if it is still out (the only wait a Backward has), then start the next one."""
+        running = self._overlapped.get(job.name)
+        if running is not None and running.task is not None and not running.task.done():
+            await self._wait_overlapped(manager, job, running)
+        if job.inner_steps - state.steps_at_round < state.member.config.inner_steps:
+            return
+        await self._start_overlapped(manager, job, state)
+
+    async def _wait_overlapped(self, manager, job, running: _Overlapped) -> None:
+        """Hold this Backward until the round lands; the first Backward held logs the wait."""
+        first, running.waited = not running.waited, True
+        t0 = time.monotonic()
+        await asyncio.shield(running.task)  # _overlapped_round raises nothing but cancellation
+        if first:
+            self._log_wait(running.round, job.name, manager.server,
+                           f"overlapped, landed {running.landed} inner steps after its snapshot",
+                           time.monotonic() - t0)
+
+    async def _start_overlapped(self, manager, job, state: _JobRounds) -> None:
+        """Snapshot the adapter (with the step and token counts, atomically with the training
+        steps: one torch thread) and run round r on the snapshot in the background."""
+        params = list(job.adapter.parameters())
+
+        def snapshot():
+            shadow = [p.detach().clone() for p in params]
+            return shadow, flatten_params(shadow), job.inner_steps, job.tokens
+
+        shadow, flat, steps, tokens = await manager.server._run(snapshot)
+        bg = _Overlapped(round=state.committed_round + 1, shadow=shadow, snapshot=flat, steps=steps,
+                         tokens=tokens, before=(state.steps_at_round, state.tokens_at_round))
+        weight = max(tokens - state.tokens_at_round, 1)
+        state.steps_at_round, state.tokens_at_round = steps, tokens  # the next boundary: steps + H
+        self._overlapped[job.name] = bg
+        bg.task = asyncio.create_task(self._overlapped_round(manager, job, state, bg, weight))
+
+    async def _overlapped_round(self, manager, job, state: _JobRounds, bg: _Overlapped, weight: int) -> None:
+        """Round bg.round on the snapshot, then land it on the live adapter: θ_local ← where
+        the round restarted the snapshot + the steps made since (overlap_restart). A round
+        given up restarts from θ_global the same way; an unexpected error keeps the live
+        adapter as it is and makes the next Backward start the round again (as blocking
+        rounds do: their Backward fails and the next one retries)."""
+        server = manager.server
+        try:
+            await self.run_round(manager, job, state, params=bg.shadow, tokens=weight)
+        except Exception as exc:
+            state.steps_at_round, state.tokens_at_round = bg.before
+            logger.warning("round %d of job %s span %d:%d (overlapped) failed: %s; the next Backward "
+                           "starts it again", bg.round, job.name, server.start, server.end, exc)
+        else:
+            # run_round set the counters when it ended; the rounds count from the snapshot
+            state.steps_at_round, state.tokens_at_round = bg.steps, bg.tokens
+            live = list(job.adapter.parameters())
+
+            def land() -> int:
+                assign_flat(live, overlap_restart(flatten_params(bg.shadow), flatten_params(live),
+                                                  bg.snapshot))
+                return job.inner_steps - bg.steps
+
+            bg.landed = await server._run(land)
+        finally:
+            bg.shadow = []
+        if not bg.waited:
+            self._log_wait(bg.round, job.name, server,
+                           f"overlapped, landed {bg.landed} inner steps after its snapshot", 0.0)
+
+    async def settled(self, name: str) -> None:
+        """Wait for the job's round running in the background, if any (tests, shutdown)."""
+        running = self._overlapped.get(name)
+        if running is not None and running.task is not None:
+            await asyncio.shield(running.task)
 
     # ---- one round -------------------------------------------------------------------
 
@@ -213,15 +333,18 @@ class RoundDriver:
                 token=self.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES, **self._tls))
         return coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
-    async def run_round(self, manager, job, state: _JobRounds) -> bool:
-        """Round r = last committed + 1, retried with a new quorum after a failed attempt."""
+    async def run_round(self, manager, job, state: _JobRounds, *, params=None, tokens: int | None = None) -> bool:
+        """Round r = last committed + 1, retried with a new quorum after a failed attempt.
+        params: the tensors the round reads θ_local from and restarts (the live adapter's, or
+        an overlapped round's snapshot copies); tokens: this member's weight (default: since
+        the last round)."""
         from pollinate.protocol.v1 import common_pb2
 
         server = manager.server
         r = state.committed_round + 1
         span = common_pb2.Span(start=server.start, end=server.end)
-        tokens = max(job.tokens - state.tokens_at_round, 1)
-        params = list(job.adapter.parameters())
+        tokens = tokens if tokens is not None else max(job.tokens - state.tokens_at_round, 1)
+        params = params if params is not None else list(job.adapter.parameters())
         for attempt in range(1, self.config.max_attempts + 1):
             try:
                 reply = await self._begin(job.name, span, r, tokens)
@@ -512,6 +635,14 @@ class RoundDriver:
                              f"{self.config.exchange_timeout_s:.0f} s") from None
 
     async def close(self) -> None:
+        for running in self._overlapped.values():
+            if running.task is not None and not running.task.done():
+                running.task.cancel()
+        for running in self._overlapped.values():
+            if running.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running.task
+        self._overlapped.clear()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

@@ -58,6 +58,7 @@ class JobSpec:
     warmup_rounds: int | None = None  # first rounds sent uncompressed
     outer_lr: float = 0.0  # outer Nesterov SGD learning rate
     outer_momentum: float | None = None  # outer momentum (0 = plain averaging step)
+    overlap_rounds: bool | None = None  # rounds in the background while training goes on (None: the default)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS and self.method not in CLIENT_METHODS:
@@ -102,7 +103,7 @@ class JobSpec:
         return job_diloco_config(
             method=self.method, round_steps=self.round_steps, codec=self.codec, p=self.codec_p, k=self.codec_k,
             bits=self.codec_bits, bucket=self.codec_bucket, warmup_rounds=self.warmup_rounds,
-            outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
+            outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, overlap_rounds=self.overlap_rounds)
 
     def to_proto(self, pb):
         return pb.JobSpec(
@@ -112,7 +113,7 @@ class JobSpec:
             feedforward_modules=list(self.feedforward), num_virtual_tokens=self.num_virtual_tokens,
             codec=self.codec, codec_p=self.codec_p, codec_k=self.codec_k, codec_bits=self.codec_bits,
             codec_bucket=self.codec_bucket, warmup_rounds=self.warmup_rounds, outer_lr=self.outer_lr,
-            outer_momentum=self.outer_momentum,
+            outer_momentum=self.outer_momentum, overlap_rounds=self.overlap_rounds,
         )
 
     @classmethod
@@ -127,6 +128,7 @@ class JobSpec:
                 codec_bucket=msg.codec_bucket, outer_lr=msg.outer_lr,
                 warmup_rounds=msg.warmup_rounds if msg.HasField("warmup_rounds") else None,
                 outer_momentum=msg.outer_momentum if msg.HasField("outer_momentum") else None,
+                overlap_rounds=msg.overlap_rounds if msg.HasField("overlap_rounds") else None,
             )
         except ValueError as e:
             raise InvalidRequest(f"job spec: {e}") from e

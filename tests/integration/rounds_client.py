@@ -4,6 +4,9 @@ replica's committed DiLoCo state and the coordinator's, for test_rounds*.py to c
 
 With --tolerate-dead a replica whose stream fails (the fault tests SIGKILL one) stops being
 trained; the others go on, and only the replicas that finished every step are compared.
+With --overlap the job's rounds run in the background (JobSpec.overlap_rounds): the last
+round may still be out when the last Backward returns, so the client waits (--expect-round)
+until the coordinator and every finished replica have committed it before it reports.
 The helpers (train_steps, node_state, coordinator_state, replicas_report) are shared with
 rounds_member_client.py."""
 
@@ -17,11 +20,31 @@ import sys
 JOB_SEED = 3  # every replica's adapter starts from the same seed
 
 
-def job_spec(round_steps: int):
+def job_spec(round_steps: int, overlap: bool | None = None):
     from pollinate.node.training import JobSpec
     from pollinate.protocol.v1 import node_pb2
 
-    return JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED).to_proto(node_pb2)
+    return JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED,
+                   overlap_rounds=overlap).to_proto(node_pb2)
+
+
+async def wait_for_round(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int, rnd: int,
+                         timeout: float) -> None:
+    """Until the coordinator has committed round >= rnd and each node has committed that same
+    round (GetState answers for it), or the timeout; the caller's report then shows what is."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got, _, _ = await coordinator_state(cfg, coordinator, job, num_blocks)
+            if got >= rnd:
+                for address in nodes:
+                    await node_state(cfg, address, job, got)
+                return
+        except Exception:  # not committed yet (NOT_FOUND), here or at the coordinator
+            pass
+        await asyncio.sleep(0.05)  # poll interval of a readiness check with a deadline
 
 
 async def train_steps(cfg, address: str, job: str, spec, *, seed: int, steps: int, timeout: float,
@@ -109,7 +132,7 @@ async def main_async(args) -> dict:
     from pollinate.protocol.channels import ChannelConfig
 
     cfg = ChannelConfig(token=args.token)
-    spec = job_spec(args.round_steps)
+    spec = job_spec(args.round_steps, args.overlap)
     nodes = args.nodes.split(",")
     finished: list[str] = []  # the replicas that did every step
 
@@ -125,6 +148,9 @@ async def main_async(args) -> dict:
             finished.append(address)
 
     await asyncio.gather(*(train(i, a) for i, a in enumerate(nodes)))
+    if args.expect_round:
+        await wait_for_round(cfg, args.coordinator, [a for a in nodes if a in finished], args.job,
+                             args.num_blocks, args.expect_round, args.step_timeout)
     return await replicas_report(cfg, args.coordinator, [a for a in nodes if a in finished],
                                  args.job, args.num_blocks)
 
@@ -140,6 +166,10 @@ def main() -> int:
     p.add_argument("--num-blocks", type=int, default=4)
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds per Backward call (a round included)")
     p.add_argument("--tolerate-dead", action="store_true", help="a replica that fails stops; the rest go on")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="the job's overlap_rounds (default: unset, the nodes' default)")
+    p.add_argument("--expect-round", type=int, default=0, help="before reporting, wait (up to "
+                   "--step-timeout) until this round is committed everywhere (overlapped rounds)")
     args = p.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
     return 0

@@ -22,7 +22,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from rounds_client import coordinator_state, job_spec, replicas_report, train_steps
+from rounds_client import coordinator_state, job_spec, replicas_report, train_steps, wait_for_round
 
 POISON = 1e6
 
@@ -41,7 +41,7 @@ async def main_async(args) -> dict:
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
     cfg = ChannelConfig(token=args.token)
-    spec = job_spec(args.round_steps)
+    spec = job_spec(args.round_steps, args.overlap)
     nodes = args.nodes.split(",")
     gens = [torch.Generator().manual_seed(100 + i) for i in range(len(nodes))]
 
@@ -50,7 +50,8 @@ async def main_async(args) -> dict:
                                            timeout=args.step_timeout, gen=gens[i])
                                for i, a in enumerate(nodes)))
 
-    await train_nodes()  # round 1: the two nodes alone
+    await train_nodes()  # round 1: the two nodes alone (overlapped: it may still be out)
+    await wait_for_round(cfg, args.coordinator, nodes, args.job, args.num_blocks, 1, args.step_timeout)
     rnd, shared, _ = await coordinator_state(cfg, args.coordinator, args.job, args.num_blocks)
     assert rnd == 1, rnd
     honest = shared["diloco.momentum"].clone()  # round 1's averaged pseudo-gradient
@@ -143,6 +144,7 @@ async def main_async(args) -> dict:
         await coord_channel.close()
         await rpc.stop(0)
         await driver.close()
+    await wait_for_round(cfg, args.coordinator, nodes, args.job, args.num_blocks, 3, args.step_timeout)
     return {**await replicas_report(cfg, args.coordinator, nodes, args.job, args.num_blocks), **out}
 
 
@@ -157,6 +159,8 @@ def main() -> int:
     p.add_argument("--num-blocks", type=int, default=4)
     p.add_argument("--step-timeout", type=float, default=180.0)
     p.add_argument("--contribution-wait", type=float, default=10.0)
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="the job's overlap_rounds (default: unset, the nodes' default)")
     args = p.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
     return 0

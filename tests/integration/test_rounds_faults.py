@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from procs import ProcGroup
 from rounds_swarm import start_swarm
 
@@ -36,15 +37,17 @@ def wait_for_log(proc, pattern: str, client: subprocess.Popen, timeout: float) -
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
 def test_sigkill_of_a_replica_during_a_round_the_job_finishes(tmp_path, tiny_model_dir, tiny_model_files,
-                                                              tiny_cache_dir):
+                                                              tiny_cache_dir, overlap):
     with ProcGroup(tmp_path) as group:
         coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=3, token=TOKEN,
                                    lease=4, window=30)
         client = subprocess.Popen(
             [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
              "--nodes", ",".join(n.info["address"] for n in nodes), "--steps", "9", "--round-steps", "3",
-             "--tolerate-dead", "--step-timeout", "240"],
+             "--tolerate-dead", "--step-timeout", "240", "--overlap" if overlap else "--no-overlap",
+             "--expect-round", "3"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for_log(coord, r"round 2 of job rounds span 0:4 formed \(attempt 1\) with 3 member",
@@ -73,8 +76,9 @@ def test_sigkill_of_a_replica_during_a_round_the_job_finishes(tmp_path, tiny_mod
 MEMBER_CLIENT = str(Path(__file__).with_name("rounds_member_client.py"))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
 def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny_model_dir, tiny_model_files,
-                                                                  tiny_cache_dir):
+                                                                  tiny_cache_dir, overlap):
     """A third member (rounds_member_client.py: the node's own RoundDriver and ExchangeShard
     handler, joined through Join/Heartbeat) sends a x1e6 pseudo-gradient in round 2 — every
     owner rejects it, logged with the sender, and round 2 commits for all three — then in
@@ -87,7 +91,7 @@ def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny
         done = subprocess.run(
             [sys.executable, MEMBER_CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
              "--nodes", ",".join(n.info["address"] for n in nodes), "--round-steps", "3",
-             "--contribution-wait", "10"],
+             "--contribution-wait", "10", "--overlap" if overlap else "--no-overlap"],
             capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:] + group.dump_logs()
         result = json.loads(done.stdout.strip().splitlines()[-1])

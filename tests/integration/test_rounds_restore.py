@@ -24,19 +24,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from procs import ProcGroup
 
 CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 TOKEN = "rounds-restore-token"
 
 
-def train(coord, nodes, steps: int) -> dict:
-    """rounds_client.py: `steps` Backward calls on each node (H = 3), then the report of each
-    node's committed state against the coordinator's."""
+def train(coord, nodes, steps: int, *, overlap: bool, expect_round: int) -> dict:
+    """rounds_client.py: `steps` Backward calls on each node (H = 3), then (once round
+    expect_round is committed everywhere: overlapped rounds end after the last Backward) the
+    report of each node's committed state against the coordinator's."""
     done = subprocess.run(
         [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
          "--nodes", ",".join(n.info["address"] for n in nodes), "--steps", str(steps), "--round-steps", "3",
-         "--step-timeout", "180"],
+         "--step-timeout", "180", "--overlap" if overlap else "--no-overlap",
+         "--expect-round", str(expect_round)],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -48,8 +51,9 @@ def node_args(coord, tmp_path: Path, model_dir, cache_dir) -> list[str]:
             "--throughput", "10", "--torch-threads", "1"]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
 def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, tiny_model_dir,
-                                                                     tiny_model_files, tiny_cache_dir):
+                                                                     tiny_model_files, tiny_cache_dir, overlap):
     (tmp_path / "token").write_text(TOKEN + "\n")
     with ProcGroup(tmp_path) as group:
         coord = group.start("coordinator", [
@@ -60,7 +64,7 @@ def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, 
         group.wait_ready([coord], timeout=60)
         first = group.start("node-0", node_args(coord, tmp_path, tiny_model_dir, tiny_cache_dir))
         group.wait_ready([first], timeout=120)
-        before = train(coord, [first], steps=7)  # rounds 1, 2 committed; one step into round 3
+        before = train(coord, [first], steps=7, overlap=overlap, expect_round=2)  # rounds 1, 2 committed; one step into round 3
         assert before["round"] == 2 and before["inner_steps"] == [7], before
         first.kill()  # the fault: SIGKILL of the only replica of the span, mid-job
 
@@ -68,11 +72,11 @@ def test_replacement_of_the_only_replica_restores_the_committed_state(tmp_path, 
         fresh = [group.start(f"node-{i}", node_args(coord, tmp_path, tiny_model_dir, tiny_cache_dir))
                  for i in (1, 2)]
         group.wait_ready(fresh, timeout=180)
-        restored = train(coord, fresh, steps=1)  # the restore runs before this step
+        restored = train(coord, fresh, steps=1, overlap=overlap, expect_round=2)  # the restore runs before this step
         assert restored["round"] == 2, restored
         assert restored["replicas_equal_coordinator"] == [True, True], restored  # bit for bit
 
-        after = train(coord, fresh, steps=2)  # their 3rd step: round 3, the group's next
+        after = train(coord, fresh, steps=2, overlap=overlap, expect_round=3)  # their 3rd step: round 3, the group's next
         status = subprocess.run(
             [sys.executable, "-m", "pollinate", "status", "--coordinator", coord.info["grpc"],
              "--token-file", str(tmp_path / "token"), "--json"], capture_output=True, text=True, timeout=60)

@@ -49,3 +49,21 @@ def test_lora_runs_train_only_the_adapter(tmp_path):
     assert lora["ddp"]["bytes_per_replica"] * 5 < full["ddp"]["bytes_per_replica"]
     assert lora["diloco-cocktail"]["bytes_reduction_vs_ddp"] > 100
     assert lora["diloco-cocktail"]["val_loss"] != full["diloco-cocktail"]["val_loss"]
+
+
+def test_overlap_arm_is_the_blocking_arm_at_delay_zero_and_differs_when_late(tmp_path):
+    """The overlapped simulation runs the same rounds; only when they land differs: at delay 0
+    it must give the blocking arm's numbers bit for bit (it is the same computation), and a
+    round that lands later must change them (30 steps at H=10: three rounds, two land early)."""
+    arms = "diloco-cocktail,diloco-cocktail-overlap"
+    now = quick(tmp_path, "--arms", arms, "--steps", "30", "--overlap-delay", "0")
+    late = quick(tmp_path, "--arms", arms, "--steps", "30", "--overlap-delay", "3")
+    blocking, overlap = now["diloco-cocktail"], now["diloco-cocktail-overlap"]
+    assert overlap["val_loss_per_seed"] == blocking["val_loss_per_seed"]
+    assert overlap["loss_ratio_vs_blocking"] == 1.0 and overlap["config"]["overlap_rounds"] is True
+    assert late["diloco-cocktail-overlap"]["overlap_delay_steps"] == 3
+    assert late["diloco-cocktail-overlap"]["val_loss_per_seed"] != blocking["val_loss_per_seed"]
+    assert late["diloco-cocktail"]["val_loss_per_seed"] == blocking["val_loss_per_seed"]
+    # the same rounds, so (within the codec's frame-length jitter) the same bytes
+    assert abs(late["diloco-cocktail-overlap"]["bytes_per_replica"] - blocking["bytes_per_replica"]) \
+        < 0.01 * blocking["bytes_per_replica"]
