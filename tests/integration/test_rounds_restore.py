@@ -139,13 +139,13 @@ def test_a_coordinator_killed_mid_job_rebuilds_the_next_round_from_its_stored_st
         nodes = [group.start(f"node-{i}", node_args(coord, tmp_path, tiny_model_dir, tiny_cache_dir))
                  for i in range(2)]
         group.wait_ready(nodes, timeout=180)
-        first = train(coord, nodes, steps=3)
+        first = train(coord, nodes, steps=3, overlap=True, expect_round=1)  # the default mode
         assert first["round"] == 1 and first["replicas_equal_coordinator"] == [True, True], first
 
         coord.kill()  # the fault: SIGKILL of the coordinator between rounds
         restarted = group.start("coordinator-2", coordinator_args(tmp_path, tiny_model_dir, port))
         group.wait_ready([restarted], timeout=60)
-        second = train(restarted, nodes, steps=3)
+        second = train(restarted, nodes, steps=3, overlap=True, expect_round=2)
         log_1 = coord.log_path.read_text(errors="replace")
         log_2 = restarted.log_path.read_text(errors="replace")
         dump = group.dump_logs(100)
