@@ -29,6 +29,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from local_swarm import local_swarm  # benchmarks/ is on sys.path when run as a script
@@ -106,6 +107,7 @@ def main() -> int:
         tok = files.tokenizer()
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         train = tokenize(list(enumerate(train_recs, 1)), tok, max_length=2048, path=Path("<addition>"))
+        held = tokenize(list(enumerate(eval_recs, 1)), tok, max_length=2048, path=Path("<addition>"))
         # grad_clip 0: clipping is per span on the nodes, global locally; off, both runs are the same math.
         spec = JobSpec(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
                        grad_clip=0.0, seed=args.seed)
@@ -142,6 +144,12 @@ def main() -> int:
             tokens = sum(len(e.input_ids) for b in used for e in b)
             wire_bytes = history[-1]["wire_bytes_sent"] + history[-1]["wire_bytes_received"]
             acc_after, answers_after = accuracy(remote_generate(job), tok, eval_recs)
+            # held-out loss (completion tokens) with the job's adapter: through this wire, and
+            # through fp32 (the adapter's quality without the wire's rounding at evaluation)
+            eval_loss = trainer.evaluate(held)
+            exact = Trainer(swarm=remote.swarm, worker=remote.worker, client_part=remote.client_part, pad_id=pad,
+                            config=replace(config, wire_codec="none", grad_codec=""), timeout_s=300.0)
+            eval_loss_fp32 = exact.evaluate(held)
             swarm_state = trainer.adapter_state()
             result = {
                 "bench": "finetune", "model": "smollm2-135m-instruct", "task": "two-digit addition, answer only",
@@ -155,6 +163,7 @@ def main() -> int:
                 "loss_first": round(history[0]["loss"], 4), "loss_last": round(history[-1]["loss"], 4),
                 # the mean over the last 5 steps: one step's loss is one batch's
                 "loss_last5": round(sum(r["loss"] for r in history[-5:]) / len(history[-5:]), 4),
+                "eval_loss": round(eval_loss, 4), "eval_loss_fp32_wire": round(eval_loss_fp32, 4),
                 "train_tokens": tokens, "wire_bytes": wire_bytes,
                 "bytes_per_token_per_hop": round(wire_bytes / tokens / len(SPANS), 1),
                 "input_resends": history[-1]["input_resends"], "swarm_train_s": round(swarm_s, 1),
