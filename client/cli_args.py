@@ -31,7 +31,12 @@ def add_torch_threads_argument(p: argparse.ArgumentParser) -> None:
 def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     """generate and chat: the connection plus sampling settings."""
     add_connection_arguments(p)
-    p.add_argument("--codec", default="fp16", help="hidden states on the wire: fp16 (default), none (fp32)")
+    p.add_argument("--codec", default="fp16",
+                   help="hidden states on the wire: fp16 (default; greedy tokens identical to the local model "
+                        "on the benchmark prompts), none (fp32, exact), int8row (8 bits + one scale per token: "
+                        "about half fp16's bytes, tokens may differ from the local model's, see "
+                        "docs/compression.md: 2 of 5 benchmark prompts identical, 76%% of tokens agree), int4row (4 bits: "
+                        "0 of 5, 18%%)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sample")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")

@@ -15,6 +15,14 @@ import sys
 from pathlib import Path
 
 from pollinate.client.cli_args import add_connection_arguments
+
+# The wire `pollinate train` uses unless --codec says otherwise (issue 12, bench_finetune.py
+# over three seeds): int8row both ways held quality (held-out loss 0.89x fp32's on average,
+# accuracy +7 points, final training loss +2.1%) at 5.2x fewer bytes per trained token than
+# the fp32 wire before kept inputs; int4row with int4row-sr gradients (8.4x) held held-out
+# quality too but ended training 37% higher in loss. docs/compression.md has the table.
+# TrainConfig itself stays fp32 ("none"): exact, for tests and library callers.
+DEFAULT_TRAIN_CODEC = "int8row"
 from pollinate.client.cli_job import add_job_arguments, job_spec
 
 
@@ -25,7 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --data without --eval-data")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     add_connection_arguments(p)
-    p.add_argument("--codec", default="none", help="activations/gradients on the wire: none (fp32), fp16")
+    p.add_argument("--codec", default=DEFAULT_TRAIN_CODEC,
+                   help="hidden states on the wire (Forward in and out): int8row (default: 8 bits, one "
+                        "scale per token, each token's 4 largest values exact; 3.8x fewer bytes than fp32, "
+                        "same held-out quality on the benchmark), int4row (4 bits, 6.2x fewer; held-out "
+                        "quality held but training loss ended higher), fp16, none (fp32, exact); "
+                        "docs/compression.md has the measurements")
+    p.add_argument("--grad-codec", default="",
+                   help="gradients on the wire (Backward in and out): the same choices plus int4row-sr "
+                        "(4 bits, stochastic rounding); default: as --codec")
+    p.add_argument("--no-keep-inputs", dest="keep_inputs", action="store_false",
+                   help="send each hop's input again with its Backward instead of letting the node keep it "
+                        "from the Forward (more bytes; for nodes older than the keep_id field)")
     add_job_arguments(p)
     p.add_argument("--save", type=Path, help="write the trained job at the end (PEFT adapter, or a full checkpoint "
                                              "for full); required for prompt-tuning, whose prompt lives here only")
@@ -42,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         spec = job_spec(args)  # bad settings fail here; a registered job's settings replace them later
         check_save(spec, args)
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size,
-                             wire_codec=args.codec, eval_every=args.eval_every, seed=spec.seed)
+                             wire_codec=args.codec, grad_codec=args.grad_codec, keep_inputs=args.keep_inputs,
+                             eval_every=args.eval_every, seed=spec.seed)
         records = read_records(args.data)  # format errors (line numbers) before loading anything
         from pollinate.node.model_files import open_model
 

@@ -65,8 +65,8 @@ class BaseModelChain(SwarmChain):
         self.prompt_job = job
         self._input_grad: torch.Tensor | None = None
 
-    async def backward_hop(self, hop, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        grad_in = await super().backward_hop(hop, hidden, grad)
+    async def backward_hop(self, hop, hidden: torch.Tensor, grad: torch.Tensor, **kw) -> torch.Tensor:
+        grad_in = await super().backward_hop(hop, hidden, grad, **kw)
         if hop.start == 0:  # the model's input: whichever replica took it (the trainer may fail over)
             self._input_grad = grad_in
         return grad_in

@@ -3,10 +3,16 @@ the gradient back through the swarm; the nodes hold and step the job's adapters.
 
 One training step = `spec.micro_batches` micro-batches. Per micro-batch: embed locally,
 Forward through each hop of a route with the job's name and spec (the hop's input is kept
-here), logits and loss locally, then Backward through the hops in reverse, each hop
-getting its own input again plus the gradient of its output (the node recomputes its
-forward, see node/training.py) and returning the gradient of its input. The embeddings
-are frozen, so the first hop's input gradient is dropped.
+here, and, under a fresh keep_id, on the node too), logits and loss locally, then Backward
+through the hops in reverse, each hop getting the gradient of its output and the keep_id
+of its input (the node recomputes its forward from the input it kept, see
+node/training.py) and returning the gradient of its input. A node that no longer holds the
+input (evicted, expired, or a replacement replica) answers InputNotKept and gets the input
+again, as every Backward did before keep ids. The embeddings are frozen, so the first
+hop's Backward asks for no input gradient (skip_grad_inputs).
+
+Wire codecs (issue 12): `wire_codec` for the hidden states (Forward in and out),
+`grad_codec` for the gradients (Backward in and out); docs/compression.md compares them.
 
 Failures (a peer unreachable, timed out, or killed): a hop that fails during Forward bans
 the peer and the micro-batch's Forward is retried on a new route. A hop that fails during
@@ -28,6 +34,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +42,7 @@ import torch
 from pollinate.client.routing import Hop
 from pollinate.client.training_data import causal_lm_loss, collate
 from pollinate.node.training import JobSpec
-from pollinate.protocol.errors import PollinateError, translate_rpc_errors
+from pollinate.protocol.errors import InputNotKept, InvalidRequest, PollinateError, translate_rpc_errors
 from pollinate.protocol.tensors import TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
@@ -48,7 +55,11 @@ class TrainConfig:
     spec: JobSpec = field(default_factory=JobSpec)  # adapter and inner-optimizer settings
     steps: int = 100  # optimizer steps (each spec.micro_batches micro-batches)
     batch_size: int = 8  # sequences per micro-batch
-    wire_codec: str = "none"  # hidden states and gradients on the wire; "none" = fp32 (exact)
+    wire_codec: str = "none"  # hidden states on the wire (Forward in and out); "none" = fp32 (exact)
+    grad_codec: str = ""  # gradients on the wire (Backward in and out); "" = wire_codec
+    # Nodes keep each micro-batch's Forward input for its Backward (ForwardHeader.keep_id),
+    # so the input crosses the wire once instead of twice; False = re-send it (as before).
+    keep_inputs: bool = True
     eval_every: int = 0  # evaluate on the held-out split every this many steps; 0 = at the end only
     seed: int = 0  # data order
     max_forward_retries: int = 3  # reroutes of one micro-batch's Forward before giving up
@@ -61,14 +72,28 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        from pollinate.compression import CompressionError, get_codec
+
+        for name in ("wire_codec", "grad_codec"):
+            codec = getattr(self, name)
+            if codec or name == "wire_codec":
+                try:
+                    get_codec(codec)
+                except CompressionError as e:
+                    raise ValueError(f"{name}: {e}") from None
+
+    @property
+    def gradient_codec(self) -> str:
+        return self.grad_codec or self.wire_codec
 
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (NaN loss, a failed Backward); the message says why."""
 
 
-async def _stream(call, requests: list, timeout: float) -> list:
-    """Send `requests` on a bidi stream, collect the reply tensors (decoded), in order."""
+async def _stream(call, requests: list, timeout: float, received: list | None = None) -> list:
+    """Send `requests` on a bidi stream, collect the reply tensors (decoded), in order;
+    `received`, if given, gets each reply tensor's encoded size in bytes."""
     assembler = TensorAssembler()
     out = []
 
@@ -80,6 +105,8 @@ async def _stream(call, requests: list, timeout: float) -> list:
         async for reply in call(gen()):
             encoded = assembler.feed(reply.tensor)
             if encoded is not None:
+                if received is not None:
+                    received.append(len(encoded.payload))
                 out.append(await asyncio.to_thread(encoded.decode))
 
     await asyncio.wait_for(run(), timeout)
@@ -97,38 +124,79 @@ class SwarmChain:
         self.spec_msg = config.spec.to_proto(node_pb2)
         self.failovers = 0  # Backward hops moved to another replica after a failure
         self.reroutes = 0  # Forwards retried on a new route after a failure
+        self.resends = 0  # Backwards whose node had not kept the input, sent again in full
+        self.bytes_sent = 0  # encoded tensor bytes sent to nodes (Forward and Backward)
+        self.bytes_received = 0  # encoded tensor bytes received from nodes
+        self._keep_prefix = uuid.uuid4().hex[:12]  # keep ids are unique per trainer
+        self._keep_count = 0
+
+    def new_keep_id(self) -> str | None:
+        """A fresh keep_id for one hop's Forward, or None when inputs are not kept (no job:
+        the base model, as client/prompt_tuning.py trains; or keep_inputs off)."""
+        if not self.job or not self.config.keep_inputs:
+            return None
+        self._keep_count += 1
+        return f"{self._keep_prefix}-{self._keep_count}"
+
+    async def _call(self, hop: Hop, method: str, reqs: list) -> list[torch.Tensor]:
+        self.bytes_sent += sum(len(r.tensor.data) for r in reqs if r.HasField("tensor"))
+        received: list[int] = []
+        try:
+            with translate_rpc_errors(peer=hop.peer.address):
+                return await _stream(getattr(self.swarm.stub(hop.peer.address), method), reqs, self.timeout_s,
+                                     received)
+        finally:
+            self.bytes_received += sum(received)
 
     def _span(self, hop: Hop) -> common_pb2.Span:
         return common_pb2.Span(start=hop.start, end=hop.end)
 
-    async def forward_hop(self, hop: Hop, hidden: torch.Tensor, *, job: str | None = None) -> torch.Tensor:
+    async def forward_hop(self, hop: Hop, hidden: torch.Tensor, *, job: str | None = None,
+                          keep_id: str | None = None) -> torch.Tensor:
         header = node_pb2.ForwardHeader(job=job if job is not None else self.job, blocks=self._span(hop),
-                                        spec=self.spec_msg if job is None else None)
+                                        spec=self.spec_msg if job is None else None, keep_id=keep_id or "")
         enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name="hidden_states")
         reqs = [node_pb2.ForwardRequest(header=header)] + [node_pb2.ForwardRequest(tensor=c) for c in enc.chunks()]
-        with translate_rpc_errors(peer=hop.peer.address):
-            (out,) = await _stream(self.swarm.stub(hop.peer.address).Forward, reqs, self.timeout_s)
+        (out,) = await self._call(hop, "Forward", reqs)
         return out
 
-    async def backward_hop(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        header = node_pb2.BackwardHeader(job=self.job, blocks=self._span(hop), spec=self.spec_msg)
-        reqs = [node_pb2.BackwardRequest(header=header)]
-        for name, t in (("hidden_states", hidden), ("grad_outputs", grad)):
-            enc = await asyncio.to_thread(encode_tensor, t, codec=self.config.wire_codec, name=name)
-            reqs += [node_pb2.BackwardRequest(tensor=c) for c in enc.chunks()]
-        with translate_rpc_errors(peer=hop.peer.address):
-            (out,) = await _stream(self.swarm.stub(hop.peer.address).Backward, reqs, self.timeout_s)
-        return out
+    async def backward_hop(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, *, keep_id: str | None = None,
+                           input_grad: bool = True) -> torch.Tensor | None:
+        """The gradient of the hop's input (None with input_grad=False). With `keep_id` the
+        node recomputes from the input it kept; if it has not kept it, `hidden` is sent."""
+        codec = self.config.gradient_codec
+        enc_grad = await asyncio.to_thread(encode_tensor, grad, codec=codec, name="grad_outputs")
+        grad_reqs = [node_pb2.BackwardRequest(tensor=c) for c in enc_grad.chunks()]
+        header = node_pb2.BackwardHeader(job=self.job, blocks=self._span(hop), spec=self.spec_msg, reply_codec=codec,
+                                         skip_grad_inputs=not input_grad)
+        if keep_id is not None:
+            keyed = node_pb2.BackwardHeader()
+            keyed.CopyFrom(header)
+            keyed.keep_id = keep_id
+            try:
+                return _only(await self._call(hop, "Backward", [node_pb2.BackwardRequest(header=keyed)] + grad_reqs),
+                             input_grad)
+            except InputNotKept as e:
+                self.resends += 1
+                logger.info("job %s: %s did not keep input %s, sending it again: %s", self.job, hop.peer.address,
+                            keep_id, e)
+        enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name="hidden_states")
+        reqs = [node_pb2.BackwardRequest(header=header)] + [node_pb2.BackwardRequest(tensor=c) for c in enc.chunks()]
+        return _only(await self._call(hop, "Backward", reqs + grad_reqs), input_grad)
 
-    async def forward(self, hidden: torch.Tensor) -> tuple[list[Hop], list[torch.Tensor], torch.Tensor]:
-        """(route, each hop's input, the last hop's output); reroutes a failed Forward."""
+    async def forward(self, hidden: torch.Tensor, *, keep: bool = True
+                      ) -> tuple[list[Hop], list[KeptInput], torch.Tensor]:
+        """(route, each hop's input, the last hop's output); reroutes a failed Forward.
+        Each input is a KeptInput: the tensor, and the keep_id the hop's node holds it under
+        (keep=False: a Forward without Backward, such as evaluation, keeps nothing)."""
         for attempt in range(self.config.max_forward_retries + 1):
             route = await self.swarm.route(0, self.swarm.num_blocks)
             inputs, h = [], hidden
             try:
                 for hop in route:
-                    inputs.append(h)
-                    h = await self.forward_hop(hop, h)
+                    keep_id = self.new_keep_id() if keep else None
+                    inputs.append(KeptInput(h, keep_id))
+                    h = await self.forward_hop(hop, h, keep_id=keep_id)
                 return route, inputs, h
             except (PollinateError, asyncio.TimeoutError) as e:
                 if attempt == self.config.max_forward_retries or not _transient(e):
@@ -137,7 +205,7 @@ class SwarmChain:
                 self.reroutes += 1
         raise AssertionError("unreachable")
 
-    async def backward(self, route: list[Hop], inputs: list[torch.Tensor], grad: torch.Tensor) -> list[Hop]:
+    async def backward(self, route: list[Hop], inputs: list[KeptInput], grad: torch.Tensor) -> list[Hop]:
         """Backward through the route in reverse; a failed hop moves to another replica.
         Returns the hops that accumulated the micro-batch, in route order."""
         hops = list(zip(route, inputs))
@@ -145,7 +213,10 @@ class SwarmChain:
         while i >= 0:
             hop, h = hops[i]
             try:
-                grad = await self.backward_hop(hop, h, grad)
+                # the model's first blocks take the frozen embeddings: their input gradient is
+                # of no use to a job trained on the nodes (prompt tuning, job "", needs it)
+                input_grad = not (self.job and hop.start == 0)
+                grad = await self.backward_hop(hop, h.tensor, grad, keep_id=h.keep_id, input_grad=input_grad)
                 i -= 1
                 continue
             except (PollinateError, asyncio.TimeoutError) as e:
@@ -159,16 +230,20 @@ class SwarmChain:
             i += len(replacement) - 1
         return [hop for hop, _ in hops]
 
-    async def _replace(self, hop: Hop, hidden: torch.Tensor, error: BaseException) -> list[tuple[Hop, torch.Tensor]]:
-        """A new chain for the blocks of a failed hop, with each new hop's input."""
+    async def _replace(self, hop: Hop, hidden: KeptInput, error: BaseException) -> list[tuple[Hop, KeptInput]]:
+        """A new chain for the blocks of a failed hop, with each new hop's input (the first
+        one is the failed hop's, held by no node of the new chain: sent again in full)."""
         for attempt in range(self.config.max_forward_retries + 1):
             sub = await self.swarm.route(hop.start, hop.end)
-            pairs, h = [], hidden
+            pairs, h = [], KeptInput(hidden.tensor, None)
             try:
                 for i, s in enumerate(sub):
-                    pairs.append((s, h))
                     if i + 1 < len(sub):  # the last new hop's output is not needed
-                        h = await self.forward_hop(s, h)
+                        keep_id = self.new_keep_id()
+                        pairs.append((s, KeptInput(h.tensor, keep_id)))
+                        h = KeptInput(await self.forward_hop(s, h.tensor, keep_id=keep_id), None)
+                    else:
+                        pairs.append((s, h))
             except (PollinateError, asyncio.TimeoutError) as e:
                 if attempt == self.config.max_forward_retries or not _transient(e):
                     raise
@@ -189,6 +264,22 @@ class SwarmChain:
                 if enc is not None:
                     state[enc.name] = enc.decode()
         return state
+
+
+@dataclass(frozen=True)
+class KeptInput:
+    """A hop's input as the trainer keeps it: the tensor, and the keep_id under which the
+    hop's node kept it too (None: the node holds nothing, Backward sends the tensor)."""
+
+    tensor: torch.Tensor
+    keep_id: str | None
+
+
+def _only(outputs: list[torch.Tensor], expected: bool) -> torch.Tensor | None:
+    """The one reply tensor of a Backward, or None when none was asked for."""
+    if len(outputs) != int(expected):
+        raise InvalidRequest(f"Backward answered {len(outputs)} tensors, expected {int(expected)}")
+    return outputs[0] if expected else None
 
 
 def _transient(e: BaseException) -> bool:
@@ -231,7 +322,7 @@ class Trainer:
         for i in range(0, len(examples), self.config.batch_size):
             ids, labels = collate(examples[i:i + self.config.batch_size], self.pad_id)
             with torch.no_grad():
-                _, _, out = self._run(self.chain.forward(self.part.embed(ids)))
+                _, _, out = self._run(self.chain.forward(self.part.embed(ids), keep=False))
                 losses.append(float(causal_lm_loss(self.part.logits(out.to(self.part.dtype)), labels)))
             weights.append(int((labels[:, 1:] != -100).sum()))
         return sum(l * w for l, w in zip(losses, weights)) / max(1, sum(weights))
@@ -245,7 +336,10 @@ class Trainer:
         for step in range(1, cfg.steps + 1):
             losses = [self.micro_batch(*collate(next(batch_iter), self.pad_id)) for _ in range(cfg.spec.micro_batches)]
             record = {"step": step, "loss": sum(losses) / len(losses), "tokens": self.tokens,
-                      "tokens_per_s": self.tokens / max(time.perf_counter() - t0, 1e-9)}
+                      "tokens_per_s": self.tokens / max(time.perf_counter() - t0, 1e-9),
+                      # encoded tensor bytes to and from the nodes so far (training and evaluation)
+                      "wire_bytes_sent": self.chain.bytes_sent, "wire_bytes_received": self.chain.bytes_received,
+                      "input_resends": self.chain.resends}
             last = step == cfg.steps
             if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 record["eval_loss"] = self.evaluate(list(eval_examples))

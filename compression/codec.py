@@ -105,4 +105,4 @@ def registered_codecs() -> tuple[str, ...]:
 def _load_builtin_codecs() -> None:
     # The codec modules register themselves on import; importing them here (not at module
     # top) keeps codec.py importable by them without a cycle.
-    from pollinate.compression import cocktail, fp16, int8, raw  # noqa: F401
+    from pollinate.compression import cocktail, fp16, int8, raw, rowquant  # noqa: F401

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pollinate.node.announce import AnnounceConfig
+from pollinate.node.kept_inputs import KeptInputsConfig
 from pollinate.node.sessions import SessionConfig
 
 
@@ -23,6 +24,8 @@ class ServingConfig:
     default_reply_codec: str = ""
     # How often idle sessions are swept, seconds.
     sweep_interval_s: float = 10.0
+    # Forward inputs kept for their Backward (ForwardHeader.keep_id): byte budget and ttl.
+    kept_inputs: KeptInputsConfig = field(default_factory=KeptInputsConfig)
 
     def __post_init__(self) -> None:
         if not self.step_timeout_s > 0:

@@ -13,6 +13,7 @@ import logging
 import grpc.aio
 import torch
 
+from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs
@@ -68,7 +69,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     async def Forward(self, request_iterator, context):
         requests = aiter(request_iterator)
         assembler = TensorAssembler(self.framing)
-        header, job = None, None
+        header, job, tensors = None, None, 0
         while True:
             req = await self._next(requests, "Forward")
             if req is None:
@@ -80,6 +81,10 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 self.server.check_blocks(header.blocks.start, header.blocks.end)
                 if header.job:  # the job's adapter applies (created from header.spec on first sight)
                     job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
+                if header.keep_id:  # keep the input for this micro-batch's Backward (node/kept_inputs.py)
+                    if job is None:
+                        raise InvalidRequest("Forward: keep_id is for training and needs a job")
+                    check_keep_id(header.keep_id)
             elif req.HasField("header"):
                 raise InvalidRequest("Forward: header sent twice")
             if not req.HasField("tensor"):
@@ -89,8 +94,13 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 continue
             if encoded.name not in ("", HIDDEN):
                 raise InvalidRequest(f"Forward: unexpected tensor {encoded.name!r}, want {HIDDEN!r}")
+            if header.keep_id and tensors:
+                raise InvalidRequest(f"Forward: keep_id {header.keep_id!r} names one input, got a second tensor")
             hidden = await asyncio.to_thread(encoded.decode)
             out = await (self.jobs.forward(job, hidden) if job is not None else self.server.forward(hidden))
+            tensors += 1
+            if header.keep_id:  # after the forward checked it: a refused input is never kept
+                self.jobs.kept.put(header.keep_id, header.job, encoded)
             reply = await _encode(out, header.reply_codec or encoded.codec)
             for chunk in reply.chunks(self.framing):
                 yield node_pb2.ForwardReply(tensor=chunk)

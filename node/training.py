@@ -1,11 +1,13 @@
 """A node's training jobs: per job, the span's adapters, an inner AdamW and its counters.
 
-Backward recomputes the forward. The trainer sends the span's input hidden states again
-with the gradient of the span's output; the node runs the span forward with the job's
-adapter under autograd, back-propagates, and keeps nothing per request. That costs one
-extra forward per micro-batch but makes Backward stateless: no activation store to bound,
-no timeouts for trainers that vanish between Forward and Backward, and any replica of the
-span can take the Backward (the result depends only on the request and the adapter).
+Backward recomputes the forward: the node runs the span forward with the job's adapter
+under autograd from the micro-batch's input and back-propagates the gradient of the
+span's output; no activations are stored between the calls. The input is either sent
+again with the Backward, or named by the keep_id under which this node kept it at
+Forward time (node/kept_inputs.py: bounded bytes, a ttl), which saves one hidden-state
+transfer per hop and micro-batch. Any replica of the span can still take a Backward: one
+that does not hold the input answers InputNotKept and the trainer sends it again, so the
+result depends only on the input and the adapter.
 
 Jobs are defined by the trainer: the first Forward/Backward that names a job with a
 JobSpec creates it here; a later spec under the same name must be equal, or the call is
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pollinate.node.adapters import CLIENT_METHODS, METHODS, AdapterHost, build_adapter, known_methods
+from pollinate.node.kept_inputs import KeptInputs
 from pollinate.node.span import SpanError
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 
@@ -157,12 +160,14 @@ def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
     return Job(name=name, spec=spec, adapter=adapter, optimizer=optimizer)
 
 
-def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor, grad_out: torch.Tensor,
+                  *, input_grad: bool = True) -> torch.Tensor | None:
     """Recompute the span's forward with the job's adapter, back-propagate `grad_out`,
     accumulate the adapter's gradients, and step when `micro_batches` have accumulated.
-    Returns the gradient with respect to `hidden`. job None: the base span, input gradient
-    only (client-side methods such as prompt tuning train nothing on the node)."""
-    x = hidden.detach().to(span.device, span.dtype).requires_grad_(True)
+    Returns the gradient with respect to `hidden`, or None with input_grad=False (then
+    autograd does not compute it). job None: the base span, input gradient only
+    (client-side methods such as prompt tuning train nothing on the node)."""
+    x = hidden.detach().to(span.device, span.dtype).requires_grad_(input_grad)
     with torch.enable_grad(), host.use(job.adapter if job is not None else None):
         out = span(x)
         torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=[x] if job is None else None)
@@ -172,7 +177,7 @@ def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor
     job.tokens += hidden.shape[0] * hidden.shape[1]
     if job.pending >= job.spec.micro_batches:
         optimizer_step(job)
-    return x.grad.to(hidden.device, hidden.dtype)
+    return x.grad.to(hidden.device, hidden.dtype) if input_grad else None
 
 
 def optimizer_step(job: Job) -> bool:
@@ -209,6 +214,8 @@ class JobManager:
         self.host = AdapterHost()
         self.jobs: dict[str, Job] = {}
         self.rounds = None  # node/rounds.py RoundDriver when the node has a coordinator
+        # Forward inputs kept for their Backward (ForwardHeader.keep_id)
+        self.kept = KeptInputs(server.serving.kept_inputs)
 
     def job(self, name: str, spec_msg=None) -> Job:
         """The job `name`, created from `spec_msg` on first sight; clash -> FAILED_PRECONDITION."""
@@ -255,21 +262,26 @@ class JobManager:
             raise InvalidRequest(str(e)) from e
         return out.to(hidden.device, hidden.dtype)
 
-    async def backward(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """job None: the base span's input gradient, nothing trained or counted."""
+    async def backward(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor, *,
+                       input_grad: bool = True) -> torch.Tensor | None:
+        """job None: the base span's input gradient, nothing trained or counted.
+        input_grad False: only the adapter's gradients (returns None); needs a job."""
         self.server.check_hidden(hidden)
         if grad_out.shape != hidden.shape:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
+        if job is None and not input_grad:
+            raise InvalidRequest("skip_grad_inputs without a job leaves nothing to compute")
         if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
             await self.rounds.before_step(self, job)
-        grad_in = await self.server._run(self._backward_sync, job, hidden, grad_out)
+        grad_in = await self.server._run(self._backward_sync, job, hidden, grad_out, input_grad)
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
         return grad_in
 
-    def _backward_sync(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    def _backward_sync(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor,
+                       input_grad: bool = True) -> torch.Tensor | None:
         try:
-            return backward_step(job, self.server.span, self.host, hidden, grad_out)
+            return backward_step(job, self.server.span, self.host, hidden, grad_out, input_grad=input_grad)
         except SpanError as e:
             raise InvalidRequest(str(e)) from e
 

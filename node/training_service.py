@@ -3,7 +3,10 @@
 Decode, call the JobManager (node/training.py), encode. Backward's request stream carries
 "hidden_states" (the span's forward input) and "grad_outputs", in either order, per
 micro-batch; each complete pair is answered with "grad_inputs" (job "": the base span's,
-nothing trained). GetState with round 0 streams the job's spec (first reply), its current
+nothing trained). With BackwardHeader.keep_id the stream carries one "grad_outputs" only
+and the input is the one this node kept at Forward (node/kept_inputs.py); it is forgotten
+once the Backward succeeded, and kept when the request was refused. With
+skip_grad_inputs the reply carries no tensor. GetState with round 0 streams the job's spec (first reply), its current
 adapter on this node (PEFT names) and its counters; committed
 DiLoCo rounds are node/diloco.py's business.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 from pollinate.protocol.tensors import TensorAssembler, encode_tensor
@@ -31,7 +35,7 @@ class TrainingRpcs:
     async def Backward(self, request_iterator, context):
         requests = aiter(request_iterator)
         assembler = TensorAssembler(self.framing)
-        header, job = None, None
+        header, job, done = None, None, 0
         pair: dict[str, object] = {}
         while True:
             req = await self._next(requests, "Backward")
@@ -44,6 +48,12 @@ class TrainingRpcs:
                 self.server.check_blocks(header.blocks.start, header.blocks.end)
                 if header.job:  # "": the base span's input gradient only (client-side prompt tuning)
                     job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
+                if header.keep_id:
+                    if job is None:
+                        raise InvalidRequest("Backward: keep_id is for training and needs a job")
+                    check_keep_id(header.keep_id)
+                if header.skip_grad_inputs and job is None:
+                    raise InvalidRequest("Backward: skip_grad_inputs needs a job (nothing else is computed)")
             elif req.HasField("header"):
                 raise InvalidRequest("Backward: header sent twice")
             if not req.HasField("tensor"):
@@ -55,19 +65,34 @@ class TrainingRpcs:
                 raise InvalidRequest(f"Backward: unexpected tensor {encoded.name!r}, want {HIDDEN!r} or {GRAD_OUT!r}")
             if encoded.name in pair:
                 raise InvalidRequest(f"Backward: {encoded.name!r} sent twice for one micro-batch")
+            if header.keep_id:
+                if encoded.name == HIDDEN:
+                    raise InvalidRequest(f"Backward: keep_id {header.keep_id!r} names the input; "
+                                         f"send {HIDDEN!r} only without keep_id")
+                if done:
+                    raise InvalidRequest(f"Backward: keep_id {header.keep_id!r} names one micro-batch, "
+                                         f"got a second {GRAD_OUT!r}")
+                pair[HIDDEN] = self.jobs.kept.get(header.keep_id, header.job)  # InputNotKept: re-send
             pair[encoded.name] = encoded
             if len(pair) < 2:
                 continue
             hidden_enc, grad_enc = pair.pop(HIDDEN), pair.pop(GRAD_OUT)
             hidden = await asyncio.to_thread(hidden_enc.decode)
             grad_out = await asyncio.to_thread(grad_enc.decode)
-            grad_in = await self.jobs.backward(job, hidden, grad_out)
+            grad_in = await self.jobs.backward(job, hidden, grad_out, input_grad=not header.skip_grad_inputs)
+            done += 1
+            if header.keep_id:  # used: forget it (a refused Backward above left it in place)
+                self.jobs.kept.forget(header.keep_id)
+            if grad_in is None:
+                continue
             codec = header.reply_codec or grad_enc.codec
             reply = await asyncio.to_thread(encode_tensor, grad_in, codec=codec, name=GRAD_IN)
             for chunk in reply.chunks(self.framing):
                 yield node_pb2.BackwardReply(tensor=chunk)
         if pair:
             raise InvalidRequest(f"Backward: stream ended with only {sorted(pair)} of a micro-batch")
+        if header is not None and header.keep_id and not done:
+            raise InvalidRequest(f"Backward: stream ended before {GRAD_OUT!r} of keep_id {header.keep_id!r}")
         assembler.close()
 
     async def ExchangeShard(self, request_iterator, context):

@@ -38,6 +38,17 @@ class NotFound(PollinateError):
     """The request names something that does not exist here: a job, a session, a round."""
 
 
+class InputNotKept(NotFound):
+    """Backward named a kept Forward input (BackwardHeader.keep_id) this node does not hold
+    (evicted, expired, restarted, or another replica): send the input again. Travels as
+    NOT_FOUND whose details start with PREFIX, which the client side turns back into this."""
+
+    PREFIX = "input not kept:"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message if message.startswith(self.PREFIX) else f"{self.PREFIX} {message}")
+
+
 class FailedPrecondition(PollinateError):
     """The request is well-formed but the system is not in a state to serve it."""
 
@@ -248,6 +259,8 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str | None = None) -> Pollinat
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or ""
     cls = _ERRORS_BY_CODE.get(code, InternalError)
+    if cls is NotFound and details.startswith(InputNotKept.PREFIX):
+        cls = InputNotKept
     code_name = code.name if code is not None else "no status"
     where = f" from {peer}" if peer else ""
     if cls is PeerUnavailable or cls is RpcTimeout or cls is InternalError:

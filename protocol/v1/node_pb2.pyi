@@ -31,18 +31,20 @@ class InfoReply(_message.Message):
     def __init__(self, span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class ForwardHeader(_message.Message):
-    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec")
+    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec", "keep_id")
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ID_FIELD_NUMBER: _ClassVar[int]
     job: str
     reply_codec: str
     blocks: _common_pb2.Span
     request_id: str
     spec: JobSpec
-    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+    keep_id: str
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., keep_id: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("header", "tensor")
@@ -59,18 +61,22 @@ class ForwardReply(_message.Message):
     def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardHeader(_message.Message):
-    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec")
+    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec", "keep_id", "skip_grad_inputs")
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     job: str
     reply_codec: str
     blocks: _common_pb2.Span
     request_id: str
     spec: JobSpec
-    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+    keep_id: str
+    skip_grad_inputs: bool
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., keep_id: _Optional[str] = ..., skip_grad_inputs: _Optional[bool] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("header", "tensor")

@@ -103,7 +103,8 @@ class NodeServicer:
 
     def Backward(self, request_iterator, context):
         """Backward through the span for a job's adapters; accumulates the adapters' gradients on
-        the node. In: "hidden_states" (the forward input) and "grad_outputs". Out: "grad_inputs".
+        the node. In: "hidden_states" (the forward input; or BackwardHeader.keep_id naming a
+        kept one) and "grad_outputs". Out: "grad_inputs" (none with skip_grad_inputs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

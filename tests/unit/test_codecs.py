@@ -380,3 +380,88 @@ def test_a_version_1_frame_is_refused_naming_both_versions():
     frame = get_codec("cocktail").encode(torch.randn(64), seed=1)
     with pytest.raises(CompressionError, match="frame format version 1, this build reads 2"):
         get_codec("cocktail").decode(frame[:3] + b"\x01" + frame[4:])
+
+
+# --- row codecs for activations and their gradients (issue 12) -------------------------------
+
+def test_row_codecs_give_every_token_its_own_scale():
+    # tokens six orders of magnitude apart: each row keeps its own relative precision,
+    # where the flat int8 blocks (128 values, straddling rows of 96) would not
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 96, generator=g) * torch.logspace(-3, 3, 40).view(1, 40, 1)
+    for codec_id, worst in (("int8row", 1 / 127), ("int4row", 1 / 7)):
+        y = get_codec(codec_id).decode(get_codec(codec_id).encode(x))
+        rel = (x - y).abs().amax(dim=-1) / x.abs().amax(dim=-1)
+        assert float(rel.max()) <= worst / 2 * (1 + 1e-5), (codec_id, float(rel.max()))
+    flat = get_codec("int8")
+    y = flat.decode(flat.encode(x))
+    rel = (x - y).abs().amax(dim=-1) / x.abs().amax(dim=-1)
+    assert float(rel.max()) > 1 / 127  # the contrast: a small row sharing a block with a big one
+
+
+def test_row_codec_sizes_are_a_byte_or_half_a_byte_per_value():
+    x = torch.randn(8, 50, 576)
+    header = header_len(get_codec("none").encode(x))  # the same header layout for every codec
+    id_extra = {"int8row": len("int8row") - len("none"), "int4row": len("int4row") - len("none")}
+    rows = 8 * 50  # per row: the codes, the fp32 scales, and the outliers (fp32 value, u16 index)
+    assert len(get_codec("int8row").encode(x)) == header + id_extra["int8row"] + 7 + rows * (576 + 4 + 4 * 6)
+    assert len(get_codec("int4row").encode(x)) == header + id_extra["int4row"] + 7 + rows * (288 + 9 * 4 + 8 * 6)
+
+
+def test_outlier_channels_travel_exactly_and_do_not_coarsen_the_rest():
+    # a residual stream with a few massive channels, as SmolLM2's (channel 507 ~ 1e4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 16, 576, generator=g)
+    x[..., 507] += 5000.0
+    x[..., 247] -= 300.0
+    for codec_id, step in (("int8row", 1 / 127), ("int4row", 1 / 7)):
+        codec = get_codec(codec_id)
+        y = codec.decode(codec.encode(x))
+        assert torch.equal(y[..., [247, 507]], x[..., [247, 507]])  # exact
+        rest = torch.ones(576, dtype=torch.bool)
+        rest[[247, 507]] = False
+        err = (x - y)[..., rest].abs().amax()
+        assert float(err) <= x[..., rest].abs().amax() * step / 2 * (1 + 1e-5), codec_id
+    no_outliers = get_codec("int8row", outliers=0)
+    y = no_outliers.decode(no_outliers.encode(x))
+    assert int(torch.count_nonzero(y[..., rest])) == 0  # one scale per row: every other value rounds to 0
+
+
+def test_row_codec_decoder_rejects_bad_outlier_indices():
+    codec = get_codec("int8row")
+    x = torch.randn(2, 10)
+    frame = bytearray(codec.encode(x))
+    at = header_len(bytes(frame)) + 7 + 2 * 4  # the first row's outlier indices
+    frame[at:at + 2] = np.uint16(10).tobytes()  # past the row
+    with pytest.raises(CompressionError, match="outlier indices"):
+        codec.decode(bytes(frame))
+    frame = bytearray(codec.encode(x))
+    frame[at + 2:at + 4] = frame[at:at + 2]  # a repeated index
+    with pytest.raises(CompressionError, match="outlier indices"):
+        codec.decode(bytes(frame))
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    # scale = 0.7 / 7 = 0.1 per step; 0.15 sits half-way between codes 1 and 2
+    y = torch.full((1, 64), 0.15)
+    y[0, 0] = 0.7
+    nearest = get_codec("int4row", outliers=0).decode(get_codec("int4row", outliers=0).encode(y))
+    assert abs(float(nearest[0, 1]) - 0.15) == pytest.approx(0.05, rel=1e-4)  # always one side
+    codec = get_codec("int4row-sr", outliers=0)
+    draws = torch.stack([codec.decode(codec.encode(y, seed=s)) for s in range(400)])
+    assert draws[:, 0, 1:].unique().tolist() == pytest.approx([0.1, 0.2], rel=1e-5)  # the two neighbours
+    assert abs(float(draws[:, 0, 1:].mean()) - 0.15) < 0.003  # unbiased: the mean is the value
+    assert codec.encode(y, seed=5) == codec.encode(y, seed=5)  # reproducible per seed and tensor
+    assert codec.encode(y, seed=5) != codec.encode(y, seed=6)
+
+
+def test_row_codec_decoder_rejects_a_frame_of_other_bits_and_bad_codes():
+    frame = get_codec("int8row").encode(torch.randn(3, 10))
+    body = header_len(frame)
+    with pytest.raises(CompressionError, match="4-bit|8-bit"):
+        get_codec("int8row").decode(frame[:body] + b"\x04" + frame[body + 1:])
+    with pytest.raises(CompressionError, match="-128"):
+        get_codec("int8row").decode(frame[:-1] + b"\x80")
+    frame4 = get_codec("int4row").encode(torch.randn(3, 10))
+    with pytest.raises(CompressionError, match="-8"):
+        get_codec("int4row").decode(frame4[:-1] + b"\x00")

@@ -103,9 +103,12 @@ def test_job_clash_refused(tiny_model_files):
     from pollinate.protocol.errors import FailedPrecondition, NotFound
     from pollinate.protocol.v1 import node_pb2
 
+    from pollinate.node.config import ServingConfig
+
     class FakeServer:
         span = tiny_model_files.load_span(0, 1)
         start, end = 0, 1
+        serving = ServingConfig()
 
     jobs = JobManager(FakeServer())
     jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))
