@@ -1,7 +1,7 @@
 """The swarm on capped links: SmolLM2 over three nodes in network namespaces, at several rates.
 
-    sudo python benchmarks/bench_wan.py [--quick] [--wires fp32,fp16] [--default-wire fp32]
-                                        [--rates 0,100,20]
+    sudo python benchmarks/bench_wan.py [--quick] [--wires fp32-resend,fp32,int8row]
+        [--default-wire int8row] [--baseline-wire fp32-resend] [--rates 0,100,20]
 
 benchmarks/netlab.py gives the coordinator, three nodes (blocks 0:10, 10:20, 20:30: one
 replica per span, so each span's DiLoCo round is a group of one that still commits its
@@ -9,6 +9,11 @@ state to the coordinator) and the trainer a namespace and an address each, with 
 both directions of every link. For each rate (0 = unlimited) it times greedy generation
 (fp16 activations, as `pollinate generate`) and, per wire, trains a fresh LoRA job (same
 seed, same steps, same data: examples/train.jsonl) with benchmarks/wan_client.py.
+
+A wire is a trainer codec (`fp32` = codec `none`; any other name is the codec id, e.g.
+`int8row`), optionally suffixed `-resend`: then the trainer does not let nodes keep its
+Forward inputs and every Backward carries its input again, as before issue 12.
+`fp32-resend` is therefore the fp32 wire as it was (the baseline of `bytes_reduction`).
 
 One JSON object per (rate, wire), then a summary object:
 - `gen_tokens_per_s`: generated tokens / seconds of one greedy generation (after a warm-up);
@@ -18,14 +23,14 @@ One JSON object per (rate, wire), then a summary object:
   tx counter: a byte crossing trainer -> node-0 is counted once, when it leaves the trainer),
   trainer, nodes and coordinator, / input tokens. `trainer_bytes_per_step` is the trainer's
   link (rx + tx) per step, the issue's "13.85 MB per step".
-- `round_bytes_per_token`: the coordinator's link (rx + tx) during training / trained
-  (label) tokens. Only nodes talk to the coordinator while the trainer trains (heartbeats,
+- `round_bytes_per_token`: the coordinator's link (rx + tx) during training / input tokens
+  (the same tokens as `train_bytes_per_token`). Only nodes talk to the coordinator while the trainer trains (heartbeats,
   a few hundred bytes a second, and the rounds' BeginRound/CommitRound), and with one
   replica per span there is no peer exchange, so this is the round traffic, commit included.
 - `trainer_round_wait_fraction`: the sum of `backward_wait_s=<float>` over the lines the nodes
   logged during the run / training seconds; null while nodes log no such line.
-- summary: `bytes_reduction` (fp32 / default wire, train bytes per token, unlimited rate),
-  `loss_ratio` (default wire / fp32 held-out loss, unlimited rate), `throughput_ratio_20mbit`
+- summary: `bytes_reduction` (baseline wire / default wire, train bytes per token,
+  unlimited rate), `loss_ratio` (default wire / baseline held-out loss, unlimited rate), `throughput_ratio_20mbit`
   (default wire's train tokens/s at 20 Mbit/s / unlimited), `gen_ratio_100mbit`.
 
 Needs root, `ip` and `tc`; the lab models bandwidth only (no netem here: no added delay).
@@ -50,6 +55,7 @@ CLIENT = str(Path(__file__).with_name("wan_client.py"))
 # Wire names -> the trainer's --codec values; a name not listed is passed through as the
 # codec id, so a codec registered in compression/ plugs in by its own name.
 WIRE_CODECS = {"fp32": "none"}
+RESEND = "-resend"  # wire suffix: no kept Forward inputs, every Backward re-sends its input
 SPANS = [(0, 10), (10, 20), (20, 30)]
 TOKEN = "bench-wan-token"
 COORD_PORT = 7070
@@ -57,14 +63,23 @@ WAIT_LINE = re.compile(r"backward_wait_s=([0-9.eE+-]+)")
 
 
 def wire_codec(name: str) -> str:
+    name = name.removesuffix(RESEND)
     return WIRE_CODECS.get(name, name)
+
+
+def keeps_inputs(wire: str) -> bool:
+    return not wire.endswith(RESEND)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps, fewer tokens, no generation at 20 Mbit/s")
-    p.add_argument("--wires", default="fp32,fp16", help="training wires, comma-separated (fp32 = codec none)")
-    p.add_argument("--default-wire", default="fp32", help="the wire the summary compares with fp32")
+    p.add_argument("--wires", default="fp32-resend,fp32,int8row",
+                   help="training wires, comma-separated: a codec (fp32 = none), optionally with the suffix "
+                        "-resend (Backward re-sends its input, as before kept inputs)")
+    p.add_argument("--default-wire", default="int8row",
+                   help="the wire the summary compares with the baseline (pollinate train's default codec)")
+    p.add_argument("--baseline-wire", default="fp32-resend", help="the fp32 wire as it was before issue 12")
     p.add_argument("--rates", default="0,100,20", help="Mbit/s per link, comma-separated; 0 = unlimited")
     p.add_argument("--steps", type=int, help="training steps per (rate, wire) (default 12, quick 4)")
     p.add_argument("--round-steps", type=int, help="DiLoCo H (default: half the steps)")
@@ -82,8 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.eval_examples = args.eval_examples or (8 if args.quick else 16)
     args.wire_list = [w for w in args.wires.split(",") if w]
     args.rate_list = [float(r) for r in args.rates.split(",") if r]
-    if "fp32" not in args.wire_list or args.default_wire not in args.wire_list:
-        p.error(f"--wires must include fp32 and the default wire {args.default_wire!r}")
+    for name in (args.baseline_wire, args.default_wire):
+        if name not in args.wire_list:
+            p.error(f"--wires must include the baseline and default wires ({name!r} is missing)")
     return args
 
 
@@ -125,7 +141,7 @@ def run_client(lab, trainer_h, coord, args, *, job: str, wire: str, gen_tokens: 
     count = ",".join(f"{h.name}={h.ns}" for h in lab.hosts.values() if h.name != "trainer") + \
         f",trainer={trainer_h.ns}"
     cmd = [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN, "--job", job,
-           "--codec", wire_codec(wire), "--data", str(args.data), "--steps", str(args.steps),
+           "--codec", wire_codec(wire), *([] if keeps_inputs(wire) else ["--no-keep-inputs"]), "--data", str(args.data), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--round-steps", str(args.round_steps),
            "--eval-examples", str(args.eval_examples), "--seed", str(args.seed),
            "--gen-tokens", str(gen_tokens), "--count", count,
@@ -142,11 +158,11 @@ def record(rate: float, wire: str, res: dict, gen_tps: float | None, wait_s: flo
     trainer_rx, trainer_tx = counters["trainer"]
     coord_rx, coord_tx = counters["coord"]
     return {
-        "rate_mbit": rate, "wire": wire, "codec": wire_codec(wire),
+        "rate_mbit": rate, "wire": wire, "codec": wire_codec(wire), "keep_inputs": keeps_inputs(wire),
         "gen_tokens_per_s": gen_tps, "gen_wire": "fp16",
         "train_tokens_per_s": res["input_tokens"] / res["train_seconds"],
         "train_bytes_per_token": sent / res["input_tokens"],
-        "round_bytes_per_token": (coord_rx + coord_tx) / res["trained_tokens"],
+        "round_bytes_per_token": (coord_rx + coord_tx) / res["input_tokens"],
         "trainer_round_wait_fraction": None if wait_s is None else wait_s / res["train_seconds"],
         "trainer_bytes_per_step": (trainer_rx + trainer_tx) / steps,
         "s_per_step": res["train_seconds"] / steps,
@@ -163,11 +179,11 @@ def summary(rows: list[dict], args) -> dict:
     def ratio(a, b):
         return None if a is None or b is None or not b else a / b
 
-    base, default = row(0.0, "fp32"), row(0.0, args.default_wire)
+    base, default = row(0.0, args.baseline_wire), row(0.0, args.default_wire)
     slow = row(20.0, args.default_wire)
     gen100 = next((r["gen_tokens_per_s"] for r in rows if r["rate_mbit"] == 100.0), None)
     out = {
-        "summary": True, "default_wire": args.default_wire,
+        "summary": True, "default_wire": args.default_wire, "baseline_wire": args.baseline_wire,
         "bytes_reduction": ratio(base and base["train_bytes_per_token"], default and default["train_bytes_per_token"]),
         "loss_ratio": ratio(default and default["eval_loss"], base and base["eval_loss"]),
         "throughput_ratio_20mbit": ratio(slow and slow["train_tokens_per_s"],

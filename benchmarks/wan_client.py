@@ -29,6 +29,8 @@ def main() -> int:
     p.add_argument("--cache-dir")
     p.add_argument("--job", required=True)
     p.add_argument("--codec", required=True, help="the trainer's wire codec (TrainConfig.wire_codec)")
+    p.add_argument("--no-keep-inputs", dest="keep_inputs", action="store_false",
+                   help="every Backward re-sends its input (TrainConfig.keep_inputs off)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=8)
@@ -74,7 +76,7 @@ def main() -> int:
         held = held[:args.eval_examples]
         spec = JobSpec(round_steps=args.round_steps, seed=args.seed)
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=args.batch_size,
-                             wire_codec=args.codec, seed=args.seed)
+                             wire_codec=args.codec, keep_inputs=args.keep_inputs, seed=args.seed)
         trainer = Trainer(swarm=model.swarm, worker=model.worker, client_part=model.model_files.load_client_part(),
                           pad_id=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
                           config=config)

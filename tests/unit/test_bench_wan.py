@@ -15,7 +15,10 @@ def test_wires_map_to_the_trainers_codecs():
     assert bench_wan.wire_codec("fp32") == "none"
     assert bench_wan.wire_codec("fp16") == "fp16"
     assert bench_wan.wire_codec("int8-row") == "int8-row"  # a new codec plugs in by its own name
-    args = bench_wan.parse_args(["--quick", "--wires", "fp32,int8", "--default-wire", "int8"])
+    assert bench_wan.wire_codec("fp32-resend") == "none" and not bench_wan.keeps_inputs("fp32-resend")
+    assert bench_wan.keeps_inputs("int8row")
+    args = bench_wan.parse_args(["--quick", "--wires", "fp32,int8", "--default-wire", "int8",
+                                 "--baseline-wire", "fp32"])
     assert (args.steps, args.round_steps, args.wire_list, args.rate_list) == (4, 2, ["fp32", "int8"], [0, 100, 20])
 
 
@@ -44,7 +47,7 @@ def test_summary_divides_default_wire_by_fp32_and_slow_by_unlimited():
             row(0.0, "int8", tps=40, bytes_=5000, loss=2.02, gen=10.0),
             row(100.0, "fp32", tps=29, bytes_=40000, loss=2.0, gen=9.5),
             row(20.0, "int8", tps=36, bytes_=5000, loss=2.02)]
-    out = bench_wan.summary(rows, SimpleNamespace(default_wire="int8", steps=4, round_steps=2, batch_size=8,
+    out = bench_wan.summary(rows, SimpleNamespace(default_wire="int8", baseline_wire="fp32", steps=4, round_steps=2, batch_size=8,
                                                    quick=True))
     assert out["bytes_reduction"] == 8.0
     assert abs(out["loss_ratio"] - 1.01) < 1e-12
@@ -59,7 +62,7 @@ def test_record_counts_each_byte_once_at_its_sender():
            "eval_loss": 1.0, "eval_examples": 2}
     r = bench_wan.record(20.0, "fp32", res, None, 1.0, steps=2)
     assert r["train_bytes_per_token"] == (100 + 2000 + 1000) / 100
-    assert r["round_bytes_per_token"] == 400 / 10
+    assert r["round_bytes_per_token"] == 400 / 100
     assert r["trainer_bytes_per_step"] == 1500
     assert r["trainer_round_wait_fraction"] == 0.25
     assert r["train_tokens_per_s"] == 25
