@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-wire", default="fp32-resend", help="the fp32 wire as it was before issue 12")
     p.add_argument("--rates", default="0,100,20", help="Mbit/s per link, comma-separated; 0 = unlimited")
     p.add_argument("--steps", type=int, help="training steps per (rate, wire) (default 12, quick 4)")
-    p.add_argument("--round-steps", type=int, help="DiLoCo H (default: half the steps)")
+    p.add_argument("--round-steps", type=int, help="DiLoCo H (default: about half the steps, never dividing them)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, help="tokens per generation (default 64, quick 24)")
     p.add_argument("--eval-examples", type=int, help="held-out examples for the loss (default 16, quick 8)")
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="logs go here (default: a temporary directory)")
     args = p.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 12)
-    args.round_steps = args.round_steps or max(1, args.steps // 2)
+    args.round_steps = args.round_steps or default_round_steps(args.steps)
     args.gen_tokens = args.gen_tokens or (24 if args.quick else 64)
     args.eval_examples = args.eval_examples or (8 if args.quick else 16)
     args.wire_list = [w for w in args.wires.split(",") if w]
@@ -101,6 +101,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name not in args.wire_list:
             p.error(f"--wires must include the baseline and default wires ({name!r} is missing)")
     return args
+
+
+def default_round_steps(steps: int) -> int:
+    """About two rounds per run, and never a round at the last step: rounds overlap training
+    (the default), so a round started by the last Backward would land while the held-out loss
+    is being measured, and the loss would depend on which came first. With a boundary before
+    the end, overlap_max_steps (1) holds a later Backward until the round has landed."""
+    h = max(1, (steps - 1) // 2)
+    while steps % h == 0 and h < steps:
+        h += 1
+    return h
 
 
 def log_sizes(procs) -> dict[str, int]:

@@ -19,7 +19,15 @@ def test_wires_map_to_the_trainers_codecs():
     assert bench_wan.keeps_inputs("int8row")
     args = bench_wan.parse_args(["--quick", "--wires", "fp32,int8", "--default-wire", "int8",
                                  "--baseline-wire", "fp32"])
-    assert (args.steps, args.round_steps, args.wire_list, args.rate_list) == (4, 2, ["fp32", "int8"], [0, 100, 20])
+    assert (args.steps, args.round_steps, args.wire_list, args.rate_list) == (4, 3, ["fp32", "int8"], [0, 100, 20])
+
+
+def test_no_round_ends_at_the_last_step():
+    # an overlapped round started by the last Backward would race the held-out evaluation
+    for steps in range(3, 40):  # (2 steps: every H either divides 2 or runs no round)
+        h = bench_wan.default_round_steps(steps)
+        assert steps % h != 0 and steps // h >= 1, (steps, h)
+    assert bench_wan.default_round_steps(12) == 5
 
 
 def test_round_wait_counts_only_lines_logged_during_the_run(tmp_path):
