@@ -344,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
                  "each sends its compressed pseudo-gradient shard to the other, both apply the same outer step "
                  f"and the coordinator commits the round when their checksums agree. "
                  f"{layout[0][0]}:{layout[0][1]} has one replica (both trainers pass through it), so its "
-                 "rounds are local: a group of 1, nothing sent", t_start)
+                 "rounds are local: a group of 1, whose only traffic is its commit to the coordinator",
+                 t_start)
         trainers = []
         for i, replica in enumerate(replicas):
             data = workdir / f"sums-{i + 1}.jsonl"
