@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "length, then cached), 'eval' (measure again) or a number")
     p.add_argument("--cache-tokens", type=int, default=8192, help="KV-cache budget in tokens over all sessions")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close sessions idle this long, seconds")
+    p.add_argument("--kept-inputs-mb", type=float, default=256.0,
+                   help="memory for trainers' Forward inputs kept for their Backward, MiB (default 256; "
+                        "0 keeps none: every Backward then carries its input again)")
+    p.add_argument("--kept-inputs-ttl", type=float, default=300.0,
+                   help="longest a kept Forward input waits for its Backward, seconds (default 300)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--announce-expiration", type=float, default=60.0, help="DHT record lifetime, seconds")
 
@@ -96,7 +101,8 @@ def parse_blocks(text: str) -> tuple[int, int]:
 
 def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
-    from pollinate.node.config import NodeConfig
+    from pollinate.node.config import NodeConfig, ServingConfig
+    from pollinate.node.kept_inputs import KeptInputsConfig
     from pollinate.node.sessions import SessionConfig
     from pollinate.protocol.auth import TOKEN_ENV, read_token
     from pollinate.protocol.channels import coordinator_tls
@@ -127,6 +133,8 @@ def build_config(args: argparse.Namespace):
         throughput=args.throughput,
         torch_threads=args.torch_threads,
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
+        serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
+                                                           ttl_s=args.kept_inputs_ttl)),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
     )
 

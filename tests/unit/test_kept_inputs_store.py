@@ -103,3 +103,19 @@ def test_config_names_bad_values():
         KeptInputsConfig(max_bytes=-1)
     with pytest.raises(ValueError, match="ttl_s .*0"):
         KeptInputsConfig(ttl_s=0)
+
+
+def test_the_node_command_sets_the_kept_inputs_budget_and_ttl():
+    import argparse
+
+    from pollinate.node.cli import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = build_config(parser.parse_args(["--host", "127.0.0.1", "--blocks", "0:2"])).serving.kept_inputs
+    assert (default.max_bytes, default.ttl_s) == (256 << 20, 300.0)
+    set_ = build_config(parser.parse_args(["--host", "127.0.0.1", "--blocks", "0:2", "--kept-inputs-mb", "0.5",
+                                           "--kept-inputs-ttl", "30"])).serving.kept_inputs
+    assert (set_.max_bytes, set_.ttl_s) == (1 << 19, 30.0)
+    with pytest.raises(ValueError, match="ttl_s"):
+        build_config(parser.parse_args(["--host", "127.0.0.1", "--blocks", "0:2", "--kept-inputs-ttl", "0"]))
