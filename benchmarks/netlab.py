@@ -52,6 +52,25 @@ SUBNET = "10.77.0"
 # rate's 10 ms worth. Its queue holds 100 ms of traffic before tail-dropping.
 MIN_BURST_BYTES = 128 * 1024
 QUEUE_LATENCY_MS = 100
+# A home router (add_home): masquerade out of eth0, forward only what the home started, and
+# accept nothing new on the router itself from outside.
+NAT_RULES = """
+table ip nat {
+    chain postrouting { type nat hook postrouting priority 100; oifname "eth0" masquerade; }
+}
+table inet filter {
+    chain forward {
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "eth0" accept
+    }
+    chain input {
+        type filter hook input priority 0; policy drop;
+        ct state established,related accept
+        iifname { "lo", "lan0" } accept
+    }
+}
+"""
 # Seconds one `ip`/`tc` command may take.
 COMMAND_TIMEOUT_S = 20.0
 
@@ -72,8 +91,17 @@ def unavailable() -> str | None:
     return None
 
 
-def _run(*cmd: str, check: bool = True) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+def nat_unavailable() -> str | None:
+    """Why a lab cannot hold a home behind NAT (add_home) here, or None if it can."""
+    if unavailable() is not None:
+        return unavailable()
+    if shutil.which("nft") is None:
+        return "a home behind NAT needs the `nft` tool (Debian package nftables)"
+    return None
+
+
+def _run(*cmd: str, check: bool = True, input: str | None = None) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, input=input)
     if check and done.returncode != 0:
         raise LabError(f"{' '.join(cmd)}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
@@ -154,6 +182,7 @@ class NetLab:
         self.rate_mbit = rate_mbit
         self.group = ProcGroup(self.workdir, env=env)
         self._namespaces: list[str] = []
+        self._next_index = 1  # N of the next host on the bridge
         self._old_handlers: dict[int, object] = {}
         self._closed = False
 
@@ -174,7 +203,7 @@ class NetLab:
         """A namespace with eth0 = 10.77.0.N/24 on the lab's bridge, at the lab's rate."""
         if name in self.hosts:
             raise ValueError(f"host {name!r} already exists")
-        index = len(self.hosts) + 1
+        index = self._next_index
         if index > 253:
             raise ValueError("a lab holds at most 253 hosts")
         host = Host(name=name, ns=f"{self.lab_id}-{name}", ip=f"{SUBNET}.{index}", index=index)
@@ -187,6 +216,32 @@ class NetLab:
         self._ip(host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
         self._ip(host.ns, "link", "set", "eth0", "up")
         self._ip(host.ns, "link", "set", "lo", "up")
+        self.hosts[name] = host
+        self._next_index += 1
+        self._shape(host, self.rate_mbit)
+        return host
+
+    def add_home(self, name: str) -> Host:
+        """A host behind a home router: namespace `name` holds eth0 = 192.168.N.2/24 with its
+        default route through a router host `<name>-router` (10.77.0.N on the bridge). The
+        router masquerades what the home sends (nftables) and drops every connection that
+        starts outside: the home can dial out, nothing can dial in. The link is capped on the
+        router's side of the bridge (the lab's rate) and on the home's eth0."""
+        if shutil.which("nft") is None:
+            raise LabError("a home behind NAT needs the `nft` tool (Debian package nftables)")
+        router = self.add_host(f"{name}-router")
+        lan = f"192.168.{router.index}"
+        host = Host(name=name, ns=f"{self.lab_id}-{name}", ip=f"{lan}.2", index=router.index)
+        self._add_namespace(host.ns)
+        self._ip(router.ns, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", host.ns)
+        self._ip(router.ns, "addr", "add", f"{lan}.1/24", "dev", "lan0")
+        self._ip(router.ns, "link", "set", "lan0", "up")
+        self._ip(host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        self._ip(host.ns, "link", "set", "eth0", "up")
+        self._ip(host.ns, "link", "set", "lo", "up")
+        self._ip(host.ns, "route", "add", "default", "via", f"{lan}.1")
+        _run("ip", "netns", "exec", router.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _run("ip", "netns", "exec", router.ns, "nft", "-f", "-", input=NAT_RULES)
         self.hosts[name] = host
         self._shape(host, self.rate_mbit)
         return host

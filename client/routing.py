@@ -16,6 +16,8 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
+from pollinate.protocol.relay import is_relayed
+
 
 class NoRouteError(RuntimeError):
     """No chain of online, unbanned peers covers the requested blocks."""
@@ -30,7 +32,7 @@ class PeerSpan:
     """One peer's announcement, as read back from the DHT."""
 
     peer_id: str  # DHT peer id (base58); also the subkey the peer announces under
-    address: str  # host:port of the peer's gRPC server
+    address: str  # host:port of the peer's gRPC server, or its relayed address (protocol/relay.py)
     start: int  # first hosted block
     end: int  # one past the last hosted block
     throughput: float  # tokens/s for one-token steps through the whole span [start, end)
@@ -53,6 +55,11 @@ class Hop:
 @dataclass(frozen=True, kw_only=True)
 class RoutingConfig:
     hop_latency_s: float = 0.005  # assumed per-hop round trip, seconds; loopback is ~1 ms
+    # Added to a hop through a relayed peer (protocol/relay.py), seconds: its bytes cross two
+    # links and three pipes (relay, both daemons). Measured in the lab by bench_relay.py
+    # (docs/networks.md); like Petals' relay penalty it makes a direct replica win any
+    # otherwise even choice, and a relayed one is still used when it is the only or the best.
+    relay_penalty_s: float = 0.005
     # Let a hop use only part of a peer's span. Off: nodes serve their whole span only
     # (node/span_server.py check_blocks), so a hop is always one peer's entire span.
     allow_partial_spans: bool = False
@@ -60,12 +67,15 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         if not self.hop_latency_s >= 0:
             raise ValueError(f"hop_latency_s must be >= 0, got {self.hop_latency_s}")
+        if not self.relay_penalty_s >= 0:
+            raise ValueError(f"relay_penalty_s must be >= 0, got {self.relay_penalty_s}")
 
 
 def hop_cost(peer: PeerSpan, start: int, end: int, config: RoutingConfig) -> float:
     """Expected seconds one token step spends on this hop."""
     blocks_per_s = max(peer.throughput * (peer.end - peer.start), 1e-9)
-    return config.hop_latency_s + (end - start) / blocks_per_s
+    penalty = config.relay_penalty_s if is_relayed(peer.address) else 0.0
+    return config.hop_latency_s + penalty + (end - start) / blocks_per_s
 
 
 def missing_blocks(peers: list[PeerSpan], start: int, end: int) -> list[int]:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pollinate.coordinator.config import AddressCheckConfig
 from pollinate.protocol.addresses import announced_address_problem, is_loopback, probe_tcp, split_host_port
 from pollinate.protocol.errors import FailedPrecondition
+from pollinate.protocol.relay import dialer as relay_dialer
+from pollinate.protocol.relay import is_relayed
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ class AddressCheck:
         """Raise FailedPrecondition if `address` must be refused; log a warning if it is
         doubtful and the config says warn."""
         cfg = self.config
+        if is_relayed(address):
+            await self._relayed(address)
+            return
         try:
             split_host_port(address)
         except ValueError:
@@ -63,6 +68,18 @@ class AddressCheck:
                 f"the coordinator cannot connect to the announced address {address} ({error} within "
                 f"{cfg.dial_timeout_s:g} s); open that TCP port in the node's firewall (or forward it on "
                 f"its router) and announce the address others reach it at with --announce-host"))
+
+    async def _relayed(self, address: str) -> None:
+        """A relayed address is dialled back through its relays (the stream only: the node's
+        gRPC answers on the other end of it)."""
+        if self.config.dial_back == "off":
+            return
+        self.counters["dialed_back"] += 1
+        error = await relay_dialer().check(address)
+        if error is not None:
+            self._verdict(self.config.dial_back, (
+                f"the coordinator cannot reach the node through its relays ({error}); the node has "
+                f"no reservation at any relay it names"))
 
     def _verdict(self, mode: str, problem: str) -> None:
         if mode == "refuse":

@@ -91,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--announce-host and the DHT port when it differs from --host)")
     parser.add_argument("--no-dht", action="store_true",
                         help="do not run a bootstrap DHT peer (joins get no initial peers)")
+    parser.add_argument("--no-relay", action="store_true",
+                        help="do not let nodes that cannot be dialled (behind NAT) relay their traffic "
+                             "through this coordinator's DHT peer; they then need a member started "
+                             "with `pollinate node --relay` (docs/deploy.md)")
     parser.add_argument("--sqlite-synchronous", default="NORMAL",
                         choices=("OFF", "NORMAL", "FULL", "EXTRA"),
                         help="SQLite durability: NORMAL survives a killed process, FULL also "
@@ -160,7 +164,8 @@ def dht_config(args: argparse.Namespace) -> DhtConfig:
         port = free_port(args.host)  # an announced multiaddr needs a real port
     host_maddrs, announce_maddrs = dht_maddrs(args.host, announce, port)
     return DhtConfig(host_maddrs=tuple(args.dht_host_maddr or host_maddrs),
-                     announce_maddrs=tuple(args.dht_announce_maddr or announce_maddrs))
+                     announce_maddrs=tuple(args.dht_announce_maddr or announce_maddrs),
+                     relay=not args.no_relay)
 
 
 async def serve(config: CoordinatorConfig, dht) -> None:

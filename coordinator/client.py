@@ -65,6 +65,9 @@ class CoordinatorClientConfig:
     requested_span: Span | None = None
     # Label for the coordinator's logs and status.
     name: str = ""
+    # Offer this node's DHT peer as a circuit relay for nodes that cannot be dialled: its
+    # multiaddr (pollinate node --relay); empty: no.
+    relay_maddr: str = ""
     # Deadline of each RPC, seconds. 5 s: far above a loopback or LAN round trip, short
     # enough that one lost heartbeat does not delay the next.
     rpc_timeout_s: float = 5.0
@@ -234,6 +237,7 @@ class CoordinatorClient:
             throughput=self._throughput or cfg.throughput, name=cfg.name,
             requested_span=_span_msg(cfg.requested_span),
             current_span=_span_msg(self.serving_span if cfg.requested_span is None else None),
+            relay_maddr=cfg.relay_maddr,
         )
         try:
             with translate_rpc_errors(peer=cfg.coordinator):

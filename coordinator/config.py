@@ -101,6 +101,9 @@ class DhtConfig:
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     # Addresses to advertise instead of the ones the DHT sees (behind NAT).
     announce_maddrs: tuple[str, ...] = ()
+    # Let nodes that cannot be dialled (behind NAT) reserve a libp2p circuit relay at this DHT
+    # peer (protocol/relay.py). It forwards their encrypted traffic: bandwidth, not trust.
+    relay: bool = True
     # Seconds to wait for the DHT process to come up before giving up.
     start_timeout_s: float = 60.0
 

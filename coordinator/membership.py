@@ -30,6 +30,7 @@ from pollinate.coordinator.placement import (
     plan_moves,
 )
 from pollinate.coordinator.store import MemberRecord, Store
+from pollinate.protocol.relay import is_relayed, parse_relayed
 from pollinate.protocol.errors import (
     FailedPrecondition,
     InvalidRequest,
@@ -39,11 +40,24 @@ from pollinate.protocol.errors import (
 
 logger = logging.getLogger(__name__)
 
+# A relayed address lists one circuit per relay (~150 characters each).
+MAX_RELAYED_ADDRESS_CHARS = 2048
+_RELAY_MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]{1,253}/tcp/\d{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]{20,80}$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """host:port (IPv6 as [addr]:port) -> (host, port); InvalidRequest if malformed."""
+    """host:port (IPv6 as [addr]:port) -> (host, port); InvalidRequest if malformed. A relayed
+    address (protocol/relay.py) is checked for form and gives (address, 0): it has no port."""
+    if is_relayed(address):
+        if len(address) > MAX_RELAYED_ADDRESS_CHARS:
+            raise InvalidRequest(f"relayed address of {len(address)} characters; at most "
+                                 f"{MAX_RELAYED_ADDRESS_CHARS}")
+        try:
+            parse_relayed(address)
+        except ValueError as e:
+            raise InvalidRequest(f"address {address!r}: {e}") from None
+        return address, 0
     host, sep, port_text = address.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise InvalidRequest(f"address {address!r} is not host:port")
@@ -72,6 +86,7 @@ class JoinParams:
     current_span: Span | None = None  # held already (re-join): kept if valid, movable
     name: str = ""
     source_host: str = ""  # peer IP as gRPC saw it
+    relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
 
 
 @dataclass(slots=True)
@@ -86,6 +101,7 @@ class Member:
     lease_deadline: float  # monotonic seconds
     last_heartbeat_at: float  # unix seconds, for status
     move_reason: str = ""  # set while a MOVE instruction is pending
+    relay_maddr: str = ""  # offered as a circuit relay; soft state, re-sent at every join
 
     @property
     def member_id(self) -> str:
@@ -161,6 +177,8 @@ class Membership:
     def join(self, params: JoinParams) -> Member:
         cfg = self.config
         parse_address(params.address)
+        if params.relay_maddr and not _RELAY_MADDR.match(params.relay_maddr):
+            raise InvalidRequest(f"relay_maddr {params.relay_maddr[:200]!r} is not /ip4|ip6|dns/HOST/tcp/PORT/p2p/ID")
         if params.model_id and params.model_id != cfg.model_id:
             raise FailedPrecondition(
                 f"this swarm serves {cfg.model_id!r}, not {params.model_id!r}"
@@ -227,7 +245,7 @@ class Membership:
                         throughput=record.throughput,
                         serving_span=params.current_span if params.current_span == span else None,
                         lease_deadline=self.clock() + cfg.lease_s,
-                        last_heartbeat_at=self.wall_clock())
+                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr)
         self._insert(member)
         self.counters["joins"] += 1
         logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",

@@ -42,15 +42,23 @@ class SwarmInfo:
     num_blocks: int
     epoch: int
     dht_initial_peers: tuple[str, ...]
+    relays: tuple[str, ...] = ()  # circuit relays a node that cannot be dialled may use
+    # Asked with check_address: could the coordinator connect to it (None: not asked)?
+    reachable: bool | None = None
+    unreachable_detail: str = ""
 
 
 def probe_coordinator(address: str, token: str, *, timeout_s: float = 60.0,
                       rpc_timeout_s: float = 5.0, tls: bool = False,
-                      tls_root_cert_file: Path | None = None) -> SwarmInfo:
+                      tls_root_cert_file: Path | None = None,
+                      check_address: str | None = None) -> SwarmInfo:
     """Run the Status RPC in a subprocess, retrying while the coordinator is down, up to timeout_s.
-    With tls, over TLS trusting tls_root_cert_file (None: the system's roots)."""
+    With tls, over TLS trusting tls_root_cert_file (None: the system's roots). With
+    check_address, also ask whether the coordinator can connect to it (CheckReachable)."""
     cmd = [sys.executable, "-m", "pollinate.coordinator.probe", address,
            "--timeout", str(timeout_s), "--rpc-timeout", str(rpc_timeout_s)]
+    if check_address:
+        cmd += ["--check-address", check_address]
     if tls:
         cmd += ["--coordinator-tls", str(tls_root_cert_file or "")]
     try:
@@ -64,14 +72,16 @@ def probe_coordinator(address: str, token: str, *, timeout_s: float = 60.0,
         raise ProbeError(f"coordinator {address}: {tail}")
     reply = json.loads(done.stdout.strip().splitlines()[-1])
     info = SwarmInfo(model_id=reply["model_id"], num_blocks=reply["num_blocks"],
-                     epoch=reply["epoch"], dht_initial_peers=tuple(reply["dht_initial_peers"]))
+                     epoch=reply["epoch"], dht_initial_peers=tuple(reply["dht_initial_peers"]),
+                     relays=tuple(reply["relays"]), reachable=reply.get("reachable"),
+                     unreachable_detail=reply.get("unreachable_detail", ""))
     logger.info("coordinator %s: model %s (%d blocks), epoch %d, DHT peers %s", address,
                 info.model_id, info.num_blocks, info.epoch, ", ".join(info.dht_initial_peers))
     return info
 
 
 async def _status(address: str, token: str, timeout_s: float, rpc_timeout_s: float,
-                  tls: dict) -> dict:
+                  tls: dict, check_address: str | None = None) -> dict:
     from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.errors import PeerUnavailable, RpcTimeout, translate_rpc_errors
     from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -81,11 +91,16 @@ async def _status(address: str, token: str, timeout_s: float, rpc_timeout_s: flo
     while True:
         channel = open_channel(address, ChannelConfig(token=token, **tls))
         try:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             with translate_rpc_errors(peer=address):
-                reply = await coordinator_pb2_grpc.CoordinatorStub(channel).Status(
-                    coordinator_pb2.StatusRequest(), timeout=rpc_timeout_s)
-            return {"model_id": reply.model_id, "num_blocks": reply.num_blocks,
-                    "epoch": reply.epoch, "dht_initial_peers": list(reply.dht_initial_peers)}
+                reply = await stub.Status(coordinator_pb2.StatusRequest(), timeout=rpc_timeout_s)
+                out = {"model_id": reply.model_id, "num_blocks": reply.num_blocks, "epoch": reply.epoch,
+                       "dht_initial_peers": list(reply.dht_initial_peers), "relays": list(reply.relays)}
+                if check_address:
+                    check = await stub.CheckReachable(coordinator_pb2.CheckReachableRequest(
+                        address=check_address), timeout=rpc_timeout_s + 10.0)
+                    out.update(reachable=check.reachable, unreachable_detail=check.detail)
+            return out
         except (PeerUnavailable, RpcTimeout) as e:
             if time.monotonic() + pause > deadline:
                 raise TimeoutError(f"unreachable for {timeout_s:g} s: {e}") from e
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("address", help="the coordinator's gRPC HOST:PORT")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to keep retrying")
     p.add_argument("--rpc-timeout", type=float, default=5.0, help="deadline of each call, seconds")
+    p.add_argument("--check-address", default=None,
+                   help="also ask whether the coordinator can connect to this HOST:PORT")
     from pollinate.protocol.channels import add_coordinator_tls_argument, coordinator_tls
     from pollinate.protocol.errors import PollinateError
 
@@ -116,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refused: {e}", file=sys.stderr)
         return REFUSED_EXIT
     try:
-        reply = asyncio.run(_status(args.address, token, args.timeout, args.rpc_timeout, tls))
+        reply = asyncio.run(_status(args.address, token, args.timeout, args.rpc_timeout, tls,
+                                    args.check_address))
     except TimeoutError as e:
         print(f"unreachable: {e}", file=sys.stderr)
         return 1

@@ -42,8 +42,11 @@ def start_bootstrap_dht(config: DhtConfig) -> Any | None:
 
     from pollinate.protocol.errors import SetupError
 
+    # A relay must know itself reachable, or libp2p keeps its relay service off until AutoNAT
+    # confirms it (which a lab or a small swarm may never do).
     dht = hivemind.DHT(start=False, host_maddrs=list(config.host_maddrs),
-                       announce_maddrs=list(config.announce_maddrs) or None)
+                       announce_maddrs=list(config.announce_maddrs) or None,
+                       force_reachability="public" if config.relay else None)
     try:
         dht.run_in_background(await_ready=True, timeout=config.start_timeout_s)
     except Exception as e:  # the daemon's own message: a taken port, an address not ours
@@ -96,10 +99,18 @@ class CoordinatorServer:
     def dht_initial_peers(self) -> list[str]:
         return list(self._dht_peers)
 
+    @property
+    def relays(self) -> list[str]:
+        """Circuit relays for nodes that cannot be dialled: this coordinator's DHT peer (unless
+        --no-relay), then every member that offered its own (--relay)."""
+        own = self._dht_peers if self.config.dht.relay else []
+        offered = [m.relay_maddr for m in self.membership.members.values() if m.relay_maddr]
+        return list(dict.fromkeys([*own, *offered]))
+
     def status(self) -> dict[str, Any]:
         return snapshot(self.membership, dht_initial_peers=self._dht_peers,
                         started_at=self.started_at, version=__version__, jobs=self.jobs.list(),
-                        rounds=self.store.last_committed_rounds())
+                        rounds=self.store.last_committed_rounds(), relays=self.relays)
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer

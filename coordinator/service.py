@@ -7,6 +7,7 @@ token interceptor before any method here runs, so a call with a wrong token reco
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
@@ -15,11 +16,14 @@ import grpc.aio
 from pollinate import __version__
 from pollinate.coordinator.address_check import AddressCheck
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
-from pollinate.coordinator.membership import JoinParams, Membership
+from pollinate.coordinator.membership import JoinParams, Membership, parse_address
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
+from pollinate.protocol.addresses import probe_tcp
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest
+from pollinate.protocol.relay import dialer as relay_dialer
+from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             current_span=optional_span(request, "current_span"),
             name=request.name[:64],
             source_host=source_host,
+            relay_maddr=request.relay_maddr,
         )
         member = self.membership.join(params)
         cfg = self.membership.config
@@ -143,6 +148,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Status(self, request, context):
         return status_to_proto(self._status())
+
+    async def CheckReachable(self, request: coordinator_pb2.CheckReachableRequest, context):
+        parse_address(request.address)  # InvalidRequest if it is neither host:port nor relayed
+        timeout_s = self.address_check.config.dial_timeout_s if self.address_check else 3.0
+        if is_relayed(request.address):
+            error = await relay_dialer().check(request.address)
+        else:
+            error = await asyncio.to_thread(probe_tcp, request.address, timeout_s)
+        return coordinator_pb2.CheckReachableReply(reachable=error is None, detail=error or "")
 
     def _rounds(self) -> Rounds:
         if self.rounds is None:
@@ -217,7 +231,7 @@ def status_to_proto(status: dict) -> coordinator_pb2.StatusReply:
         blocks=[coordinator_pb2.BlockCoverage(**b) for b in status["blocks"]],
         dht_initial_peers=status["dht_initial_peers"], started_at=status["started_at"],
         version=status["version"], heartbeat_period_s=status["heartbeat_period_s"],
-        lease_s=status["lease_s"], jobs=[job_to_proto(j) for j in status.get("jobs", [])],
+        lease_s=status["lease_s"], relays=status.get("relays", []), jobs=[job_to_proto(j) for j in status.get("jobs", [])],
         rounds=[coordinator_pb2.RoundInfo(
             job=r["job"], span=common_pb2.Span(start=r["span"][0], end=r["span"][1]), round=r["round"],
             committed_at=r["committed_at"], members=[coordinator_pb2.RoundMemberTraffic(**m) for m in r["members"]])

@@ -13,6 +13,7 @@ from typing import Any
 
 from pollinate.coordinator.membership import Membership
 from pollinate.coordinator.store import JobRecord
+from pollinate.protocol.relay import is_relayed
 
 
 def snapshot(
@@ -23,6 +24,7 @@ def snapshot(
     version: str,
     jobs: list[JobRecord] = (),
     rounds: list[dict[str, Any]] = (),
+    relays: list[str] = (),
 ) -> dict[str, Any]:
     """Everything `pollinate status`, the HTML page and /metrics show, as plain data."""
     cfg = membership.config
@@ -41,6 +43,7 @@ def snapshot(
             "pinned": m.record.pinned,
             "joined_at": m.record.joined_at,
             "last_heartbeat_at": m.last_heartbeat_at,
+            "relayed": is_relayed(m.record.address),
         }
         for m in sorted(membership.members.values(), key=lambda m: (m.span.start, m.span.end,
                                                                      m.record.address))
@@ -56,6 +59,7 @@ def snapshot(
         ],
         "holes": [i for i in range(cfg.num_blocks) if replicas[i] == 0],
         "dht_initial_peers": list(dht_initial_peers),
+        "relays": list(relays),
         "started_at": started_at,
         "version": version,
         "heartbeat_period_s": cfg.heartbeat_period_s,

@@ -73,12 +73,15 @@ def record_value(
 
 
 def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_mode: bool = False,
-              host_maddrs: Sequence[str] | None = None, announce_maddrs: Sequence[str] = ()):
+              host_maddrs: Sequence[str] | None = None, announce_maddrs: Sequence[str] = (),
+              relay: bool = False):
     """Start a hivemind DHT peer (forks a process: call before creating gRPC objects).
 
     It listens on `host_maddrs` (default: `host`, any free port) and advertises
-    `announce_maddrs` instead when given (protocol/addresses.py: bind vs announce). A peer
-    that cannot reach any of `initial_peers` raises SetupError saying what to check."""
+    `announce_maddrs` instead when given (protocol/addresses.py: bind vs announce). With
+    `relay` it serves as a libp2p circuit relay for nodes that cannot be dialled (told it is
+    reachable, or libp2p waits for AutoNAT to say so). A peer that cannot reach any of
+    `initial_peers` raises SetupError saying what to check."""
     import hivemind
 
     from pollinate.protocol.errors import SetupError
@@ -88,6 +91,8 @@ def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_m
         kwargs["host_maddrs"] = list(host_maddrs or [f"/ip4/{host}/tcp/0"])
         if announce_maddrs:
             kwargs["announce_maddrs"] = list(announce_maddrs)
+        if relay:
+            kwargs["force_reachability"] = "public"
     try:
         return hivemind.DHT(**kwargs)
     except Exception as e:  # hivemind raises P2PDaemonError / RuntimeError with a daemon log line

@@ -54,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TCP port of this node's DHT peer (default 0: any free port; fix it to open "
                         "it in a firewall or forward it)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--reachability", choices=("auto", "direct", "relay"), default="auto",
+                   help="auto (default): the coordinator tries to connect to this node's announced port "
+                        "and, if it cannot (a home router), the node serves through a relay; direct: "
+                        "never relay (the port is forwarded); relay: always serve through a relay")
+    p.add_argument("--relay", dest="offer_relay", action="store_true",
+                   help="let nodes that cannot be dialled relay their traffic through this node's DHT "
+                        "peer (it must be reachable; costs this node the bandwidth it relays)")
     p.add_argument("--ready-file", type=Path, help="write {address, dht_maddrs, peer_id} here once serving")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
@@ -125,6 +132,8 @@ def build_config(args: argparse.Namespace):
         announce_host=announce,
         port=args.port,
         dht_port=args.dht_port,
+        reachability=args.reachability,
+        offer_relay=args.offer_relay,
         token=token or None,
         initial_peers=tuple(args.initial_peers),
         ready_file=args.ready_file,
@@ -166,18 +175,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"pollinate node: {e}") from None
     from pollinate.node.announce import start_dht
+    from pollinate.node.reachability import Reachability
 
     peers = list(config.initial_peers)
+    reach = Reachability(relayed=False)
     if config.coordinator is not None:
         # The DHT must start before any gRPC object exists here, so the coordinator is asked
-        # for its DHT peers from a subprocess (see coordinator/probe.py).
-        from pollinate.coordinator.probe import ProbeError, probe_coordinator
-
-        try:
-            info = probe_coordinator(config.coordinator, config.token,
-                                     timeout_s=config.coordinator_timeout_s, **_coordinator_tls(config))
-        except ProbeError as e:
-            raise SystemExit(f"pollinate node: {e}") from None
+        # for its DHT peers (and to dial this node's port back) from a subprocess.
+        config, info, reach = _probe(config)
         peers += [p for p in info.dht_initial_peers if p not in peers]
     from pollinate.protocol.addresses import dht_maddrs, free_port
 
@@ -185,12 +190,43 @@ def run(args: argparse.Namespace) -> int:
     if port == 0 and config.announce_host != config.host.strip("[]"):
         port = free_port(config.host)  # an announced multiaddr needs a real port
     host_maddrs, announce_maddrs = dht_maddrs(config.host, config.announce_host, port)
-    # before any gRPC object exists; a DHT that cannot bootstrap raises SetupError (one line)
-    dht = start_dht(peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs)
+    # before any gRPC object exists; a DHT that cannot bootstrap raises SetupError (one line).
+    # Behind NAT the DHT peer only dials out (client mode): nobody could dial it.
+    dht = start_dht(peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                    client_mode=reach.relayed, relay=config.offer_relay)
     try:
-        return asyncio.run(serve(config, dht))
+        return asyncio.run(serve(config, dht, reach))
     finally:
         dht.shutdown()
+
+
+def _probe(config):
+    """(config with its gRPC port fixed, SwarmInfo, Reachability): the coordinator's Status and,
+    with --reachability auto, its dial-back of this node's port while a socket listens there."""
+    import dataclasses
+
+    from pollinate.coordinator.probe import ProbeError, probe_coordinator
+    from pollinate.node.reachability import decide
+    from pollinate.protocol.addresses import is_loopback, join_host_port
+
+    check_address, listener = None, None
+    # An announced loopback or wildcard host is a setting to fix, not a NAT: Join says which.
+    if config.reachability == "auto" and not is_loopback(config.announce_host) \
+            and config.announce_host not in ("0.0.0.0", "::"):
+        listener = _reserve_port(config.host, config.port)
+        config = dataclasses.replace(config, port=listener.getsockname()[1])  # served on it later
+        check_address = join_host_port(config.announce_host, config.port)
+    try:
+        info = probe_coordinator(config.coordinator, config.token, timeout_s=config.coordinator_timeout_s,
+                                 check_address=check_address, **_coordinator_tls(config))
+    except ProbeError as e:
+        raise SystemExit(f"pollinate node: {e}") from None
+    finally:
+        if listener is not None:
+            listener.close()  # before the DHT forks, or its process would hold the port
+    reach = decide(config.reachability, checked_address=check_address, reachable=info.reachable,
+                   detail=info.unreachable_detail, relays=info.relays)
+    return config, info, reach
 
 
 def _write_ready(path: Path, info: dict) -> None:
@@ -226,7 +262,7 @@ def _capacity_blocks(config, files, placement) -> int:
     return min(fit, files.num_blocks)
 
 
-async def serve(config, dht) -> int:
+async def serve(config, dht, reach=None) -> int:
     import torch
 
     from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
@@ -290,17 +326,25 @@ async def serve(config, dht) -> int:
 
     member = None
     reservation = None
+    relay = None  # protocol/relay.py's RelayedServer when this node cannot be dialled
     port = config.port
     if config.coordinator is not None:
         reservation = _reserve_port(config.host, config.port)
         port = reservation.getsockname()[1]
         address = join_host_port(config.announce_host, port)
+        if reach is not None and reach.relayed:
+            from pollinate.node.reachability import coordinator_check, serve_relayed
+
+            relay, address = await serve_relayed(
+                reach, port, host=config.host, timeout_s=config.coordinator_timeout_s,
+                check=coordinator_check(config.coordinator, config.token, _coordinator_tls(config)))
         requested = Span(config.start, config.end) if config.start is not None else None
         member = CoordinatorClient(CoordinatorClientConfig(
             coordinator=config.coordinator, token=config.token, address=address,
             capacity_blocks=_capacity_blocks(config, files, placement),
             throughput=_initial_throughput(config), requested_span=requested,
             join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
+            relay_maddr=_relay_maddr(dht) if config.offer_relay else "",
             **_coordinator_tls(config),
         ), on_move=move)
         assignment = await member.start()
@@ -327,7 +371,8 @@ async def serve(config, dht) -> int:
         if reservation is not None:
             reservation.close()
         await rpc.start()
-        address = join_host_port(config.announce_host, rpc.port)  # what others dial
+        if relay is None:
+            address = join_host_port(config.announce_host, rpc.port)  # what others dial
         announcer = announcer_for(server, address, servicer.throughput)
         current.update(server=server, announcer=announcer, address=address)
         await asyncio.to_thread(announcer.announce, "joining")
@@ -353,6 +398,7 @@ async def serve(config, dht) -> int:
             "blocks": [start, end],
             "throughput": servicer.throughput,
             "member_id": member.member_id if member is not None else None,
+            "relayed": relay is not None,
         })
 
     stop = asyncio.Event()
@@ -366,5 +412,18 @@ async def serve(config, dht) -> int:
     servicer.serving = False
     await asyncio.to_thread(current["announcer"].stop)
     await rpc.stop()
+    if relay is not None:
+        await relay.stop()
     await current["server"].shutdown()
     return 0
+
+
+def _relay_maddr(dht) -> str:
+    """The multiaddr this node offers as a circuit relay (--relay): its DHT peer's."""
+    from pollinate.protocol.addresses import dialable_maddrs
+
+    maddrs = dialable_maddrs(dht.get_visible_maddrs())
+    if not maddrs:
+        raise SystemExit("pollinate node: --relay needs a DHT peer others can dial; it has none "
+                         "(set --announce-host and --dht-port)")
+    return maddrs[0]

@@ -48,6 +48,11 @@ class NodeConfig:
     announce_host: str | None = None
     port: int = 0  # 0 = any free port (the bound one goes to the ready file and the DHT)
     dht_port: int = 0  # TCP port of the DHT peer; 0 = any free port
+    # "auto": the coordinator dials the announced port back and the node serves through a
+    # relay if it cannot (node/reachability.py); "direct": never relay; "relay": always.
+    reachability: str = "auto"
+    # Offer this node's DHT peer as a circuit relay for nodes that cannot be dialled.
+    offer_relay: bool = False
     token: str | None = field(default=None, repr=False)  # swarm token; None = no check (tests)
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join; empty = start a new DHT
     ready_file: Path | None = None  # JSON {address, dht_maddrs, peer_id} written once serving
@@ -78,6 +83,12 @@ class NodeConfig:
             object.__setattr__(self, "announce_host", self.host.strip("[]"))
         if not 0 <= self.dht_port <= 65535:
             raise ValueError(f"dht_port must be in 0..65535, got {self.dht_port}")
+        if self.reachability not in ("auto", "direct", "relay"):
+            raise ValueError(f"reachability must be auto, direct or relay, got {self.reachability!r}")
+        if self.reachability == "relay" and self.coordinator is None:
+            raise ValueError("--reachability relay needs --coordinator (it names the relays)")
+        if self.offer_relay and self.reachability == "relay":
+            raise ValueError("a node served through a relay cannot be one (--relay with --reachability relay)")
         if (self.start is None) != (self.end is None):
             raise ValueError(f"give both start and end or neither, got {self.start}:{self.end}")
         if self.start is None and self.coordinator is None:

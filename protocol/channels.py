@@ -25,6 +25,8 @@ import grpc.aio
 from pollinate.protocol.auth import TokenServerInterceptor, token_client_interceptors
 from pollinate.protocol.errors import ErrorMappingInterceptor
 from pollinate.protocol.framing import DEFAULT_FRAMING
+from pollinate.protocol.relay import dialer as relay_dialer
+from pollinate.protocol.relay import is_relayed
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +170,12 @@ def coordinator_tls(value: str | None) -> dict[str, Any]:
 
 
 def open_channel(address: str, config: ChannelConfig = ChannelConfig()) -> grpc.aio.Channel:
-    """A grpc.aio channel to `address` ("host:port"); close it with `await channel.close()`.
+    """A grpc.aio channel to `address` ("host:port", or a node's relayed address: see
+    protocol/relay.py); close it with `await channel.close()`.
 
     Must be called with an event loop running (grpc.aio binds the channel to it)."""
+    if is_relayed(address):
+        address = relay_dialer().local_address(address)
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),

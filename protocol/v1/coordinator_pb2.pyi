@@ -9,8 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CheckReachableRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class CheckReachableReply(_message.Message):
+    __slots__ = ("reachable", "detail")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    detail: str
+    def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
-    __slots__ = ("address", "model_id", "capacity_blocks", "throughput", "requested_span", "current_span", "name")
+    __slots__ = ("address", "model_id", "capacity_blocks", "throughput", "requested_span", "current_span", "name", "relay_maddr")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +32,7 @@ class JoinRequest(_message.Message):
     REQUESTED_SPAN_FIELD_NUMBER: _ClassVar[int]
     CURRENT_SPAN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    RELAY_MADDR_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_id: str
     capacity_blocks: int
@@ -25,7 +40,8 @@ class JoinRequest(_message.Message):
     requested_span: _common_pb2.Span
     current_span: _common_pb2.Span
     name: str
-    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., requested_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., current_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    relay_maddr: str
+    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., requested_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., current_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., name: _Optional[str] = ..., relay_maddr: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("member_id", "epoch", "span", "dht_initial_peers", "heartbeat_period_s", "lease_s", "model_id", "num_blocks")
@@ -138,7 +154,7 @@ class BlockCoverage(_message.Message):
     def __init__(self, block: _Optional[int] = ..., replicas: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds")
+    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds", "relays")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +167,7 @@ class StatusReply(_message.Message):
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     model_id: str
     num_blocks: int
@@ -163,7 +180,8 @@ class StatusReply(_message.Message):
     lease_s: float
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
-    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+    relays: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., relays: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
     __slots__ = ("job", "span", "round", "committed_at", "members")

@@ -95,6 +95,11 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsReply.FromString,
                 _registered_method=True)
+        self.CheckReachable = channel.unary_unary(
+                '/pollinate.v1.Coordinator/CheckReachable',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -198,6 +203,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachable(self, request, context):
+        """Can the coordinator reach `address` now? A "host:port" gets one TCP connect, a relayed
+        address (protocol/relay.py) one stream through its relays. A node asks before it starts
+        (is my port open? else it serves through a relay) and once its relay reservation is up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +274,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsReply.SerializeToString,
+            ),
+            'CheckReachable': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachable,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +605,33 @@ class Coordinator:
             '/pollinate.v1.Coordinator/ListJobs',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListJobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/CheckReachable',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableReply.FromString,
             options,
             channel_credentials,
             insecure,

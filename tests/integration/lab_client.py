@@ -42,6 +42,9 @@ def main() -> int:
         out = model.generate(prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                              do_sample=False)
         tokens = out[0, prompt.shape[1]:].tolist()
+        if args.steps == 0:  # generation only
+            print(json.dumps({"tokens": tokens, "losses": []}), flush=True)
+            return 0
 
         spec = JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=args.round_steps, seed=3)
         config = TrainConfig(job=args.job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")

@@ -93,24 +93,26 @@ async def node_state(cfg, address: str, job: str, rnd: int) -> dict:
     return out
 
 
-async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int):
-    """(round, {"diloco.global", "diloco.momentum"}, state bytes) last committed at the coordinator."""
+async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int, first_block: int = 0):
+    """(round, {"diloco.global", "diloco.momentum"}, state bytes) last committed at the coordinator
+    for span first_block:num_blocks."""
     from pollinate.node.rounds import load_state
     from pollinate.protocol.channels import open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
     channel = open_channel(coordinator, cfg)
     committed = await coordinator_pb2_grpc.CoordinatorStub(channel).GetCommittedState(
-        coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=0, end=num_blocks)),
+        coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=first_block, end=num_blocks)),
         timeout=10)
     await channel.close()
     return committed.round, {f"diloco.{k}": v for k, v in load_state(committed.state).items()}, committed.state
 
 
-async def replicas_report(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int) -> dict:
+async def replicas_report(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int,
+                          first_block: int = 0) -> dict:
     import torch
 
-    rnd, coord, blob = await coordinator_state(cfg, coordinator, job, num_blocks)
+    rnd, coord, blob = await coordinator_state(cfg, coordinator, job, num_blocks, first_block)
     replicas = [await node_state(cfg, a, job, rnd) for a in nodes]
     adapters = [await node_state(cfg, a, job, 0) for a in nodes]
     return {
@@ -152,7 +154,7 @@ async def main_async(args) -> dict:
         await wait_for_round(cfg, args.coordinator, [a for a in nodes if a in finished], args.job,
                              args.num_blocks, args.expect_round, args.step_timeout)
     return await replicas_report(cfg, args.coordinator, [a for a in nodes if a in finished],
-                                 args.job, args.num_blocks)
+                                 args.job, args.num_blocks, args.first_block)
 
 
 def main() -> int:
@@ -163,7 +165,8 @@ def main() -> int:
     p.add_argument("--job", default="rounds")
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--round-steps", type=int, default=3)
-    p.add_argument("--num-blocks", type=int, default=4)
+    p.add_argument("--num-blocks", type=int, default=4, help="the span's end (the model's blocks)")
+    p.add_argument("--first-block", type=int, default=0, help="the span's start")
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds per Backward call (a round included)")
     p.add_argument("--tolerate-dead", action="store_true", help="a replica that fails stops; the rest go on")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,

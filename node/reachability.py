@@ -1,0 +1,95 @@
+"""Whether this node can be dialled, and serving through a relay when it cannot.
+
+    mode = decide(config, probe)                  # before the DHT starts (it forks)
+    relay = await serve_relayed(mode, port, ...)  # after gRPC's port is listening, before Join
+
+`--reachability auto` (the default with a coordinator) asks the coordinator, from the probe
+subprocess, to connect to the announced host:port while a plain socket listens on it; if it
+cannot, the node serves through a libp2p circuit relay (protocol/relay.py) at the relays the
+coordinator names. `direct` never relays (a node whose port is forwarded), `relay` always
+does (a node that knows it is behind NAT, and the tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from pollinate.protocol.relay import RelayedServer
+
+logger = logging.getLogger(__name__)
+
+REACHABILITY_MODES = ("auto", "direct", "relay")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reachability:
+    """What the node decided before starting."""
+
+    relayed: bool
+    relays: tuple[str, ...] = ()  # multiaddrs of the relays to reserve at
+    why: str = ""  # for the log: the coordinator's dial-back result, or the flag
+
+
+def decide(mode: str, *, checked_address: str | None, reachable: bool | None, detail: str,
+           relays: tuple[str, ...]) -> Reachability:
+    """The node's mode from --reachability and the coordinator's dial-back (None: not asked)."""
+    if mode == "direct":
+        return Reachability(relayed=False, why="--reachability direct")
+    if mode == "relay":
+        why = "--reachability relay"
+    elif reachable is False:
+        why = f"the coordinator cannot connect to {checked_address} ({detail or 'no answer'})"
+    else:
+        return Reachability(relayed=False, why=f"the coordinator connected to {checked_address}")
+    if not relays:
+        raise SystemExit(f"pollinate node: {why}, and the coordinator offers no relay (it runs with "
+                         "--no-relay and no member offers --relay); forward this node's port on the "
+                         "router and start it with --announce-host PUBLIC_IP --reachability direct")
+    return Reachability(relayed=True, relays=relays, why=why)
+
+
+def coordinator_check(coordinator: str, token: str | None, tls: dict):
+    """check(address) -> (reachable, detail) through the coordinator's CheckReachable."""
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.errors import translate_rpc_errors
+    from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    async def check(address: str) -> tuple[bool, str]:
+        channel = open_channel(coordinator, ChannelConfig(token=token, **tls))
+        try:
+            with translate_rpc_errors(peer=coordinator):
+                reply = await coordinator_pb2_grpc.CoordinatorStub(channel).CheckReachable(
+                    coordinator_pb2.CheckReachableRequest(address=address), timeout=30.0)
+            return reply.reachable, reply.detail
+        finally:
+            await channel.close()
+
+    return check
+
+
+async def serve_relayed(reach: Reachability, port: int, *, host: str, check,
+                        timeout_s: float) -> tuple[RelayedServer, str]:
+    """Start the relayed side of this node (streams into its gRPC port `port`, bound on `host`)
+    and wait until the coordinator reaches it through a relay. `check(address)` is the
+    coordinator's CheckReachable: (reachable, detail). Returns the server and the address."""
+    server = RelayedServer()
+    target = "127.0.0.1" if host.strip("[]") in ("0.0.0.0", "::") else host.strip("[]")
+    address = await server.start(list(reach.relays), port, host=target)
+    deadline = time.monotonic() + timeout_s
+    pause = 0.2
+    while True:
+        reachable, detail = await check(address)
+        if reachable:
+            break
+        if time.monotonic() + pause > deadline:
+            await server.stop()
+            raise SystemExit(f"pollinate node: no relay reservation within {timeout_s:g} s ({detail}); "
+                             f"relays tried: {', '.join(reach.relays)}")
+        await asyncio.sleep(pause)  # the reservation is being made: poll its readiness
+        pause = min(pause * 2, 2.0)
+    logger.info("relayed: %s; reachable through %d relay(s) as peer %s", reach.why, len(reach.relays),
+                server.p2p.peer_id.to_base58())
+    return server, address
