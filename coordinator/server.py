@@ -30,6 +30,12 @@ from pollinate.coordinator.store import Store
 
 logger = logging.getLogger(__name__)
 
+# Committed rounds (all jobs, newest) the status snapshot carries for rates and the last
+# round's metrics, and a job's page plots. Bounded so a status call stays a few ms on a
+# long-running swarm; the store keeps them all.
+STATUS_ROUNDS = 200
+JOB_ROUNDS = 2000
+
 
 def start_bootstrap_dht(config: DhtConfig) -> Any | None:
     """Start the hivemind DHT peer that nodes and clients bootstrap from (None if disabled).
@@ -99,7 +105,11 @@ class CoordinatorServer:
     def status(self) -> dict[str, Any]:
         return snapshot(self.membership, dht_initial_peers=self._dht_peers,
                         started_at=self.started_at, version=__version__, jobs=self.jobs.list(),
-                        rounds=self.store.last_committed_rounds())
+                        rounds=self.store.last_committed_rounds(),
+                        history=self.store.round_history(limit=STATUS_ROUNDS),
+                        latest=self.store.round_history(latest_only=True, limit=STATUS_ROUNDS),
+                        totals=self.store.round_totals(),
+                        coordinator_address=self.grpc_address if self._rpc is not None else "")
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer
@@ -141,7 +151,8 @@ class CoordinatorServer:
         self._rpc.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, self._servicer)
         await self._rpc.start()
         if cfg.http_port >= 0:
-            self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status)
+            self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status,
+                                          history=lambda job: self.store.round_history(job, limit=JOB_ROUNDS))
             await self._http.start()
         self._timers = [
             asyncio.create_task(self._every(cfg.membership.eviction_interval_s,

@@ -331,6 +331,54 @@ class Store:
                 for m, j, c, sent, received, co_sent, co_received in members]})
         return out
 
+    # ---- round history (status page, issue 15) ----------------------------------------
+
+    def round_history(self, job: str | None = None, *, limit: int = 500,
+                      latest_only: bool = False) -> list[dict]:
+        """The last `limit` committed rounds (of `job`, or of every job; with latest_only the
+        last of each (job, span)), oldest first: per (job, span, round) when it formed and
+        committed, its group size, how many members' checksums are in the commit, tokens
+        trained for it, every byte its members moved (coordinator_* of which with the
+        coordinator) and the committed state's size."""
+        conds, args = (["c.job_name=?"], [job]) if job is not None else ([], [])
+        if latest_only:
+            conds.append("c.round = (SELECT MAX(round) FROM committed_states d WHERE d.job_name=c.job_name "
+                         "AND d.span_start=c.span_start AND d.span_end=c.span_end)")
+        where = "WHERE " + " AND ".join(conds) if conds else ""
+        rows = self.db.execute(
+            "SELECT c.job_name, c.span_start, c.span_end, c.round, r.created_at, c.created_at, c.nbytes, "
+            "COUNT(m.member_id), COALESCE(SUM(m.checksum IS NOT NULL), 0), COALESCE(SUM(m.tokens), 0), "
+            "COALESCE(SUM(t.bytes_sent), 0), COALESCE(SUM(t.bytes_received), 0), "
+            "COALESCE(SUM(t.coordinator_bytes_sent), 0), COALESCE(SUM(t.coordinator_bytes_received), 0) "
+            "FROM committed_states c LEFT JOIN rounds r USING (job_name, span_start, span_end, round) "
+            "LEFT JOIN round_members m USING (job_name, span_start, span_end, round) "
+            "LEFT JOIN round_traffic t ON t.job_name=m.job_name AND t.span_start=m.span_start AND "
+            "t.span_end=m.span_end AND t.round=m.round AND t.member_id=m.member_id "
+            f"{where} GROUP BY c.job_name, c.span_start, c.span_end, c.round "
+            "ORDER BY c.created_at DESC, c.job_name, c.span_start LIMIT ?", (*args, limit)).fetchall()
+        return [{"job": j, "span": [s, e], "round": r, "formed_at": formed, "committed_at": at,
+                 "state_bytes": nbytes, "members": n, "committed_members": done, "tokens": tokens,
+                 "bytes_sent": sent + co_sent, "bytes_received": received + co_received,
+                 "coordinator_bytes_sent": co_sent, "coordinator_bytes_received": co_received}
+                for j, s, e, r, formed, at, nbytes, n, done, tokens, sent, received, co_sent, co_received
+                in reversed(rows)]
+
+    def round_totals(self) -> list[dict]:
+        """Per (job, span): rounds committed, the last one, and the sums over all of them of
+        tokens and member bytes (for /metrics counters); ordered by job and span."""
+        rows = self.db.execute(
+            "SELECT c.job_name, c.span_start, c.span_end, COUNT(DISTINCT c.round), MAX(c.round), "
+            "MAX(c.created_at), COALESCE(SUM(m.tokens), 0), COALESCE(SUM(t.bytes_sent + t.coordinator_bytes_sent), 0), "
+            "COALESCE(SUM(t.bytes_received + t.coordinator_bytes_received), 0) FROM committed_states c "
+            "LEFT JOIN round_members m USING (job_name, span_start, span_end, round) "
+            "LEFT JOIN round_traffic t ON t.job_name=m.job_name AND t.span_start=m.span_start AND "
+            "t.span_end=m.span_end AND t.round=m.round AND t.member_id=m.member_id "
+            "GROUP BY c.job_name, c.span_start, c.span_end ORDER BY c.job_name, c.span_start, c.span_end"
+        ).fetchall()
+        return [{"job": j, "span": [s, e], "rounds": n, "last_round": last, "last_committed_at": at,
+                 "tokens": tokens, "bytes_sent": sent, "bytes_received": received}
+                for j, s, e, n, last, at, tokens, sent, received in rows]
+
 
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (autocommit connection)."""
