@@ -110,7 +110,7 @@ def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]
     """An SVG line chart: series of (name, colour, [(x, y)], dashed), a zero-based y axis with
     five labelled ticks, x ticks at the data's ends and middle, a legend. Each series is a
     <polyline data-series=NAME data-points=N> with a <circle> per point (title: the value)."""
-    w, h, left, right, top, bottom = 640, 220, 70, 12, 12, 34
+    w, h, left, right, top, bottom = 520, 230, 64, 12, 12, 34
     pts = [p for _, _, ps, _ in series for p in ps]
     if not pts:
         return ""
@@ -121,12 +121,13 @@ def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]
     ymax = nice_ceiling(max(y for _, y in pts))
     sx = (lambda x: left + (x - x0) / (x1 - x0) * (w - left - right))
     sy = (lambda y: top + (1 - y / ymax) * (h - top - bottom))
-    parts = [f'<svg class="plot" id="{e(plot_id)}" viewBox="0 0 {w} {h}" role="img" aria-label="{e(title)}">']
+    parts = [f'<svg class="plot" id="{e(plot_id)}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+             f'aria-label="{e(title)}">']
     for i in range(5):
         y = ymax * i / 4
         parts.append(f'<line class="grid" x1="{left}" x2="{w - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
                      f'<text class="tick" x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{e(y_format(y))}</text>')
-    for x in sorted({x0 if x0 == min(xs) else min(xs), (min(xs) + max(xs)) / 2, max(xs)}):
+    for x in sorted({min(xs), (min(xs) + max(xs)) / 2, max(xs)}):
         label = f"{x:g}" if float(x).is_integer() else ""
         if label:
             parts.append(f'<text class="tick" x="{sx(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{label}</text>')
@@ -158,17 +159,18 @@ def coverage_svg(status: dict[str, Any]) -> str:
             cells[i].append(m)
     serving = [c["serving"] for c in status["coverage"]]
     ymax = max([len(c) for c in cells] + [1])
-    left, top, cell_h, bottom = 34, 18, 18, 30
-    col_w = max(8.0, min(28.0, 900 / n))
+    left, top, cell_h, bottom = 34, 30, 18, 30
+    col_w = max(8.0, min(36.0, 900 / n))
     w = left + n * col_w + 8
     h = top + ymax * cell_h + bottom
     base = top + ymax * cell_h
-    parts = [f'<svg class="coverage" viewBox="0 0 {w:.0f} {h}" role="img" aria-label="coverage per block">']
+    parts = [f'<svg class="coverage" width="{w:.0f}" height="{h}" viewBox="0 0 {w:.0f} {h}" role="img" '
+             f'aria-label="coverage per block">']
     for k in range(ymax + 1):
         y = base - k * cell_h
         parts.append(f'<line class="grid" x1="{left}" x2="{w - 8:.0f}" y1="{y}" y2="{y}"/>'
                      f'<text class="tick" x="{left - 5}" y="{y + 4}" text-anchor="end">{k}</text>')
-    parts.append(f'<text class="tick" x="4" y="{top - 6}">replicas</text>')
+    parts.append('<text class="tick" x="4" y="11">replicas</text>')
     label_every = max(1, math.ceil(n / 30))
     for i in range(n):
         x = left + i * col_w
@@ -332,10 +334,10 @@ def job_fragment(status: dict[str, Any], name: str, history: list[dict]) -> str 
         "Bytes members sent per round (dashed: the same exchange in fp32, estimated)",
         series(lambda r: r["bytes_sent"]) + series(
             lambda r: fp32_exchange_bytes(r["members"], r["state_bytes"]) + r["coordinator_bytes_sent"] or None,
-            " fp32", dashed=True),
+            " in fp32 (est.)", dashed=True),
         y_format=fmt_bytes, plot_id="plot-bytes")
     members_plot = line_chart("Members per round", series(lambda r: r["members"]),
-                              y_format=lambda v: f"{v:g}", plot_id="plot-members")
+                              y_format=lambda v: f"{v:g}" if float(v).is_integer() else "", plot_id="plot-members")
     tokens_plot = line_chart("Tokens trained per round", series(lambda r: r["tokens"]),
                              y_format=fmt_num, plot_id="plot-tokens")
     plots = "".join(p for p in (loss, bytes_plot, members_plot, tokens_plot) if p) if history else \
@@ -412,13 +414,13 @@ code{font-size:.9em;background:#f0f0f0;padding:0 .2em;word-break:break-all}
 .state.online{color:#2e7d4f}.state.loading{color:#b07000}.state.stale{color:#c22;font-weight:bold}
 tr.stale td{background:#f0f0f0;color:#777}
 .activity.training{color:#2e7d4f}.activity.idle{color:#777}
-svg{width:100%;height:auto;display:block}
+svg{max-width:100%;height:auto;display:block}
 svg text{font-size:11px;fill:#444}svg .count{font-size:10px;fill:#222}
 svg .grid{stroke:#e4e4e4}svg rect.unserved{fill:#d33;opacity:.15}
 .legend{font-size:.85em;color:#444;margin:.2em 0 .6em}.key{margin-right:1em;white-space:nowrap}
 .key i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em}
 .key i.unserved-key{background:#d33;opacity:.3}
-.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:1em}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr));gap:1em}
 figure{margin:0}figcaption{font-weight:bold;font-size:.95em}
 figure.placeholder{border:1px dashed #bbb;padding:.5em;color:#666;margin-top:1em}
 footer{margin-top:2em;font-size:.85em;color:#666}
