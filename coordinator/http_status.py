@@ -21,7 +21,7 @@ import asyncio
 import html
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pollinate.coordinator.status import render_metrics
@@ -35,17 +35,41 @@ MAX_REQUEST_BYTES = 16 * 1024
 READ_TIMEOUT_S = 5.0
 # Seconds to flush a response to a slow reader.
 WRITE_TIMEOUT_S = 10.0
+# Seconds a node's page waits for the node's Info RPC (its version and dtype) before it
+# says the node did not answer; the page asks again on each refresh.
+NODE_INFO_TIMEOUT_S = 2.0
+
+
+async def ask_node_info(address: str, *, token: str | None, timeout_s: float = NODE_INFO_TIMEOUT_S) -> dict:
+    """What a node says of itself through its Info RPC (version, dtype, model, measured
+    throughput), or {"error": why} where it does not answer: for its status page."""
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
+
+    channel = open_channel(address, ChannelConfig(token=token))
+    try:
+        reply = await node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=timeout_s)
+    except Exception as exc:  # grpc.aio.AioRpcError: unreachable, refused, timed out
+        code = getattr(exc, "code", None)
+        return {"error": code().name if callable(code) else type(exc).__name__}
+    finally:
+        await channel.close()
+    return {"version": reply.version, "dtype": reply.dtype, "model_id": reply.model_id,
+            "throughput": reply.throughput, "span": [reply.span.start, reply.span.end]}
 
 
 class HttpStatusServer:
     def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]],
-                 history: Callable[[str], list[dict]] = lambda job: []) -> None:
+                 history: Callable[[str], list[dict]] = lambda job: [],
+                 node_info: Callable[[str], Awaitable[dict]] | None = None) -> None:
         """status: the snapshot (status.snapshot); history: a job's committed rounds, oldest
-        first (Store.round_history)."""
+        first (Store.round_history); node_info: what a node at an address says of itself
+        (ask_node_info), for its page; None: not asked."""
         self.host = host
         self.port = port
         self._status = status
         self._history = history
+        self._node_info = node_info
         self._server: asyncio.AbstractServer | None = None
 
     @property
@@ -85,7 +109,7 @@ class HttpStatusServer:
                 code, ctype, body = 400, "text/plain", b"bad request\n"
             else:
                 method, target, _ = parts
-                code, ctype, body, headers = self._route(method, target)
+                code, ctype, body, headers = await self._route(method, target)
             extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             writer.write(
                 f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\n"
@@ -100,7 +124,7 @@ class HttpStatusServer:
         finally:
             writer.close()
 
-    def _route(self, method: str, target: str) -> tuple[int, str, bytes, dict[str, str]]:
+    async def _route(self, method: str, target: str) -> tuple[int, str, bytes, dict[str, str]]:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET and HEAD\n", {"Allow": "GET, HEAD"}
         url = urlsplit(target)
@@ -128,7 +152,10 @@ class HttpStatusServer:
                 code, body = 404, f"<p>This coordinator knows no job {html.escape(name)}.</p>"
         elif path.startswith("/nodes/"):
             member_id = path.removeprefix("/nodes/")
-            title, body = f"Node {member_id} · Pollinate", node_fragment(status, member_id)
+            member = next((m for m in status["members"] if m["member_id"] == member_id), None)
+            info = (await self._node_info(member["address"])
+                    if member is not None and self._node_info is not None else None)
+            title, body = f"Node {member_id} · Pollinate", node_fragment(status, member_id, info)
             if body is None:
                 code, body = 404, (f"<p>This coordinator knows no node {html.escape(member_id)} "
                                    "(not a member, and not among the last departures).</p>")

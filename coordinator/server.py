@@ -22,7 +22,7 @@ from typing import Any
 
 from pollinate import __version__
 from pollinate.coordinator.config import CoordinatorConfig, DhtConfig
-from pollinate.coordinator.http_status import HttpStatusServer
+from pollinate.coordinator.http_status import HttpStatusServer, ask_node_info
 from pollinate.coordinator.jobs import Jobs
 from pollinate.coordinator.membership import Membership
 from pollinate.coordinator.status import snapshot
@@ -152,7 +152,8 @@ class CoordinatorServer:
         await self._rpc.start()
         if cfg.http_port >= 0:
             self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status,
-                                          history=lambda job: self.store.round_history(job, limit=JOB_ROUNDS))
+                                          history=lambda job: self.store.round_history(job, limit=JOB_ROUNDS),
+                                          node_info=lambda address: ask_node_info(address, token=cfg.token))
             await self._http.start()
         self._timers = [
             asyncio.create_task(self._every(cfg.membership.eviction_interval_s,

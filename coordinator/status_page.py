@@ -364,8 +364,9 @@ The codec each round used is not recorded at the coordinator.</p>
 """
 
 
-def node_fragment(status: dict[str, Any], member_id: str) -> str | None:
-    """A node's page: what the coordinator knows of a live member, or how it left; None if
+def node_fragment(status: dict[str, Any], member_id: str, info: dict | None = None) -> str | None:
+    """A node's page: what the coordinator knows of a live member and what the node says of
+    itself (`info`, its Info RPC: http_status.ask_node_info), or how it left; None if
     neither."""
     now = status["generated_at"]
     m = next((m for m in status["members"] if m["member_id"] == member_id), None)
@@ -385,12 +386,18 @@ def node_fragment(status: dict[str, Any], member_id: str) -> str | None:
             if age is None or age > status["stale_after_s"] else "")),
         ("assigned blocks", span_text(m["span"]) + (" (pinned by --blocks)" if m["pinned"] else "")),
         ("serving blocks", span_text(m["serving_span"])), ("capacity", f'{m["capacity_blocks"]} blocks'),
-        ("throughput", fmt_num(m["throughput"], "tok/s")), ("joined", ago(m["joined_at"], now)),
+        ("throughput", fmt_num(m["throughput"], "tok/s") + " (as it announced it)"),
+        ("joined", ago(m["joined_at"], now)),
     ]
+    if info is not None and "error" in info:
+        facts.append(("asked now", f'<span class="state stale">no answer to Info ({e(info["error"])})</span>'))
+    elif info is not None:
+        facts += [("version", e(info["version"])), ("dtype", e(info["dtype"])), ("model", e(info["model_id"])),
+                  ("measured throughput", fmt_num(info["throughput"], "tok/s")),
+                  ("hosts blocks", span_text(info["span"]))]
     return (f'<h2>Node {e(m["name"] or member_id)}</h2>'
-            + table(["", ""], [row([k, v]) for k, v in facts], "", cls="facts")
-            + '<p class="muted">Version, device, dtype, cache and load: nodes do not report them to the '
-              'coordinator yet.</p>')
+            + table(["", ""], [row([k, v], f' class="fact" data-fact="{e(k)}"') for k, v in facts], "", cls="facts")
+            + '<p class="muted">Device, cache and load: nodes do not report them yet.</p>')
 
 
 # ---- the page shell -----------------------------------------------------------------
@@ -440,6 +447,9 @@ _JS = """
     if (s < 86400) return (s / 3600).toFixed(1) + ' h ago';
     return (s / 86400).toFixed(1) + ' days ago';
   }
+  function timeless(html) {  // the fragment without its times (ages and their tooltips)
+    return html === null ? null : html.replace(/<span class="ago"[^>]*>[^<]*<\/span>/g, '');
+  }
   function tick() {
     var now = Date.now() / 1000 - skew;
     live.querySelectorAll('.ago[data-t]').forEach(function (el) { el.textContent = age(now - Number(el.dataset.t)); });
@@ -462,12 +472,21 @@ _JS = """
       var generated = Number(r.headers.get('X-Generated-At'));
       return r.text().then(function (text) {
         if (generated) skew = Date.now() / 1000 - generated;
-        if (text !== lastText) {  // swap only on change: tooltips and open details survive
+        if (timeless(text) === timeless(lastText)) {
+          // only times moved (a heartbeat): update them in place, so a tooltip stays open
+          var fresh = document.createElement('div');
+          fresh.innerHTML = text;
+          var olds = live.querySelectorAll('.ago'), news = fresh.querySelectorAll('.ago');
+          for (var i = 0; i < olds.length && i < news.length; i++) {
+            olds[i].dataset.t = news[i].dataset.t;
+            olds[i].title = news[i].title;
+          }
+        } else {  // swap; the open <details> stay open
           var open = Array.prototype.map.call(live.querySelectorAll('details[open][id]'), function (d) { return d.id; });
           live.innerHTML = text;
           open.forEach(function (id) { var d = document.getElementById(id); if (d) d.open = true; });
-          lastText = text;
         }
+        lastText = text;
         lastOk = Date.now(); failingSince = null; banner.hidden = true;
         document.body.classList.remove('stale-data');
         tick();

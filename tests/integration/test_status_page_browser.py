@@ -75,6 +75,19 @@ def test_page_draws_rounds_marks_a_killed_node_stale_and_a_dead_coordinator(
         assert page.eval(row(victim)) == "member online" and page.eval(row(survivor)) == "member online"
         assert page.eval("document.querySelectorAll('svg.coverage rect.cell.online').length") == 8
         assert "Every block is served" in page.eval("document.getElementById('live').innerText")
+        # a heartbeat moves only a time: updated in place, the table is the same element
+        page.eval("document.querySelector('table.nodes').dataset.kept = '1'")
+        beat = (f"document.querySelector('tr[data-member=\"{survivor}\"] .ago').dataset.t")
+        first_beat = page.eval(beat)
+        page.wait_for(f"{beat} !== '{first_beat}'", timeout=10)
+        assert page.eval("document.querySelector('table.nodes').dataset.kept") == "1"
+
+        # a node's page: what the coordinator knows, and what the node says (its Info RPC)
+        node = browser.open(f"http://{http}/nodes/{survivor}")
+        node.wait_for("document.getElementById('updated').dataset.live === '1'", timeout=20)
+        fact = (lambda k: node.eval(f"document.querySelector('tr[data-fact=\"{k}\"] td:last-child').innerText"))
+        assert fact("dtype") == "float32" and fact("version") == http_json(http, "/api/v1/status")["version"]
+        assert fact("address") == nodes[0].info["address"]
 
         nodes[1].kill()  # SIGKILL: no Leave, its lease runs on
         killed_at = time.monotonic()

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pollinate.compression.outer import state_checksum, state_to_bytes
 from pollinate.coordinator.config import MembershipConfig, RoundsConfig, StoreConfig
-from pollinate.coordinator.http_status import HttpStatusServer
+from pollinate.coordinator.http_status import HttpStatusServer, ask_node_info
 from pollinate.coordinator.membership import JoinParams, Membership
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import Rounds
@@ -150,6 +150,12 @@ def test_loading_and_stale_members_do_not_count_as_served_and_an_eviction_is_lis
     assert "Gone: missed their lease" in node_fragment(s, ids[0])
     assert node_fragment(s, "nobody") is None
     assert "gamma" in node_fragment(s, ids[2])
+    assert "no answer to Info (UNAVAILABLE)" in node_fragment(s, ids[2], {"error": "UNAVAILABLE"})
+
+
+def test_a_node_that_does_not_answer_info_is_said_so():
+    info = asyncio.run(ask_node_info("127.0.0.1:1", token=None, timeout_s=2.0))  # nothing listens on port 1
+    assert set(info) == {"error"} and info["error"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 def test_page_is_readable_on_a_phone_and_updates_without_reloading(tmp_path):
