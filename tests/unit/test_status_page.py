@@ -62,15 +62,15 @@ def swarm(tmp_path, clock: Clock) -> tuple[Membership, Store, list[str]]:
     return m, store, ids
 
 
-def commit_rounds(store: Store, m: Membership, ids: list[str], n: int) -> None:
-    """n rounds of job 'sst2' span 0:4 by a and b through Rounds, each member reporting its
-    ExchangeShard and BeginRound bytes; a sends the whole state with its commit."""
+def commit_rounds(store: Store, m: Membership, ids: list[str], n: int, first: int = 1) -> None:
+    """Rounds first..n of job 'sst2' span 0:4 by a and b through Rounds, each member reporting
+    its ExchangeShard and BeginRound bytes; a sends the whole state with its commit."""
     rounds = Rounds(RoundsConfig(window_s=5.0, commit_timeout_s=5.0), store, m)
     theta = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     momentum = torch.zeros(1000)
 
     async def run() -> None:
-        for r in range(1, n + 1):
+        for r in range(first, n + 1):
             await asyncio.gather(rounds.begin("sst2", SPAN, r, ids[0], 100 * r),
                                  rounds.begin("sst2", SPAN, r, ids[1], 50))
             theta.add_(0.01)
@@ -114,6 +114,8 @@ def test_round_history_sums_each_rounds_members_tokens_and_bytes(tmp_path):
     assert total == {"job": "sst2", "span": [0, 4], "rounds": 3, "last_round": 3,
                      "last_committed_at": history[-1]["committed_at"], "tokens": 750,
                      "bytes_sent": 1730 + 2730 + 3730, "bytes_received": 3 * 1700}
+    commit_rounds(store, m, ids, 4, first=4)  # round_totals() is kept until the next write
+    assert store.round_totals()[0]["rounds"] == 4 and store.round_totals()[0]["tokens"] == 750 + 450
     # fp32 reference: (n-1) x the state; the group's exchange is bytes_sent less the coordinator's
     assert exchange_saving(history[0]) == pytest.approx(history[0]["state_bytes"] / 1700)
 
