@@ -106,9 +106,12 @@ def nice_ceiling(v: float) -> float:
 
 
 def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]], bool]], *,
-               y_format: Callable[[float], str], x_label: str = "round", plot_id: str = "") -> str:
-    """An SVG line chart: series of (name, colour, [(x, y)], dashed), a zero-based y axis with
-    five labelled ticks, x ticks at the data's ends and middle, a legend. Each series is a
+               y_format: Callable[[float], str], x_label: str = "round", plot_id: str = "",
+               zero_based: bool = True, integer: bool = False) -> str:
+    """An SVG line chart: series of (name, colour, [(x, y)], dashed), a y axis with five
+    labelled ticks (from 0, or with zero_based=False around the data, as a loss is read;
+    integer: at whole numbers, for counts),
+    x ticks at the data's ends and middle, a legend. Each series is a
     <polyline data-series=NAME data-points=N> with a <circle> per point (title: the value)."""
     w, h, left, right, top, bottom = 520, 230, 64, 12, 12, 34
     pts = [p for _, _, ps, _ in series for p in ps]
@@ -118,13 +121,24 @@ def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]
     x0, x1 = min(xs), max(xs)
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
-    ymax = nice_ceiling(max(y for _, y in pts))
+    lo, hi = min(y for _, y in pts), max(y for _, y in pts)
+    if integer:
+        ymin, ymax = 0.0, 4.0 * max(1, math.ceil(hi / 4))
+    elif zero_based or lo <= 0:
+        ymin, ymax = 0.0, nice_ceiling(hi)
+    else:  # four steps of a round size that hold the data
+        step = nice_ceiling(((hi - lo) or abs(hi) * 0.1) / 4)
+        ymin = math.floor(lo / step) * step
+        while ymin + 4 * step < hi:
+            step = nice_ceiling(step * 1.01)
+            ymin = math.floor(lo / step) * step
+        ymax = ymin + 4 * step
     sx = (lambda x: left + (x - x0) / (x1 - x0) * (w - left - right))
-    sy = (lambda y: top + (1 - y / ymax) * (h - top - bottom))
+    sy = (lambda y: top + (1 - (y - ymin) / (ymax - ymin)) * (h - top - bottom))
     parts = [f'<svg class="plot" id="{e(plot_id)}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
              f'aria-label="{e(title)}">']
     for i in range(5):
-        y = ymax * i / 4
+        y = ymin + (ymax - ymin) * i / 4
         parts.append(f'<line class="grid" x1="{left}" x2="{w - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
                      f'<text class="tick" x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{e(y_format(y))}</text>')
     for x in sorted({min(xs), (min(xs) + max(xs)) / 2, max(xs)}):
@@ -324,7 +338,8 @@ def job_fragment(status: dict[str, Any], name: str, history: list[dict]) -> str 
     loss_series = (series(lambda r: r.get("train_loss"), " train")
                    + series(lambda r: r.get("heldout_loss"), " held-out", dashed=True))
     if any(ps for _, _, ps, _ in loss_series):
-        loss = line_chart("Loss per round", loss_series, y_format=lambda v: f"{v:.3g}", plot_id="plot-loss")
+        loss = line_chart("Loss per round", loss_series, y_format=lambda v: f"{v:.3g}", plot_id="plot-loss",
+                          zero_based=False)
     else:
         loss = ('<figure class="placeholder" id="plot-loss"><figcaption>Loss per round</figcaption>'
                 '<p>No loss reported for this job\'s rounds: trainers do not send the coordinator their '
@@ -337,7 +352,7 @@ def job_fragment(status: dict[str, Any], name: str, history: list[dict]) -> str 
             " in fp32 (est.)", dashed=True),
         y_format=fmt_bytes, plot_id="plot-bytes")
     members_plot = line_chart("Members per round", series(lambda r: r["members"]),
-                              y_format=lambda v: f"{v:g}" if float(v).is_integer() else "", plot_id="plot-members")
+                              y_format=lambda v: f"{v:g}", plot_id="plot-members", integer=True)
     tokens_plot = line_chart("Tokens trained per round", series(lambda r: r["tokens"]),
                              y_format=fmt_num, plot_id="plot-tokens")
     plots = "".join(p for p in (loss, bytes_plot, members_plot, tokens_plot) if p) if history else \
@@ -455,7 +470,6 @@ _JS = """
     live.querySelectorAll('.ago[data-t]').forEach(function (el) { el.textContent = age(now - Number(el.dataset.t)); });
     var since = (Date.now() - lastOk) / 1000;
     updated.textContent = 'updated ' + age(since) + ' (' + new Date(lastOk).toLocaleTimeString() + ')';
-    updated.dataset.live = '1';
     if (since * 1000 > 3 * refreshMs) document.body.classList.add('stale-data');
   }
   function fail(why) {
@@ -488,6 +502,7 @@ _JS = """
         }
         lastText = text;
         lastOk = Date.now(); failingSince = null; banner.hidden = true;
+        updated.dataset.fetches = String(Number(updated.dataset.fetches || 0) + 1);  // answered fetches
         document.body.classList.remove('stale-data');
         tick();
       });

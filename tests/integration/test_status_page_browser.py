@@ -21,6 +21,8 @@ CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 TOKEN = "page-token"
 HEARTBEAT_S = 0.5
 LEASE_S = 60.0  # long: a killed node stays a stale member (not evicted) while the page is read
+# the page's script fetched its fragment and swapped it in (it counts the fetches answered)
+FETCHED = "Number(document.getElementById('updated').dataset.fetches) >= 1"
 
 
 def http_json(address: str, path: str) -> dict:
@@ -57,7 +59,7 @@ def test_page_draws_rounds_marks_a_killed_node_stale_and_a_dead_coordinator(
 
         # the job's page: the script fetched its fragment (#updated is the script's), the plots drew
         job = browser.open(f"http://{http}/jobs/rounds")
-        job.wait_for("document.getElementById('updated').dataset.live === '1'", timeout=20)
+        job.wait_for(FETCHED, timeout=20)
         for plot in ("plot-bytes", "plot-members", "plot-tokens"):
             points = job.eval(f"Array.from(document.querySelectorAll('#{plot} polyline'), p => p.dataset.points)")
             assert points and points[0] == "3", (plot, points)  # one point per committed round
@@ -69,7 +71,7 @@ def test_page_draws_rounds_marks_a_killed_node_stale_and_a_dead_coordinator(
 
         # the swarm's page, left open from here on
         page = browser.open(f"http://{http}/")
-        page.wait_for("document.getElementById('updated').dataset.live === '1'", timeout=20)
+        page.wait_for(FETCHED, timeout=20)
         page.eval("window.loadedOnce = true")  # gone if the page reloads
         row = (lambda mid: f"document.querySelector('tr[data-member=\"{mid}\"]').className")
         assert page.eval(row(victim)) == "member online" and page.eval(row(survivor)) == "member online"
@@ -84,7 +86,7 @@ def test_page_draws_rounds_marks_a_killed_node_stale_and_a_dead_coordinator(
 
         # a node's page: what the coordinator knows, and what the node says (its Info RPC)
         node = browser.open(f"http://{http}/nodes/{survivor}")
-        node.wait_for("document.getElementById('updated').dataset.live === '1'", timeout=20)
+        node.wait_for(FETCHED, timeout=20)
         fact = (lambda k: node.eval(f"document.querySelector('tr[data-fact=\"{k}\"] td:last-child').innerText"))
         assert fact("dtype") == "float32" and fact("version") == http_json(http, "/api/v1/status")["version"]
         assert fact("address") == nodes[0].info["address"]
@@ -103,7 +105,7 @@ def test_page_draws_rounds_marks_a_killed_node_stale_and_a_dead_coordinator(
 
         # the phone: nothing wider than the screen (tables scroll inside their boxes)
         phone = browser.open(f"http://{http}/", width=390, height=844)
-        phone.wait_for("document.getElementById('updated').dataset.live === '1'", timeout=20)
+        phone.wait_for(FETCHED, timeout=20)
         assert phone.eval("document.documentElement.scrollWidth") <= 390
         phone.screenshot(tmp_path / "phone.png")
 
