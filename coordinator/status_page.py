@@ -29,6 +29,9 @@ from pollinate.coordinator.status import (
 REFRESH_S = 2.0
 # Rounds listed in a job's table (newest first); the plots draw every round fetched.
 ROUNDS_LISTED = 50
+# Up to this many points a plot's series marks each with a dot that has its value as a
+# tooltip; beyond, the line alone (a dot is ~120 bytes, refetched every REFRESH_S).
+MARKED_POINTS = 120
 
 e = html.escape
 HEALTH_COLOURS = {"online": "#2e9e6a", "loading": "#e0a030", "stale": "#9a9a9a"}
@@ -153,8 +156,9 @@ def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]
         dash = ' stroke-dasharray="6 4"' if dashed else ""
         parts.append(f'<polyline data-series="{e(name)}" data-points="{len(ps)}" points="{coords}" '
                      f'fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}">'
-                  f'<title>{e(name)}, {x_label} {x:g}: {e(y_format(y))}</title></circle>' for x, y in ps]
+        if len(ps) <= MARKED_POINTS:
+            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}">'
+                      f'<title>{e(name)}, {x_label} {x:g}: {e(y_format(y))}</title></circle>' for x, y in ps]
     parts.append("</svg>")
     legend = " ".join(f'<span class="key"><i style="background:{c}"></i>{e(n)}</span>'
                       for n, c, ps, _ in series if ps)
