@@ -111,10 +111,10 @@ def nice_ceiling(v: float) -> float:
 def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]], bool]], *,
                y_format: Callable[[float], str], x_label: str = "round", plot_id: str = "",
                zero_based: bool = True, integer: bool = False) -> str:
-    """An SVG line chart: series of (name, colour, [(x, y)], dashed), a y axis with five
-    labelled ticks (from 0, or with zero_based=False around the data, as a loss is read;
-    integer: at whole numbers, for counts),
-    x ticks at the data's ends and middle, a legend. Each series is a
+    """An SVG line chart: series of (name, colour, [(x, y)], dashed), a y axis with up to
+    five labelled ticks at round steps (from 0, or with zero_based=False around the data, as
+    a loss is read; integer: whole numbers, for counts), x ticks at the data's ends and
+    middle, a legend. Each series is a
     <polyline data-series=NAME data-points=N> with a <circle> per point (title: the value)."""
     w, h, left, right, top, bottom = 520, 230, 64, 12, 12, 34
     pts = [p for _, _, ps, _ in series for p in ps]
@@ -125,23 +125,26 @@ def line_chart(title: str, series: list[tuple[str, str, list[tuple[float, float]
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     lo, hi = min(y for _, y in pts), max(y for _, y in pts)
-    if integer:
-        ymin, ymax = 0.0, 4.0 * max(1, math.ceil(hi / 4))
-    elif zero_based or lo <= 0:
-        ymin, ymax = 0.0, nice_ceiling(hi)
-    else:  # four steps of a round size that hold the data
+    if integer:  # counts: whole-number steps
+        step = float(max(1, math.ceil(hi / 4)))
+        ymin, n = 0.0, max(1, math.ceil(hi / step))
+    elif zero_based or lo <= 0:  # at most 4 steps of a round size (1, 2, 2.5, 5 x 10^k)
+        step = nice_ceiling(hi / 4) if hi > 0 else 1.0
+        ymin, n = 0.0, max(1, math.ceil(hi / step - 1e-9))
+    else:  # four steps of a round size around the data
         step = nice_ceiling(((hi - lo) or abs(hi) * 0.1) / 4)
         ymin = math.floor(lo / step) * step
         while ymin + 4 * step < hi:
             step = nice_ceiling(step * 1.01)
             ymin = math.floor(lo / step) * step
-        ymax = ymin + 4 * step
+        n = 4
+    ymax = ymin + n * step
     sx = (lambda x: left + (x - x0) / (x1 - x0) * (w - left - right))
     sy = (lambda y: top + (1 - (y - ymin) / (ymax - ymin)) * (h - top - bottom))
     parts = [f'<svg class="plot" id="{e(plot_id)}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
              f'aria-label="{e(title)}">']
-    for i in range(5):
-        y = ymin + (ymax - ymin) * i / 4
+    for i in range(n + 1):
+        y = ymin + step * i
         parts.append(f'<line class="grid" x1="{left}" x2="{w - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
                      f'<text class="tick" x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{e(y_format(y))}</text>')
     for x in sorted({min(xs), (min(xs) + max(xs)) / 2, max(xs)}):
@@ -441,7 +444,7 @@ code{font-size:.9em;background:#f0f0f0;padding:0 .2em;word-break:break-all}
 tr.stale td{background:#f0f0f0;color:#777}
 .activity.training{color:#2e7d4f}.activity.idle{color:#777}
 svg{max-width:100%;height:auto;display:block}
-svg text{font-size:11px;fill:#444}svg .count{font-size:10px;fill:#222}
+svg text{font-size:11px;fill:#444}svg.plot text{font-size:13px}svg .count{font-size:10px;fill:#222}
 svg .grid{stroke:#e4e4e4}svg rect.unserved{fill:#d33;opacity:.15}
 .legend{font-size:.85em;color:#444;margin:.2em 0 .6em}.key{margin-right:1em;white-space:nowrap}
 .key i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em}
