@@ -19,7 +19,7 @@ from procs import ProcGroup
 
 CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 TOKEN = "page-token"
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 1.0  # stale after 2.5 s: a slow beat on a busy test machine is not a dead node
 LEASE_S = 60.0  # long: a killed node stays a stale member (not evicted) while the page is read
 # the page's script fetched its fragment and swapped it in (it counts the fetches answered)
 FETCHED = "Number(document.getElementById('updated').dataset.fetches) >= 1"
