@@ -15,7 +15,7 @@ import math
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,6 +154,10 @@ class Membership:
         self._settled_at = -1  # _changes when the last plan found nothing to do
         # joins, heartbeats, leaves, evictions, moves: for /metrics.
         self.counters: Counter[str] = Counter()
+        # The last members to leave or be evicted, newest last, for the status page (a killed
+        # node must not vanish without a trace): dicts of member_id, address, name, span,
+        # at (unix s), why. 50: a screenful; older ones are in the log.
+        self.departures: deque[dict] = deque(maxlen=50)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -351,6 +355,9 @@ class Membership:
         self.epoch = epoch
         for mid in member_ids:
             m = self._remove(mid)
+            self.departures.append({"member_id": mid, "address": m.record.address, "name": m.name,
+                                    "span": [m.span.start, m.span.end], "at": self.wall_clock(),
+                                    "why": why})
             logger.info("member %s (%s, blocks %s) %s; epoch %d, %d members", mid,
                         m.record.address, m.span, why, epoch, len(self.members))
         bare = self.holes()

@@ -22,13 +22,19 @@ from typing import Any
 
 from pollinate import __version__
 from pollinate.coordinator.config import CoordinatorConfig, DhtConfig
-from pollinate.coordinator.http_status import HttpStatusServer
+from pollinate.coordinator.http_status import HttpStatusServer, ask_node_info
 from pollinate.coordinator.jobs import Jobs
 from pollinate.coordinator.membership import Membership
 from pollinate.coordinator.status import snapshot
 from pollinate.coordinator.store import Store
 
 logger = logging.getLogger(__name__)
+
+# Committed rounds (all jobs, newest) the status snapshot carries for rates and the last
+# round's metrics, and a job's page plots. Bounded so a status call stays a few ms on a
+# long-running swarm; the store keeps them all.
+STATUS_ROUNDS = 200
+JOB_ROUNDS = 2000
 
 
 def start_bootstrap_dht(config: DhtConfig) -> Any | None:
@@ -110,7 +116,12 @@ class CoordinatorServer:
     def status(self) -> dict[str, Any]:
         return snapshot(self.membership, dht_initial_peers=self._dht_peers,
                         started_at=self.started_at, version=__version__, jobs=self.jobs.list(),
-                        rounds=self.store.last_committed_rounds(), relays=self.relays)
+                        rounds=self.store.last_committed_rounds(),
+                        history=self.store.round_history(limit=STATUS_ROUNDS),
+                        latest=self.store.round_history(latest_only=True, limit=STATUS_ROUNDS),
+                        totals=self.store.round_totals(),
+                        coordinator_address=self.grpc_address if self._rpc is not None else "",
+                        relays=self.relays)
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer
@@ -152,7 +163,9 @@ class CoordinatorServer:
         self._rpc.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, self._servicer)
         await self._rpc.start()
         if cfg.http_port >= 0:
-            self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status)
+            self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status,
+                                          history=lambda job: self.store.round_history(job, limit=JOB_ROUNDS),
+                                          node_info=lambda address: ask_node_info(address, token=cfg.token))
             await self._http.start()
         self._timers = [
             asyncio.create_task(self._every(cfg.membership.eviction_interval_s,

@@ -131,7 +131,8 @@ async def test_job_rpcs_status_and_restart(tmp_path):
         body = json.loads(await asyncio.to_thread(get, "/api/v1/status"))
         assert [(j["name"], j["spec"]["rank"], j["state"]) for j in body["jobs"]] == [("sums", 8, "created")]
         page = await asyncio.to_thread(get, "/")
-        assert "<td>sums</td><td>lora r=8 alpha=16 lr=0.0004</td><td>created</td>" in page
+        assert ('<td><a href="/jobs/sums">sums</a></td><td>lora r=8 alpha=16 lr=0.0004</td>'
+                '<td><span class="activity created">created</span></td>') in page
     finally:
         await srv.stop(0)
 

@@ -288,7 +288,8 @@ async def test_http_status_json_html_and_metrics(server):
         assert data["holes"] == list(range(12, 30))
         assert data["members"][0]["span"] == [0, 12]
         _, ctype, page = await asyncio.to_thread(get, "/")
-        assert ctype.startswith("text/html") and page.count('class="bar hole"') == 18
+        assert ctype.startswith("text/html") and page.count('<rect class="unserved"') >= 18  # 12:30 have nobody
+        assert '<rect class="unserved" data-block="29"' in page and "–29" in page
         _, _, metrics = await asyncio.to_thread(get, "/metrics")
         assert "pollinate_coordinator_epoch 1\n" in metrics
         assert "pollinate_coordinator_holes 18\n" in metrics

@@ -8,7 +8,8 @@ from pollinate.coordinator.config import MembershipConfig, StoreConfig
 from pollinate.coordinator.membership import JoinParams, Membership
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.service import status_to_proto
-from pollinate.coordinator.status import render_html, render_metrics, snapshot
+from pollinate.coordinator.status import render_metrics, snapshot
+from pollinate.coordinator.status_page import render_html
 from pollinate.coordinator.store import Store
 
 
@@ -45,15 +46,17 @@ def test_cli_table_shows_nodes_coverage_and_highlights_holes(tmp_path):
     assert "\033[1;31m" in format_status(status_to_proto(swarm(tmp_path / "b")), now=0, color=True)
 
 
-def test_html_has_one_bar_per_block_and_metrics_parse(tmp_path):
+def test_html_draws_a_cell_per_replica_and_metrics_parse(tmp_path):
     s = swarm(tmp_path)
     page = render_html(s)
-    assert page.count('class="bar"') == 5 and page.count('class="bar hole"') == 3
+    # one cell per (member, block) assigned, coloured by health; a band on each block not served
+    assert page.count('class="cell online"') == 3 and page.count('class="cell loading"') == 2
+    assert page.count('<rect class="unserved"') == 5  # 3, 4, 7 have nobody; 5, 6 are loading
     assert "alpha" in page
     metrics = render_metrics(s)
     samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
     assert samples["pollinate_coordinator_epoch"] == "2"
     assert samples["pollinate_coordinator_holes"] == "3"
     assert samples['pollinate_coordinator_members{state="online"}'] == "1"
-    assert samples['pollinate_coordinator_block_throughput{block="0"}'] == "4"
+    assert samples['pollinate_coordinator_block_throughput{block="0"}'] == "4.0"
     assert samples["pollinate_coordinator_joins_total"] == "2"
