@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pollinate.protocol.auth import TOKEN_ENV, read_token
 from pollinate.protocol.channels import add_coordinator_tls_argument, coordinator_tls
+from pollinate.protocol.relay import is_relayed, relay_hosts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +45,19 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
     ]
     if reply.dht_initial_peers:
         lines.append(f"DHT bootstrap: {reply.dht_initial_peers[0]}")
+    lines.append(f"relays for nodes behind NAT: {len(reply.relays)}" if reply.relays else
+                 "relays for nodes behind NAT: none (the coordinator runs with --no-relay, no node offers --relay)")
     lines.append("")
     header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S")
     rows = []
     for m in reply.members:
         beat = f"{max(0.0, now - m.last_heartbeat_at):.1f}s ago" if m.last_heartbeat_at else "-"
         state = m.state + (" pinned" if m.pinned else "")
-        rows.append((m.member_id, m.address, f"{m.span.start}:{m.span.end}", state, beat,
+        address = m.address
+        if is_relayed(address):  # the circuit multiaddrs are long: name the relays' hosts
+            state += " relayed"
+            address = f"relayed via {', '.join(relay_hosts(address))}"
+        rows.append((m.member_id, address, f"{m.span.start}:{m.span.end}", state, beat,
                      f"{m.throughput:.1f}"))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
