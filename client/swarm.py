@@ -16,7 +16,8 @@ from pollinate.client.config import ClientConfig
 from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
 from pollinate.protocol.channels import ChannelConfig, open_channel
-from pollinate.protocol.errors import SpanMoved
+from pollinate.protocol.errors import PeerUnavailable, SpanMoved
+from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import node_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Swarm:
         # (peer id, start, end) of records a peer has refuted (SpanMoved) -> ignored until then
         self._stale: dict[tuple[str, int, int], float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._relay_failures: dict[str, float] = {}  # relayed peer id -> when a call to it last failed
         self._channel_config = ChannelConfig(token=config.token)
 
     async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
@@ -67,9 +69,23 @@ class Swarm:
             logger.info("peer %s (%s) no longer serves blocks %d:%d (%s); re-reading the DHT",
                         peer.peer_id[-8:], peer.address, peer.start, peer.end, reason)
             return
+        if is_relayed(peer.address) and isinstance(reason, PeerUnavailable) and self._first_relay_failure(peer):
+            # Most likely the relay died, not the node: the next stream goes through another
+            # relay of its address (protocol/relay.py). A second failure soon after bans it.
+            logger.warning("relayed peer %s (blocks %d:%d) unreachable: %s; retrying through its other relays",
+                           peer.peer_id[-8:], peer.start, peer.end, reason)
+            return
         length = self.bans.ban(peer.peer_id, time.monotonic())
         logger.warning("peer %s (%s, blocks %d:%d) failed: %s; banned for %.0f s",
                        peer.peer_id[-8:], peer.address, peer.start, peer.end, reason, length)
+
+    def _first_relay_failure(self, peer: PeerSpan) -> bool:
+        """True once per ban_base_s for a relayed peer: its first unreachable call is retried."""
+        now = time.monotonic()
+        if now - self._relay_failures.get(peer.peer_id, -float("inf")) < self.config.ban_base_s:
+            return False
+        self._relay_failures[peer.peer_id] = now
+        return True
 
     def stub(self, address: str) -> node_pb2_grpc.NodeStub:
         channel = self._channels.get(address)

@@ -138,14 +138,17 @@ async def _start_p2p(config: RelayConfig, **kwargs: Any):
     return await StaticRelayP2P.create(startup_timeout=config.start_timeout_s, **kwargs)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str = "") -> None:
     """Copy reader into writer until EOF or an error, then close writer's side."""
+    moved = 0
     try:
         while data := await reader.read(_CHUNK):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, OSError, asyncio.IncompleteReadError):
-        pass
+            moved += len(data)
+        logger.debug("relay pipe %s: EOF after %d B", label, moved)
+    except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+        logger.debug("relay pipe %s: %r after %d B", label, e, moved)
     finally:
         try:
             writer.close()
@@ -156,7 +159,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                   b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
     """Both directions until either side ends; then both are closed."""
-    tasks = [asyncio.create_task(_pipe(a[0], b[1])), asyncio.create_task(_pipe(b[0], a[1]))]
+    tasks = [asyncio.create_task(_pipe(a[0], b[1], "a->b")), asyncio.create_task(_pipe(b[0], a[1], "b->a"))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
