@@ -6,7 +6,8 @@ namespace behind a "router" that masquerades and drops every connection started 
   its LAN address) fails, while the home connects out;
 - a swarm whose blocks 2:4 only a node at home serves: that node finds out by itself that the
   coordinator cannot connect to it, serves through the two relays that members offer
-  (`--relay`), says so in its ready file and in status; generation through the swarm returns
+  (`--relay`), says so in its ready file and in status; a call with a wrong token through the
+  relay is refused by the node (UNAUTHENTICATED); generation through the swarm returns
   the local model's greedy tokens and a LoRA job trains and commits rounds through it; a
   DiLoCo round of 2:4 between the relayed replica and a direct one commits with both replicas
   equal to the coordinator's state; a relay SIGKILLed mid-generation costs nothing but a retry.
@@ -40,6 +41,23 @@ LISTEN = """
 import socket, sys
 s = socket.socket(); s.bind(("0.0.0.0", 9000)); s.listen(); print("ready", flush=True)
 c, _ = s.accept(); print("accepted", flush=True)
+"""
+WRONG_TOKEN = """
+import asyncio, sys
+import grpc
+from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
+
+async def main():
+    channel = open_channel(sys.argv[1], ChannelConfig(token="not-the-token"))
+    try:
+        await node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=60)
+        print("ANSWERED")
+    except grpc.aio.AioRpcError as e:
+        print(e.code().name)
+    await channel.close()
+
+asyncio.run(main())
 """
 CONNECT = ("import socket, sys; socket.create_connection((sys.argv[1], 9000), timeout=float(sys.argv[2])).close(); "
            "print('connected')")
@@ -112,6 +130,11 @@ def test_a_node_behind_nat_serves_trains_and_rounds_through_relays(
                              "--round-steps", "2"], capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:] + lab.group.dump_logs()
         served = json.loads(done.stdout.strip().splitlines()[-1])
+
+        # The token check holds through the relay: the node's own gRPC answers on the far end.
+        wrong = lab.exec(th, [sys.executable, "-c", WRONG_TOKEN, home.info["address"]], capture_output=True,
+                         text=True, timeout=120)
+        assert wrong.stdout.strip() == "UNAUTHENTICATED", wrong.stdout + wrong.stderr[-2000:]
 
         # A round of 2:4 with the relayed replica and a direct one.
         direct = lab.start(dh, "direct", ["node", *common, "--blocks", "2:4"])
