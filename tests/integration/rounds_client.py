@@ -95,7 +95,7 @@ async def node_state(cfg, address: str, job: str, rnd: int) -> dict:
 
 async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int):
     """(round, {"diloco.global", "diloco.momentum"}, state bytes) last committed at the coordinator."""
-    from pollinate.node.rounds import load_state
+    from pollinate.compression.outer import state_from_bytes
     from pollinate.protocol.channels import open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -104,7 +104,7 @@ async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int):
         coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=0, end=num_blocks)),
         timeout=10)
     await channel.close()
-    return committed.round, {f"diloco.{k}": v for k, v in load_state(committed.state).items()}, committed.state
+    return committed.round, {f"diloco.{k}": v for k, v in state_from_bytes(committed.state).items()}, committed.state
 
 
 async def replicas_report(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int) -> dict:
