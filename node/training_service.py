@@ -19,12 +19,12 @@ import logging
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
-from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import node_pb2
 
 logger = logging.getLogger(__name__)
 
-HIDDEN, GRAD_OUT, GRAD_IN = "hidden_states", "grad_outputs", "grad_inputs"
+HIDDEN, GRAD_OUT, GRAD_IN = HIDDEN_STATES, GRAD_OUTPUTS, GRAD_INPUTS
 
 
 class TrainingRpcs:
