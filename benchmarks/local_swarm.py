@@ -5,7 +5,7 @@
         swarm.nodes[1].kill()
 
 The first span's node is the DHT bootstrap; the others start together once it is ready.
-Process handling (ready files, SIGTERM then SIGKILL, log tails) is tests/integration/procs.py.
+Process handling (ready files, SIGTERM then SIGKILL, log tails) is pollinate.procs (cli/procs.py).
 """
 
 from __future__ import annotations

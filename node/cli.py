@@ -71,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest a kept Forward input waits for its Backward, seconds (default 300)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--announce-expiration", type=float, default=60.0, help="DHT record lifetime, seconds")
+    p.add_argument("--round-exchange-timeout", type=float, default=60.0,
+                   help="DiLoCo rounds: longest wait for each other replica's shard result, seconds "
+                        "(default %(default)s; raise it on a slow link)")
+    p.add_argument("--round-contribution-wait", type=float, default=10.0,
+                   help="DiLoCo rounds: how long this node, as a shard's owner, waits for the other "
+                        "replicas' contributions before averaging those that arrived, seconds "
+                        "(default %(default)s; below --round-exchange-timeout)")
 
 
 def parse_throughput(text: str) -> float | str:
@@ -103,6 +110,7 @@ def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
     from pollinate.node.config import NodeConfig, ServingConfig
     from pollinate.node.kept_inputs import KeptInputsConfig
+    from pollinate.node.rounds import RoundConfig
     from pollinate.node.sessions import SessionConfig
     from pollinate.protocol.auth import TOKEN_ENV, read_token
     from pollinate.protocol.channels import coordinator_tls
@@ -136,6 +144,8 @@ def build_config(args: argparse.Namespace):
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
                                                            ttl_s=args.kept_inputs_ttl)),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
+        rounds=RoundConfig(exchange_timeout_s=args.round_exchange_timeout,
+                           contribution_wait_s=args.round_contribution_wait),
     )
 
 
@@ -319,8 +329,8 @@ async def serve(config, dht) -> int:
         rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
         servicer = NodeServicer(server, throughput=_initial_throughput(config))
         if member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
-            from pollinate.node.rounds import RoundConfig, RoundDriver
-            servicer.jobs.rounds = RoundDriver(RoundConfig(), coordinator_address=config.coordinator,
+            from pollinate.node.rounds import RoundDriver
+            servicer.jobs.rounds = RoundDriver(config.rounds, coordinator_address=config.coordinator,
                                                token=config.token, member_id=lambda: member.member_id,
                                                framing=servicer.framing, **_coordinator_tls(config))
         add_to_server(rpc, servicer)

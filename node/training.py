@@ -11,8 +11,9 @@ result depends only on the input and the adapter.
 
 Jobs are defined by the trainer: the first Forward/Backward that names a job with a
 JobSpec creates it here; a later spec under the same name must be equal, or the call is
-refused with FAILED_PRECONDITION (a job clash). Registering jobs at the coordinator is a
-later step.
+refused with FAILED_PRECONDITION (a job clash). The coordinator's job registry
+(coordinator/jobs.py) is checked by trainers before they train; nodes never look a job up
+there (docs/architecture.md says why).
 
 Step rule: gradients of `micro_batches` Backward calls are averaged, clipped (this span's
 adapter norm; 0 = off), checked (any NaN/Inf: the step is skipped, the adapter and the
