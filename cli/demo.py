@@ -241,51 +241,10 @@ def run(args: argparse.Namespace) -> int:
     token_file.write_text(secrets.token_hex(16) + "\n")
     token_file.chmod(0o600)
     swarm = _Swarm(group=ProcGroup(workdir), workdir=workdir, model=model_name, cache_dir=cache_dir,
-                   auth=["--token-file", str(token_file)], layout=layout, t_start=t_start)
-    remote = None
+                   token_file=token_file, layout=layout, t_start=t_start)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        swarm.start(files.num_blocks)
-        _step(5, "a chat answer through the swarm (the client knows only the coordinator's address)", t_start)
-        from pollinate.client.remote_model import RemoteModelForCausalLM
-
-        # fp32 hidden states on the wire (the CLI's default is fp16) so that the comparisons
-        # with the local model below are exact.
-        remote = RemoteModelForCausalLM.from_pretrained(
-            model_name, coordinator=swarm.address, token=token_file.read_text().strip(), cache_dir=cache_dir,
-            wire_codec="none")
-        tokenizer = files.tokenizer()
-        local_model = _chat_through_the_swarm(remote, files, tokenizer, args)
-
-        _step(6, f"{len(HELD_OUT)} questions of the task the job will learn, to the base model through the "
-                 "swarm (no trainer sees these questions)", t_start)
-        summary.base_answers = [_ask(remote, tokenizer, q) for q in summary.questions]
-        _show_answers(summary.questions, summary.base_answers, summary.expected_answers, "base model")
-
-        _step(7, f"fine-tuning LoRA (rank {FINETUNE_RANK}) job {FINETUNE_JOB!r} on the nodes: one trainer per "
-                 f"replica of blocks {layout[1][0]}:{layout[1][1]}, {FINETUNE_STEPS} steps of "
-                 f"{FINETUNE_BATCH} questions each (lr {FINETUNE_LR}), its own data. Every H = {ROUND_STEPS} "
-                 "inner steps the replicas of a span run a DiLoCo round: each sends its compressed "
-                 "pseudo-gradient shard to the other, both apply the same outer step and the coordinator "
-                 f"commits the round when their checksums agree. {layout[0][0]}:{layout[0][1]} has one "
-                 "replica (both trainers pass through it), so its rounds are local: a group of 1, whose "
-                 "only traffic is its commit to the coordinator", t_start)
-        summary.rounds_committed = swarm.fine_tune()
-
-        _step(8, "the same questions with the job's adapter", t_start)
-        summary.job_answers = [_ask(remote, tokenizer, q, job=FINETUNE_JOB) for q in summary.questions]
-        _show_answers(summary.questions, summary.job_answers, summary.expected_answers, f"job {FINETUNE_JOB!r}")
-        print(f"  (the same from the command line: `pollinate generate --coordinator {swarm.address} "
-              f"--job {FINETUNE_JOB} \"{summary.questions[0]}\"`)")
-
-        _step(9, f"`pollinate export --job {FINETUNE_JOB}`: the job's adapter from every span, as one PEFT "
-                 "adapter, loaded with peft onto the local model", t_start)
-        exported = _export_and_ask(swarm, local_model, tokenizer, summary.questions)
-        summary.export_match = exported == summary.job_answers
-        if not summary.export_match:
-            raise RuntimeError(f"the exported adapter answers differently from the swarm with the job:\n"
-                               f"  peft  {exported}\n  swarm {summary.job_answers}")
-        print(f"  match: the exported adapter answers as the swarm does with job {FINETUNE_JOB!r}")
+        _story(args, swarm, files, summary)
         summary.ok = True
         return 0
     except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.TimeoutExpired) as e:
@@ -298,13 +257,51 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         _step(10, "tearing down: trainers and nodes leave the swarm, then the coordinator stops", t_start)
-        if remote is not None:
-            remote.shutdown()
         swarm.stop(ok=summary.ok, keep_logs=args.keep_logs)
         signal.signal(signal.SIGTERM, previous_sigterm)
         summary.seconds = time.monotonic() - t_start
         print(f"  demo {'finished' if summary.ok else 'stopped'} after {summary.seconds:.0f} s")
         print(summary.line(), flush=True)
+
+
+def _story(args, swarm: _Swarm, files, summary: Summary) -> None:
+    """Steps 2 to 9; what they show goes into `summary`. Raises on anything that is not as
+    it must be (the swarm's tokens differ from the local model's, no round committed, ...)."""
+    t_start, span, other = swarm.t_start, swarm.layout[1], swarm.layout[0]
+    swarm.start(files.num_blocks)
+    _step(5, "a chat answer through the swarm (the client knows only the coordinator's address)", t_start)
+    remote = swarm.remote_model()
+    tokenizer = files.tokenizer()
+    local_model = _chat_through_the_swarm(remote, files, tokenizer, args)
+
+    _step(6, f"{len(HELD_OUT)} questions of the task the job will learn, to the base model through the "
+             "swarm (no trainer sees these questions)", t_start)
+    summary.base_answers = [_ask(remote, tokenizer, q) for q in summary.questions]
+    _show_answers(summary.questions, summary.base_answers, summary.expected_answers, "base model")
+
+    _step(7, f"fine-tuning LoRA (rank {FINETUNE_RANK}) job {FINETUNE_JOB!r} on the nodes: one trainer per "
+             f"replica of blocks {span[0]}:{span[1]}, {FINETUNE_STEPS} steps of {FINETUNE_BATCH} questions "
+             f"each (lr {FINETUNE_LR}), its own data. Every H = {ROUND_STEPS} inner steps the replicas of a "
+             "span run a DiLoCo round: each sends its compressed pseudo-gradient shard to the other, both "
+             "apply the same outer step and the coordinator commits the round when their checksums agree. "
+             f"{other[0]}:{other[1]} has one replica (both trainers pass through it), so its rounds are "
+             "local: a group of 1, whose only traffic is its commit to the coordinator", t_start)
+    summary.rounds_committed = swarm.fine_tune()
+
+    _step(8, "the same questions with the job's adapter", t_start)
+    summary.job_answers = [_ask(remote, tokenizer, q, job=FINETUNE_JOB) for q in summary.questions]
+    _show_answers(summary.questions, summary.job_answers, summary.expected_answers, f"job {FINETUNE_JOB!r}")
+    print(f"  (the same from the command line: `pollinate generate --coordinator {swarm.address} "
+          f"--job {FINETUNE_JOB} \"{summary.questions[0]}\"`)")
+
+    _step(9, f"`pollinate export --job {FINETUNE_JOB}`: the job's adapter from every span, as one PEFT "
+             "adapter, loaded with peft onto the local model", t_start)
+    exported = _export_and_ask(swarm, local_model, tokenizer, summary.questions)
+    summary.export_match = exported == summary.job_answers
+    if not summary.export_match:
+        raise RuntimeError(f"the exported adapter answers differently from the swarm with the job:\n"
+                           f"  peft  {exported}\n  swarm {summary.job_answers}")
+    print(f"  match: the exported adapter answers as the swarm does with job {FINETUNE_JOB!r}")
 
 
 @dataclass
@@ -315,11 +312,26 @@ class _Swarm:
     workdir: Path
     model: str
     cache_dir: Path
-    auth: list[str]
+    token_file: Path
     layout: list[tuple[int, int]]
     t_start: float
     address: str = ""  # the coordinator's gRPC address once started
     nodes: list[Proc] = field(default_factory=list)
+    remote: object = None  # the RemoteModelForCausalLM this process generates with
+
+    @property
+    def auth(self) -> list[str]:
+        return ["--token-file", str(self.token_file)]
+
+    def remote_model(self):
+        from pollinate.client.remote_model import RemoteModelForCausalLM
+
+        # fp32 hidden states on the wire (the CLI's default is fp16) so that the comparisons
+        # with the local model are exact.
+        self.remote = RemoteModelForCausalLM.from_pretrained(
+            self.model, coordinator=self.address, token=self.token_file.read_text().strip(),
+            cache_dir=self.cache_dir, wire_codec="none")
+        return self.remote
 
     def start(self, num_blocks: int) -> None:
         _step(2, "starting the coordinator (membership, span assignment, DiLoCo rounds, the bootstrap "
@@ -393,6 +405,8 @@ class _Swarm:
     def stop(self, *, ok: bool, keep_logs: bool) -> None:
         """SIGTERM to everyone (nodes leave the swarm, announce offline), SIGKILL to the
         process groups of whoever lingers; logs removed unless kept or the demo failed."""
+        if self.remote is not None:
+            self.remote.shutdown()
         self.group.stop_all(STOP_GRACE_S)
         for p in self.group.procs:
             print(f"  {p.name} exited with code {p.popen.returncode}")

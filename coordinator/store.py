@@ -388,6 +388,20 @@ class Store:
             "UPDATE rounds SET state='aborted', finished_at=? WHERE job_name=? AND span_start=? "
             "AND span_end=? AND round=?", (now, *key, round_index))
 
+    def round_groups(self, key: RoundKey) -> dict[int, dict]:
+        """Every round of (job, span) this store holds: {round: {"state": forming / exchanging
+        / committed / aborted, "members": {member id: whether its checksum is in}}}, the
+        members those of the round's last formation. For status and for tests that end by
+        comparing what was committed, and by whom."""
+        rounds = {r: {"state": state, "members": {}} for r, state in self.db.execute(
+            "SELECT round, state FROM rounds WHERE job_name=? AND span_start=? AND span_end=? ORDER BY round",
+            key)}
+        for r, member, reported in self.db.execute(
+                "SELECT round, member_id, checksum IS NOT NULL FROM round_members WHERE job_name=? AND "
+                "span_start=? AND span_end=? ORDER BY round, shard_index", key):
+            rounds[r]["members"][member] = bool(reported)
+        return rounds
+
     def last_committed_rounds(self) -> list[dict]:
         """Per (job, span): its last committed round, when, and each member of that round's
         group with its shard, whether its checksum is in the commit, and every byte of the
