@@ -12,7 +12,7 @@ A round (DESIGN.md "Training math"; DiLoCo, Douillard et al. 2023):
    bytes go to every member.
 3. ``apply``: every member decodes the same result bytes, applies the outer optimizer to
    θ_global in fp32, commits its residuals and returns the checksum of the new global state.
-   ``local_params`` then says where the inner optimizer restarts.
+   ``local_start`` then says where the inner optimizer restarts.
 
 Everything here is in-process and deterministic: the network layer (ExchangeShard over gRPC,
 coordinator quorum) moves the bytes and compares checksums. The defaults of
