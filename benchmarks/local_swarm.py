@@ -11,13 +11,11 @@ Process handling (ready files, SIGTERM then SIGKILL, log tails) is pollinate.pro
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from procs import Proc, ProcGroup  # noqa: E402
+from pollinate.procs import Proc, ProcGroup
 
 
 @dataclass
