@@ -390,16 +390,21 @@ class Store:
 
     def round_groups(self, key: RoundKey) -> dict[int, dict]:
         """Every round of (job, span) this store holds: {round: {"state": forming / exchanging
-        / committed / aborted, "members": {member id: whether its checksum is in}}}, the
-        members those of the round's last formation. For status and for tests that end by
-        comparing what was committed, and by whom."""
-        rounds = {r: {"state": state, "members": {}} for r, state in self.db.execute(
+        / committed / aborted, "members": {member id: whether its checksum is in},
+        "coordinator_bytes_sent": {member id: bytes of its BeginRound and CommitRound
+        requests (a state sent whole included)}}}, the members those of the round's last
+        formation. For tests that end by comparing what was committed, and by whom."""
+        rounds = {r: {"state": state, "members": {}, "coordinator_bytes_sent": {}} for r, state in self.db.execute(
             "SELECT round, state FROM rounds WHERE job_name=? AND span_start=? AND span_end=? ORDER BY round",
             key)}
-        for r, member, reported in self.db.execute(
-                "SELECT round, member_id, checksum IS NOT NULL FROM round_members WHERE job_name=? AND "
-                "span_start=? AND span_end=? ORDER BY round, shard_index", key):
+        for r, member, reported, co_sent in self.db.execute(
+                "SELECT m.round, m.member_id, m.checksum IS NOT NULL, COALESCE(t.coordinator_bytes_sent, 0) "
+                "FROM round_members m LEFT JOIN round_traffic t ON t.job_name=m.job_name AND "
+                "t.span_start=m.span_start AND t.span_end=m.span_end AND t.round=m.round AND "
+                "t.member_id=m.member_id WHERE m.job_name=? AND m.span_start=? AND m.span_end=? "
+                "ORDER BY m.round, m.shard_index", key):
             rounds[r]["members"][member] = bool(reported)
+            rounds[r]["coordinator_bytes_sent"][member] = int(co_sent)
         return rounds
 
     def last_committed_rounds(self) -> list[dict]:

@@ -22,24 +22,10 @@ from pathlib import Path
 
 import pytest
 from procs import ProcGroup
-from rounds_swarm import start_swarm
-
-from pollinate.coordinator.config import StoreConfig
-from pollinate.coordinator.store import Store
+from rounds_swarm import committed_groups, start_swarm
 
 CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 TOKEN = "rounds-faults-token"
-
-
-def committed_groups(data_dir: Path) -> dict[int, dict[str, bool]]:
-    """The coordinator's record of job "rounds" on span 0:4 (read once it has stopped): per
-    round, the members of its last formation and whether each one's checksum is in."""
-    store = Store(StoreConfig(data_dir=data_dir)).open()
-    try:
-        rounds = store.round_groups(("rounds", 0, 4))
-    finally:
-        store.close()
-    return {r: v["members"] for r, v in rounds.items() if v["state"] == "committed"}
 
 
 def wait_for_log(proc, pattern: str, client: subprocess.Popen, timeout: float) -> None:
