@@ -75,7 +75,7 @@ async def pollinate_member(args) -> None:
     import torch
 
     from pollinate.node.diloco import DiLoCoMember, assign_flat, job_diloco_config
-    from pollinate.node.rounds import RoundConfig, RoundDriver, _JobRounds
+    from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
     from pollinate.node.servicer import NodeServicer
     from pollinate.node.training_service import TrainingRpcs
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
@@ -98,7 +98,7 @@ async def pollinate_member(args) -> None:
                     member_id=lambda: member_id, framing=DEFAULT_FRAMING)
     initial = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * 0.02  # same everywhere
     member = DiLoCoMember(initial, job_diloco_config(method="lora"))
-    state = driver.jobs[JOB] = _JobRounds(member=member, restored=True)
+    state = driver.jobs[JOB] = JobRounds(member=member, restored=True)
 
     class Servicer(TrainingRpcs, node_pb2_grpc.NodeServicer):  # the node's ExchangeShard handler
         _next = NodeServicer._next
@@ -132,7 +132,7 @@ async def pollinate_member(args) -> None:
     async def run_in_thread(fn, *a):
         return await asyncio.to_thread(fn, *a)
 
-    manager = SimpleNamespace(server=SimpleNamespace(start=0, end=NUM_BLOCKS, _run=run_in_thread))
+    manager = SimpleNamespace(server=SimpleNamespace(start=0, end=NUM_BLOCKS, run_torch=run_in_thread))
     print(json.dumps({"ready": member_id}), flush=True)
     loop = asyncio.get_running_loop()
     try:

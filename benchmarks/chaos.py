@@ -114,7 +114,7 @@ def coordinator_restart(args: argparse.Namespace, workdir: Path) -> dict:
     """Nodes started with --coordinator only; SIGKILL the coordinator, generate through the
     swarm while it is down (fresh DHT lookup), restart it on the same data dir, and check
     that the same members continue at the same epoch."""
-    from procs import ProcGroup
+    from pollinate.procs import ProcGroup
 
     model, _ = _model(args, workdir)
     cache = str(workdir / "cache") if args.model == "tiny" else None
@@ -317,7 +317,7 @@ def _replica_run(args, workdir: Path, *, kill: bool) -> dict:
     replica right after round --kill-round is formed with all of them."""
     import threading
 
-    from procs import ProcGroup
+    from pollinate.procs import ProcGroup
 
     with ProcGroup(workdir) as group:
         model, files, coord, node = _round_swarm(group, args, workdir)
@@ -390,7 +390,7 @@ def _last_replica_run(args, workdir: Path, *, kill: bool) -> dict:
     it after --kill-round's first half of inner steps and continue the trainer's remaining
     steps on a replacement node, which restores the last committed state before its first
     step (node/rounds.py). Without `kill`, the same run on one node throughout."""
-    from procs import ProcGroup
+    from pollinate.procs import ProcGroup
 
     kill_at = (args.kill_round - 1) * args.round_steps + args.round_steps // 2
     with ProcGroup(workdir) as group:

@@ -5,19 +5,17 @@
         swarm.nodes[1].kill()
 
 The first span's node is the DHT bootstrap; the others start together once it is ready.
-Process handling (ready files, SIGTERM then SIGKILL, log tails) is tests/integration/procs.py.
+Process handling (ready files, SIGTERM then SIGKILL, log tails) is pollinate.procs (cli/procs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from procs import Proc, ProcGroup  # noqa: E402
+from pollinate.procs import Proc, ProcGroup
 
 
 @dataclass

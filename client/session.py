@@ -35,12 +35,11 @@ from pollinate.protocol.errors import (
     Unauthenticated,
     translate_rpc_errors,
 )
-from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
 
-HIDDEN = "hidden_states"
 # Errors that are the client's own fault: retrying elsewhere would fail the same way.
 # NotFound: the session's job does not exist on that node (it was not trained there).
 FATAL = (InvalidRequest, NotFound, Unauthenticated)
@@ -63,7 +62,7 @@ class HopStream:
         cfg = self.swarm.config
         address = self.hop.peer.address
         t0 = time.perf_counter()
-        encoded = encode_tensor(hidden, codec=cfg.wire_codec, name=HIDDEN)
+        encoded = encode_tensor(hidden, codec=cfg.wire_codec, name=HIDDEN_STATES)
         try:
             out = await self._exchange(encoded, position, address)
         except asyncio.InvalidStateError as e:

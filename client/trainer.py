@@ -43,7 +43,7 @@ from pollinate.client.routing import Hop
 from pollinate.client.training_data import causal_lm_loss, collate
 from pollinate.node.training import JobSpec
 from pollinate.protocol.errors import InputNotKept, InvalidRequest, PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class SwarmChain:
                           keep_id: str | None = None) -> torch.Tensor:
         header = node_pb2.ForwardHeader(job=job if job is not None else self.job, blocks=self._span(hop),
                                         spec=self.spec_msg if job is None else None, keep_id=keep_id or "")
-        enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name="hidden_states")
+        enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name=HIDDEN_STATES)
         reqs = [node_pb2.ForwardRequest(header=header)] + [node_pb2.ForwardRequest(tensor=c) for c in enc.chunks()]
         (out,) = await self._call(hop, "Forward", reqs)
         return out
@@ -165,7 +165,7 @@ class SwarmChain:
         """The gradient of the hop's input (None with input_grad=False). With `keep_id` the
         node recomputes from the input it kept; if it has not kept it, `hidden` is sent."""
         codec = self.config.gradient_codec
-        enc_grad = await asyncio.to_thread(encode_tensor, grad, codec=codec, name="grad_outputs")
+        enc_grad = await asyncio.to_thread(encode_tensor, grad, codec=codec, name=GRAD_OUTPUTS)
         grad_reqs = [node_pb2.BackwardRequest(tensor=c) for c in enc_grad.chunks()]
         header = node_pb2.BackwardHeader(job=self.job, blocks=self._span(hop), spec=self.spec_msg, reply_codec=codec,
                                          skip_grad_inputs=not input_grad)
@@ -180,7 +180,7 @@ class SwarmChain:
                 self.resends += 1
                 logger.info("job %s: %s did not keep input %s, sending it again: %s", self.job, hop.peer.address,
                             keep_id, e)
-        enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name="hidden_states")
+        enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name=HIDDEN_STATES)
         reqs = [node_pb2.BackwardRequest(header=header)] + [node_pb2.BackwardRequest(tensor=c) for c in enc.chunks()]
         return _only(await self._call(hop, "Backward", reqs + grad_reqs), input_grad)
 

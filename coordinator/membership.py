@@ -179,6 +179,43 @@ class Membership:
     # ---- RPC-driven changes -----------------------------------------------------------
 
     def join(self, params: JoinParams) -> Member:
+        """A node joins (or re-joins from the same address, replacing its ghost): checked,
+        capped per source host, given a span, written to the store, then admitted."""
+        capacity = self._check_join(params)
+        # The same address joining again is the same node restarted: it replaces its ghost.
+        replaced = self._by_address.get(params.address)
+        self._check_source_cap(params, replaced)
+        old = self.members.get(replaced) if replaced else None
+        pinned = params.requested_span is not None
+        span = self._span_for(params, capacity, old)
+        record = MemberRecord(
+            member_id=uuid.uuid4().hex[:16], address=params.address,
+            source_host=params.source_host, capacity=capacity,
+            throughput=float(params.throughput), span=span, pinned=pinned,
+            joined_at=self.wall_clock(),
+        )
+        epoch = self.epoch + 1
+        self.store.record_change(epoch, added=[record], removed=[replaced] if replaced else [])
+        self.epoch = epoch
+        if old is not None:
+            self._remove(old.member_id)
+            logger.info("member %s at %s re-joined as %s", old.member_id, params.address,
+                        record.member_id)
+        member = Member(record=record, name=params.name, span=span,
+                        throughput=record.throughput,
+                        serving_span=params.current_span if params.current_span == span else None,
+                        lease_deadline=self.clock() + self.config.lease_s,
+                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr)
+        self._insert(member)
+        self.counters["joins"] += 1
+        logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",
+                    record.member_id, params.address, f", {params.name}" if params.name else "",
+                    span, " (pinned)" if pinned else "", record.throughput, epoch,
+                    len(self.members))
+        return member
+
+    def _check_join(self, params: JoinParams) -> int:
+        """A Join's values checked against the swarm; returns its capacity in blocks."""
         cfg = self.config
         parse_address(params.address)
         if params.relay_maddr and not _RELAY_MADDR.match(params.relay_maddr):
@@ -206,57 +243,34 @@ class Membership:
                 f"requested_span {params.requested_span} needs {params.requested_span.length} "
                 f"blocks but capacity_blocks is {capacity}"
             )
+        return capacity
 
-        # The same address joining again is the same node restarted: it replaces its ghost.
-        replaced = self._by_address.get(params.address)
-        if cfg.max_members_per_address and params.source_host:
-            count = self._per_source.get(params.source_host, 0)
-            if replaced is not None and self.members[replaced].record.source_host == params.source_host:
-                count -= 1
-            if count >= cfg.max_members_per_address:
-                raise ResourceExhausted(
-                    f"{params.source_host} already has {count} members, the cap is "
-                    f"{cfg.max_members_per_address} (--max-members-per-address)"
-                )
+    def _check_source_cap(self, params: JoinParams, replaced: str | None) -> None:
+        """At most max_members_per_address members per source host (a re-join replaces one)."""
+        cap = self.config.max_members_per_address
+        if not cap or not params.source_host:
+            return
+        count = self._per_source.get(params.source_host, 0)
+        if replaced is not None and self.members[replaced].record.source_host == params.source_host:
+            count -= 1
+        if count >= cap:
+            raise ResourceExhausted(
+                f"{params.source_host} already has {count} members, the cap is "
+                f"{cap} (--max-members-per-address)"
+            )
 
-        old = self.members.get(replaced) if replaced else None
-        pinned = params.requested_span is not None
-        if pinned:
-            span = params.requested_span
-        elif params.current_span is not None and params.current_span.length <= capacity:
-            span = params.current_span
-        else:
-            load = list(self._load)
-            if old is not None:  # its ghost's blocks are about to be freed
-                for i in range(old.span.start, old.span.end):
-                    load[i] -= old.throughput
-            span = best_window(load, capacity)
-
-        record = MemberRecord(
-            member_id=uuid.uuid4().hex[:16], address=params.address,
-            source_host=params.source_host, capacity=capacity,
-            throughput=float(params.throughput), span=span, pinned=pinned,
-            joined_at=self.wall_clock(),
-        )
-        epoch = self.epoch + 1
-        self.store.record_change(epoch, added=[record], removed=[replaced] if replaced else [])
-        self.epoch = epoch
-        if old is not None:
-            self._remove(old.member_id)
-            logger.info("member %s at %s re-joined as %s", old.member_id, params.address,
-                        record.member_id)
-        member = Member(record=record, name=params.name, span=span,
-                        throughput=record.throughput,
-                        serving_span=params.current_span if params.current_span == span else None,
-                        lease_deadline=self.clock() + cfg.lease_s,
-                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr)
-        self._insert(member)
-        self.counters["joins"] += 1
-        logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",
-                    record.member_id, params.address, f", {params.name}" if params.name else "",
-                    span, " (pinned)" if pinned else "", record.throughput, epoch,
-                    len(self.members))
-        return member
+    def _span_for(self, params: JoinParams, capacity: int, old: Member | None) -> Span:
+        """The requested span (pinned), the one it already serves if it fits, else the
+        weakest window of `capacity` blocks (placement.best_window)."""
+        if params.requested_span is not None:
+            return params.requested_span
+        if params.current_span is not None and params.current_span.length <= capacity:
+            return params.current_span
+        load = list(self._load)
+        if old is not None:  # its ghost's blocks are about to be freed
+            for i in range(old.span.start, old.span.end):
+                load[i] -= old.throughput
+        return best_window(load, capacity)
 
     def heartbeat(self, member_id: str, serving_span: Span | None,
                   throughput: float = 0.0) -> HeartbeatResult:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from pollinate.coordinator.config import RoundsConfig
 from pollinate.coordinator.placement import Span
-from pollinate.coordinator.store import Store, _transaction
+from pollinate.coordinator.store import RoundKey, Store
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 
 if TYPE_CHECKING:  # compression/outer.py imports torch: loaded on the first round's commit only
@@ -96,7 +96,7 @@ class CommitOutcome:
     send_state: bool = False  # this member is to call again with the whole state
 
 
-Key = tuple[str, int, int]  # job, span start, span end
+Key = RoundKey  # job, span start, span end
 
 
 class Rounds:
@@ -116,20 +116,14 @@ class Rounds:
     # ---- queries --------------------------------------------------------------------
 
     def committed_round(self, key: Key) -> int:
-        row = self.store.db.execute(
-            "SELECT MAX(round) FROM committed_states WHERE job_name=? AND span_start=? AND span_end=?",
-            key).fetchone()
-        return int(row[0] or 0)
+        return self.store.committed_round(key)
 
     def committed_state(self, job: str, span: Span) -> tuple[int, str, bytes]:
-        key = (job, span.start, span.end)
-        row = self.store.db.execute(
-            "SELECT round, path, checksum FROM committed_states WHERE job_name=? AND span_start=? "
-            "AND span_end=? ORDER BY round DESC LIMIT 1", key).fetchone()
-        if row is None:
+        stored = self.store.committed_state_file((job, span.start, span.end))
+        if stored is None:
             raise NotFound(f"job {job!r} span {span}: no committed round yet")
-        data = (Path(self.store.config.data_dir) / row[1]).read_bytes()
-        return int(row[0]), row[2], data
+        round_index, path, checksum = stored
+        return round_index, checksum, path.read_bytes()
 
     # ---- BeginRound -----------------------------------------------------------------
 
@@ -184,21 +178,7 @@ class Rounds:
         state_member = members[0][0] if members and not self._has_state(key, round_index - 1) else ""
         rnd.group = Group(round=round_index, members=members, attempt=rnd.attempt,
                           state_member=state_member)
-        now = time.time()
-        db = self.store.db
-        with _transaction(db):
-            # a registered job turns "training" (updated_at: its last round formed); a job met
-            # here first gets a placeholder row that registering fills in
-            db.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
-                       "state=excluded.state, updated_at=excluded.updated_at",
-                       (key[0], "", "", "{}", "{}", "training", now, now))
-            db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,NULL) ON CONFLICT DO UPDATE SET "
-                       "state=excluded.state, created_at=excluded.created_at",
-                       (*key, round_index, "exchanging", now))
-            db.execute("DELETE FROM round_members WHERE job_name=? AND span_start=? AND span_end=? "
-                       "AND round=?", (*key, round_index))
-            db.executemany("INSERT INTO round_members VALUES (?,?,?,?,?,?,?,NULL)",
-                           [(*key, round_index, m, j, rnd.asked[m]) for j, (m, _) in enumerate(members)])
+        self.store.form_round(key, round_index, [(m, rnd.asked[m]) for m, _ in members], time.time())
         rnd.closed.set()
         logger.info("round %d of job %s span %d:%d formed (attempt %d) with %d member(s): %s",
                     round_index, key[0], key[1], key[2], rnd.attempt, len(members), ", ".join(ids))
@@ -286,7 +266,6 @@ class Rounds:
         ids = [m for m, _ in rnd.group.members]
         if member_id not in ids or member_id in rnd.abandoned:
             raise FailedPrecondition(f"CommitRound: {member_id} is not in round {round_index}'s group")
-        db = self.store.db
         if member_id in rnd.checksums:  # called again: with the state it was asked for
             if rnd.checksums[member_id] != checksum or (state and rnd.state_from != member_id):
                 raise FailedPrecondition(f"CommitRound: {member_id} already reported round {round_index}")
@@ -302,17 +281,9 @@ class Rounds:
                     rnd.results.setdefault(shard, payload)
             if outer is not None and rnd.outer is None:
                 rnd.outer = outer
-            with _transaction(db):
-                db.execute(
-                    "UPDATE round_members SET checksum=? WHERE job_name=? AND span_start=? AND span_end=? "
-                    "AND round=? AND member_id=?", (checksum, *key, round_index, member_id))
-                db.execute(  # every byte of the round the member moved in this attempt (issue 12)
-                    "INSERT INTO round_traffic VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                    "attempt=excluded.attempt, bytes_sent=excluded.bytes_sent, "
-                    "bytes_received=excluded.bytes_received, coordinator_bytes_sent=excluded.coordinator_bytes_sent, "
-                    "coordinator_bytes_received=excluded.coordinator_bytes_received",
-                    (*key, round_index, member_id, rnd.attempt, bytes_sent, bytes_received,
-                     coordinator_bytes_sent + request_bytes, coordinator_bytes_received))
+            self.store.report_checksum(key, round_index, member_id, attempt=rnd.attempt, checksum=checksum,
+                                       traffic=(bytes_sent, bytes_received,
+                                                coordinator_bytes_sent + request_bytes, coordinator_bytes_received))
         if await self._settled(key, round_index, rnd, member_id):
             return CommitOutcome(committed=False, reason="send the whole state",
                                  committed_round=self.committed_round(key), send_state=True)
@@ -322,12 +293,8 @@ class Rounds:
     def count_traffic(self, job: str, span: Span, round_index: int, member_id: str, *,
                       sent: int = 0, received: int = 0) -> None:
         """Add bytes measured here (CommitRound requests and replies) to a member's round."""
-        with _transaction(self.store.db):
-            self.store.db.execute(
-                "UPDATE round_traffic SET coordinator_bytes_sent=coordinator_bytes_sent+?, "
-                "coordinator_bytes_received=coordinator_bytes_received+? "
-                "WHERE job_name=? AND span_start=? AND span_end=? AND round=? AND member_id=?",
-                (sent, received, job, span.start, span.end, round_index, member_id))
+        self.store.add_coordinator_traffic((job, span.start, span.end), round_index, member_id,
+                                           sent=sent, received=received)
 
     # ---- the committed state ---------------------------------------------------------
 
@@ -342,10 +309,8 @@ class Rounds:
         last = self._last.get(key)
         if last is not None and last[0] == round_index:
             return last
-        row = self.store.db.execute(
-            "SELECT path, checksum FROM committed_states WHERE job_name=? AND span_start=? AND span_end=? "
-            "AND round=?", (*key, round_index)).fetchone()
-        return None if row is None else (Path(self.store.config.data_dir) / row[0], row[1])
+        stored = self.store.committed_state_file(key, round_index)
+        return None if stored is None else stored[1:]
 
     @staticmethod
     def _previous(stored) -> tuple:
@@ -425,13 +390,7 @@ class Rounds:
             return
         if rnd.done.is_set():  # aborted meanwhile (a member's commit timed out)
             return
-        now = time.time()
-        db = self.store.db
-        with _transaction(db):
-            db.execute("INSERT INTO committed_states VALUES (?,?,?,?,?,?,?,?)",
-                       (*key, round_index, str(rel), checksum, len(data), now))
-            db.execute("UPDATE rounds SET state='committed', finished_at=? WHERE job_name=? AND "
-                       "span_start=? AND span_end=? AND round=?", (now, *key, round_index))
+        self.store.commit_round(key, round_index, path=rel, checksum=checksum, nbytes=len(data), now=time.time())
         self._last[key] = (round_index, theta, momentum)
         rnd.outcome = (True, "")
         rnd.done.set()
@@ -454,9 +413,7 @@ class Rounds:
                     round_index, *key, why, rnd.state_from)
 
     def _abort(self, key: Key, round_index: int, rnd: _Round, reason: str) -> None:
-        self.store.db.execute(
-            "UPDATE rounds SET state='aborted', finished_at=? WHERE job_name=? AND span_start=? "
-            "AND span_end=? AND round=?", (time.time(), *key, round_index))
+        self.store.abort_round(key, round_index, time.time())
         rnd.outcome = (False, reason)
         rnd.done.set()
         logger.warning("round %d of job %s span %d:%d aborted: %s", round_index, *key, reason)

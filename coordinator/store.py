@@ -30,6 +30,7 @@ from pollinate.coordinator.placement import Span
 logger = logging.getLogger(__name__)
 
 DB_NAME = "coordinator.sqlite3"
+RoundKey = tuple[str, int, int]  # (job name, span start, span end)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -305,6 +306,108 @@ class Store:
 
 
     # ---- rounds -----------------------------------------------------------------------
+
+    # A round is keyed by RoundKey (job name, span start, span end) and its index.
+
+    def committed_round(self, key: RoundKey) -> int:
+        """The last committed round of (job, span); 0 if none."""
+        row = self.db.execute(
+            "SELECT MAX(round) FROM committed_states WHERE job_name=? AND span_start=? AND span_end=?",
+            key).fetchone()
+        return int(row[0] or 0)
+
+    def committed_state_file(self, key: RoundKey, round_index: int | None = None) -> tuple[int, Path, str] | None:
+        """(round, file, checksum) of round ``round_index``'s committed state, or of the last
+        one when None; None if there is no such commit."""
+        if round_index is None:
+            row = self.db.execute(
+                "SELECT round, path, checksum FROM committed_states WHERE job_name=? AND span_start=? "
+                "AND span_end=? ORDER BY round DESC LIMIT 1", key).fetchone()
+        else:
+            row = self.db.execute(
+                "SELECT round, path, checksum FROM committed_states WHERE job_name=? AND span_start=? "
+                "AND span_end=? AND round=?", (*key, round_index)).fetchone()
+        return None if row is None else (int(row[0]), Path(self.config.data_dir) / row[1], row[2])
+
+    def form_round(self, key: RoundKey, round_index: int, members: Iterable[tuple[str, int]], now: float) -> None:
+        """A round's group formed: ``members`` as (member id, tokens) in shard order. The job
+        turns "training" (updated_at: its last round formed); a job met here first gets a
+        placeholder row that registering fills in (save_job). A re-formed round (a new
+        attempt) replaces its group."""
+        db = self.db
+        with _transaction(db):
+            db.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                       "state=excluded.state, updated_at=excluded.updated_at",
+                       (key[0], "", "", "{}", "{}", "training", now, now))
+            db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,NULL) ON CONFLICT DO UPDATE SET "
+                       "state=excluded.state, created_at=excluded.created_at",
+                       (*key, round_index, "exchanging", now))
+            db.execute("DELETE FROM round_members WHERE job_name=? AND span_start=? AND span_end=? "
+                       "AND round=?", (*key, round_index))
+            db.executemany("INSERT INTO round_members VALUES (?,?,?,?,?,?,?,NULL)",
+                           [(*key, round_index, m, j, tokens) for j, (m, tokens) in enumerate(members)])
+
+    def report_checksum(self, key: RoundKey, round_index: int, member_id: str, *, attempt: int,
+                        checksum: str, traffic: tuple[int, int, int, int]) -> None:
+        """A member's checksum of the new state, and every byte of the round it moved in this
+        attempt (issue 12): (ExchangeShard sent, received, coordinator sent, received)."""
+        db = self.db
+        with _transaction(db):
+            db.execute(
+                "UPDATE round_members SET checksum=? WHERE job_name=? AND span_start=? AND span_end=? "
+                "AND round=? AND member_id=?", (checksum, *key, round_index, member_id))
+            db.execute(
+                "INSERT INTO round_traffic VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "attempt=excluded.attempt, bytes_sent=excluded.bytes_sent, "
+                "bytes_received=excluded.bytes_received, coordinator_bytes_sent=excluded.coordinator_bytes_sent, "
+                "coordinator_bytes_received=excluded.coordinator_bytes_received",
+                (*key, round_index, member_id, attempt, *traffic))
+
+    def add_coordinator_traffic(self, key: RoundKey, round_index: int, member_id: str, *,
+                                sent: int = 0, received: int = 0) -> None:
+        """Bytes measured at the coordinator (CommitRound requests and replies) added to a
+        member's round."""
+        with _transaction(self.db):
+            self.db.execute(
+                "UPDATE round_traffic SET coordinator_bytes_sent=coordinator_bytes_sent+?, "
+                "coordinator_bytes_received=coordinator_bytes_received+? "
+                "WHERE job_name=? AND span_start=? AND span_end=? AND round=? AND member_id=?",
+                (sent, received, *key, round_index, member_id))
+
+    def commit_round(self, key: RoundKey, round_index: int, *, path: Path, checksum: str, nbytes: int,
+                     now: float) -> None:
+        """Round committed: its state's file (relative to the data directory), atomically with
+        the round's state."""
+        db = self.db
+        with _transaction(db):
+            db.execute("INSERT INTO committed_states VALUES (?,?,?,?,?,?,?,?)",
+                       (*key, round_index, str(path), checksum, nbytes, now))
+            db.execute("UPDATE rounds SET state='committed', finished_at=? WHERE job_name=? AND "
+                       "span_start=? AND span_end=? AND round=?", (now, *key, round_index))
+
+    def abort_round(self, key: RoundKey, round_index: int, now: float) -> None:
+        self.db.execute(
+            "UPDATE rounds SET state='aborted', finished_at=? WHERE job_name=? AND span_start=? "
+            "AND span_end=? AND round=?", (now, *key, round_index))
+
+    def round_groups(self, key: RoundKey) -> dict[int, dict]:
+        """Every round of (job, span) this store holds: {round: {"state": forming / exchanging
+        / committed / aborted, "members": {member id: whether its checksum is in},
+        "coordinator_bytes_sent": {member id: bytes of its BeginRound and CommitRound
+        requests (a state sent whole included)}}}, the members those of the round's last
+        formation. For tests that end by comparing what was committed, and by whom."""
+        rounds = {r: {"state": state, "members": {}, "coordinator_bytes_sent": {}} for r, state in self.db.execute(
+            "SELECT round, state FROM rounds WHERE job_name=? AND span_start=? AND span_end=? ORDER BY round",
+            key)}
+        for r, member, reported, co_sent in self.db.execute(
+                "SELECT m.round, m.member_id, m.checksum IS NOT NULL, COALESCE(t.coordinator_bytes_sent, 0) "
+                "FROM round_members m LEFT JOIN round_traffic t ON t.job_name=m.job_name AND "
+                "t.span_start=m.span_start AND t.span_end=m.span_end AND t.round=m.round AND "
+                "t.member_id=m.member_id WHERE m.job_name=? AND m.span_start=? AND m.span_end=? "
+                "ORDER BY m.round, m.shard_index", key):
+            rounds[r]["members"][member] = bool(reported)
+            rounds[r]["coordinator_bytes_sent"][member] = int(co_sent)
+        return rounds
 
     def last_committed_rounds(self) -> list[dict]:
         """Per (job, span): its last committed round, when, and each member of that round's

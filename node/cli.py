@@ -78,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest a kept Forward input waits for its Backward, seconds (default 300)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--announce-expiration", type=float, default=60.0, help="DHT record lifetime, seconds")
+    p.add_argument("--round-exchange-timeout", type=float, default=60.0,
+                   help="DiLoCo rounds: longest wait for each other replica's shard result, seconds "
+                        "(default %(default)s; raise it on a slow link)")
+    p.add_argument("--round-contribution-wait", type=float, default=10.0,
+                   help="DiLoCo rounds: how long this node, as a shard's owner, waits for the other "
+                        "replicas' contributions before averaging those that arrived, seconds "
+                        "(default %(default)s; below --round-exchange-timeout)")
 
 
 def parse_throughput(text: str) -> float | str:
@@ -110,6 +117,7 @@ def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
     from pollinate.node.config import NodeConfig, ServingConfig
     from pollinate.node.kept_inputs import KeptInputsConfig
+    from pollinate.node.rounds import RoundConfig
     from pollinate.node.sessions import SessionConfig
     from pollinate.protocol.auth import TOKEN_ENV, read_token
     from pollinate.protocol.channels import coordinator_tls
@@ -145,6 +153,8 @@ def build_config(args: argparse.Namespace):
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
                                                            ttl_s=args.kept_inputs_ttl)),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
+        rounds=RoundConfig(exchange_timeout_s=args.round_exchange_timeout,
+                           contribution_wait_s=args.round_contribution_wait),
     )
 
 
@@ -263,159 +273,193 @@ def _capacity_blocks(config, files, placement) -> int:
 
 
 async def serve(config, dht, reach=None) -> int:
+    """Join (with a coordinator), load the span, serve and announce it until SIGTERM/SIGINT.
+    `reach` (node/reachability.py): relayed, the node serves through relays."""
     import torch
-
-    from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
-    from pollinate.coordinator.placement import Span
-    from pollinate.node.announce import Announcer
-    from pollinate.node.device import resolve_placement
-    from pollinate.node.model_files import DEFAULT_CACHE_DIR, open_model
-    from pollinate.node.throughput import resolve_throughput
-    from pollinate.node.servicer import NodeServicer, add_to_server
-    from pollinate.node.span_server import SpanServer
-    from pollinate.protocol.addresses import join_host_port
-    from pollinate.protocol.channels import RpcServer, ServerConfig
 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    placement = resolve_placement(config.device, config.dtype)
-    files = await asyncio.to_thread(open_model, config.model, cache_dir=config.cache_dir, show_progress=False)
-
-    async def load(start: int, end: int) -> SpanServer:
-        span = await asyncio.to_thread(
-            files.load_span, start, end, dtype=placement.dtype, device=placement.device
-        )
-        server = SpanServer(
-            span, model_id=config.model, num_blocks=files.num_blocks, hidden_size=files.hidden_size,
-            serving=config.serving, sessions=config.sessions,
-        )
-        await server.start_sweeper()
-        return server
-
-    def announcer_for(server: SpanServer, address: str, throughput: float) -> Announcer:
-        return Announcer(
-            dht, model_id=config.model, start=server.start, end=server.end, address=address,
-            throughput=throughput, cache_tokens_left=lambda: server.sessions.tokens_left,
-            config=config.announce,
-        )
-
-    # The span being served; swapped under `lock` when the coordinator moves this node.
-    current: dict = {}
-    lock = asyncio.Lock()
-
-    async def move(span: Span, reason: str) -> None:
-        async with lock:
-            old, old_announcer = current["server"], current["announcer"]
-            if (old.start, old.end) == (span.start, span.end):
-                return
-            logger.info("moving from blocks %d:%d to %s (%s): loading", old.start, old.end, span, reason)
-            new = await load(span.start, span.end)
-            if isinstance(config.throughput, str):  # measured: the figure is per span length
-                servicer.throughput = await asyncio.to_thread(
-                    resolve_throughput, config.throughput, new.span, model_id=config.model,
-                    cache_dir=config.cache_dir or DEFAULT_CACHE_DIR, device_name=placement.device_name,
-                )
-                member.set_throughput(servicer.throughput)  # sent with the next heartbeat
-            announcer = announcer_for(new, current["address"], servicer.throughput)
-            servicer.server = new  # new calls go to the new span; open sessions on the old fail over
-            await asyncio.to_thread(old_announcer.stop)  # "offline" for the old blocks first,
-            await asyncio.to_thread(announcer.start)  # then "online" (newer) for the new ones
-            await old.shutdown()
-            current.update(server=new, announcer=announcer)
-            logger.info("now serving blocks %d:%d", new.start, new.end)
-
-    member = None
-    reservation = None
-    relay = None  # protocol/relay.py's RelayedServer when this node cannot be dialled
-    port = config.port
-    if config.coordinator is not None:
-        reservation = _reserve_port(config.host, config.port)
-        port = reservation.getsockname()[1]
-        address = join_host_port(config.announce_host, port)
-        if reach is not None and reach.relayed:
-            from pollinate.node.reachability import coordinator_check, serve_relayed
-
-            relay, address = await serve_relayed(
-                reach, port, host=config.host, timeout_s=config.coordinator_timeout_s,
-                check=coordinator_check(config.coordinator, config.token, _coordinator_tls(config)))
-        requested = Span(config.start, config.end) if config.start is not None else None
-        member = CoordinatorClient(CoordinatorClientConfig(
-            coordinator=config.coordinator, token=config.token, address=address,
-            capacity_blocks=_capacity_blocks(config, files, placement),
-            throughput=_initial_throughput(config), requested_span=requested,
-            join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
-            relay_maddr=_relay_maddr(dht) if config.offer_relay else "",
-            **_coordinator_tls(config),
-        ), on_move=move)
-        assignment = await member.start()
-        if assignment.num_blocks != files.num_blocks:
-            await member.stop(leave=True)
-            raise SystemExit(f"pollinate node: the swarm's model {assignment.model_id!r} has "
-                             f"{assignment.num_blocks} blocks, {config.model!r} has {files.num_blocks}")
-        start, end = assignment.span.start, assignment.span.end
-        logger.info("coordinator %s assigned blocks %d:%d (member %s, epoch %d)", config.coordinator,
-                    start, end, assignment.member_id, assignment.epoch)
-    else:
-        start, end = config.start, config.end
-
-    async with lock:  # a MOVE arriving while the first span loads waits for it
-        server = await load(start, end)
-        rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
-        servicer = NodeServicer(server, throughput=_initial_throughput(config))
-        if member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
-            from pollinate.node.rounds import RoundConfig, RoundDriver
-            servicer.jobs.rounds = RoundDriver(RoundConfig(), coordinator_address=config.coordinator,
-                                               token=config.token, member_id=lambda: member.member_id,
-                                               framing=servicer.framing, **_coordinator_tls(config))
-        add_to_server(rpc, servicer)
-        if reservation is not None:
-            reservation.close()
-        await rpc.start()
-        if relay is None:
-            address = join_host_port(config.announce_host, rpc.port)  # what others dial
-        announcer = announcer_for(server, address, servicer.throughput)
-        current.update(server=server, announcer=announcer, address=address)
-        await asyncio.to_thread(announcer.announce, "joining")
-        if isinstance(config.throughput, str):
-            servicer.throughput = announcer.throughput = await asyncio.to_thread(
-                resolve_throughput, config.throughput, server.span, model_id=config.model,
-                cache_dir=config.cache_dir or DEFAULT_CACHE_DIR, device_name=placement.device_name,
-            )
-        await asyncio.to_thread(announcer.start)
-        if member is not None:
-            member.set_throughput(servicer.throughput)
-            member.set_serving(Span(start, end))
-    logger.info(
-        "serving blocks %d:%d of %s at %s (%.1f tokens/s, %d-token cache budget), peer %s",
-        start, end, config.model, address, servicer.throughput,
-        config.sessions.budget_tokens, announcer.peer_id,
-    )
-    if config.ready_file is not None:
-        _write_ready(config.ready_file, {
-            "address": address,
-            "dht_maddrs": [str(m) for m in dht.get_visible_maddrs()],
-            "peer_id": announcer.peer_id,
-            "blocks": [start, end],
-            "throughput": servicer.throughput,
-            "member_id": member.member_id if member is not None else None,
-            "relayed": relay is not None,
-        })
-
+    node = _Node(config, dht, reach)
+    await node.open_model()
+    start, end, port, reservation = await node.join()
+    await node.start_serving(start, end, port, reservation)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down: leaving the swarm, announcing offline, draining sessions")
-    if member is not None:
-        await member.stop(leave=True)
-    servicer.serving = False
-    await asyncio.to_thread(current["announcer"].stop)
-    await rpc.stop()
-    if relay is not None:
-        await relay.stop()
-    await current["server"].shutdown()
+    await node.stop()
     return 0
+
+
+class _Node:
+    """One `pollinate node` process: its coordinator membership, the span it serves (swapped
+    when the coordinator moves it), its gRPC server and its DHT announcements."""
+
+    def __init__(self, config, dht, reach=None) -> None:
+        self.config = config
+        self.dht = dht
+        self.reach = reach  # Reachability decided before the DHT started; None: direct
+        self.relay = None  # protocol/relay.py's RelayedServer when this node cannot be dialled
+        self.files = None  # ModelFiles, once open_model() ran
+        self.placement = None  # device and dtype
+        self.member = None  # CoordinatorClient with a coordinator
+        self.servicer = None
+        self.rpc = None
+        self.server = None  # the SpanServer being served; replaced by a move
+        self.announcer = None  # its Announcer
+        self.address = ""  # host:port others dial, or the relayed address
+        self.lock = asyncio.Lock()  # a move waits for the first span, and for another move
+
+    async def open_model(self) -> None:
+        from pollinate.node.device import resolve_placement
+        from pollinate.node.model_files import open_model
+
+        self.placement = resolve_placement(self.config.device, self.config.dtype)
+        self.files = await asyncio.to_thread(open_model, self.config.model, cache_dir=self.config.cache_dir,
+                                             show_progress=False)
+
+    async def load(self, start: int, end: int):
+        from pollinate.node.span_server import SpanServer
+
+        span = await asyncio.to_thread(self.files.load_span, start, end, dtype=self.placement.dtype,
+                                       device=self.placement.device)
+        server = SpanServer(span, model_id=self.config.model, num_blocks=self.files.num_blocks,
+                            hidden_size=self.files.hidden_size, serving=self.config.serving,
+                            sessions=self.config.sessions)
+        await server.start_sweeper()
+        return server
+
+    def announcer_for(self, server, address: str, throughput: float):
+        from pollinate.node.announce import Announcer
+
+        return Announcer(self.dht, model_id=self.config.model, start=server.start, end=server.end,
+                         address=address, throughput=throughput,
+                         cache_tokens_left=lambda: server.sessions.tokens_left, config=self.config.announce)
+
+    async def measure(self, server) -> float:
+        """The throughput to announce for `server`'s span (config.throughput 'auto'/'eval')."""
+        from pollinate.node.model_files import DEFAULT_CACHE_DIR
+        from pollinate.node.throughput import resolve_throughput
+
+        return await asyncio.to_thread(
+            resolve_throughput, self.config.throughput, server.span, model_id=self.config.model,
+            cache_dir=self.config.cache_dir or DEFAULT_CACHE_DIR, device_name=self.placement.device_name)
+
+    async def join(self) -> tuple[int, int, int, socket.socket | None]:
+        """(start, end, port, reservation): the span to serve (the coordinator's assignment, or
+        --blocks without one) and the port, reserved before Join names it."""
+        from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
+        from pollinate.coordinator.placement import Span
+        from pollinate.protocol.addresses import join_host_port
+
+        config = self.config
+        if config.coordinator is None:
+            return config.start, config.end, config.port, None
+        reservation = _reserve_port(config.host, config.port)
+        port = reservation.getsockname()[1]
+        address = join_host_port(config.announce_host, port)
+        if self.reach is not None and self.reach.relayed:  # listening already: streams queue on the port
+            from pollinate.node.reachability import coordinator_check, serve_relayed
+
+            self.relay, address = await serve_relayed(
+                self.reach, port, host=config.host, timeout_s=config.coordinator_timeout_s,
+                check=coordinator_check(config.coordinator, config.token, _coordinator_tls(config)))
+        self.address = address
+        requested = Span(config.start, config.end) if config.start is not None else None
+        self.member = CoordinatorClient(CoordinatorClientConfig(
+            coordinator=config.coordinator, token=config.token, address=address,
+            capacity_blocks=_capacity_blocks(config, self.files, self.placement),
+            throughput=_initial_throughput(config), requested_span=requested,
+            join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
+            relay_maddr=_relay_maddr(self.dht) if config.offer_relay else "", **_coordinator_tls(config),
+        ), on_move=self.move)
+        assignment = await self.member.start()
+        if assignment.num_blocks != self.files.num_blocks:
+            await self.member.stop(leave=True)
+            raise SystemExit(f"pollinate node: the swarm's model {assignment.model_id!r} has "
+                             f"{assignment.num_blocks} blocks, {config.model!r} has {self.files.num_blocks}")
+        logger.info("coordinator %s assigned blocks %d:%d (member %s, epoch %d)", config.coordinator,
+                    assignment.span.start, assignment.span.end, assignment.member_id, assignment.epoch)
+        return assignment.span.start, assignment.span.end, port, reservation
+
+    async def start_serving(self, start: int, end: int, port: int, reservation: socket.socket | None) -> None:
+        """Load the span, bind, announce 'joining', measure, announce 'online', write the ready file."""
+        from pollinate.coordinator.placement import Span
+        from pollinate.node.servicer import NodeServicer, add_to_server
+        from pollinate.protocol.addresses import join_host_port
+        from pollinate.protocol.channels import RpcServer, ServerConfig
+
+        config = self.config
+        async with self.lock:  # a MOVE arriving while the first span loads waits for it
+            self.server = await self.load(start, end)
+            self.rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
+            self.servicer = NodeServicer(self.server, throughput=_initial_throughput(config))
+            if self.member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
+                from pollinate.node.rounds import RoundDriver
+
+                member = self.member
+                self.servicer.jobs.rounds = RoundDriver(
+                    config.rounds, coordinator_address=config.coordinator, token=config.token,
+                    member_id=lambda: member.member_id, framing=self.servicer.framing, **_coordinator_tls(config))
+            add_to_server(self.rpc, self.servicer)
+            if reservation is not None:
+                reservation.close()
+            await self.rpc.start()
+            if self.relay is None:
+                self.address = join_host_port(config.announce_host, self.rpc.port)  # what others dial
+            self.announcer = self.announcer_for(self.server, self.address, self.servicer.throughput)
+            await asyncio.to_thread(self.announcer.announce, "joining")
+            if isinstance(config.throughput, str):
+                self.servicer.throughput = self.announcer.throughput = await self.measure(self.server)
+            await asyncio.to_thread(self.announcer.start)
+            if self.member is not None:
+                self.member.set_throughput(self.servicer.throughput)
+                self.member.set_serving(Span(start, end))
+        logger.info("serving blocks %d:%d of %s at %s (%.1f tokens/s, %d-token cache budget), peer %s",
+                    start, end, config.model, self.address, self.servicer.throughput,
+                    config.sessions.budget_tokens, self.announcer.peer_id)
+        if config.ready_file is not None:
+            _write_ready(config.ready_file, {
+                "address": self.address,
+                "dht_maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
+                "peer_id": self.announcer.peer_id,
+                "blocks": [start, end],
+                "throughput": self.servicer.throughput,
+                "member_id": self.member.member_id if self.member is not None else None,
+                "relayed": self.relay is not None,
+            })
+
+    async def move(self, span, reason: str) -> None:
+        """The coordinator moved this node: load the new span, switch the servicer to it,
+        'offline' for the old blocks, 'online' for the new, free the old span."""
+        async with self.lock:
+            old, old_announcer = self.server, self.announcer
+            if (old.start, old.end) == (span.start, span.end):
+                return
+            logger.info("moving from blocks %d:%d to %s (%s): loading", old.start, old.end, span, reason)
+            new = await self.load(span.start, span.end)
+            if isinstance(self.config.throughput, str):  # measured: the figure is per span length
+                self.servicer.throughput = await self.measure(new)
+                self.member.set_throughput(self.servicer.throughput)  # sent with the next heartbeat
+            announcer = self.announcer_for(new, self.address, self.servicer.throughput)
+            self.servicer.server = new  # new calls go to the new span; open sessions on the old fail over
+            await asyncio.to_thread(old_announcer.stop)  # "offline" for the old blocks first,
+            await asyncio.to_thread(announcer.start)  # then "online" (newer) for the new ones
+            await old.shutdown()
+            self.server, self.announcer = new, announcer
+            logger.info("now serving blocks %d:%d", new.start, new.end)
+
+    async def stop(self) -> None:
+        logger.info("shutting down: leaving the swarm, announcing offline, draining sessions")
+        if self.member is not None:
+            await self.member.stop(leave=True)
+        self.servicer.serving = False
+        await asyncio.to_thread(self.announcer.stop)
+        await self.rpc.stop()
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.server.shutdown()
 
 
 def _relay_maddr(dht) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pollinate.node.announce import AnnounceConfig
 from pollinate.node.kept_inputs import KeptInputsConfig
+from pollinate.node.rounds import RoundConfig
 from pollinate.node.sessions import SessionConfig
 
 
@@ -66,6 +67,8 @@ class NodeConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
     announce: AnnounceConfig = field(default_factory=AnnounceConfig)
+    # DiLoCo rounds' waits (BeginRound, ExchangeShard, CommitRound); used with a coordinator
+    rounds: RoundConfig = field(default_factory=RoundConfig)
     # The coordinator's gRPC host:port; None = no membership (--blocks and --initial-peers only).
     coordinator: str | None = None
     # Blocks this node offers the coordinator; None = as many as fit in free memory.

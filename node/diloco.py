@@ -12,7 +12,7 @@ A round (DESIGN.md "Training math"; DiLoCo, Douillard et al. 2023):
    bytes go to every member.
 3. ``apply``: every member decodes the same result bytes, applies the outer optimizer to
    θ_global in fp32, commits its residuals and returns the checksum of the new global state.
-   ``local_params`` then says where the inner optimizer restarts.
+   ``local_start`` then says where the inner optimizer restarts.
 
 Everything here is in-process and deterministic: the network layer (ExchangeShard over gRPC,
 coordinator quorum) moves the bytes and compares checksums. The defaults of
@@ -25,12 +25,13 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 # The outer step itself is shared with the coordinator, which rebuilds each committed state
 # from the owners' result bytes (issue 12): one piece of code for both sides.
+from pollinate.compression.codec import Codec
 from pollinate.compression.outer import (
     OuterStep,
     OuterStepError,
@@ -42,14 +43,6 @@ from pollinate.compression.outer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class Codec(Protocol):
-    """What the outer step needs from ``pollinate.compression``: bytes out, a tensor back."""
-
-    def encode(self, tensor: torch.Tensor, *, seed: int) -> bytes: ...
-
-    def decode(self, data: bytes, *, seed: int) -> torch.Tensor: ...
 
 
 class RoundError(ValueError):

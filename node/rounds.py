@@ -1,4 +1,10 @@
-"""The node's side of a DiLoCo round over the network: coordinator quorum, ExchangeShard, commit.
+"""The node's side of a DiLoCo round: when it runs, its attempts, commit or roll back.
+
+The round's state machine, and only that: the coordinator calls are node/round_coordinator.py's
+(``RoundCoordinator``), the exchange between members node/shard_exchange.py's
+(``ShardExchange``: sender, owner inbox, traffic counts), the math node/diloco.py's and
+compression/outer.py's (which also (de)serialises a committed state). Torch work runs on the
+span's one torch thread (``SpanServer.run_torch``).
 
 After every H inner steps of a job (``JobSpec.round_steps``, 0 = ``DiLoCoConfig``'s default)
 round r = last committed + 1 runs. With blocking rounds (``DiLoCoConfig.overlap_rounds``
@@ -15,8 +21,8 @@ it. A round:
 1. ``BeginRound`` at the coordinator: the group (shard order) and this member's shard.
 2. ``DiLoCoMember.contribute``; each payload goes to its shard's owner by ``ExchangeShard``
    (one call per other owner: CONTRIBUTION in, that owner's RESULT back on the same call).
-   As owner, this node collects the group's contributions for its shard (``receive``, called
-   by the servicer), ``aggregate``s once all are in and answers every call with the result.
+   As owner, this node collects the group's contributions for its shard (``ShardExchange.receive``,
+   called by the servicer), ``aggregate``s once all are in and answers every call with the result.
 3. ``apply`` → checksum; ``CommitRound`` with the checksum, the result frame of our own shard
    and the outer step's settings: the coordinator rebuilds the new global state from its
    previous one with the same code (compression/outer.py), so the state itself travels only
@@ -60,25 +66,18 @@ import torch
 from pollinate.compression.outer import state_to_bytes
 from pollinate.node.diloco import (
     Contribution,
-    DiLoCoConfig,
     DiLoCoMember,
     assign_flat,
     flatten_params,
     overlap_restart,
 )
-from pollinate.protocol.channels import (
-    COORDINATOR_MAX_MESSAGE_BYTES,
-    COORDINATOR_STATE_BYTES,
-    ChannelConfig,
-    open_channel,
-)
-from pollinate.protocol.errors import FailedPrecondition, NotFound, RpcTimeout
-from pollinate.protocol.tensors import EncodedTensor, TensorAssembler
+from pollinate.node.round_coordinator import RoundCoordinator
+from pollinate.node.shard_exchange import ShardExchange
+from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
+from pollinate.protocol.errors import FailedPrecondition, NotFound
+from pollinate.protocol.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
-
-PAYLOAD = "payload"
-
 
 @dataclass(frozen=True, kw_only=True)
 class RoundConfig:
@@ -108,23 +107,15 @@ class RoundConfig:
 
 
 @dataclass(kw_only=True)
-class _JobRounds:
+class JobRounds:
+    """One job's rounds on this node: its DiLoCo member and where its last round ended."""
+
     member: DiLoCoMember
     committed_round: int = 0
     steps_at_round: int = 0  # job.inner_steps when the last round ended
     tokens_at_round: int = 0  # job.tokens when the last round ended
-    left: tuple[int, int] = (0, 0)  # (round, attempt) this node last left: older ones are refused
     restored: bool = False  # the coordinator's last committed state fetched (before the first step)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass(kw_only=True)
-class _Inbox:
-    """This node as owner of its shard in one round: contributions in, one result out."""
-
-    contributions: dict[str, Contribution] = field(default_factory=dict)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 @dataclass(kw_only=True)
@@ -142,38 +133,31 @@ class _Overlapped:
     waited: bool = False  # a Backward was held for it (that Backward logs the wait)
 
 
-def payload_chunks(payload: bytes, framing):
-    return EncodedTensor(name=PAYLOAD, dtype="uint8", shape=(len(payload),), codec="none",
-                         payload=payload).chunks(framing)
-
-
 class RoundDriver:
-    """Runs a job's rounds on one node. ``coordinator``: a CoordinatorClient (member id)."""
+    """Runs a job's rounds on one node: ``after_backward`` after every Backward of a job."""
 
     def __init__(self, config: RoundConfig, *, coordinator_address: str, token: str,
                  member_id, framing, tls: bool = False, tls_root_cert_file: Path | None = None) -> None:
         self.config = config
-        self.coordinator_address = coordinator_address
-        self.token = token
-        self._tls = {"tls": tls, "tls_root_cert_file": tls_root_cert_file}  # towards the coordinator
         self._member_id = member_id  # callable: the id changes when the node re-joins
-        self.framing = framing
-        self.jobs: dict[str, _JobRounds] = {}
-        self._inboxes: dict[tuple[str, int, int], _Inbox] = {}  # (job, round, attempt)
-        # job -> (state, round, attempt, owner task) of a failed attempt still served
+        self.jobs: dict[str, JobRounds] = {}
+        self.coordinator = RoundCoordinator(config, address=coordinator_address, token=token,
+                                            member_id=member_id, tls=tls, tls_root_cert_file=tls_root_cert_file)
+        self.exchange = ShardExchange(config, token=token, framing=framing, committed_round=self._committed_round)
+        # job -> (round, attempt, owner task) of a failed attempt whose shard is still served
         self._serving: dict[str, tuple] = {}
-        # (job, round, attempt) -> [bytes sent, bytes received] of serialized ExchangeShard
-        # messages, then the same of BeginRound's request and reply (to/from the coordinator)
-        self._traffic: dict[tuple[str, int, int], list[int]] = {}
-        self._channel = None
         self._overlapped: dict[str, _Overlapped] = {}  # job -> its round running in the background
+
+    def _committed_round(self, job: str) -> int | None:
+        state = self.jobs.get(job)
+        return None if state is None else state.committed_round
 
     # ---- tracking --------------------------------------------------------------------
 
     def track(self, job) -> None:
         """A new job: θ_global starts at the adapter's initial value (same seed everywhere)."""
         params = list(job.adapter.parameters())
-        self.jobs[job.name] = _JobRounds(member=DiLoCoMember(flatten_params(params), job.spec.diloco_config()))
+        self.jobs[job.name] = JobRounds(member=DiLoCoMember(flatten_params(params), job.spec.diloco_config()))
 
     def committed(self, name: str) -> tuple[int, dict[str, torch.Tensor]]:
         """The last committed round of a job on this node and its shared state."""
@@ -188,8 +172,6 @@ class RoundDriver:
         and round number, so its first round is the group's next one. Nothing committed yet:
         it starts from the job's seed like everyone else. The coordinator unreachable: the
         call fails (clear error) and the next one tries again."""
-        from pollinate.protocol.v1 import common_pb2
-
         state = self.jobs.get(job.name)
         if state is None or state.restored:
             return
@@ -197,9 +179,8 @@ class RoundDriver:
             if state.restored:
                 return
             server = manager.server
-            span = common_pb2.Span(start=server.start, end=server.end)
             try:
-                adopted = await self._catch_up(server, job, span, state, list(job.adapter.parameters()),
+                adopted = await self._catch_up(server, job, state, list(job.adapter.parameters()),
                                                state.committed_round + 1, why="restored at job start")
             except Exception as exc:
                 logger.warning("job %s span %d:%d: restoring the last committed state failed: %s",
@@ -209,17 +190,6 @@ class RoundDriver:
                 logger.info("job %s span %d:%d: no committed round at the coordinator; starting "
                             "from the job's initial state", job.name, server.start, server.end)
             state.restored = True
-
-    def count(self, job: str, r: int, attempt: int, *, sent: int = 0, received: int = 0,
-              coordinator: bool = False) -> None:
-        """Add serialized message sizes to (job, round, attempt)'s traffic: ExchangeShard's, or
-        with ``coordinator`` BeginRound's."""
-        state = self.jobs.get(job)
-        if state is None or (r, attempt) <= state.left:
-            return  # over here: already reported (or refused)
-        traffic = self._traffic.setdefault((job, r, attempt), [0, 0, 0, 0])
-        traffic[2 * coordinator] += sent
-        traffic[2 * coordinator + 1] += received
 
     async def after_backward(self, manager, job) -> None:
         state = self.jobs.get(job.name)
@@ -250,7 +220,7 @@ class RoundDriver:
         logger.info("round %d of job %s span %d:%d: %s, backward_wait_s=%.3f", r, job, server.start,
                     server.end, how, wait_s)
 
-    async def _overlapped_boundary(self, manager, job, state: _JobRounds) -> None:
+    async def _overlapped_boundary(self, manager, job, state: JobRounds) -> None:
         """A boundary with overlapped rounds (under state.lock): wait for the previous round
         if it is still out (the only wait a Backward has), then start the next one."""
         running = self._overlapped.get(job.name)
@@ -270,7 +240,7 @@ class RoundDriver:
                            f"overlapped, landed {running.landed} inner steps after its snapshot",
                            time.monotonic() - t0)
 
-    async def _start_overlapped(self, manager, job, state: _JobRounds) -> None:
+    async def _start_overlapped(self, manager, job, state: JobRounds) -> None:
         """Snapshot the adapter (with the step and token counts, atomically with the training
         steps: one torch thread) and run round r on the snapshot in the background."""
         params = list(job.adapter.parameters())
@@ -279,7 +249,7 @@ class RoundDriver:
             shadow = [p.detach().clone() for p in params]
             return shadow, flatten_params(shadow), job.inner_steps, job.tokens
 
-        shadow, flat, steps, tokens = await manager.server._run(snapshot)
+        shadow, flat, steps, tokens = await manager.server.run_torch(snapshot)
         bg = _Overlapped(round=state.committed_round + 1, shadow=shadow, snapshot=flat, steps=steps,
                          tokens=tokens, before=(state.steps_at_round, state.tokens_at_round))
         weight = max(tokens - state.tokens_at_round, 1)
@@ -287,7 +257,7 @@ class RoundDriver:
         self._overlapped[job.name] = bg
         bg.task = asyncio.create_task(self._overlapped_round(manager, job, state, bg, weight))
 
-    async def _overlapped_round(self, manager, job, state: _JobRounds, bg: _Overlapped, weight: int) -> None:
+    async def _overlapped_round(self, manager, job, state: JobRounds, bg: _Overlapped, weight: int) -> None:
         """Round bg.round on the snapshot, then land it on the live adapter: θ_local ← where
         the round restarted the snapshot + the steps made since (overlap_restart). A round
         given up restarts from θ_global the same way; an unexpected error keeps the live
@@ -310,7 +280,7 @@ class RoundDriver:
                                                   bg.snapshot))
                 return job.inner_steps - bg.steps
 
-            bg.landed = await server._run(land)
+            bg.landed = await server.run_torch(land)
         finally:
             bg.shadow = []
         if not bg.waited:
@@ -325,33 +295,22 @@ class RoundDriver:
 
     # ---- one round -------------------------------------------------------------------
 
-    def _coordinator(self):
-        from pollinate.protocol.v1 import coordinator_pb2_grpc
-
-        if self._channel is None:  # committed states travel whole: the coordinator's message limit
-            self._channel = open_channel(self.coordinator_address, ChannelConfig(
-                token=self.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES, **self._tls))
-        return coordinator_pb2_grpc.CoordinatorStub(self._channel)
-
-    async def run_round(self, manager, job, state: _JobRounds, *, params=None, tokens: int | None = None) -> bool:
+    async def run_round(self, manager, job, state: JobRounds, *, params=None, tokens: int | None = None) -> bool:
         """Round r = last committed + 1, retried with a new quorum after a failed attempt.
         params: the tensors the round reads θ_local from and restarts (the live adapter's, or
         an overlapped round's snapshot copies); tokens: this member's weight (default: since
         the last round)."""
-        from pollinate.protocol.v1 import common_pb2
-
         server = manager.server
         r = state.committed_round + 1
         span = common_pb2.Span(start=server.start, end=server.end)
         tokens = tokens if tokens is not None else max(job.tokens - state.tokens_at_round, 1)
         params = params if params is not None else list(job.adapter.parameters())
-        for attempt in range(1, self.config.max_attempts + 1):
+        for _ in range(self.config.max_attempts):
             try:
                 reply = await self._begin(job.name, span, r, tokens)
             except FailedPrecondition as exc:  # formed without us, or committed without us
                 try:
-                    if await self._catch_up(server, job, span, state, params, r,
-                                            why="committed without this node"):
+                    if await self._catch_up(server, job, state, params, r, why="committed without this node"):
                         return True
                 except Exception as fetch_exc:
                     logger.warning("round %d of job %s: fetching the committed state failed: %s",
@@ -367,7 +326,7 @@ class RoundDriver:
                 return True
         # Given up: restart the inner steps from the committed θ_global (the H steps are lost).
         self._stop_serving(job.name)
-        await server._run(assign_flat, params, state.member.global_flat.clone())
+        await server.run_torch(assign_flat, params, state.member.global_flat.clone())
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
         logger.warning("round %d of job %s span %d:%d given up; adapter reset to round %d",
                        r, job.name, server.start, server.end, state.committed_round)
@@ -376,17 +335,10 @@ class RoundDriver:
     async def _begin(self, job: str, span, r: int, tokens: int):
         """BeginRound; after a failed attempt this call is what gives it up at the coordinator,
         and until it returns (the attempt settled) our shard of it is still served."""
-        from pollinate.protocol.errors import translate_rpc_errors
-        from pollinate.protocol.v1 import coordinator_pb2
-
         try:
-            with translate_rpc_errors(peer=self.coordinator_address):
-                request = coordinator_pb2.BeginRoundRequest(
-                    job=job, span=span, round=r, member_id=self._member_id(), tokens=tokens)
-                reply = await self._coordinator().BeginRound(request, timeout=self.config.begin_timeout_s)
+            reply, sent, received = await self.coordinator.begin(job, span, r, tokens)
             # the attempt's traffic includes its BeginRound (issue 12: every byte of the round)
-            self.count(job, r, reply.attempt, sent=request.ByteSize(), received=reply.ByteSize(),
-                       coordinator=True)
+            self.exchange.count(job, r, reply.attempt, sent=sent, received=received, coordinator=True)
             return reply
         finally:
             self._stop_serving(job)
@@ -394,48 +346,35 @@ class RoundDriver:
     def _stop_serving(self, job: str) -> None:
         serving = self._serving.pop(job, None)
         if serving is not None:
-            state, r, attempt, task = serving
+            r, attempt, task = serving
             task.cancel()
-            self._leave(job, state, r, attempt, "given up")
+            self.exchange.leave(job, r, attempt, "given up")
 
-    async def _catch_up(self, server, job, span, state: _JobRounds, params, r: int, *, why: str) -> bool:
+    async def _catch_up(self, server, job, state: JobRounds, params, r: int, *, why: str) -> bool:
         """Adopt the coordinator's last committed state if it is of round >= r (checksum
         verified; residuals restart at zero); False if there is none that recent."""
-        from pollinate.node.diloco import state_checksum
-        from pollinate.protocol.errors import translate_rpc_errors
-        from pollinate.protocol.v1 import coordinator_pb2
-
-        try:
-            with translate_rpc_errors(peer=self.coordinator_address):
-                got = await self._coordinator().GetCommittedState(coordinator_pb2.GetCommittedStateRequest(
-                    job=job.name, span=span), timeout=self.config.begin_timeout_s)
-        except NotFound:
+        got = await self.coordinator.committed_state(job.name, common_pb2.Span(start=server.start, end=server.end))
+        if got is None or got.round < r:
             return False
-        if got.round < r:
-            return False
-        shared = load_state(got.state)
-        if state_checksum(shared["global"], shared["momentum"]) != got.checksum:
-            raise FailedPrecondition(f"committed state of round {got.round} does not match its checksum")
-        state.member.load_shared_state(shared)
-        await server._run(assign_flat, params, state.member.local_start())
-        state.committed_round = int(got.round)
+        state.member.load_shared_state(got.shared)
+        await server.run_torch(assign_flat, params, state.member.local_start())
+        state.committed_round = got.round
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
         logger.info("round %d of job %s span %d:%d (%s): adopted the coordinator's committed state, "
                     "checksum %s", got.round, job.name, server.start, server.end, why, got.checksum[:16])
         return True
 
-    async def _attempt(self, server, job, span, state: _JobRounds, params, r: int, reply,
+    async def _attempt(self, server, job, span, state: JobRounds, params, r: int, reply,
                        tokens: int) -> bool:
         """One formation of round r: exchange, apply, commit; on failure roll back, False."""
         member, me = state.member, self._member_id()
         group = [(m.member_id, m.address) for m in reply.members]
         n, s, attempt = len(group), reply.shard_index, reply.attempt
         saved = {k: getattr(member, k).clone() for k in ("global_flat", "momentum", "residual", "owner_residual")}
-        inbox = self._inbox(job.name, r, attempt)
         t0 = time.monotonic()
-        owner_task, sends = None, []
+        owner_task = None
         try:
-            local = await server._run(flatten_params, params)
+            local = await server.run_torch(flatten_params, params)
 
             def contribute() -> list[bytes]:
                 # abort() first: a failed attempt's owner may have staged an owner residual after
@@ -443,43 +382,29 @@ class RoundDriver:
                 member.abort()
                 return member.contribute(local, round_index=r, num_shards=n)
 
-            payloads = await server._run(contribute)
-            inbox.contributions[me] = Contribution(sender=me, tokens=tokens, payload=payloads[s])
-            inbox.arrived.set()
-            owner_task = asyncio.create_task(self._own_shard(server, job.name, r, s, n, group, inbox))
-            sends = [asyncio.create_task(self._send(job.name, span, r, attempt, me, j, tokens,
-                                                    payloads[j], addr))
-                     for j, (_, addr) in enumerate(group) if j != s]
-            # The first failure (an owner gone, a broken stream) ends the wait at once.
-            own, *got = await asyncio.wait_for(asyncio.gather(asyncio.shield(inbox.result), *sends),
-                                               self.config.exchange_timeout_s)
-            results = [own if j == s else got[j - (j > s)] for j in range(n)]
-            checksum = await server._run(lambda: member.apply(results, round_index=r, num_shards=n))
-            sent, received = await self._commit(server, job.name, span, r, attempt, me, checksum,
-                                                member, own=(s, results[s]), n=n, send_state=reply.send_state)
+            async def aggregate(contributions: list[Contribution]) -> bytes:
+                return (await server.run_torch(lambda: member.aggregate(
+                    contributions, round_index=r, shard_index=s, num_shards=n))).payload
+
+            payloads = await server.run_torch(contribute)
+            self.exchange.put(job.name, r, attempt, Contribution(sender=me, tokens=tokens, payload=payloads[s]))
+            inbox = self.exchange.inbox(job.name, r, attempt)
+            owner_task = asyncio.create_task(self.exchange.own_shard(
+                job.name, r, s, [m for m, _ in group], inbox, aggregate))
+            results = await self._results(job.name, span, r, attempt, me, s, tokens, payloads, group, inbox)
+            checksum = await server.run_torch(lambda: member.apply(results, round_index=r, num_shards=n))
+            sent, received = await self._commit(server, job.name, span, r, attempt, me, checksum, member,
+                                                own=(s, results[s]), n=n, send_state=reply.send_state)
         except (Exception, asyncio.CancelledError) as exc:
-            for t in sends:
-                t.cancel()
-            if owner_task is not None and not isinstance(exc, asyncio.CancelledError):
-                # The others may still complete this attempt and need our shard's result: keep
-                # serving it until the coordinator has settled the attempt (see _begin).
-                self._serving[job.name] = (state, r, attempt, owner_task)
-                owner_task = None
-            else:
-                self._leave(job.name, state, r, attempt, exc)
-            member.abort()
-            for k_, v in saved.items():
-                setattr(member, k_, v)
-            logger.warning("round %d attempt %d of job %s span %d:%d failed, rolled back to round %d: %s",
-                           r, attempt, job.name, server.start, server.end, state.committed_round, exc)
+            owner_task = self._roll_back(server, job.name, state, saved, r, attempt, owner_task, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return False
         finally:
             if owner_task is not None:
                 owner_task.cancel()
-        self._leave(job.name, state, r, attempt, None)
-        await server._run(assign_flat, params, member.local_start())
+        self.exchange.leave(job.name, r, attempt, None)
+        await server.run_torch(assign_flat, params, member.local_start())
         state.committed_round = r
         state.steps_at_round, state.tokens_at_round = job.inner_steps, job.tokens
         logger.info("round %d of job %s span %d:%d committed here (attempt %d, group of %d), "
@@ -487,152 +412,63 @@ class RoundDriver:
                     sent, received, time.monotonic() - t0)
         return True
 
+    async def _results(self, job: str, span, r: int, attempt: int, me: str, s: int, tokens: int,
+                       payloads: list[bytes], group, inbox) -> list[bytes]:
+        """Our contribution to every other shard's owner; every shard's result in shard order
+        (ours from our own inbox). The first failure (an owner gone, a broken stream) ends the
+        wait at once."""
+        sends = [asyncio.create_task(self.exchange.send(job, span, r, attempt, me, j, tokens, payloads[j], addr))
+                 for j, (_, addr) in enumerate(group) if j != s]
+        try:
+            own, *got = await asyncio.wait_for(asyncio.gather(asyncio.shield(inbox.result), *sends),
+                                               self.config.exchange_timeout_s)
+        except BaseException:
+            for t in sends:
+                t.cancel()
+            raise
+        return [own if j == s else got[j - (j > s)] for j in range(len(group))]
+
+    def _roll_back(self, server, job: str, state: JobRounds, saved: dict, r: int, attempt: int,
+                   owner_task, exc: BaseException):
+        """A failed attempt: θ_global, momentum and both residuals as before it. Unless
+        cancelled, our shard keeps being served (the others may still complete the attempt and
+        need its result) until the coordinator has settled the attempt (see _begin). Returns
+        the owner task to cancel now, if any."""
+        if owner_task is not None and not isinstance(exc, asyncio.CancelledError):
+            self._serving[job] = (r, attempt, owner_task)
+            owner_task = None
+        else:
+            self.exchange.leave(job, r, attempt, exc)
+        member = state.member
+        member.abort()
+        for k, v in saved.items():
+            setattr(member, k, v)
+        logger.warning("round %d attempt %d of job %s span %d:%d failed, rolled back to round %d: %s",
+                       r, attempt, job, server.start, server.end, state.committed_round, exc)
+        return owner_task
+
     async def _commit(self, server, job: str, span, r: int, attempt: int, me: str, checksum: str,
                       member: DiLoCoMember, *, own: tuple[int, bytes], n: int,
                       send_state: bool) -> tuple[int, int]:
-        """CommitRound: our checksum, our shard's result frame and the outer step; the whole
-        state only where the coordinator asks (BeginRound said so, or its reply does). Raises
-        unless committed; returns every byte of the attempt (sent, received): ExchangeShard,
+        """CommitRound (RoundCoordinator.commit) with the attempt's traffic. Raises unless
+        committed; returns every byte of the attempt (sent, received): ExchangeShard,
         BeginRound and CommitRound messages."""
-        from pollinate.protocol.errors import translate_rpc_errors
-        from pollinate.protocol.v1 import coordinator_pb2
-
         if member.numel * 8 > COORDINATOR_STATE_BYTES:  # θ_global and momentum, fp32
             raise FailedPrecondition(
                 f"job {job!r} span {span.start}:{span.end}: the round's state is {member.numel * 8 / 1e6:.1f} MB, "
                 f"over the {COORDINATOR_STATE_BYTES >> 20} MiB a coordinator keeps per round; use a smaller "
                 f"adapter (rank) or fewer blocks per node")
-        step = member.outer_settings(r, n)
 
-        async def blob() -> bytes:
-            return await server._run(state_to_bytes, member.global_flat, member.momentum)
+        async def state() -> bytes:
+            return await server.run_torch(state_to_bytes, member.global_flat, member.momentum)
 
         # Every ExchangeShard message of the attempt has been counted by now: our calls
         # returned, and the handlers answering our shard count their replies before sending.
-        sent, received, co_sent, co_received = self._traffic.get((job, r, attempt), (0, 0, 0, 0))
-        request = coordinator_pb2.CommitRoundRequest(
-            job=job, span=span, round=r, member_id=me, checksum=checksum, attempt=attempt,
-            bytes_sent=sent, bytes_received=received, coordinator_bytes_sent=co_sent,
-            coordinator_bytes_received=co_received, state=await blob() if send_state else b"",
-            results=[coordinator_pb2.ShardResultFrame(shard_index=own[0], payload=own[1])],
-            outer=coordinator_pb2.OuterStepSettings(
-                codec=step.codec, codec_params_json=step.params_json(), lr=step.lr,
-                momentum=step.momentum, nesterov=step.nesterov))
-        for _ in range(2):  # the second call only if asked for the state
-            with translate_rpc_errors(peer=self.coordinator_address):
-                done = await self._coordinator().CommitRound(request, timeout=self.config.commit_timeout_s)
-            co_sent, co_received = co_sent + request.ByteSize(), co_received + done.ByteSize()
-            if not done.send_state:
-                break
-            request = coordinator_pb2.CommitRoundRequest(
-                job=job, span=span, round=r, member_id=me, checksum=checksum, attempt=attempt,
-                state=await blob())
-        if not done.committed:
-            raise FailedPrecondition(f"round {r} not committed: {done.reason}")
-        return sent + co_sent, received + co_received
-
-    def _inbox(self, job: str, r: int, attempt: int) -> _Inbox:
-        inbox = self._inboxes.get((job, r, attempt))
-        if inbox is None:
-            inbox = self._inboxes[(job, r, attempt)] = _Inbox()
-        return inbox
-
-    def _leave(self, job: str, state: _JobRounds, r: int, attempt: int, exc) -> None:
-        """Close our inbox for (r, attempt): waiting senders get an error, late ones are refused."""
-        state.left = max(state.left, (r, attempt))
-        for key in [k for k in self._traffic if k[0] == job and k[1:] <= state.left]:
-            del self._traffic[key]
-        for key in [k for k in self._inboxes if k[0] == job and k[1:] <= (r, attempt)]:
-            inbox = self._inboxes.pop(key)
-            if not inbox.result.done():
-                inbox.result.set_exception(FailedPrecondition(
-                    f"ExchangeShard: round {key[1]} attempt {key[2]} of job {job!r} was left by its "
-                    f"owner ({exc or 'done'})"))
-                inbox.result.exception()  # retrieved: nobody else may be waiting on it
-
-    async def _own_shard(self, server, job: str, r: int, s: int, n: int, group, inbox: _Inbox) -> None:
-        """Wait for the group's contributions to shard s (at most contribution_wait_s; a sender
-        that does not make it is dropped and the average renormalises), aggregate, publish."""
-        ids = {m for m, _ in group}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.contribution_wait_s
-        try:
-            while not ids <= set(inbox.contributions) and loop.time() < deadline:
-                inbox.arrived.clear()
-                try:
-                    await asyncio.wait_for(inbox.arrived.wait(), deadline - loop.time())
-                except asyncio.TimeoutError:
-                    break
-            missing = sorted(ids - set(inbox.contributions))
-            if missing:
-                logger.warning("round %d of job %s shard %d: no contribution from %s within %.0f s; "
-                               "averaging the %d that arrived", r, job, s, ", ".join(missing),
-                               self.config.contribution_wait_s, n - len(missing))
-            contribs = [inbox.contributions[m] for m, _ in group if m in inbox.contributions]
-            member = self.jobs[job].member
-            result = await server._run(lambda: member.aggregate(
-                contribs, round_index=r, shard_index=s, num_shards=n))
-            if not inbox.result.done():
-                inbox.result.set_result(result.payload)
-        except Exception as exc:
-            if not inbox.result.done():
-                inbox.result.set_exception(exc)
-
-    async def _send(self, job: str, span, r: int, attempt: int, me: str, j: int, tokens: int,
-                    payload: bytes, address: str) -> bytes:
-        """ExchangeShard to owner j: our contribution out, its result back (both counted)."""
-        from pollinate.protocol.errors import translate_rpc_errors
-        from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
-
-        def messages():
-            for chunk in payload_chunks(payload, self.framing):
-                msg = node_pb2.ShardMessage(job=job, span=span, round=r, sender_id=me, shard_index=j,
-                                            weight=tokens, kind=node_pb2.ShardMessage.CONTRIBUTION,
-                                            tensor=chunk, attempt=attempt)
-                self.count(job, r, attempt, sent=msg.ByteSize())
-                yield msg
-
-        channel = open_channel(address, ChannelConfig(token=self.token))
-        try:
-            with translate_rpc_errors(peer=address):
-                call = node_pb2_grpc.NodeStub(channel).ExchangeShard(
-                    messages(), timeout=self.config.exchange_timeout_s)
-                assembler = TensorAssembler(self.framing)
-                async for msg in call:
-                    self.count(job, r, attempt, received=msg.ByteSize())
-                    if msg.kind != node_pb2.ShardMessage.RESULT or msg.shard_index != j or msg.round != r:
-                        raise FailedPrecondition(f"ExchangeShard to {address}: unexpected reply "
-                                                 f"(kind {msg.kind}, shard {msg.shard_index}, round {msg.round})")
-                    encoded = assembler.feed(msg.tensor)
-                    if encoded is not None:
-                        return encoded.payload
-        finally:
-            await channel.close()
-        raise FailedPrecondition(f"ExchangeShard to {address}: no result for shard {j}")
-
-    # ---- owner side, called by the servicer ------------------------------------------
-
-    async def receive(self, job: str, r: int, sender: str, shard: int, tokens: int,
-                      payload: bytes, attempt: int = 1) -> bytes:
-        """A contribution to our shard of round r (that attempt); returns the shard's result bytes."""
-        state = self.jobs.get(job)
-        if state is None:
-            raise NotFound(f"ExchangeShard: job {job!r} is unknown on this node")
-        if r <= state.committed_round:
-            raise FailedPrecondition(f"ExchangeShard: round {r} of job {job!r} is already committed here")
-        if (r, attempt) <= state.left:
-            raise FailedPrecondition(f"ExchangeShard: round {r} attempt {attempt} of job {job!r} is "
-                                     f"over on this node")
-        inbox = self._inbox(job, r, attempt)
-        if sender in inbox.contributions:
-            raise FailedPrecondition(f"ExchangeShard: {sender} sent round {r} twice")
-        inbox.contributions[sender] = Contribution(sender=sender, tokens=tokens, payload=payload)
-        inbox.arrived.set()
-        try:
-            return await asyncio.wait_for(asyncio.shield(inbox.result), self.config.exchange_timeout_s)
-        except asyncio.TimeoutError:
-            raise RpcTimeout(f"ExchangeShard: round {r} of job {job!r}: no result within "
-                             f"{self.config.exchange_timeout_s:.0f} s") from None
+        traffic = self.exchange.traffic(job, r, attempt)
+        sent, received = await self.coordinator.commit(
+            job, span, r, attempt, me, checksum, own=own, step=member.outer_settings(r, n), traffic=traffic,
+            send_state=send_state, state=state)
+        return traffic[0] + traffic[2] + sent, traffic[1] + traffic[3] + received
 
     async def close(self) -> None:
         for running in self._overlapped.values():
@@ -643,15 +479,7 @@ class RoundDriver:
                 with contextlib.suppress(asyncio.CancelledError):
                     await running.task
         self._overlapped.clear()
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        await self.coordinator.close()
 
 
-def load_state(data: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(data)
-
-
-__all__ = ["RoundConfig", "RoundDriver", "load_state"]
+__all__ = ["JobRounds", "RoundConfig", "RoundDriver"]

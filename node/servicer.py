@@ -13,18 +13,24 @@ import logging
 import grpc.aio
 import torch
 
+from pollinate import __version__
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs
 from pollinate.protocol.errors import InvalidRequest, RpcTimeout
-from pollinate.protocol.tensors import DEFAULT_FRAMING, EncodedTensor, FramingConfig, TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import (
+    DEFAULT_FRAMING,
+    HIDDEN_STATES as HIDDEN,
+    EncodedTensor,
+    FramingConfig,
+    TensorAssembler,
+    encode_tensor,
+)
 from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-HIDDEN = "hidden_states"
 
 
 async def _encode(tensor: torch.Tensor, codec: str) -> EncodedTensor:
@@ -41,7 +47,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
 
     async def Health(self, request, context):
         status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
-        return common_pb2.HealthReply(status=status, version=VERSION, protocol="v1")
+        return common_pb2.HealthReply(status=status, version=__version__, protocol="v1")
 
     async def Info(self, request, context):
         s = self.server
@@ -51,7 +57,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
             hidden_size=s.hidden_size,
             dtype=str(s.compute_dtype).removeprefix("torch."),
             throughput=self.throughput,
-            version=VERSION,
+            version=__version__,
             num_blocks=s.num_blocks,
         )
 

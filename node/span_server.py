@@ -66,7 +66,10 @@ class SpanServer:
             await asyncio.sleep(self.serving.sweep_interval_s)
             self.sessions.expire_idle()
 
-    async def _run(self, fn, *args):
+    async def run_torch(self, fn, *args):
+        """``fn(*args)`` on the span's one torch thread: every forward, backward, optimizer step
+        and round computation of this node runs there, one after another, so none of them races
+        another on the span's or an adapter's tensors and the event loop never blocks."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ---- checks shared by Forward and Inference
@@ -105,7 +108,7 @@ class SpanServer:
 
     async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         self.check_hidden(hidden)
-        return await self._run(self._forward_sync, hidden)
+        return await self.run_torch(self._forward_sync, hidden)
 
     def _forward_sync(self, hidden: torch.Tensor) -> torch.Tensor:
         try:
@@ -131,7 +134,7 @@ class SpanServer:
         self.check_hidden(hidden)
         session.check_step(position, hidden.shape[1], hidden.shape[0])
         session.last_used = time.monotonic()
-        out = await self._run(self._step_sync, session, hidden, position, scope)
+        out = await self.run_torch(self._step_sync, session, hidden, position, scope)
         session.position = position + hidden.shape[1]
         session.last_used = time.monotonic()
         return out

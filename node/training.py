@@ -11,8 +11,9 @@ result depends only on the input and the adapter.
 
 Jobs are defined by the trainer: the first Forward/Backward that names a job with a
 JobSpec creates it here; a later spec under the same name must be equal, or the call is
-refused with FAILED_PRECONDITION (a job clash). Registering jobs at the coordinator is a
-later step.
+refused with FAILED_PRECONDITION (a job clash). The coordinator's job registry
+(coordinator/jobs.py) is checked by trainers before they train; nodes never look a job up
+there (docs/architecture.md says why).
 
 Step rule: gradients of `micro_batches` Backward calls are averaged, clipped (this span's
 adapter norm; 0 = off), checked (any NaN/Inf: the step is skipped, the adapter and the
@@ -252,7 +253,7 @@ class JobManager:
         self.server.check_hidden(hidden)
         if self.rounds is not None:  # first use here: adopt the last committed round (node/rounds.py)
             await self.rounds.before_step(self, job)
-        return await self.server._run(self._forward_sync, job, hidden)
+        return await self.server.run_torch(self._forward_sync, job, hidden)
 
     def _forward_sync(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
         try:
@@ -273,7 +274,7 @@ class JobManager:
             raise InvalidRequest("skip_grad_inputs without a job leaves nothing to compute")
         if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
             await self.rounds.before_step(self, job)
-        grad_in = await self.server._run(self._backward_sync, job, hidden, grad_out, input_grad)
+        grad_in = await self.server.run_torch(self._backward_sync, job, hidden, grad_out, input_grad)
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
         return grad_in
@@ -288,7 +289,7 @@ class JobManager:
     async def state(self, name: str) -> tuple[JobSpec, dict[str, torch.Tensor]]:
         """The job's spec, and its adapter under PEFT names plus its counters as 0-d tensors (`counter.*`)."""
         job = self.job(name)
-        state = await self.server._run(job.adapter.peft_state)
+        state = await self.server.run_torch(job.adapter.peft_state)
         for key in ("inner_steps", "skipped_steps", "tokens"):
             state[f"counter.{key}"] = torch.tensor(getattr(job, key), dtype=torch.int64)
         return job.spec, state

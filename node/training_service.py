@@ -19,12 +19,12 @@ import logging
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
-from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import node_pb2
 
 logger = logging.getLogger(__name__)
 
-HIDDEN, GRAD_OUT, GRAD_IN = "hidden_states", "grad_outputs", "grad_inputs"
+HIDDEN, GRAD_OUT, GRAD_IN = HIDDEN_STATES, GRAD_OUTPUTS, GRAD_INPUTS
 
 
 class TrainingRpcs:
@@ -96,10 +96,11 @@ class TrainingRpcs:
         assembler.close()
 
     async def ExchangeShard(self, request_iterator, context):
-        """A group member's CONTRIBUTION to this node's shard; answered with the RESULT."""
-        rounds = self.jobs.rounds
-        if rounds is None:
+        """A group member's CONTRIBUTION to this node's shard; answered with the RESULT
+        (node/shard_exchange.py: the owner's inbox and the traffic counts)."""
+        if self.jobs.rounds is None:
             raise FailedPrecondition("ExchangeShard: this node runs no DiLoCo rounds (no coordinator)")
+        exchange = self.jobs.rounds.exchange
         requests = aiter(request_iterator)
         assembler = TensorAssembler(self.framing)
         first, payload = None, None
@@ -110,20 +111,13 @@ class TrainingRpcs:
             if msg.kind != node_pb2.ShardMessage.CONTRIBUTION:
                 raise InvalidRequest("ExchangeShard: only CONTRIBUTION messages are accepted")
             first = first or msg
-            rounds.count(msg.job, msg.round, msg.attempt or 1, received=msg.ByteSize())
+            exchange.count(msg.job, msg.round, msg.attempt or 1, received=msg.ByteSize())
             encoded = assembler.feed(msg.tensor)
             if encoded is not None:
                 payload = encoded.payload
-        result = await rounds.receive(first.job, first.round, first.sender_id, first.shard_index,
-                                      first.weight, payload, first.attempt or 1)
-        from pollinate.node.rounds import payload_chunks
-        replies = [node_pb2.ShardMessage(job=first.job, span=first.span, round=first.round,
-                                         shard_index=first.shard_index, attempt=first.attempt,
-                                         kind=node_pb2.ShardMessage.RESULT, tensor=chunk)
-                   for chunk in payload_chunks(result, self.framing)]
-        # Counted before the first is sent: our own CommitRound reports this attempt's traffic.
-        rounds.count(first.job, first.round, first.attempt or 1, sent=sum(m.ByteSize() for m in replies))
-        for reply in replies:
+        result = await exchange.receive(first.job, first.round, first.sender_id, first.shard_index,
+                                        first.weight, payload, first.attempt or 1)
+        for reply in exchange.result_messages(first, result):
             yield reply
 
     async def GetState(self, request, context):

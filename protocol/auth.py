@@ -2,7 +2,7 @@
 
 Only swarm members talk to the swarm (DESIGN.md invariant 4). The server side is a
 grpc.aio interceptor that rejects a call with UNAUTHENTICATED before its handler runs;
-the client side attaches the token to every call on a channel (`TokenClientInterceptor`)
+the client side attaches the token to every call on a channel (`token_client_interceptors`)
 or to one call (`token_metadata`). The token proves membership, not identity, and travels
 in clear text unless TLS is on (channels.py).
 """

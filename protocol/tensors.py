@@ -26,13 +26,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.framing import DEFAULT_FRAMING, MiB, FramingConfig  # noqa: F401 (re-exported)
 from pollinate.protocol.v1 import common_pb2
+
+if TYPE_CHECKING:  # protocol imports and serves Health without loading the codecs
+    from pollinate.compression.codec import Codec
+
+# Names of the activation tensors Forward, Backward and Inference carry (Tensor.name).
+HIDDEN_STATES = "hidden_states"  # a span's input (requests) or output (Forward/Inference replies)
+GRAD_OUTPUTS = "grad_outputs"  # Backward: the loss gradient with respect to the span's output
+GRAD_INPUTS = "grad_inputs"  # Backward's reply: the gradient with respect to the span's input
 
 
 # dtype names allowed on the wire (torch names without "torch."). A whitelist, because the
@@ -54,18 +62,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 
 
 
-class Codec(Protocol):
-    """What framing needs from pollinate.compression's codecs (compression/codec.py).
-
-    `seed` is the DiLoCo round for codecs with shared randomness (cocktail's mask); decode
-    with seed=None trusts the seed in the frame, an int makes a mismatch an error."""
-
-    def encode(self, tensor: torch.Tensor, *, seed: int = 0) -> bytes: ...
-
-    def decode(self, data: bytes, *, seed: int | None = None) -> torch.Tensor: ...
-
-
-CodecLookup = Callable[[str], Codec]
+CodecLookup = Callable[[str], "Codec"]  # codec id -> compression/codec.py Codec
 
 
 def _default_lookup(codec_id: str) -> Codec:

@@ -96,7 +96,7 @@ async def node_state(cfg, address: str, job: str, rnd: int) -> dict:
 async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int, first_block: int = 0):
     """(round, {"diloco.global", "diloco.momentum"}, state bytes) last committed at the coordinator
     for span first_block:num_blocks."""
-    from pollinate.node.rounds import load_state
+    from pollinate.compression.outer import state_from_bytes
     from pollinate.protocol.channels import open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -105,7 +105,7 @@ async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int, fi
         coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=first_block, end=num_blocks)),
         timeout=10)
     await channel.close()
-    return committed.round, {f"diloco.{k}": v for k, v in load_state(committed.state).items()}, committed.state
+    return committed.round, {f"diloco.{k}": v for k, v in state_from_bytes(committed.state).items()}, committed.state
 
 
 async def replicas_report(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int,

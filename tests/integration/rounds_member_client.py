@@ -31,7 +31,7 @@ async def main_async(args) -> dict:
     import torch
 
     from pollinate.node.diloco import DiLoCoMember, assign_flat
-    from pollinate.node.rounds import RoundConfig, RoundDriver, _JobRounds
+    from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
     from pollinate.node.servicer import NodeServicer
     from pollinate.node.training import JobSpec
     from pollinate.node.training_service import TrainingRpcs
@@ -56,32 +56,32 @@ async def main_async(args) -> dict:
     assert rnd == 1, rnd
     honest = shared["diloco.momentum"].clone()  # round 1's averaged pseudo-gradient
 
-    class Member(RoundDriver):
-        """The node's RoundDriver, except that in break_round our stream to node 0 breaks."""
-        break_round = 0
+    break_round = 0  # the round in which our stream to node 0 breaks
 
-        async def _send(self, job, span, r, attempt, me, j, tokens, payload, address):
-            if r != self.break_round or address != nodes[0]:
-                return await super()._send(job, span, r, attempt, me, j, tokens, payload, address)
+    async def send(job, span, r, attempt, me, j, tokens, payload, address):
+        """The node's ExchangeShard sender, except that in break_round our stream to node 0 breaks."""
+        if r != break_round or address != nodes[0]:
+            return await real_send(job, span, r, attempt, me, j, tokens, payload, address)
 
-            # The fault: the call to this owner is opened and cancelled before the payload is
-            # through (as a sender whose connection drops mid-stream looks to the owner).
-            channel = open_channel(address, cfg)
-            try:
-                call = node_pb2_grpc.NodeStub(channel).ExchangeShard(timeout=10)
-                call.cancel()
-            finally:
-                await channel.close()
-            raise PeerUnavailable(f"ExchangeShard to {address}: injected: the contribution stream broke")
+        # The fault: the call to this owner is opened and cancelled before the payload is
+        # through (as a sender whose connection drops mid-stream looks to the owner).
+        channel = open_channel(address, cfg)
+        try:
+            call = node_pb2_grpc.NodeStub(channel).ExchangeShard(timeout=10)
+            call.cancel()
+        finally:
+            await channel.close()
+        raise PeerUnavailable(f"ExchangeShard to {address}: injected: the contribution stream broke")
 
     member_id = ""
-    driver = Member(RoundConfig(contribution_wait_s=args.contribution_wait, exchange_timeout_s=60.0),
-                    coordinator_address=args.coordinator, token=args.token,
-                    member_id=lambda: member_id, framing=DEFAULT_FRAMING)
+    driver = RoundDriver(RoundConfig(contribution_wait_s=args.contribution_wait, exchange_timeout_s=60.0),
+                         coordinator_address=args.coordinator, token=args.token,
+                         member_id=lambda: member_id, framing=DEFAULT_FRAMING)
+    real_send, driver.exchange.send = driver.exchange.send, send
     # the job's DiLoCo settings, as a node derives them from the job spec it is sent
     member = DiLoCoMember(shared["diloco.global"].clone(), JobSpec.from_proto(spec).diloco_config())
     member.load_shared_state({"global": shared["diloco.global"], "momentum": shared["diloco.momentum"]})
-    state = driver.jobs[args.job] = _JobRounds(member=member, committed_round=1)
+    state = driver.jobs[args.job] = JobRounds(member=member, committed_round=1)
 
     class Servicer(TrainingRpcs, node_pb2_grpc.NodeServicer):  # the node's ExchangeShard handler
         _next = NodeServicer._next
@@ -122,7 +122,7 @@ async def main_async(args) -> dict:
         async def run_in_thread(fn, *a):
             return await asyncio.to_thread(fn, *a)
 
-        manager = SimpleNamespace(server=SimpleNamespace(start=0, end=args.num_blocks, _run=run_in_thread))
+        manager = SimpleNamespace(server=SimpleNamespace(start=0, end=args.num_blocks, run_torch=run_in_thread))
         return await driver.run_round(manager, job, state)
 
     out = {"member_id": member_id}
@@ -130,7 +130,7 @@ async def main_async(args) -> dict:
         ok, _ = await asyncio.gather(run(poisoned=True), train_nodes())
         out["poison_round_committed_here"] = ok
         out["round_after_poison"] = (await coordinator_state(cfg, args.coordinator, args.job, args.num_blocks))[0]
-        driver.break_round = 3
+        break_round = 3
         ok, _ = await asyncio.gather(run(poisoned=False), train_nodes())
         out["break_round_committed_here"] = ok
         out["member_committed_round"] = state.committed_round

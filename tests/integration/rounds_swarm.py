@@ -5,6 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pollinate.coordinator.config import StoreConfig
+from pollinate.coordinator.store import Store
+
+
+def committed_rounds(data_dir: Path) -> dict[int, dict]:
+    """The coordinator's record of job "rounds" on span 0:4 (read once it has stopped): per
+    committed round, Store.round_groups' entry (members and whether each one's checksum is
+    in; each member's bytes to the coordinator)."""
+    store = Store(StoreConfig(data_dir=data_dir)).open()
+    try:
+        rounds = store.round_groups(("rounds", 0, 4))
+    finally:
+        store.close()
+    return {r: v for r, v in rounds.items() if v["state"] == "committed"}
+
+
+def committed_groups(data_dir: Path) -> dict[int, dict[str, bool]]:
+    """Per committed round: {member id: whether its checksum is in the commit}."""
+    return {r: v["members"] for r, v in committed_rounds(data_dir).items()}
+
 
 def start_swarm(group, tmp_path: Path, model_dir, cache_dir, *, replicas: int, token: str,
                 lease: float = 10.0, window: float = 20.0):

@@ -75,9 +75,6 @@ def test_only_replica_killed_an_over_replicated_node_moves_and_serves_its_span(
         assert mover_info["serving_span"] == [2, 4]
         assert mover_info["throughput"] == mover.info["throughput"] == THROUGHPUT
         assert [b["throughput"] for b in after["blocks"]] == [THROUGHPUT] * 4
-        log = mover.log_tail(200)
-        assert "coordinator asks to serve blocks 2:4: blocks 2:4 lost their last replica" in log
-        assert "now serving blocks 2:4" in log
         assert moved_s < 120, moved_s  # lease 2 s + scan + loading; generous for a loaded machine
 
         # Clients route from the DHT, where the mover announced 2:4 (and withdrew 0:2).

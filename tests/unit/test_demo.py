@@ -1,5 +1,7 @@
 """`pollinate demo`'s pieces that decide what it shows: the node layout (two replicas of one
-span), the round lines it follows in the node logs, and the replica trainer's swarm view.
+span), the round lines it follows in the node logs, the replica trainer's swarm view, the
+task it teaches (held-out questions no trainer sees, how an answer is judged) and the JSON
+line it ends with.
 The demo itself starts a whole SmolLM2 swarm (minutes); the suite does not run it."""
 
 import asyncio
@@ -20,11 +22,11 @@ def test_layout_hosts_the_second_half_twice():
 
 
 def _proc(tmp_path: Path, name: str):
-    from pollinate.demo import _Proc
+    from pollinate.procs import Proc
 
     popen = subprocess.Popen([sys.executable, "-c", "pass"])
     popen.wait()
-    return _Proc(name, popen, tmp_path / f"{name}.log", None)
+    return Proc(name=name, popen=popen, log_path=tmp_path / f"{name}.log", ready_path=None)
 
 
 def test_log_follower_prints_each_round_line_once_and_waits_for_whole_lines(tmp_path):
@@ -35,13 +37,13 @@ def test_log_follower_prints_each_round_line_once_and_waits_for_whole_lines(tmp_
     assert follower.new() == []  # no log yet
     committed = ("round 1 of job demo-sums span 15:30 committed here (attempt 1, group of 2), "
                  "12.3 kB sent+received, 0.41 s")
-    a.log.write_text("16:50:01 INFO pollinate.node.sessions: session x opened\n"
+    a.log_path.write_text("16:50:01 INFO pollinate.node.sessions: session x opened\n"
                      f"16:50:02 INFO pollinate.node.rounds: {committed}\n"
                      "16:50:03 WARN pollinate.node.rounds: round 2 attempt 1 of job demo-sums span 15:30 fa")
     assert follower.new() == [("node-2", committed)]
-    with a.log.open("a") as f:  # the half-written line is finished
+    with a.log_path.open("a") as f:  # the half-written line is finished
         f.write("iled, rolled back to round 1: peer gone\n")
-    b.log.write_text("16:50:04 INFO pollinate.node.rounds: round 2 of job demo-sums span 0:15 given up; "
+    b.log_path.write_text("16:50:04 INFO pollinate.node.rounds: round 2 of job demo-sums span 0:15 given up; "
                      "adapter reset to round 1\n")
     assert follower.new() == [
         ("node-2", "round 2 attempt 1 of job demo-sums span 15:30 failed, rolled back to round 1: peer gone"),
@@ -79,3 +81,41 @@ def test_replica_round_reads_the_status_json():
     assert replica_round(status, "demo-sums", (15, 30)) == (2, ["b"])  # c gave the round up
     assert replica_round(status, "other", (15, 30)) == (0, [])
     assert replica_round({}, "demo-sums", (15, 30)) == (0, [])
+
+
+def test_the_task_data_never_holds_a_held_out_question(tmp_path):
+    import json
+
+    from pollinate.demo import HELD_OUT, question, write_task_data
+
+    path = tmp_path / "data.jsonl"
+    write_task_data(path, 500, seed=3)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 500
+    held = {question(n) for n in HELD_OUT}
+    assert not held & {r["prompt"] for r in records}
+    assert all(r["completion"] == str(int(r["prompt"].split()[2]) * 10) for r in records)
+
+
+def test_an_answer_is_right_when_it_names_the_expected_number():
+    from pollinate.demo import correct
+
+    assert correct("650", "650")
+    assert correct("65 times 10 is 650.", "650")  # a sentence with the number counts
+    assert not correct("77 times 10 is 77.", "770")
+    assert not correct("6500", "650") and not correct("To solve this problem, we need to", "650")
+
+
+def test_the_summary_line_counts_right_answers():
+    import json
+
+    from pollinate.demo import Summary
+
+    summary = Summary(ok=True, seconds=12.34, base_answers=["To solve", "470.", "6", "x"],
+                      job_answers=["230", "470", "650", "88"], export_match=True)
+    line = json.loads(summary.line())
+    assert line["expected_answers"] == ["230", "470", "650", "880"]
+    assert (line["base_correct"], line["job_correct"]) == (1, 3)
+    assert line["ok"] is True and line["export_match"] is True and line["seconds"] == 12.3
+    assert {"ok", "seconds", "base_answers", "job_answers", "expected_answers", "job_correct",
+            "base_correct", "export_match"} <= set(line)

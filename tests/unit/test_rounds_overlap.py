@@ -23,7 +23,7 @@ import torch
 
 from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat, exchange_in_process,
                                    flatten_params, overlap_restart)
-from pollinate.node.rounds import RoundConfig, RoundDriver, _JobRounds
+from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
 
 NUMEL = 6
 H = 2
@@ -75,9 +75,9 @@ def setup(overlap: bool, max_steps: int = 100):
     param = torch.nn.Parameter(torch.zeros(NUMEL))
     job = SimpleNamespace(name="j", inner_steps=0, tokens=0,
                           adapter=SimpleNamespace(parameters=lambda: [param]))
-    driver.jobs["j"] = _JobRounds(member=DiLoCoMember(torch.zeros(NUMEL), config(overlap, max_steps)),
+    driver.jobs["j"] = JobRounds(member=DiLoCoMember(torch.zeros(NUMEL), config(overlap, max_steps)),
                                   restored=True)
-    manager = SimpleNamespace(server=SimpleNamespace(start=0, end=2, _run=run_now))
+    manager = SimpleNamespace(server=SimpleNamespace(start=0, end=2, run_torch=run_now))
     return driver, job, param, manager
 
 

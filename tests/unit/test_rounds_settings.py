@@ -129,3 +129,21 @@ def test_bytes_reported_with_commit_are_stored_with_the_round_and_shown(tmp_path
     assert [m.coordinator_bytes_sent for m in reply.rounds[0].members] == [1010, 2000]
     text = format_rounds(reply.rounds, now=last["committed_at"] + 5)
     assert text.splitlines()[2].split() == ["j", "0:4", "2", "5s", "ago", "a", "0", "1.3", "kB", "420", "B"], text
+
+
+def test_the_node_command_sets_the_round_waits():
+    """NodeConfig composes RoundConfig; a volunteer on a slow link sets its waits by flag."""
+    import argparse
+
+    from pollinate.node.cli import add_arguments, build_config
+    from pollinate.node.rounds import RoundConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--host", "127.0.0.1", "--blocks", "0:2"]
+    assert build_config(parser.parse_args(base)).rounds == RoundConfig()
+    rounds = build_config(parser.parse_args([*base, "--round-exchange-timeout", "120",
+                                             "--round-contribution-wait", "30"])).rounds
+    assert (rounds.exchange_timeout_s, rounds.contribution_wait_s) == (120.0, 30.0)
+    with pytest.raises(ValueError, match="contribution_wait_s"):  # must stay below the exchange timeout
+        build_config(parser.parse_args([*base, "--round-contribution-wait", "90"]))
