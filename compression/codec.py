@@ -97,6 +97,20 @@ def get_codec(codec_id: str, **params: object) -> Codec:
         raise CompressionError(f"codec {codec_id!r}: {exc}") from exc
 
 
+# Codecs for hidden states and their gradients (Forward, Backward, Inference, both ways).
+# Their decode costs at most a few bytes per payload byte; pseudo-gradient codecs are left out
+# (cocktail decodes a 625-byte payload into a 1 GiB bitmap-driven scatter: a peer could make a
+# node allocate that with one small message).
+ACTIVATION_CODECS = frozenset({"none", "fp16", "int8", "int8row", "int4row", "int4row-sr"})
+
+
+def get_activation_codec(codec_id: str) -> Codec:
+    """get_codec for activations: LookupError for a codec not in ACTIVATION_CODECS."""
+    if codec_id not in ACTIVATION_CODECS:
+        raise LookupError(f"{codec_id!r} is not an activation codec (allowed: {', '.join(sorted(ACTIVATION_CODECS))})")
+    return get_codec(codec_id)
+
+
 def registered_codecs() -> tuple[str, ...]:
     _load_builtin_codecs()
     return tuple(sorted(_REGISTRY))

@@ -17,14 +17,13 @@ from pollinate import __version__
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
-from pollinate.node.training_service import TrainingRpcs
+from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
 from pollinate.protocol.errors import InvalidRequest, RpcTimeout
 from pollinate.protocol.tensors import (
     DEFAULT_FRAMING,
     HIDDEN_STATES as HIDDEN,
     EncodedTensor,
     FramingConfig,
-    TensorAssembler,
     encode_tensor,
 )
 from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
@@ -74,7 +73,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
 
     async def Forward(self, request_iterator, context):
         requests = aiter(request_iterator)
-        assembler = TensorAssembler(self.framing)
+        assembler = activation_assembler(self.framing)
         header, job, tensors = None, None, 0
         while True:
             req = await self._next(requests, "Forward")
@@ -85,6 +84,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                     raise InvalidRequest("Forward: the first message must carry the header")
                 header = req.header
                 self.server.check_blocks(header.blocks.start, header.blocks.end)
+                check_reply_codec(header.reply_codec, "Forward")
                 if header.job:  # the job's adapter applies (created from header.spec on first sight)
                     job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
                 if header.keep_id:  # keep the input for this micro-batch's Backward (node/kept_inputs.py)
@@ -114,7 +114,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
 
     async def Inference(self, request_iterator, context):
         requests = aiter(request_iterator)
-        assembler = TensorAssembler(self.framing)
+        assembler = activation_assembler(self.framing)
         opened: node_pb2.InferenceOpen | None = None
         session, scope = None, None
         step_position: int | None = None  # position carried by the chunks of the step in progress
@@ -128,6 +128,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                         raise InvalidRequest("Inference: the first message must carry `open`")
                     opened = req.open
                     self.server.check_blocks(opened.blocks.start, opened.blocks.end)
+                    check_reply_codec(opened.reply_codec, "Inference")
                     if opened.job:  # generation with a job's adapter; the job must exist here
                         scope = self.jobs.scope(self.jobs.existing(opened.job, what=f"session {opened.session_id}"))
                     if opened.max_length <= 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pollinate.compression.codec import ACTIVATION_CODECS, get_activation_codec
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
@@ -27,6 +28,18 @@ logger = logging.getLogger(__name__)
 HIDDEN, GRAD_OUT, GRAD_IN = HIDDEN_STATES, GRAD_OUTPUTS, GRAD_INPUTS
 
 
+def check_reply_codec(codec_id: str, what: str) -> None:
+    """A reply codec a client asked for must be an activation codec ("" = the request's)."""
+    if codec_id and codec_id not in ACTIVATION_CODECS:
+        raise InvalidRequest(f"{what}: reply_codec {codec_id[:40]!r} is not an activation codec "
+                             f"(allowed: {', '.join(sorted(ACTIVATION_CODECS))})")
+
+
+def activation_assembler(framing) -> TensorAssembler:
+    """A TensorAssembler for hidden states and their gradients: activation codecs only."""
+    return TensorAssembler(framing, lookup=get_activation_codec)
+
+
 class TrainingRpcs:
     """Needs self.server (SpanServer), self.jobs (JobManager), self.framing, self._next."""
 
@@ -34,7 +47,7 @@ class TrainingRpcs:
 
     async def Backward(self, request_iterator, context):
         requests = aiter(request_iterator)
-        assembler = TensorAssembler(self.framing)
+        assembler = activation_assembler(self.framing)
         header, job, done = None, None, 0
         pair: dict[str, object] = {}
         while True:
@@ -46,6 +59,7 @@ class TrainingRpcs:
                     raise InvalidRequest("Backward: the first message must carry the header")
                 header = req.header
                 self.server.check_blocks(header.blocks.start, header.blocks.end)
+                check_reply_codec(header.reply_codec, "Backward")
                 if header.job:  # "": the base span's input gradient only (client-side prompt tuning)
                     job = self.jobs.job(header.job, header.spec if header.HasField("spec") else None)
                 if header.keep_id:

@@ -182,6 +182,22 @@ async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_mo
                                   total_bytes=over, num_chunks=1)
         code, msg = await session([node_pb2.InferenceRequest(open=op, tensor=chunk)])
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "over max_message_bytes" in msg
+        # a pseudo-gradient codec as activations: refused from the header, nothing decoded (a
+        # 625-byte cocktail tensor declaring [1, 2^20, 64] cost a node 1.34 GB before, issue 18)
+        from pollinate.compression.codec import get_codec
+
+        bomb = get_codec("cocktail").encode(torch.zeros(1, 1 << 12, 64))
+        chunk = common_pb2.Tensor(dtype="float32", shape=[1, 1 << 20, 64], codec="cocktail", data=bomb,
+                                  total_bytes=len(bomb), num_chunks=1)
+        code, msg = await session([node_pb2.InferenceRequest(open=op, tensor=chunk)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not an activation codec" in msg, msg
+        call = stub.Forward()
+        await call.write(node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(reply_codec="cocktail")))
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reply_codec 'cocktail'" in e.value.details()
         # a message over the transport limit: refused by gRPC before any handler runs
         big_channel = open_channel(address, ChannelConfig(max_message_bytes=8 << 20))
         try:
