@@ -374,6 +374,7 @@ class RoundDriver:
         t0 = time.monotonic()
         owner_task = None
         try:
+            self.exchange.open(job.name, r, attempt, [m for m, _ in group])  # members' contributions may land
             local = await server.run_torch(flatten_params, params)
 
             def contribute() -> list[bytes]:

@@ -8,7 +8,12 @@ all are in, or after ``contribution_wait_s`` those that arrived (weighted by tok
 that died or whose stream broke is dropped and the average renormalises), and answers every
 waiting call with the one result.
 
-``leave(job, r, attempt)`` closes the inboxes up to that attempt: senders still waiting get
+An inbox exists only for a round attempt this node began itself (``open``, right after its
+own BeginRound named the group): a contribution that arrives first waits for that, at most
+``exchange_timeout_s``, holding nothing but its own call; one from outside the group, for a
+round more than MAX_ROUNDS_AHEAD past the last committed here, or still unmatched at the
+timeout is refused and kept nowhere (a peer cannot park memory here for rounds that never
+form). ``leave(job, r, attempt)`` closes the inboxes up to that attempt: senders still waiting get
 an error, later ones are refused. Every ExchangeShard message is counted at its serialized
 size per (job, round, attempt) (``count`` / ``traffic``): the commit reports those totals.
 
@@ -35,6 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAYLOAD = "payload"  # the one tensor an ExchangeShard message carries (uint8 bytes)
+# Rounds past the last one committed here that a contribution may name: the round in
+# progress, and one more for a peer whose commit reply came before ours.
+MAX_ROUNDS_AHEAD = 2
 
 
 def payload_chunks(payload: bytes, framing):
@@ -49,6 +57,9 @@ class Inbox:
 
     contributions: dict[str, Contribution] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    group: frozenset[str] | None = None  # the members, once this node began the attempt (open)
+    waiters: int = 0  # contributions waiting for open()
+    opened: asyncio.Event = field(default_factory=asyncio.Event)  # set by open() and by leave()
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -76,7 +87,8 @@ class ShardExchange:
               coordinator: bool = False) -> None:
         """Add serialized message sizes to (job, round, attempt)'s traffic: ExchangeShard's, or
         with ``coordinator`` BeginRound's."""
-        if self._committed_round(job) is None or (r, attempt) <= self._left.get(job, (0, 0)):
+        committed = self._committed_round(job)
+        if committed is None or (r, attempt) <= self._left.get(job, (0, 0)) or r > committed + MAX_ROUNDS_AHEAD:
             return  # over here: already reported (or refused)
         traffic = self._traffic.setdefault((job, r, attempt), [0, 0, 0, 0])
         traffic[2 * coordinator] += sent
@@ -94,6 +106,13 @@ class ShardExchange:
             inbox = self._inboxes[(job, r, attempt)] = Inbox()
         return inbox
 
+    def open(self, job: str, r: int, attempt: int, group: list[str]) -> Inbox:
+        """This node began (job, r, attempt) with these members: their contributions may land."""
+        inbox = self.inbox(job, r, attempt)
+        inbox.group = frozenset(group)
+        inbox.opened.set()
+        return inbox
+
     def put(self, job: str, r: int, attempt: int, contribution: Contribution) -> None:
         """Our own contribution to our shard (it travels no wire)."""
         inbox = self.inbox(job, r, attempt)
@@ -109,18 +128,48 @@ class ShardExchange:
             raise NotFound(f"ExchangeShard: job {job!r} is unknown on this node")
         if r <= committed:
             raise FailedPrecondition(f"ExchangeShard: round {r} of job {job!r} is already committed here")
+        if r > committed + MAX_ROUNDS_AHEAD:
+            raise FailedPrecondition(f"ExchangeShard: round {r} of job {job!r} is not in progress here "
+                                     f"(round {committed} is the last committed)")
         if (r, attempt) <= self._left.get(job, (0, 0)):
             raise FailedPrecondition(f"ExchangeShard: round {r} attempt {attempt} of job {job!r} is "
                                      f"over on this node")
-        inbox = self.inbox(job, r, attempt)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.exchange_timeout_s
+        inbox = await self._opened(job, r, attempt, deadline)
+        if sender not in inbox.group:
+            raise FailedPrecondition(f"ExchangeShard: {sender} is not a member of round {r} attempt {attempt} "
+                                     f"of job {job!r}")
         if sender in inbox.contributions:
             raise FailedPrecondition(f"ExchangeShard: {sender} sent round {r} twice")
         self.put(job, r, attempt, Contribution(sender=sender, tokens=tokens, payload=payload))
         try:
-            return await asyncio.wait_for(asyncio.shield(inbox.result), self.config.exchange_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(inbox.result), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise RpcTimeout(f"ExchangeShard: round {r} of job {job!r}: no result within "
                              f"{self.config.exchange_timeout_s:.0f} s") from None
+
+    async def _opened(self, job: str, r: int, attempt: int, deadline: float) -> Inbox:
+        """The attempt's inbox once this node has begun it (open); refused if it does not
+        begin by `deadline` or is left meanwhile. An inbox nobody opened is dropped with its
+        last waiter, so a round that never forms leaves nothing behind."""
+        key = (job, r, attempt)
+        inbox = self.inbox(job, r, attempt)
+        if not inbox.opened.is_set():
+            inbox.waiters += 1
+            try:
+                await asyncio.wait_for(inbox.opened.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise RpcTimeout(f"ExchangeShard: round {r} attempt {attempt} of job {job!r} did not begin "
+                                 f"on this node within {self.config.exchange_timeout_s:.0f} s") from None
+            finally:
+                inbox.waiters -= 1
+                if inbox.group is None and not inbox.waiters and self._inboxes.get(key) is inbox:
+                    del self._inboxes[key]
+        if inbox.group is None or self._inboxes.get(key) is not inbox:  # left before it began here
+            raise FailedPrecondition(f"ExchangeShard: round {r} attempt {attempt} of job {job!r} is over "
+                                     f"on this node")
+        return inbox
 
     async def own_shard(self, job: str, r: int, s: int, group: list[str], inbox: Inbox,
                         aggregate: Callable[[list[Contribution]], Awaitable[bytes]]) -> None:
@@ -157,6 +206,7 @@ class ShardExchange:
             del self._traffic[key]
         for key in [k for k in self._inboxes if k[0] == job and k[1:] <= (r, attempt)]:
             inbox = self._inboxes.pop(key)
+            inbox.opened.set()  # waiters see it gone and are refused
             if not inbox.result.done():
                 inbox.result.set_exception(FailedPrecondition(
                     f"ExchangeShard: round {key[1]} attempt {key[2]} of job {job!r} was left by its "
