@@ -21,7 +21,7 @@ from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.addresses import probe_tcp
-from pollinate.protocol.errors import FailedPrecondition, InvalidRequest
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, one_line
 from pollinate.protocol.relay import dialer as relay_dialer
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
@@ -93,7 +93,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             throughput=request.throughput,
             requested_span=optional_span(request, "requested_span"),
             current_span=optional_span(request, "current_span"),
-            name=request.name[:64],
+            name=one_line(request.name, 64),  # a label for logs and status: one line
             source_host=source_host,
             relay_maddr=request.relay_maddr,
         )

@@ -18,7 +18,10 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from pollinate.protocol.errors import RateLimitedLog
+
 logger = logging.getLogger(__name__)
+_rejected_log = RateLimitedLog()  # one line per method per 10 s: a flood of bad tokens stays small
 
 # Metadata keys must be lowercase ASCII in gRPC.
 TOKEN_METADATA_KEY = "x-pollinate-token"
@@ -71,7 +74,9 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
     async def reject(request_or_iterator, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    # No deserializer: the request is never parsed (garbage without a token is UNAUTHENTICATED,
+    # not a decode error).
+    deserialize, serialize = None, handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(reject, deserialize, serialize)
     if handler.unary_stream is not None:
@@ -97,7 +102,7 @@ class TokenServerInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if _check_token(self._token, handler_call_details.invocation_metadata):
             return handler
-        logger.warning("rejected %s: missing or wrong swarm token", method)
+        _rejected_log(logger.warning, method, "rejected %s: missing or wrong swarm token", method)
         return _rejecting_handler(handler, f"{method} refused: missing or wrong swarm token (metadata {TOKEN_METADATA_KEY!r})")
 
 

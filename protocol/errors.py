@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -159,9 +160,21 @@ def is_domain_error(exc: BaseException) -> bool:
     return compression_error is not None and isinstance(exc, compression_error)
 
 
+# Longest status details sent back, characters: an error that echoes a 16 kB request string
+# would otherwise exceed the client's metadata limit and arrive as a transport error.
+MAX_DETAILS_CHARS = 2000
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (a peer's newlines cannot forge log lines), at most `limit` chars."""
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
 def _details_for(exc: BaseException) -> str:
     if is_domain_error(exc):
-        return str(exc) or type(exc).__name__
+        text = str(exc) or type(exc).__name__
+        return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS] + f"... ({len(text)} chars)"
     # Unexpected: the type tells the caller what kind of bug; the traceback stays in our log.
     return f"internal error: {type(exc).__name__}: {exc}"
 
@@ -171,8 +184,66 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     await context.abort(status_code_for(exc), _details_for(exc))
 
 
+class RateLimitedLog:
+    """At most one line per key per `period_s`; the next line that passes says how many were
+    dropped. A hostile peer's garbage must not turn into megabytes of log."""
+
+    def __init__(self, period_s: float = 10.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def __call__(self, log: Callable, key: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -float("inf")) < self.period_s:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return
+        if len(self._last) > 4096:  # keys are method names and peers: bounded, but be sure
+            self._last.clear()
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            msg += f" ({dropped} more like it in the last {self.period_s:g} s not logged)"
+        log(msg, *args)
+
+
+_bad_input_log = RateLimitedLog()
+
+
+class Undecodable:
+    """What a request that does not parse as its message type is passed on as: touching any
+    field raises InvalidRequest, so the call ends with INVALID_ARGUMENT and one log line
+    (ErrorMappingInterceptor), not UNKNOWN and a traceback from inside grpc."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def __getattr__(self, name: str):
+        raise InvalidRequest(self.problem)
+
+
+def tolerant_deserializer(deserialize: Callable | None) -> Callable | None:
+    """`deserialize` that returns an Undecodable instead of raising."""
+    if deserialize is None:
+        return None
+    message_type = getattr(getattr(deserialize, "__self__", None), "__name__", "request")
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or anything a corrupt message makes protobuf raise
+            return Undecodable(f"undecodable {message_type} message ({len(data)} bytes): "
+                               f"{type(exc).__name__}: {str(exc)[:120]}")
+
+    return parse
+
+
 def _log_failure(method: str, exc: BaseException) -> None:
-    if is_domain_error(exc):
+    if isinstance(exc, InvalidRequest):  # a peer's bad input: it may come by the thousand
+        _bad_input_log(logger.info, method, "%s answered INVALID_ARGUMENT: %s", method, one_line(str(exc)))
+    elif is_domain_error(exc):
         # The caller's problem or an expected condition: one line, no traceback.
         logger.info("%s answered %s: %s", method, status_code_for(exc).name, exc)
     else:
@@ -237,20 +308,21 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        deserialize = tolerant_deserializer(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                map_errors(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                map_errors(handler.unary_unary), deserialize, handler.response_serializer
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                map_errors(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                map_errors(handler.unary_stream), deserialize, handler.response_serializer
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                map_errors(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+                map_errors(handler.stream_unary), deserialize, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            map_errors(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            map_errors(handler.stream_stream), deserialize, handler.response_serializer
         )
 
 

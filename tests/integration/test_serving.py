@@ -198,6 +198,15 @@ async def test_bad_input_gets_clear_status_and_node_keeps_serving(swarm, tiny_mo
             async for _ in call:
                 pass
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reply_codec 'cocktail'" in e.value.details()
+        # bytes that do not parse as a ForwardRequest: INVALID_ARGUMENT saying so (was UNKNOWN
+        # with a traceback in the node's log)
+        raw = channel.stream_stream("/pollinate.v1.Node/Forward", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in raw(iter([b"\xff\xff\xff\xff\x0f"]), timeout=30):
+                pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert "undecodable ForwardRequest message" in e.value.details()
         # a message over the transport limit: refused by gRPC before any handler runs
         big_channel = open_channel(address, ChannelConfig(max_message_bytes=8 << 20))
         try:

@@ -219,3 +219,32 @@ async def test_server_binds_port_0_and_reports_the_address():
     finally:
         await server.stop()
     await server.stop()  # twice is fine
+
+
+def test_bad_input_is_one_short_line_and_a_flood_of_it_is_rate_limited():
+    from pollinate.protocol.errors import MAX_DETAILS_CHARS, RateLimitedLog, _details_for, one_line
+
+    assert one_line("node\n03:00 INFO forged line") == "node\\n03:00 INFO forged line"
+    assert one_line("x" * 500, 100).endswith("... (500 chars)")
+    assert len(_details_for(InvalidRequest("y" * 20000))) < MAX_DETAILS_CHARS + 40
+    lines = []
+    log = RateLimitedLog(period_s=3600)
+    for i in range(1000):
+        log(lambda msg, *args: lines.append(msg % args), "Forward", "bad %d", i)
+    log(lambda msg, *args: lines.append(msg % args), "Backward", "bad %d", 0)
+    assert lines == ["bad 0", "bad 0"]
+    log.period_s = 0
+    log(lambda msg, *args: lines.append(msg % args), "Forward", "bad %d", 1000)
+    assert lines[-1] == "bad 1000 (999 more like it in the last 0 s not logged)"
+
+
+def test_undecodable_requests_become_invalid_request_when_touched():
+    from pollinate.protocol.errors import tolerant_deserializer
+    from pollinate.protocol.v1 import node_pb2
+
+    parse = tolerant_deserializer(node_pb2.ForwardRequest.FromString)
+    assert parse(node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(job="j")).SerializeToString()).header.job == "j"
+    bad = parse(b"\xff\xff\xff\xff\x0f")
+    with pytest.raises(InvalidRequest, match="undecodable ForwardRequest message \\(5 bytes\\)"):
+        bad.HasField("header")
+    assert tolerant_deserializer(None) is None
