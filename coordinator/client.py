@@ -20,6 +20,7 @@ offering the span it already serves so nothing is reloaded needlessly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -172,6 +173,16 @@ class CoordinatorClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
+
+    async def change_address(self, address: str) -> Assignment:
+        """Serve at a new address (a relayed node whose relays changed): leave as the old
+        member, join again at `address` keeping the span being served."""
+        try:
+            await self.leave()
+        except PollinateError as e:
+            logger.info("leave before changing address failed (%s); the old member will be evicted", e)
+        self.config = dataclasses.replace(self.config, address=address)
+        return await self.join(deadline_s=self.config.join_timeout_s)
 
     async def join(self, *, deadline_s: float) -> Assignment:
         """Join, retrying with backoff while the coordinator is unreachable, up to deadline_s."""

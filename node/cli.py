@@ -283,11 +283,14 @@ async def serve(config, dht, reach=None) -> int:
     await node.open_model()
     start, end, port, reservation = await node.join()
     await node.start_serving(start, end, port, reservation)
+    watchdog = asyncio.create_task(node.keep_relayed(port)) if node.relay is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     await node.stop()
     return 0
 
@@ -429,6 +432,36 @@ class _Node:
                 "member_id": self.member.member_id if self.member is not None else None,
                 "relayed": self.relay is not None,
             })
+
+    async def keep_relayed(self, port: int) -> None:
+        """A relayed node whose relays all died reserves at those on offer now and serves at
+        its new relayed address: re-joins the coordinator, re-announces its blocks."""
+        from pollinate.node.reachability import (Reachability, coordinator_check, coordinator_relays,
+                                                 serve_relayed, watch_relays)
+
+        config = self.config
+        check = coordinator_check(config.coordinator, config.token, _coordinator_tls(config))
+        relays = coordinator_relays(config.coordinator, config.token, _coordinator_tls(config))
+        while True:
+            offered = await watch_relays(self.address, check=check, relays=relays,
+                                         period_s=config.relay_check_period_s)
+            try:
+                relay, address = await serve_relayed(
+                    Reachability(relayed=True, relays=offered, why="its relays are gone"), port,
+                    host=config.host, timeout_s=config.coordinator_timeout_s, check=check)
+            except SystemExit as exc:  # no reservation yet: try again at the next check
+                logger.warning("%s", exc)
+                continue
+            async with self.lock:
+                old_relay, old_announcer = self.relay, self.announcer
+                self.relay, self.address = relay, address
+                await self.member.change_address(address)
+                self.announcer = self.announcer_for(self.server, address, self.servicer.throughput)
+                await asyncio.to_thread(old_announcer.stop)
+                await asyncio.to_thread(self.announcer.start)
+                await old_relay.stop()
+            logger.info("serving blocks %d:%d at the new relayed address %s", self.server.start, self.server.end,
+                        address)
 
     async def move(self, span, reason: str) -> None:
         """The coordinator moved this node: load the new span, switch the servicer to it,

@@ -54,6 +54,9 @@ class NodeConfig:
     reachability: str = "auto"
     # Offer this node's DHT peer as a circuit relay for nodes that cannot be dialled.
     offer_relay: bool = False
+    # A relayed node asks the coordinator to reach it this often, seconds; after two misses in
+    # a row (its relays died) it reserves at the relays on offer then and re-joins.
+    relay_check_period_s: float = 5.0
     token: str | None = field(default=None, repr=False)  # swarm token; None = no check (tests)
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join; empty = start a new DHT
     ready_file: Path | None = None  # JSON {address, dht_maddrs, peer_id} written once serving

@@ -70,6 +70,48 @@ def coordinator_check(coordinator: str, token: str | None, tls: dict):
     return check
 
 
+def coordinator_relays(coordinator: str, token: str | None, tls: dict):
+    """relays() -> the relays the coordinator offers now (its Status)."""
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.errors import translate_rpc_errors
+    from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    async def relays() -> tuple[str, ...]:
+        channel = open_channel(coordinator, ChannelConfig(token=token, **tls))
+        try:
+            with translate_rpc_errors(peer=coordinator):
+                reply = await coordinator_pb2_grpc.CoordinatorStub(channel).Status(
+                    coordinator_pb2.StatusRequest(), timeout=30.0)
+            return tuple(reply.relays)
+        finally:
+            await channel.close()
+
+    return relays
+
+
+async def watch_relays(address: str, *, check, relays, period_s: float, failures_allowed: int = 2):
+    """Returns the relays to reserve at anew once `address` has failed `failures_allowed`
+    checks in a row (every period_s: a watchdog's period, not a wait for readiness) and the
+    coordinator offers at least one relay; runs until then."""
+    failures = 0
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            reachable, detail = await check(address)
+        except Exception as exc:  # the coordinator unreachable: not the relays' fault
+            logger.info("relay check skipped: %s", exc)
+            continue
+        failures = 0 if reachable else failures + 1
+        if failures < failures_allowed:
+            continue
+        offered = await relays()
+        if offered:
+            logger.warning("no relay reaches this node any more (%s); reserving at the %d relay(s) on offer",
+                           detail, len(offered))
+            return offered
+        logger.warning("no relay reaches this node (%s) and the coordinator offers none", detail)
+
+
 async def serve_relayed(reach: Reachability, port: int, *, host: str, check,
                         timeout_s: float) -> tuple[RelayedServer, str]:
     """Start the relayed side of this node (streams into its gRPC port `port`, bound on `host`)

@@ -186,8 +186,10 @@ class RelayedServer:
         if not relays:
             raise ValueError("no relay is known: the coordinator offers none (is it started with --no-relay?)")
         self._host, self._port = host, port
+        # No bootstrap peers: autorelay dials the trusted relays itself, and a dead one among
+        # them (a list from before it died) must not fail the daemon's start.
         self.p2p = await _start_p2p(
-            self.config, initial_peers=relays, trusted_relays=relays, use_auto_relay=True,
+            self.config, trusted_relays=relays, use_auto_relay=True,
             force_reachability="private", host_maddrs=["/ip4/0.0.0.0/tcp/0"],
         )
         await self.p2p.add_binary_stream_handler(RELAY_PROTOCOL, self._handle)

@@ -10,7 +10,9 @@ namespace behind a "router" that masquerades and drops every connection started 
   relay is refused by the node (UNAUTHENTICATED); generation through the swarm returns
   the local model's greedy tokens and a LoRA job trains and commits rounds through it; a
   DiLoCo round of 2:4 between the relayed replica and a direct one commits with both replicas
-  equal to the coordinator's state; a relay SIGKILLed mid-generation costs nothing but a retry.
+  equal to the coordinator's state; a relay SIGKILLed mid-generation costs nothing but a retry;
+  when the last of its relays dies, the node reserves at a relay that joined since and serves
+  at its new relayed address.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def test_a_node_behind_nat_serves_trains_and_rounds_through_relays(
         tmp_path, tiny_model_dir, tiny_model_files, tiny_cache_dir, tiny_reference_model):
     (tmp_path / "token").write_text(TOKEN + "\n")
     with netlab.NetLab(tmp_path) as lab:
-        ch, r1h, r2h, dh, th = (lab.add_host(n) for n in ("coord", "relay-1", "relay-2", "direct", "client"))
+        ch, r1h, r2h, r3h, dh, th = (lab.add_host(n) for n in ("coord", "relay-1", "relay-2", "relay-3", "direct",
+                                                                 "client"))
         hh = lab.add_home("home")
         # The coordinator relays nothing here, so the two relays are members (--relay) and
         # killing one is a fault the test can make without losing the coordinator.
@@ -157,6 +160,18 @@ def test_a_node_behind_nat_serves_trains_and_rounds_through_relays(
         out, err = gen.communicate(timeout=240)
         assert gen.returncode == 0, err[-3000:] + lab.group.dump_logs()
         after_kill = json.loads(out.strip().splitlines()[-1])
+
+        # The other relay dies too once a new one is on offer: the home node reserves there
+        # and serves at its new relayed address (re-joined, re-announced) by itself.
+        (survivor,) = [r for r in relays if r.name != killed]
+        relay3 = lab.start(r3h, "relay-3", ["node", *common, "--blocks", "0:2", "--relay"])
+        lab.group.wait_ready([relay3], timeout=120)
+        os.killpg(survivor.pid, signal.SIGKILL)
+        moved = _wait_for_new_address(lab, ch, home.info["address"], timeout_s=150)
+        done = lab.exec(th, [sys.executable, CLIENT, *client, "--max-new-tokens", "6", "--job", "nat-3", "--steps", "0"],
+                        capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:] + lab.group.dump_logs()
+        after_move = json.loads(done.stdout.strip().splitlines()[-1])
         home_log = home.log_path.read_text()
 
     assert home.info["relayed"] is True and home.info["address"].startswith("/"), home.info
@@ -170,6 +185,21 @@ def test_a_node_behind_nat_serves_trains_and_rounds_through_relays(
     assert report["round"] == 2 and report["replicas_equal_coordinator"] == [True, True], report
     assert killed is not None, "no relay carried traffic during the generation"
     assert after_kill["tokens"] == _greedy(tiny_reference_model, 24)
+    assert moved is not None and f"/ip4/{r3h.ip}/" in moved, moved
+    assert after_move["tokens"] == _greedy(tiny_reference_model, 6)
+    assert "no relay reaches this node any more" in home_log
+
+
+def _wait_for_new_address(lab, host, old: str, *, timeout_s: float) -> str | None:
+    """The home member's address once it differs from `old` (status polled: the watchdog's
+    period is seconds), or None at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for m in _status(lab, host)["members"]:
+            if m["relayed"] and m["address"] != old and m["state"] == "online":
+                return m["address"]
+        time.sleep(0.5)  # status poll interval
+    return None
 
 
 def _status(lab, host) -> dict:
