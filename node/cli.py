@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default): the coordinator tries to connect to this node's announced port "
                         "and, if it cannot (a home router), the node serves through a relay; direct: "
                         "never relay (the port is forwarded); relay: always serve through a relay")
+    p.add_argument("--relay-check-period", type=float, default=5.0, metavar="S",
+                   help="behind a relay: ask the coordinator to reach this node every S seconds; after two "
+                        "misses (its relays died) reserve at the relays on offer and re-join (default 5)")
     p.add_argument("--relay", dest="offer_relay", action="store_true",
                    help="let nodes that cannot be dialled relay their traffic through this node's DHT "
                         "peer (it must be reachable; costs this node the bandwidth it relays)")
@@ -142,6 +145,7 @@ def build_config(args: argparse.Namespace):
         dht_port=args.dht_port,
         reachability=args.reachability,
         offer_relay=args.offer_relay,
+        relay_check_period_s=args.relay_check_period,
         token=token or None,
         initial_peers=tuple(args.initial_peers),
         ready_file=args.ready_file,

@@ -93,6 +93,8 @@ class NodeConfig:
             raise ValueError(f"reachability must be auto, direct or relay, got {self.reachability!r}")
         if self.reachability == "relay" and self.coordinator is None:
             raise ValueError("--reachability relay needs --coordinator (it names the relays)")
+        if not self.relay_check_period_s > 0:
+            raise ValueError(f"relay_check_period_s must be > 0, got {self.relay_check_period_s}")
         if self.offer_relay and self.reachability == "relay":
             raise ValueError("a node served through a relay cannot be one (--relay with --reachability relay)")
         if (self.start is None) != (self.end is None):
