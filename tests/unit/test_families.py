@@ -36,10 +36,12 @@ def tiny_config(model_type: str):
         return tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
     if model_type == "qwen3":  # q/k norms, explicit head_dim
         return tf.Qwen3Config(**common, head_dim=16)
-    if model_type == "gemma2":  # alternating sliding/global, both soft-cappings, tied head
+    if model_type == "gemma2":  # alternating sliding/global, both soft-cappings
+        # Untied (Gemma's default is tied, as gemma3_text below keeps): a random tied Gemma
+        # repeats its last token forever, which makes a weak generation test.
         return tf.Gemma2Config(**common, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
                                final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                               tie_word_embeddings=True)
+                               tie_word_embeddings=False)
     if model_type == "gemma3_text":  # local and global rotary frequencies, q/k norms
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
                                    layer_types=["sliding_attention", "full_attention", "sliding_attention",
