@@ -184,3 +184,18 @@ def test_unsupported_families_are_refused_with_a_reason(tmp_path, model_type, wo
         open_model(tmp_path / model_type, cache_dir=tmp_path / "cache")
     assert "Qwen2 (qwen2)" in str(e.value)  # the message lists what is supported
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_llama_lora_targets_on_phi3_are_refused_naming_its_modules(tmp_path):
+    """Phi-3 has no q_proj/v_proj (PEFT's Llama default): the job is refused, and the message
+    names the modules there are, so the trainer can pass --targets qkv_proj."""
+    from pollinate.node.adapters import build_adapter
+    from pollinate.node.families import lora_targets
+    from pollinate.node.training import JobSpec
+
+    files = open_model(make_tiny("phi3", tmp_path / "phi3"), cache_dir=tmp_path / "cache", show_progress=False)
+    span = files.load_span(0, 2)
+    with pytest.raises(ValueError, match=r"targets \['q_proj', 'v_proj'\].*'gate_up_proj', 'o_proj', 'qkv_proj'"):
+        build_adapter(JobSpec(method="lora"), span)
+    assert lora_targets("phi3") == ("qkv_proj",)
+    assert len(build_adapter(JobSpec(method="lora", targets=lora_targets("phi3")), span).names) == 2
