@@ -20,20 +20,22 @@ SEQ = 12  # longer than the sliding windows below, so a wrong window shows
 WINDOW = 5
 
 
-def tiny_config(model_type: str):
-    """A seeded-size config of `model_type`: 4 blocks, hidden 64, GQA (4 heads, 2 KV heads),
-    sliding windows shorter than the test sequences where the family has them."""
+def tiny_config(model_type: str, **overrides):
+    """A small config of `model_type`: 4 blocks, hidden 64, GQA (4 heads, 2 KV heads),
+    sliding windows shorter than the test sequences where the family has them; `overrides`
+    change the common sizes (benchmarks/bench_models.py uses larger ones)."""
     import transformers as tf
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+    n = common["num_hidden_layers"]
     if model_type == "llama":
         return tf.LlamaConfig(**common)
     if model_type == "mistral":  # every layer slides
         return tf.MistralConfig(**common, sliding_window=WINDOW)
-    if model_type == "qwen2":  # blocks 2, 3 slide (max_window_layers=2), 0, 1 are global
-        return tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
+    if model_type == "qwen2":  # blocks from n/2 on slide (max_window_layers), the first half is global
+        return tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=n // 2)
     if model_type == "qwen3":  # q/k norms, explicit head_dim
         return tf.Qwen3Config(**common, head_dim=16)
     if model_type == "gemma2":  # alternating sliding/global, both soft-cappings
@@ -44,20 +46,20 @@ def tiny_config(model_type: str):
                                tie_word_embeddings=False)
     if model_type == "gemma3_text":  # local and global rotary frequencies, q/k norms
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                                   layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                                                "sliding_attention"],
+                                   layer_types=[("sliding_attention", "full_attention", "sliding_attention",
+                                                 "sliding_attention")[i % 4] for i in range(n)],
                                    final_logit_softcapping=30.0, tie_word_embeddings=True)
     if model_type == "phi3":  # fused qkv_proj and gate_up_proj
         return tf.Phi3Config(**common, sliding_window=WINDOW, tie_word_embeddings=False)
     raise ValueError(model_type)
 
 
-def make_tiny(model_type: str, path: Path, *, seed: int = 0) -> Path:
+def make_tiny(model_type: str, path: Path, *, seed: int = 0, **overrides) -> Path:
     """Save a seeded random model of `model_type` (fp32 safetensors) into `path`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
     model.save_pretrained(path)
     return path
 
