@@ -28,7 +28,8 @@ def tiny_config(model_type: str, **overrides):
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common.update(overrides)
     n = common["num_hidden_layers"]
     if model_type == "llama":
         return tf.LlamaConfig(**common)
