@@ -138,14 +138,20 @@ class ModelFiles:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
+        quant: str = "none",
     ) -> Span:
-        """Blocks [start, end) as a Span; reads only those blocks' files."""
+        """Blocks [start, end) as a Span; reads only those blocks' files. `quant`: "none",
+        or "int8"/"int4" to hold the blocks' Linear weights quantised (node/quant.py)."""
+        from pollinate.node.quant import check_mode, quantize_span
+
         check_span_range(start, end, self.num_blocks)
+        check_mode(quant)
         weights = {i: self.read_block(i) for i in range(start, end)}
-        return Span.from_weights(
+        span = Span.from_weights(
             self.config, start, end, weights,
             dtype=dtype, device=device, attn_implementation=attn_implementation,
         )
+        return quantize_span(span, quant)
 
     def load_client_part(
         self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

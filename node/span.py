@@ -141,6 +141,7 @@ class Span(nn.Module):
             self.config.layer_types = list(config.layer_types[start:end])
         self.config.num_hidden_layers = end - start
         self.start, self.end = start, end
+        self.quant = "none"  # node/quant.py sets "int8" or "int4" once the Linear weights are quantised
         self.num_model_blocks = config.num_hidden_layers
         layer_cls = self.family.cls("decoder_layer")
         with torch.device("meta"):
@@ -194,7 +195,9 @@ class Span(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.layers.parameters()).dtype
+        """The dtype hidden states must have: the floating-point weights' (a 4-bit quantised
+        span's Linear weights are packed bytes; its norms keep this dtype)."""
+        return next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
 
     @property
     def device(self) -> torch.device:
