@@ -71,6 +71,11 @@ class BlockShape:
     # Sum of in + out features over the block's Linear modules (LoRA of rank r on all of
     # them adds r x this), counted by from_config; 0: Llama's seven projections.
     linear_io: int = 0
+    # Linear weights of one block (what --quant quantises), counted by from_config; 0:
+    # Llama's seven projections from the fields above.
+    linear_params: int = 0
+    # Rows of those Linear weights (int8 keeps a scale per row), counted by from_config.
+    linear_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "num_blocks"):
@@ -83,7 +88,7 @@ class BlockShape:
     def from_config(cls, config: Any) -> "BlockShape":
         """From a transformers config of a supported family (exact counts from its decoder
         layer), or anything with LlamaConfig's attribute names (Llama arithmetic)."""
-        block_params, linear_io = _count_block(config)
+        block_params, linear_io, linear_params, linear_rows = _count_block(config)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -97,6 +102,8 @@ class BlockShape:
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             block_params=block_params,
             linear_io=linear_io,
+            linear_params=linear_params,
+            linear_rows=linear_rows,
         )
 
     def params_per_block(self) -> int:
@@ -108,6 +115,25 @@ class BlockShape:
         norms = 2 * h  # input and post-attention RMSNorm
         biases = (q + 2 * kv + h if self.attention_bias else 0) + (2 * i + h if self.mlp_bias else 0)
         return attention + mlp + norms + biases
+
+    def linear_params_per_block(self) -> tuple[int, int]:
+        """(weights, rows) of the block's Linear modules: what quantisation shrinks."""
+        if self.linear_params:
+            return self.linear_params, self.linear_rows
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + 3 * h * i, q + 2 * kv + h + 2 * i + h
+
+    def weight_bytes_per_block(self, dtype: torch.dtype, quant: str = "none") -> int:
+        """Bytes of one block's weights at `dtype`, its Linear weights under `quant` (node/quant.py)."""
+        from pollinate.node.quant import weight_bytes_per_param
+
+        elem = dtype_bytes(dtype)
+        if quant == "none":
+            return self.params_per_block() * elem
+        weights, rows = self.linear_params_per_block()
+        # int8 keeps a scale and a zero point per row: 5 bytes x rows, i.e. 5 / in_features per weight.
+        per_weight = weight_bytes_per_param(quant, dtype, in_features=max(1, weights // rows))
+        return round(weights * per_weight) + (self.params_per_block() - weights) * elem
 
     def lora_params_per_block(self, rank: int) -> int:
         if self.linear_io:
@@ -179,12 +205,14 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: SizingConfig = SizingConfig()) -> SpanSizing:
-    """Pure: how many of the model's blocks fit in `free_bytes` at `dtype` under `config`."""
+def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: SizingConfig = SizingConfig(),
+              *, quant: str = "none") -> SpanSizing:
+    """Pure: how many of the model's blocks fit in `free_bytes` at `dtype` under `config`,
+    with the blocks' Linear weights quantised as `quant` says (node/quant.py)."""
     if free_bytes < 0:
         raise ValueError(f"free_bytes must be >= 0, got {free_bytes}")
     elem = dtype_bytes(dtype)
-    weights = shape.params_per_block() * elem
+    weights = shape.weight_bytes_per_block(dtype, quant)
     kv = config.kv_cache_tokens * 2 * shape.num_kv_heads * shape.head_dim * elem
     training = 0
     if config.training_tokens > 0:
@@ -197,7 +225,7 @@ def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: Si
         free_bytes=free_bytes,
         headroom_bytes=headroom,
         usable_bytes=usable,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch.") + ("" if quant == "none" else f" ({quant} weights)"),
         weight_bytes_per_block=weights,
         kv_bytes_per_block=kv,
         training_bytes_per_block=training,
@@ -230,12 +258,13 @@ def choose_num_blocks(
     config: SizingConfig = SizingConfig(),
     *,
     requested: int | None = None,
+    quant: str = "none",
 ) -> tuple[int, SpanSizing]:
     """The node's decision: `requested` blocks if they fit, else as many as fit; logged.
 
     Raises SpanDoesNotFit when `requested` does not fit, or when not even one block does.
     """
-    sizing = plan_span(free_bytes, shape, dtype, config)
+    sizing = plan_span(free_bytes, shape, dtype, config, quant=quant)
     logger.info("span sizing: %s", sizing.explain())
     if requested is not None:
         if requested > shape.num_blocks:
@@ -266,9 +295,10 @@ def cpu_available_bytes(meminfo_path: str = "/proc/meminfo", cgroup_dir: str = "
     return min(available, cgroup_free) if cgroup_free is not None else available
 
 
-def _count_block(config: Any) -> tuple[int, int]:
-    """(parameters, sum of Linear in + out features) of one decoder block of `config`'s
-    family, built on the meta device; (0, 0) for a config that is not a supported family."""
+def _count_block(config: Any) -> tuple[int, int, int, int]:
+    """(parameters, sum of Linear in + out features, Linear weights, Linear rows) of one
+    decoder block of `config`'s family, built on the meta device; zeros for a config that is
+    not a supported family."""
     from torch import nn
 
     from pollinate.node.families import UnsupportedFamilyError, family_of
@@ -276,12 +306,13 @@ def _count_block(config: Any) -> tuple[int, int]:
     try:
         family = family_of(config)
     except (UnsupportedFamilyError, AttributeError, TypeError):
-        return 0, 0
+        return 0, 0, 0, 0
     with torch.device("meta"):
         layer = family.cls("decoder_layer")(config, layer_idx=0)
     params = sum(p.numel() for p in layer.parameters())
-    linear_io = sum(m.in_features + m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
-    return params, linear_io
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    linear_io = sum(m.in_features + m.out_features for m in linears)
+    return params, linear_io, sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
 
 
 def _activation_elems_per_token(shape: BlockShape) -> int:
