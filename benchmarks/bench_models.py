@@ -15,9 +15,21 @@ the sequences) is converted into per-block shards, then:
 - params_per_block and fp32 bytes_per_block as node/sizing.py counts them on the family's
   own decoder layer.
 
-One JSON object per family on stdout.
+One JSON object per family on stdout; then one per quantisation on the embedded SmolLM2
+(node/quant.py; --quant, default int8,int4), against the fp32 spans on a held-out English
+text (Python's own LICENSE.txt, the first --quant-tokens tokens; a fixed text that no
+quantisation saw):
 
-    python benchmarks/bench_models.py [--quick] [--families qwen2,gemma2]
+- bytes_per_block: the blocks' weights as stored (values, scales, zero points), per block;
+  memory_ratio: that / fp32's; sizing_bytes_per_block: what node/sizing.py budgets;
+- max_abs_diff, mean_abs_diff: logits of the quantised spans against the fp32 spans;
+- top1_agreement: share of positions whose argmax token is the same;
+- perplexity, perplexity_fp32, perplexity_ratio (quantised / fp32) on the text.
+
+The quantised logits come from the spans a node runs (three spans of 10 blocks, in this
+process), not through node processes.
+
+    python benchmarks/bench_models.py [--quick] [--families qwen2,gemma2] [--quant int8,int4]
 """
 
 from __future__ import annotations
@@ -107,6 +119,60 @@ def bench_family(model_type: str, workdir: Path, *, quick: bool, new_tokens: int
     }
 
 
+def bench_quant(modes: list[str], *, tokens: int, cache_dir: str | None) -> list[dict]:
+    import math
+
+    import torch
+
+    from pollinate.node.model_files import open_model
+    from pollinate.node.quant import span_weight_bytes
+    from pollinate.node.sizing import BlockShape
+
+    files = open_model(None, cache_dir=cache_dir, show_progress=False)
+    text = (Path(json.__file__).parents[1] / "LICENSE.txt").read_text()  # the stdlib's own copy
+    ids = files.tokenizer()(text, return_tensors="pt").input_ids[:, :tokens]
+    client = files.load_client_part()
+    bounds = [(0, 10), (10, 20), (20, 30)]
+    shape = BlockShape.from_config(files.config)
+
+    def run(quant: str):
+        spans = [files.load_span(s, e, quant=quant) for s, e in bounds]
+        with torch.inference_mode():
+            h = client.embed(ids)
+            for span in spans:
+                h = span(h)
+            logits = client.logits(h)[0]
+        per_block = sum(span_weight_bytes(span.layers) for span in spans) / files.num_blocks
+        nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
+        return logits, per_block, math.exp(float(nll))
+
+    base, base_bytes, base_ppl = run("none")
+    rows = []
+    for quant in modes:
+        t0 = time.perf_counter()
+        logits, per_block, ppl = run(quant)
+        diff = (logits - base).abs()
+        rows.append({
+            "bench": "models-quant",
+            "model": "smollm2-135m-instruct",
+            "quant": quant,
+            "tokens": int(ids.shape[1]),
+            "bytes_per_block": round(per_block),
+            "fp32_bytes_per_block": round(base_bytes),
+            "memory_ratio": round(per_block / base_bytes, 4),
+            "sizing_bytes_per_block": shape.weight_bytes_per_block(torch.float32, quant),
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": float((logits.argmax(-1) == base.argmax(-1)).float().mean()),
+            "perplexity": round(ppl, 4),
+            "perplexity_fp32": round(base_ppl, 4),
+            "perplexity_ratio": round(ppl / base_ppl, 5),
+            "via": "spans in process",
+            "seconds": round(time.perf_counter() - t0, 1),
+        })
+    return rows
+
+
 def _run(cmd: list[str], swarm) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -119,7 +185,10 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description="every model family: spans and swarm against the local model")
     p.add_argument("--quick", action="store_true", help="the unit tests' 4-block configs, 8 tokens, 1 LoRA step")
-    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model types [all]")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model types [all]; '' for none")
+    p.add_argument("--quant", default="int8,int4", help="quantisations measured on SmolLM2 [int8,int4]; '' for none")
+    p.add_argument("--quant-tokens", type=int, default=1024, help="tokens of the held-out text (--quick: 256)")
+    p.add_argument("--cache-dir", help="where SmolLM2 is converted [$POLLINATE_CACHE or ~/.cache/pollinate]")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per node")
     p.add_argument("--workdir", type=Path, help="keep models and node logs here (default: a temp dir)")
     args = p.parse_args()
@@ -133,6 +202,13 @@ def main() -> int:
         result = bench_family(family, workdir, quick=args.quick, new_tokens=8 if args.quick else 24,
                               lora_steps=1 if args.quick else 3, extra=extra)
         print(json.dumps(result), flush=True)
+    modes = [q for q in args.quant.split(",") if q]
+    if modes:
+        from pollinate.node.cli_convert import cache_dir_from_cli
+
+        for row in bench_quant(modes, tokens=256 if args.quick else args.quant_tokens,
+                               cache_dir=str(cache_dir_from_cli(args.cache_dir))):
+            print(json.dumps(row), flush=True)
     return 0
 
 
