@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16', 'float16'")
+    p.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help="hold the span's Linear weights quantised (torchao weight-only; docs/models.md) [none]")
     p.add_argument("--throughput", type=parse_throughput, default="auto",
                    help="tokens/s to announce: 'auto' (measured once per model, device, dtype and span "
                         "length, then cached), 'eval' (measure again) or a number")
@@ -139,6 +141,7 @@ def build_config(args: argparse.Namespace):
         ready_file=args.ready_file,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         throughput=args.throughput,
         torch_threads=args.torch_threads,
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
@@ -258,7 +261,7 @@ def _capacity_blocks(config, files, placement) -> int:
     from pollinate.node.sizing import BlockShape, choose_num_blocks, free_memory_bytes
 
     fit, _ = choose_num_blocks(free_memory_bytes(placement.device), BlockShape.from_config(files.config),
-                               placement.dtype, requested=config.capacity_blocks)
+                               placement.dtype, requested=config.capacity_blocks, quant=config.quant)
     return min(fit, files.num_blocks)
 
 
@@ -283,7 +286,7 @@ async def serve(config, dht, reach=None) -> int:
 
     async def load(start: int, end: int) -> SpanServer:
         span = await asyncio.to_thread(
-            files.load_span, start, end, dtype=placement.dtype, device=placement.device
+            files.load_span, start, end, dtype=placement.dtype, device=placement.device, quant=config.quant
         )
         server = SpanServer(
             span, model_id=config.model, num_blocks=files.num_blocks, hidden_size=files.hidden_size,

@@ -12,9 +12,10 @@ Both use torchao's weight-only quantisation (`torchao.quantization.quantize_`):
   measured perplexity x1.24 where symmetric int4 measured x1.67, over 256 tokens of
   benchmarks/bench_models.py --quick), dequantised for the matmul. torchao
   stores these values one per byte (its `unpacked_to_int8` layout, the one that runs on any
-  device), so int4 saves memory against int8 only through precision, not bytes: about 1.16
-  bytes per weight against fp32's 4. Its packed int4 layouts need CUDA (`tile_packed_to_4d`,
-  bf16) or kernels this CPU build lacks, and are not used yet. bitsandbytes' NF4 was tried
+  device), so int4 takes about 1.16 bytes per weight: a little more than int8 (1 byte + a
+  scale per row), for less fidelity. It is here as the 4-bit path to build on, not as a
+  memory saving: torchao's packed int4 layouts need CUDA (`tile_packed_to_4d`, bf16) or
+  kernels this CPU build lacks, and are not used yet. bitsandbytes' NF4 was tried
   and left out: importing it on an AVX512-BF16 CPU asks the Hugging Face hub for a kernel
   (DESIGN.md invariant 6: nothing downloads unless the user named a remote model).
 
