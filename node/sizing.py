@@ -74,8 +74,6 @@ class BlockShape:
     # Linear weights of one block (what --quant quantises), counted by from_config; 0:
     # Llama's seven projections from the fields above.
     linear_params: int = 0
-    # Rows of those Linear weights (int8 keeps a scale per row), counted by from_config.
-    linear_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "num_blocks"):
@@ -88,7 +86,7 @@ class BlockShape:
     def from_config(cls, config: Any) -> "BlockShape":
         """From a transformers config of a supported family (exact counts from its decoder
         layer), or anything with LlamaConfig's attribute names (Llama arithmetic)."""
-        block_params, linear_io, linear_params, linear_rows = _count_block(config)
+        block_params, linear_io, linear_params = _count_block(config)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -103,7 +101,6 @@ class BlockShape:
             block_params=block_params,
             linear_io=linear_io,
             linear_params=linear_params,
-            linear_rows=linear_rows,
         )
 
     def params_per_block(self) -> int:
@@ -116,12 +113,12 @@ class BlockShape:
         biases = (q + 2 * kv + h if self.attention_bias else 0) + (2 * i + h if self.mlp_bias else 0)
         return attention + mlp + norms + biases
 
-    def linear_params_per_block(self) -> tuple[int, int]:
-        """(weights, rows) of the block's Linear modules: what quantisation shrinks."""
+    def linear_params_per_block(self) -> int:
+        """Weights of the block's Linear modules: what quantisation shrinks."""
         if self.linear_params:
-            return self.linear_params, self.linear_rows
+            return self.linear_params
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return h * q + 2 * h * kv + q * h + 3 * h * i, q + 2 * kv + h + 2 * i + h
+        return h * q + 2 * h * kv + q * h + 3 * h * i
 
     def weight_bytes_per_block(self, dtype: torch.dtype, quant: str = "none") -> int:
         """Bytes of one block's weights at `dtype`, its Linear weights under `quant` (node/quant.py)."""
@@ -130,10 +127,8 @@ class BlockShape:
         elem = dtype_bytes(dtype)
         if quant == "none":
             return self.params_per_block() * elem
-        weights, rows = self.linear_params_per_block()
-        # int8 keeps a scale and a zero point per row: 5 bytes x rows, i.e. 5 / in_features per weight.
-        per_weight = weight_bytes_per_param(quant, dtype, in_features=max(1, weights // rows))
-        return round(weights * per_weight) + (self.params_per_block() - weights) * elem
+        weights = self.linear_params_per_block()
+        return round(weights * weight_bytes_per_param(quant, dtype)) + (self.params_per_block() - weights) * elem
 
     def lora_params_per_block(self, rank: int) -> int:
         if self.linear_io:
@@ -295,10 +290,10 @@ def cpu_available_bytes(meminfo_path: str = "/proc/meminfo", cgroup_dir: str = "
     return min(available, cgroup_free) if cgroup_free is not None else available
 
 
-def _count_block(config: Any) -> tuple[int, int, int, int]:
-    """(parameters, sum of Linear in + out features, Linear weights, Linear rows) of one
-    decoder block of `config`'s family, built on the meta device; zeros for a config that is
-    not a supported family."""
+def _count_block(config: Any) -> tuple[int, int, int]:
+    """(parameters, sum of Linear in + out features, Linear weights) of one decoder block of
+    `config`'s family, built on the meta device; zeros for a config that is not a supported
+    family."""
     from torch import nn
 
     from pollinate.node.families import UnsupportedFamilyError, family_of
@@ -306,13 +301,13 @@ def _count_block(config: Any) -> tuple[int, int, int, int]:
     try:
         family = family_of(config)
     except (UnsupportedFamilyError, AttributeError, TypeError):
-        return 0, 0, 0, 0
+        return 0, 0, 0
     with torch.device("meta"):
         layer = family.cls("decoder_layer")(config, layer_idx=0)
     params = sum(p.numel() for p in layer.parameters())
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     linear_io = sum(m.in_features + m.out_features for m in linears)
-    return params, linear_io, sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
+    return params, linear_io, sum(m.weight.numel() for m in linears)
 
 
 def _activation_elems_per_token(shape: BlockShape) -> int:

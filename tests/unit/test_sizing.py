@@ -40,7 +40,7 @@ def test_block_shape_from_transformers_config():
     )
     shape = BlockShape.from_config(config)
     # Counted on LlamaDecoderLayer itself: the same as the Llama arithmetic.
-    assert dataclasses.replace(shape, block_params=0, linear_io=0, linear_params=0, linear_rows=0) == SMOLLM2
+    assert dataclasses.replace(shape, block_params=0, linear_io=0, linear_params=0) == SMOLLM2
     assert shape.linear_params_per_block() == SMOLLM2.linear_params_per_block()
     assert shape.params_per_block() == SMOLLM2.params_per_block() == 3_540_096
     assert shape.lora_params_per_block(8) == SMOLLM2.lora_params_per_block(8)
@@ -59,7 +59,7 @@ def test_block_bytes_per_family_are_counted_on_the_family_layer(model_type, extr
 
     config = tiny_config(model_type)
     shape = BlockShape.from_config(config)
-    llama = dataclasses.replace(shape, block_params=0, linear_io=0, linear_params=0, linear_rows=0,
+    llama = dataclasses.replace(shape, block_params=0, linear_io=0, linear_params=0,
                                 attention_bias=False, mlp_bias=False)
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     assert shape.params_per_block() == llama.params_per_block() + extra(shape.hidden_size, q, kv)
