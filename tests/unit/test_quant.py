@@ -108,3 +108,11 @@ def test_sizing_counts_the_bytes_a_quantised_block_holds(files, mode):
     plan = plan_span(2**30, shape, torch.float32, SizingConfig(kv_cache_tokens=0, training_tokens=0), quant=mode)
     assert plan.weight_bytes_per_block == shape.weight_bytes_per_block(torch.float32, mode)
     assert (mode in plan.explain()) == (mode != "none")
+
+
+def test_node_config_refuses_an_unknown_quantisation():
+    from pollinate.node.config import NodeConfig
+
+    assert NodeConfig(model="smollm2", quant="int8").quant == "int8"
+    with pytest.raises(ValueError, match="quant must be none, int8 or int4, got 'int3'"):
+        NodeConfig(model="smollm2", quant="int3")
