@@ -113,6 +113,6 @@ def test_sizing_counts_the_bytes_a_quantised_block_holds(files, mode):
 def test_node_config_refuses_an_unknown_quantisation():
     from pollinate.node.config import NodeConfig
 
-    assert NodeConfig(model="smollm2", quant="int8").quant == "int8"
+    assert NodeConfig(model="smollm2", start=0, end=1, quant="int8").quant == "int8"
     with pytest.raises(ValueError, match="quant must be none, int8 or int4, got 'int3'"):
-        NodeConfig(model="smollm2", quant="int3")
+        NodeConfig(model="smollm2", start=0, end=1, quant="int3")
