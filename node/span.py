@@ -29,15 +29,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pollinate.node.families import FAMILIES, UnsupportedFamilyError, family_of, layer_types
+from pollinate.node.families import UnsupportedFamilyError, family_of, layer_types
 
 logger = logging.getLogger(__name__)
-
-# model_type -> (module, decoder layer class, rotary embedding class) in transformers.
-BLOCK_CLASSES: dict[str, tuple[str, str, str]] = {
-    t: (f.module, f.decoder_layer, f.rotary) for t, f in FAMILIES.items()
-}
-
 
 class SpanError(ValueError):
     """A span request or a span input is invalid; the message names the bad value."""
@@ -142,7 +136,6 @@ class Span(nn.Module):
         self.config.num_hidden_layers = end - start
         self.start, self.end = start, end
         self.quant = "none"  # node/quant.py sets "int8" or "int4" once the Linear weights are quantised
-        self.num_model_blocks = config.num_hidden_layers
         layer_cls = self.family.cls("decoder_layer")
         with torch.device("meta"):
             # layer_idx is the block's index inside this span: it addresses the span's own
@@ -195,8 +188,8 @@ class Span(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype hidden states must have: the floating-point weights' (a 4-bit quantised
-        span's Linear weights are packed bytes; its norms keep this dtype)."""
+        """The dtype hidden states must have: the floating-point weights' (a quantised span's
+        Linear weights may be integer tensors; its norms keep this dtype)."""
         return next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
 
     @property
