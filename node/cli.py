@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16', 'float16'")
+    p.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help="hold the span's Linear weights quantised (torchao weight-only; docs/models.md) [none]")
     p.add_argument("--throughput", type=parse_throughput, default="auto",
                    help="tokens/s to announce: 'auto' (measured once per model, device, dtype and span "
                         "length, then cached), 'eval' (measure again) or a number")
@@ -151,6 +153,7 @@ def build_config(args: argparse.Namespace):
         ready_file=args.ready_file,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         throughput=args.throughput,
         torch_threads=args.torch_threads,
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
@@ -272,7 +275,7 @@ def _capacity_blocks(config, files, placement) -> int:
     from pollinate.node.sizing import BlockShape, choose_num_blocks, free_memory_bytes
 
     fit, _ = choose_num_blocks(free_memory_bytes(placement.device), BlockShape.from_config(files.config),
-                               placement.dtype, requested=config.capacity_blocks)
+                               placement.dtype, requested=config.capacity_blocks, quant=config.quant)
     return min(fit, files.num_blocks)
 
 
@@ -330,7 +333,7 @@ class _Node:
         from pollinate.node.span_server import SpanServer
 
         span = await asyncio.to_thread(self.files.load_span, start, end, dtype=self.placement.dtype,
-                                       device=self.placement.device)
+                                       device=self.placement.device, quant=self.config.quant)
         server = SpanServer(span, model_id=self.config.model, num_blocks=self.files.num_blocks,
                             hidden_size=self.files.hidden_size, serving=self.config.serving,
                             sessions=self.config.sessions)

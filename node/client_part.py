@@ -2,40 +2,48 @@
 
 A client holds this locally and sends only hidden states through the swarm's spans:
 `hidden = part.embed(input_ids)`, the spans in order, then `logits = part.logits(hidden)`.
-It uses the model's own RMSNorm class so its output matches the full model's exactly.
+It uses the family's own classes (node/families.py) so its output matches the full model's
+exactly: its embedding (Gemma's multiplies by sqrt(hidden_size)), its final RMSNorm
+(Gemma's scales by 1 + weight), and the LM head's soft-capping where the config sets
+`final_logit_softcapping` (Gemma 2/3), as the family's `*ForCausalLM.forward` applies it.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from pollinate.node.span import BLOCK_CLASSES, SpanError
+from pollinate.node.families import UnsupportedFamilyError, family_of
+from pollinate.node.span import SpanError
 
 logger = logging.getLogger(__name__)
 
-# model_type -> the transformers class name of its final norm, in BLOCK_CLASSES' module.
-_NORM_CLASSES = {"llama": "LlamaRMSNorm"}
-
 
 class ClientPart(nn.Module):
-    """Embeddings, final norm and LM head of a Llama-family model; build with `load_client_part`."""
+    """Embeddings, final norm and LM head of a supported model; build with `load_client_part`."""
 
     def __init__(self, config) -> None:
         super().__init__()
-        if config.model_type not in _NORM_CLASSES:
-            raise SpanError(f"no client-part classes for model type {config.model_type!r}")
-        module = importlib.import_module(BLOCK_CLASSES[config.model_type][0])
+        try:
+            family = family_of(config)
+        except UnsupportedFamilyError as e:
+            raise SpanError(f"no client-part classes: {e}") from e
         self.config = config
+        # Gemma 2/3: logits = cap * tanh(logits / cap); None for the other families.
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
         with torch.device("meta"):
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-            self.norm = getattr(module, _NORM_CLASSES[config.model_type])(
-                config.hidden_size, eps=config.rms_norm_eps
-            )
+            if family.embedding:
+                # As the family's model builds it; its scale is a non-persistent buffer,
+                # rebuilt for real in from_weights.
+                self.embed_tokens = family.cls("embedding")(
+                    config.vocab_size, config.hidden_size, config.pad_token_id, embed_scale=config.hidden_size**0.5
+                )
+            else:
+                self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+            self.norm = family.cls("norm")(config.hidden_size, eps=config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
@@ -60,6 +68,10 @@ class ClientPart(nn.Module):
         if tied:
             # One parameter, as in the full model: an adapter on embeddings changes both.
             part.lm_head.weight = part.embed_tokens.weight
+        if hasattr(part.embed_tokens, "scalar_embed_scale"):
+            # The scaled embedding's buffer was made on meta; fp32 as the family makes it
+            # (its forward casts it to the weights' dtype).
+            part.embed_tokens.embed_scale = torch.tensor(part.embed_tokens.scalar_embed_scale, device=device)
         part.requires_grad_(False)
         return part.eval()
 
@@ -85,7 +97,14 @@ class ClientPart(nn.Module):
             raise SpanError(
                 f"hidden_states must be (batch, seq, {self.hidden_size}), got {tuple(hidden_states.shape)}"
             )
-        return self.lm_head(self.norm(hidden_states))
+        logits = self.lm_head(self.norm(hidden_states))
+        cap = self.final_logit_softcapping
+        if cap is not None:
+            # The same three operations as Gemma2ForCausalLM.forward / Gemma3ForCausalLM.forward.
+            logits = logits / cap
+            logits = torch.tanh(logits)
+            logits = logits * cap
+        return logits
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits(hidden_states)

@@ -43,7 +43,7 @@ from pollinate.node.model_source import (
 from pollinate.node.span import Span, check_span_range
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from pollinate.node.client_part import ClientPart
 
@@ -109,7 +109,7 @@ class ModelFiles:
 
         self.path = Path(path)
         self.manifest = manifest
-        self.config: LlamaConfig = AutoConfig.from_pretrained(self.path)
+        self.config: PretrainedConfig = AutoConfig.from_pretrained(self.path)
 
     def __repr__(self) -> str:
         return f"ModelFiles({str(self.path)!r}, blocks={self.num_blocks}, hidden={self.hidden_size})"
@@ -127,7 +127,7 @@ class ModelFiles:
         return self.path / self.manifest.block_files[index]
 
     def read_block(self, index: int) -> dict[str, torch.Tensor]:
-        """One block's tensors, keyed as inside a LlamaDecoderLayer (`self_attn.q_proj.weight`)."""
+        """One block's tensors, keyed as inside one decoder layer (`self_attn.q_proj.weight`)."""
         return _read_tensors(self.block_path(index))
 
     def load_span(
@@ -138,14 +138,20 @@ class ModelFiles:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
+        quant: str = "none",
     ) -> Span:
-        """Blocks [start, end) as a Span; reads only those blocks' files."""
+        """Blocks [start, end) as a Span; reads only those blocks' files. `quant`: "none",
+        or "int8"/"int4" to hold the blocks' Linear weights quantised (node/quant.py)."""
+        from pollinate.node.quant import check_mode, quantize_span
+
         check_span_range(start, end, self.num_blocks)
+        check_mode(quant)
         weights = {i: self.read_block(i) for i in range(start, end)}
-        return Span.from_weights(
+        span = Span.from_weights(
             self.config, start, end, weights,
             dtype=dtype, device=device, attn_implementation=attn_implementation,
         )
+        return quantize_span(span, quant)
 
     def load_client_part(
         self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -175,7 +181,7 @@ class ModelFiles:
 
     def load_reference_model(
         self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> LlamaForCausalLM:
+    ) -> PreTrainedModel:
         """The whole model as transformers builds it, from the cache: the local reference."""
         from transformers import AutoModelForCausalLM
 
@@ -188,8 +194,14 @@ class ModelFiles:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
-        # The rotary inv_freq buffer was created on meta; rebuild it (in fp32) for real.
+        # Non-persistent buffers were created on meta: rebuild them (in fp32) for real.
         model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+        embed = model.model.embed_tokens
+        if hasattr(embed, "scalar_embed_scale"):  # Gemma's scaled embedding
+            embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
+        meta = [n for n, b in model.named_buffers() if b.is_meta]
+        if meta:
+            raise ModelError(f"reference model: buffers {meta} were not rebuilt after loading")
         model = model.to(device=device, dtype=dtype)
         model.generation_config = self.generation_config()
         return model.eval()
@@ -262,10 +274,12 @@ def _convert(src: ModelSource, target: Path, *, show_progress: bool) -> None:
                 blocks[int(match.group(1))][match.group(2)] = key
             elif key in _CLIENT_KEYS:
                 client[_CLIENT_KEYS[key]] = key
-            elif key.endswith("rotary_emb.inv_freq"):
-                continue  # recomputed from the config by LlamaRotaryEmbedding
+            elif key.endswith("inv_freq"):
+                continue  # recomputed from the config by the family's rotary class
             else:
-                raise UnsupportedModelError(f"{src.display}: unexpected tensor {key!r} for a Llama model")
+                raise UnsupportedModelError(
+                    f"{src.display}: unexpected tensor {key!r} for a {config.model_type} decoder"
+                )
         tied = bool(getattr(config, "tie_word_embeddings", False))
         if tied:
             client.pop("lm_head.weight", None)

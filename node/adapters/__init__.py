@@ -100,8 +100,10 @@ class AdapterHost:
 def matching_modules(span: nn.Module, targets: tuple[str, ...], kind: type[nn.Module] = nn.Linear) -> dict[str, nn.Module]:
     """Modules of `span` of type `kind` whose name's last part is in `targets` ("q_proj", ...)."""
     found = {n: m for n, m in span.named_modules() if isinstance(m, kind) and n.rsplit(".", 1)[-1] in targets}
-    if not found:
-        raise ValueError(f"no {kind.__name__} module of the span matches targets {list(targets)}")
+    if not found:  # e.g. Llama's q_proj on Phi-3, whose blocks fuse it into qkv_proj (node/families.py)
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in span.named_modules() if isinstance(m, kind)})
+        raise ValueError(f"no {kind.__name__} module of the span matches targets {list(targets)}; "
+                         f"its {kind.__name__} modules are {names}")
     return found
 
 

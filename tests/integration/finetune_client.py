@@ -59,6 +59,7 @@ def main() -> int:
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--methods", default="lora")
+    p.add_argument("--targets", default="", help="comma-separated LoRA targets [the method's default]")
     p.add_argument("--num-virtual-tokens", type=int, default=4)
     args = p.parse_args()
 
@@ -87,7 +88,7 @@ def main() -> int:
         job = args.job if methods == ["lora"] else f"{args.job}-{method}"
         out = args.out if methods == ["lora"] else f"{args.out}/{method}"
         spec = JobSpec(method=method, rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
-                       grad_clip=0.0, seed=args.seed,
+                       grad_clip=0.0, seed=args.seed, targets=tuple(t for t in args.targets.split(",") if t),
                        num_virtual_tokens=args.num_virtual_tokens if method == "prompt-tuning" else 0)
         config = TrainConfig(job=job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
         trainer = (PromptTuningTrainer if method == "prompt-tuning" else Trainer)(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -36,7 +38,34 @@ def test_block_shape_from_transformers_config():
     config = LlamaConfig(
         hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30
     )
-    assert BlockShape.from_config(config) == SMOLLM2
+    shape = BlockShape.from_config(config)
+    # Counted on LlamaDecoderLayer itself: the same as the Llama arithmetic.
+    assert dataclasses.replace(shape, block_params=0, linear_io=0, linear_params=0) == SMOLLM2
+    assert shape.linear_params_per_block() == SMOLLM2.linear_params_per_block()
+    assert shape.params_per_block() == SMOLLM2.params_per_block() == 3_540_096
+    assert shape.lora_params_per_block(8) == SMOLLM2.lora_params_per_block(8)
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen2", lambda h, q, kv: q + 2 * kv),  # q/k/v biases
+    ("qwen3", lambda h, q, kv: 2 * 16),  # q_norm and k_norm over head_dim 16
+    ("gemma2", lambda h, q, kv: 2 * h),  # four norms instead of two
+    ("gemma3_text", lambda h, q, kv: 2 * h + 2 * 16),  # four norms, q/k norms
+    ("phi3", lambda h, q, kv: 0),  # fused q/k/v and gate/up: same parameters, fewer Linears
+    ("mistral", lambda h, q, kv: 0),
+])
+def test_block_bytes_per_family_are_counted_on_the_family_layer(model_type, extra):
+    from test_families import tiny_config
+
+    config = tiny_config(model_type)
+    shape = BlockShape.from_config(config)
+    llama = dataclasses.replace(shape, block_params=0, linear_io=0, linear_params=0,
+                                attention_bias=False, mlp_bias=False)
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    assert shape.params_per_block() == llama.params_per_block() + extra(shape.hidden_size, q, kv)
+    # Phi-3 fuses q/k/v (three inputs of width h become one) and gate/up (two become one).
+    fewer_inputs = 3 * shape.hidden_size if model_type == "phi3" else 0
+    assert shape.lora_params_per_block(4) == llama.lora_params_per_block(4) - 4 * fewer_inputs
 
 
 def test_weights_only_smollm2_bf16():

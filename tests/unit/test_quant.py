@@ -1,0 +1,118 @@
+"""Quantised spans (node/quant.py): the blocks' Linear weights held in int8 or int4 by
+torchao, bytes counted as stored, outputs close to the full-precision span (a random tiny
+model is far from a trained one: these bounds are loose, benchmarks/bench_models.py
+measures SmolLM2), cached decoding works, and a LoRA adapter trains on top (QLoRA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from pollinate.node.adapters import AdapterHost  # noqa: E402
+from pollinate.node.model_files import open_model  # noqa: E402
+from pollinate.node.quant import QuantError, quantize_span, span_weight_bytes, weight_bytes_per_param  # noqa: E402
+from pollinate.node.training import JobSpec, backward_step, make_job  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from test_families import make_tiny
+
+    # Realistic init scale (0.02, as trained models start) so quantisation error stays small.
+    path = make_tiny("qwen2", tmp_path_factory.mktemp("q") / "m", hidden_size=128, intermediate_size=256,
+                     initializer_range=0.02)
+    return open_model(path, cache_dir=tmp_path_factory.mktemp("cache"), show_progress=False)
+
+
+def _logits(files, span, ids):
+    client = files.load_client_part()
+    with torch.no_grad():
+        return client.logits(span(client.embed(ids)))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantised_span_is_smaller_and_close(files, mode):
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = files.load_span(0, 4)
+    span = files.load_span(0, 4, quant=mode)
+    assert span.quant == mode and span.dtype == torch.float32
+    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    fp32_linear = sum(m.weight.numel() * 4 for m in linears)
+    # Norms, biases and rotary tables stay fp32; the Linear weights take what sizing counts.
+    expected = span_weight_bytes(base) - fp32_linear + sum(
+        m.weight.numel() * weight_bytes_per_param(mode, torch.float32) for m in linears)
+    assert span_weight_bytes(span) == pytest.approx(expected, rel=1e-9)
+    assert span_weight_bytes(span) < 0.3 * span_weight_bytes(base)
+    ref, got = _logits(files, base, ids), _logits(files, span, ids)
+    cos = float(torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min())
+    print(f"{mode}: logits cosine to fp32 {cos:.6f}, max |diff| {float((got - ref).abs().max()):.4f}")
+    # Expected from the step sizes: int8 with a scale per 32 ~Gaussian weights has an rms
+    # weight error well under 1% of their spread, int4 near 9%; through four
+    # blocks that leaves logits with cosine ~0.9999 and ~0.98. Bounds well below those catch a
+    # broken layout (wrong scales, transposed weights give cosine near 0), not drift.
+    assert (got - ref).abs().max() > 0
+    assert cos > (0.999 if mode == "int8" else 0.95)
+    # int8 loses less than int4
+    if mode == "int4":
+        int8 = _logits(files, files.load_span(0, 4, quant="int8"), ids)
+        assert (int8 - ref).abs().max() < (got - ref).abs().max()
+
+
+def test_quantised_span_decodes_with_its_cache(files):
+    span = files.load_span(0, 4, quant="int8")
+    client = files.load_client_part()
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    cache = span.new_cache(1, 16)
+    with torch.no_grad():
+        full = client.logits(span(client.embed(ids)))
+        steps = torch.cat([client.logits(span(client.embed(ids[:, :6]), cache=cache)),
+                           client.logits(span(client.embed(ids[:, 6:]), cache=cache))], dim=1)
+    assert (full - steps).abs().max().item() <= 1e-4
+
+
+def test_lora_trains_on_a_quantised_span(files):
+    """QLoRA: the quantised base stays frozen and bit-identical, the fp32 adapter moves."""
+    span = files.load_span(0, 4, quant="int8")
+    before = {n: t.dequantize().clone() if hasattr(t, "dequantize") else t.clone()
+              for n, t in span.state_dict().items()}
+    host = AdapterHost()
+    job = make_job("q", JobSpec(rank=4, alpha=8.0, lr=1e-2, grad_clip=0.0), span, host)
+    lora_b = {k: v.clone() for k, v in job.adapter.lora_b.items()}
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 8, span.hidden_size, generator=g)
+    grad_in = backward_step(job, span, host, hidden, torch.randn(2, 8, span.hidden_size, generator=g))
+    assert job.inner_steps == 1 and grad_in.shape == hidden.shape and torch.isfinite(grad_in).all()
+    assert all(p.dtype == torch.float32 for p in job.adapter.parameters())
+    assert max(float((job.adapter.lora_b[k].detach() - lora_b[k]).abs().max()) for k in lora_b) > 0
+    after = {n: t.dequantize() if hasattr(t, "dequantize") else t for n, t in span.state_dict().items()}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_bad_modes_are_refused(files):
+    with pytest.raises(QuantError, match="unknown quantisation 'int3'"):
+        files.load_span(0, 1, quant="int3")
+    span = files.load_span(0, 1, quant="int8")
+    with pytest.raises(QuantError, match="already quantised"):
+        quantize_span(span, "int4")
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_sizing_counts_the_bytes_a_quantised_block_holds(files, mode):
+    from pollinate.node.sizing import BlockShape, SizingConfig, plan_span
+
+    span = files.load_span(0, 4, quant=mode)
+    shape = BlockShape.from_config(files.config)
+    assert shape.weight_bytes_per_block(torch.float32, mode) * 4 == span_weight_bytes(span.layers)
+    plan = plan_span(2**30, shape, torch.float32, SizingConfig(kv_cache_tokens=0, training_tokens=0), quant=mode)
+    assert plan.weight_bytes_per_block == shape.weight_bytes_per_block(torch.float32, mode)
+    assert (mode in plan.explain()) == (mode != "none")
+
+
+def test_node_config_refuses_an_unknown_quantisation():
+    from pollinate.node.config import NodeConfig
+
+    assert NodeConfig(model="smollm2", start=0, end=1, quant="int8").quant == "int8"
+    with pytest.raises(ValueError, match="quant must be none, int8 or int4, got 'int3'"):
+        NodeConfig(model="smollm2", start=0, end=1, quant="int3")
