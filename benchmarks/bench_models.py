@@ -9,7 +9,7 @@ the sequences) is converted into per-block shards, then:
 - tokens_match: greedy generation through node processes on loopback (two spans, fp32 on
   the wire) against the family's model generating locally;
 - lora_export_max_diff: a LoRA job on the family's default targets trained through that
-  swarm (--lora-steps AdamW steps), exported in PEFT format and loaded by
+  swarm (3 AdamW steps, 1 with --quick), exported in PEFT format and loaded by
   peft.PeftModel.from_pretrained on the family's model: its logits against the swarm's
   logits with the job (target <= 1e-5); lora_moved_logits says the job changed the model;
 - params_per_block and fp32 bytes_per_block as node/sizing.py counts them on the family's
