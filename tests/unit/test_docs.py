@@ -22,7 +22,9 @@ SOURCE_DIRS = ("cli", "client", "compression", "coordinator", "node", "protocol"
 FOREIGN_FLAGS = {"--no-deps", "--only-binary", "--platform", "--python-version", "--build", "--help"}
 # Calls into other libraries that the docs name: torch (named_modules, parameters, to),
 # protobuf (ByteSize), the standard library (gc.freeze, math.prod, hashlib.sha256).
-FOREIGN_CALLS = {"named_modules", "parameters", "to", "ByteSize", "freeze", "prod", "sha256"}
+# Calls of libraries the docs name (torch, protobuf, hashlib, transformers, torchao).
+FOREIGN_CALLS = {"named_modules", "parameters", "to", "ByteSize", "freeze", "prod", "sha256", "DynamicCache",
+                 "IntxWeightOnlyConfig"}
 
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 CALL = re.compile(r"`+([A-Za-z_][\w.]*)\((?:[^`()]*)\)`+")
