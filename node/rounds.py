@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +131,9 @@ class _Overlapped:
     before: tuple[int, int]  # (steps_at_round, tokens_at_round) before it, restored if it crashes
     task: asyncio.Task | None = None
     landed: int = 0  # inner steps made between the snapshot and the landing
-    waited: bool = False  # a Backward was held for it (that Backward logs the wait)
+    waited: bool = False  # a Backward was held for it
+    wait_s: float = 0.0  # how long the first held Backward waited (logged at the landing)
+    land: Callable[[], int] | None = None  # the round done, its landing waits for a safe point
 
 
 class RoundDriver:
@@ -193,12 +196,13 @@ class RoundDriver:
 
     async def after_backward(self, manager, job) -> None:
         state = self.jobs.get(job.name)
-        if state is None:
+        if state is None or job.pending:  # inside an optimizer step's micro-batches: nothing moves
             return
         running = self._overlapped.get(job.name)
         if running is not None and running.task is not None and not running.task.done() and \
                 job.inner_steps - running.steps >= state.member.config.overlap_max_steps:
             await self._wait_overlapped(manager, job, running)  # out for as long as it may be
+        await self.land_if_ready(manager, job)
         if job.inner_steps - state.steps_at_round < state.member.config.inner_steps:
             return
         async with state.lock:
@@ -220,25 +224,38 @@ class RoundDriver:
         logger.info("round %d of job %s span %d:%d: %s, backward_wait_s=%.3f", r, job, server.start,
                     server.end, how, wait_s)
 
+    async def land_if_ready(self, manager, job) -> None:
+        """Land the job's overlapped round if it is done, at a point where that changes no
+        step in progress: after a Backward that ended an optimizer step, or before a Forward
+        with no micro-batch pending (never between a micro-batch's Forward and its Backward,
+        nor inside an optimizer step's micro-batches)."""
+        running = self._overlapped.get(job.name)
+        if running is None or running.land is None or job.pending:
+            return
+        land, running.land = running.land, None
+        running.landed = await manager.server.run_torch(land)
+        self._log_wait(running.round, job.name, manager.server,
+                       f"overlapped, landed {running.landed} inner steps after its snapshot", running.wait_s)
+
     async def _overlapped_boundary(self, manager, job, state: JobRounds) -> None:
         """A boundary with overlapped rounds (under state.lock): wait for the previous round
-        if it is still out (the only wait a Backward has), then start the next one."""
+        if it is still out (the only wait a Backward has) and land it, then start the next."""
         running = self._overlapped.get(job.name)
         if running is not None and running.task is not None and not running.task.done():
             await self._wait_overlapped(manager, job, running)
+        await self.land_if_ready(manager, job)
         if job.inner_steps - state.steps_at_round < state.member.config.inner_steps:
             return
         await self._start_overlapped(manager, job, state)
 
     async def _wait_overlapped(self, manager, job, running: _Overlapped) -> None:
-        """Hold this Backward until the round lands; the first Backward held logs the wait."""
+        """Hold this Backward until the round is done (the caller lands it); the first
+        Backward held has its wait logged with the landing."""
         first, running.waited = not running.waited, True
         t0 = time.monotonic()
         await asyncio.shield(running.task)  # _overlapped_round raises nothing but cancellation
         if first:
-            self._log_wait(running.round, job.name, manager.server,
-                           f"overlapped, landed {running.landed} inner steps after its snapshot",
-                           time.monotonic() - t0)
+            running.wait_s = time.monotonic() - t0
 
     async def _start_overlapped(self, manager, job, state: JobRounds) -> None:
         """Snapshot the adapter (with the step and token counts, atomically with the training
@@ -275,23 +292,23 @@ class RoundDriver:
             state.steps_at_round, state.tokens_at_round = bg.steps, bg.tokens
             live = list(job.adapter.parameters())
 
+            restart = flatten_params(bg.shadow)
+
             def land() -> int:
-                assign_flat(live, overlap_restart(flatten_params(bg.shadow), flatten_params(live),
-                                                  bg.snapshot))
+                assign_flat(live, overlap_restart(restart, flatten_params(live), bg.snapshot))
                 return job.inner_steps - bg.steps
 
-            bg.landed = await server.run_torch(land)
+            bg.land = land  # land_if_ready, at the next safe point
         finally:
             bg.shadow = []
-        if not bg.waited:
-            self._log_wait(bg.round, job.name, server,
-                           f"overlapped, landed {bg.landed} inner steps after its snapshot", 0.0)
 
-    async def settled(self, name: str) -> None:
-        """Wait for the job's round running in the background, if any (tests, shutdown)."""
-        running = self._overlapped.get(name)
+    async def settled(self, manager, job) -> None:
+        """Wait for the job's round running in the background, if any, and land it (GetState,
+        tests): a caller with no step of the job in progress."""
+        running = self._overlapped.get(job.name)
         if running is not None and running.task is not None:
             await asyncio.shield(running.task)
+        await self.land_if_ready(manager, job)
 
     # ---- one round -------------------------------------------------------------------
 

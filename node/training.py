@@ -253,6 +253,7 @@ class JobManager:
         self.server.check_hidden(hidden)
         if self.rounds is not None:  # first use here: adopt the last committed round (node/rounds.py)
             await self.rounds.before_step(self, job)
+            await self.rounds.land_if_ready(self, job)  # a round done lands before a step begins
         return await self.server.run_torch(self._forward_sync, job, hidden)
 
     def _forward_sync(self, job: Job, hidden: torch.Tensor) -> torch.Tensor:
@@ -289,6 +290,8 @@ class JobManager:
     async def state(self, name: str) -> tuple[JobSpec, dict[str, torch.Tensor]]:
         """The job's spec, and its adapter under PEFT names plus its counters as 0-d tensors (`counter.*`)."""
         job = self.job(name)
+        if self.rounds is not None:  # a round still out lands first: the state is the job's as it stands
+            await self.rounds.settled(self, job)
         state = await self.server.run_torch(job.adapter.peft_state)
         for key in ("inner_steps", "skipped_steps", "tokens"):
             state[f"counter.{key}"] = torch.tensor(getattr(job, key), dtype=torch.int64)

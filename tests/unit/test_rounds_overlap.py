@@ -73,7 +73,7 @@ async def run_now(fn, *args):
 def setup(overlap: bool, max_steps: int = 100):
     driver = Driver()
     param = torch.nn.Parameter(torch.zeros(NUMEL))
-    job = SimpleNamespace(name="j", inner_steps=0, tokens=0,
+    job = SimpleNamespace(name="j", inner_steps=0, tokens=0, pending=0,
                           adapter=SimpleNamespace(parameters=lambda: [param]))
     driver.jobs["j"] = JobRounds(member=DiLoCoMember(torch.zeros(NUMEL), config(overlap, max_steps)),
                                   restored=True)
@@ -123,7 +123,7 @@ def test_the_boundary_backward_does_not_wait_and_the_round_lands_with_the_later_
         step(job, param, c)  # training goes on while round 1 is out
         await driver.after_backward(manager, job)
         driver.gate.set()
-        await driver.settled("j")
+        await driver.settled(manager, job)
         (local, tokens), = driver.rounds
         assert torch.equal(local, a + b) and tokens == 16  # the snapshot, and its H steps' tokens
         # θ_global = 0 − 0.5 × (0 − (a + b)); the adapter keeps c on top of it
@@ -157,7 +157,7 @@ def test_the_next_boundary_waits_for_a_round_still_out(caplog):
         (r, how, wait), = waits(caplog)
         assert (r, how) == (1, "overlapped, landed 2 inner steps after its snapshot") and wait >= 0.0
         driver.gate.set()
-        await driver.settled("j")
+        await driver.settled(manager, job)
         assert [w[0] for w in waits(caplog)] == [1, 2]  # one line per round
 
     asyncio.run(main())
@@ -210,7 +210,7 @@ def test_every_step_reaches_global_exactly_once():
                 driver.gate.set()
                 await settle()
         driver.gate.set()
-        await driver.settled("j")
+        await driver.settled(manager, job)
         assert state.committed_round == 3
         assert torch.allclose(state.member.global_flat, total, atol=1e-6)
         assert torch.allclose(param.detach(), total, atol=1e-6)
@@ -230,13 +230,13 @@ def test_a_crashed_round_leaves_the_adapter_and_is_started_again(caplog):
             await driver.after_backward(manager, job)
         driver.fail_next = True
         driver.gate.set()
-        await driver.settled("j")
+        await driver.settled(manager, job)
         assert torch.equal(param.detach(), 2 * ones) and state.committed_round == 0
         assert (state.steps_at_round, state.tokens_at_round) == (0, 0)
         step(job, param, ones)  # the next Backward starts round 1 again, from all 3 steps
         await driver.after_backward(manager, job)
         driver.gate.set()
-        await driver.settled("j")
+        await driver.settled(manager, job)
         (local, tokens), = driver.rounds
         assert torch.equal(local, 3 * ones) and tokens == 24 and state.committed_round == 1
         assert "round 1 of job j span 0:2 (overlapped) failed: injected" in caplog.text
