@@ -35,9 +35,9 @@ DILOCO_FLAGS = {"round_steps": ("round_steps", 0), "diloco_codec": ("codec", "")
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that define a job (the JobSpec); without any, a registered job's settings."""
     g = p.add_argument_group("job settings (default: the registered job's, else the value shown)")
-    g.add_argument("--method", help="lora, ia3, ln-tuning, full (trained on the nodes) or prompt-tuning "
-                                    "(a soft prompt trained by the trainer) [lora]")
-    g.add_argument("--rank", type=int, help="LoRA rank [8]")
+    g.add_argument("--method", help="lora, ia3, ln-tuning, full, bottleneck, reft, galore (trained on the "
+                                    "nodes) or prompt-tuning (a soft prompt trained by the trainer) [lora]")
+    g.add_argument("--rank", type=int, help="LoRA rank; bottleneck width; LoReFT rank; GaLore projection rank [8]")
     g.add_argument("--alpha", type=float, help="LoRA alpha [16]")
     g.add_argument("--targets", help="comma-separated module names [the method's, as PEFT's]")
     g.add_argument("--feedforward", help="IA3: comma-separated targets scaled at their input [down_proj if targeted]")

@@ -3,7 +3,8 @@
 LoRA, IA3, LN tuning and prompt tuning become a PEFT adapter directory
 (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained`
 loads onto the full Hugging Face model; `full` becomes a full checkpoint
-(config.json + model.safetensors, `AutoModelForCausalLM.from_pretrained` loads it).
+(config.json + model.safetensors, `AutoModelForCausalLM.from_pretrained` loads it), and
+so does `galore`; `bottleneck` and `reft` get the layouts of client/method_export.py.
 The job's settings come from the nodes (GetState's first reply carries the spec), so
 nothing has to be repeated on the command line.
 """
@@ -109,6 +110,11 @@ def write_full_checkpoint(out_dir, state: dict[str, torch.Tensor], files) -> Pat
 
 def export_job(out_dir, spec: JobSpec, state: dict[str, torch.Tensor], files, *, base_model: str) -> Path:
     """Write the job in its method's format (see the module docstring)."""
-    if spec.method == "full":
+    from pollinate.client import method_export
+
+    if spec.method in ("full", "galore"):  # GaLore trains the full weights: a full checkpoint
         return write_full_checkpoint(out_dir, state, files)
+    if spec.method in method_export.FORMATS:  # no installable library loads these (method_export.py)
+        return method_export.write_method_adapter(out_dir, state, spec, base_model=base_model,
+                                                  model_config=files.config)
     return write_peft_adapter(out_dir, state, spec, base_model=base_model, model_config=files.config)

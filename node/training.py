@@ -40,7 +40,7 @@ class JobSpec:
     """A training job's settings; equal specs = the same job."""
 
     method: str = "lora"  # adapter method: a key of node.adapters.METHODS, or "prompt-tuning" (client-side)
-    rank: int = 8  # LoRA rank r
+    rank: int = 8  # LoRA rank r; bottleneck width, LoReFT rank, GaLore projection rank
     alpha: float = 16.0  # LoRA alpha; scaling = alpha / rank (PEFT's convention)
     targets: tuple[str, ...] = ()  # module name suffixes; () = the method's default (PEFT's for Llama)
     feedforward: tuple[str, ...] = ()  # IA3: targets that scale their input; () = PEFT's default (down_proj)
@@ -73,9 +73,9 @@ class JobSpec:
         adapter = METHODS.get(self.method)
         if not self.targets and adapter is not None:  # frozen: resolve defaults once, here
             object.__setattr__(self, "targets", adapter.default_targets)
-        if self.method in ("full", "prompt-tuning") and self.targets:
+        if self.method in ("full", "prompt-tuning", "galore", "reft") and self.targets:
             raise ValueError(f"{self.method!r} has no target modules (got {list(self.targets)})")
-        if self.method in ("lora", "ia3", "ln-tuning") and not self.targets:
+        if self.method in ("lora", "ia3", "ln-tuning", "bottleneck") and not self.targets:
             raise ValueError("targets must name at least one module")
         if self.method == "ia3" and not self.feedforward:
             object.__setattr__(self, "feedforward", tuple(t for t in ("down_proj",) if t in self.targets))
@@ -154,9 +154,7 @@ def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
     """A job's adapter on `span` and its AdamW (torch's, same arguments as a local run)."""
     host.attach(span)
     adapter = build_adapter(spec, span)
-    optimizer = torch.optim.AdamW(
-        list(adapter.parameters()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
-    )
+    optimizer = adapter.make_optimizer(spec)  # AdamW, or the method's own (GaLore)
     return Job(name=name, spec=spec, adapter=adapter, optimizer=optimizer)
 
 
