@@ -3,7 +3,7 @@ the swarm, export it, and save the swarm's logits (with the job) for a probe.
 
     python finetune_client.py --model DIR --cache-dir C --initial-peers MADDR --out DIR \
         --job J --steps 3 --rank 4 --alpha 8 --lr 0.01 --micro-batches 1 --seed 3 \
-        [--methods lora | ia3,ln-tuning,full,prompt-tuning] [--num-virtual-tokens 4]
+        [--methods lora | ia3,ln-tuning,full,prompt-tuning,bottleneck,reft,galore] [--num-virtual-tokens 4]
 
 With several methods, one job per method (J-METHOD) is trained in turn and exported to
 OUT/METHOD with the job's settings read back from the nodes (client/peft_export.py); the
@@ -72,7 +72,7 @@ def main() -> int:
     from pollinate.client.prompt_tuning import PromptTuningTrainer
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer, TrainConfig
-    from pollinate.client.training_data import Example
+    from pollinate.client.training_data import Example, causal_lm_loss
     from pollinate.client.worker import LoopThread
     from pollinate.node.model_files import open_model
     from pollinate.node.training import JobSpec
@@ -82,7 +82,7 @@ def main() -> int:
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks,
                   config=ClientConfig(wire_codec="none", ban_base_s=60.0))
     methods = args.methods.split(",")
-    histories = {}
+    histories, first_loss = {}, {}
     for method in methods:
         job = args.job if methods == ["lora"] else f"{args.job}-{method}"
         out = args.out if methods == ["lora"] else f"{args.out}/{method}"
@@ -104,10 +104,14 @@ def main() -> int:
         probe = token_batches(1, seed=99)[0]
         save_file({"probe": probe, "logits": trainer.forward_logits(probe),
                    "base_logits": trainer.forward_logits(probe, job="")}, f"{out}/swarm_logits.safetensors")
+        first = data[0]  # the loss of the first training batch, base model and trained job (loss falls)
+        first_loss[method] = {
+            "base": float(causal_lm_loss(trainer.forward_logits(first, job=""), first)),
+            "trained": float(causal_lm_loss(trainer.forward_logits(first), first))}
         if method == "full":  # generation with a job whose weights are swapped in (not hooked)
             generate(args, dht, f"{job}", probe, f"{out}/swarm_generate.safetensors")
     if methods != ["lora"]:
-        print(json.dumps({"history": histories}), flush=True)
+        print(json.dumps({"history": histories, "first_batch_loss": first_loss}), flush=True)
         worker.run(swarm.close(), 5.0)
         worker.stop()
         dht.shutdown()

@@ -59,42 +59,51 @@ def train_spans(files, spec, data, micro):
     return jobs, init, logits
 
 
+def local_run(files, reference_model, spec, data, micro):
+    """The same training on the whole transformers model: (initial state, final state, loss per step)."""
+    model = copy.deepcopy(reference_model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec.method == "galore":
+        named = {k: p for k, p in model.named_parameters() if k.startswith("model.layers.")}
+        for p in named.values():
+            p.requires_grad_(True)
+        init = {k: p.detach().clone() for k, p in named.items()}
+        opt = GaLoreAdamW(list(named.values()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                          rank=spec.rank)
+        state = lambda: {k: p.detach() for k, p in named.items()}
+        scope = torch.enable_grad
+    else:  # the same adapter, built on the whole model as one span, hooked onto transformers' LlamaModel
+        host = AdapterHost()
+        whole = make_job("ref", spec, files.load_span(0, 4), host)
+        init = whole.adapter.peft_state()
+        host.attach(model.model)
+        opt = whole.optimizer
+        state = whole.adapter.peft_state
+        scope = lambda: host.use(whole.adapter)
+    losses = []
+    for i in range(0, len(data), micro):
+        with scope():
+            step = [causal_lm_loss(model(ids).logits, ids) for ids in data[i:i + micro]]
+            for loss in step:
+                (loss / micro).backward()
+        losses.append(sum(float(x) for x in step) / micro)
+        opt.step()
+        opt.zero_grad()
+    return init, state(), losses
+
+
 @pytest.mark.parametrize("method", sorted(SPECS))
 def test_spans_match_local_and_export_reloads(tmp_path, tiny_model_files, tiny_reference_model, method):
     micro = 2
     spec = JobSpec(method=method, lr=1e-2, micro_batches=micro, grad_clip=0.0, seed=3, **SPECS[method])
     data = batches(3 * micro)
     jobs, init, swarm_logits = train_spans(tiny_model_files, spec, data, micro)
-
-    model = copy.deepcopy(tiny_reference_model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if method == "galore":
-        named = {k: p for k, p in model.named_parameters() if k.startswith("model.layers.")}
-        for p in named.values():
-            p.requires_grad_(True)
-        opt = GaLoreAdamW(list(named.values()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
-                          rank=spec.rank)
-        state = lambda: {k: p.detach() for k, p in named.items()}
-    else:  # the same adapter, built on the whole model as one span, hooked onto transformers' LlamaModel
-        host = AdapterHost()
-        whole = make_job("ref", spec, tiny_model_files.load_span(0, 4), host)
-        ref_init = whole.adapter.peft_state()
-        assert set(ref_init) == set(init) and all(torch.equal(ref_init[k], init[k]) for k in init), \
-            "the initial adapter depends on how the model is split"
-        host.attach(model.model)
-        opt = whole.optimizer
-        state = whole.adapter.peft_state
-    for i in range(0, len(data), micro):
-        ctx = host.use(whole.adapter) if method != "galore" else torch.enable_grad()
-        with ctx:
-            for ids in data[i:i + micro]:
-                (causal_lm_loss(model(ids).logits, ids) / micro).backward()
-        opt.step()
-        opt.zero_grad()
+    ref_init, ref, _ = local_run(tiny_model_files, tiny_reference_model, spec, data, micro)
+    assert set(ref_init) == set(init) and all(torch.equal(ref_init[k], init[k]) for k in init), \
+        "the initial state depends on how the model is split"
 
     got = {k: v for job in jobs for k, v in job.adapter.peft_state().items()}
-    ref = state()
     assert all(job.inner_steps == 3 for job in jobs)
     moved = max(float((got[k] - init[k]).abs().max()) for k in got)
     diff = max(float((got[k] - ref[k]).abs().max()) for k in got)
