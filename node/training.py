@@ -35,6 +35,9 @@ from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFou
 logger = logging.getLogger(__name__)
 
 
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")  # methods sized by num_virtual_tokens
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A training job's settings; equal specs = the same job."""
@@ -44,7 +47,7 @@ class JobSpec:
     alpha: float = 16.0  # LoRA alpha; scaling = alpha / rank (PEFT's convention)
     targets: tuple[str, ...] = ()  # module name suffixes; () = the method's default (PEFT's for Llama)
     feedforward: tuple[str, ...] = ()  # IA3: targets that scale their input; () = PEFT's default (down_proj)
-    num_virtual_tokens: int = 0  # prompt tuning: soft prompt length (> 0 for that method only)
+    num_virtual_tokens: int = 0  # prompt / prefix tuning: virtual tokens (> 0 for those methods only)
     lr: float = 4e-4  # inner AdamW lr: DESIGN.md's DiLoCo inner setting
     weight_decay: float = 0.1  # inner AdamW weight decay (DiLoCo inner setting)
     betas: tuple[float, float] = (0.9, 0.95)  # inner AdamW betas (DiLoCo inner setting)
@@ -73,7 +76,7 @@ class JobSpec:
         adapter = METHODS.get(self.method)
         if not self.targets and adapter is not None:  # frozen: resolve defaults once, here
             object.__setattr__(self, "targets", adapter.default_targets)
-        if self.method in ("full", "prompt-tuning", "galore", "reft") and self.targets:
+        if self.method in ("full", "prompt-tuning", "galore", "reft", "prefix-tuning") and self.targets:
             raise ValueError(f"{self.method!r} has no target modules (got {list(self.targets)})")
         if self.method in ("lora", "ia3", "ln-tuning", "bottleneck") and not self.targets:
             raise ValueError("targets must name at least one module")
@@ -83,8 +86,10 @@ class JobSpec:
             raise ValueError(f"feedforward modules are an IA3 setting, not {self.method!r}'s")
         if not set(self.feedforward) <= set(self.targets):
             raise ValueError(f"feedforward modules {list(self.feedforward)} must be among the targets {list(self.targets)}")
-        if self.method == "prompt-tuning" and self.num_virtual_tokens <= 0:
-            raise ValueError(f"prompt tuning needs num_virtual_tokens > 0, got {self.num_virtual_tokens}")
+        if self.method in VIRTUAL_TOKEN_METHODS and self.num_virtual_tokens <= 0:
+            raise ValueError(f"{self.method} needs num_virtual_tokens > 0, got {self.num_virtual_tokens}")
+        if self.method not in VIRTUAL_TOKEN_METHODS and self.num_virtual_tokens:
+            raise ValueError(f"num_virtual_tokens is not a setting of {self.method!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

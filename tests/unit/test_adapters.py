@@ -28,6 +28,7 @@ METHOD_SPECS = {
     "bottleneck": dict(rank=4),  # tests/unit/test_methods.py: these three against local training
     "reft": dict(rank=2),
     "galore": dict(rank=2),
+    "prefix-tuning": dict(num_virtual_tokens=2),
 }
 
 
@@ -150,7 +151,7 @@ def test_spec_defaults_and_validation():
     assert JobSpec(method="ln-tuning").targets == ("input_layernorm", "post_attention_layernorm")
     assert JobSpec(method="full").targets == ()
     with pytest.raises(ValueError, match=r"unknown adapter method 'bogus'; known: \['bottleneck', 'full', 'galore', "
-                                         r"'ia3', 'ln-tuning', 'lora', 'reft', 'prompt-tuning'\]"):
+                                         r"'ia3', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning'\]"):
         JobSpec(method="bogus")
     with pytest.raises(ValueError, match="must be among the targets"):
         JobSpec(method="ia3", targets=("k_proj",), feedforward=("down_proj",))

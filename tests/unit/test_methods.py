@@ -204,3 +204,73 @@ def test_galore_optimizer_state_is_a_fraction_of_adamws(tiny_model_files):
     assert sizes["full"] == 2 * 4 * params  # AdamW: two fp32 moments per parameter
     print(f"optimizer state: AdamW {sizes['full']} B, GaLore rank 4 {sizes['galore']} B")
     assert sizes["galore"] < 0.25 * sizes["full"]
+
+
+def peft_prefix_model(reference_model, spec, init_embeddings):
+    """PEFT's prefix tuning on the whole model, started from the spans' initial prefix."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(reference_model),
+                           PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens))
+    weight = model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        weight.copy_(init_embeddings)
+    return model, weight
+
+
+def test_prefix_tuning_matches_peft_trains_exports_and_caches(tmp_path, tiny_model_files, tiny_reference_model):
+    from peft import PeftModel
+
+    from pollinate.client.peft_export import export_job
+    from pollinate.node.adapters.prefix import peft_prompt_embeddings
+
+    micro = 2
+    spec = JobSpec(method="prefix-tuning", num_virtual_tokens=3, lr=1e-2, micro_batches=micro, grad_clip=0.0, seed=3)
+    data = batches(3 * micro)
+    jobs, init, swarm_logits = train_spans(tiny_model_files, spec, data, micro)
+    init_emb = peft_prompt_embeddings(init, 4)["prompt_embeddings"]
+    assert init_emb.shape == (3, 4 * 2 * 2 * 16)  # P x blocks x (K, V) x KV heads x head dim
+    model, weight = peft_prefix_model(tiny_reference_model, spec, init_emb)
+    opt = torch.optim.AdamW([weight], lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    for i in range(0, len(data), micro):
+        for ids in data[i:i + micro]:
+            (causal_lm_loss(model(ids).logits, ids) / micro).backward()
+        opt.step()
+        opt.zero_grad()
+    got = peft_prompt_embeddings({k: v for job in jobs for k, v in job.adapter.peft_state().items()}, 4)
+    moved = float((got["prompt_embeddings"] - init_emb).abs().max())
+    diff = float((got["prompt_embeddings"] - weight.detach()).abs().max())
+    print(f"prefix-tuning: moved {moved:.3e}, spans vs PEFT max |diff| {diff:.3e}")
+    assert moved > 1e-3 and diff <= 1e-5, (moved, diff)
+
+    # the export, as `pollinate export` writes it, loads in PEFT and gives the spans' logits
+    state = {k: v for job in jobs for k, v in job.adapter.peft_state().items()}
+    export_job(tmp_path / "prefix", spec, state, tiny_model_files, base_model="tiny")
+    exported = PeftModel.from_pretrained(copy.deepcopy(tiny_reference_model), str(tmp_path / "prefix")).eval()
+    ids = batches(1, seed=7)[0]
+    with torch.no_grad():
+        gap = float((exported(ids).logits - swarm_logits(ids)).abs().max())
+        base_gap = float((tiny_reference_model(ids).logits - swarm_logits(ids)).abs().max())
+    print(f"prefix-tuning: exported PEFT vs spans logits {gap:.3e} (base {base_gap:.3e})")
+    assert gap <= 1e-5 and base_gap > 1e-3
+
+    # an Inference session (KV cache, chunk then token by token) = the whole sequence at once
+    span = tiny_model_files.load_span(0, 4)
+    host = AdapterHost()
+    job = make_job("p", spec, span, host)
+    x = torch.randn(2, 7, span.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), host.use(job.adapter):
+        whole = span(x)
+        cache = span.new_cache(batch_size=2, max_length=7)
+        steps = [span(x[:, :4], cache=cache)] + [span(x[:, t:t + 1], cache=cache) for t in range(4, 7)]
+        base_whole = span(x)
+        base_cache = span.new_cache(batch_size=2, max_length=7)
+        base_steps = [span(x[:, :4], cache=base_cache)] + [span(x[:, t:t + 1], cache=base_cache) for t in range(4, 7)]
+    gap = float((torch.cat(steps, dim=1) - whole).abs().max())
+    base_gap = float((torch.cat(base_steps, dim=1) - base_whole).abs().max())
+    print(f"prefix-tuning: cached vs whole {gap:.3e} (the base span's own {base_gap:.3e}; outputs up to "
+          f"{float(whole.abs().max()):.1f})")
+    # fp32 rounding of attention over other shapes, relative to outputs of ~10: a wrong
+    # position, mask or cache would be off by O(1)
+    assert gap <= 1e-5 * float(whole.abs().max()), gap
+    assert cache.length == 7  # the prefix is the job's: it takes no slot of the session's cache
