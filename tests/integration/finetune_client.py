@@ -88,7 +88,7 @@ def main() -> int:
         out = args.out if methods == ["lora"] else f"{args.out}/{method}"
         spec = JobSpec(method=method, rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
                        grad_clip=0.0, seed=args.seed,
-                       num_virtual_tokens=args.num_virtual_tokens if method == "prompt-tuning" else 0)
+                       num_virtual_tokens=args.num_virtual_tokens if method in ("prompt-tuning", "prefix-tuning") else 0)
         config = TrainConfig(job=job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
         trainer = (PromptTuningTrainer if method == "prompt-tuning" else Trainer)(
             swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=0, config=config)
@@ -108,7 +108,8 @@ def main() -> int:
         first_loss[method] = {
             "base": float(causal_lm_loss(trainer.forward_logits(first, job=""), first)),
             "trained": float(causal_lm_loss(trainer.forward_logits(first), first))}
-        if method == "full":  # generation with a job whose weights are swapped in (not hooked)
+        if method in ("full", "reft", "prefix-tuning"):  # weights swapped in; a block output hooked; a prefix
+            # before the session's cache
             generate(args, dht, f"{job}", probe, f"{out}/swarm_generate.safetensors")
     if methods != ["lora"]:
         print(json.dumps({"history": histories, "first_batch_loss": first_loss}), flush=True)

@@ -64,7 +64,16 @@ def local_run(files, reference_model, spec, data, micro):
     model = copy.deepcopy(reference_model)
     for p in model.parameters():
         p.requires_grad_(False)
-    if spec.method == "galore":
+    if spec.method == "prefix-tuning":  # PEFT, from the spans' initial prefix
+        from pollinate.node.adapters.prefix import peft_prompt_embeddings
+
+        whole = make_job("ref", spec, files.load_span(0, 4), AdapterHost())
+        init = peft_prompt_embeddings(whole.adapter.peft_state(), 4)
+        model, weight = peft_prefix_model(reference_model, spec, init["prompt_embeddings"])
+        opt = torch.optim.AdamW([weight], lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        state = lambda: {"prompt_embeddings": weight.detach()}
+        scope = torch.enable_grad
+    elif spec.method == "galore":
         named = {k: p for k, p in model.named_parameters() if k.startswith("model.layers.")}
         for p in named.values():
             p.requires_grad_(True)
