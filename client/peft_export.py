@@ -25,7 +25,7 @@ from pollinate.protocol.v1 import common_pb2, node_pb2
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "ln-tuning": "LN_TUNING", "prompt-tuning": "PROMPT_TUNING",
-              "prefix-tuning": "PREFIX_TUNING"}
+              "prefix-tuning": "PREFIX_TUNING", "llama-adapter": "ADAPTION_PROMPT"}
 
 
 async def gather_job(swarm, job: str, *, timeout_s: float = 60.0) -> tuple[JobSpec, dict[str, torch.Tensor]]:
@@ -67,6 +67,9 @@ def peft_config(spec: JobSpec, *, base_model: str, model_config=None) -> dict:
                        "fan_in_fan_out": False, "init_ia3_weights": True})
     elif spec.method == "ln-tuning":
         config.update({"target_modules": sorted(spec.targets)})
+    elif spec.method == "llama-adapter":  # JobSpec.rank is L, num_virtual_tokens the prompt length
+        config.update({"adapter_len": spec.num_virtual_tokens, "adapter_layers": spec.rank,
+                       "target_modules": "self_attn"})
     elif spec.method == "prefix-tuning":
         if model_config is None:
             raise ValueError("a prefix-tuning adapter needs the model's config (KV heads, layers)")

@@ -35,7 +35,7 @@ from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFou
 logger = logging.getLogger(__name__)
 
 
-VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")  # methods sized by num_virtual_tokens
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning", "llama-adapter")  # methods sized by num_virtual_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +43,7 @@ class JobSpec:
     """A training job's settings; equal specs = the same job."""
 
     method: str = "lora"  # adapter method: a key of node.adapters.METHODS, or "prompt-tuning" (client-side)
-    rank: int = 8  # LoRA rank r; bottleneck width, LoReFT rank, GaLore projection rank
+    rank: int = 8  # LoRA rank r; bottleneck width, LoReFT rank, GaLore projection rank; LLaMA-Adapter: top blocks L
     alpha: float = 16.0  # LoRA alpha; scaling = alpha / rank (PEFT's convention)
     targets: tuple[str, ...] = ()  # module name suffixes; () = the method's default (PEFT's for Llama)
     feedforward: tuple[str, ...] = ()  # IA3: targets that scale their input; () = PEFT's default (down_proj)
@@ -76,7 +76,7 @@ class JobSpec:
         adapter = METHODS.get(self.method)
         if not self.targets and adapter is not None:  # frozen: resolve defaults once, here
             object.__setattr__(self, "targets", adapter.default_targets)
-        if self.method in ("full", "prompt-tuning", "galore", "reft", "prefix-tuning") and self.targets:
+        if self.method in ("full", "prompt-tuning", "galore", "reft", "prefix-tuning", "llama-adapter") and self.targets:
             raise ValueError(f"{self.method!r} has no target modules (got {list(self.targets)})")
         if self.method in ("lora", "ia3", "ln-tuning", "bottleneck") and not self.targets:
             raise ValueError("targets must name at least one module")
@@ -159,7 +159,9 @@ def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
     """A job's adapter on `span` and its AdamW (torch's, same arguments as a local run)."""
     host.attach(span)
     adapter = build_adapter(spec, span)
-    optimizer = adapter.make_optimizer(spec)  # AdamW, or the method's own (GaLore)
+    # AdamW, or the method's own (GaLore); None where the job has nothing on this span
+    # (LLaMA-Adapter's blocks below its top L): the span then runs as the base model for it
+    optimizer = adapter.make_optimizer(spec) if any(True for _ in adapter.parameters()) else None
     return Job(name=name, spec=spec, adapter=adapter, optimizer=optimizer)
 
 
@@ -170,10 +172,11 @@ def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor
     Returns the gradient with respect to `hidden`, or None with input_grad=False (then
     autograd does not compute it). job None: the base span, input gradient only
     (client-side methods such as prompt tuning train nothing on the node)."""
-    x = hidden.detach().to(span.device, span.dtype).requires_grad_(input_grad)
-    with torch.enable_grad(), host.use(job.adapter if job is not None else None):
+    trains = job is not None and job.optimizer is not None
+    x = hidden.detach().to(span.device, span.dtype).requires_grad_(input_grad or not trains)
+    with torch.enable_grad(), host.use(job.adapter if trains else None):
         out = span(x)
-        torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=[x] if job is None else None)
+        torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=None if trains else [x])
     if job is None:
         return x.grad.to(hidden.device, hidden.dtype)
     job.pending += 1
@@ -187,6 +190,9 @@ def optimizer_step(job: Job) -> bool:
     """Average, clip, check and apply the accumulated gradients; False if the step was skipped."""
     params = [p for p in job.adapter.parameters() if p.grad is not None]
     n, job.pending = job.pending, 0
+    if job.optimizer is None:  # nothing of the job's here: the step is counted, as on the other spans
+        job.inner_steps += 1
+        return True
     try:
         if not params:
             return False
@@ -232,7 +238,7 @@ class JobManager:
             except ValueError as e:
                 raise InvalidRequest(f"job {name!r}: {e}") from e
             logger.info("job %s created on blocks %d:%d: %s", name, self.server.start, self.server.end, spec)
-            if self.rounds is not None:
+            if self.rounds is not None and job.optimizer is not None:  # nothing here: no rounds
                 self.rounds.track(job)
         elif spec is not None and spec != job.spec:
             raise FailedPrecondition(f"job {name!r} exists on this node with different settings: {job.spec} (asked: {spec})")

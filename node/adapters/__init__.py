@@ -184,6 +184,7 @@ from pollinate.node.adapters.bottleneck import Bottleneck  # noqa: E402
 from pollinate.node.adapters.full import Full  # noqa: E402  (the registry's entries)
 from pollinate.node.adapters.galore import GaLore  # noqa: E402
 from pollinate.node.adapters.ia3 import IA3  # noqa: E402
+from pollinate.node.adapters.llama_adapter import LlamaAdapter  # noqa: E402
 from pollinate.node.adapters.ln_tuning import LNTuning  # noqa: E402
 from pollinate.node.adapters.lora import LoRA  # noqa: E402
 from pollinate.node.adapters.prefix import PrefixTuning  # noqa: E402
@@ -191,7 +192,7 @@ from pollinate.node.adapters.reft import LoReFT  # noqa: E402
 
 METHODS: dict[str, type[Adapter]] = {"lora": LoRA, "ia3": IA3, "ln-tuning": LNTuning, "full": Full,
                                      "bottleneck": Bottleneck, "reft": LoReFT, "galore": GaLore,
-                                     "prefix-tuning": PrefixTuning}
+                                     "prefix-tuning": PrefixTuning, "llama-adapter": LlamaAdapter}
 # Methods whose trainable state the trainer owns (client/prompt_tuning.py): nodes run the
 # base span for them, so they have no entry in METHODS.
 CLIENT_METHODS = {"prompt-tuning"}

@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--methods", default="lora")
     p.add_argument("--num-virtual-tokens", type=int, default=4)
+    p.add_argument("--adapter-layers", type=int, default=2, help="llama-adapter: top blocks L (its JobSpec.rank)")
     args = p.parse_args()
 
     from pollinate.node.announce import start_dht
@@ -86,9 +87,10 @@ def main() -> int:
     for method in methods:
         job = args.job if methods == ["lora"] else f"{args.job}-{method}"
         out = args.out if methods == ["lora"] else f"{args.out}/{method}"
-        spec = JobSpec(method=method, rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
-                       grad_clip=0.0, seed=args.seed,
-                       num_virtual_tokens=args.num_virtual_tokens if method in ("prompt-tuning", "prefix-tuning") else 0)
+        spec = JobSpec(method=method, rank=args.adapter_layers if method == "llama-adapter" else args.rank,
+                       alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches, grad_clip=0.0, seed=args.seed,
+                       num_virtual_tokens=(args.num_virtual_tokens
+                                           if method in ("prompt-tuning", "prefix-tuning", "llama-adapter") else 0))
         config = TrainConfig(job=job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
         trainer = (PromptTuningTrainer if method == "prompt-tuning" else Trainer)(
             swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=0, config=config)
@@ -108,7 +110,7 @@ def main() -> int:
         first_loss[method] = {
             "base": float(causal_lm_loss(trainer.forward_logits(first, job=""), first)),
             "trained": float(causal_lm_loss(trainer.forward_logits(first), first))}
-        if method in ("full", "reft", "prefix-tuning"):  # weights swapped in; a block output hooked; a prefix
+        if method in ("full", "reft", "prefix-tuning", "llama-adapter"):  # weights swapped in; a block output hooked; a prefix
             # before the session's cache
             generate(args, dht, f"{job}", probe, f"{out}/swarm_generate.safetensors")
     if methods != ["lora"]:

@@ -25,7 +25,7 @@ def job_spec(round_steps: int, overlap: bool | None = None, method: str = "lora"
     from pollinate.protocol.v1 import node_pb2
 
     return JobSpec(method=method, rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED,
-                   overlap_rounds=overlap, num_virtual_tokens=4 if method == "prefix-tuning" else 0).to_proto(node_pb2)
+                   overlap_rounds=overlap, num_virtual_tokens=4 if method in ("prefix-tuning", "llama-adapter") else 0).to_proto(node_pb2)
 
 
 async def wait_for_round(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int, rnd: int,

@@ -237,6 +237,6 @@ def test_bad_input_fails_before_training(tmp_path, tiny_model_dir, tiny_cache_di
     ok.write_text('{"text": "ok"}\n')
     r = train(ok, "--method", "bogus")
     assert r.returncode == 2 and "unknown adapter method 'bogus'; known: ['bottleneck', 'full', 'galore', 'ia3', " \
-        "'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning']" in r.stderr, r.stderr
+        "'llama-adapter', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning']" in r.stderr, r.stderr
     r = train(ok, "--method", "prompt-tuning")
     assert r.returncode == 2 and "needs --save DIR" in r.stderr, r.stderr

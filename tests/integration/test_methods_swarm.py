@@ -1,14 +1,16 @@
-"""Bottleneck adapters, LoReFT, GaLore and prefix tuning (issue 14) through real node processes.
+"""Bottleneck adapters, LoReFT, GaLore, prefix tuning and LLaMA-Adapter (issue 14) through
+real node processes.
 
 1. Three nodes host the tiny model's spans [0:1], [1:3], [3:4]; a trainer process trains
    one job per method (fp32 wire) and exports it from the settings the nodes report. The
    swarm-trained state equals the same steps run locally on the whole transformers model
-   (tests/unit/test_methods.py's reference; PEFT for prefix tuning) to 1e-5, the loss of a
-   trained batch falls, and the export (AdapterHub / pyreft layout through
-   client/method_export.py's loader, a full checkpoint for GaLore, a PEFT adapter for prefix
-   tuning) gives the swarm's logits with the job to 1e-5. Greedy generation through the
-   swarm's Inference sessions (KV caches on the nodes) with the LoReFT and prefix jobs equals
-   greedy decoding of the exported model, recomputed over the whole sequence per token.
+   (tests/unit/test_methods.py's reference; PEFT for prefix tuning and LLaMA-Adapter) to
+   1e-5, the loss of a trained batch falls, and the export (AdapterHub / pyreft layout
+   through client/method_export.py's loader, a full checkpoint for GaLore, a PEFT adapter
+   for prefix tuning and LLaMA-Adapter) gives the swarm's logits with the job to 1e-5.
+   Greedy generation through the swarm's Inference sessions (KV caches on the nodes) with
+   the LoReFT, prefix and LLaMA-Adapter jobs equals greedy decoding of the exported model,
+   recomputed over the whole sequence per token.
 2. A coordinator and two replicas of span 0:4 train each method's job with H = 3: after
    6 steps round 2 is committed, and both replicas' committed state (θ_global and outer
    momentum of the method's flat vector) equals the coordinator's bit for bit.
@@ -32,13 +34,14 @@ from test_finetune import swarm  # noqa: F401  (the three-node swarm fixture)
 CLIENT = Path(__file__).with_name("finetune_client.py")
 ROUNDS_CLIENT = str(Path(__file__).with_name("rounds_client.py"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-METHODS = ["bottleneck", "reft", "galore", "prefix-tuning"]
+METHODS = ["bottleneck", "reft", "galore", "prefix-tuning", "llama-adapter"]
 # the flat vector of each method's job on the tiny model's 4 blocks at rank 4 (hidden 64,
 # intermediate 128, 2 KV heads of 16): bottleneck 2 places x (4x64 + 4 + 64x4 + 64) per block;
 # LoReFT (64x4 + 4x64 + 4) per block; GaLore every block parameter
 # prefix tuning: 4 virtual tokens (rounds_client.py) x (K, V) x 2 KV heads x head dim 16 per block
 NUMEL = {"bottleneck": 4 * 2 * (4 * 64 + 4 + 64 * 4 + 64), "reft": 4 * (64 * 4 + 4 * 64 + 4),
-         "galore": 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64), "prefix-tuning": 4 * 4 * 2 * 32}
+         "galore": 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64), "prefix-tuning": 4 * 4 * 2 * 32,
+         "llama-adapter": 4 * (4 * 64 + 1)}  # rank 4 = all 4 blocks: a prompt of 4 x 64 and a gate each
 
 
 def test_swarm_trains_new_methods_like_local_and_exports(swarm, tiny_model_dir, tiny_cache_dir,  # noqa: F811
@@ -67,10 +70,12 @@ def test_swarm_trains_new_methods_like_local_and_exports(swarm, tiny_model_dir, 
     files = open_model(tiny_model_dir, cache_dir=tiny_cache_dir, show_progress=False)
     data = token_batches(steps * micro)
     for method in METHODS:
-        spec = JobSpec(method=method, rank=rank, alpha=8.0, lr=1e-2, micro_batches=micro, grad_clip=0.0, seed=3,
-                       num_virtual_tokens=4 if method == "prefix-tuning" else 0)
+        # llama-adapter: the top 2 blocks (finetune_client's --adapter-layers), so span [0:1] holds none
+        spec = JobSpec(method=method, rank=2 if method == "llama-adapter" else rank, alpha=8.0, lr=1e-2,
+                       micro_batches=micro, grad_clip=0.0, seed=3,
+                       num_virtual_tokens=4 if method in ("prefix-tuning", "llama-adapter") else 0)
         init, ref, losses = local_run(files, tiny_reference_model, spec, data, micro)
-        if method == "prefix-tuning":
+        if method in ("prefix-tuning", "llama-adapter"):
             exported = PeftModel.from_pretrained(copy.deepcopy(tiny_reference_model), str(out / method)).eval()
             got = load_file(str(out / method / "adapter_model.safetensors"))
         elif method == "galore":
@@ -97,7 +102,7 @@ def test_swarm_trains_new_methods_like_local_and_exports(swarm, tiny_model_dir, 
         assert gap <= 1e-5, method
         assert float((logits["logits"] - logits["base_logits"]).abs().max()) > 1e-3, method
         assert first["trained"] < first["base"], method
-        if method in ("reft", "prefix-tuning"):
+        if method in ("reft", "prefix-tuning", "llama-adapter"):
             gen = load_file(str(out / method / "swarm_generate.safetensors"))
             seq = gen["prompt"]
             with torch.no_grad():

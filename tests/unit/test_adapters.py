@@ -29,6 +29,7 @@ METHOD_SPECS = {
     "reft": dict(rank=2),
     "galore": dict(rank=2),
     "prefix-tuning": dict(num_virtual_tokens=2),
+    "llama-adapter": dict(num_virtual_tokens=2, rank=4),  # rank = top blocks: all 4 of the tiny model
 }
 
 
@@ -151,7 +152,7 @@ def test_spec_defaults_and_validation():
     assert JobSpec(method="ln-tuning").targets == ("input_layernorm", "post_attention_layernorm")
     assert JobSpec(method="full").targets == ()
     with pytest.raises(ValueError, match=r"unknown adapter method 'bogus'; known: \['bottleneck', 'full', 'galore', "
-                                         r"'ia3', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning'\]"):
+                                         r"'ia3', 'llama-adapter', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning'\]"):
         JobSpec(method="bogus")
     with pytest.raises(ValueError, match="must be among the targets"):
         JobSpec(method="ia3", targets=("k_proj",), feedforward=("down_proj",))

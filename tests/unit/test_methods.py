@@ -73,6 +73,20 @@ def local_run(files, reference_model, spec, data, micro):
         opt = torch.optim.AdamW([weight], lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         state = lambda: {"prompt_embeddings": weight.detach()}
         scope = torch.enable_grad
+    elif spec.method == "llama-adapter":  # PEFT's adaption prompt, from the spans' initial state
+        from peft import AdaptionPromptConfig, get_peft_model
+
+        init = make_job("ref", spec, files.load_span(0, 4), AdapterHost()).adapter.peft_state()
+        model = get_peft_model(model, AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=spec.num_virtual_tokens,
+                                                           adapter_layers=spec.rank))
+        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        assert set(named) == set(init), sorted(set(named) ^ set(init))
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(init[k])
+        opt = torch.optim.AdamW(list(named.values()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        state = lambda: {k: p.detach() for k, p in named.items()}
+        scope = torch.enable_grad
     elif spec.method == "galore":
         named = {k: p for k, p in model.named_parameters() if k.startswith("model.layers.")}
         for p in named.values():
@@ -283,3 +297,34 @@ def test_prefix_tuning_matches_peft_trains_exports_and_caches(tmp_path, tiny_mod
     # position, mask or cache would be off by O(1)
     assert gap <= 1e-5 * float(whole.abs().max()), gap
     assert cache.length == 7  # the prefix is the job's: it takes no slot of the session's cache
+
+
+def test_llama_adapter_matches_peft_and_exports(tmp_path, tiny_model_files, tiny_reference_model):
+    """Top 2 of 4 blocks: span [0:1] holds nothing of the job (it trains nothing, runs as the
+    base model for it, still counts its steps); the others equal PEFT's adaption prompt."""
+    from peft import PeftModel
+
+    from pollinate.client.peft_export import export_job
+
+    micro = 2
+    spec = JobSpec(method="llama-adapter", num_virtual_tokens=3, rank=2, lr=1e-2, micro_batches=micro,
+                   grad_clip=0.0, seed=3)
+    data = batches(3 * micro)
+    jobs, init, swarm_logits = train_spans(tiny_model_files, spec, data, micro)
+    assert jobs[0].optimizer is None and not jobs[0].adapter.peft_state() and jobs[0].inner_steps == 3
+    ref_init, ref, _ = local_run(tiny_model_files, tiny_reference_model, spec, data, micro)
+    assert set(init) == set(ref_init) and all(torch.equal(init[k], ref_init[k]) for k in init)
+    got = {k: v for job in jobs for k, v in job.adapter.peft_state().items()}
+    gates = [float(v.abs().max()) for k, v in got.items() if k.endswith("adaption_gate")]
+    diff = max(float((got[k] - ref[k]).abs().max()) for k in got)
+    print(f"llama-adapter: gates {gates} (zero at init), spans vs PEFT max |diff| {diff:.3e}")
+    assert min(gates) > 1e-3 and diff <= 1e-5, (gates, diff)
+
+    export_job(tmp_path / "la", spec, got, tiny_model_files, base_model="tiny")
+    exported = PeftModel.from_pretrained(copy.deepcopy(tiny_reference_model), str(tmp_path / "la")).eval()
+    ids = batches(1, seed=7)[0]
+    with torch.no_grad():
+        gap = float((exported(ids).logits - swarm_logits(ids)).abs().max())
+        base_gap = float((tiny_reference_model(ids).logits - swarm_logits(ids)).abs().max())
+    print(f"llama-adapter: exported PEFT vs spans logits {gap:.3e} (base {base_gap:.3e})")
+    assert gap <= 1e-5 and base_gap > 1e-3
