@@ -24,15 +24,18 @@ def token_batches(n: int, seed: int = 1):
     return [torch.randint(3, 256, (2, 12), generator=g) for _ in range(n)]
 
 
-def generate(args, dht, job: str, probe, path: str) -> dict:
-    """Greedy generation through the swarm's Inference sessions with the job's adapter,
-    saved to `path`; also the error a session with an unknown job gets."""
+def generate(args, dht, job: str, probe, path: str, soft_prompt: str | None = None) -> dict:
+    """Greedy generation through the swarm's Inference sessions with the job's adapter (or
+    the soft prompt exported to directory `soft_prompt`), saved to `path`; also the error a
+    session with an unknown job gets."""
     from safetensors.torch import save_file
 
     from pollinate.client.remote_model import RemoteModelForCausalLM
 
     remote = RemoteModelForCausalLM.from_pretrained(args.model, dht=dht, cache_dir=args.cache_dir, job=job,
                                                     wire_codec="none")
+    if soft_prompt is not None:
+        remote.load_soft_prompt(soft_prompt)
     prompt = probe[:1, :6]
     generated = remote.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     base = {}
@@ -113,6 +116,8 @@ def main() -> int:
         if method in ("full", "reft", "prefix-tuning", "llama-adapter"):  # weights swapped in; a block output hooked; a prefix
             # before the session's cache
             generate(args, dht, f"{job}", probe, f"{out}/swarm_generate.safetensors")
+        if method == "prompt-tuning":  # the base model in the swarm, the exported soft prompt here
+            generate(args, dht, "", probe, f"{out}/swarm_generate.safetensors", soft_prompt=out)
     if methods != ["lora"]:
         print(json.dumps({"history": histories, "first_batch_loss": first_loss}), flush=True)
         worker.run(swarm.close(), 5.0)
