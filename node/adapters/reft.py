@@ -65,8 +65,23 @@ class _Intervention(nn.Module):
             self.learned_source.weight.copy_(w)
             self.learned_source.bias.zero_()
 
+        self._rotation: torch.Tensor | None = None  # Rᵀ as of _rotation_key, for calls without autograd
+        self._rotation_key: tuple[int, int] | None = None
+
+    def rotation(self) -> torch.Tensor:
+        """Rᵀ. The parametrization computes a d x d matrix exponential on every access (per
+        block, per call: most of a step's cost on a CPU); without autograd (Forward, Inference
+        steps) the value is reused until what trains changes in place (optimizer step, round)."""
+        if torch.is_grad_enabled():
+            return self.rotate_layer.weight
+        original = self.rotate_layer.parametrizations.weight.original
+        key = (original._version, original.data_ptr())
+        if key != self._rotation_key:
+            self._rotation, self._rotation_key = self.rotate_layer.weight.detach(), key
+        return self._rotation
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return loreft(h, self.rotate_layer.weight, self.learned_source.weight, self.learned_source.bias)
+        return loreft(h, self.rotation(), self.learned_source.weight, self.learned_source.bias)
 
 
 class LoReFT(Adapter):

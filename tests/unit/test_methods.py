@@ -328,3 +328,30 @@ def test_llama_adapter_matches_peft_and_exports(tmp_path, tiny_model_files, tiny
         base_gap = float((tiny_reference_model(ids).logits - swarm_logits(ids)).abs().max())
     print(f"llama-adapter: exported PEFT vs spans logits {gap:.3e} (base {base_gap:.3e})")
     assert gap <= 1e-5 and base_gap > 1e-3
+
+
+def test_reft_reuses_its_rotation_only_until_it_changes(tiny_model_files):
+    """Without autograd the rotation is computed once per change of what trains: the
+    cached value is the parametrization's, and an optimizer step or a round's in-place
+    assignment is seen by the next call."""
+    from pollinate.node.diloco import assign_flat, flatten_params
+
+    span = tiny_model_files.load_span(0, 1)
+    host = AdapterHost()
+    job = make_job("j", JobSpec(method="reft", rank=2, lr=5e-2, grad_clip=0.0), span, host)
+    iv = job.adapter.interventions["0"]
+    x = torch.randn(1, 5, span.hidden_size, generator=torch.Generator().manual_seed(4))
+
+    def fresh():
+        with torch.enable_grad():
+            return iv.rotate_layer.weight.detach().clone()
+
+    with torch.inference_mode():
+        first = iv.rotation()
+        assert iv.rotation() is first and torch.equal(first, fresh())
+    backward_step(job, span, host, x, torch.randn_like(x))
+    with torch.no_grad():
+        assert torch.equal(iv.rotation(), fresh()) and not torch.equal(iv.rotation(), first)
+        params = list(job.adapter.parameters())
+        assign_flat(params, flatten_params(params) * 0.5)
+        assert torch.equal(iv.rotation(), fresh())
