@@ -11,12 +11,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--job", help="generate with this training job's adapter (the job must exist on the nodes)")
+    p.add_argument("--soft-prompt", metavar="DIR", help="generate with a trained soft prompt: the directory "
+                   "`pollinate train --method prompt-tuning --save DIR` wrote")
     add_swarm_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args)  # starts the DHT peer: before any gRPC object
     try:
+        if args.soft_prompt:
+            model.load_soft_prompt(args.soft_prompt)
         from transformers import TextStreamer
 
         tok = model.model_files.tokenizer()

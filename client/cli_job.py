@@ -35,13 +35,14 @@ DILOCO_FLAGS = {"round_steps": ("round_steps", 0), "diloco_codec": ("codec", "")
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that define a job (the JobSpec); without any, a registered job's settings."""
     g = p.add_argument_group("job settings (default: the registered job's, else the value shown)")
-    g.add_argument("--method", help="lora, ia3, ln-tuning, full (trained on the nodes) or prompt-tuning "
-                                    "(a soft prompt trained by the trainer) [lora]")
-    g.add_argument("--rank", type=int, help="LoRA rank [8]")
+    g.add_argument("--method", help="lora, ia3, ln-tuning, full, bottleneck, reft, galore, prefix-tuning, "
+                                    "llama-adapter (trained on the nodes) or prompt-tuning (a soft prompt trained by the trainer) [lora]")
+    g.add_argument("--rank", type=int, help="LoRA rank; bottleneck width; LoReFT rank; GaLore projection rank; "
+                                                "LLaMA-Adapter: adapted top blocks L [8]")
     g.add_argument("--alpha", type=float, help="LoRA alpha [16]")
     g.add_argument("--targets", help="comma-separated module names [the method's, as PEFT's]")
     g.add_argument("--feedforward", help="IA3: comma-separated targets scaled at their input [down_proj if targeted]")
-    g.add_argument("--num-virtual-tokens", type=int, help="prompt tuning: soft prompt length [20]")
+    g.add_argument("--num-virtual-tokens", type=int, help="prompt / prefix tuning: virtual tokens; LLaMA-Adapter: prompt length [20]")
     g.add_argument("--lr", type=float, help="inner AdamW learning rate [4e-4]")
     g.add_argument("--weight-decay", type=float, help="inner AdamW weight decay [0.1]")
     g.add_argument("--grad-clip", type=float, help="max L2 norm of each span's gradient per step; 0 = off [1.0]")
@@ -86,7 +87,8 @@ def job_spec(args: argparse.Namespace, registered=None):
     return JobSpec(
         method=method, rank=pick("rank", lambda b: b.rank), alpha=pick("alpha", lambda b: b.alpha),
         targets=names("targets", "targets"), feedforward=names("feedforward", "feedforward"),
-        num_virtual_tokens=pick("num_virtual_tokens", lambda b: b.num_virtual_tokens) if method == "prompt-tuning" else 0,
+        num_virtual_tokens=(pick("num_virtual_tokens", lambda b: b.num_virtual_tokens)
+                            if method in ("prompt-tuning", "prefix-tuning", "llama-adapter") else 0),
         lr=pick("lr", lambda b: b.lr), weight_decay=pick("weight_decay", lambda b: b.weight_decay),
         grad_clip=pick("grad_clip", lambda b: b.grad_clip), micro_batches=pick("micro_batches", lambda b: b.micro_batches),
         seed=pick("seed", lambda b: b.seed), betas=base.betas if base is not None else (0.9, 0.95),

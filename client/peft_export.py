@@ -3,7 +3,8 @@
 LoRA, IA3, LN tuning and prompt tuning become a PEFT adapter directory
 (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained`
 loads onto the full Hugging Face model; `full` becomes a full checkpoint
-(config.json + model.safetensors, `AutoModelForCausalLM.from_pretrained` loads it).
+(config.json + model.safetensors, `AutoModelForCausalLM.from_pretrained` loads it), and
+so does `galore`; `bottleneck` and `reft` get the layouts of client/method_export.py.
 The job's settings come from the nodes (GetState's first reply carries the spec), so
 nothing has to be repeated on the command line.
 """
@@ -23,7 +24,8 @@ from pollinate.protocol.tensors import TensorAssembler
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "ln-tuning": "LN_TUNING", "prompt-tuning": "PROMPT_TUNING"}
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "ln-tuning": "LN_TUNING", "prompt-tuning": "PROMPT_TUNING",
+              "prefix-tuning": "PREFIX_TUNING", "llama-adapter": "ADAPTION_PROMPT"}
 
 
 async def gather_job(swarm, job: str, *, timeout_s: float = 60.0) -> tuple[JobSpec, dict[str, torch.Tensor]]:
@@ -65,6 +67,20 @@ def peft_config(spec: JobSpec, *, base_model: str, model_config=None) -> dict:
                        "fan_in_fan_out": False, "init_ia3_weights": True})
     elif spec.method == "ln-tuning":
         config.update({"target_modules": sorted(spec.targets)})
+    elif spec.method == "llama-adapter":  # JobSpec.rank is L, num_virtual_tokens the prompt length
+        config.update({"adapter_len": spec.num_virtual_tokens, "adapter_layers": spec.rank,
+                       "target_modules": "self_attn"})
+    elif spec.method == "prefix-tuning":
+        if model_config is None:
+            raise ValueError("a prefix-tuning adapter needs the model's config (KV heads, layers)")
+        heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+        token_dim = heads * (getattr(model_config, "head_dim", None)
+                             or model_config.hidden_size // model_config.num_attention_heads)
+        # what PEFT's _prepare_prompt_learning_config derives for Llama: KV heads, their width
+        config.update({"num_virtual_tokens": spec.num_virtual_tokens, "token_dim": token_dim,
+                       "num_transformer_submodules": 1, "num_attention_heads": heads,
+                       "num_layers": model_config.num_hidden_layers, "encoder_hidden_size": token_dim,
+                       "prefix_projection": False})
     else:
         if model_config is None:
             raise ValueError("a prompt-tuning adapter needs the model's config (hidden size, layers, heads)")
@@ -109,6 +125,15 @@ def write_full_checkpoint(out_dir, state: dict[str, torch.Tensor], files) -> Pat
 
 def export_job(out_dir, spec: JobSpec, state: dict[str, torch.Tensor], files, *, base_model: str) -> Path:
     """Write the job in its method's format (see the module docstring)."""
-    if spec.method == "full":
+    from pollinate.client import method_export
+
+    if spec.method in ("full", "galore"):  # GaLore trains the full weights: a full checkpoint
         return write_full_checkpoint(out_dir, state, files)
+    if spec.method in method_export.FORMATS:  # no installable library loads these (method_export.py)
+        return method_export.write_method_adapter(out_dir, state, spec, base_model=base_model,
+                                                  model_config=files.config)
+    if spec.method == "prefix-tuning":  # the spans' per-block slices joined into PEFT's one tensor
+        from pollinate.node.adapters.prefix import peft_prompt_embeddings
+
+        state = peft_prompt_embeddings(state, files.num_blocks)
     return write_peft_adapter(out_dir, state, spec, base_model=base_model, model_config=files.config)

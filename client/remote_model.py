@@ -42,12 +42,17 @@ class InferenceSession:
         self.model = model
         self.max_length = max_length
         self.job = job
-        self._remote = RemoteSession(model.swarm, max_length=max_length, job=job)
+        # a soft prompt (prompt tuning) goes in front of the session's first step and takes
+        # cache slots on the nodes like the tokens it stands for
+        self.soft_prompt = model.soft_prompt
+        self.virtual = 0 if self.soft_prompt is None else self.soft_prompt.shape[0]
+        self._remote = RemoteSession(model.swarm, max_length=max_length + self.virtual, job=job)
         self.token_ids: torch.Tensor | None = None  # [batch, position] ids already processed
 
     @property
     def position(self) -> int:
-        return self._remote.position
+        """Tokens of the input processed (the soft prompt's positions not counted)."""
+        return max(0, self._remote.position - self.virtual)
 
     @property
     def route(self):
@@ -90,7 +95,13 @@ class InferenceSession:
         part = self.model.client_part
         with torch.inference_mode():
             hidden = part.embed(new)
+            first = self.virtual and self._remote.position == 0
+            if first:  # as PEFT's prompt tuning: the prompt's vectors before the input's embeddings
+                prompt = self.soft_prompt.to(hidden.device, hidden.dtype).expand(hidden.shape[0], -1, -1)
+                hidden = torch.cat([prompt, hidden], dim=1)
             out = self.step_hidden(hidden)
+            if first:
+                out = out[:, self.virtual:]
             logits = part.logits(out.to(part.dtype))
         self.token_ids = input_ids.clone()
         return logits
@@ -114,6 +125,9 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.client_config = client_config
         self.dht = dht
         self._session: InferenceSession | None = None
+        # a trained soft prompt [virtual tokens, hidden] (`pollinate train --method prompt-tuning
+        # --save DIR`; load_soft_prompt): every session starts with it
+        self.soft_prompt: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(
@@ -158,6 +172,23 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.generation_config.use_cache = False  # the KV cache lives on the nodes
         self.model_files = files
         return self.eval()
+
+    def load_soft_prompt(self, path) -> None:
+        """Use the PEFT PROMPT_TUNING adapter in directory `path` (what `train --save` writes
+        for prompt tuning) in every session from now on."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        if config.get("peft_type") != "PROMPT_TUNING":
+            raise ValueError(f"{path}: not a prompt-tuning adapter (peft_type {config.get('peft_type')!r})")
+        prompt = load_file(str(Path(path) / "adapter_model.safetensors"))["prompt_embeddings"]
+        if prompt.dim() != 2 or prompt.shape[1] != self.config.hidden_size:
+            raise ValueError(f"{path}: prompt_embeddings of shape {list(prompt.shape)}, expected "
+                             f"[virtual tokens, {self.config.hidden_size}]")
+        self.soft_prompt = prompt
 
     def get_input_embeddings(self):
         return self.client_part.embed_tokens

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 # Adapter methods a job may name: node.adapters.METHODS plus the trainer-side CLIENT_METHODS
 # (a test keeps the two lists equal; the coordinator does not import torch to read them).
-METHODS = ("full", "ia3", "ln-tuning", "lora", "prompt-tuning")
+METHODS = ("bottleneck", "full", "galore", "ia3", "llama-adapter", "ln-tuning", "lora", "prefix-tuning",
+           "prompt-tuning", "reft")
 # Names end up in file paths on nodes and in URLs: letters, digits, '.', '_', '-'.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

@@ -263,7 +263,7 @@ def job_diloco_config(*, method: str = "full", round_steps: int = 0, codec: str 
     if key != "cocktail":  # dense rounds: the same optimizer alone or not
         overrides["outer_lr"], overrides["outer_momentum"] = DENSE_OUTER_OPTIMIZER
         overrides["solo_outer_optimizer"] = None
-    elif method != "full":
+    elif method not in ("full", "galore"):  # GaLore trains every weight, as full does
         overrides["outer_lr"] = ADAPTER_OUTER_LR
     if round_steps:
         overrides["inner_steps"] = round_steps

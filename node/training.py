@@ -36,16 +36,19 @@ from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFou
 logger = logging.getLogger(__name__)
 
 
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning", "llama-adapter")  # methods sized by num_virtual_tokens
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A training job's settings; equal specs = the same job."""
 
     method: str = "lora"  # adapter method: a key of node.adapters.METHODS, or "prompt-tuning" (client-side)
-    rank: int = 8  # LoRA rank r
+    rank: int = 8  # LoRA rank r; bottleneck width, LoReFT rank, GaLore projection rank; LLaMA-Adapter: top blocks L
     alpha: float = 16.0  # LoRA alpha; scaling = alpha / rank (PEFT's convention)
     targets: tuple[str, ...] = ()  # module name suffixes; () = the method's default (PEFT's for Llama)
     feedforward: tuple[str, ...] = ()  # IA3: targets that scale their input; () = PEFT's default (down_proj)
-    num_virtual_tokens: int = 0  # prompt tuning: soft prompt length (> 0 for that method only)
+    num_virtual_tokens: int = 0  # prompt / prefix tuning: virtual tokens (> 0 for those methods only)
     lr: float = 4e-4  # inner AdamW lr: DESIGN.md's DiLoCo inner setting
     weight_decay: float = 0.1  # inner AdamW weight decay (DiLoCo inner setting)
     betas: tuple[float, float] = (0.9, 0.95)  # inner AdamW betas (DiLoCo inner setting)
@@ -74,9 +77,9 @@ class JobSpec:
         adapter = METHODS.get(self.method)
         if not self.targets and adapter is not None:  # frozen: resolve defaults once, here
             object.__setattr__(self, "targets", adapter.default_targets)
-        if self.method in ("full", "prompt-tuning") and self.targets:
+        if self.method in ("full", "prompt-tuning", "galore", "reft", "prefix-tuning", "llama-adapter") and self.targets:
             raise ValueError(f"{self.method!r} has no target modules (got {list(self.targets)})")
-        if self.method in ("lora", "ia3", "ln-tuning") and not self.targets:
+        if self.method in ("lora", "ia3", "ln-tuning", "bottleneck") and not self.targets:
             raise ValueError("targets must name at least one module")
         if self.method == "ia3" and not self.feedforward:
             object.__setattr__(self, "feedforward", tuple(t for t in ("down_proj",) if t in self.targets))
@@ -84,8 +87,10 @@ class JobSpec:
             raise ValueError(f"feedforward modules are an IA3 setting, not {self.method!r}'s")
         if not set(self.feedforward) <= set(self.targets):
             raise ValueError(f"feedforward modules {list(self.feedforward)} must be among the targets {list(self.targets)}")
-        if self.method == "prompt-tuning" and self.num_virtual_tokens <= 0:
-            raise ValueError(f"prompt tuning needs num_virtual_tokens > 0, got {self.num_virtual_tokens}")
+        if self.method in VIRTUAL_TOKEN_METHODS and self.num_virtual_tokens <= 0:
+            raise ValueError(f"{self.method} needs num_virtual_tokens > 0, got {self.num_virtual_tokens}")
+        if self.method not in VIRTUAL_TOKEN_METHODS and self.num_virtual_tokens:
+            raise ValueError(f"num_virtual_tokens is not a setting of {self.method!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -155,9 +160,9 @@ def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
     """A job's adapter on `span` and its AdamW (torch's, same arguments as a local run)."""
     host.attach(span)
     adapter = build_adapter(spec, span)
-    optimizer = torch.optim.AdamW(
-        list(adapter.parameters()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
-    )
+    # AdamW, or the method's own (GaLore); None where the job has nothing on this span
+    # (LLaMA-Adapter's blocks below its top L): the span then runs as the base model for it
+    optimizer = adapter.make_optimizer(spec) if any(True for _ in adapter.parameters()) else None
     return Job(name=name, spec=spec, adapter=adapter, optimizer=optimizer)
 
 
@@ -168,10 +173,11 @@ def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor
     Returns the gradient with respect to `hidden`, or None with input_grad=False (then
     autograd does not compute it). job None: the base span, input gradient only
     (client-side methods such as prompt tuning train nothing on the node)."""
-    x = hidden.detach().to(span.device, span.dtype).requires_grad_(input_grad)
-    with torch.enable_grad(), host.use(job.adapter if job is not None else None):
+    trains = job is not None and job.optimizer is not None
+    x = hidden.detach().to(span.device, span.dtype).requires_grad_(input_grad or not trains)
+    with torch.enable_grad(), host.use(job.adapter if trains else None):
         out = span(x)
-        torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=[x] if job is None else None)
+        torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=None if trains else [x])
     if job is None:
         return x.grad.to(hidden.device, hidden.dtype)
     job.pending += 1
@@ -185,6 +191,9 @@ def optimizer_step(job: Job) -> bool:
     """Average, clip, check and apply the accumulated gradients; False if the step was skipped."""
     params = [p for p in job.adapter.parameters() if p.grad is not None]
     n, job.pending = job.pending, 0
+    if job.optimizer is None:  # nothing of the job's here: the step is counted, as on the other spans
+        job.inner_steps += 1
+        return True
     try:
         if not params:
             return False
@@ -230,7 +239,7 @@ class JobManager:
             except ValueError as e:
                 raise InvalidRequest(f"job {name!r}: {e}") from e
             logger.info("job %s created on blocks %d:%d: %s", name, self.server.start, self.server.end, spec)
-            if self.rounds is not None:
+            if self.rounds is not None and job.optimizer is not None:  # nothing here: no rounds
                 self.rounds.track(job)
         elif spec is not None and spec != job.spec:
             raise FailedPrecondition(f"job {name!r} exists on this node with different settings: {job.spec} (asked: {spec})")

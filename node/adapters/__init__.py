@@ -12,6 +12,15 @@ An adapter acts in up to three ways, each a method of `Adapter` (defaults: no ef
 - `replacements`: parameters of the span's modules are swapped for the job's own tensors
   during the call and swapped back after it (LayerNorm tuning, full fine-tuning). The base
   tensors are never written, so inference without the job and other jobs see them intact.
+- `block_output`: a decoder block's output hidden states are replaced (ReFT's interventions);
+  the host hooks the span's blocks (`layers.N`) for it as it hooks the Linear modules;
+- `block_inputs`: a decoder block's call arguments are replaced (prefix tuning: positions,
+  cache and mask);
+- `attention_output`: a block's attention output is replaced, given the attention's inputs
+  (LLaMA-Adapter's gated adaption prompt).
+
+An adapter may also bring its own optimizer (`make_optimizer`; GaLore): the default is
+torch's AdamW with the job's settings.
 
 Without `use`, the span is the base model. To add a method: a module here with a subclass
 of `Adapter` (parameters named as PEFT names them) and an entry in METHODS.
@@ -42,6 +51,28 @@ class Adapter(nn.Module):
         """(module, parameter name, the job's tensor) to swap in while the adapter is in use."""
         return []
 
+    def block_output(self, block_name: str, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The output decoder block `block_name` ("layers.N") should return instead of `hidden`; None = unchanged."""
+        return None
+
+    def block_inputs(self, block_name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The (args, kwargs) decoder block `block_name` should be called with; None = unchanged."""
+        return None
+
+    def attention_output(self, block_name: str, attention: nn.Module, kwargs: dict,
+                         output: torch.Tensor) -> torch.Tensor | None:
+        """What `attention` (the block's self_attn) returns instead of `output`, given its kwargs; None = unchanged."""
+        return None
+
+    def make_optimizer(self, spec) -> torch.optim.Optimizer:
+        """The job's inner optimizer over this adapter's parameters: AdamW with the job's settings."""
+        return torch.optim.AdamW(list(self.parameters()), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+    def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes of tensors the optimizer keeps for this adapter (moments, projectors)."""
+        return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                   if isinstance(t, torch.Tensor) and t.dim() > 0)
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         """Trainable tensors under PEFT's names (`base_model.model.model.layers.N...`)."""
         raise NotImplementedError
@@ -61,6 +92,11 @@ class AdapterHost:
             if isinstance(module, nn.Linear):
                 module.register_forward_pre_hook(self._pre_hook(name))
                 module.register_forward_hook(self._hook(name))
+            elif name.count(".") == 1 and name.startswith("layers."):  # a decoder block
+                module.register_forward_hook(self._block_hook(name))
+                module.register_forward_pre_hook(self._block_pre_hook(name), with_kwargs=True)
+            elif name.count(".") == 2 and name.startswith("layers.") and name.endswith(".self_attn"):
+                module.register_forward_hook(self._attention_hook(name.rsplit(".", 1)[0]), with_kwargs=True)
         self._attached.add(id(span))
 
     def _pre_hook(self, name: str):
@@ -79,6 +115,32 @@ class AdapterHost:
             if adapter is None:
                 return None
             return adapter.delta(name, inputs[0], output)
+
+        return hook
+
+    def _block_hook(self, name: str):
+        def hook(module, inputs, output):
+            adapter = self.active
+            if adapter is None or not isinstance(output, torch.Tensor):
+                return None
+            return adapter.block_output(name, output)
+
+        return hook
+
+    def _block_pre_hook(self, name: str):
+        def hook(module, args, kwargs):
+            adapter = self.active
+            return None if adapter is None else adapter.block_inputs(name, args, kwargs)
+
+        return hook
+
+    def _attention_hook(self, block: str):
+        def hook(module, args, kwargs, output):
+            adapter = self.active
+            if adapter is None:
+                return None
+            out = adapter.attention_output(block, module, kwargs, output[0])
+            return None if out is None else (out, *output[1:])
 
         return hook
 
@@ -120,12 +182,19 @@ def known_methods() -> list[str]:
     return sorted(METHODS) + sorted(CLIENT_METHODS)
 
 
+from pollinate.node.adapters.bottleneck import Bottleneck  # noqa: E402
 from pollinate.node.adapters.full import Full  # noqa: E402  (the registry's entries)
+from pollinate.node.adapters.galore import GaLore  # noqa: E402
 from pollinate.node.adapters.ia3 import IA3  # noqa: E402
+from pollinate.node.adapters.llama_adapter import LlamaAdapter  # noqa: E402
 from pollinate.node.adapters.ln_tuning import LNTuning  # noqa: E402
 from pollinate.node.adapters.lora import LoRA  # noqa: E402
+from pollinate.node.adapters.prefix import PrefixTuning  # noqa: E402
+from pollinate.node.adapters.reft import LoReFT  # noqa: E402
 
-METHODS: dict[str, type[Adapter]] = {"lora": LoRA, "ia3": IA3, "ln-tuning": LNTuning, "full": Full}
+METHODS: dict[str, type[Adapter]] = {"lora": LoRA, "ia3": IA3, "ln-tuning": LNTuning, "full": Full,
+                                     "bottleneck": Bottleneck, "reft": LoReFT, "galore": GaLore,
+                                     "prefix-tuning": PrefixTuning, "llama-adapter": LlamaAdapter}
 # Methods whose trainable state the trainer owns (client/prompt_tuning.py): nodes run the
 # base span for them, so they have no entry in METHODS.
 CLIENT_METHODS = {"prompt-tuning"}

@@ -3,7 +3,7 @@ the swarm, export it, and save the swarm's logits (with the job) for a probe.
 
     python finetune_client.py --model DIR --cache-dir C --initial-peers MADDR --out DIR \
         --job J --steps 3 --rank 4 --alpha 8 --lr 0.01 --micro-batches 1 --seed 3 \
-        [--methods lora | ia3,ln-tuning,full,prompt-tuning] [--num-virtual-tokens 4]
+        [--methods lora | ia3,ln-tuning,full,prompt-tuning,bottleneck,reft,galore] [--num-virtual-tokens 4]
 
 With several methods, one job per method (J-METHOD) is trained in turn and exported to
 OUT/METHOD with the job's settings read back from the nodes (client/peft_export.py); the
@@ -24,15 +24,18 @@ def token_batches(n: int, seed: int = 1):
     return [torch.randint(3, 256, (2, 12), generator=g) for _ in range(n)]
 
 
-def generate(args, dht, job: str, probe, path: str) -> dict:
-    """Greedy generation through the swarm's Inference sessions with the job's adapter,
-    saved to `path`; also the error a session with an unknown job gets."""
+def generate(args, dht, job: str, probe, path: str, soft_prompt: str | None = None) -> dict:
+    """Greedy generation through the swarm's Inference sessions with the job's adapter (or
+    the soft prompt exported to directory `soft_prompt`), saved to `path`; also the error a
+    session with an unknown job gets."""
     from safetensors.torch import save_file
 
     from pollinate.client.remote_model import RemoteModelForCausalLM
 
     remote = RemoteModelForCausalLM.from_pretrained(args.model, dht=dht, cache_dir=args.cache_dir, job=job,
                                                     wire_codec="none")
+    if soft_prompt is not None:
+        remote.load_soft_prompt(soft_prompt)
     prompt = probe[:1, :6]
     generated = remote.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     base = {}
@@ -61,6 +64,7 @@ def main() -> int:
     p.add_argument("--methods", default="lora")
     p.add_argument("--targets", default="", help="comma-separated LoRA targets [the method's default]")
     p.add_argument("--num-virtual-tokens", type=int, default=4)
+    p.add_argument("--adapter-layers", type=int, default=2, help="llama-adapter: top blocks L (its JobSpec.rank)")
     args = p.parse_args()
 
     from pollinate.node.announce import start_dht
@@ -73,7 +77,7 @@ def main() -> int:
     from pollinate.client.prompt_tuning import PromptTuningTrainer
     from pollinate.client.swarm import Swarm
     from pollinate.client.trainer import Trainer, TrainConfig
-    from pollinate.client.training_data import Example
+    from pollinate.client.training_data import Example, causal_lm_loss
     from pollinate.client.worker import LoopThread
     from pollinate.node.model_files import open_model
     from pollinate.node.training import JobSpec
@@ -83,13 +87,15 @@ def main() -> int:
     swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks,
                   config=ClientConfig(wire_codec="none", ban_base_s=60.0))
     methods = args.methods.split(",")
-    histories = {}
+    histories, first_loss = {}, {}
     for method in methods:
         job = args.job if methods == ["lora"] else f"{args.job}-{method}"
         out = args.out if methods == ["lora"] else f"{args.out}/{method}"
-        spec = JobSpec(method=method, rank=args.rank, alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches,
-                       grad_clip=0.0, seed=args.seed, targets=tuple(t for t in args.targets.split(",") if t),
-                       num_virtual_tokens=args.num_virtual_tokens if method == "prompt-tuning" else 0)
+        spec = JobSpec(method=method, rank=args.adapter_layers if method == "llama-adapter" else args.rank,
+                       alpha=args.alpha, lr=args.lr, micro_batches=args.micro_batches, grad_clip=0.0, seed=args.seed,
+                       targets=tuple(t for t in args.targets.split(",") if t),
+                       num_virtual_tokens=(args.num_virtual_tokens
+                                           if method in ("prompt-tuning", "prefix-tuning", "llama-adapter") else 0))
         config = TrainConfig(job=job, spec=spec, steps=args.steps, batch_size=2, wire_codec="none")
         trainer = (PromptTuningTrainer if method == "prompt-tuning" else Trainer)(
             swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=0, config=config)
@@ -105,10 +111,17 @@ def main() -> int:
         probe = token_batches(1, seed=99)[0]
         save_file({"probe": probe, "logits": trainer.forward_logits(probe),
                    "base_logits": trainer.forward_logits(probe, job="")}, f"{out}/swarm_logits.safetensors")
-        if method == "full":  # generation with a job whose weights are swapped in (not hooked)
+        first = data[0]  # the loss of the first training batch, base model and trained job (loss falls)
+        first_loss[method] = {
+            "base": float(causal_lm_loss(trainer.forward_logits(first, job=""), first)),
+            "trained": float(causal_lm_loss(trainer.forward_logits(first), first))}
+        if method in ("full", "reft", "prefix-tuning", "llama-adapter"):  # weights swapped in; a block output hooked; a prefix
+            # before the session's cache
             generate(args, dht, f"{job}", probe, f"{out}/swarm_generate.safetensors")
+        if method == "prompt-tuning":  # the base model in the swarm, the exported soft prompt here
+            generate(args, dht, "", probe, f"{out}/swarm_generate.safetensors", soft_prompt=out)
     if methods != ["lora"]:
-        print(json.dumps({"history": histories}), flush=True)
+        print(json.dumps({"history": histories, "first_batch_loss": first_loss}), flush=True)
         worker.run(swarm.close(), 5.0)
         worker.stop()
         dht.shutdown()

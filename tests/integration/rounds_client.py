@@ -20,12 +20,12 @@ import sys
 JOB_SEED = 3  # every replica's adapter starts from the same seed
 
 
-def job_spec(round_steps: int, overlap: bool | None = None):
+def job_spec(round_steps: int, overlap: bool | None = None, method: str = "lora"):
     from pollinate.node.training import JobSpec
     from pollinate.protocol.v1 import node_pb2
 
-    return JobSpec(rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED,
-                   overlap_rounds=overlap).to_proto(node_pb2)
+    return JobSpec(method=method, rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED,
+                   overlap_rounds=overlap, num_virtual_tokens=4 if method in ("prefix-tuning", "llama-adapter") else 0).to_proto(node_pb2)
 
 
 async def wait_for_round(cfg, coordinator: str, nodes: list[str], job: str, num_blocks: int, rnd: int,
@@ -96,11 +96,14 @@ async def node_state(cfg, address: str, job: str, rnd: int) -> dict:
 async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int, first_block: int = 0):
     """(round, {"diloco.global", "diloco.momentum"}, state bytes) last committed at the coordinator
     for span first_block:num_blocks."""
+    import dataclasses
+
     from pollinate.compression.outer import state_from_bytes
-    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
-    channel = open_channel(coordinator, cfg)
+    # a full-weight state (full, galore) is over one tensor chunk: the nodes' own limit for it
+    channel = open_channel(coordinator, dataclasses.replace(cfg, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
     committed = await coordinator_pb2_grpc.CoordinatorStub(channel).GetCommittedState(
         coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=first_block, end=num_blocks)),
         timeout=10)
@@ -134,7 +137,7 @@ async def main_async(args) -> dict:
     from pollinate.protocol.channels import ChannelConfig
 
     cfg = ChannelConfig(token=args.token)
-    spec = job_spec(args.round_steps, args.overlap)
+    spec = job_spec(args.round_steps, args.overlap, args.method)
     nodes = args.nodes.split(",")
     finished: list[str] = []  # the replicas that did every step
 
@@ -163,6 +166,7 @@ def main() -> int:
     p.add_argument("--nodes", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("--job", default="rounds")
+    p.add_argument("--method", default="lora", help="the job's adapter method (node/adapters/)")
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--round-steps", type=int, default=3)
     p.add_argument("--num-blocks", type=int, default=4, help="the span's end (the model's blocks)")

@@ -215,6 +215,14 @@ def test_swarm_methods_match_local_and_export(swarm, tiny_model_dir, tiny_cache_
             with torch.no_grad():
                 local_gen = exported.generate(gen["prompt"], max_new_tokens=8, min_new_tokens=8, do_sample=False)
             assert torch.equal(local_gen, gen["generated"]), (local_gen, gen["generated"])
+        if method == "prompt-tuning":  # `pollinate generate --soft-prompt DIR`'s path: greedy decoding
+            # of the exported PEFT model, recomputed over the whole sequence per token
+            gen = load_file(str(out / method / "swarm_generate.safetensors"))
+            seq = gen["prompt"]
+            with torch.no_grad():
+                while seq.shape[1] < gen["generated"].shape[1]:
+                    seq = torch.cat([seq, exported(seq).logits[:, -1:].argmax(-1)], dim=1)
+            assert torch.equal(seq, gen["generated"]), (seq, gen["generated"])
 
 
 def test_bad_input_fails_before_training(tmp_path, tiny_model_dir, tiny_cache_dir):
@@ -236,7 +244,7 @@ def test_bad_input_fails_before_training(tmp_path, tiny_model_dir, tiny_cache_di
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"text": "ok"}\n')
     r = train(ok, "--method", "bogus")
-    assert r.returncode == 2 and "unknown adapter method 'bogus'; known: ['full', 'ia3', 'ln-tuning', 'lora', " \
-        "'prompt-tuning']" in r.stderr, r.stderr
+    assert r.returncode == 2 and "unknown adapter method 'bogus'; known: ['bottleneck', 'full', 'galore', 'ia3', " \
+        "'llama-adapter', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning']" in r.stderr, r.stderr
     r = train(ok, "--method", "prompt-tuning")
     assert r.returncode == 2 and "needs --save DIR" in r.stderr, r.stderr

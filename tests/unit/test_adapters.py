@@ -25,6 +25,11 @@ METHOD_SPECS = {
     "ia3": dict(),
     "ln-tuning": dict(),
     "full": dict(),
+    "bottleneck": dict(rank=4),  # tests/unit/test_methods.py: these three against local training
+    "reft": dict(rank=2),
+    "galore": dict(rank=2),
+    "prefix-tuning": dict(num_virtual_tokens=2),
+    "llama-adapter": dict(num_virtual_tokens=2, rank=4),  # rank = top blocks: all 4 of the tiny model
 }
 
 
@@ -146,8 +151,8 @@ def test_spec_defaults_and_validation():
     assert JobSpec(method="ia3", targets=("q_proj",)).feedforward == ()
     assert JobSpec(method="ln-tuning").targets == ("input_layernorm", "post_attention_layernorm")
     assert JobSpec(method="full").targets == ()
-    with pytest.raises(ValueError, match=r"unknown adapter method 'bogus'; known: \['full', 'ia3', 'ln-tuning', "
-                                         r"'lora', 'prompt-tuning'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter method 'bogus'; known: \['bottleneck', 'full', 'galore', "
+                                         r"'ia3', 'llama-adapter', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning'\]"):
         JobSpec(method="bogus")
     with pytest.raises(ValueError, match="must be among the targets"):
         JobSpec(method="ia3", targets=("k_proj",), feedforward=("down_proj",))

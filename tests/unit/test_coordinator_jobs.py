@@ -57,7 +57,7 @@ def test_registry_is_idempotent_names_clashing_fields_and_survives_reopening(tmp
     ("", LORA, "job name ''"),
     ("a/b", LORA, "job name 'a/b'"),
     ("x" * 65, LORA, "1-64 letters"),
-    ("ok", {**LORA, "method": "bogus"}, "unknown adapter method 'bogus'; known: full, ia3, ln-tuning, lora"),
+    ("ok", {**LORA, "method": "bogus"}, "unknown adapter method 'bogus'; known: bottleneck, full, galore, ia3, llama-adapter, ln-tuning, lora, prefix-tuning"),
     ("ok", {**LORA, "rank": 0}, "rank must be > 0, got 0"),
     ("ok", {**LORA, "lr": float("nan")}, "lr must be > 0"),
     ("ok", {**LORA, "alpha": float("inf")}, "alpha must be finite"),
