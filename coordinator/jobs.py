@@ -21,6 +21,7 @@ import time
 
 from pollinate.coordinator.store import JobRecord, Store
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+from pollinate.protocol.job_limits import check_job_fields
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ def check_spec(spec: dict) -> None:
     for key, value in spec.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidRequest(f"job spec: {key} must be finite, got {value!r}")
+    try:
+        check_job_fields(spec)  # the ranges nodes check too (protocol/job_limits.py)
+    except ValueError as e:
+        raise InvalidRequest(f"job spec: {e}") from None
 
 
 def spec_differences(registered: dict, asked: dict) -> list[str]:

@@ -41,6 +41,7 @@ from pollinate.compression.outer import (
     shard_bounds,
     state_checksum,
 )
+from pollinate.protocol.job_limits import JOB_CODECS  # what a job may name (JobSpec.codec)
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,6 @@ def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
     return get_codec(codec_id, **dict(params))
 
 
-JOB_CODECS = ("cocktail", "int8", "fp16", "none")  # what a job may name (JobSpec.codec)
 COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
 # Outer lr with the cocktail codec for jobs that train adapters (every method but "full"):
 # DiLoCoConfig's 1.6 comes from training all weights; with LoRA, bench_diloco --lora 8 gave

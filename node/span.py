@@ -134,6 +134,7 @@ class Span(nn.Module):
         if getattr(config, "layer_types", None) is not None:
             self.config.layer_types = list(config.layer_types[start:end])
         self.config.num_hidden_layers = end - start
+        self.model_num_blocks = config.num_hidden_layers  # the whole model's (LLaMA-Adapter's top L)
         self.start, self.end = start, end
         self.quant = "none"  # node/quant.py sets "int8" or "int4" once the Linear weights are quantised
         layer_cls = self.family.cls("decoder_layer")

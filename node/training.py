@@ -32,6 +32,7 @@ from pollinate.node.adapters import CLIENT_METHODS, METHODS, AdapterHost, build_
 from pollinate.node.kept_inputs import KeptInputs
 from pollinate.node.span import SpanError
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+from pollinate.protocol.job_limits import check_job_fields
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,14 @@ class JobSpec:
         if self.round_steps < 0:
             raise ValueError(f"round_steps must be >= 0, got {self.round_steps}")
         self.diloco_config()  # the DiLoCo settings' own checks
+        check_job_fields({  # then every field's range, NaN and inf refused (protocol/job_limits.py)
+            "rank": self.rank, "alpha": self.alpha, "lr": self.lr, "weight_decay": self.weight_decay,
+            "beta1": self.betas[0], "beta2": self.betas[1], "grad_clip": self.grad_clip,
+            "micro_batches": self.micro_batches, "round_steps": self.round_steps,
+            "num_virtual_tokens": self.num_virtual_tokens, "codec": self.codec, "codec_p": self.codec_p,
+            "codec_k": self.codec_k, "codec_bits": self.codec_bits, "codec_bucket": self.codec_bucket,
+            "warmup_rounds": self.warmup_rounds, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+            "targets": self.targets, "feedforward_modules": self.feedforward})
 
     def diloco_config(self):
         """The job's DiLoCoConfig: its settings over DiLoCoConfig's defaults (node/diloco.py)."""

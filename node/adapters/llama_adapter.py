@@ -38,10 +38,11 @@ class LlamaAdapter(Adapter):
         super().__init__()
         config = span.config
         self.adapter_len = spec.num_virtual_tokens
-        first = config.num_hidden_layers - spec.rank  # the top L = rank blocks
+        num_blocks = span.model_num_blocks  # span.config counts the span's own blocks only
+        first = num_blocks - spec.rank  # the top L = rank blocks
         if first < 0:
             raise ValueError(f"llama-adapter: {spec.rank} adapter layers (rank) but the model has "
-                             f"{config.num_hidden_layers} blocks")
+                             f"{num_blocks} blocks")
         self.prompt = nn.ParameterDict()
         self.gate = nn.ParameterDict()
         for name, block in span.named_modules():

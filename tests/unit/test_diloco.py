@@ -102,8 +102,9 @@ def test_a_lone_member_sends_nothing_lossy_and_takes_the_solo_outer_step():
 
 
 def test_outer_step_matches_torch_sgd():
-    theta = torch.randn(50)
-    grads = [torch.randn(50) for _ in range(3)]
+    gen = torch.Generator().manual_seed(0)  # unseeded draws made the fp32 rounding gap vary
+    theta = torch.randn(50, generator=gen)
+    grads = [torch.randn(50, generator=gen) for _ in range(3)]
     ref = torch.nn.Parameter(theta.clone())
     sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
     mine, buf = theta.clone(), torch.zeros(50)
@@ -111,7 +112,9 @@ def test_outer_step_matches_torch_sgd():
         ref.grad = g.clone()
         sgd.step()
         outer_step(mine, buf, g, lr=0.7, momentum_coef=0.9, nesterov=True)
-    assert torch.allclose(mine, ref.detach(), atol=1e-6, rtol=0)
+    # torch's SGD and outer_step order their fp32 operations differently: equal to rounding
+    # (values reach ~10, where one ulp is ~1e-6)
+    assert torch.allclose(mine, ref.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_member_dropping_out_renormalises_by_tokens():
