@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-PROMPT = "Explain why the sky is blue in a few sentences."
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wan_client import PROMPT  # noqa: E402  (the same chat prompt as bench_wan's generation)
 
 
 def main() -> int:
