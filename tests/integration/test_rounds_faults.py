@@ -71,8 +71,10 @@ def test_sigkill_of_a_replica_during_a_round_the_job_finishes(tmp_path, tiny_mod
     assert sorted(groups) == [1, 2, 3], groups  # nothing committed was lost, no round skipped
     assert alive <= {m for m, reported in groups[1].items() if reported}, groups  # before the fault
     # round 2 either committed for the two that reported (the dead member in its group without
-    # a checksum), or aborted and was formed again with the two: the survivors' checksums only
-    assert {m for m, reported in groups[2].items() if reported} == alive, groups
+    # a checksum), or aborted and was formed again with the two: the survivors' checksums; or,
+    # where the SIGKILL landed after the dead member had reported (the kill follows the "formed"
+    # line by a poll interval and a signal), committed with its checksum too
+    assert alive <= {m for m, reported in groups[2].items() if reported} <= alive | {dead}, groups
     assert groups[3] == dict.fromkeys(alive, True), groups
     print("round 2:", "committed by the 2 survivors" if dead in groups[2] else "aborted and retried")
 
