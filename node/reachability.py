@@ -51,40 +51,40 @@ def decide(mode: str, *, checked_address: str | None, reachable: bool | None, de
     return Reachability(relayed=True, relays=relays, why=why)
 
 
-def coordinator_check(coordinator: str, token: str | None, tls: dict):
-    """check(address) -> (reachable, detail) through the coordinator's CheckReachable."""
+async def _ask_coordinator(coordinator: str, token: str | None, tls: dict, method: str, request):
+    """One unary call to the coordinator on a channel of its own (the node's member client
+    may not exist yet)."""
     from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.errors import translate_rpc_errors
-    from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
+    from pollinate.protocol.v1 import coordinator_pb2_grpc
+
+    channel = open_channel(coordinator, ChannelConfig(token=token, **tls))
+    try:
+        with translate_rpc_errors(peer=coordinator):
+            return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=30.0)
+    finally:
+        await channel.close()
+
+
+def coordinator_check(coordinator: str, token: str | None, tls: dict):
+    """check(address) -> (reachable, detail) through the coordinator's CheckReachable."""
+    from pollinate.protocol.v1 import coordinator_pb2
 
     async def check(address: str) -> tuple[bool, str]:
-        channel = open_channel(coordinator, ChannelConfig(token=token, **tls))
-        try:
-            with translate_rpc_errors(peer=coordinator):
-                reply = await coordinator_pb2_grpc.CoordinatorStub(channel).CheckReachable(
-                    coordinator_pb2.CheckReachableRequest(address=address), timeout=30.0)
-            return reply.reachable, reply.detail
-        finally:
-            await channel.close()
+        reply = await _ask_coordinator(coordinator, token, tls, "CheckReachable",
+                                       coordinator_pb2.CheckReachableRequest(address=address))
+        return reply.reachable, reply.detail
 
     return check
 
 
 def coordinator_relays(coordinator: str, token: str | None, tls: dict):
     """relays() -> the relays the coordinator offers now (its Status)."""
-    from pollinate.protocol.channels import ChannelConfig, open_channel
-    from pollinate.protocol.errors import translate_rpc_errors
-    from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
+    from pollinate.protocol.v1 import coordinator_pb2
 
     async def relays() -> tuple[str, ...]:
-        channel = open_channel(coordinator, ChannelConfig(token=token, **tls))
-        try:
-            with translate_rpc_errors(peer=coordinator):
-                reply = await coordinator_pb2_grpc.CoordinatorStub(channel).Status(
-                    coordinator_pb2.StatusRequest(), timeout=30.0)
-            return tuple(reply.relays)
-        finally:
-            await channel.close()
+        reply = await _ask_coordinator(coordinator, token, tls, "Status", coordinator_pb2.StatusRequest())
+        return tuple(reply.relays)
 
     return relays
 
