@@ -97,15 +97,18 @@ class HttpStatusServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            headers: dict[str, str] = {}
+            method, parts = "", []
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            headers: dict[str, str] = {}
-            method = ""
-            if len(parts) != 3:
+                parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+                return  # no whole request came: nothing to answer
+            except asyncio.LimitOverrunError:  # a head over MAX_REQUEST_BYTES: say so, as HTTP does
+                parts = None
+            if parts is None:
+                code, ctype, body = 431, "text/plain", b"request head too large\n"
+            elif len(parts) != 3:
                 code, ctype, body = 400, "text/plain", b"bad request\n"
             else:
                 method, target, _ = parts
@@ -165,4 +168,5 @@ class HttpStatusServer:
         return code, "text/html; charset=utf-8", text.encode(), stamp
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large"}

@@ -244,8 +244,10 @@ def _log_failure(method: str, exc: BaseException) -> None:
     if isinstance(exc, InvalidRequest):  # a peer's bad input: it may come by the thousand
         _bad_input_log(logger.info, method, "%s answered INVALID_ARGUMENT: %s", method, one_line(str(exc)))
     elif is_domain_error(exc):
-        # The caller's problem or an expected condition: one line, no traceback.
-        logger.info("%s answered %s: %s", method, status_code_for(exc).name, exc)
+        # The caller's problem or an expected condition: one short line, no traceback, and
+        # rate-limited too: a stranger can make every one of these happen in a loop.
+        code = status_code_for(exc).name
+        _bad_input_log(logger.info, f"{method} {code}", "%s answered %s: %s", method, code, one_line(str(exc)))
     else:
         logger.exception("%s failed unexpectedly, answered INTERNAL", method, exc_info=exc)
 
