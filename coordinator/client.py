@@ -30,7 +30,7 @@ from typing import Awaitable, Callable
 import grpc.aio
 
 from pollinate.coordinator.placement import Span
-from pollinate.protocol.auth import token_metadata
+from pollinate.protocol.auth import member_key_metadata, new_member_key, token_metadata
 from pollinate.protocol.channels import ChannelConfig, open_channel
 from pollinate.protocol.errors import (
     NotFound,
@@ -38,6 +38,8 @@ from pollinate.protocol.errors import (
     PollinateError,
     ProtocolMismatch,
     RpcTimeout,
+    Unauthenticated,
+    one_line,
     translate_rpc_errors,
 )
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -69,6 +71,10 @@ class CoordinatorClientConfig:
     # Offer this node's DHT peer as a circuit relay for nodes that cannot be dialled: its
     # multiaddr (pollinate node --relay); empty: no.
     relay_maddr: str = ""
+    # This process's member key (protocol/auth.py): sent with the Join and every call in the
+    # member's name, answered to the coordinator's challenge by the node's Health. A new one
+    # per process: a restarted node proves its address by serving there.
+    member_key: str = field(default_factory=new_member_key, repr=False)
     # Deadline of each RPC, seconds. 5 s: far above a loopback or LAN round trip, short
     # enough that one lost heartbeat does not delay the next.
     rpc_timeout_s: float = 5.0
@@ -133,7 +139,7 @@ class CoordinatorClient:
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
         self._stream = None  # the open HeartbeatStream call, or None
-        self._metadata = token_metadata(config.token)
+        self._metadata = token_metadata(config.token) + member_key_metadata(config.member_key)
         self._unary = False  # the coordinator lacks HeartbeatStream: unary Heartbeat calls
 
     # ---- public API -------------------------------------------------------------------
@@ -288,9 +294,12 @@ class CoordinatorClient:
                     serving_span=_span_msg(self.serving_span), throughput=self._throughput,
                 )
                 reply = await self._beat(request)
-            except NotFound:
-                logger.warning("coordinator does not know member %s; joining again",
-                               self.member_id)
+            except (NotFound, Unauthenticated) as e:
+                # Unauthenticated: the member carries another key (someone else's heartbeat
+                # claimed it first after a coordinator restart): a Join, proven by serving at
+                # our address, takes it back.
+                logger.warning("coordinator does not know member %s (%s); joining again",
+                               self.member_id, one_line(str(e), 200))
                 self.assignment = None
                 await self._rejoin()
                 continue

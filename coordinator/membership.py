@@ -9,6 +9,7 @@ this module only applies them.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import math
@@ -30,12 +31,14 @@ from pollinate.coordinator.placement import (
     plan_moves,
 )
 from pollinate.coordinator.store import MemberRecord, Store
+from pollinate.protocol.auth import MEMBER_KEY_METADATA_KEY
 from pollinate.protocol.relay import is_relayed, parse_relayed
 from pollinate.protocol.errors import (
     FailedPrecondition,
     InvalidRequest,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class JoinParams:
     name: str = ""
     source_host: str = ""  # peer IP as gRPC saw it
     relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
+    member_key: str = ""  # the joiner's member key (protocol/auth.py); empty: an unkeyed client
 
 
 @dataclass(slots=True)
@@ -102,6 +106,9 @@ class Member:
     last_heartbeat_at: float  # unix seconds, for status
     move_reason: str = ""  # set while a MOVE instruction is pending
     relay_maddr: str = ""  # offered as a circuit relay; soft state, re-sent at every join
+    # Its member key (protocol/auth.py): calls in its name must carry it. Soft state: after a
+    # coordinator restart the first key presented in its name is adopted.
+    member_key: str = ""
 
     @property
     def member_id(self) -> str:
@@ -205,7 +212,8 @@ class Membership:
                         throughput=record.throughput,
                         serving_span=params.current_span if params.current_span == span else None,
                         lease_deadline=self.clock() + self.config.lease_s,
-                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr)
+                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr,
+                        member_key=params.member_key)
         self._insert(member)
         self.counters["joins"] += 1
         logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",
@@ -213,6 +221,24 @@ class Membership:
                     span, " (pinned)" if pinned else "", record.throughput, epoch,
                     len(self.members))
         return member
+
+    def member_at(self, address: str) -> Member | None:
+        member_id = self._by_address.get(address)
+        return self.members.get(member_id) if member_id else None
+
+    def check_key(self, member_id: str, key: str | None) -> None:
+        """Raise Unauthenticated unless a call in `member_id`'s name carries its member key.
+        Unknown ids pass (the call itself answers NOT_FOUND); a member without a key (restored
+        after a restart, or an unkeyed client) adopts the first key presented."""
+        member = self.members.get(member_id)
+        if member is None:
+            return
+        if not member.member_key:
+            member.member_key = key or ""
+            return
+        if key is None or not hmac.compare_digest(key.encode(), member.member_key.encode()):
+            raise Unauthenticated(f"member {member_id}: calls in its name must carry its member key "
+                                  f"(metadata {MEMBER_KEY_METADATA_KEY!r}); this one does not")
 
     def _check_join(self, params: JoinParams) -> int:
         """A Join's values checked against the swarm; returns its capacity in blocks."""

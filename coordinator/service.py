@@ -14,13 +14,14 @@ from typing import Callable
 import grpc.aio
 
 from pollinate import __version__
-from pollinate.coordinator.address_check import AddressCheck
+from pollinate.coordinator.address_check import AddressCheck, holder_answers
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership, parse_address
 from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.addresses import probe_tcp
+from pollinate.protocol.auth import presented_member_key
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, one_line
 from pollinate.protocol.relay import dialer as relay_dialer
 from pollinate.protocol.relay import is_relayed
@@ -84,8 +85,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Join(self, request: coordinator_pb2.JoinRequest, context):
         source_host = peer_host(context.peer() or "")
+        key = presented_member_key(context.invocation_metadata()) or ""
         if self.address_check is not None:
             await self.address_check.joining(request.address, peer_host=source_host)
+        await self._check_takeover(request.address, key)
         params = JoinParams(
             address=request.address,
             model_id=request.model_id,
@@ -96,6 +99,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             name=one_line(request.name, 64),  # a label for logs and status: one line
             source_host=source_host,
             relay_maddr=request.relay_maddr,
+            member_key=key,
         )
         member = self.membership.join(params)
         cfg = self.membership.config
@@ -110,7 +114,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             num_blocks=cfg.num_blocks,
         )
 
+    async def _check_takeover(self, address: str, key: str) -> None:
+        """A Join for an address a keyed member holds, with another key, passes only if that
+        member no longer answers there (issue 18, item 5: no taking over a live node's place)."""
+        held = self.membership.member_at(address)
+        if held is None or not held.member_key or key == held.member_key:
+            return
+        timeout_s = self.address_check.config.dial_timeout_s if self.address_check else 3.0
+        if await holder_answers(address, held.member_key, timeout_s):
+            raise FailedPrecondition(
+                f"{one_line(address, 200)} is held by member {held.member_id}, which still serves there; "
+                f"only the node at that address can join with it")
+
+    def _member_key(self, member_id: str, context) -> None:
+        self.membership.check_key(member_id, presented_member_key(context.invocation_metadata()))
+
     async def Heartbeat(self, request: coordinator_pb2.HeartbeatRequest, context):
+        self._member_key(request.member_id, context)
         return self._heartbeat(request)
 
     async def HeartbeatStream(self, request_iterator, context):
@@ -123,6 +143,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 return
             if member_id is None:
                 member_id = request.member_id
+                self._member_key(member_id, context)
             elif request.member_id != member_id:
                 raise InvalidRequest(f"this heartbeat stream belongs to member {member_id!r}, "
                                      f"not {request.member_id!r}; open a stream per member")
@@ -144,6 +165,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
 
     async def Leave(self, request: coordinator_pb2.LeaveRequest, context):
+        self._member_key(request.member_id, context)
         return coordinator_pb2.LeaveReply(epoch=self.membership.leave(request.member_id))
 
     async def Status(self, request, context):
@@ -164,6 +186,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self.rounds
 
     async def BeginRound(self, request: coordinator_pb2.BeginRoundRequest, context):
+        self._member_key(request.member_id, context)
         group, shard = await self._rounds().begin(
             request.job, span_from_proto(request.span, "span"), request.round,
             request.member_id, request.tokens)
@@ -173,6 +196,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             send_state=group.state_member == request.member_id)
 
     async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
+        self._member_key(request.member_id, context)
         span = span_from_proto(request.span, "span")
         o = request.outer
         outcome = await self._rounds().commit(

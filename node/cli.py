@@ -404,14 +404,16 @@ class _Node:
         async with self.lock:  # a MOVE arriving while the first span loads waits for it
             self.server = await self.load(start, end)
             self.rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
-            self.servicer = NodeServicer(self.server, throughput=_initial_throughput(config))
+            self.servicer = NodeServicer(self.server, throughput=_initial_throughput(config),
+                                         member_key=self.member.config.member_key if self.member else None)
             if self.member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
                 from pollinate.node.rounds import RoundDriver
 
                 member = self.member
                 self.servicer.jobs.rounds = RoundDriver(
                     config.rounds, coordinator_address=config.coordinator, token=config.token,
-                    member_id=lambda: member.member_id, framing=self.servicer.framing, **_coordinator_tls(config))
+                    member_id=lambda: member.member_id, member_key=member.config.member_key,
+                    framing=self.servicer.framing, **_coordinator_tls(config))
             add_to_server(self.rpc, self.servicer)
             if reservation is not None:
                 reservation.close()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import torch
 
 from pollinate.compression.outer import OuterStep, state_checksum, state_from_bytes
+from pollinate.protocol.auth import member_key_metadata
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import FailedPrecondition, NotFound, translate_rpc_errors
 from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -38,8 +39,9 @@ class RoundCoordinator:
     """``member_id``: a callable, since the id changes when the node re-joins."""
 
     def __init__(self, config: RoundConfig, *, address: str, token: str, member_id: Callable[[], str],
-                 tls: bool = False, tls_root_cert_file: Path | None = None) -> None:
+                 member_key: str | None = None, tls: bool = False, tls_root_cert_file: Path | None = None) -> None:
         self.config = config
+        self._metadata = member_key_metadata(member_key)  # rounds are calls in the member's name
         self.address = address
         self.token = token
         self.member_id = member_id
@@ -58,7 +60,8 @@ class RoundCoordinator:
         request = coordinator_pb2.BeginRoundRequest(job=job, span=span, round=r, member_id=self.member_id(),
                                                     tokens=tokens)
         with translate_rpc_errors(peer=self.address):
-            reply = await self._stub().BeginRound(request, timeout=self.config.begin_timeout_s)
+            reply = await self._stub().BeginRound(request, timeout=self.config.begin_timeout_s,
+                                                  metadata=self._metadata)
         return reply, request.ByteSize(), reply.ByteSize()
 
     async def commit(self, job: str, span, r: int, attempt: int, me: str, checksum: str, *, own: tuple[int, bytes],
@@ -79,7 +82,8 @@ class RoundCoordinator:
                 momentum=step.momentum, nesterov=step.nesterov))
         for _ in range(2):  # the second call only if asked for the state
             with translate_rpc_errors(peer=self.address):
-                done = await self._stub().CommitRound(request, timeout=self.config.commit_timeout_s)
+                done = await self._stub().CommitRound(request, timeout=self.config.commit_timeout_s,
+                                                      metadata=self._metadata)
             sent, received = sent + request.ByteSize(), received + done.ByteSize()
             if not done.send_state:
                 break

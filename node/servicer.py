@@ -18,6 +18,7 @@ from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
+from pollinate.protocol.auth import MAX_CHALLENGE_CHARS, address_proof
 from pollinate.protocol.errors import InvalidRequest, RpcTimeout
 from pollinate.protocol.tensors import (
     DEFAULT_FRAMING,
@@ -37,8 +38,10 @@ async def _encode(tensor: torch.Tensor, codec: str) -> EncodedTensor:
 
 
 class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
-    def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING):
+    def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING,
+                 member_key: str | None = None):
         self.server = server
+        self.member_key = member_key  # answers the coordinator's address challenge (protocol/auth.py)
         self.throughput = throughput
         self.framing = framing
         self.serving = True
@@ -46,7 +49,10 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
 
     async def Health(self, request, context):
         status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
-        return common_pb2.HealthReply(status=status, version=__version__, protocol="v1")
+        if len(request.challenge) > MAX_CHALLENGE_CHARS:
+            raise InvalidRequest(f"Health: challenge over {MAX_CHALLENGE_CHARS} characters")
+        proof = address_proof(self.member_key, request.challenge) if request.challenge and self.member_key else ""
+        return common_pb2.HealthReply(status=status, version=__version__, protocol="v1", proof=proof)
 
     async def Info(self, request, context):
         s = self.server

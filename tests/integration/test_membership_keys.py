@@ -1,0 +1,81 @@
+"""Member keys (issue 18, item 5) with a real coordinator and a real node (the tiny model):
+a token holder can neither take a live node's address with a Join of its own nor leave or
+heartbeat in its member's name; a node that crashed and restarts on its port takes its
+place back at once (its ghost no longer answers the address challenge)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+
+import pytest
+
+from procs import ProcGroup
+
+TOKEN = "member-keys-token"
+
+
+def members(coord) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://{coord.info['http']}/api/v1/status", timeout=5) as r:
+        return {m["member_id"]: m["address"] for m in json.loads(r.read())["members"]}
+
+
+async def call(address: str, method: str, request, metadata=()):
+    from pollinate.protocol.auth import token_metadata
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.errors import translate_rpc_errors
+    from pollinate.protocol.v1 import coordinator_pb2_grpc
+
+    channel = open_channel(address, ChannelConfig())
+    try:
+        with translate_rpc_errors(peer=address):
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            return await getattr(stub, method)(request, timeout=10, metadata=token_metadata(TOKEN) + tuple(metadata))
+    finally:
+        await channel.close()
+
+
+def test_a_token_holder_cannot_take_a_live_nodes_membership(tmp_path, tiny_model_dir, tiny_model_files,
+                                                            tiny_cache_dir):
+    from pollinate.protocol.auth import member_key_metadata, new_member_key
+    from pollinate.protocol.errors import FailedPrecondition, Unauthenticated
+    from pollinate.protocol.v1 import coordinator_pb2
+
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    with socket.socket() as s:  # a fixed port, so the node can come back on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node_args = ["node", "--coordinator", "", "--token-file", str(tmp_path / "token"), "--model", str(tiny_model_dir),
+                 "--cache-dir", str(tiny_cache_dir), "--num-blocks", "4", "--port", str(port), "--throughput", "10",
+                 "--torch-threads", "1"]
+    with ProcGroup(tmp_path) as group:
+        coord = group.start("coordinator", [
+            "coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", "0", "--http-port", "0",
+            "--token-file", str(tmp_path / "token"), "--model", str(tiny_model_dir), "--num-blocks", "4"])
+        group.wait_ready([coord], timeout=60)
+        address = coord.info["grpc"]
+        node_args[2] = address
+        node = group.start("node-1", node_args)
+        group.wait_ready([node], timeout=90)
+        victim = node.info["member_id"]
+        assert members(coord) == {victim: f"127.0.0.1:{port}"}
+
+        join = coordinator_pb2.JoinRequest(address=f"127.0.0.1:{port}", capacity_blocks=4, throughput=1e9,
+                                           name="impostor")
+        for key in (new_member_key(), None):  # another key, or none
+            with pytest.raises(FailedPrecondition, match="still serves there"):
+                asyncio.run(call(address, "Join", join, member_key_metadata(key)))
+        with pytest.raises(Unauthenticated, match="member key"):
+            asyncio.run(call(address, "Leave", coordinator_pb2.LeaveRequest(member_id=victim)))
+        with pytest.raises(Unauthenticated, match="member key"):
+            asyncio.run(call(address, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=victim),
+                             member_key_metadata(new_member_key())))
+        assert members(coord) == {victim: f"127.0.0.1:{port}"}  # untouched
+
+        node.kill()  # SIGKILL: its ghost holds the address until the lease runs out
+        again = group.start("node-2", node_args)
+        group.wait_ready([again], timeout=90)
+        assert members(coord) == {again.info["member_id"]: f"127.0.0.1:{port}"}
+        assert again.info["member_id"] != victim
