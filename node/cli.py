@@ -81,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0 keeps none: every Backward then carries its input again)")
     p.add_argument("--kept-inputs-ttl", type=float, default=300.0,
                    help="longest a kept Forward input waits for its Backward, seconds (default 300)")
+    p.add_argument("--max-jobs", type=int, default=16,
+                   help="training jobs this node holds at once; more are refused (default 16)")
+    p.add_argument("--jobs-memory-mb", type=float, default=2048.0,
+                   help="memory the jobs' adapters and optimizer state may take, MiB (default 2048)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--announce-expiration", type=float, default=60.0, help="DHT record lifetime, seconds")
     p.add_argument("--round-exchange-timeout", type=float, default=60.0,
@@ -158,7 +162,8 @@ def build_config(args: argparse.Namespace):
         torch_threads=args.torch_threads,
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
-                                                           ttl_s=args.kept_inputs_ttl)),
+                                                           ttl_s=args.kept_inputs_ttl),
+                              max_jobs=args.max_jobs, jobs_memory_bytes=int(args.jobs_memory_mb * (1 << 20))),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
         rounds=RoundConfig(exchange_timeout_s=args.round_exchange_timeout,
                            contribution_wait_s=args.round_contribution_wait),

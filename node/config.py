@@ -27,8 +27,16 @@ class ServingConfig:
     sweep_interval_s: float = 10.0
     # Forward inputs kept for their Backward (ForwardHeader.keep_id): byte budget and ttl.
     kept_inputs: KeptInputsConfig = field(default_factory=KeptInputsConfig)
+    # Jobs this node trains at once, and the memory their adapters may take: parameter bytes
+    # x 4 (weights, gradients and AdamW's two moments), counted when a job is created. A job
+    # spec comes from any token holder: without a cap, new job names would fill the node.
+    max_jobs: int = 16
+    jobs_memory_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
+        if self.max_jobs < 0 or self.jobs_memory_bytes < 0:
+            raise ValueError(f"max_jobs and jobs_memory_bytes must be >= 0, got {self.max_jobs}, "
+                             f"{self.jobs_memory_bytes}")
         if not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if self.max_step_tokens <= 0:

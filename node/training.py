@@ -31,7 +31,7 @@ import torch
 from pollinate.node.adapters import CLIENT_METHODS, METHODS, AdapterHost, build_adapter, known_methods
 from pollinate.node.kept_inputs import KeptInputs
 from pollinate.node.span import SpanError
-from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted
 from pollinate.protocol.job_limits import check_job_fields
 
 logger = logging.getLogger(__name__)
@@ -225,6 +225,12 @@ def optimizer_step(job: Job) -> bool:
         job.optimizer.zero_grad(set_to_none=True)
 
 
+def job_memory(job: Job) -> int:
+    """Bytes a job's training takes on this node: its adapter's parameters x 4 (weights,
+    gradients, AdamW's two moments)."""
+    return 4 * sum(p.numel() * p.element_size() for p in job.adapter.parameters())
+
+
 class JobManager:
     """The jobs a node trains. Plain async domain functions; torch work on the span's executor."""
 
@@ -243,10 +249,19 @@ class JobManager:
         if job is None:
             if spec is None:
                 raise NotFound(f"job {name!r} is unknown on this node (send its spec to create it)")
+            limits = self.server.serving
+            if len(self.jobs) >= limits.max_jobs:
+                raise ResourceExhausted(f"job {name!r}: this node holds {len(self.jobs)} jobs, its limit (--max-jobs)")
             try:
-                job = self.jobs[name] = make_job(name, spec, self.server.span, self.host)
+                job = make_job(name, spec, self.server.span, self.host)
             except ValueError as e:
                 raise InvalidRequest(f"job {name!r}: {e}") from e
+            need, held = job_memory(job), sum(job_memory(j) for j in self.jobs.values())
+            if held + need > limits.jobs_memory_bytes:  # dropped before it holds any optimizer state
+                raise ResourceExhausted(
+                    f"job {name!r} needs {need / 2**20:.0f} MiB for its adapter and optimizer, this node's jobs "
+                    f"hold {held / 2**20:.0f} of {limits.jobs_memory_bytes / 2**20:.0f} MiB (--jobs-memory-mb)")
+            self.jobs[name] = job
             logger.info("job %s created on blocks %d:%d: %s", name, self.server.start, self.server.end, spec)
             if self.rounds is not None and job.optimizer is not None:  # nothing here: no rounds
                 self.rounds.track(job)

@@ -117,3 +117,36 @@ def test_job_clash_refused(tiny_model_files):
         jobs.job("a", JobSpec(rank=4).to_proto(node_pb2))
     with pytest.raises(NotFound):
         jobs.job("b")
+
+
+def test_jobs_are_capped_in_number_and_memory(tiny_model_files):
+    """A job spec comes from any token holder: new names cannot fill the node (issue 18)."""
+    from pollinate.node.config import ServingConfig
+    from pollinate.node.training import JobManager, job_memory
+    from pollinate.protocol.errors import ResourceExhausted
+    from pollinate.protocol.v1 import node_pb2
+
+    span = tiny_model_files.load_span(0, 1)
+
+    def manager(**limits):
+        class Server:
+            start, end = 0, 1
+            serving = ServingConfig(**limits)
+        Server.span = span
+        return JobManager(Server())
+
+    jobs = manager(max_jobs=2)
+    jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))
+    jobs.job("b", JobSpec(rank=2).to_proto(node_pb2))
+    with pytest.raises(ResourceExhausted, match="limit"):
+        jobs.job("c", JobSpec(rank=2).to_proto(node_pb2))
+    assert sorted(jobs.jobs) == ["a", "b"]
+
+    one = job_memory(jobs.jobs["a"])
+    assert one > 0
+    jobs = manager(jobs_memory_bytes=one + one // 2)  # room for one rank-2 job, not two
+    jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))
+    with pytest.raises(ResourceExhausted, match="MiB"):
+        jobs.job("b", JobSpec(rank=2).to_proto(node_pb2))
+    assert sorted(jobs.jobs) == ["a"]
+    jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))  # the existing job is still served
