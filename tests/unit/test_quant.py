@@ -155,5 +155,6 @@ def test_node_config_refuses_an_unknown_quantisation():
     from pollinate.node.config import NodeConfig
 
     assert NodeConfig(model="smollm2", start=0, end=1, quant="int8").quant == "int8"
-    with pytest.raises(ValueError, match="quant must be none, int8 or int4, got 'int3'"):
+    assert NodeConfig(model="smollm2", start=0, end=1, quant="auto").quant == "auto"
+    with pytest.raises(ValueError, match="quant must be none, int8, int4 or auto, got 'int3'"):
         NodeConfig(model="smollm2", start=0, end=1, quant="int3")
