@@ -87,6 +87,7 @@ class JoinParams:
     name: str = ""
     source_host: str = ""  # peer IP as gRPC saw it
     relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
+    quant: str = "none"  # its Linear weights: "none", "int8" or "int4" (node/quant.py)
 
 
 @dataclass(slots=True)
@@ -102,6 +103,7 @@ class Member:
     last_heartbeat_at: float  # unix seconds, for status
     move_reason: str = ""  # set while a MOVE instruction is pending
     relay_maddr: str = ""  # offered as a circuit relay; soft state, re-sent at every join
+    quant: str = "none"  # its Linear weights (node/quant.py); soft state, re-sent at every join
 
     @property
     def member_id(self) -> str:
@@ -205,7 +207,8 @@ class Membership:
                         throughput=record.throughput,
                         serving_span=params.current_span if params.current_span == span else None,
                         lease_deadline=self.clock() + self.config.lease_s,
-                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr)
+                        last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr,
+                        quant=params.quant)
         self._insert(member)
         self.counters["joins"] += 1
         logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",
@@ -220,6 +223,8 @@ class Membership:
         parse_address(params.address)
         if params.relay_maddr and not _RELAY_MADDR.match(params.relay_maddr):
             raise InvalidRequest(f"relay_maddr {params.relay_maddr[:200]!r} is not /ip4|ip6|dns/HOST/tcp/PORT/p2p/ID")
+        if params.quant not in ("none", "int8", "int4"):
+            raise InvalidRequest(f"quant must be none, int8 or int4, got {params.quant[:20]!r}")
         if params.model_id and params.model_id != cfg.model_id:
             raise FailedPrecondition(
                 f"this swarm serves {cfg.model_id!r}, not {params.model_id!r}"

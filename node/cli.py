@@ -366,7 +366,8 @@ class _Node:
 
         return Announcer(self.dht, model_id=self.config.model, start=server.start, end=server.end,
                          address=address, throughput=throughput,
-                         cache_tokens_left=lambda: server.sessions.tokens_left, config=self.config.announce)
+                         cache_tokens_left=lambda: server.sessions.tokens_left, config=self.config.announce,
+                         quant=server.span.quant)
 
     async def measure(self, server) -> float:
         """The throughput to announce for `server`'s span (config.throughput 'auto'/'eval')."""
@@ -403,7 +404,8 @@ class _Node:
             capacity_blocks=_capacity_blocks(config, self.files, self.placement, self.quant),
             throughput=_initial_throughput(config), requested_span=requested,
             join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
-            relay_maddr=_relay_maddr(self.dht) if config.offer_relay else "", **_coordinator_tls(config),
+            relay_maddr=_relay_maddr(self.dht) if config.offer_relay else "", quant=self.quant,
+            **_coordinator_tls(config),
         ), on_move=self.move)
         assignment = await self.member.start()
         if assignment.num_blocks != self.files.num_blocks:
