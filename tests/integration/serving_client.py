@@ -1,7 +1,7 @@
 """A client process for serving tests and chaos runs: generate through the swarm, print JSON.
 
     python serving_client.py --model DIR --cache-dir C --initial-peers MADDR \
-        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)]
+        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)] [--exact]
 
 With --pause-after N it prints `PAUSED <json: route>` after the N-th generated token and
 waits for a line on stdin before going on: the test kills a node in between, so the fault
@@ -29,13 +29,14 @@ def main() -> int:
     p.add_argument("--codec", default="none")
     p.add_argument("--token")
     p.add_argument("--step-timeout", type=float, default=20.0)
+    p.add_argument("--exact", action="store_true", help="route through unquantised nodes only")
     args = p.parse_args()
 
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
 
     model = RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
-        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0,
+        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0, exact=args.exact,
     )
     import torch
     from transformers.generation.streamers import BaseStreamer
