@@ -273,7 +273,7 @@ def choose_num_blocks(
 def choose_quant(mode: str, *, device_type: str, free_bytes: int | None, shape: BlockShape, dtype: torch.dtype,
                  wanted_blocks: int, config: SizingConfig = SizingConfig()) -> tuple[str, str]:
     """Pure: (quantisation, why) for `--quant mode`. Anything but "auto" is kept as asked.
-    "auto": int4 on CUDA when `wanted_blocks` (the --blocks span, --capacity-blocks, else the
+    "auto": int4 on CUDA when `wanted_blocks` (the --blocks span, --num-blocks, else the
     whole model) do not fit in `free_bytes` at `dtype` and full precision, else none; none
     off CUDA, where int4's kernel computes in bf16 and a CPU node's RAM is rarely the limit."""
     if mode != "auto":
@@ -289,8 +289,8 @@ def choose_quant(mode: str, *, device_type: str, free_bytes: int | None, shape: 
                         f"{_gib(full.usable_bytes)} usable)")
     int4 = plan_span(free_bytes, shape, dtype, config, quant="int4")
     return "int4", (f"auto: {wanted_blocks} blocks need {_gib(need)} at {full.dtype} but {_gib(full.usable_bytes)} "
-                    f"is usable ({full.blocks_that_fit} fit); with int4 weights "
-                    f"{_mib(int4.bytes_per_block)} a block, {int4.blocks_that_fit} fit")
+                    f"is usable ({full.blocks_that_fit} fit); with int4 weights a block takes "
+                    f"{_mib(int4.bytes_per_block)} and {int4.blocks_that_fit} fit")
 
 
 def free_memory_bytes(device: torch.device | str) -> int:
