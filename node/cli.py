@@ -272,6 +272,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 def _choose_quant(config, files, placement) -> str:
     """--quant, with "auto" resolved for this device and the blocks wanted (node/sizing.py);
     logged with the reason."""
+    from pollinate.node.quant import int4_unavailable
     from pollinate.node.sizing import BlockShape, choose_quant, free_memory_bytes
 
     if config.start is not None:
@@ -282,7 +283,8 @@ def _choose_quant(config, files, placement) -> str:
     quant, why = choose_quant(config.quant, device_type=placement.device.type,
                               free_bytes=free_memory_bytes(placement.device) if auto_cuda else None,
                               shape=BlockShape.from_config(files.config), dtype=placement.dtype,
-                              wanted_blocks=wanted)
+                              wanted_blocks=wanted,
+                              int4_unavailable=int4_unavailable(placement.device) if auto_cuda else "")
     logger.info("quantisation: %s (%s)", quant, why)
     return quant
 

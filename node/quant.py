@@ -79,21 +79,28 @@ def weight_bytes_per_param(mode: str, dtype: torch.dtype) -> float:
     return 0.5 + 2.0 * INT4_DTYPE.itemsize / GROUP
 
 
+def int4_unavailable(device: torch.device) -> str:
+    """Why int4's kernels cannot run on `device`, or "" when they can."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "int4 on CUDA (tinygemm) needs compute capability 8.0+ (Ampere or newer)"
+    if device.type not in ("cpu", "cuda"):
+        return f"int4 runs on the CPU or CUDA, not on {device.type}"
+    return ""
+
+
 def int4_config(device: torch.device):
     """torchao's packed int4 weight-only config for bf16 weights on `device` (see the module
     docstring); QuantError where neither kernel runs."""
+    if why := int4_unavailable(device):
+        raise QuantError(why)
     if device.type == "cpu":
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
         return PrototypeInt4WeightOnlyConfig(group_size=GROUP, set_inductor_config=False)
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] < 8:
-            raise QuantError("int4 on CUDA (tinygemm) needs compute capability 8.0+ (Ampere or newer)")
-        from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization import Int4WeightOnlyConfig
 
-        return Int4WeightOnlyConfig(group_size=GROUP, int4_packing_format="tile_packed_to_4d",
-                                    set_inductor_config=False)
-    raise QuantError(f"int4 runs on the CPU or CUDA, not on {device.type}")
+    return Int4WeightOnlyConfig(group_size=GROUP, int4_packing_format="tile_packed_to_4d",
+                                set_inductor_config=False)
 
 
 def quantize_span(span: nn.Module, mode: str) -> nn.Module:

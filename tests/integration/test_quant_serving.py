@@ -112,7 +112,8 @@ def test_status_shows_quantisation_and_exact_clients_avoid_quantised_nodes(
         f.stop()  # SIGTERM: announces offline
         refused = _generate(tiny_model_dir, tiny_cache_dir, address, "--exact")
         assert refused.returncode != 0
-        assert "exact output asked for, but only quantised peers host blocks 0, 1" in refused.stderr, refused.stderr[-3000:]
+        assert "exact output asked for, but only quantised peers host blocks 0, 1" in refused.stderr, \
+            refused.stderr[-3000:]
         assert f"{q.info['address']} [0:4] int4" in refused.stderr
     finally:
         group.stop_all()

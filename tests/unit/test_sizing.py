@@ -195,6 +195,10 @@ def test_quant_auto_takes_int4_on_cuda_only_when_the_span_does_not_fit():
     # a block's int4 weights: 0.5 + 4/32 bytes per Linear weight, norms at bf16
     linear = LLAMA2_7B.linear_params_per_block()
     assert int4.weight_bytes_per_block == round(linear * 0.625) + (LLAMA2_7B.params_per_block() - linear) * 2
+    quant, why = choose_quant("auto", device_type="cuda", free_bytes=free, shape=LLAMA2_7B, dtype=torch.bfloat16,
+                              wanted_blocks=32,
+                              int4_unavailable="int4 on CUDA (tinygemm) needs compute capability 8.0+")
+    assert quant == "none" and why.endswith("is usable, and int4 on CUDA (tinygemm) needs compute capability 8.0+")
     for device in ("cpu", "mps"):
         quant, why = choose_quant("auto", device_type=device, free_bytes=None, shape=LLAMA2_7B,
                                   dtype=torch.float32, wanted_blocks=32)
