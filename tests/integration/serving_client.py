@@ -2,6 +2,7 @@
 
     python serving_client.py --model DIR --cache-dir C --initial-peers MADDR \
         --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)] [--exact]
+        [--logits-out FILE (one forward of the prompt, its logits saved; no generation)]
 
 With --pause-after N it prints `PAUSED <json: route>` after the N-th generated token and
 waits for a line on stdin before going on: the test kills a node in between, so the fault
@@ -30,6 +31,8 @@ def main() -> int:
     p.add_argument("--token")
     p.add_argument("--step-timeout", type=float, default=20.0)
     p.add_argument("--exact", action="store_true", help="route through unquantised nodes only")
+    p.add_argument("--logits-out", help="instead of generating, run the prompt through the swarm once and save "
+                                        "its logits [tokens, vocab] here (torch.save)")
     args = p.parse_args()
 
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
@@ -60,6 +63,13 @@ def main() -> int:
             pass
 
     ids = torch.tensor([[int(x) for x in args.prompt_ids.split(",")]])
+    if args.logits_out:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            torch.save(model(ids).logits[0].float(), args.logits_out)
+        print(json.dumps({"logits": args.logits_out, "seconds": time.perf_counter() - t0}), flush=True)
+        model.shutdown()
+        return 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
     t0 = time.perf_counter()
     with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:
