@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
 # Weights per scale, both modes: llama.cpp's Q8_0 and Q4_1 blocks (GPTQ uses 32-128); smaller
-# groups track outliers better, at more scale bytes (5 per group: fp32 scale, int8 zero point).
+# groups track outliers better, at more scale bytes per group (int8: fp32 scale + int8 zero
+# point, 5; int4: bf16 scale + bf16 zero point, 4).
 GROUP = 32
 # What int4's kernels compute in, and its scales' and zero points' dtype (see above).
 INT4_DTYPE = torch.bfloat16
