@@ -22,12 +22,15 @@ quantisation saw):
 
 - bytes_per_block: the blocks' weights as stored (values, scales, zero points), per block;
   memory_ratio: that / fp32's; sizing_bytes_per_block: what node/sizing.py budgets;
-- max_abs_diff, mean_abs_diff: logits of the quantised spans against the fp32 spans;
+- max_abs_diff, mean_abs_diff: logits of the quantised swarm against the fp32 swarm;
 - top1_agreement: share of positions whose argmax token is the same;
 - perplexity, perplexity_fp32, perplexity_ratio (quantised / fp32) on the text.
 
-The quantised logits come from the spans a node runs (three spans of 10 blocks, in this
-process), not through node processes.
+Every figure but the bytes comes from a swarm: for fp32 and each quantisation, three node
+processes on loopback (blocks 0:10, 10:20, 20:30, started with that --quant, fp32 on the
+wire) and a client that runs the text through them once; swarm_vs_spans_max_diff compares
+that swarm's logits with the same three spans run in this process (deterministic: 0
+expected), so the swarm carries exactly what the spans compute.
 
     python benchmarks/bench_models.py [--quick] [--families qwen2,gemma2] [--quant int8,int4]
 """
@@ -119,7 +122,8 @@ def bench_family(model_type: str, workdir: Path, *, quick: bool, new_tokens: int
     }
 
 
-def bench_quant(modes: list[str], *, tokens: int, cache_dir: str | None) -> list[dict]:
+def bench_quant(modes: list[str], *, tokens: int, cache_dir: str | None, workdir: Path,
+                extra: list[str]) -> list[dict]:
     import math
 
     import torch
@@ -141,16 +145,25 @@ def bench_quant(modes: list[str], *, tokens: int, cache_dir: str | None) -> list
             h = client.embed(ids)
             for span in spans:
                 h = span(h)
-            logits = client.logits(h)[0]
+            local = client.logits(h)[0]
         per_block = sum(span_weight_bytes(span.layers) for span in spans) / files.num_blocks
+        del spans
+        out = workdir / f"logits-{quant}.pt"
+        with local_swarm(workdir / f"swarm-{quant}", model="smollm2", cache_dir=cache_dir, spans=bounds,
+                         extra=[*extra, "--quant", quant]) as swarm:
+            _run([sys.executable, str(CLIENTS / "serving_client.py"), "--model", "smollm2", "--cache-dir",
+                  str(cache_dir), "--initial-peers", swarm.maddr, "--codec", "none",
+                  "--prompt-ids", ",".join(map(str, ids[0].tolist())), "--logits-out", str(out)], swarm)
+        logits = torch.load(out)
+        out.unlink()
         nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
-        return logits, per_block, math.exp(float(nll))
+        return logits, per_block, math.exp(float(nll)), float((logits - local).abs().max())
 
-    base, base_bytes, base_ppl = run("none")
+    base, base_bytes, base_ppl, base_swarm_diff = run("none")
     rows = []
     for quant in modes:
         t0 = time.perf_counter()
-        logits, per_block, ppl = run(quant)
+        logits, per_block, ppl, swarm_diff = run(quant)
         diff = (logits - base).abs()
         rows.append({
             "bench": "models-quant",
@@ -167,7 +180,9 @@ def bench_quant(modes: list[str], *, tokens: int, cache_dir: str | None) -> list
             "perplexity": round(ppl, 4),
             "perplexity_fp32": round(base_ppl, 4),
             "perplexity_ratio": round(ppl / base_ppl, 5),
-            "via": "spans in process",
+            "via": "swarm",
+            "swarm_vs_spans_max_diff": swarm_diff,
+            "fp32_swarm_vs_spans_max_diff": base_swarm_diff,
             "seconds": round(time.perf_counter() - t0, 1),
         })
     return rows
@@ -207,7 +222,8 @@ def main() -> int:
         from pollinate.node.cli_convert import cache_dir_from_cli
 
         for row in bench_quant(modes, tokens=256 if args.quick else args.quant_tokens,
-                               cache_dir=str(cache_dir_from_cli(args.cache_dir))):
+                               cache_dir=str(cache_dir_from_cli(args.cache_dir)), workdir=workdir / "quant",
+                               extra=extra):
             print(json.dumps(row), flush=True)
     return 0
 

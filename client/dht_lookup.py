@@ -22,6 +22,8 @@ def parse_record(peer_id: str, value: Any) -> PeerSpan | None:
             throughput=float(value["throughput"]),
             state=str(value["state"]),
             cache_tokens_left=int(value.get("cache_tokens_left", 0)),
+            # a record without the field comes from a node older than the field: unquantised
+            quant=str(value.get("quant", "none")),
         )
     except (KeyError, TypeError, ValueError) as e:
         logger.warning("ignoring malformed DHT record from %s: %r (%s)", peer_id, value, e)

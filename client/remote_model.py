@@ -20,6 +20,7 @@ through a throwaway session. Padding (attention_mask zeros) is not supported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -142,6 +143,7 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         cache_dir=None,
         config: ClientConfig | None = None,
         job: str | None = None,
+        exact: bool = False,
         **overrides,
     ) -> RemoteModelForCausalLM:
         """Load the client part of `model` and connect to its swarm.
@@ -149,11 +151,15 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         Starts a client-mode hivemind DHT peer (a forked process) unless `dht` is given: call
         this before creating any gRPC object in the process. `coordinator_tls`: None for a
         plaintext coordinator, "" for TLS trusting the system's roots, or the path of the PEM
-        certificate to trust (the CLI's --coordinator-tls)."""
+        certificate to trust (the CLI's --coordinator-tls). `exact`: route only through nodes
+        whose weights are unquantised (RoutingConfig.exact; the CLI's --exact)."""
         from pollinate.node.announce import start_dht
         from pollinate.node.model_files import open_model
 
         client_config = config or ClientConfig(token=token, **overrides)
+        if exact:
+            client_config = dataclasses.replace(
+                client_config, routing=dataclasses.replace(client_config.routing, exact=True))
         if dht is None:
             peers = list(initial_peers)
             if coordinator is not None:

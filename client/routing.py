@@ -8,6 +8,10 @@ is a vertex, and a peer serving [s, e) gives an edge a -> b for every s <= a < b
 the time the peer takes for those blocks of one token step: the peer announces tokens/s
 through its whole span (node/throughput.py), so a block costs 1 / (throughput * span
 length). Dijkstra picks the cheapest chain.
+
+A client that asks for exact output (`RoutingConfig.exact`, `pollinate generate --exact`)
+routes through unquantised peers only (`PeerSpan.quant == "none"`): a quantised span
+(node/quant.py) gives different logits than the model.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class PeerSpan:
     throughput: float  # tokens/s for one-token steps through the whole span [start, end)
     state: str = "online"  # "joining" | "online" | "offline"
     cache_tokens_left: int | None = None  # KV-cache tokens the peer can still reserve
+    quant: str = "none"  # the peer's Linear weights: "none", "int8" or "int4" (node/quant.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +68,9 @@ class RoutingConfig:
     # Let a hop use only part of a peer's span. Off: nodes serve their whole span only
     # (node/span_server.py check_blocks), so a hop is always one peer's entire span.
     allow_partial_spans: bool = False
+    # Exact output: use only peers that hold their weights unquantised (quant "none"); where
+    # only quantised peers host a block, find_route fails and names them.
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if not self.hop_latency_s >= 0:
@@ -103,7 +111,8 @@ def find_route(
     """The cheapest chain of hops covering [start, end); raises NoRouteError naming gaps."""
     if not 0 <= start < end:
         raise ValueError(f"bad block range [{start}, {end})")
-    usable = [p for p in peers if p.state == "online" and p.peer_id not in banned]
+    usable = [p for p in peers if p.state == "online" and p.peer_id not in banned
+              and not (config.exact and p.quant != "none")]
     # vertex b -> list of (next vertex, cost, peer)
     edges: dict[int, list[tuple[int, float, PeerSpan]]] = {}
     for p in usable:
@@ -138,7 +147,16 @@ def find_route(
     if end not in best:
         gaps = missing_blocks(usable, start, end)
         if gaps:
-            all_gaps = missing_blocks([p for p in peers if p.state == "online"], start, end)
+            online = [p for p in peers if p.state == "online"]
+            all_gaps = missing_blocks(online, start, end)
+            quantised = [p for p in online if config.exact and p.quant != "none" and p.peer_id not in banned
+                         and any(p.start <= g < p.end for g in gaps)]
+            if quantised:
+                raise NoRouteError(
+                    f"exact output asked for, but only quantised peers host blocks {_format_blocks(gaps)} ("
+                    + ", ".join(f"{p.address} [{p.start}:{p.end}] {p.quant}" for p in quantised[:4])
+                    + "); drop --exact (exact=False) to use them, or wait for an unquantised node",
+                    missing_blocks=gaps)
             why = "no online peer hosts" if gaps == all_gaps else "no usable (unbanned) peer hosts"
             raise NoRouteError(f"{why} blocks {_format_blocks(gaps)}", missing_blocks=gaps)
         raise NoRouteError(

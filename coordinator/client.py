@@ -75,6 +75,8 @@ class CoordinatorClientConfig:
     # member's name, answered to the coordinator's challenge by the node's Health. A new one
     # per process: a restarted node proves its address by serving there.
     member_key: str = field(default_factory=new_member_key, repr=False)
+    # The node's Linear weights, told at Join for status: "none", "int8" or "int4".
+    quant: str = "none"
     # Deadline of each RPC, seconds. 5 s: far above a loopback or LAN round trip, short
     # enough that one lost heartbeat does not delay the next.
     rpc_timeout_s: float = 5.0
@@ -254,7 +256,7 @@ class CoordinatorClient:
             throughput=self._throughput or cfg.throughput, name=cfg.name,
             requested_span=_span_msg(cfg.requested_span),
             current_span=_span_msg(self.serving_span if cfg.requested_span is None else None),
-            relay_maddr=cfg.relay_maddr,
+            relay_maddr=cfg.relay_maddr, quant=cfg.quant,
         )
         try:
             with translate_rpc_errors(peer=cfg.coordinator):

@@ -91,6 +91,7 @@ class JoinParams:
     source_host: str = ""  # peer IP as gRPC saw it
     relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
     member_key: str = ""  # the joiner's member key (protocol/auth.py); empty: an unkeyed client
+    quant: str = "none"  # its Linear weights: "none", "int8" or "int4" (node/quant.py)
 
 
 @dataclass(slots=True)
@@ -109,6 +110,7 @@ class Member:
     # Its member key (protocol/auth.py): calls in its name must carry it. Soft state: after a
     # coordinator restart the first key presented in its name is adopted.
     member_key: str = ""
+    quant: str = "none"  # its Linear weights (node/quant.py); soft state, re-sent at every join
 
     @property
     def member_id(self) -> str:
@@ -213,7 +215,8 @@ class Membership:
                         serving_span=params.current_span if params.current_span == span else None,
                         lease_deadline=self.clock() + self.config.lease_s,
                         last_heartbeat_at=self.wall_clock(), relay_maddr=params.relay_maddr,
-                        member_key=params.member_key)
+                        member_key=params.member_key,
+                        quant=params.quant)
         self._insert(member)
         self.counters["joins"] += 1
         logger.info("member %s (%s%s) joined: blocks %s%s, %.1f tok/s; epoch %d, %d members",
@@ -246,6 +249,8 @@ class Membership:
         parse_address(params.address)
         if params.relay_maddr and not _RELAY_MADDR.match(params.relay_maddr):
             raise InvalidRequest(f"relay_maddr {params.relay_maddr[:200]!r} is not /ip4|ip6|dns/HOST/tcp/PORT/p2p/ID")
+        if params.quant not in ("none", "int8", "int4"):
+            raise InvalidRequest(f"quant must be none, int8 or int4, got {params.quant[:20]!r}")
         if params.model_id and params.model_id != cfg.model_id:
             raise FailedPrecondition(
                 f"this swarm serves {cfg.model_id!r}, not {params.model_id!r}"

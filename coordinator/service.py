@@ -100,6 +100,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             source_host=source_host,
             relay_maddr=request.relay_maddr,
             member_key=key,
+            quant=request.quant or "none",  # empty: a node older than the field
         )
         member = self.membership.join(params)
         cfg = self.membership.config
@@ -245,6 +246,7 @@ def _member_to_proto(m: dict) -> coordinator_pb2.MemberInfo:
         serving_span=common_pb2.Span(start=serving[0], end=serving[1]) if serving else None,
         state=m["state"], throughput=m["throughput"], capacity_blocks=m["capacity_blocks"],
         pinned=m["pinned"], joined_at=m["joined_at"], last_heartbeat_at=m["last_heartbeat_at"],
+        quant=m.get("quant", "none"),
     )
 
 

@@ -76,6 +76,7 @@ def snapshot(
             "joined_at": m.record.joined_at,
             "last_heartbeat_at": m.last_heartbeat_at,
             "relayed": is_relayed(m.record.address),
+            "quant": m.quant,
         })
     coverage = serving_coverage(members, cfg.num_blocks)
     history = list(history)

@@ -1,7 +1,7 @@
 """A node's presence on the hivemind DHT: one record per hosted block, re-announced.
 
 Key `"<model>.<block>"` (as Petals does), subkey = the node's DHT peer id, value = a small
-dict (state, address, span, throughput, free cache), with an expiration time. A node
+dict (state, address, span, throughput, free cache, quantisation), with an expiration time. A node
 announces "joining" while it loads, "online" once its server is up, re-announces before the
 records expire, and "offline" when it shuts down gracefully or moves to other blocks. A killed node's
 records simply expire; clients also ban a peer that fails them, so they never wait for that.
@@ -58,8 +58,11 @@ def dht_prefix(model_id: str) -> str:
 
 
 def record_value(
-    *, state: str, address: str, start: int, end: int, throughput: float, cache_tokens_left: int
+    *, state: str, address: str, start: int, end: int, throughput: float, cache_tokens_left: int,
+    quant: str = "none",
 ) -> dict[str, Any]:
+    """One block record. `quant`: the span's Linear weights, "none", "int8" or "int4"
+    (node/quant.py); a client asking for exact output routes around quantised peers."""
     if state not in STATES:
         raise ValueError(f"state must be one of {STATES}, got {state!r}")
     return {
@@ -69,6 +72,7 @@ def record_value(
         "end": int(end),
         "throughput": float(throughput),
         "cache_tokens_left": int(cache_tokens_left),
+        "quant": str(quant),
     }
 
 
@@ -120,6 +124,7 @@ class Announcer:
         throughput: float,
         cache_tokens_left: Callable[[], int],
         config: AnnounceConfig,
+        quant: str = "none",
     ):
         self.dht = dht
         self.model_id = model_id
@@ -128,6 +133,7 @@ class Announcer:
         self.throughput = throughput
         self.cache_tokens_left = cache_tokens_left
         self.config = config
+        self.quant = quant  # the span's quantisation, announced in every record
         self.state = "joining"
         self._last_expiration = 0.0  # DHT time the newest stored record expires
         self._stop = threading.Event()
@@ -150,6 +156,7 @@ class Announcer:
             end=self.end_block,
             throughput=self.throughput,
             cache_tokens_left=self.cache_tokens_left(),
+            quant=self.quant,
         )
         # hivemind keeps, per key and subkey, the value that expires last and drops a store
         # that expires earlier: a short-lived "offline" written soon after a refresh would be

@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16', 'float16'")
-    p.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
-                   help="hold the span's Linear weights quantised (torchao weight-only; docs/models.md) [none]")
+    p.add_argument("--quant", default="none", choices=("none", "int8", "int4", "auto"),
+                   help="hold the span's Linear weights quantised (torchao weight-only; docs/models.md); "
+                        "auto: int4 on CUDA when the span would not fit otherwise [none]")
     p.add_argument("--throughput", type=parse_throughput, default="auto",
                    help="tokens/s to announce: 'auto' (measured once per model, device, dtype and span "
                         "length, then cached), 'eval' (measure again) or a number")
@@ -273,14 +274,34 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _capacity_blocks(config, files, placement) -> int:
+def _choose_quant(config, files, placement) -> str:
+    """--quant, with "auto" resolved for this device and the blocks wanted (node/sizing.py);
+    logged with the reason."""
+    from pollinate.node.quant import int4_unavailable
+    from pollinate.node.sizing import BlockShape, choose_quant, free_memory_bytes
+
+    if config.start is not None:
+        wanted = config.end - config.start
+    else:
+        wanted = min(config.capacity_blocks or files.num_blocks, files.num_blocks)
+    auto_cuda = config.quant == "auto" and placement.device.type == "cuda"
+    quant, why = choose_quant(config.quant, device_type=placement.device.type,
+                              free_bytes=free_memory_bytes(placement.device) if auto_cuda else None,
+                              shape=BlockShape.from_config(files.config), dtype=placement.dtype,
+                              wanted_blocks=wanted,
+                              int4_unavailable=int4_unavailable(placement.device) if auto_cuda else "")
+    logger.info("quantisation: %s (%s)", quant, why)
+    return quant
+
+
+def _capacity_blocks(config, files, placement, quant: str) -> int:
     """Blocks to offer the coordinator: --blocks' length, --capacity-blocks, or what fits."""
     if config.start is not None:
         return config.end - config.start
     from pollinate.node.sizing import BlockShape, choose_num_blocks, free_memory_bytes
 
     fit, _ = choose_num_blocks(free_memory_bytes(placement.device), BlockShape.from_config(files.config),
-                               placement.dtype, requested=config.capacity_blocks, quant=config.quant)
+                               placement.dtype, requested=config.capacity_blocks, quant=quant)
     return min(fit, files.num_blocks)
 
 
@@ -318,6 +339,7 @@ class _Node:
         self.relay = None  # protocol/relay.py's RelayedServer when this node cannot be dialled
         self.files = None  # ModelFiles, once open_model() ran
         self.placement = None  # device and dtype
+        self.quant = "none"  # the span's quantisation: config.quant with "auto" resolved
         self.member = None  # CoordinatorClient with a coordinator
         self.servicer = None
         self.rpc = None
@@ -333,12 +355,13 @@ class _Node:
         self.placement = resolve_placement(self.config.device, self.config.dtype)
         self.files = await asyncio.to_thread(open_model, self.config.model, cache_dir=self.config.cache_dir,
                                              show_progress=False)
+        self.quant = _choose_quant(self.config, self.files, self.placement)
 
     async def load(self, start: int, end: int):
         from pollinate.node.span_server import SpanServer
 
         span = await asyncio.to_thread(self.files.load_span, start, end, dtype=self.placement.dtype,
-                                       device=self.placement.device, quant=self.config.quant)
+                                       device=self.placement.device, quant=self.quant)
         server = SpanServer(span, model_id=self.config.model, num_blocks=self.files.num_blocks,
                             hidden_size=self.files.hidden_size, serving=self.config.serving,
                             sessions=self.config.sessions)
@@ -350,7 +373,8 @@ class _Node:
 
         return Announcer(self.dht, model_id=self.config.model, start=server.start, end=server.end,
                          address=address, throughput=throughput,
-                         cache_tokens_left=lambda: server.sessions.tokens_left, config=self.config.announce)
+                         cache_tokens_left=lambda: server.sessions.tokens_left, config=self.config.announce,
+                         quant=server.span.quant)
 
     async def measure(self, server) -> float:
         """The throughput to announce for `server`'s span (config.throughput 'auto'/'eval')."""
@@ -384,10 +408,11 @@ class _Node:
         requested = Span(config.start, config.end) if config.start is not None else None
         self.member = CoordinatorClient(CoordinatorClientConfig(
             coordinator=config.coordinator, token=config.token, address=address,
-            capacity_blocks=_capacity_blocks(config, self.files, self.placement),
+            capacity_blocks=_capacity_blocks(config, self.files, self.placement, self.quant),
             throughput=_initial_throughput(config), requested_span=requested,
             join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
-            relay_maddr=_relay_maddr(self.dht) if config.offer_relay else "", **_coordinator_tls(config),
+            relay_maddr=_relay_maddr(self.dht) if config.offer_relay else "", quant=self.quant,
+            **_coordinator_tls(config),
         ), on_move=self.move)
         assignment = await self.member.start()
         if assignment.num_blocks != self.files.num_blocks:

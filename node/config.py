@@ -70,7 +70,9 @@ class NodeConfig:
     ready_file: Path | None = None  # JSON {address, dht_maddrs, peer_id} written once serving
     device: str = "cpu"  # torch device the span runs on
     dtype: str = "float32"  # torch dtype the span computes in
-    quant: str = "none"  # the span's Linear weights: "none", "int8" or "int4" (node/quant.py)
+    # The span's Linear weights: "none", "int8", "int4" (node/quant.py), or "auto": int4 on
+    # CUDA when the wanted blocks do not fit at full precision, else none (node/sizing.py).
+    quant: str = "none"
     # Announced tokens/s for one-token steps through the whole span (node/throughput.py):
     # "auto" = the cached figure for this model, device, dtype and span length, measured on a
     # miss; "eval" = measure again; a number = announce that, measure nothing.
@@ -98,8 +100,8 @@ class NodeConfig:
             object.__setattr__(self, "announce_host", self.host.strip("[]"))
         if not 0 <= self.dht_port <= 65535:
             raise ValueError(f"dht_port must be in 0..65535, got {self.dht_port}")
-        if self.quant not in ("none", "int8", "int4"):
-            raise ValueError(f"quant must be none, int8 or int4, got {self.quant!r}")
+        if self.quant not in ("none", "int8", "int4", "auto"):
+            raise ValueError(f"quant must be none, int8, int4 or auto, got {self.quant!r}")
         if self.reachability not in ("auto", "direct", "relay"):
             raise ValueError(f"reachability must be auto, direct or relay, got {self.reachability!r}")
         if self.reachability == "relay" and self.coordinator is None:

@@ -270,6 +270,34 @@ def choose_num_blocks(
     return sizing.blocks_that_fit, sizing
 
 
+def choose_quant(mode: str, *, device_type: str, free_bytes: int | None, shape: BlockShape, dtype: torch.dtype,
+                 wanted_blocks: int, config: SizingConfig = SizingConfig(),
+                 int4_unavailable: str = "") -> tuple[str, str]:
+    """Pure: (quantisation, why) for `--quant mode`. Anything but "auto" is kept as asked.
+    "auto": int4 on CUDA when `wanted_blocks` (the --blocks span, --num-blocks, else the
+    whole model) do not fit in `free_bytes` at `dtype` and full precision, else none; none
+    off CUDA, where int4's kernel computes in bf16 and a CPU node's RAM is rarely the limit;
+    none, saying why, where `int4_unavailable` (node/quant.py's reason) rules int4 out."""
+    if mode != "auto":
+        return mode, "asked for"
+    if device_type != "cuda":
+        return "none", f"auto on {device_type}: full precision (auto quantises on CUDA only)"
+    if free_bytes is None:
+        raise ValueError("--quant auto on CUDA needs the free memory")
+    full = plan_span(free_bytes, shape, dtype, config)
+    need = full.bytes_for(wanted_blocks)
+    if need <= full.usable_bytes:
+        return "none", (f"auto: {wanted_blocks} blocks fit at {full.dtype} ({_gib(need)} of "
+                        f"{_gib(full.usable_bytes)} usable)")
+    if int4_unavailable:
+        return "none", (f"auto: {wanted_blocks} blocks need {_gib(need)} at {full.dtype} but only "
+                        f"{_gib(full.usable_bytes)} is usable, and {int4_unavailable}")
+    int4 = plan_span(free_bytes, shape, dtype, config, quant="int4")
+    return "int4", (f"auto: {wanted_blocks} blocks need {_gib(need)} at {full.dtype} but {_gib(full.usable_bytes)} "
+                    f"is usable ({full.blocks_that_fit} fit); with int4 weights a block takes "
+                    f"{_mib(int4.bytes_per_block)} and {int4.blocks_that_fit} fit")
+
+
 def free_memory_bytes(device: torch.device | str) -> int:
     """Free memory on `device` now: the CUDA driver's figure, or available RAM for the CPU."""
     device = torch.device(device)

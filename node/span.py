@@ -190,8 +190,9 @@ class Span(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype hidden states must have: the floating-point weights' (a quantised span's
-        Linear weights may be integer tensors; its norms keep this dtype)."""
-        return next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
+        Linear weights are torchao tensors, int4's with bf16 scales; its norms keep this dtype)."""
+        return next(p.dtype for p in self.layers.parameters()
+                    if p.is_floating_point() and type(p) in (torch.Tensor, nn.Parameter))
 
     @property
     def device(self) -> torch.device:

@@ -24,7 +24,7 @@ class CheckReachableReply(_message.Message):
     def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("address", "model_id", "capacity_blocks", "throughput", "requested_span", "current_span", "name", "relay_maddr")
+    __slots__ = ("address", "model_id", "capacity_blocks", "throughput", "requested_span", "current_span", "name", "relay_maddr", "quant")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class JoinRequest(_message.Message):
     CURRENT_SPAN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     RELAY_MADDR_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_id: str
     capacity_blocks: int
@@ -41,7 +42,8 @@ class JoinRequest(_message.Message):
     current_span: _common_pb2.Span
     name: str
     relay_maddr: str
-    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., requested_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., current_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., name: _Optional[str] = ..., relay_maddr: _Optional[str] = ...) -> None: ...
+    quant: str
+    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., requested_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., current_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., name: _Optional[str] = ..., relay_maddr: _Optional[str] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("member_id", "epoch", "span", "dht_initial_peers", "heartbeat_period_s", "lease_s", "model_id", "num_blocks")
@@ -118,7 +120,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberInfo(_message.Message):
-    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at")
+    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at", "quant")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,7 @@ class MemberInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     JOINED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     address: str
     name: str
@@ -141,7 +144,8 @@ class MemberInfo(_message.Message):
     pinned: bool
     joined_at: float
     last_heartbeat_at: float
-    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ...) -> None: ...
+    quant: str
+    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class BlockCoverage(_message.Message):
     __slots__ = ("block", "replicas", "throughput")

@@ -1,7 +1,8 @@
 """A client process for serving tests and chaos runs: generate through the swarm, print JSON.
 
     python serving_client.py --model DIR --cache-dir C --initial-peers MADDR \
-        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)]
+        --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)] [--exact]
+        [--logits-out FILE (one forward of the prompt, its logits saved; no generation)]
 
 With --pause-after N it prints `PAUSED <json: route>` after the N-th generated token and
 waits for a line on stdin before going on: the test kills a node in between, so the fault
@@ -29,13 +30,16 @@ def main() -> int:
     p.add_argument("--codec", default="none")
     p.add_argument("--token")
     p.add_argument("--step-timeout", type=float, default=20.0)
+    p.add_argument("--exact", action="store_true", help="route through unquantised nodes only")
+    p.add_argument("--logits-out", help="instead of generating, run the prompt through the swarm once and save "
+                                        "its logits [tokens, vocab] here (torch.save)")
     args = p.parse_args()
 
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
 
     model = RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
-        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0,
+        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0, exact=args.exact,
     )
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -59,6 +63,13 @@ def main() -> int:
             pass
 
     ids = torch.tensor([[int(x) for x in args.prompt_ids.split(",")]])
+    if args.logits_out:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            torch.save(model(ids).logits[0].float(), args.logits_out)
+        print(json.dumps({"logits": args.logits_out, "seconds": time.perf_counter() - t0}), flush=True)
+        model.shutdown()
+        return 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
     t0 = time.perf_counter()
     with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:

@@ -149,6 +149,7 @@ def test_unknown_member_is_not_found(tmp_path):
         (dict(requested_span=Span(25, 35)), InvalidRequest, "outside the model"),
         (dict(current_span=Span(0, 31)), InvalidRequest, "outside the model"),
         (dict(requested_span=Span(0, 20), capacity=5), InvalidRequest, "capacity"),
+        (dict(quant="int3"), InvalidRequest, "quant must be none, int8 or int4"),
     ],
 )
 def test_impossible_joins_are_refused_and_change_nothing(tmp_path, bad, error, match):

@@ -20,7 +20,7 @@ def swarm(tmp_path) -> dict:
     a = m.join(JoinParams(address="10.0.0.1:7000", model_id="", capacity=3, throughput=4.0,
                           name="alpha"))
     m.join(JoinParams(address="10.0.0.2:7000", model_id="", capacity=2, throughput=2.0,
-                      requested_span=Span(5, 7)))
+                      requested_span=Span(5, 7), quant="int4"))
     m.heartbeat(a.member_id, Span(0, 3))
     return snapshot(m, dht_initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/Qm"], started_at=990.0,
                     version="0.1.0")
@@ -31,6 +31,7 @@ def test_snapshot_lists_members_blocks_and_holes(tmp_path):
     assert s["epoch"] == 2 and s["holes"] == [3, 4, 7]
     assert [m["span"] for m in s["members"]] == [[0, 3], [5, 7]]
     assert [m["state"] for m in s["members"]] == ["online", "loading"]
+    assert [m["quant"] for m in s["members"]] == ["none", "int4"]
     assert [b["throughput"] for b in s["blocks"]] == [4.0, 4.0, 4.0, 0.0, 0.0, 2.0, 2.0, 0.0]
 
 
@@ -39,6 +40,8 @@ def test_cli_table_shows_nodes_coverage_and_highlights_holes(tmp_path):
     assert "epoch 2, 2 nodes" in text
     assert "10.0.0.1:7000" in text and "0:3" in text and "2.5s ago" in text
     assert "loading pinned" in text
+    rows = {line.split()[1]: line.split() for line in text.splitlines() if "10.0.0." in line}
+    assert "QUANT" in text and rows["10.0.0.1:7000"][-1] == "none" and rows["10.0.0.2:7000"][-1] == "int4"
     hole_lines = [line for line in text.splitlines() if line.endswith("<- HOLE")]
     assert [int(line.split()[0]) for line in hole_lines] == [3, 4, 7]
     assert "3 blocks have no replica: 3, 4, 7" in text

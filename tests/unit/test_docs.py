@@ -24,7 +24,7 @@ FOREIGN_FLAGS = {"--no-deps", "--only-binary", "--platform", "--python-version",
 # protobuf (ByteSize), the standard library (gc.freeze, math.prod, hashlib.sha256).
 # Calls of libraries the docs name (torch, protobuf, hashlib, transformers, torchao).
 FOREIGN_CALLS = {"named_modules", "parameters", "to", "ByteSize", "freeze", "prod", "sha256", "DynamicCache",
-                 "IntxWeightOnlyConfig"}
+                 "IntxWeightOnlyConfig", "Int4WeightOnlyConfig"}
 
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 CALL = re.compile(r"`+([A-Za-z_][\w.]*)\((?:[^`()]*)\)`+")

@@ -129,3 +129,39 @@ async def test_a_moved_peer_stays_routable_for_the_blocks_it_serves_now(monkeypa
     swarm.ban(moved, PeerUnavailable("connection refused"))
     with pytest.raises(NoRouteError, match="unbanned"):
         await swarm.route(2, 4)
+
+
+def qpeer(pid, start, end, quant, thr=100.0):
+    return PeerSpan(peer_id=pid, address=f"h:{pid}", start=start, end=end, throughput=thr, quant=quant)
+
+
+def test_exact_routes_around_quantised_peers():
+    """--exact (issue 19): a faster int4 replica is used normally, never under exact."""
+    peers = [qpeer("a", 0, 10, "none"), qpeer("q", 10, 20, "int4", thr=1000), qpeer("b", 10, 20, "none", thr=10)]
+    assert spans(find_route(peers, 0, 20, config=CFG))[1] == ("q", 10, 20)
+    exact = RoutingConfig(hop_latency_s=0.01, allow_partial_spans=True, exact=True)
+    assert spans(find_route(peers, 0, 20, config=exact)) == [("a", 0, 10), ("b", 10, 20)]
+
+
+def test_exact_without_an_unquantised_replica_names_the_quantised_ones():
+    peers = [qpeer("a", 0, 10, "none"), qpeer("q", 10, 20, "int8")]
+    exact = RoutingConfig(exact=True)
+    with pytest.raises(NoRouteError, match=r"exact output asked for, but only quantised peers host blocks "
+                                           r"10, 11, .*h:q \[10:20\] int8.*drop --exact") as e:
+        find_route(peers, 0, 20, config=exact)
+    assert e.value.missing_blocks == list(range(10, 20))
+    # a block nobody hosts is not blamed on quantisation
+    with pytest.raises(NoRouteError, match="no online peer hosts blocks 20"):
+        find_route(peers, 0, 21, config=RoutingConfig(exact=False, allow_partial_spans=True))
+    assert len(find_route(peers, 0, 20, config=RoutingConfig())) == 2
+
+
+def test_records_carry_the_quantisation():
+    from pollinate.node.announce import record_value
+
+    value = record_value(state="online", address="h:1", start=0, end=4, throughput=1.0, cache_tokens_left=8,
+                         quant="int4")
+    legacy = {k: v for k, v in value.items() if k != "quant"}
+    (p,) = merge_records({0: {"p": (value, 10.0)}})
+    (old,) = merge_records({0: {"p": (legacy, 10.0)}})
+    assert p.quant == "int4" and old.quant == "none"

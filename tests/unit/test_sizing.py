@@ -15,6 +15,7 @@ from pollinate.node.sizing import (
     SizingConfig,
     SpanDoesNotFit,
     choose_num_blocks,
+    choose_quant,
     cpu_available_bytes,
     free_memory_bytes,
     plan_span,
@@ -177,3 +178,30 @@ def test_cpu_available_bytes_reads_meminfo_and_cgroup(tmp_path):
 def test_free_memory_on_this_cpu_is_plausible():
     free = free_memory_bytes("cpu")
     assert 64 * MiB < free < 64 * 1024 * GiB
+
+
+def test_quant_auto_takes_int4_on_cuda_only_when_the_span_does_not_fit():
+    """--quant auto (issue 19): Llama-2-7B on a 24 GB card fits 25 of 32 bf16 blocks with the
+    default budgets; 20 blocks stay unquantised, the whole model goes int4, a CPU never does."""
+    free = 23 * GiB
+    quant, why = choose_quant("auto", device_type="cuda", free_bytes=free, shape=LLAMA2_7B, dtype=torch.bfloat16,
+                              wanted_blocks=20)
+    assert quant == "none" and why.startswith("auto: 20 blocks fit at bfloat16")
+    quant, why = choose_quant("auto", device_type="cuda", free_bytes=free, shape=LLAMA2_7B, dtype=torch.bfloat16,
+                              wanted_blocks=32)
+    int4 = plan_span(free, LLAMA2_7B, torch.bfloat16, quant="int4")
+    assert quant == "int4" and int4.blocks_that_fit == 32
+    assert "32 blocks need" in why and "(25 fit)" in why and f"{int4.blocks_that_fit} fit" in why
+    # a block's int4 weights: 0.5 + 4/32 bytes per Linear weight, norms at bf16
+    linear = LLAMA2_7B.linear_params_per_block()
+    assert int4.weight_bytes_per_block == round(linear * 0.625) + (LLAMA2_7B.params_per_block() - linear) * 2
+    quant, why = choose_quant("auto", device_type="cuda", free_bytes=free, shape=LLAMA2_7B, dtype=torch.bfloat16,
+                              wanted_blocks=32,
+                              int4_unavailable="int4 on CUDA (tinygemm) needs compute capability 8.0+")
+    assert quant == "none" and why.endswith("is usable, and int4 on CUDA (tinygemm) needs compute capability 8.0+")
+    for device in ("cpu", "mps"):
+        quant, why = choose_quant("auto", device_type=device, free_bytes=None, shape=LLAMA2_7B,
+                                  dtype=torch.float32, wanted_blocks=32)
+        assert quant == "none" and device in why
+    assert choose_quant("int8", device_type="cuda", free_bytes=None, shape=LLAMA2_7B, dtype=torch.bfloat16,
+                        wanted_blocks=32) == ("int8", "asked for")
