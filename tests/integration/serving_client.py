@@ -29,13 +29,14 @@ def main() -> int:
     p.add_argument("--codec", default="none")
     p.add_argument("--token")
     p.add_argument("--step-timeout", type=float, default=20.0)
+    p.add_argument("--no-handoff", action="store_true", help="send no resume digest: leaving nodes hand nothing off")
     args = p.parse_args()
 
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
 
     model = RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
-        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0,
+        wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0, handoff=not args.no_handoff,
     )
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -68,6 +69,7 @@ def main() -> int:
             "route": [[str(h.peer.address), h.start, h.end] for h in session.route],
             "failovers": session.failovers,
             "reroutes": session.reroutes,
+            "handoffs": session.handoffs,
             "recovery_s": session.recovery_seconds,
             "seconds": time.perf_counter() - t0,
         }
