@@ -177,9 +177,10 @@ class RemoteSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
-    def _new_stream(self, hop: Hop) -> HopStream:
+    def _new_stream(self, hop: Hop, resume_secret: bytes | None = None) -> HopStream:
+        """A stream for `hop`; with `resume_secret`, one that resumes a handed-off session."""
         return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length,
-                         job=self.job)
+                         job=self.job, resume_secret=resume_secret)
 
     def _lacks_job(self, hop: Hop, error: BaseException) -> bool:
         """Record a replica that answered NOT_FOUND for the session's job; True if it did."""
@@ -274,8 +275,7 @@ class RemoteSession:
         old = self.hops[index]
         peer = PeerSpan(peer_id=notice.peer_id, address=notice.address, start=old.hop.start, end=old.hop.end,
                         throughput=old.hop.peer.throughput)
-        new = HopStream(self.swarm, Hop(peer=peer, start=old.hop.start, end=old.hop.end), session_id=old.session_id,
-                        max_length=self.max_length, job=self.job, resume_secret=old.secret)
+        new = self._new_stream(Hop(peer=peer, start=old.hop.start, end=old.hop.end), resume_secret=old.secret)
         new.history = old.history
         asyncio.ensure_future(old.close())
         self.hops[index] = new
