@@ -7,7 +7,7 @@ English text), the whole model's 30 blocks prefill one KV cache (node/span.py, a
 holds it), which is then handed off through each codec setting (encode, decode, restore:
 node/handoff.py) and greedy decoding continues for --tokens tokens from the restored cache.
 The reference is the same continuation from the untouched cache (an uncompressed handoff).
-One JSON object per line: per setting ``mode``, ``bits``, ``kv_ratio_vs_fp16`` (frame bytes
+One JSON object per line: per setting ``mode``, ``bits``, ``key_deltas``, ``kv_ratio_vs_fp16`` (frame bytes
 / fp16 cache bytes), ``rel_error_keys`` / ``rel_error_values`` (||x - x̂|| / ||x||),
 ``max_abs_error``, ``prompts_identical`` (prompts whose --tokens next tokens all equal the
 reference's), ``token_agreement`` (fraction of positions equal before the first
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pollinate.node.handoff import cache_layers, restore_cache
 from pollinate.node.model_files import open_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [("lossless", 8), ("lossy", 8), ("lossy", 6), ("lossy", 4)]
+SETTINGS = [("lossless", 8, True), ("lossy", 8, True), ("lossy", 6, True), ("lossy", 4, True)]
 
 
 def prompts(tokenizer, count: int, context: int) -> list[torch.Tensor]:
@@ -70,18 +71,25 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512, help="tokens of context per prompt")
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens compared after the handoff")
     p.add_argument("--group", type=int, default=64, help="lossy: tokens per scale group")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default); "
+                   "1 on a shared machine, where more threads than free cores slow torch down many times")
+    p.add_argument("--ablate-key-deltas", action="store_true",
+                   help="also the lossy settings without delta-coded keys (rows with key_deltas false)")
     p.add_argument("--quick", action="store_true", help="2 prompts of 64 tokens, 4 next tokens")
     args = p.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.quick:
         args.prompts, args.context, args.tokens = 2, 64, 4
     torch.manual_seed(0)
     files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
     span = files.load_span(0, files.num_blocks)
     part = files.load_client_part()
+    settings = SETTINGS + ([(m, b, False) for m, b, _ in SETTINGS if m == "lossy"] if args.ablate_key_deltas else [])
     rows = {s: {"bytes": 0, "fp16": 0, "ek": [], "ev": [], "max": 0.0, "same": 0, "agree": 0, "enc": [], "dec": []}
-            for s in SETTINGS}
+            for s in settings}
     total = 0
-    for ids in prompts(files.tokenizer(), args.prompts, args.context):
+    for n, ids in enumerate(prompts(files.tokenizer(), args.prompts, args.context), start=1):
         max_length = ids.shape[1] + args.tokens
         with torch.inference_mode():
             cache = span.new_cache(1, max_length)
@@ -89,10 +97,10 @@ def main() -> int:
         layers = [(k.clone(), v.clone()) for k, v in cache_layers(cache)]
         reference = greedy(span, part, cache, hidden, args.tokens)
         total += args.tokens
-        for mode, bits in SETTINGS:
-            row = rows[(mode, bits)]
+        for mode, bits, deltas in settings:
+            row = rows[(mode, bits, deltas)]
             t0 = time.perf_counter()
-            blob = encode_kv(layers, KVCodecConfig(mode=mode, bits=bits, group_tokens=args.group))
+            blob = encode_kv(layers, KVCodecConfig(mode=mode, bits=bits, group_tokens=args.group, delta_keys=deltas))
             t1 = time.perf_counter()
             decoded = decode_kv(blob, max_elements=sum(k.numel() + v.numel() for k, v in layers))
             t2 = time.perf_counter()
@@ -113,11 +121,13 @@ def main() -> int:
             got = greedy(span, part, restored, hidden, args.tokens)
             row["same"] += got == reference
             row["agree"] += agreement(got, reference)
+        print(f"prompt {n}/{args.prompts} done", file=sys.stderr, flush=True)
     summary = {"summary": True, "prompts": args.prompts, "context": args.context, "tokens": args.tokens}
-    for (mode, bits), row in rows.items():
+    for (mode, bits, deltas), row in rows.items():
         out = {
             "mode": mode, "bits": bits if mode == "lossy" else None,
             "group_tokens": args.group if mode == "lossy" else None,
+            "key_deltas": deltas if mode == "lossy" else None,
             "kv_ratio_vs_fp16": round(row["bytes"] / row["fp16"], 4),
             "rel_error_keys": float(f"{statistics.mean(row['ek']):.3g}"),
             "rel_error_values": float(f"{statistics.mean(row['ev']):.3g}"),
@@ -128,6 +138,8 @@ def main() -> int:
             "decode_ms": round(1000 * statistics.median(row["dec"]), 1),
         }
         print(json.dumps(out), flush=True)
+        if not deltas:
+            continue
         summary[f"{mode}{bits if mode == 'lossy' else ''}_ratio"] = out["kv_ratio_vs_fp16"]
         summary[f"{mode}{bits if mode == 'lossy' else ''}_identical"] = out["prompts_identical"]
     print(json.dumps(summary), flush=True)

@@ -10,12 +10,15 @@ history. Two modes:
   have: greedy tokens equal the local model's.
 - ``lossy`` (CacheGen, Liu et al., SIGCOMM 2024): per channel (batch row, KV head, head
   dimension) and per group of ``group_tokens`` neighbouring tokens, one fp16 scale and
-  ``bits``-bit symmetric integer codes; inside a group each code is stored as its
-  difference from the previous token's (wrapping in 8 bits, so the integers come back
-  exactly and no error accumulates), channel by channel, so that zstd sees the small,
-  repetitive deltas of neighbouring tokens together. The error is at most half a scale
-  per value. It changes the next tokens on some prompts
-  (benchmarks/results/2026-12-06-handoff.md), which is why lossless is the default.
+  ``bits``-bit symmetric integer codes, laid out channel by channel so that zstd sees a
+  channel's neighbouring tokens together. Keys' codes are stored as differences from the
+  previous token's inside a group (wrapping in 8 bits, so the integers come back exactly
+  and no error accumulates): on SmolLM2 caches that saves 2-4% of the frame at 6-8 bits
+  and costs 1% at 4 (``bench_kv_codec.py --ablate-key-deltas``); values' deltas made them
+  larger in a probe of the same caches, so values are stored as plain codes. The error is
+  at most half a quantisation step per value. It changes the next greedy tokens on some
+  prompts even at 8 bits (benchmarks/results/2026-12-06-handoff.md), which is why
+  lossless is the default.
 
 Frame layout (little-endian):
 
@@ -23,7 +26,7 @@ Frame layout (little-endian):
     mode      u8       0 lossless, 1 lossy
     bits      u8       lossy: code bits (2..8); lossless: 0
     group     u16      lossy: tokens per scale group; lossless: 0
-    delta     u8       lossy: bit 0 set = keys delta-coded, bit 1 = values; lossless: 0
+    delta     u8       lossy: 1 = keys delta-coded, 0 = not; lossless: 0
     dtype     u8       the cache's dtype (compression/frame.py DTYPE_CODES)
     layers    u16      number of layers
     shapes    layers x 2 x 4 x u32: keys then values [batch, kv_heads, tokens, head_dim]
@@ -202,7 +205,7 @@ def _read_header(reader: FrameReader, max_elements: int):
         raise CompressionError(f"unknown KV frame mode {mode}")
     if mode == 1 and not (2 <= bits <= 8 and 1 <= group <= 1024):
         raise CompressionError(f"lossy KV frame with bits {bits}, group {group}: want bits 2..8, group 1..1024")
-    if delta & ~0b11 or (mode == 1 and delta & 0b10):
+    if delta & ~1:
         raise CompressionError(f"KV frame delta flags {delta:#x}: only keys may be delta-coded")
     if mode == 0 and (bits or group or delta):
         raise CompressionError("lossless KV frame with quantisation parameters")
