@@ -298,7 +298,8 @@ class HandoffInbox:
             raise InvalidRequest(f"handoff of {sid}: position {header.position} outside [1, {header.max_length}]")
         if not 0 < header.batch_size <= server.sessions.config.budget_tokens // header.max_length:
             raise InvalidRequest(f"handoff of {sid}: batch size {header.batch_size} does not fit this node's budget")
-        raw = self.max_elements(server, header) * server.span.dtype.itemsize
+        # fp32 at most (a frame carries fp32, fp16 or bf16 whatever this span computes in)
+        raw = self.max_elements(server, header) * 4
         # zstd never expands by more than a few bytes per 128 KiB block; the frame header is
         # 12 + 32 bytes per layer
         bound = raw + raw // 1024 + 64 * server.span.num_blocks + 4096
