@@ -13,8 +13,8 @@ history. Two modes:
   ``bits``-bit symmetric integer codes, laid out channel by channel so that zstd sees a
   channel's neighbouring tokens together. Keys' codes are stored as differences from the
   previous token's inside a group (wrapping in 8 bits, so the integers come back exactly
-  and no error accumulates): on SmolLM2 caches that saves 2-4% of the frame at 6-8 bits
-  and costs 1% at 4 (``bench_kv_codec.py --ablate-key-deltas``); values' deltas made them
+  and no error accumulates): on SmolLM2 caches that saves about 2% of the frame at 6-8
+  bits and costs 1% at 4 (``bench_kv_codec.py --ablate-key-deltas``); values' deltas made them
   larger in a probe of the same caches, so values are stored as plain codes. The error is
   at most half a quantisation step per value. It changes the next greedy tokens on some
   prompts even at 8 bits (benchmarks/results/2026-12-06-handoff.md), which is why
