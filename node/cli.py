@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest a kept Forward input waits for its Backward, seconds (default 300)")
     p.add_argument("--handoff", choices=("lossless", "lossy", "off"), default="lossless",
                    help="on SIGTERM or a move, hand open sessions' KV caches to a replica of the same blocks: "
-                        "lossless (default; exact, fp32 caches are ~1.75x their fp16 size) or lossy (CacheGen-"
+                        "lossless (default; exact, an fp32 cache travels at ~1.7x its fp16 size) or lossy (CacheGen-"
                         "style, --handoff-bits; smaller, may change the next tokens: docs/serving.md); off: "
                         "clients replay their history elsewhere")
     p.add_argument("--handoff-bits", type=int, default=8, help="--handoff lossy: bits per value, 2-8 (default 8)")
