@@ -534,6 +534,8 @@ class _Node:
 
         try:
             await hand_off_sessions(server, replicas, stub, cfg)
+        except Exception:  # never in the way of leaving or moving: the clients replay
+            logger.exception("handing off the sessions of blocks %d:%d failed", server.start, server.end)
         finally:
             for channel in channels.values():
                 await channel.close()

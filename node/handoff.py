@@ -44,6 +44,7 @@ from pollinate.protocol.errors import (
     InvalidRequest,
     NotFound,
     PollinateError,
+    ResourceExhausted,
     SessionHandedOff,
     Unauthenticated,
     translate_rpc_errors,
@@ -241,6 +242,9 @@ async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, confi
                 report.fp16_bytes += fp16_bytes(layers)
         except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
             report.failed[session.session_id] = str(e)
+        except Exception as e:  # a leaving node must leave: this session's client replays
+            logger.exception("handing off session %s failed unexpectedly", session.session_id)
+            report.failed[session.session_id] = f"{type(e).__name__}: {e}"
         finally:
             state.result.set_result(moved)
             if moved is None:
@@ -298,6 +302,10 @@ class HandoffInbox:
             raise InvalidRequest(f"handoff of {sid}: position {header.position} outside [1, {header.max_length}]")
         if not 0 < header.batch_size <= server.sessions.config.budget_tokens // header.max_length:
             raise InvalidRequest(f"handoff of {sid}: batch size {header.batch_size} does not fit this node's budget")
+        need = header.max_length * header.batch_size
+        if need > server.sessions.tokens_left:  # before its bytes are read (receive() reserves them)
+            raise ResourceExhausted(f"handoff of {sid} needs {need} cache tokens, this node has "
+                                    f"{server.sessions.tokens_left} left")
         # fp32 at most (a frame carries fp32, fp16 or bf16 whatever this span computes in)
         raw = self.max_elements(server, header) * 4
         # zstd never expands by more than a few bytes per 128 KiB block; the frame header is

@@ -123,8 +123,10 @@ async def test_bad_handoffs_are_refused_and_change_nothing(server):
     with pytest.raises(InvalidRequest, match="not a KV-cache frame"):
         await inbox.receive(server, header(server, cache, secret, b"junk" * 10), b"junk" * 10)
     assert len(server.sessions) == 0 and len(inbox) == 0
-    # the budget is reserved like a new session's: a full node refuses
+    # the budget is reserved like a new session's: a full node refuses, from the header already
     server.open_session("big", max_length=60, batch_size=1)
+    with pytest.raises(ResourceExhausted, match="needs 32 cache tokens, this node has 4 left"):
+        inbox.check_header(server, header(server, cache, secret, blob))
     with pytest.raises(ResourceExhausted):
         await inbox.receive(server, header(server, cache, secret, blob), blob)
 
@@ -142,3 +144,70 @@ def test_the_handoff_notice_names_the_new_node_across_the_wire():
     err = from_rpc_error(Failed(), peer="127.0.0.1:4000")
     assert isinstance(err, SessionHandedOff)
     assert (err.address, err.peer_id) == ("127.0.0.1:5000", "12D3Koo")
+
+
+class IntoInbox:
+    """A replica's HandOff, in process: the servicer's checks, then the inbox."""
+
+    def __init__(self, inbox, server):
+        self.inbox, self.server, self.calls = inbox, server, 0
+
+    async def HandOff(self, requests):
+        self.calls += 1
+        reqs = list(requests)
+        head = reqs[0].header
+        data = b"".join(r.data for r in reqs)
+        assert len(data) == self.inbox.check_header(self.server, head)
+        await self.inbox.receive(self.server, head, data)
+        return node_pb2.HandOffReply(position=head.position, hold_s=self.inbox.config.hold_s)
+
+
+class Full:
+    async def HandOff(self, requests):
+        raise ResourceExhausted("no room")
+
+
+async def test_sender_skips_a_refusing_replica_and_the_session_continues_exactly_on_the_next(
+        server, tiny_model_files):
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    span = tiny_model_files.load_span(1, 3)
+    receiver = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=span.hidden_size,
+                          serving=ServingConfig(), sessions=SessionConfig(budget_tokens=64))
+    try:
+        secret = os.urandom(32)
+        session = server.open_session("s-2", max_length=32, batch_size=1)
+        session.resume_digest, session.handoff = digest_of(secret), HandoffState()
+        x = torch.randn(1, 8, server.hidden_size, generator=torch.Generator().manual_seed(3))
+        await server.step(session, x[:, :7], 0)
+        inbox = HandoffInbox(HandoffConfig())
+        replica = IntoInbox(inbox, receiver)
+        stubs = {"full:1": Full(), "ok:2": replica}
+        report = await hand_off_sessions(server, [("full:1", "p1"), ("ok:2", "p2")], stubs.__getitem__,
+                                         HandoffConfig(chunk_bytes=1000))  # several HandOff messages
+        assert report.moved == {"s-2": "ok:2"} and report.failed == {} and replica.calls == 1
+        assert session.handoff.result.result() == ("ok:2", "p2")
+        with pytest.raises(SessionHandedOff, match="to ok:2 peer p2") as moved:
+            await session.handoff.before_step("s-2")  # the stream's next step ends it
+        assert moved.value.address == "ok:2"
+        resumed = inbox.claim(receiver, "s-2", secret, "")
+        got = await receiver.step(resumed, x[:, 7:], 7)
+        with torch.inference_mode():
+            want = server.span(x[:, 7:], torch.tensor([[7]]), cache=session.cache)
+        assert torch.equal(got, want)
+    finally:
+        receiver._executor.shutdown(wait=True)
+
+
+async def test_with_no_replica_taking_it_the_session_stays_and_steps_on(server):
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    session = server.open_session("s-3", max_length=32, batch_size=1)
+    session.resume_digest, session.handoff = digest_of(b"k" * 32), HandoffState()
+    x = torch.randn(1, 4, server.hidden_size)
+    await server.step(session, x[:, :3], 0)
+    report = await hand_off_sessions(server, [("full:1", "p1")], lambda a: Full(), HandoffConfig())
+    assert "no room" in report.failed["s-3"] and report.moved == {}
+    assert session.handoff.result.result() is None and not session.handoff.frozen
+    await session.handoff.before_step("s-3")  # returns: the step may run here as before
+    await server.step(session, x[:, 3:], 3)
