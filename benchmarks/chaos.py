@@ -1,6 +1,7 @@
 """Fault scenarios against a local swarm; each prints one JSON object per run.
 
     python benchmarks/chaos.py --scenario kill-node-during-generation [--model tiny|smollm2]
+    python benchmarks/chaos.py --scenario handoff --model smollm2 --tokens 64 [--handoff-codec lossy]
 
 Scenarios are functions registered in SCENARIOS under their name; a scenario gets the
 parsed args and a work directory and returns its JSON-able result (at least `scenario`
@@ -99,6 +100,108 @@ def kill_node_during_generation(args: argparse.Namespace, workdir: Path) -> dict
         "killed": killed,
         "route_after": route,
         "tokens": args.tokens,
+    }
+
+
+def _handoff_prompt(args, files) -> "torch.Tensor":
+    """--context tokens of real text (the repository's docs) for SmolLM2; seeded random ids for tiny."""
+    import torch
+
+    if args.model == "tiny":
+        return torch.randint(1, files.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+    text = "\n\n".join(p.read_text() for p in sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md")))
+    return files.tokenizer()(text, return_tensors="pt").input_ids[:, : args.context]
+
+
+def _handoff_run(remote, ids, gen: dict, victims: dict, args) -> dict:
+    """Generate; after token --kill-after, SIGTERM the middle hop's node (in a thread: the node
+    takes seconds to leave) and go on. Returns the tokens and the stall the fault caused."""
+    import threading
+
+    from transformers.generation.streamers import BaseStreamer
+
+    stamps: list[float] = []
+    fault: dict = {}
+
+    class TermAfter(BaseStreamer):
+        def put(self, value):
+            stamps.append(time.perf_counter())
+            if len(stamps) == args.kill_after + 1:  # the prompt comes first
+                victim = victims[remote.active_session.route[1].peer.address]
+                fault.update(victim=victim, at=time.perf_counter(), index=len(stamps))
+                threading.Thread(target=victim.stop, args=(60.0,), daemon=True).start()
+
+        def end(self):
+            pass
+
+    with remote.inference_session(max_length=ids.shape[1] + args.tokens) as session:
+        out = remote.generate(ids, streamer=TermAfter(), **gen)[0, ids.shape[1]:].tolist()
+        counts = {"handoffs": session.handoffs, "failovers": session.failovers,
+                  "route_after": [str(h) for h in session.route]}
+    # the stall: the longest wait for a token once SIGTERM was sent
+    after = [b - a for a, b in zip(stamps[fault["index"] - 1:], stamps[fault["index"]:])]
+    return {"tokens": out, "stall_s": max(after) if after else None,
+            "median_token_s": sorted(after)[len(after) // 2] if after else None, "victim": fault["victim"], **counts}
+
+
+@scenario("handoff")
+def handoff(args: argparse.Namespace, workdir: Path) -> dict:
+    """A session of --context tokens through A, B, C where three nodes serve B's blocks; SIGTERM
+    the B in use after token --kill-after: it hands the session's KV cache to another B and the
+    client resumes there. Then the same with a client that allows no handoff (forced replay)."""
+    model, spans = _model(args, workdir)
+    spans = [spans[0], spans[1], spans[1], spans[1], spans[3]]  # three replicas of the middle span
+    cache = str(workdir / "cache") if args.model == "tiny" else None
+    from pollinate.node.model_files import open_model
+
+    files = open_model(model, cache_dir=cache, show_progress=False)  # convert once, up front
+    if args.context + args.tokens > files.config.max_position_embeddings:
+        raise SystemExit(f"--context {args.context} + --tokens {args.tokens} exceed the model's "
+                         f"{files.config.max_position_embeddings} positions")
+    extra = ["--torch-threads", "1", "--throughput", "100", "--handoff", args.handoff_codec,
+             "--handoff-bits", str(args.handoff_bits)]
+    ids = _handoff_prompt(args, files)
+    gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+    import torch
+
+    with torch.inference_mode():
+        reference = files.load_reference_model().generate(ids, **gen)[0, ids.shape[1]:].tolist()
+    with local_swarm(workdir, model=model, spans=spans, cache_dir=cache, extra=extra) as swarm:
+        from pollinate.client.remote_model import RemoteModelForCausalLM
+
+        victims = {p.info["address"]: p for p in swarm.nodes}
+        runs = {}
+        for name, allow in (("handoff", True), ("replay", False)):
+            remote = RemoteModelForCausalLM.from_pretrained(
+                model, initial_peers=[swarm.maddr], cache_dir=cache, wire_codec="none", ban_base_s=60.0,
+                handoff=allow)
+            try:
+                runs[name] = _handoff_run(remote, ids, gen, victims, args)
+            finally:
+                remote.shutdown()
+            runs[name]["victim"].popen.wait(60)
+        log = runs["handoff"]["victim"].log_path.read_text(errors="replace")
+    sent = re.search(r"handed off \d+ session\(s\) of blocks \S+ in ([\d.]+) s, (\d+) bytes \(([\d.]+) of fp16\)", log)
+    h, r = runs["handoff"], runs["replay"]
+    return {
+        "scenario": "handoff",
+        "model": args.model,
+        "completed": len(h["tokens"]) == args.tokens and len(r["tokens"]) == args.tokens,
+        "tokens_match": h["tokens"] == reference,
+        "replay_tokens_match": r["tokens"] == reference,
+        "handoff": h["handoffs"] == 1 and h["failovers"] == 0,
+        "kv_ratio_vs_fp16": float(sent.group(3)) if sent else None,
+        "kv_bytes": int(sent.group(2)) if sent else None,
+        "handoff_send_s": float(sent.group(1)) if sent else None,
+        "resume_s": round(h["stall_s"], 3),
+        "replay_resume_s": round(r["stall_s"], 3),
+        "replayed": r["failovers"] == 1 and r["handoffs"] == 0,
+        "median_token_s": round(h["median_token_s"], 4),
+        "codec": args.handoff_codec if args.handoff_codec != "lossy" else f"lossy{args.handoff_bits}",
+        "context": ids.shape[1],
+        "tokens": args.tokens,
+        "kill_after": args.kill_after,
+        "route_after": h["route_after"],
     }
 
 
@@ -461,6 +564,11 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate")
     p.add_argument("--kill-after", type=int, default=5, help="kill after this many generated tokens")
     p.add_argument("--workdir", type=Path)
+    handoff_args = p.add_argument_group("handoff scenario")
+    handoff_args.add_argument("--context", type=int, default=512, help="prompt tokens before generation")
+    handoff_args.add_argument("--handoff-codec", choices=("lossless", "lossy"), default="lossless",
+                              help="the nodes' --handoff")
+    handoff_args.add_argument("--handoff-bits", type=int, default=8, help="the nodes' --handoff-bits (lossy)")
     training = p.add_argument_group("training scenarios (kill-replica-during-training, kill-last-replica)")
     training.add_argument("--replicas", type=int, default=3, help="replicas of the whole tiny model")
     training.add_argument("--train-steps", type=int, default=100, help="inner steps per replica")

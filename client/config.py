@@ -25,6 +25,10 @@ class ClientConfig:
     # First ban of a failing peer, seconds; doubles per repeated failure up to ban_max_s.
     ban_base_s: float = 15.0
     ban_max_s: float = 600.0  # longest ban, seconds
+    # Let a node that leaves or moves hand this client's sessions to a replica, where they
+    # resume without a replay (node/handoff.py). False: the client sends no resume digest,
+    # nodes hand nothing off, and a leaving node's sessions are replayed elsewhere.
+    handoff: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:

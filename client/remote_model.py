@@ -71,6 +71,15 @@ class InferenceSession:
     def recovery_seconds(self) -> float:
         return self._remote.recovery_seconds
 
+    @property
+    def handoffs(self) -> int:
+        """Hops resumed where a leaving node handed them (node/handoff.py), no replay."""
+        return self._remote.handoffs
+
+    @property
+    def handoff_seconds(self) -> float:
+        return self._remote.handoff_seconds
+
     def hop_seconds(self) -> list[tuple[str, float]]:
         return [(str(h.hop), h.step_seconds) for h in self._remote.hops]
 

@@ -5,7 +5,13 @@ per hop, every hidden state it sent (`HopStream.history`). When a hop fails mid-
 (error status, timeout, stream closed), the peer is banned, blocks [start, end) are routed
 again, the history is replayed to the replacement chain as one step at position 0 (which
 rebuilds its KV cache exactly as the dead peer had it), and the step that failed is
-retried. The downstream hops never notice. The session's position is the client's alone:
+retried. The downstream hops never notice.
+
+A node that leaves gracefully (SIGTERM) or moves may instead hand the session's KV cache to
+another replica of its blocks (node/handoff.py): it ends the stream with SessionHandedOff,
+naming the replica. The client then opens a stream there proving, with the secret whose
+SHA-256 it sent at open (`resume_digest`), that the session is its own, and continues at
+its position with no replay. If that resume fails in any way, the hop is replayed as above. The session's position is the client's alone:
 a replacement starts a new session at 0 and is brought to the same position by the replay,
 so position and history cannot disagree (Petals issue #587).
 
@@ -18,13 +24,15 @@ left, NotFound names the blocks, the job and the replicas that lack it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import secrets
 import time
 import uuid
 
 import torch
 
-from pollinate.client.routing import Hop, NoRouteError
+from pollinate.client.routing import Hop, NoRouteError, PeerSpan
 from pollinate.client.swarm import Swarm
 from pollinate.protocol.errors import (
     InvalidRequest,
@@ -32,7 +40,9 @@ from pollinate.protocol.errors import (
     PeerUnavailable,
     PollinateError,
     RpcTimeout,
+    SessionHandedOff,
     Unauthenticated,
+    from_rpc_error,
     translate_rpc_errors,
 )
 from pollinate.protocol.tensors import HIDDEN_STATES, TensorAssembler, encode_tensor
@@ -48,7 +58,8 @@ FATAL = (InvalidRequest, NotFound, Unauthenticated)
 class HopStream:
     """One Inference stream to one peer for one hop of a route."""
 
-    def __init__(self, swarm: Swarm, hop: Hop, *, session_id: str, max_length: int, job: str = ""):
+    def __init__(self, swarm: Swarm, hop: Hop, *, session_id: str, max_length: int, job: str = "",
+                 resume_secret: bytes | None = None):
         self.swarm = swarm
         self.hop = hop
         self.job = job  # training job whose adapter the node applies; "" = the base model
@@ -57,6 +68,13 @@ class HopStream:
         self.history: list[torch.Tensor] = []  # inputs sent, in order (for replay)
         self._call = None
         self.step_seconds = 0.0  # time spent waiting on this hop, for --verbose and benchmarks
+        # Handoff (node/handoff.py): the node gets SHA-256 of `secret`; a replica it hands the
+        # session to gives it back only to whoever shows the secret. `resuming`: this stream
+        # opens by resuming a session handed to its peer (InferenceOpen.resume_secret).
+        self.secret = resume_secret or secrets.token_bytes(32)
+        self.resuming = resume_secret is not None
+        self.resumed = False  # the resuming stream's first step succeeded
+        self.opened_at = time.perf_counter()
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         cfg = self.swarm.config
@@ -66,8 +84,9 @@ class HopStream:
         try:
             out = await self._exchange(encoded, position, address)
         except asyncio.InvalidStateError as e:
-            # grpc.aio: writing to a call the peer already ended (it died, or aborted it)
-            raise PeerUnavailable(f"{address} ended the session stream: {e}") from e
+            # grpc.aio: writing to a call the peer already ended (it died, aborted it, or
+            # handed the session off): its status says which
+            raise await self._ended(address, e) from e
         result = out.decode()
         if tuple(result.shape) != tuple(hidden.shape):
             raise PeerUnavailable(f"{address} returned shape {list(result.shape)} for {list(hidden.shape)}")
@@ -92,6 +111,8 @@ class HopStream:
                         reply_codec=cfg.wire_codec,
                         job=self.job,
                         blocks=common_pb2.Span(start=self.hop.start, end=self.hop.end),
+                        resume_digest=hashlib.sha256(self.secret).digest() if cfg.handoff else b"",
+                        resume_secret=self.secret if self.resuming else b"",
                     ))
                     first = False
                 await asyncio.wait_for(self._call.write(req), cfg.step_timeout_s)
@@ -105,6 +126,19 @@ class HopStream:
                 out = assembler.feed(reply.tensor)
                 if out is not None:
                     return out
+
+    async def _ended(self, address: str, error: BaseException) -> PollinateError:
+        """The error a call the peer ended means, from its status (a handoff names the new node)."""
+        call = self._call
+        try:
+            code = await asyncio.wait_for(call.code(), 1.0)
+            details = await asyncio.wait_for(call.details(), 1.0)
+        except Exception:  # no status to read: the peer is simply gone
+            return PeerUnavailable(f"{address} ended the session stream: {error}")
+        import grpc.aio
+
+        return from_rpc_error(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details),
+                              peer=address)
 
     async def close(self) -> None:
         call, self._call = self._call, None
@@ -133,6 +167,8 @@ class RemoteSession:
         self.hops: list[HopStream] = []
         self.position = 0
         self.failovers = 0  # hops replaced mid-session, with their history replayed
+        self.handoffs = 0  # hops resumed (first step answered) where a leaving node handed them
+        self.handoff_seconds = 0.0  # time from a handoff notice to the resumed step's answer
         self.reroutes = 0  # hops replaced before they held any state (refused, unreachable)
         self.recovery_seconds = 0.0  # time spent rerouting and replaying
         self.lacking_job: dict[str, tuple[str, str]] = {}  # peer id -> (address, its NOT_FOUND) for self.job
@@ -141,9 +177,10 @@ class RemoteSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
-    def _new_stream(self, hop: Hop) -> HopStream:
+    def _new_stream(self, hop: Hop, resume_secret: bytes | None = None) -> HopStream:
+        """A stream for `hop`; with `resume_secret`, one that resumes a handed-off session."""
         return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length,
-                         job=self.job)
+                         job=self.job, resume_secret=resume_secret)
 
     def _lacks_job(self, hop: Hop, error: BaseException) -> bool:
         """Record a replica that answered NOT_FOUND for the session's job; True if it did."""
@@ -199,23 +236,51 @@ class RemoteSession:
             stream = self.hops[i]
             try:
                 y = await stream.step(x, self.position)
-            except FATAL as e:
-                if not self._lacks_job(stream.hop, e):
-                    raise
-                await self._reroute(i, e)
-                continue
             except (PollinateError, asyncio.TimeoutError, OSError) as e:
-                failures += 1
-                self.swarm.ban(stream.hop.peer, e)
+                resume_failed = stream.resuming and not stream.resumed
+                if resume_failed:
+                    # The handed-off session could not be resumed there (expired, refused,
+                    # gone): replay, without banning that replica (it may be the only one left).
+                    failures += 1
+                    logger.warning("session %s: resuming at %s failed (%s); replaying instead",
+                                   self.session_id, stream.hop.peer.address, e)
+                elif isinstance(e, FATAL):
+                    if not self._lacks_job(stream.hop, e):
+                        raise
+                    await self._reroute(i, e)
+                    continue
+                else:
+                    failures += 1
+                    self.swarm.ban(stream.hop.peer, e)
                 if failures > self.swarm.config.max_failovers:
                     raise PeerUnavailable(f"gave up after {failures} failures in one step; last: {e}") from e
+                if isinstance(e, SessionHandedOff) and e.address and not resume_failed:
+                    self._resume(i, e)
+                    continue
                 await self._reroute(i, e)
                 continue
+            if stream.resuming and not stream.resumed:
+                stream.resumed = True
+                self.handoffs += 1
+                self.handoff_seconds += time.perf_counter() - stream.opened_at
             stream.history.append(x)
             self.swarm.bans.succeeded(stream.hop.peer.peer_id)
             x, i = y, i + 1
         self.position += hidden.shape[1]
         return x
+
+    def _resume(self, index: int, notice: SessionHandedOff) -> None:
+        """Put a stream resuming the handed-off session at the named node in hop `index`'s place;
+        it keeps the hop's history, so a failed resume still replays."""
+        old = self.hops[index]
+        peer = PeerSpan(peer_id=notice.peer_id, address=notice.address, start=old.hop.start, end=old.hop.end,
+                        throughput=old.hop.peer.throughput)
+        new = self._new_stream(Hop(peer=peer, start=old.hop.start, end=old.hop.end), resume_secret=old.secret)
+        new.history = old.history
+        asyncio.ensure_future(old.close())
+        self.hops[index] = new
+        logger.info("session %s: blocks %d:%d handed off from %s to %s; resuming at position %d",
+                    self.session_id, old.hop.start, old.hop.end, old.hop.peer.address, notice.address, self.position)
 
     async def _reroute(self, index: int, error: BaseException | None) -> None:
         """Replace hop `index` (or build the whole route when there are none yet)."""

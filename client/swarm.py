@@ -16,7 +16,7 @@ from pollinate.client.config import ClientConfig
 from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
 from pollinate.protocol.channels import ChannelConfig, open_channel
-from pollinate.protocol.errors import PeerUnavailable, SpanMoved
+from pollinate.protocol.errors import PeerUnavailable, SessionHandedOff, SpanMoved
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import node_pb2_grpc
 
@@ -62,9 +62,11 @@ class Swarm:
     def ban(self, peer: PeerSpan, reason: BaseException) -> None:
         """Leave a failed peer out of routes for a while (doubling per repeat). A peer that
         answered SpanMoved is alive and serves other blocks now: only that record of it is
-        ignored, so it stays routable for the blocks it does serve (it may be their only host)."""
+        ignored, so it stays routable for the blocks it does serve (it may be their only host).
+        So is one that handed a session off (SessionHandedOff): it left those blocks, for
+        other blocks (a move) or for good (then its records say offline)."""
         self._fetched_at = -float("inf")  # what failed may be a stale record: re-read the DHT on the next route
-        if isinstance(reason, SpanMoved):
+        if isinstance(reason, (SpanMoved, SessionHandedOff)):
             self._stale[(peer.peer_id, peer.start, peer.end)] = time.monotonic() + self.config.ban_base_s
             logger.info("peer %s (%s) no longer serves blocks %d:%d (%s); re-reading the DHT",
                         peer.peer_id[-8:], peer.address, peer.start, peer.end, reason)

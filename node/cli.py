@@ -11,7 +11,11 @@ process must stay free of gRPC objects until the DHT has started; coordinator/pr
 the DHT starts with them, then the node reserves its port, joins (capacity, throughput,
 address), loads the span it is assigned (or its --blocks, pinned), heartbeats, and leaves on
 SIGTERM. On a MOVE it loads the new span, switches the servicer to it, re-announces and
-frees the old one; sessions open on the old span fail over on the client side.
+frees the old one.
+
+Leaving (SIGTERM) or moving, the node first hands each open session's KV cache to another
+node serving the same blocks (node/handoff.py, --handoff); its client resumes there. A
+session no replica takes fails over on the client side by replay, as before.
 """
 
 from __future__ import annotations
@@ -86,6 +90,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training jobs this node holds at once; more are refused (default 16)")
     p.add_argument("--jobs-memory-mb", type=float, default=2048.0,
                    help="memory the jobs' adapters and optimizer state may take, MiB (default 2048)")
+    p.add_argument("--handoff", choices=("lossless", "lossy", "off"), default="lossless",
+                   help="on SIGTERM or a move, hand open sessions' KV caches to a replica of the same blocks: "
+                        "lossless (default; exact, an fp32 cache travels at ~1.7x its fp16 size) or lossy (CacheGen-"
+                        "style, --handoff-bits; smaller, may change the next tokens: docs/serving.md); off: "
+                        "clients replay their history elsewhere")
+    p.add_argument("--handoff-bits", type=int, default=8, help="--handoff lossy: bits per value, 2-8 (default 8)")
+    p.add_argument("--handoff-hold", type=float, default=60.0,
+                   help="seconds a session handed to this node waits for its client (default 60)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--announce-expiration", type=float, default=60.0, help="DHT record lifetime, seconds")
     p.add_argument("--round-exchange-timeout", type=float, default=60.0,
@@ -125,7 +137,9 @@ def parse_blocks(text: str) -> tuple[int, int]:
 
 def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
+    from pollinate.compression.kv_codec import KVCodecConfig
     from pollinate.node.config import NodeConfig, ServingConfig
+    from pollinate.node.handoff import HandoffConfig
     from pollinate.node.kept_inputs import KeptInputsConfig
     from pollinate.node.rounds import RoundConfig
     from pollinate.node.sessions import SessionConfig
@@ -166,6 +180,9 @@ def build_config(args: argparse.Namespace):
                                                            ttl_s=args.kept_inputs_ttl),
                               max_jobs=args.max_jobs, jobs_memory_bytes=int(args.jobs_memory_mb * (1 << 20))),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
+        handoff=HandoffConfig(enabled=args.handoff != "off", hold_s=args.handoff_hold,
+                              codec=KVCodecConfig(mode="lossy" if args.handoff == "lossy" else "lossless",
+                                                  bits=args.handoff_bits)),
         rounds=RoundConfig(exchange_timeout_s=args.round_exchange_timeout,
                            contribution_wait_s=args.round_contribution_wait),
     )
@@ -435,7 +452,8 @@ class _Node:
             self.server = await self.load(start, end)
             self.rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
             self.servicer = NodeServicer(self.server, throughput=_initial_throughput(config),
-                                         member_key=self.member.config.member_key if self.member else None)
+                                         member_key=self.member.config.member_key if self.member else None,
+                                         handoff=config.handoff)
             if self.member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
                 from pollinate.node.rounds import RoundDriver
 
@@ -515,18 +533,51 @@ class _Node:
                 self.servicer.throughput = await self.measure(new)
                 self.member.set_throughput(self.servicer.throughput)  # sent with the next heartbeat
             announcer = self.announcer_for(new, self.address, self.servicer.throughput)
-            self.servicer.server = new  # new calls go to the new span; open sessions on the old fail over
+            self.servicer.server = new  # new calls go to the new span; open sessions on the old
+            await self.hand_off(old)  # move to a replica of the old blocks, or fail over by replay
             await asyncio.to_thread(old_announcer.stop)  # "offline" for the old blocks first,
             await asyncio.to_thread(announcer.start)  # then "online" (newer) for the new ones
             await old.shutdown()
             self.server, self.announcer = new, announcer
             logger.info("now serving blocks %d:%d", new.start, new.end)
 
+    async def hand_off(self, server) -> None:
+        """Hand `server`'s open sessions to other nodes serving its blocks (node/handoff.py)."""
+        from pollinate.node.handoff import find_replicas, hand_off_sessions
+        from pollinate.protocol.channels import ChannelConfig, open_channel
+        from pollinate.protocol.v1 import node_pb2_grpc
+
+        cfg = self.config.handoff
+        if not cfg.enabled or not any(s.handoff is not None for s in server.sessions.all()):
+            return
+        try:
+            replicas = await find_replicas(self.dht, model_id=self.config.model, num_blocks=self.files.num_blocks,
+                                           start=server.start, end=server.end, exclude=self.announcer.peer_id,
+                                           timeout_s=cfg.lookup_timeout_s)
+        except Exception as e:  # the DHT is best effort here: without replicas every client replays
+            logger.warning("handoff: looking up replicas of blocks %d:%d failed: %s", server.start, server.end, e)
+            replicas = []
+        channels = {}
+
+        def stub(address: str):
+            if address not in channels:
+                channels[address] = open_channel(address, ChannelConfig(token=self.config.token))
+            return node_pb2_grpc.NodeStub(channels[address])
+
+        try:
+            await hand_off_sessions(server, replicas, stub, cfg)
+        except Exception:  # never in the way of leaving or moving: the clients replay
+            logger.exception("handing off the sessions of blocks %d:%d failed", server.start, server.end)
+        finally:
+            for channel in channels.values():
+                await channel.close()
+
     async def stop(self) -> None:
-        logger.info("shutting down: leaving the swarm, announcing offline, draining sessions")
+        logger.info("shutting down: leaving the swarm, handing sessions off, announcing offline, draining")
+        self.servicer.serving = False  # refuses handoffs from others: this node is going too
+        await self.hand_off(self.server)
         if self.member is not None:
             await self.member.stop(leave=True)
-        self.servicer.serving = False
         await asyncio.to_thread(self.announcer.stop)
         await self.rpc.stop()
         if self.relay is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pollinate.node.announce import AnnounceConfig
+from pollinate.node.handoff import HandoffConfig
 from pollinate.node.kept_inputs import KeptInputsConfig
 from pollinate.node.rounds import RoundConfig
 from pollinate.node.sessions import SessionConfig
@@ -81,6 +82,8 @@ class NodeConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
     announce: AnnounceConfig = field(default_factory=AnnounceConfig)
+    # Session handoff on SIGTERM and on a move (node/handoff.py): codec, hold time, timeouts.
+    handoff: HandoffConfig = field(default_factory=HandoffConfig)
     # DiLoCo rounds' waits (BeginRound, ExchangeShard, CommitRound); used with a coordinator
     rounds: RoundConfig = field(default_factory=RoundConfig)
     # The coordinator's gRPC host:port; None = no membership (--blocks and --initial-peers only).

@@ -14,12 +14,13 @@ import grpc.aio
 import torch
 
 from pollinate import __version__
+from pollinate.node.handoff import DIGEST_BYTES, HandoffConfig, HandoffInbox, HandoffState
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
 from pollinate.protocol.auth import MAX_CHALLENGE_CHARS, address_proof
-from pollinate.protocol.errors import InvalidRequest, RpcTimeout
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, RpcTimeout
 from pollinate.protocol.tensors import (
     DEFAULT_FRAMING,
     HIDDEN_STATES as HIDDEN,
@@ -39,13 +40,14 @@ async def _encode(tensor: torch.Tensor, codec: str) -> EncodedTensor:
 
 class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING,
-                 member_key: str | None = None):
+                 member_key: str | None = None, handoff: HandoffConfig = HandoffConfig()):
         self.server = server
         self.member_key = member_key  # answers the coordinator's address challenge (protocol/auth.py)
         self.throughput = throughput
         self.framing = framing
         self.serving = True
         self.jobs = JobManager(server)  # training jobs: adapters and inner optimizers (node/training.py)
+        self.handoffs = HandoffInbox(handoff)  # sessions other replicas handed to this node
 
     async def Health(self, request, context):
         status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
@@ -121,24 +123,37 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     async def Inference(self, request_iterator, context):
         requests = aiter(request_iterator)
         assembler = activation_assembler(self.framing)
+        server = self.server  # a move swaps self.server; this session stays on its span
         opened: node_pb2.InferenceOpen | None = None
         session, scope = None, None
         step_position: int | None = None  # position carried by the chunks of the step in progress
         try:
             while True:
-                req = await self._next(requests, f"session {opened.session_id if opened else '?'}")
+                what = f"session {opened.session_id if opened else '?'}"
+                nxt = self._next(requests, what)
+                handoff = session.handoff if session is not None else None
+                req = await (handoff.next_or_moved(nxt, session.session_id) if handoff is not None else nxt)
                 if req is None:
                     break
                 if opened is None:
                     if not req.HasField("open"):
                         raise InvalidRequest("Inference: the first message must carry `open`")
                     opened = req.open
-                    self.server.check_blocks(opened.blocks.start, opened.blocks.end)
+                    server.check_blocks(opened.blocks.start, opened.blocks.end)
                     check_reply_codec(opened.reply_codec, "Inference")
                     if opened.job:  # generation with a job's adapter; the job must exist here
                         scope = self.jobs.scope(self.jobs.existing(opened.job, what=f"session {opened.session_id}"))
                     if opened.max_length <= 0:
                         raise InvalidRequest("Inference: max_length must be > 0")
+                    if opened.resume_digest and len(opened.resume_digest) != DIGEST_BYTES:
+                        raise InvalidRequest(f"Inference: resume_digest must be {DIGEST_BYTES} bytes (SHA-256)")
+                    if opened.resume_secret:  # a session another replica handed to this node
+                        session = self.handoffs.claim(server, opened.session_id, opened.resume_secret, opened.job)
+                        if session.max_length != opened.max_length:
+                            server.close_session(session.session_id)
+                            raise InvalidRequest(f"session {opened.session_id}: max_length {opened.max_length} "
+                                                 f"differs from the handed-off session's {session.max_length}")
+                        self._allow_handoff(session, opened)
                 elif req.HasField("open"):
                     raise InvalidRequest(f"session {opened.session_id}: `open` sent twice")
                 if not req.HasField("tensor"):
@@ -155,19 +170,57 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                     continue
                 position, step_position = step_position, None
                 hidden = await asyncio.to_thread(encoded.decode)
-                self.server.check_hidden(hidden)
+                server.check_hidden(hidden)
                 if session is None:
-                    session = self.server.open_session(
+                    session = server.open_session(
                         opened.session_id, max_length=opened.max_length, batch_size=hidden.shape[0]
                     )
-                out = await self.server.step(session, hidden, position, scope=scope)
+                    self._allow_handoff(session, opened)
+                if session.handoff is None:
+                    out = await server.step(session, hidden, position, scope=scope)
+                else:  # the sender snapshots the cache only between steps (node/handoff.py)
+                    await session.handoff.before_step(session.session_id)
+                    with session.handoff.stepping():
+                        out = await server.step(session, hidden, position, scope=scope)
                 reply = await _encode(out, opened.reply_codec or encoded.codec)
                 for chunk in reply.chunks(self.framing):
                     yield node_pb2.InferenceReply(position=position, tensor=chunk)
             assembler.close()
         finally:
             if session is not None:
-                self.server.close_session(session.session_id)
+                server.close_session(session.session_id)
+
+    @staticmethod
+    def _allow_handoff(session, opened) -> None:
+        if opened.resume_digest:
+            session.resume_digest, session.job = bytes(opened.resume_digest), opened.job
+            session.handoff = HandoffState()
+
+    async def HandOff(self, request_iterator, context):
+        """A replica hands over a session (node/handoff.py): read at most the bytes the header
+        announces, which the header's checks bound; decode, check and hold it."""
+        if not self.serving:
+            raise FailedPrecondition("HandOff: this node is leaving")
+        requests = aiter(request_iterator)
+        server = self.server
+        first = await self._next(requests, "HandOff")
+        if first is None or not first.HasField("header"):
+            raise InvalidRequest("HandOff: the first message must carry the header")
+        header = first.header
+        expected = self.handoffs.check_header(server, header)
+        data = bytearray(first.data)
+        while len(data) <= expected:
+            req = await self._next(requests, "HandOff")
+            if req is None:
+                break
+            if req.HasField("header"):
+                raise InvalidRequest("HandOff: header sent twice")
+            data += req.data
+        if len(data) != expected:
+            raise InvalidRequest(f"HandOff of {header.session_id}: header announced {expected} bytes, "
+                                 f"{'more' if len(data) > expected else len(data)} arrived")
+        await self.handoffs.receive(server, header, bytes(data))
+        return node_pb2.HandOffReply(position=header.position, hold_s=self.handoffs.config.hold_s)
 
 
 def add_to_server(rpc_server, servicer: NodeServicer) -> None:

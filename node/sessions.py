@@ -50,6 +50,11 @@ class Session:
     position: int = 0  # tokens processed so far == position of the next step's first token
     cache: Any = None  # the span's KV cache object for this session
     last_used: float = field(default_factory=time.monotonic)
+    # Session handoff (node/handoff.py): SHA-256 of the client's resume secret (b"": the
+    # client allows none), the job its stream names, and the state its stream and a sender share.
+    resume_digest: bytes = b""
+    job: str = ""
+    handoff: Any = None
 
     @property
     def reserved_tokens(self) -> int:
@@ -93,6 +98,10 @@ class SessionManager:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def all(self) -> list[Session]:
+        """The open sessions, a snapshot (the caller may open or close sessions meanwhile)."""
+        return list(self._sessions.values())
 
     def open(self, session_id: str, *, max_length: int, batch_size: int, start: int, end: int) -> Session:
         if not session_id:

@@ -71,6 +71,23 @@ class PeerUnavailable(PollinateError):
     """The peer cannot be reached or went away mid-call; an expected event, handled by rerouting."""
 
 
+class SessionHandedOff(PeerUnavailable):
+    """The node left (or moved) and handed this session's KV cache to another node, named in
+    the message: "session handed off: to ADDRESS peer PEER_ID (...)" (node/handoff.py). The
+    client resumes there with its resume secret instead of replaying. Travels as UNAVAILABLE
+    whose details start with PREFIX, so an older client simply fails over as before."""
+
+    PREFIX = "session handed off:"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        import re
+
+        found = re.search(r" to (\S+) peer (\S+)", message)
+        self.address = found.group(1) if found else ""  # the node holding the session now
+        self.peer_id = found.group(2) if found else ""
+
+
 class RpcTimeout(PollinateError):
     """A call ran past its deadline."""
 
@@ -335,6 +352,8 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str | None = None) -> Pollinat
     cls = _ERRORS_BY_CODE.get(code, InternalError)
     if cls is NotFound and details.startswith(InputNotKept.PREFIX):
         cls = InputNotKept
+    if cls is PeerUnavailable and details.startswith(SessionHandedOff.PREFIX):
+        return SessionHandedOff(details)
     code_name = code.name if code is not None else "no status"
     where = f" from {peer}" if peer else ""
     if cls is PeerUnavailable or cls is RpcTimeout or cls is InternalError:

@@ -93,18 +93,22 @@ class BackwardReply(_message.Message):
     def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
-    __slots__ = ("session_id", "max_length", "job", "reply_codec", "blocks")
+    __slots__ = ("session_id", "max_length", "job", "reply_codec", "blocks", "resume_digest", "resume_secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
     job: str
     reply_codec: str
     blocks: _common_pb2.Span
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ...) -> None: ...
+    resume_digest: bytes
+    resume_secret: bytes
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., resume_digest: _Optional[bytes] = ..., resume_secret: _Optional[bytes] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "position", "tensor")
@@ -223,3 +227,39 @@ class JobSpec(_message.Message):
     outer_momentum: float
     overlap_rounds: bool
     def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ..., feedforward_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., codec: _Optional[str] = ..., codec_p: _Optional[float] = ..., codec_k: _Optional[float] = ..., codec_bits: _Optional[int] = ..., codec_bucket: _Optional[int] = ..., warmup_rounds: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., overlap_rounds: _Optional[bool] = ...) -> None: ...
+
+class HandOffHeader(_message.Message):
+    __slots__ = ("session_id", "blocks", "max_length", "batch_size", "position", "resume_digest", "job", "payload_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    blocks: _common_pb2.Span
+    max_length: int
+    batch_size: int
+    position: int
+    resume_digest: bytes
+    job: str
+    payload_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., position: _Optional[int] = ..., resume_digest: _Optional[bytes] = ..., job: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class HandOffRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: HandOffHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[HandOffHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class HandOffReply(_message.Message):
+    __slots__ = ("position", "hold_s")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    hold_s: float
+    def __init__(self, position: _Optional[int] = ..., hold_s: _Optional[float] = ...) -> None: ...

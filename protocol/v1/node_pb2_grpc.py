@@ -72,6 +72,11 @@ class NodeStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.GetStateRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.GetStateReply.FromString,
                 _registered_method=True)
+        self.HandOff = channel.stream_unary(
+                '/pollinate.v1.Node/HandOff',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.HandOffRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.HandOffReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -132,6 +137,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOff(self, request_iterator, context):
+        """A leaving (or moving) replica of the same blocks hands over an open Inference session:
+        its KV cache, compressed (docs/serving.md, "Session handoff"). The receiver checks it,
+        reserves its budget and holds it for the client, which resumes it with
+        InferenceOpen.resume_secret. The first message carries the header.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +184,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.GetState,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.GetStateRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.GetStateReply.SerializeToString,
+            ),
+            'HandOff': grpc.stream_unary_rpc_method_handler(
+                    servicer.HandOff,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.HandOffRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_node__pb2.HandOffReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +382,33 @@ class Node:
             '/pollinate.v1.Node/GetState',
             pollinate_dot_protocol_dot_v1_dot_node__pb2.GetStateRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_node__pb2.GetStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOff(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pollinate.v1.Node/HandOff',
+            pollinate_dot_protocol_dot_v1_dot_node__pb2.HandOffRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_node__pb2.HandOffReply.FromString,
             options,
             channel_credentials,
             insecure,

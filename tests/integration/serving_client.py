@@ -33,6 +33,7 @@ def main() -> int:
     p.add_argument("--exact", action="store_true", help="route through unquantised nodes only")
     p.add_argument("--logits-out", help="instead of generating, run the prompt through the swarm once and save "
                                         "its logits [tokens, vocab] here (torch.save)")
+    p.add_argument("--no-handoff", action="store_true", help="send no resume digest: leaving nodes hand nothing off")
     args = p.parse_args()
 
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
@@ -40,6 +41,7 @@ def main() -> int:
     model = RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
         wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0, exact=args.exact,
+        handoff=not args.no_handoff,
     )
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -79,6 +81,7 @@ def main() -> int:
             "route": [[str(h.peer.address), h.start, h.end] for h in session.route],
             "failovers": session.failovers,
             "reroutes": session.reroutes,
+            "handoffs": session.handoffs,
             "recovery_s": session.recovery_seconds,
             "seconds": time.perf_counter() - t0,
         }

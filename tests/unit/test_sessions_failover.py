@@ -8,7 +8,7 @@ import torch
 from pollinate.client.config import ClientConfig
 from pollinate.client.routing import BanList, PeerSpan, find_route
 from pollinate.client.session import RemoteSession
-from pollinate.protocol.errors import InvalidRequest, PeerUnavailable, ResourceExhausted
+from pollinate.protocol.errors import InvalidRequest, NotFound, PeerUnavailable, ResourceExhausted, SessionHandedOff
 
 
 class FakeSwarm:
@@ -32,16 +32,29 @@ class FakeStream:
     log: list = []
     dead: set = set()
     refuse: set = set()
+    handing_off: dict = {}  # peer id -> peer id it hands its sessions to
+    forgot: set = set()  # peers that refuse a resume (the handed-off session expired)
 
-    def __init__(self, hop):
+    def __init__(self, hop, resume_secret=None):
         self.hop = hop
         self.history = []
         self.opened = False
+        self.secret = resume_secret or b"secret"
+        self.resuming = resume_secret is not None
+        self.resumed = False
+        self.opened_at = 0.0
 
     async def step(self, x, position):
         pid = self.hop.peer.peer_id
         if pid in self.dead:
             raise PeerUnavailable(f"{pid} is dead")
+        if pid in self.handing_off:
+            to = self.handing_off[pid]
+            raise SessionHandedOff(f"session handed off: to {to} peer {to} (session s)")
+        if self.resuming and not self.opened:
+            if pid in self.forgot:
+                raise NotFound(f"no handed-off session s waits here")
+            self.opened = True
         if pid in self.refuse and not self.opened:
             raise ResourceExhausted(f"{pid} is full")
         self.opened = True
@@ -59,6 +72,7 @@ def peer(pid, s, e, thr=100.0):
 @pytest.fixture
 def session():
     FakeStream.log, FakeStream.dead, FakeStream.refuse = [], set(), set()
+    FakeStream.handing_off, FakeStream.forgot = {}, set()
     swarm = FakeSwarm([peer("a", 0, 1), peer("b1", 1, 3, thr=200), peer("b2", 1, 3), peer("c", 3, 4)])
     s = RemoteSession(swarm, max_length=16)
     s._new_stream = FakeStream
@@ -81,6 +95,31 @@ async def test_dead_hop_is_replaced_and_history_replayed_at_position_0(session):
     assert replay == [v + 1 for v in [0, 1, 2, 3, 4, 10, 11, 12]]
     assert session.failovers == 1 and session.position == 9
     assert [h.peer.peer_id for h in session.route] == ["a", "b2", "c"]
+
+
+async def test_handed_off_hop_resumes_at_its_position_without_replay(session):
+    await session.step(torch.zeros(1, 5, 1))
+    await session.step(torch.ones(1, 1, 1))
+    FakeStream.handing_off["b1"] = "b2"
+    FakeStream.log.clear()
+    out = await session.step(torch.full((1, 1, 1), 7.0))
+    assert torch.equal(out, torch.full((1, 1, 1), 11.0))
+    calls = [(pid, pos, n) for pid, pos, n, _ in FakeStream.log]
+    assert calls == [("a", 6, 1), ("b2", 6, 1), ("c", 6, 1)]  # b2 continues at 6: nothing replayed
+    assert (session.handoffs, session.failovers) == (1, 0)
+    assert [h.peer.peer_id for h in session.route] == ["a", "b2", "c"]
+    assert session.hops[1].secret == b"secret" and len(session.hops[1].history) == 3  # kept for a later replay
+
+
+async def test_refused_resume_falls_back_to_replay_on_that_replica(session):
+    await session.step(torch.zeros(1, 5, 1))
+    FakeStream.handing_off["b1"] = "b2"
+    FakeStream.forgot.add("b2")
+    FakeStream.log.clear()
+    await session.step(torch.ones(1, 1, 1))
+    calls = [(pid, pos, n) for pid, pos, n, _ in FakeStream.log]
+    assert calls == [("a", 5, 1), ("b2", 0, 5), ("b2", 5, 1), ("c", 5, 1)]  # replayed, b2 not banned
+    assert (session.handoffs, session.failovers) == (0, 1)
 
 
 async def test_refused_session_goes_to_other_replica(session):

@@ -1,0 +1,367 @@
+"""Session handoff (issue 16): a leaving node moves its sessions' KV caches to a replica.
+
+When a node leaves gracefully (SIGTERM) or the coordinator moves it to other blocks, every
+open session on its span would otherwise be rebuilt by the client replaying its whole
+history through a replacement. Instead the node (the sender, `hand_off_sessions`):
+
+1. finds the other nodes serving exactly its blocks on the DHT (`find_replicas`);
+2. per session whose client allowed it (its `InferenceOpen.resume_digest` is set): freezes
+   the session between two steps, snapshots its cache on the torch thread, encodes it
+   (compression/kv_codec.py: lossless by default, CacheGen-style lossy on request) and
+   streams it with the session's id, position, budget and resume digest to a replica
+   (`Node.HandOff`), trying the next replica if one refuses;
+3. ends the session's Inference stream with UNAVAILABLE "session handed off: to ADDRESS
+   peer ID" (protocol/errors.py SessionHandedOff); the client opens a stream to that
+   address with the secret whose SHA-256 is the digest (`resume_secret`), and continues at
+   its position. When no replica takes the session the stream goes on until the server
+   stops, and the client replays as before.
+
+The receiver (`HandoffInbox`) treats a handoff as a stranger's input: the header is checked
+against its span (blocks, model context, session limits), the payload's size is bounded
+before it is read, the frame's shapes must be exactly what the session's position implies
+for this span, and the session's token budget is reserved as for a new session (refused
+with RESOURCE_EXHAUSTED when full). A received session is held for `hold_s` seconds for
+its client; only the holder of the secret can claim it, once, and only while it waits:
+nobody takes over a live session by guessing its id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pollinate.compression.codec import CompressionError
+from pollinate.compression.kv_codec import KVCodecConfig, decode_kv, encode_kv, fp16_bytes
+from pollinate.protocol.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    PollinateError,
+    ResourceExhausted,
+    SessionHandedOff,
+    Unauthenticated,
+    translate_rpc_errors,
+)
+
+logger = logging.getLogger(__name__)
+
+DIGEST_BYTES = 32  # SHA-256
+SECRET_MAX_BYTES = 64  # a resume secret is 32 random bytes; anything longer is refused
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandoffConfig:
+    # Hand sessions off on SIGTERM and on a move; False: they end and clients replay.
+    enabled: bool = True
+    # How the cache travels; lossless by default: lossy 8-bit changed greedy tokens on some
+    # SmolLM2 prompts (benchmarks/results/2026-12-06-handoff.md).
+    codec: KVCodecConfig = field(default_factory=KVCodecConfig)
+    # A received session waits this long for its client before its cache is freed, seconds.
+    hold_s: float = 60.0
+    # Longest one session's handoff to one replica may take (send and its answer), seconds.
+    send_timeout_s: float = 30.0
+    # Longest the sender waits for a session's step in progress to finish before it snapshots
+    # it (a step on a CPU span takes well under a second), seconds.
+    quiesce_timeout_s: float = 30.0
+    # Longest the DHT lookup of the replicas may take, seconds.
+    lookup_timeout_s: float = 10.0
+    # Payload bytes per HandOff message (under the transport's 1 MiB + 64 KiB limit).
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("hold_s", "send_timeout_s", "quiesce_timeout_s", "lookup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"handoff {name} must be > 0, got {getattr(self, name)}")
+        if not 1 <= self.chunk_bytes <= 1 << 20:
+            raise ValueError(f"handoff chunk_bytes must be in [1, 2^20], got {self.chunk_bytes}")
+
+
+def digest_of(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
+
+
+# ---- the cache itself
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a SpanCache, as they are; run on the torch thread."""
+    layers = []
+    for i, layer in enumerate(cache.kv.layers):
+        if getattr(layer, "is_sliding", False):
+            raise FailedPrecondition(f"layer {i} has a sliding-window cache: handoff supports full attention only")
+        if getattr(layer, "keys", None) is None or not isinstance(layer.keys, torch.Tensor):
+            raise FailedPrecondition(f"layer {i} of the cache holds nothing")
+        layers.append((layer.keys, layer.values))
+    return layers
+
+
+def expected_shape(span, batch_size: int, tokens: int) -> tuple[int, int, int, int]:
+    """[batch, kv_heads, tokens, head_dim] of one layer's keys (and values) on `span`."""
+    cfg = span.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return (batch_size, cfg.num_key_value_heads, tokens, head_dim)
+
+
+def restore_cache(span, layers, *, batch_size: int, max_length: int, position: int):
+    """A SpanCache of `span` holding `layers` for `position` tokens; InvalidRequest unless every
+    tensor has exactly the shape such a cache has on this span. Run on the torch thread."""
+    if any(kind != "full_attention" for kind in span.layer_types):
+        raise InvalidRequest("handoff supports full-attention spans only")
+    if len(layers) != span.num_blocks:
+        raise InvalidRequest(f"handoff carries {len(layers)} layers, blocks {span.start}:{span.end} have "
+                             f"{span.num_blocks}")
+    want = expected_shape(span, batch_size, position)
+    for i, (k, v) in enumerate(layers):
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise InvalidRequest(f"handoff layer {i}: keys {list(k.shape)}, values {list(v.shape)}, "
+                                 f"want {list(want)}")
+    cache = span.new_cache(batch_size, max_length)
+    for i, (k, v) in enumerate(layers):
+        cache.kv.update(k.to(span.device, span.dtype), v.to(span.device, span.dtype), i)
+    cache.length = position
+    cache.next_positions = torch.full((batch_size,), position, dtype=torch.long)
+    return cache
+
+
+# ---- the session's side: its stream and the sender meet here
+
+
+class HandoffState:
+    """Attached to a Session (session.handoff) by its Inference stream when the client
+    allowed handoff: the sender freezes it, waits until no step runs, and sets `result`
+    to the new home's (address, peer id), or to None when no replica took it."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.result: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @contextlib.contextmanager
+    def stepping(self):
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.idle.set()
+
+    async def before_step(self, session_id: str) -> None:
+        """Return when a step may run here; raise SessionHandedOff when the session has moved."""
+        if self.frozen:
+            moved = await self.result
+            if moved is not None:
+                raise handed_off(session_id, *moved)
+
+    async def next_or_moved(self, next_message, session_id: str):
+        """The stream's next message (the awaitable `next_message`), unless the session moves first."""
+        nxt = asyncio.ensure_future(next_message)
+        try:
+            await asyncio.wait({nxt, self.result}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt.done() or self.result.result() is None:
+                return await nxt
+        except BaseException:
+            nxt.cancel()
+            raise
+        nxt.cancel()
+        raise handed_off(session_id, *self.result.result())
+
+
+def handed_off(session_id: str, address: str, peer_id: str) -> SessionHandedOff:
+    return SessionHandedOff(f"{SessionHandedOff.PREFIX} to {address} peer {peer_id} (session {session_id})")
+
+
+# ---- sending
+
+
+async def find_replicas(dht, *, model_id: str, num_blocks: int, start: int, end: int, exclude: str,
+                        timeout_s: float) -> list[tuple[str, str]]:
+    """(address, peer id) of the online nodes announcing exactly blocks [start, end), fastest first."""
+    from pollinate.client.dht_lookup import fetch_peers
+
+    peers = await asyncio.to_thread(fetch_peers, dht, model_id, num_blocks, timeout_s=timeout_s)
+    same = [p for p in peers if (p.start, p.end) == (start, end) and p.state == "online" and p.peer_id != exclude]
+    same.sort(key=lambda p: -p.throughput)
+    return [(p.address, p.peer_id) for p in same]
+
+
+@dataclass
+class HandoffReport:
+    """What hand_off_sessions did, for the log and the benchmark."""
+
+    moved: dict[str, str] = field(default_factory=dict)  # session id -> new address
+    failed: dict[str, str] = field(default_factory=dict)  # session id -> why it stays (client replays)
+    payload_bytes: int = 0  # compressed bytes sent, all sessions
+    fp16_bytes: int = 0  # what the same caches take in fp16
+    seconds: float = 0.0
+
+
+async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, config: HandoffConfig) -> HandoffReport:
+    """Move every open session of `server` (a SpanServer) that allows it to one of `replicas`.
+    `stub(address)` gives a Node stub. Never raises for a session: a failure is reported and
+    that session's client replays."""
+    from pollinate.protocol.v1 import common_pb2, node_pb2
+
+    report = HandoffReport()
+    t0 = time.perf_counter()
+    for session in server.sessions.all():
+        state: HandoffState | None = getattr(session, "handoff", None)
+        if state is None or session.cache is None or state.result.done():
+            continue
+        state.frozen = True
+        moved = None
+        try:
+            await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
+            layers = await server.run_torch(cache_layers, session.cache)
+            blob = await asyncio.to_thread(encode_kv, layers, config.codec)
+            header = node_pb2.HandOffHeader(
+                session_id=session.session_id, blocks=common_pb2.Span(start=server.start, end=server.end),
+                max_length=session.max_length, batch_size=session.batch_size, position=session.position,
+                resume_digest=session.resume_digest, job=session.job, payload_bytes=len(blob))
+            errors = []
+            for address, peer_id in replicas:
+                try:
+                    await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
+                                           config.send_timeout_s)
+                except (PollinateError, asyncio.TimeoutError, OSError) as e:
+                    errors.append(f"{address}: {e}")
+                    continue
+                moved = (address, peer_id)
+                break
+            if moved is None:
+                report.failed[session.session_id] = "; ".join(errors) or "no replica of these blocks"
+            else:
+                report.moved[session.session_id] = moved[0]
+                report.payload_bytes += len(blob)
+                report.fp16_bytes += fp16_bytes(layers)
+        except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
+            report.failed[session.session_id] = str(e)
+        except Exception as e:  # a leaving node must leave: this session's client replays
+            logger.exception("handing off session %s failed unexpectedly", session.session_id)
+            report.failed[session.session_id] = f"{type(e).__name__}: {e}"
+        finally:
+            state.result.set_result(moved)
+            if moved is None:
+                state.frozen = False
+    report.seconds = time.perf_counter() - t0
+    for sid, address in report.moved.items():
+        logger.info("session %s handed off to %s", sid, address)
+    for sid, why in report.failed.items():
+        logger.warning("session %s not handed off (its client replays): %s", sid, why)
+    if report.moved:
+        logger.info("handed off %d session(s) of blocks %d:%d in %.2f s, %d bytes (%.3f of fp16), codec %s",
+                    len(report.moved), server.start, server.end, report.seconds, report.payload_bytes,
+                    report.payload_bytes / max(report.fp16_bytes, 1), config.codec.mode)
+    return report
+
+
+async def _send(stub, header, blob: bytes, chunk: int, address: str):
+    from pollinate.protocol.v1 import node_pb2
+
+    def requests():
+        yield node_pb2.HandOffRequest(header=header, data=blob[:chunk])
+        for i in range(chunk, len(blob), chunk):
+            yield node_pb2.HandOffRequest(data=blob[i:i + chunk])
+
+    with translate_rpc_errors(peer=address):
+        return await stub.HandOff(requests())
+
+
+# ---- receiving
+
+
+class HandoffInbox:
+    """Sessions handed to this node, waiting for their clients."""
+
+    def __init__(self, config: HandoffConfig) -> None:
+        self.config = config
+        self._waiting: dict[str, tuple[bytes, str]] = {}  # session id -> (resume digest, job)
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def check_header(self, server, header) -> int:
+        """Validate a HandOff header against `server`; returns the most payload bytes to accept."""
+        server.check_blocks(header.blocks.start, header.blocks.end)
+        sid = header.session_id
+        if not sid or len(sid) > 128 or not sid.isprintable():
+            raise InvalidRequest("handoff: session_id must be 1-128 printable characters")
+        if len(header.resume_digest) != DIGEST_BYTES:
+            raise InvalidRequest(f"handoff of {sid}: resume_digest must be {DIGEST_BYTES} bytes (SHA-256)")
+        limit = min(server.span.config.max_position_embeddings, server.sessions.config.max_session_tokens)
+        if not 0 < header.max_length <= limit:
+            raise InvalidRequest(f"handoff of {sid}: max_length {header.max_length} outside [1, {limit}]")
+        if not 0 < header.position <= header.max_length:
+            raise InvalidRequest(f"handoff of {sid}: position {header.position} outside [1, {header.max_length}]")
+        if not 0 < header.batch_size <= server.sessions.config.budget_tokens // header.max_length:
+            raise InvalidRequest(f"handoff of {sid}: batch size {header.batch_size} does not fit this node's budget")
+        need = header.max_length * header.batch_size
+        if need > server.sessions.tokens_left:  # before its bytes are read (receive() reserves them)
+            raise ResourceExhausted(f"handoff of {sid} needs {need} cache tokens, this node has "
+                                    f"{server.sessions.tokens_left} left")
+        # fp32 at most (a frame carries fp32, fp16 or bf16 whatever this span computes in)
+        raw = self.max_elements(server, header) * 4
+        # zstd never expands by more than a few bytes per 128 KiB block; the frame header is
+        # 12 + 32 bytes per layer
+        bound = raw + raw // 1024 + 64 * server.span.num_blocks + 4096
+        if not 0 < header.payload_bytes <= bound:
+            raise InvalidRequest(f"handoff of {sid}: {header.payload_bytes} payload bytes, at most {bound} "
+                                 f"for {header.position} tokens of blocks {server.start}:{server.end}")
+        return header.payload_bytes
+
+    @staticmethod
+    def max_elements(server, header) -> int:
+        b, h, s, d = expected_shape(server.span, header.batch_size, header.position)
+        return 2 * server.span.num_blocks * b * h * s * d
+
+    async def receive(self, server, header, payload: bytes) -> None:
+        """Decode, check and hold the session; raises (changing nothing) when anything is wrong."""
+        sid = header.session_id
+        try:
+            decoded = await asyncio.to_thread(decode_kv, payload, max_elements=self.max_elements(server, header))
+        except CompressionError as e:
+            raise InvalidRequest(f"handoff of {sid}: {e}") from e
+        session = server.open_session(sid, max_length=header.max_length, batch_size=header.batch_size)
+        try:
+            session.cache = await server.run_torch(
+                lambda: restore_cache(server.span, decoded.layers, batch_size=header.batch_size,
+                                      max_length=header.max_length, position=header.position))
+        except BaseException:
+            server.close_session(sid)
+            raise
+        session.position = header.position
+        session.resume_digest = bytes(header.resume_digest)
+        session.job = header.job
+        self._waiting[sid] = (session.resume_digest, header.job)
+        self._timers[sid] = asyncio.get_running_loop().call_later(self.config.hold_s, self._expire, server, sid)
+        logger.info("session %s handed to this node at position %d (%s codec, %d bytes), held %.0f s",
+                    sid, header.position, decoded.mode, len(payload), self.config.hold_s)
+
+    def _expire(self, server, sid: str) -> None:
+        if self._waiting.pop(sid, None) is not None:
+            self._timers.pop(sid, None)
+            logger.info("handed-off session %s was not resumed within %.0f s: closed", sid, self.config.hold_s)
+            server.close_session(sid)
+
+    def claim(self, server, session_id: str, secret: bytes, job: str):
+        """The held session `session_id` for the client that proves it owns it."""
+        waiting = self._waiting.get(session_id)
+        if waiting is None:
+            raise NotFound(f"no handed-off session {session_id} waits here")
+        digest, held_job = waiting
+        if not 0 < len(secret) <= SECRET_MAX_BYTES or not hmac.compare_digest(digest_of(secret), digest):
+            raise Unauthenticated(f"session {session_id}: the resume secret does not match")
+        if job != held_job:
+            raise InvalidRequest(f"session {session_id} was handed off with job {held_job!r}, not {job!r}")
+        del self._waiting[session_id]
+        self._timers.pop(session_id).cancel()
+        session = server.sessions.get(session_id)
+        logger.info("session %s resumed at position %d", session_id, session.position)
+        return session

@@ -1,0 +1,213 @@
+"""The receiving side of a session handoff (node/handoff.py) on a tiny span, in process:
+a handed-off cache continues exactly like the original; what a stranger sends is checked."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from pollinate.compression.kv_codec import KVCodecConfig, encode_kv
+from pollinate.node.config import ServingConfig
+from pollinate.node.handoff import HandoffConfig, HandoffInbox, cache_layers, digest_of
+from pollinate.node.sessions import SessionConfig
+from pollinate.node.span_server import SpanServer
+from pollinate.protocol.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    SessionHandedOff,
+    SpanMoved,
+    Unauthenticated,
+    from_rpc_error,
+)
+from pollinate.protocol.v1 import common_pb2, node_pb2
+
+
+@pytest.fixture
+def server(tiny_model_files):
+    span = tiny_model_files.load_span(1, 3)
+    s = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=span.hidden_size, serving=ServingConfig(),
+                   sessions=SessionConfig(budget_tokens=64))
+    yield s
+    s._executor.shutdown(wait=True)
+
+
+def prefill(server, tokens: int, seed: int = 0):
+    """A span cache after `tokens` tokens, and the next step's input."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, tokens + 1, server.hidden_size, generator=g)
+    cache = server.span.new_cache(1, 32)
+    with torch.inference_mode():
+        server.span(x[:, :tokens], cache=cache)
+    return cache, x[:, tokens:]
+
+
+def header(server, cache, secret: bytes, blob: bytes, **over):
+    fields = dict(session_id="s-1", blocks=common_pb2.Span(start=1, end=3), max_length=32, batch_size=1,
+                  position=cache.length, resume_digest=digest_of(secret), job="", payload_bytes=len(blob))
+    fields.update(over)
+    return node_pb2.HandOffHeader(**fields)
+
+
+async def test_handed_off_cache_continues_exactly_and_only_its_owner_claims_it(server):
+    inbox = HandoffInbox(HandoffConfig())
+    cache, nxt = prefill(server, 9)
+    secret = os.urandom(32)
+    blob = encode_kv(cache_layers(cache))
+    h = header(server, cache, secret, blob)
+    assert inbox.check_header(server, h) == len(blob)
+    await inbox.receive(server, h, blob)
+    assert server.sessions.tokens_left == 64 - 32  # its budget is reserved
+    with pytest.raises(Unauthenticated, match="resume secret does not match"):
+        inbox.claim(server, "s-1", os.urandom(32), "")
+    with pytest.raises(InvalidRequest, match="job"):
+        inbox.claim(server, "s-1", secret, "other-job")
+    session = inbox.claim(server, "s-1", secret, "")
+    with pytest.raises(NotFound):  # once only
+        inbox.claim(server, "s-1", secret, "")
+    got = await server.step(session, nxt, 9)
+    with torch.inference_mode():
+        want = server.span(nxt, torch.tensor([[9]]), cache=cache)
+    assert torch.equal(got, want)
+    server.close_session("s-1")
+
+
+async def test_a_live_session_cannot_be_taken_over_by_its_id(server):
+    inbox = HandoffInbox(HandoffConfig())
+    server.open_session("live", max_length=8, batch_size=1)
+    with pytest.raises(NotFound, match="no handed-off session live"):
+        inbox.claim(server, "live", b"x" * 32, "")
+    cache, _ = prefill(server, 4)
+    blob = encode_kv(cache_layers(cache))
+    with pytest.raises(FailedPrecondition, match="already open"):  # nor overwritten by a handoff
+        await inbox.receive(server, header(server, cache, b"s" * 32, blob, session_id="live"), blob)
+
+
+async def test_unclaimed_sessions_are_freed_after_the_hold(server):
+    inbox = HandoffInbox(HandoffConfig(hold_s=0.05))
+    cache, _ = prefill(server, 4)
+    blob = encode_kv(cache_layers(cache), KVCodecConfig(mode="lossy", bits=4))
+    await inbox.receive(server, header(server, cache, b"s" * 32, blob), blob)
+    assert len(server.sessions) == 1
+    await asyncio.sleep(0.2)  # the hold itself is what is tested
+    assert len(server.sessions) == 0 and len(inbox) == 0 and server.sessions.tokens_left == 64
+
+
+async def test_bad_handoffs_are_refused_and_change_nothing(server):
+    inbox = HandoffInbox(HandoffConfig())
+    cache, _ = prefill(server, 6)
+    blob = encode_kv(cache_layers(cache))
+    secret = b"s" * 32
+    bad_headers = {
+        "blocks": (SpanMoved, dict(blocks=common_pb2.Span(start=0, end=3))),
+        "digest": (InvalidRequest, dict(resume_digest=b"short")),
+        "max_length": (InvalidRequest, dict(max_length=10_000)),
+        "position": (InvalidRequest, dict(position=33)),
+        "batch": (InvalidRequest, dict(batch_size=3)),
+        "payload": (InvalidRequest, dict(payload_bytes=10 << 20)),
+        "session_id": (InvalidRequest, dict(session_id="a\nb")),
+    }
+    for name, (error, over) in bad_headers.items():
+        with pytest.raises(error):
+            inbox.check_header(server, header(server, cache, secret, blob, **over))
+    # a frame for another position or another span's layers: the shapes say so
+    other, _ = prefill(server, 5)
+    wrong = encode_kv(cache_layers(other))
+    with pytest.raises(InvalidRequest, match="want"):
+        await inbox.receive(server, header(server, cache, secret, wrong, position=6), wrong)
+    one_layer = encode_kv(cache_layers(cache)[:1])
+    with pytest.raises(InvalidRequest, match="1 layers"):
+        await inbox.receive(server, header(server, cache, secret, one_layer), one_layer)
+    with pytest.raises(InvalidRequest, match="not a KV-cache frame"):
+        await inbox.receive(server, header(server, cache, secret, b"junk" * 10), b"junk" * 10)
+    assert len(server.sessions) == 0 and len(inbox) == 0
+    # the budget is reserved like a new session's: a full node refuses, from the header already
+    server.open_session("big", max_length=60, batch_size=1)
+    with pytest.raises(ResourceExhausted, match="needs 32 cache tokens, this node has 4 left"):
+        inbox.check_header(server, header(server, cache, secret, blob))
+    with pytest.raises(ResourceExhausted):
+        await inbox.receive(server, header(server, cache, secret, blob), blob)
+
+
+def test_the_handoff_notice_names_the_new_node_across_the_wire():
+    import grpc
+
+    class Failed(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "session handed off: to 127.0.0.1:5000 peer 12D3Koo (session s-10)"
+
+    err = from_rpc_error(Failed(), peer="127.0.0.1:4000")
+    assert isinstance(err, SessionHandedOff)
+    assert (err.address, err.peer_id) == ("127.0.0.1:5000", "12D3Koo")
+
+
+class IntoInbox:
+    """A replica's HandOff, in process: the servicer's checks, then the inbox."""
+
+    def __init__(self, inbox, server):
+        self.inbox, self.server, self.calls = inbox, server, 0
+
+    async def HandOff(self, requests):
+        self.calls += 1
+        reqs = list(requests)
+        head = reqs[0].header
+        data = b"".join(r.data for r in reqs)
+        assert len(data) == self.inbox.check_header(self.server, head)
+        await self.inbox.receive(self.server, head, data)
+        return node_pb2.HandOffReply(position=head.position, hold_s=self.inbox.config.hold_s)
+
+
+class Full:
+    async def HandOff(self, requests):
+        raise ResourceExhausted("no room")
+
+
+async def test_sender_skips_a_refusing_replica_and_the_session_continues_exactly_on_the_next(
+        server, tiny_model_files):
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    span = tiny_model_files.load_span(1, 3)
+    receiver = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=span.hidden_size,
+                          serving=ServingConfig(), sessions=SessionConfig(budget_tokens=64))
+    try:
+        secret = os.urandom(32)
+        session = server.open_session("s-2", max_length=32, batch_size=1)
+        session.resume_digest, session.handoff = digest_of(secret), HandoffState()
+        x = torch.randn(1, 8, server.hidden_size, generator=torch.Generator().manual_seed(3))
+        await server.step(session, x[:, :7], 0)
+        inbox = HandoffInbox(HandoffConfig())
+        replica = IntoInbox(inbox, receiver)
+        stubs = {"full:1": Full(), "ok:2": replica}
+        report = await hand_off_sessions(server, [("full:1", "p1"), ("ok:2", "p2")], stubs.__getitem__,
+                                         HandoffConfig(chunk_bytes=1000))  # several HandOff messages
+        assert report.moved == {"s-2": "ok:2"} and report.failed == {} and replica.calls == 1
+        assert session.handoff.result.result() == ("ok:2", "p2")
+        with pytest.raises(SessionHandedOff, match="to ok:2 peer p2") as moved:
+            await session.handoff.before_step("s-2")  # the stream's next step ends it
+        assert moved.value.address == "ok:2"
+        resumed = inbox.claim(receiver, "s-2", secret, "")
+        got = await receiver.step(resumed, x[:, 7:], 7)
+        with torch.inference_mode():
+            want = server.span(x[:, 7:], torch.tensor([[7]]), cache=session.cache)
+        assert torch.equal(got, want)
+    finally:
+        receiver._executor.shutdown(wait=True)
+
+
+async def test_with_no_replica_taking_it_the_session_stays_and_steps_on(server):
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    session = server.open_session("s-3", max_length=32, batch_size=1)
+    session.resume_digest, session.handoff = digest_of(b"k" * 32), HandoffState()
+    x = torch.randn(1, 4, server.hidden_size)
+    await server.step(session, x[:, :3], 0)
+    report = await hand_off_sessions(server, [("full:1", "p1")], lambda a: Full(), HandoffConfig())
+    assert "no room" in report.failed["s-3"] and report.moved == {}
+    assert session.handoff.result.result() is None and not session.handoff.frozen
+    await session.handoff.before_step("s-3")  # returns: the step may run here as before
+    await server.step(session, x[:, 3:], 3)
