@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import tempfile
@@ -210,6 +211,101 @@ def _http_status(coord) -> dict:
 
     with urllib.request.urlopen(f"http://{coord.info['http']}/api/v1/status", timeout=5) as r:
         return json.loads(r.read())
+
+
+def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool) -> list:
+    """Blocks 0:1, three replicas of 1:3 (the fastest one lies when `liar`), 3:4; returns the nodes."""
+    common = ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
+    first = group.start("liar-a", ["node", "--blocks", "0:1", "--throughput", "100", *common])
+    group.wait_ready([first], timeout=120)
+    peers = ["--initial-peers", first.info["dht_maddrs"][0]]
+    # the liar runs `python -m liar_node` (benchmarks/ is on the group's PYTHONPATH): the same
+    # arguments, its log and ready file where the others' are
+    b1 = group.start("liar-b1", ["node", "--blocks", "1:3", "--throughput", "1000", *common, *peers],
+                     module="liar_node" if liar else "pollinate")
+    middle = [b1] + [group.start(f"liar-b{i}", ["node", "--blocks", "1:3", "--throughput", "100", *common, *peers])
+                     for i in (2, 3)]
+    last = group.start("liar-c", ["node", "--blocks", "3:4", "--throughput", "100", *common, *peers])
+    group.wait_ready([*middle, last], timeout=180)
+    return [first, *middle, last]
+
+
+@scenario("liar")
+def liar(args: argparse.Namespace, workdir: Path) -> dict:
+    """A node that perturbs its outputs (benchmarks/liar_node.py) on the preferred replica of
+    blocks 1:3; the client spot-checks --spot-check-rate of its hop steps. Then the same swarm
+    with the liar replaced by an honest node runs --honest-steps steps: no ban may happen."""
+    import torch
+
+    from pollinate.procs import ProcGroup
+
+    model, _ = _model(args, workdir)
+    cache = str(workdir / "cache") if args.model == "tiny" else None
+    if cache:
+        from pollinate.node.model_files import open_model
+
+        open_model(model, cache_dir=cache, show_progress=False)
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 70, 12, 8]])
+    tokens = args.tokens
+
+    def run(liar_on: bool, sessions: int) -> dict:
+        from pollinate.client.remote_model import RemoteModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+
+        env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+        with ProcGroup(workdir / ("liar" if liar_on else "honest"), env=env) as group:
+            _liar_swarm(group, args, model, cache, liar=liar_on)
+            remote = RemoteModelForCausalLM.from_pretrained(
+                model, initial_peers=[group.procs[0].info["dht_maddrs"][0]], cache_dir=cache, wire_codec="fp16",
+                spot_check_rate=args.spot_check_rate)
+            steps, detected, outputs = [0], [], []
+
+            class Count(BaseStreamer):
+                def put(self, value):
+                    steps[0] += 1
+                    if remote.swarm.liars and not detected:
+                        detected.append(steps[0])
+
+                def end(self):
+                    pass
+
+            gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            for _ in range(sessions):
+                steps[0] -= 1  # the prompt is the streamer's first put
+                outputs.append(remote.generate(ids, streamer=Count(), **gen)[0, ids.shape[1]:].tolist())
+            liars = dict(remote.swarm.liars)
+            stats = remote.swarm.spot_checks.stats
+            remote.shutdown()
+            return {"detected_after_steps": detected[0] if detected else None, "liars": liars, "outputs": outputs,
+                    "steps": steps[0], "checks": stats.checks, "unresolved": stats.unresolved}
+
+    lied = run(True, 1)
+    out = lied["outputs"][0]
+    k = lied["detected_after_steps"]
+    after = None
+    if k is not None:  # the steps after the ban: the local model's greedy continuation of what was said
+        prefix = torch.tensor([ids[0].tolist() + out[:k]])
+        expected = local.generate(prefix, max_new_tokens=tokens - k, min_new_tokens=tokens - k,
+                                  do_sample=False)[0, prefix.shape[1]:].tolist()
+        after = expected == out[k:]
+    honest = run(False, max(1, -(-args.honest_steps // tokens)))
+    return {
+        "scenario": "liar",
+        "model": args.model,
+        "completed": len(out) == tokens,
+        "spot_check_rate": args.spot_check_rate,
+        "detected_after_steps": k,
+        "liar_banned": bool(lied["liars"]),
+        "tokens_match_after_ban": after,
+        "false_bans": len(honest["liars"]),
+        "honest_steps": honest["steps"],
+        "honest_checks": honest["checks"],
+        "checks": lied["checks"],
+        "unresolved": lied["unresolved"] + honest["unresolved"],
+    }
 
 
 @scenario("coordinator-restart")
@@ -569,6 +665,9 @@ def main() -> int:
     handoff_args.add_argument("--handoff-codec", choices=("lossless", "lossy"), default="lossless",
                               help="the nodes' --handoff")
     handoff_args.add_argument("--handoff-bits", type=int, default=8, help="the nodes' --handoff-bits (lossy)")
+    liar_args = p.add_argument_group("liar")
+    liar_args.add_argument("--spot-check-rate", type=float, default=0.1, help="share of hop steps the client checks")
+    liar_args.add_argument("--honest-steps", type=int, default=500, help="steps of the honest swarm (no ban allowed)")
     training = p.add_argument_group("training scenarios (kill-replica-during-training, kill-last-replica)")
     training.add_argument("--replicas", type=int, default=3, help="replicas of the whole tiny model")
     training.add_argument("--train-steps", type=int, default=100, help="inner steps per replica")

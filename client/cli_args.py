@@ -41,6 +41,9 @@ def add_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sample")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")
     p.add_argument("--verbose", dest="show_route", action="store_true", help="print the route used")
+    p.add_argument("--spot-check", type=float, default=0.0, metavar="RATE",
+                   help="check this share of each hop's steps on other replicas and never use a node again whose "
+                        "answer two others contradict (docs/security.md; each check costs a Forward of the history)")
     p.add_argument("--exact", action="store_true",
                    help="route only through nodes holding unquantised weights (a node's --quant int8/int4 changes "
                         "the logits); fails naming the quantised nodes where no other hosts a block. With "
@@ -87,7 +90,7 @@ def load_model(args: argparse.Namespace):
             args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
             coordinator_tls=args.coordinator_tls,
             cache_dir=args.cache_dir, wire_codec=args.codec, job=getattr(args, "job", None),
-            exact=args.exact,
+            exact=args.exact, spot_check_rate=args.spot_check,
         )
     except (ValueError, ProbeError) as e:
         raise SystemExit(f"pollinate {args.command}: {e}") from None

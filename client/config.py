@@ -29,12 +29,21 @@ class ClientConfig:
     # resume without a replay (node/handoff.py). False: the client sends no resume digest,
     # nodes hand nothing off, and a leaving node's sessions are replayed elsewhere.
     handoff: bool = True
+    # Share of hop steps checked on other replicas (client/spot_check.py); 0: none. Each check
+    # costs a Forward of the hop's whole input so far on another route.
+    spot_check_rate: float = 0.0
+    # Relative distance ||a - b|| / ||b|| under which two answers agree (honest nodes: <= ~1e-2).
+    spot_check_tolerance: float = 0.03
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
         for name in ("step_timeout_s", "dht_timeout_s", "peers_ttl_s", "ban_base_s", "ban_max_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.spot_check_rate <= 1.0:
+            raise ValueError(f"spot_check_rate must be in [0, 1], got {self.spot_check_rate}")
+        if not self.spot_check_tolerance > 0:
+            raise ValueError(f"spot_check_tolerance must be > 0, got {self.spot_check_tolerance}")
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         if self.token is not None and not self.token:

@@ -265,6 +265,15 @@ class RemoteSession:
                 self.handoff_seconds += time.perf_counter() - stream.opened_at
             stream.history.append(x)
             self.swarm.bans.succeeded(stream.hop.peer.peer_id)
+            checks = self.swarm.spot_checks
+            if checks.due():
+                liar = await checks.check(stream.hop, torch.cat(stream.history, dim=1), y, job=self.job)
+                if liar is not None and liar.peer_id == stream.hop.peer.peer_id:
+                    # The hop answered wrong: the route from it on is rebuilt without it
+                    # (replaying its correct history) and this step runs again.
+                    stream.history.pop()
+                    await self._rebuild_from(i)
+                    continue
             x, i = y, i + 1
         self.position += hidden.shape[1]
         return x
@@ -320,6 +329,17 @@ class RemoteSession:
                 self.session_id, start, end, old.hop.peer.address, " -> ".join(str(s.hop) for s in new),
                 self.position, time.perf_counter() - t0,
             )
+
+    async def _rebuild_from(self, index: int) -> None:
+        """Replace hops `index`.. with a fresh route over their blocks, replaying the history
+        of hop `index`'s inputs: after a lie, the later hops' caches hold what the liar said."""
+        old = self.hops[index:]
+        start = old[0].hop.start
+        history = torch.cat(old[0].history, dim=1) if old[0].history else None
+        for h in old:
+            await h.close()
+        self.hops[index:] = await self._build(start, self.swarm.num_blocks, history)
+        self.failovers += 1
 
     async def close(self) -> None:
         hops, self.hops = self.hops, []

@@ -15,6 +15,7 @@ import grpc.aio
 from pollinate.client.config import ClientConfig
 from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
+from pollinate.client.spot_check import SpotChecker
 from pollinate.protocol.channels import ChannelConfig, open_channel
 from pollinate.protocol.errors import PeerUnavailable, SessionHandedOff, SpanMoved
 from pollinate.protocol.relay import is_relayed
@@ -37,6 +38,8 @@ class Swarm:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._relay_failures: dict[str, float] = {}  # relayed peer id -> when a call to it last failed
         self._channel_config = ChannelConfig(token=config.token)
+        self.liars: dict[str, str] = {}  # peer id -> why: caught answering wrong, never routed again
+        self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance)
 
     async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
         if refresh or time.monotonic() - self._fetched_at > self.config.peers_ttl_s:
@@ -52,7 +55,7 @@ class Swarm:
     async def route(self, start: int, end: int, *, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         """Cheapest chain for [start, end) among unbanned peers not in `exclude` (peer ids);
         re-reads the DHT once on failure."""
-        banned = self.bans.banned(time.monotonic()) | exclude
+        banned = self.bans.banned(time.monotonic()) | exclude | frozenset(self.liars)
         try:
             return find_route(await self.peers(), start, end, config=self.config.routing, banned=banned)
         except NoRouteError:
@@ -80,6 +83,12 @@ class Swarm:
         length = self.bans.ban(peer.peer_id, time.monotonic())
         logger.warning("peer %s (%s, blocks %d:%d) failed: %s; banned for %.0f s",
                        peer.peer_id[-8:], peer.address, peer.start, peer.end, reason, length)
+
+    def mark_liar(self, peer: PeerSpan, why: str) -> None:
+        """Never route through `peer` again (client/spot_check.py caught it)."""
+        self.liars[peer.peer_id] = why
+        logger.warning("peer %s (%s) answered wrong: %s; never routing through it again", peer.peer_id[-8:],
+                       peer.address, why)
 
     def _first_relay_failure(self, peer: PeerSpan) -> bool:
         """True once per ban_base_s for a relayed peer: its first unreachable call is retried."""

@@ -1,0 +1,140 @@
+"""Spot checks of a session's hops on other replicas (issue 18: untrusted compute).
+
+A node may answer with wrong activations: bad hardware, a bug, or on purpose. After a share
+(`ClientConfig.spot_check_rate`) of a session's hop steps, the client sends that hop's whole
+input so far (the history it keeps for failover, and this step's input) as one Forward to a
+route of other peers covering the same blocks, and compares the last positions of their
+output with what the hop answered. Two answers agree when ||a - b|| / ||b|| is at most
+`spot_check_tolerance`: 0.03 by default, far above what honest nodes differ by (fp32 and a
+cached step against a whole-sequence pass: ~1e-6; fp16 on the wire: ~1e-3; a bf16 GPU
+against an fp32 CPU: ~1e-2) and far below a perturbation that changes tokens.
+
+One disagreement does not say who lied: the checker may be the liar. A second route, avoiding
+both, decides: the side the two others agree against is the liar. The liar is excluded from
+the client's routes for good (`Swarm.liars`) and the session rebuilds its route from that hop
+on, replaying the correct history, so every later step runs on honest caches. With no third
+opinion available the disagreement is logged and counted (`unresolved`), and nobody is banned.
+
+What it does not do yet: report a liar to the coordinator (so other clients still route to
+it until they catch it themselves), and check Backward (training) hops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pollinate.client.routing import Hop, NoRouteError, PeerSpan
+from pollinate.protocol.errors import PollinateError, translate_rpc_errors
+from pollinate.protocol.tensors import HIDDEN_STATES, TensorAssembler, encode_tensor
+from pollinate.protocol.v1 import common_pb2, node_pb2
+
+logger = logging.getLogger(__name__)
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp32."""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@dataclass
+class SpotCheckStats:
+    checks: int = 0
+    disagreements: int = 0
+    liars: int = 0
+    unresolved: int = 0
+
+
+class SpotChecker:
+    """The client's spot checks: shared by its sessions (one Swarm, one checker)."""
+
+    def __init__(self, swarm, *, rate: float, tolerance: float, seed: int | None = None) -> None:
+        self.swarm = swarm
+        self.rate = rate
+        self.tolerance = tolerance
+        self.rng = random.Random(seed)
+        self.stats = SpotCheckStats()
+
+    def due(self) -> bool:
+        return self.rate > 0 and self.rng.random() < self.rate
+
+    async def check(self, hop: Hop, inputs: torch.Tensor, answer: torch.Tensor, *, job: str = "") -> PeerSpan | None:
+        """Check `answer` (the hop's output for the last answer.shape[1] positions of `inputs`)
+        on other replicas; the peer found lying (the hop's or a checker's), or None."""
+        self.stats.checks += 1
+        first = await self._other_answer(hop, inputs, job, avoid=frozenset({hop.peer.peer_id}))
+        if first is None:
+            return None  # no other replica of these blocks: nothing to compare with
+        route1, out1 = first
+        tail = answer.shape[1]
+        d1 = distance(answer, out1[:, -tail:])
+        if d1 <= self.tolerance:
+            return None
+        self.stats.disagreements += 1
+        avoid = frozenset({hop.peer.peer_id, *(h.peer.peer_id for h in route1)})
+        second = await self._other_answer(hop, inputs, job, avoid=avoid)
+        if second is None:
+            self.stats.unresolved += 1
+            logger.warning("spot check: %s and %s disagree on blocks %d:%d (distance %.3g) and no third replica "
+                           "can tell which is right", hop.peer.address, _names(route1), hop.start, hop.end, d1)
+            return None
+        route2, out2 = second
+        d2, d12 = distance(answer, out2[:, -tail:]), distance(out1, out2)
+        if d2 > self.tolerance and d12 <= self.tolerance:
+            liar = hop.peer
+        elif d2 <= self.tolerance and len(route1) == 1:
+            liar = route1[0].peer  # the first checker disagreed with two others
+        else:
+            self.stats.unresolved += 1
+            logger.warning("spot check of blocks %d:%d inconclusive: distances %.3g (hop vs %s), %.3g (hop vs %s), "
+                           "%.3g (between them)", hop.start, hop.end, d1, _names(route1), d2, _names(route2), d12)
+            return None
+        self.stats.liars += 1
+        self.swarm.mark_liar(liar, f"its answer for blocks {hop.start}:{hop.end} differs from two other replicas' "
+                                   f"(distances {d1:.3g} and {d2:.3g}, tolerance {self.tolerance:g})")
+        return liar
+
+    async def _other_answer(self, hop: Hop, inputs: torch.Tensor, job: str, *, avoid: frozenset[str]):
+        """(route, output) of a Forward of `inputs` through peers other than `avoid`, or None."""
+        try:
+            route = await self.swarm.route(hop.start, hop.end, exclude=avoid)
+        except NoRouteError:
+            return None
+        x = inputs
+        try:
+            for h in route:
+                x = await self._forward(h, x, job)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            logger.info("spot check of blocks %d:%d could not run on %s: %s", hop.start, hop.end, _names(route), e)
+            return None
+        return route, x
+
+    async def _forward(self, hop: Hop, hidden: torch.Tensor, job: str) -> torch.Tensor:
+        cfg = self.swarm.config
+        header = node_pb2.ForwardHeader(job=job, blocks=common_pb2.Span(start=hop.start, end=hop.end),
+                                        reply_codec=cfg.wire_codec)
+        encoded = await asyncio.to_thread(encode_tensor, hidden, codec=cfg.wire_codec, name=HIDDEN_STATES)
+        requests = [node_pb2.ForwardRequest(header=header)] + [node_pb2.ForwardRequest(tensor=c) for c in encoded.chunks()]
+
+        async def send():
+            for r in requests:
+                yield r
+
+        assembler, out = TensorAssembler(), None
+        with translate_rpc_errors(peer=hop.peer.address):
+            async for reply in self.swarm.stub(hop.peer.address).Forward(send(), timeout=cfg.step_timeout_s):
+                got = assembler.feed(reply.tensor)
+                if got is not None:
+                    out = await asyncio.to_thread(got.decode)
+        if out is None:
+            raise PollinateError(f"{hop.peer.address} answered the spot check's Forward with no tensor")
+        return out
+
+
+def _names(route: list[Hop]) -> str:
+    return " -> ".join(h.peer.address for h in route)

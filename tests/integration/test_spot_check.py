@@ -1,0 +1,29 @@
+"""Untrusted compute (issue 18) with real processes: a node that perturbs its outputs
+(benchmarks/liar_node.py) on the preferred replica of the tiny model's blocks 1:3, two honest
+replicas beside it. A client checking every hop step catches it at the first token, never
+routes through it again, and from then on says what the local model says; an honest swarm
+checked at every step bans nobody. benchmarks/chaos.py --scenario liar is the measurement
+(10% checks, 500 honest steps); this is its small, deterministic sample."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHAOS = Path(__file__).resolve().parents[2] / "benchmarks" / "chaos.py"
+
+
+def test_a_lying_node_is_caught_and_honest_nodes_are_not(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(CHAOS), "--scenario", "liar", "--spot-check-rate", "1.0", "--tokens", "12",
+         "--honest-steps", "24", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["completed"] and r["liar_banned"], r
+    assert r["detected_after_steps"] == 1, r  # every step is checked: the first one catches it
+    assert r["tokens_match_after_ban"], r
+    assert (r["false_bans"], r["unresolved"]) == (0, 0), r
+    assert r["honest_steps"] == 24 and r["honest_checks"] >= 24, r
