@@ -203,14 +203,18 @@ def run(args: argparse.Namespace) -> int:
         return 2 if isinstance(e, ValueError) else 1
     if args.job_command == "record":
         print(json.dumps(job_record(history), indent=1))
-    elif args.job_command == "show":
+    elif args.job_command == "show":  # JSON on stdout; what is kept, in words, on stderr
         shown = {**_job_dict(jobs[0]), "checkpoints": checkpoint_summary(history)}
-        print(json.dumps(shown, indent=1) if args.json else
-              json.dumps(_job_dict(jobs[0]), indent=1) + "\n" + format_checkpoints(shown["checkpoints"]))
+        print(json.dumps(shown, indent=1))
+        if not args.json:
+            print(format_checkpoints(shown["checkpoints"]), file=sys.stderr)
     elif args.json:
-        print(json.dumps([_job_dict(j) for j in jobs], indent=1))
-    else:
+        out = [_job_dict(j) for j in jobs]
+        print(json.dumps(out if args.job_command == "list" else out[0], indent=1))
+    elif args.job_command == "list":
         print(format_jobs(jobs, now=time.time()))
+    else:
+        print(json.dumps(_job_dict(jobs[0]), indent=1))
     return 0
 
 
