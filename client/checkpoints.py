@@ -100,7 +100,7 @@ async def fetch_checkpoint(coordinator: str, token: str, history, *, round_index
         reply = await call_coordinator(
             coordinator, token, "GetCommittedState",
             coordinator_pb2.GetCommittedStateRequest(job=history.job.name, span=common_pb2.Span(start=start, end=end),
-                                                     round=round_index), timeout_s=timeout_s, **tls)
+                                                     round=round_index), timeout_s=timeout_s, large_reply=True, **tls)
         state = await asyncio.to_thread(state_from_bytes, reply.state)
         if state_checksum(state["global"], state["momentum"]) != reply.checksum:
             raise ValueError(f"span {start}:{end} round {reply.round}: the state received does not match its checksum")
