@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw loss and verbatim rates per round "
                                                                  "(needs matplotlib: pip install 'pollinate[plot]')")
     p.add_argument("--out", type=Path, help="write the JSON lines here instead of stdout")
+    p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
+                   help="send the per-round results to the coordinator, which draws them on the job's status "
+                        "page (default: on)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=0, help="longest example in tokens (0: the model's context)")
     add_connection_arguments(p)
@@ -111,6 +114,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
     print(analysis.report(args.job, rows), file=sys.stderr)
+    if args.store and rows:
+        try:
+            stored = asyncio.run(store_analysis(args, token, tls, rows))
+            print(f"stored the analysis of {stored} round(s) at the coordinator (the job's status page draws it)",
+                  file=sys.stderr)
+        except PollinateError as e:  # the results are printed already: say so, and fail
+            print(f"{prog}: could not store the analysis at the coordinator: {e}", file=sys.stderr)
+            return 1
     if args.plot is not None:
         print(f"plot: {analysis.plot(args.job, rows, args.plot)}", file=sys.stderr)
     return 0
+
+
+async def store_analysis(args: argparse.Namespace, token: str, tls: dict, rows: list[dict]) -> int:
+    """ReportAnalysis: the per-round means and rates, with the data files' SHA-256."""
+    from pollinate.client.training_report import file_digest
+    from pollinate.coordinator.client import call_coordinator
+    from pollinate.protocol.v1 import coordinator_pb2
+
+    keys = ("round", "train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout", "train_examples",
+            "heldout_examples")
+    request = coordinator_pb2.ReportAnalysisRequest(
+        job=args.job, data_sha256=file_digest(args.data)[1],
+        heldout_sha256=file_digest(args.heldout)[1] if args.heldout else "",
+        rounds=[coordinator_pb2.AnalysisRound(**{k: r[k] for k in keys if r[k] is not None}) for r in rows])
+    reply = await call_coordinator(args.coordinator, token, "ReportAnalysis", request, **tls)
+    return reply.stored

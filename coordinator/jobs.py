@@ -134,8 +134,27 @@ class Jobs:
         """The job, every committed round of it (kept or pruned), the losses and the trainers."""
         job = self.get(name)
         return {"job": job, "rounds": self.store.job_rounds(name), "losses": self.store.loss_reports(name),
-                "trainers": self.store.trainers(name)}
+                "trainers": self.store.trainers(name), "analysis": self.store.analyses(name)}
+
+    def report_analysis(self, name: str, rows: list[dict], *, data_sha256: str = "", heldout_sha256: str = "") -> int:
+        """Store `pollinate analyze` results (client/analysis.py) for the job's status page."""
+        self.get(name)
+        if len(rows) > MAX_ANALYSIS_ROUNDS:
+            raise InvalidRequest(f"ReportAnalysis: {len(rows)} rounds, at most {MAX_ANALYSIS_ROUNDS}")
+        for r in rows:
+            values = [r[k] for k in ("train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout")]
+            if not r["round"] >= 1 or not all(math.isfinite(v) for v in values) or not (
+                    0 <= r["verbatim_train"] <= 1 and 0 <= r["verbatim_heldout"] <= 1):
+                raise InvalidRequest(f"ReportAnalysis: round {r['round']}: round >= 1, finite losses and "
+                                     f"verbatim rates in [0, 1] expected")
+        for sha in (data_sha256, heldout_sha256):
+            if sha and not SHA256_RE.fullmatch(sha):
+                raise InvalidRequest("ReportAnalysis: sha256 must be 64 hex digits")
+        self.store.save_analysis(name, rows, data_sha256=data_sha256, heldout_sha256=heldout_sha256, now=time.time())
+        logger.info("job %s: analysis of %d round(s) stored", name, len(rows))
+        return len(rows)
 
 
+MAX_ANALYSIS_ROUNDS = 100_000  # per ReportAnalysis: more rounds than any job keeps
 MAX_DATA_FILES = 16  # per trainer report: a train and a held-out file, with room to spare
 SHA256_RE = re.compile(r"[0-9a-f]{64}")

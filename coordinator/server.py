@@ -171,7 +171,8 @@ class CoordinatorServer:
         if cfg.http_port >= 0:
             self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status,
                                           history=lambda job: self.store.round_history(job, limit=JOB_ROUNDS),
-                                          node_info=lambda address: ask_node_info(address, token=cfg.token))
+                                          node_info=lambda address: ask_node_info(address, token=cfg.token),
+                                          analysis=self.store.analyses)
             await self._http.start()
         self._timers = [
             asyncio.create_task(self._every(cfg.membership.eviction_interval_s,

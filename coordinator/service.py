@@ -225,7 +225,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 data_files=[coordinator_pb2.DataFile(**f) for f in t["data_files"]]) for t in history["trainers"]],
             keep_last=policy.keep_last, keep_log_spaced=policy.keep_log_spaced, keep_every=policy.keep_every,
             keep_max_bytes=policy.max_bytes, coordinator_version=__version__,
-            coordinator_max_bytes=checkpoints.max_bytes if checkpoints is not None else 0)
+            coordinator_max_bytes=checkpoints.max_bytes if checkpoints is not None else 0,
+            analysis=[coordinator_pb2.AnalysisRound(**a) for a in history["analysis"]])
+
+    async def ReportAnalysis(self, request: coordinator_pb2.ReportAnalysisRequest, context):
+        rows = [{"round": r.round, "train_loss": r.train_loss, "heldout_loss": r.heldout_loss,
+                 "verbatim_train": r.verbatim_train, "verbatim_heldout": r.verbatim_heldout,
+                 "train_examples": r.train_examples, "heldout_examples": r.heldout_examples} for r in request.rounds]
+        stored = self.jobs.report_analysis(request.job, rows, data_sha256=request.data_sha256,
+                                           heldout_sha256=request.heldout_sha256)
+        return coordinator_pb2.ReportAnalysisReply(stored=stored)
 
     async def CreateJob(self, request: coordinator_pb2.CreateJobRequest, context):
         job, created = self.jobs.create(request.name, spec_to_dict(request.spec))

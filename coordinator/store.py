@@ -16,6 +16,7 @@ Tables (schema version 1):
   trainers         each trainer of a job (issue 15's open record): its data files' sizes and
                    SHA-256 as it read them, its code version
   loss_reports     training and held-out losses trainers reported, with the round they belong to
+  analyses         `pollinate analyze` results per (job, round): the memorisation curves
 
 A committed state pruned by retention (coordinator/retention.py) keeps its committed_states
 row with pruned_at / pruned_reason set: its file is gone, its checksum stays on record.
@@ -133,6 +134,20 @@ CREATE TABLE IF NOT EXISTS loss_reports (
     reported_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS loss_reports_job ON loss_reports (job_name, round);
+CREATE TABLE IF NOT EXISTS analyses (
+    job_name         TEXT NOT NULL,
+    round            INTEGER NOT NULL,  -- the job as it stood at this round
+    train_loss       REAL NOT NULL,
+    heldout_loss     REAL NOT NULL,
+    verbatim_train   REAL NOT NULL,     -- share reproduced verbatim, 0..1
+    verbatim_heldout REAL NOT NULL,
+    train_examples   INTEGER NOT NULL,
+    heldout_examples INTEGER NOT NULL,
+    data_sha256      TEXT NOT NULL,
+    heldout_sha256   TEXT NOT NULL,
+    analysed_at      REAL NOT NULL,
+    PRIMARY KEY (job_name, round)
+);
 """
 
 # Columns added to schema version 1 after it shipped: (table, column, definition). Added on
@@ -423,6 +438,21 @@ class Store:
         with _transaction(self.db):
             self.db.execute("INSERT INTO loss_reports VALUES (?,?,?,?,?,?,?,?)",
                             (job, trainer_id, round_index, step, tokens, train_loss, heldout_loss, now))
+
+    def save_analysis(self, job: str, rows: list[dict], *, data_sha256: str, heldout_sha256: str,
+                      now: float) -> None:
+        """An analysis of some rounds of `job`, replacing earlier results for those rounds."""
+        with _transaction(self.db):
+            self.db.executemany(
+                "INSERT OR REPLACE INTO analyses VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(job, r["round"], r["train_loss"], r["heldout_loss"], r["verbatim_train"], r["verbatim_heldout"],
+                  r["train_examples"], r["heldout_examples"], data_sha256, heldout_sha256, now) for r in rows])
+
+    def analyses(self, job: str) -> list[dict]:
+        cols = ("round", "train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout", "train_examples",
+                "heldout_examples")
+        return [dict(zip(cols, row)) for row in self.db.execute(
+            f"SELECT {', '.join(cols)} FROM analyses WHERE job_name=? ORDER BY round", (job,))]
 
     def trainers(self, job: str) -> list[dict]:
         return [{"trainer_id": t, "data_files": json.loads(files), "version": v, "git_commit": g, "joined_at": at}

@@ -498,7 +498,7 @@ class TrainerRecord(_message.Message):
     def __init__(self, trainer_id: _Optional[str] = ..., data_files: _Optional[_Iterable[_Union[DataFile, _Mapping]]] = ..., version: _Optional[str] = ..., git_commit: _Optional[str] = ..., joined_at: _Optional[float] = ...) -> None: ...
 
 class JobHistory(_message.Message):
-    __slots__ = ("job", "rounds", "losses", "trainers", "keep_last", "keep_log_spaced", "keep_every", "keep_max_bytes", "coordinator_version", "coordinator_max_bytes")
+    __slots__ = ("job", "rounds", "losses", "trainers", "keep_last", "keep_log_spaced", "keep_every", "keep_max_bytes", "coordinator_version", "coordinator_max_bytes", "analysis")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -509,6 +509,7 @@ class JobHistory(_message.Message):
     KEEP_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     job: JobInfo
     rounds: _containers.RepeatedCompositeFieldContainer[CommittedRound]
     losses: _containers.RepeatedCompositeFieldContainer[LossReport]
@@ -519,4 +520,41 @@ class JobHistory(_message.Message):
     keep_max_bytes: int
     coordinator_version: str
     coordinator_max_bytes: int
-    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., rounds: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossReport, _Mapping]]] = ..., trainers: _Optional[_Iterable[_Union[TrainerRecord, _Mapping]]] = ..., keep_last: _Optional[int] = ..., keep_log_spaced: _Optional[bool] = ..., keep_every: _Optional[int] = ..., keep_max_bytes: _Optional[int] = ..., coordinator_version: _Optional[str] = ..., coordinator_max_bytes: _Optional[int] = ...) -> None: ...
+    analysis: _containers.RepeatedCompositeFieldContainer[AnalysisRound]
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., rounds: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossReport, _Mapping]]] = ..., trainers: _Optional[_Iterable[_Union[TrainerRecord, _Mapping]]] = ..., keep_last: _Optional[int] = ..., keep_log_spaced: _Optional[bool] = ..., keep_every: _Optional[int] = ..., keep_max_bytes: _Optional[int] = ..., coordinator_version: _Optional[str] = ..., coordinator_max_bytes: _Optional[int] = ..., analysis: _Optional[_Iterable[_Union[AnalysisRound, _Mapping]]] = ...) -> None: ...
+
+class AnalysisRound(_message.Message):
+    __slots__ = ("round", "train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout", "train_examples", "heldout_examples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VERBATIM_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    VERBATIM_HELDOUT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    train_loss: float
+    heldout_loss: float
+    verbatim_train: float
+    verbatim_heldout: float
+    train_examples: int
+    heldout_examples: int
+    def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_loss: _Optional[float] = ..., verbatim_train: _Optional[float] = ..., verbatim_heldout: _Optional[float] = ..., train_examples: _Optional[int] = ..., heldout_examples: _Optional[int] = ...) -> None: ...
+
+class ReportAnalysisRequest(_message.Message):
+    __slots__ = ("job", "rounds", "data_sha256", "heldout_sha256")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rounds: _containers.RepeatedCompositeFieldContainer[AnalysisRound]
+    data_sha256: str
+    heldout_sha256: str
+    def __init__(self, job: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[AnalysisRound, _Mapping]]] = ..., data_sha256: _Optional[str] = ..., heldout_sha256: _Optional[str] = ...) -> None: ...
+
+class ReportAnalysisReply(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...

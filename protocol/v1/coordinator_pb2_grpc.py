@@ -90,6 +90,11 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobHistoryRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobHistory.FromString,
                 _registered_method=True)
+        self.ReportAnalysis = channel.unary_unary(
+                '/pollinate.v1.Coordinator/ReportAnalysis',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisReply.FromString,
+                _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/pollinate.v1.Coordinator/CreateJob',
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobRequest.SerializeToString,
@@ -209,6 +214,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAnalysis(self, request, context):
+        """`pollinate analyze` stores its per-checkpoint results (replacing an earlier analysis of
+        the same rounds), so the job's status page draws the memorisation curves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateJob(self, request, context):
         """Register a training job (issue 5), persisted before the reply. The same name with the
         same settings is idempotent (created = false); with other settings FAILED_PRECONDITION
@@ -298,6 +311,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetJobHistory,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobHistoryRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobHistory.SerializeToString,
+            ),
+            'ReportAnalysis': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAnalysis,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisReply.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
@@ -617,6 +635,33 @@ class Coordinator:
             '/pollinate.v1.Coordinator/GetJobHistory',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobHistoryRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAnalysis(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/ReportAnalysis',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -189,6 +189,18 @@ def test_job_page_plots_bytes_members_and_tokens_per_round_and_loss_once_reporte
     frag = job_fragment(s, "sst2", with_loss)
     svg = re.search(r'<svg class="plot" id="plot-loss".*?</svg>', frag, re.S).group(0)
     assert svg.count('data-points="3"') == 2 and "held-out" in svg
+    # the memorisation curves: a placeholder until `pollinate analyze` stored results, then drawn
+    assert 'class="placeholder" id="plot-memorisation"' in frag and "pollinate analyze" in frag
+    from pollinate.coordinator.jobs import Jobs
+
+    rows = [{"round": r, "train_loss": 2.0 / r, "heldout_loss": 2.5, "verbatim_train": 0.2 * r,
+             "verbatim_heldout": 0.0, "train_examples": 5, "heldout_examples": 2} for r in (1, 2, 3)]
+    Jobs(store, base_model="m").report_analysis("sst2", rows, data_sha256="ab" * 32)
+    frag = job_fragment(s, "sst2", history, store.analyses("sst2"))
+    for plot in ("plot-memorisation", "plot-analysis-loss"):
+        svg = re.search(rf'<svg class="plot" id="{plot}".*?</svg>', frag, re.S).group(0)
+        assert svg.count('data-points="3"') == 2 and "held-out examples" in svg, plot
+    assert "60%" in re.search(r'<svg class="plot" id="plot-memorisation".*?</svg>', frag, re.S).group(0)
 
 
 def test_job_turns_idle_when_rounds_stop():
