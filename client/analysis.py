@@ -75,9 +75,10 @@ def score(model, examples: list[Example], *, pad_id: int, batch_size: int = 8, p
     return Scores(losses=losses, verbatim=[bool(v) for v in verbatim])
 
 
-def model_at(point, files, base, *, base_model: str):
+def model_at(point, files, base, *, base_model: str, blocks: dict | None = None):
     """The base model (a transformers model, left untouched) with the checkpoint's adapter,
-    loaded from the files `pollinate export --round N` writes."""
+    loaded from the files `pollinate export --round N` writes (`blocks`: the loaded spans,
+    kept across calls; client/checkpoints.py span_adapter)."""
     from pollinate.client.checkpoints import peft_state
     from pollinate.client.method_export import FORMATS
     from pollinate.client.peft_export import export_job
@@ -87,7 +88,8 @@ def model_at(point, files, base, *, base_model: str):
         raise ValueError(f"method {method!r} exports in a layout no library loads (client/method_export.py); "
                          f"the analysis needs a PEFT adapter or a full checkpoint")
     with tempfile.TemporaryDirectory(prefix="pollinate-analyze-") as tmp:
-        out = export_job(Path(tmp) / "export", point.spec, peft_state(point, files), files, base_model=base_model)
+        out = export_job(Path(tmp) / "export", point.spec, peft_state(point, files, blocks=blocks), files,
+                         base_model=base_model)
         if method in ("full", "galore"):
             from transformers import AutoModelForCausalLM
 

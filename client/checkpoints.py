@@ -109,35 +109,41 @@ async def fetch_checkpoint(coordinator: str, token: str, history, *, round_index
     return JobCheckpoint(job=history.job.name, asked=round_index, spec=spec, spans=tuple(out))
 
 
-def span_adapter(spec, files, span: tuple[int, int], theta: torch.Tensor | None = None):
-    """The job's adapter built on blocks `span` as a node builds it, holding `theta` if given."""
+def span_adapter(spec, files, span: tuple[int, int], theta: torch.Tensor | None = None, *,
+                 blocks: dict | None = None):
+    """The job's adapter built on blocks `span` as a node builds it, holding `theta` if given.
+    `blocks`, if given, keeps the loaded spans by (start, end) for the next call (an analysis
+    of many rounds reads each span's weights once)."""
     from pollinate.node.adapters import build_adapter
     from pollinate.node.diloco import assign_flat
 
-    blocks = files.load_span(*span)
-    adapter = build_adapter(spec, blocks)
+    loaded = blocks if blocks is not None else {}
+    if span not in loaded:
+        loaded[span] = files.load_span(*span)
+    adapter = build_adapter(spec, loaded[span])
     if theta is not None:
         with torch.no_grad():
             assign_flat(list(adapter.parameters()), theta)
     return adapter
 
 
-def peft_state(point: JobCheckpoint, files) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under PEFT's names, every span's together."""
+def peft_state(point: JobCheckpoint, files, *, blocks: dict | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under PEFT's names, every span's together (`blocks`: see span_adapter)."""
     state: dict[str, torch.Tensor] = {}
     for s in point.spans:
-        state.update(span_adapter(point.spec, files, s.span, s.theta).peft_state())
+        state.update(span_adapter(point.spec, files, s.span, s.theta, blocks=blocks).peft_state())
     return state
 
 
-def flat_from_peft(spec, files, span: tuple[int, int], state: dict[str, torch.Tensor]) -> torch.Tensor:
+def flat_from_peft(spec, files, span: tuple[int, int], state: dict[str, torch.Tensor], *,
+                   blocks: dict | None = None) -> torch.Tensor:
     """The inverse, to check an export: span `span`'s flat θ from PEFT-named tensors. Each
     parameter is first filled with its own flat positions (exact in fp32 below 2**24
     elements), so peft_state tells where every exported number sits in the flat vector,
     whatever copies or reshapes the method's naming makes."""
     from pollinate.node.diloco import assign_flat
 
-    adapter = span_adapter(spec, files, span)
+    adapter = span_adapter(spec, files, span, blocks=blocks)
     params = list(adapter.parameters())
     numel = sum(p.numel() for p in params)
     if numel >= 1 << 24:

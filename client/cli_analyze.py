@@ -92,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
             train, held = split(examples, args.eval_fraction, history.job.spec.seed)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         base = files.load_reference_model()
-        rows = []
+        rows, blocks = [], {}  # blocks: each span's weights, read once for every round
         out = open(args.out, "w") if args.out else sys.stdout
         try:
             with tqdm(total=len(rounds) * (len(train) + len(held)), desc=f"analyse {args.job}", unit="example",
                       file=sys.stderr) as bar:
                 for r in rounds:
                     point = asyncio.run(fetch_checkpoint(args.coordinator, token, history, round_index=r, **tls))
-                    model = analysis.model_at(point, files, base, base_model=args.model)
+                    model = analysis.model_at(point, files, base, base_model=args.model, blocks=blocks)
                     row = analysis.round_summary(r, point, analysis.score(model, train, pad_id=pad,
                                                                         batch_size=args.batch_size, progress=bar),
                                                  analysis.score(model, held, pad_id=pad, batch_size=args.batch_size,
