@@ -140,3 +140,49 @@ def test_losses_are_stored_with_the_last_committed_round_and_reach_the_history(t
     with pytest.raises(NotFound):
         jobs.report_training("nope", "t3", data_files=[], step=0, tokens=0, train_loss=1.0, heldout_loss=None)
     store.close()
+
+
+async def test_trainer_reports_reach_the_record_over_grpc(tmp_path):
+    """client/training_report.py against a real coordinator on loopback: the data file's size
+    and SHA-256, the losses, and `pollinate job record` / `job show` built from GetJobHistory."""
+    import asyncio
+    import hashlib
+
+    from pollinate.client.checkpoints import job_history
+    from pollinate.client.cli_job import checkpoint_summary, job_record
+    from pollinate.client.training_report import TrainingReporter, data_file
+    from pollinate.client.worker import LoopThread
+    from pollinate.coordinator.client import call_coordinator
+    from pollinate.coordinator.server import CoordinatorServer
+    from pollinate.protocol.v1 import coordinator_pb2, node_pb2
+    from test_coordinator_service import TOKEN, config
+
+    srv = CoordinatorServer(config(tmp_path / "data"))
+    await srv.start()
+    worker = LoopThread()
+    try:
+        address = srv.grpc_address
+        spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, lr=0.01, micro_batches=1, keep_last=5,
+                                keep_every=0)
+        await call_coordinator(address, TOKEN, "CreateJob", coordinator_pb2.CreateJobRequest(name="j", spec=spec))
+        data = tmp_path / "train.jsonl"
+        data.write_bytes(b'{"text": "a b c"}\n' * 3)
+        reporter = TrainingReporter(address, TOKEN, "j", worker=worker)
+        await asyncio.to_thread(reporter.joined, [data_file(data, "train", 3)])
+        await asyncio.to_thread(reporter, {"step": 4, "tokens": 40, "train_loss": 1.5, "eval_loss": 2.5})
+        assert reporter.rounds == [0]  # no round committed yet
+        history = await job_history(address, TOKEN, "j")
+        record = job_record(history)
+        assert record["data"] == [{"trainer_id": reporter.trainer_id, "joined_at": record["data"][0]["joined_at"],
+                                   "files": [{"role": "train", "name": "train.jsonl", "size_bytes": data.stat().st_size,
+                                              "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                                              "examples": 3}]}]
+        assert [(x["step"], x["train_loss"], x["heldout_loss"]) for x in record["losses"]] == [(4, 1.5, 2.5)]
+        assert record["settings"]["keep_last"] == 5 and record["rounds"] == []
+        summary = checkpoint_summary(history)
+        assert summary["retention"] == {"keep_last": 5, "keep_log_spaced": True, "keep_every": 0, "keep_max_bytes": 0,
+                                        "coordinator_max_bytes": 0}
+        assert record["code"]["trainers"][0]["version"] and record["code"]["coordinator"]
+    finally:
+        worker.stop()
+        await srv.stop(0)
