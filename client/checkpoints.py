@@ -55,8 +55,9 @@ async def job_history(coordinator: str, token: str, job: str, *, timeout_s: floa
     from pollinate.coordinator.client import call_coordinator
     from pollinate.protocol.v1 import coordinator_pb2
 
+    # a long job's history (every round of every span, with members) outgrows a default message
     return await call_coordinator(coordinator, token, "GetJobHistory", coordinator_pb2.GetJobHistoryRequest(name=job),
-                                  timeout_s=timeout_s, **tls)
+                                  timeout_s=timeout_s, large_reply=True, **tls)
 
 
 def job_spans(history, round_index: int = 0) -> list[tuple[int, int]]:
