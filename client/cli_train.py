@@ -143,12 +143,12 @@ def _train(args, files, tok, config, train, held) -> int:
 
             report = TrainingReporter(args.coordinator, token, config.job, worker=worker,
                                       tls=coordinator_tls(getattr(args, "coordinator_tls", None)))
-            files = [data_file(args.data, "train", len(train))]
+            data_files = [data_file(args.data, "train", len(train))]
             if args.eval_data:
-                files.append(data_file(args.eval_data, "heldout", len(held)))
+                data_files.append(data_file(args.eval_data, "heldout", len(held)))
             elif held:  # the held-out split is taken from --data: same file, its own count
-                files.append(data_file(args.data, "heldout", len(held)))
-            report.joined(files)
+                data_files.append(data_file(args.data, "heldout", len(held)))
+            report.joined(data_files)
         history = trainer.train(batches(train, config.batch_size, config.seed), eval_examples=held, report=report)
         print(json.dumps(history[-1]))
         if args.save is not None:
