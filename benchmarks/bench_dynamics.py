@@ -12,12 +12,14 @@ about other names: nothing in training predicts their codes. Then, on the kept c
 - `pollinate export --round N` for the last round and a middle one, compared bit for bit
   with the committed state the coordinator serves for that round (client/checkpoints.py
   flat_from_peft inverts the export);
-- `pollinate job record`: each kept state's checksum against the state served.
+- `pollinate job record`: each kept state's checksum against the state served;
+- the trainer's `--save` at the end (gathered from the nodes) against the last round's export.
 
 Prints one JSON object per analysed round (round, train_loss, heldout_loss, verbatim_train,
 verbatim_heldout, gap) and a final object: rounds_kept, bytes_kept, export_bit_exact,
 memorisation_gap_grows (the held-out minus training loss at the last kept round exceeds the
-gap at the first), record_checksums_match, and the settings and times.
+gap at the first), record_checksums_match, trainer_save_equals_last_round, and the settings
+and times.
 
     python benchmarks/bench_dynamics.py [--quick] [--workdir DIR] [--plot dyn.png]
 """
@@ -124,7 +126,8 @@ def main() -> int:
                           # one replica per span: a round adopts the replica's adapter as is (no outer
                           # momentum: with it, a solo round extrapolates and lr 3e-3 diverged)
                           "--diloco-codec", "none", "--outer-lr", "1", "--outer-momentum", "0",
-                          "--keep-last", "2", "--keep-log-spaced", "--keep-every", "4"), timeout=3600)
+                          "--keep-last", "2", "--keep-log-spaced", "--keep-every", "4",
+                          "--save", str(work / "saved")), timeout=3600)
         t_trained = time.perf_counter()
         show = json.loads(run(pollinate_cmd("job", "show", JOB, "--coordinator", address, *auth, "--json"), 60).stdout)
         kept = sorted(set.intersection(*(set(s["kept"]) for s in show["checkpoints"]["spans"].values())))
@@ -159,6 +162,11 @@ def main() -> int:
                 served_round, theta, _ = committed_flat(address, token, span, r)
                 exact.append(served_round == r
                              and torch.equal(flat_from_peft(spec, files, span, state, blocks=blocks), theta))
+        # the trainer's own --save at the end (gathered from the nodes) is the last round's checkpoint:
+        # a solo round with outer lr 1 and no momentum commits the replica's adapter as it is
+        saved = load_file(work / "saved" / "adapter_model.safetensors")
+        last = load_file(work / f"export-r{kept[-1]}" / "adapter_model.safetensors")
+        save_equals_last = saved.keys() == last.keys() and all(torch.equal(saved[k], last[k]) for k in saved)
         record = json.loads(run(pollinate_cmd("job", "record", JOB, "--coordinator", address, *auth), 60).stdout)
         # every kept state is served for its round and hashes to the checksum the record lists
         kept_records = [x for x in record["rounds"] if x["kept"]]
@@ -173,7 +181,7 @@ def main() -> int:
         "steps": steps, "batch_size": args.batch_size, "round_steps": args.round_steps,
         "rounds_committed": rounds_committed, "rounds_kept": kept, "bytes_kept": show["checkpoints"]["kept_bytes"],
         "export_bit_exact": all(exact), "exports_checked": len(exact),
-        "record_checksums_match": record_ok,
+        "record_checksums_match": record_ok, "trainer_save_equals_last_round": save_equals_last,
         "memorisation_gap_grows": last["gap"] > first["gap"],
         "gap_first": round(first["gap"], 4), "gap_last": round(last["gap"], 4),
         "verbatim_train_last": last["verbatim_train"], "verbatim_heldout_last": last["verbatim_heldout"],
