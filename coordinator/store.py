@@ -623,8 +623,9 @@ class Store:
         return out
 
     def round_totals(self) -> list[dict]:
-        """Per (job, span): rounds committed, the last one, and the sums over all of them of
-        tokens and member bytes (for /metrics counters); ordered by job and span. Kept until
+        """Per (job, span): rounds committed, the last one, the sums over all of them of
+        tokens and member bytes (for /metrics counters), and the checkpoints still kept and
+        their bytes; ordered by job and span. Kept until
         the next write: it reads every round's members (~20 ms at 5000 rounds of 4), and the
         status page asks every 2 s."""
         if self._totals is not None and self._totals[0] == self.db.total_changes:
@@ -639,8 +640,13 @@ class Store:
             "t.span_end=m.span_end AND t.round=m.round AND t.member_id=m.member_id "
             "GROUP BY c.job_name, c.span_start, c.span_end ORDER BY c.job_name, c.span_start, c.span_end"
         ).fetchall()
+        # checkpoints still stored (issue 15's retention): how many and their bytes
+        kept = {(j, s, e): (n, b) for j, s, e, n, b in self.db.execute(
+            "SELECT job_name, span_start, span_end, COUNT(*), COALESCE(SUM(nbytes), 0) FROM committed_states "
+            "WHERE pruned_at IS NULL GROUP BY job_name, span_start, span_end")}
         totals = [{"job": j, "span": [s, e], "rounds": n, "last_round": last, "last_committed_at": at,
-                   "tokens": tokens, "bytes_sent": sent, "bytes_received": received}
+                   "tokens": tokens, "bytes_sent": sent, "bytes_received": received,
+                   "checkpoints_kept": kept.get((j, s, e), (0, 0))[0], "checkpoint_bytes": kept.get((j, s, e), (0, 0))[1]}
                   for j, s, e, n, last, at, tokens, sent, received in rows]
         self._totals = (changes, totals)
         return [dict(t) for t in totals]
