@@ -147,7 +147,6 @@ def main() -> int:
         from pollinate.client.checkpoints import flat_from_peft
         from pollinate.node.model_files import open_model
         from pollinate.node.training import JobSpec
-        from pollinate.protocol.v1 import node_pb2  # noqa: F401  (JobSpec.from_proto's messages)
         from safetensors.torch import load_file
         import torch
 
