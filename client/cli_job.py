@@ -1,8 +1,14 @@
-"""`pollinate job create|list|show`: training jobs registered at the coordinator.
+"""`pollinate job create|list|show|record`: training jobs registered at the coordinator.
 
     pollinate job create sums --coordinator HOST:PORT --method lora --rank 16
     pollinate job list --coordinator HOST:PORT
-    pollinate job show sums --coordinator HOST:PORT [--json]
+    pollinate job show sums --coordinator HOST:PORT [--json]     # settings, kept checkpoints
+    pollinate job record sums --coordinator HOST:PORT > sums.json  # the open record (issue 15)
+
+`record` prints, as JSON, what anyone needs to check which data and code produced a
+checkpoint: the data files' sizes and SHA-256 as each trainer read them, the job's
+settings, the code versions, each round's members and tokens, the committed states'
+checksums (docs/checkpoints.md).
 
 A job's settings flags are shared with `pollinate train` (add_job_arguments): train with
 flags registers the job (or checks them against the registered settings); train with none
@@ -30,6 +36,10 @@ DILOCO_FLAGS = {"round_steps": ("round_steps", 0), "diloco_codec": ("codec", "")
                 "diloco_k": ("codec_k", 0.0), "diloco_bits": ("codec_bits", 0), "diloco_bucket": ("codec_bucket", 0),
                 "warmup_rounds": ("warmup_rounds", None), "outer_lr": ("outer_lr", 0.0),
                 "outer_momentum": ("outer_momentum", None), "overlap_rounds": ("overlap_rounds", None)}
+# Checkpoint retention at the coordinator (issue 15): flag dest -> (JobSpec field, unset);
+# the defaults live in coordinator/retention.py.
+RETENTION_FLAGS = {"keep_last": ("keep_last", None), "keep_log_spaced": ("keep_log_spaced", None),
+                   "keep_every": ("keep_every", None), "keep_max_bytes": ("keep_max_bytes", None)}
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,10 +74,18 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each round in the background while the next inner steps proceed (its "
                         "update lands late, training does not stop); --no-overlap-rounds: the Backward "
                         "that ends a round's steps waits for the round")
+    k = p.add_argument_group("checkpoints the coordinator keeps (docs/checkpoints.md; default: the "
+                             "registered job's, else coordinator/retention.py's: last 3, log-spaced, every 10th)")
+    k.add_argument("--keep-last", type=int, help="keep each span's last K committed rounds (>= 1)")
+    k.add_argument("--keep-log-spaced", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep rounds 1, 2, 4, 8, ... (Pythia's early checkpoints)")
+    k.add_argument("--keep-every", type=int, help="keep every M-th round; 0 = none")
+    k.add_argument("--keep-max-bytes", type=int, help="cap on this job's kept states in bytes, oldest pruned "
+                                                      "first (never a span's last round); 0 = none")
 
 
 def spec_flags_given(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k, None) is not None for k in [*SPEC_DEFAULTS, *DILOCO_FLAGS])
+    return any(getattr(args, k, None) is not None for k in [*SPEC_DEFAULTS, *DILOCO_FLAGS, *RETENTION_FLAGS])
 
 
 def job_spec(args: argparse.Namespace, registered=None):
@@ -94,7 +112,7 @@ def job_spec(args: argparse.Namespace, registered=None):
         seed=pick("seed", lambda b: b.seed), betas=base.betas if base is not None else (0.9, 0.95),
         **{field: (getattr(args, dest, None) if getattr(args, dest, None) is not None
                    else getattr(base, field) if base is not None else unset)
-           for dest, (field, unset) in DILOCO_FLAGS.items()},
+           for dest, (field, unset) in {**DILOCO_FLAGS, **RETENTION_FLAGS}.items()},
     )
 
 
@@ -127,7 +145,9 @@ async def register_job(coordinator: str, token: str, name: str, args: argparse.N
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="job_command", metavar="ACTION", required=True)
     for action, help_text in (("create", "register a job (same settings again: no-op)"),
-                              ("list", "every registered job"), ("show", "one job's settings and state")):
+                              ("list", "every registered job"),
+                              ("show", "one job's settings, state and kept checkpoints"),
+                              ("record", "one job's open record as JSON: data checksums, settings, code, rounds")):
         q = sub.add_parser(action, help=help_text, description=help_text)
         if action != "list":
             q.add_argument("name", help="job name")
@@ -170,16 +190,25 @@ def run(args: argparse.Namespace) -> int:
             jobs = [info]
             print(f"job {info.name!r} {'registered' if created else 'already registered with these settings'}",
                   file=sys.stderr)
-        elif args.job_command == "show":
-            jobs = [asyncio.run(call_coordinator(args.coordinator, token, "GetJob",
-                                                 coordinator_pb2.GetJobRequest(name=args.name), timeout_s=args.timeout, **tls))]
+        elif args.job_command in ("show", "record"):
+            from pollinate.client.checkpoints import job_history
+
+            history = asyncio.run(job_history(args.coordinator, token, args.name, timeout_s=args.timeout, **tls))
+            jobs = [history.job]
         else:
             jobs = list(asyncio.run(call_coordinator(args.coordinator, token, "ListJobs",
                                                      coordinator_pb2.ListJobsRequest(), timeout_s=args.timeout, **tls)).jobs)
     except (ValueError, PollinateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
-    if args.json:
+    if args.job_command == "record":
+        print(json.dumps(job_record(history), indent=1))
+    elif args.job_command == "show":  # JSON on stdout; what is kept, in words, on stderr
+        shown = {**_job_dict(jobs[0]), "checkpoints": checkpoint_summary(history)}
+        print(json.dumps(shown, indent=1))
+        if not args.json:
+            print(format_checkpoints(shown["checkpoints"]), file=sys.stderr)
+    elif args.json:
         out = [_job_dict(j) for j in jobs]
         print(json.dumps(out if args.job_command == "list" else out[0], indent=1))
     elif args.job_command == "list":
@@ -187,3 +216,62 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(_job_dict(jobs[0]), indent=1))
     return 0
+
+
+def checkpoint_summary(history) -> dict:
+    """What the coordinator keeps of the job: per span the kept rounds and their bytes, the
+    pruned rounds, and the retention settings in force."""
+    spans: dict[str, dict] = {}
+    for r in history.rounds:
+        entry = spans.setdefault(f"{r.span.start}:{r.span.end}", {"kept": [], "kept_bytes": 0, "pruned": []})
+        if r.kept:
+            entry["kept"].append(r.round)
+            entry["kept_bytes"] += r.state_bytes
+        else:
+            entry["pruned"].append({"round": r.round, "reason": r.pruned_reason})
+    return {"retention": {"keep_last": history.keep_last, "keep_log_spaced": history.keep_log_spaced,
+                          "keep_every": history.keep_every, "keep_max_bytes": history.keep_max_bytes,
+                          "coordinator_max_bytes": history.coordinator_max_bytes},
+            "kept_bytes": sum(e["kept_bytes"] for e in spans.values()), "spans": spans}
+
+
+def format_checkpoints(summary: dict) -> str:
+    from pollinate.coordinator.status_page import fmt_bytes
+
+    r = summary["retention"]
+    lines = [f"checkpoints kept: {fmt_bytes(summary['kept_bytes'])} (retention: last {r['keep_last']}, "
+             f"{'log-spaced, ' if r['keep_log_spaced'] else ''}every {r['keep_every'] or '-'}, job cap "
+             f"{fmt_bytes(r['keep_max_bytes']) if r['keep_max_bytes'] else 'none'}, coordinator cap "
+             f"{fmt_bytes(r['coordinator_max_bytes']) if r['coordinator_max_bytes'] else 'none'})"]
+    for span, e in sorted(summary["spans"].items(), key=lambda kv: int(kv[0].split(":")[0])):
+        lines.append(f"  blocks {span}: rounds {', '.join(map(str, e['kept'])) or '-'} kept "
+                     f"({fmt_bytes(e['kept_bytes'])}); {len(e['pruned'])} pruned")
+    if not summary["spans"]:
+        lines.append("  (no round committed yet)")
+    return "\n".join(lines)
+
+
+def job_record(history) -> dict:
+    """The open record (issue 15): enough to verify which data and code made each checkpoint."""
+    from pollinate.client.checkpoints import code_version, history_to_dict
+
+    h = history_to_dict(history)
+    rounds = [{"span": [r["span"].get("start", 0), r["span"].get("end", 0)], "round": int(r["round"]),
+               "members": [{"member_id": m["member_id"], "tokens": int(m["tokens"]), "committed": m["committed"]}
+                           for m in r.get("members", [])],
+               "tokens": sum(int(m["tokens"]) for m in r.get("members", [])),
+               "checksum": r["checksum"], "state_bytes": int(r["state_bytes"]), "committed_at": r["committed_at"],
+               "kept": r["kept"], **({"pruned_reason": r["pruned_reason"]} if not r["kept"] else {})}
+              for r in h.get("rounds", [])]
+    return {"job": history.job.name, "base_model": history.job.base_model, "settings": _job_dict(history.job)["spec"],
+            "retention": checkpoint_summary(history)["retention"],
+            "code": {"coordinator": history.coordinator_version,
+                     "trainers": [{"trainer_id": t.trainer_id, "version": t.version, "git_commit": t.git_commit}
+                                  for t in history.trainers],
+                     "record_written_by": code_version()},
+            "data": [{"trainer_id": t["trainer_id"], "joined_at": t["joined_at"],
+                      "files": [{**f, "size_bytes": int(f["size_bytes"]), "examples": int(f["examples"])}
+                                for f in t.get("data_files", [])]} for t in h.get("trainers", [])],
+            "rounds": rounds,
+            "losses": [{**loss, "round": int(loss["round"]), "step": int(loss["step"]), "tokens": int(loss["tokens"])}
+                       for loss in h.get("losses", [])]}

@@ -136,7 +136,20 @@ def _train(args, files, tok, config, train, held) -> int:
         prompt_tuning = config.spec.method == "prompt-tuning"
         trainer = (PromptTuningTrainer if prompt_tuning else Trainer)(
             swarm=swarm, worker=worker, client_part=files.load_client_part(), pad_id=pad, config=config)
-        history = trainer.train(batches(train, config.batch_size, config.seed), eval_examples=held)
+        report = None
+        if args.coordinator:  # the job's record and per-round losses (issue 15)
+            from pollinate.client.training_report import TrainingReporter, data_file
+            from pollinate.protocol.channels import coordinator_tls
+
+            report = TrainingReporter(args.coordinator, token, config.job, worker=worker,
+                                      tls=coordinator_tls(getattr(args, "coordinator_tls", None)))
+            data_files = [data_file(args.data, "train", len(train))]
+            if args.eval_data:
+                data_files.append(data_file(args.eval_data, "heldout", len(held)))
+            elif held:  # the held-out split is taken from --data: same file, its own count
+                data_files.append(data_file(args.data, "heldout", len(held)))
+            report.joined(data_files)
+        history = trainer.train(batches(train, config.batch_size, config.seed), eval_examples=held, report=report)
         print(json.dumps(history[-1]))
         if args.save is not None:
             spec, state = ((config.spec, trainer.adapter_state()) if prompt_tuning

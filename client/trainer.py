@@ -327,10 +327,14 @@ class Trainer:
             weights.append(int((labels[:, 1:] != -100).sum()))
         return sum(l * w for l, w in zip(losses, weights)) / max(1, sum(weights))
 
-    def train(self, batch_iter, *, eval_examples=(), progress: bool = True) -> list[dict]:
+    def train(self, batch_iter, *, eval_examples=(), progress: bool = True, report=None) -> list[dict]:
+        """`report`, if given, is called with each record that has an eval_loss, its
+        train_loss set to the mean training loss since the previous report (issue 15: the
+        coordinator stores them per round; client/training_report.py)."""
         from tqdm import tqdm
 
         cfg = self.config
+        since_report: list[float] = []
         bar = tqdm(total=cfg.steps, disable=not progress, desc=f"job {cfg.job}", unit="step")
         t0 = time.perf_counter()
         for step in range(1, cfg.steps + 1):
@@ -341,9 +345,13 @@ class Trainer:
                       "wire_bytes_sent": self.chain.bytes_sent, "wire_bytes_received": self.chain.bytes_received,
                       "input_resends": self.chain.resends}
             last = step == cfg.steps
+            since_report.append(record["loss"])
             if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 record["eval_loss"] = self.evaluate(list(eval_examples))
                 logger.info("job %s step %d: eval loss %.4f", cfg.job, step, record["eval_loss"])
+                if report is not None:
+                    report({**record, "train_loss": sum(since_report) / len(since_report)})
+                    since_report = []
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)

@@ -31,7 +31,7 @@ import grpc.aio
 
 from pollinate.coordinator.placement import Span
 from pollinate.protocol.auth import member_key_metadata, new_member_key, token_metadata
-from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import (
     NotFound,
     PeerUnavailable,
@@ -408,11 +408,13 @@ class CoordinatorClient:
 
 
 async def call_coordinator(address: str, token: str, method: str, request, *, timeout_s: float = 10.0,
-                           tls: bool = False, tls_root_cert_file: Path | None = None):
+                           tls: bool = False, tls_root_cert_file: Path | None = None, large_reply: bool = False):
     """One unary RPC to the coordinator on a channel of its own (CLI commands, the trainer's
-    job registration); gRPC errors arrive as PollinateError subclasses."""
+    job registration); gRPC errors arrive as PollinateError subclasses. large_reply: the
+    reply may be a whole committed state (GetCommittedState), up to the coordinator's limit."""
+    limit = {"max_message_bytes": COORDINATOR_MAX_MESSAGE_BYTES} if large_reply else {}
     channel = open_channel(address, ChannelConfig(token=token, tls=tls,
-                                                  tls_root_cert_file=tls_root_cert_file))
+                                                  tls_root_cert_file=tls_root_cert_file, **limit))
     try:
         with translate_rpc_errors(peer=address):
             return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=timeout_s)

@@ -119,11 +119,17 @@ class RoundsConfig:
     window_s: float = 5.0
     # How long CommitRound waits for the other members' checksums, seconds.
     commit_timeout_s: float = 60.0
+    # Most bytes of committed states (all jobs) kept in the data directory; beyond it the
+    # oldest kept checkpoints are pruned, never a span's last round (coordinator/retention.py).
+    # 0 = no coordinator-wide cap: each job's retention schedule (and its own cap) decides.
+    checkpoint_max_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("window_s", "commit_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.checkpoint_max_bytes < 0:
+            raise ValueError(f"checkpoint_max_bytes must be >= 0, got {self.checkpoint_max_bytes!r}")
 
 
 ADDRESS_CHECK_MODES = ("refuse", "warn", "off")

@@ -61,14 +61,17 @@ async def ask_node_info(address: str, *, token: str | None, timeout_s: float = N
 class HttpStatusServer:
     def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]],
                  history: Callable[[str], list[dict]] = lambda job: [],
-                 node_info: Callable[[str], Awaitable[dict]] | None = None) -> None:
+                 node_info: Callable[[str], Awaitable[dict]] | None = None,
+                 analysis: Callable[[str], list[dict]] = lambda job: []) -> None:
         """status: the snapshot (status.snapshot); history: a job's committed rounds, oldest
         first (Store.round_history); node_info: what a node at an address says of itself
-        (ask_node_info), for its page; None: not asked."""
+        (ask_node_info), for its page; None: not asked; analysis: a job's stored
+        `pollinate analyze` results by round (Store.analyses)."""
         self.host = host
         self.port = port
         self._status = status
         self._history = history
+        self._analysis = analysis
         self._node_info = node_info
         self._server: asyncio.AbstractServer | None = None
 
@@ -143,14 +146,14 @@ class HttpStatusServer:
             return 200, "application/json", json.dumps(status, indent=1).encode(), stamp
         if path.startswith("/api/v1/jobs/"):
             name = path.removeprefix("/api/v1/jobs/")
-            text = job_json(status, name, self._history(name))
+            text = job_json(status, name, self._history(name), self._analysis(name))
             return (404, "text/plain", b"no such job\n", {}) if text is None else (200, "application/json", text.encode(), stamp)
         code = 200
         if path in ("/", "/index.html"):
             title, body = "Pollinate swarm", overview_fragment(status)
         elif path.startswith("/jobs/"):
             name = path.removeprefix("/jobs/")
-            title, body = f"Job {name} · Pollinate", job_fragment(status, name, self._history(name))
+            title, body = f"Job {name} · Pollinate", job_fragment(status, name, self._history(name), self._analysis(name))
             if body is None:  # a page that says so, and keeps looking: the job may come
                 code, body = 404, f"<p>This coordinator knows no job {html.escape(name)}.</p>"
         elif path.startswith("/nodes/"):

@@ -96,3 +96,65 @@ class Jobs:
 
     def list(self) -> list[JobRecord]:
         return self.store.load_jobs()
+
+    # ---- what trainers report, and the job's whole record (issue 15) -------------------
+
+    def report_training(self, name: str, trainer_id: str, *, data_files: list[dict], step: int, tokens: int,
+                        train_loss: float | None, heldout_loss: float | None, version: str = "",
+                        git_commit: str = "") -> int:
+        """Store a trainer's data files (its first report) and its losses, the latter with the
+        job's last committed round (the highest over its spans: the adapters the losses were
+        measured with include it); that round is returned."""
+        self.get(name)  # NotFound for a job never registered nor seen in a round
+        if not trainer_id or len(trainer_id) > 64:
+            raise InvalidRequest("ReportTraining: trainer_id must be 1-64 characters")
+        for loss in (train_loss, heldout_loss):
+            if loss is not None and not math.isfinite(loss):
+                raise InvalidRequest(f"ReportTraining: loss must be finite, got {loss!r}")
+        if len(data_files) > MAX_DATA_FILES:
+            raise InvalidRequest(f"ReportTraining: {len(data_files)} data files, at most {MAX_DATA_FILES}")
+        for f in data_files:
+            if f["role"] not in ("train", "heldout") or not SHA256_RE.fullmatch(f["sha256"]):
+                raise InvalidRequest(f"ReportTraining: data file {f['name'][:64]!r}: role must be train or "
+                                     f"heldout and sha256 64 hex digits")
+        now = time.time()
+        if data_files:
+            self.store.add_trainer(name, trainer_id, data_files=data_files, version=version[:64],
+                                   git_commit=git_commit[:64], now=now)
+        round_index = self.store.last_job_round(name)
+        if train_loss is not None or heldout_loss is not None:
+            self.store.add_loss_report(name, trainer_id, round_index=round_index, step=step, tokens=tokens,
+                                       train_loss=train_loss, heldout_loss=heldout_loss, now=now)
+            logger.info("job %s round %d: trainer %s step %d%s%s", name, round_index, trainer_id, step,
+                        "" if train_loss is None else f" train loss {train_loss:.4f}",
+                        "" if heldout_loss is None else f" held-out loss {heldout_loss:.4f}")
+        return round_index
+
+    def history(self, name: str) -> dict:
+        """The job, every committed round of it (kept or pruned), the losses and the trainers."""
+        job = self.get(name)
+        return {"job": job, "rounds": self.store.job_rounds(name), "losses": self.store.loss_reports(name),
+                "trainers": self.store.trainers(name), "analysis": self.store.analyses(name)}
+
+    def report_analysis(self, name: str, rows: list[dict], *, data_sha256: str = "", heldout_sha256: str = "") -> int:
+        """Store `pollinate analyze` results (client/analysis.py) for the job's status page."""
+        self.get(name)
+        if len(rows) > MAX_ANALYSIS_ROUNDS:
+            raise InvalidRequest(f"ReportAnalysis: {len(rows)} rounds, at most {MAX_ANALYSIS_ROUNDS}")
+        for r in rows:
+            values = [r[k] for k in ("train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout")]
+            if not r["round"] >= 1 or not all(math.isfinite(v) for v in values) or not (
+                    0 <= r["verbatim_train"] <= 1 and 0 <= r["verbatim_heldout"] <= 1):
+                raise InvalidRequest(f"ReportAnalysis: round {r['round']}: round >= 1, finite losses and "
+                                     f"verbatim rates in [0, 1] expected")
+        for sha in (data_sha256, heldout_sha256):
+            if sha and not SHA256_RE.fullmatch(sha):
+                raise InvalidRequest("ReportAnalysis: sha256 must be 64 hex digits")
+        self.store.save_analysis(name, rows, data_sha256=data_sha256, heldout_sha256=heldout_sha256, now=time.time())
+        logger.info("job %s: analysis of %d round(s) stored", name, len(rows))
+        return len(rows)
+
+
+MAX_ANALYSIS_ROUNDS = 100_000  # per ReportAnalysis: more rounds than any job keeps
+MAX_DATA_FILES = 16  # per trainer report: a train and a held-out file, with room to spare
+SHA256_RE = re.compile(r"[0-9a-f]{64}")

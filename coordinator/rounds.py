@@ -7,7 +7,8 @@ member id; member j owns shard j. CommitRound: each member reports the checksum 
 global state and the result frames of the shards it owns; once all have reported, the round
 commits if the checksums agree and the coordinator holds the new state (written to a file in
 the data directory and the row to ``committed_states``, both before any reply), and aborts
-otherwise. A committed round is never deleted.
+otherwise. A committed round's row is never deleted; its state's file may be pruned by the
+job's retention (coordinator/checkpoints.py, applied after each commit), never the last one.
 
 The state (issue 12). Members do not send the new state whole: every member applied the same
 result frames to the same θ_global, so the coordinator applies them too, with the same code
@@ -52,6 +53,7 @@ from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFou
 
 if TYPE_CHECKING:  # compression/outer.py imports torch: loaded on the first round's commit only
     from pollinate.compression.outer import OuterStep
+    from pollinate.coordinator.checkpoints import Checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +104,12 @@ Key = RoundKey  # job, span start, span end
 class Rounds:
     """Round bookkeeping on the coordinator's event loop; durable parts in the Store."""
 
-    def __init__(self, config: RoundsConfig, store: Store, membership) -> None:
+    def __init__(self, config: RoundsConfig, store: Store, membership, checkpoints: Checkpoints | None = None) -> None:
         self.config = config
         self.store = store
         self.membership = membership
+        # retention applied after each commit (issue 15); None: every state is kept
+        self.checkpoints = checkpoints
         self._open: dict[tuple[Key, int], _Round] = {}
         self._attempts: dict[tuple[Key, int], int] = {}  # the last attempt formed per round
         # the last committed state per (job, span), decoded: (round, θ_global, momentum); the
@@ -118,10 +122,15 @@ class Rounds:
     def committed_round(self, key: Key) -> int:
         return self.store.committed_round(key)
 
-    def committed_state(self, job: str, span: Span) -> tuple[int, str, bytes]:
-        stored = self.store.committed_state_file((job, span.start, span.end))
+    def committed_state(self, job: str, span: Span, round_index: int = 0) -> tuple[int, str, bytes]:
+        """(round, checksum, state bytes): the last committed state, or with round_index the
+        latest kept one at or before it (an intermediate checkpoint)."""
+        key = (job, span.start, span.end)
+        stored = (self.store.committed_state_file(key) if not round_index
+                  else self.store.kept_state_at_or_before(key, round_index))
         if stored is None:
-            raise NotFound(f"job {job!r} span {span}: no committed round yet")
+            raise NotFound(f"job {job!r} span {span}: no committed round yet" if not round_index else
+                           f"job {job!r} span {span}: no kept checkpoint at or before round {round_index}")
         round_index, path, checksum = stored
         return round_index, checksum, path.read_bytes()
 
@@ -392,6 +401,11 @@ class Rounds:
             return
         self.store.commit_round(key, round_index, path=rel, checksum=checksum, nbytes=len(data), now=time.time())
         self._last[key] = (round_index, theta, momentum)
+        if self.checkpoints is not None:
+            try:
+                self.checkpoints.apply()
+            except Exception:  # retention is housekeeping: the commit stands, the next one retries
+                logger.exception("retention after round %d of job %s failed", round_index, key[0])
         rnd.outcome = (True, "")
         rnd.done.set()
         self._open.pop((key, round_index), None)

@@ -131,6 +131,12 @@ class CoordinatorServer:
         cfg = self.config
         self.store.open()
         self.membership.restore()
+        from pollinate.coordinator.checkpoints import Checkpoints
+
+        # retention as the settings now say (a cap changed across the restart applies at once;
+        # files of rounds pruned just before a kill are deleted)
+        self.checkpoints = Checkpoints(self.store, max_bytes=cfg.rounds.checkpoint_max_bytes)
+        self.checkpoints.apply()
         if self.dht is not None:
             from pollinate.protocol.addresses import dialable_maddrs
 
@@ -151,7 +157,7 @@ class CoordinatorServer:
             logger.info("bound to %s; announcing %s (%s)", cfg.host, announce.host, announce.reason)
         self._servicer = CoordinatorServicer(
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
-            rounds=Rounds(cfg.rounds, self.store, self.membership), jobs=self.jobs,
+            rounds=Rounds(cfg.rounds, self.store, self.membership, checkpoints=self.checkpoints), jobs=self.jobs,
             address_check=AddressCheck(cfg.addresses,
                                        local_hosts=interface_hosts() | {announce.host, cfg.host},
                                        serves_others=not is_loopback(announce.host)),
@@ -165,7 +171,8 @@ class CoordinatorServer:
         if cfg.http_port >= 0:
             self._http = HttpStatusServer(cfg.host, cfg.http_port, self.status,
                                           history=lambda job: self.store.round_history(job, limit=JOB_ROUNDS),
-                                          node_info=lambda address: ask_node_info(address, token=cfg.token))
+                                          node_info=lambda address: ask_node_info(address, token=cfg.token),
+                                          analysis=self.store.analyses)
             await self._http.start()
         self._timers = [
             asyncio.create_task(self._every(cfg.membership.eviction_interval_s,

@@ -18,6 +18,7 @@ from pollinate.coordinator.address_check import AddressCheck, holder_answers
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership, parse_address
 from pollinate.coordinator.placement import Span
+from pollinate.coordinator.retention import RetentionPolicy
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.addresses import probe_tcp
@@ -218,8 +219,47 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def GetCommittedState(self, request: coordinator_pb2.GetCommittedStateRequest, context):
         rnd, checksum, state = self._rounds().committed_state(
-            request.job, span_from_proto(request.span, "span"))
+            request.job, span_from_proto(request.span, "span"), request.round)
         return coordinator_pb2.GetCommittedStateReply(round=rnd, checksum=checksum, state=state)
+
+    async def ReportTraining(self, request: coordinator_pb2.ReportTrainingRequest, context):
+        files = [{"role": f.role, "name": one_line(f.name, 256), "size_bytes": f.size_bytes, "sha256": f.sha256,
+                  "examples": f.examples} for f in request.data_files]
+        round_index = self.jobs.report_training(
+            request.job, request.trainer_id, data_files=files, step=request.step, tokens=request.tokens,
+            train_loss=request.train_loss if request.HasField("train_loss") else None,
+            heldout_loss=request.heldout_loss if request.HasField("heldout_loss") else None,
+            version=request.version, git_commit=request.git_commit)
+        return coordinator_pb2.ReportTrainingReply(round=round_index)
+
+    async def GetJobHistory(self, request: coordinator_pb2.GetJobHistoryRequest, context):
+        history = self.jobs.history(request.name)
+        checkpoints = self.rounds.checkpoints if self.rounds is not None else None
+        policy = (checkpoints.policies().get(request.name) if checkpoints is not None else None) or RetentionPolicy()
+        return coordinator_pb2.JobHistory(
+            job=job_to_proto(job_to_dict(history["job"])),
+            rounds=[coordinator_pb2.CommittedRound(
+                span=common_pb2.Span(start=r["span"][0], end=r["span"][1]), round=r["round"], checksum=r["checksum"],
+                state_bytes=r["state_bytes"], committed_at=r["committed_at"], kept=r["kept"],
+                pruned_at=r["pruned_at"], pruned_reason=r["pruned_reason"],
+                members=[coordinator_pb2.RoundMemberTokens(**m) for m in r["members"]]) for r in history["rounds"]],
+            losses=[coordinator_pb2.LossReport(**{k: v for k, v in loss.items() if v is not None})
+                    for loss in history["losses"]],
+            trainers=[coordinator_pb2.TrainerRecord(
+                trainer_id=t["trainer_id"], version=t["version"], git_commit=t["git_commit"], joined_at=t["joined_at"],
+                data_files=[coordinator_pb2.DataFile(**f) for f in t["data_files"]]) for t in history["trainers"]],
+            keep_last=policy.keep_last, keep_log_spaced=policy.keep_log_spaced, keep_every=policy.keep_every,
+            keep_max_bytes=policy.max_bytes, coordinator_version=__version__,
+            coordinator_max_bytes=checkpoints.max_bytes if checkpoints is not None else 0,
+            analysis=[coordinator_pb2.AnalysisRound(**a) for a in history["analysis"]])
+
+    async def ReportAnalysis(self, request: coordinator_pb2.ReportAnalysisRequest, context):
+        rows = [{"round": r.round, "train_loss": r.train_loss, "heldout_loss": r.heldout_loss,
+                 "verbatim_train": r.verbatim_train, "verbatim_heldout": r.verbatim_heldout,
+                 "train_examples": r.train_examples, "heldout_examples": r.heldout_examples} for r in request.rounds]
+        stored = self.jobs.report_analysis(request.job, rows, data_sha256=request.data_sha256,
+                                           heldout_sha256=request.heldout_sha256)
+        return coordinator_pb2.ReportAnalysisReply(stored=stored)
 
     async def CreateJob(self, request: coordinator_pb2.CreateJobRequest, context):
         job, created = self.jobs.create(request.name, spec_to_dict(request.spec))

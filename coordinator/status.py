@@ -311,6 +311,11 @@ def render_metrics(status: dict[str, Any], now: float | None = None) -> str:
            "Bytes members moved in committed rounds (ExchangeShard plus BeginRound/CommitRound).",
            [(prom_labels(job=t["job"], span=span(t), direction=d), t[f"bytes_{d}"])
             for t in totals for d in ("sent", "received")])
+    metric("pollinate_job_checkpoints_kept", "gauge",
+           "Committed round states the coordinator still stores per (job, span), after retention.",
+           [(prom_labels(job=t["job"], span=span(t)), t.get("checkpoints_kept", 0)) for t in totals])
+    metric("pollinate_job_checkpoint_bytes", "gauge", "Bytes of those stored states.",
+           [(prom_labels(job=t["job"], span=span(t)), t.get("checkpoint_bytes", 0)) for t in totals])
     last_rounds = status.get("latest_rounds", [])
     per_round = (lambda r, **extra: prom_labels(job=r["job"], span=f"{r['span'][0]}:{r['span'][1]}", **extra))
     metric("pollinate_round_last", "gauge", "The last committed round number per (job, span).",

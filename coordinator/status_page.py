@@ -326,9 +326,35 @@ Coordinator {e(status["version"])}, up since {ago(status["started_at"], now)}.</
 SPAN_COLOURS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#718096")
 
 
-def job_fragment(status: dict[str, Any], name: str, history: list[dict]) -> str | None:
-    """A job's page: its settings and activity, loss / bytes / members / tokens per round, and
-    its rounds; None if the coordinator knows no such job."""
+def memorisation_plots(analysis: list[dict]) -> str:
+    """The stored `pollinate analyze` results (docs/checkpoints.md): verbatim recall and loss on
+    training vs held-out examples per analysed checkpoint; a placeholder saying how to get
+    them when there are none."""
+    if not analysis:
+        return ('<figure class="placeholder" id="plot-memorisation"><figcaption>Memorisation</figcaption><p>The '
+                'generalisation gap and verbatim rates per kept checkpoint draw here once <code>pollinate analyze '
+                '--job NAME --data FILE</code> has run for this job (docs/checkpoints.md).</p></figure>')
+    train, held = SPAN_COLOURS[0], SPAN_COLOURS[1]
+
+    def pts(key: str):
+        return [(a["round"], a[key]) for a in analysis]
+
+    verbatim = line_chart("Memorisation: share reproduced verbatim (greedy), per analysed checkpoint",
+                          [("training examples", train, pts("verbatim_train"), False),
+                           ("held-out examples", held, pts("verbatim_heldout"), True)],
+                          y_format=lambda v: f"{v:.0%}", plot_id="plot-memorisation")
+    loss = line_chart("Loss per analysed checkpoint (the generalisation gap)",
+                      [("training examples", train, pts("train_loss"), False),
+                       ("held-out examples", held, pts("heldout_loss"), True)],
+                      y_format=lambda v: f"{v:.3g}", plot_id="plot-analysis-loss", zero_based=False)
+    return f'<div class="plots">{verbatim}{loss}</div>'
+
+
+def job_fragment(status: dict[str, Any], name: str, history: list[dict],
+                 analysis: list[dict] = ()) -> str | None:
+    """A job's page: its settings and activity, loss / bytes / members / tokens per round, the
+    memorisation curves of its analysed checkpoints (`analysis`: Store.analyses), and its
+    rounds; None if the coordinator knows no such job."""
     job = next((j for j in status.get("jobs", []) if j["name"] == name), None)
     if job is None:
         return None
@@ -349,9 +375,9 @@ def job_fragment(status: dict[str, Any], name: str, history: list[dict]) -> str 
                           zero_based=False)
     else:
         loss = ('<figure class="placeholder" id="plot-loss"><figcaption>Loss per round</figcaption>'
-                '<p>No loss reported for this job\'s rounds: trainers do not send the coordinator their '
-                'training or held-out loss yet (issue 15, per-round eval). This plot draws them once '
-                'they do.</p></figure>')
+                '<p>No loss reported for this job\'s rounds yet: <code>pollinate train --coordinator</code> '
+                'reports its training and held-out loss at each evaluation (<code>--eval-every</code>); this '
+                'plot draws them per round.</p></figure>')
     bytes_plot = line_chart(
         "Bytes members sent per round (dashed: the same exchange in fp32, estimated)",
         series(lambda r: r["bytes_sent"]) + series(
@@ -375,9 +401,7 @@ tokens {fmt_num(job["tokens"])}, {fmt_num(job["tokens_per_s"], "tokens/s")} over
 {fmt_bytes(job["bytes_sent"])} sent by members in all.
 JSON: <a href="/api/v1/jobs/{e(name)}">/api/v1/jobs/{e(name)}</a>.</p>
 <div class="plots">{plots}</div>
-<figure class="placeholder" id="plot-memorisation"><figcaption>Memorisation</figcaption><p>The
-generalisation gap and verbatim rates per kept checkpoint draw here once <code>pollinate analyze</code>
-has run for this job (not available yet).</p></figure>
+{memorisation_plots(list(analysis))}
 <h2>Rounds (newest first{f", the last {ROUNDS_LISTED}" if len(history) > ROUNDS_LISTED else ""})</h2>
 {table(ROUND_HEADERS, rounds, "(no committed round)", cls="rounds")}
 <p class="muted">Saving vs fp32: the group's ExchangeShard bytes against the same exchange in fp32
@@ -548,6 +572,6 @@ def render_html(status: dict[str, Any]) -> str:
     return page("Pollinate swarm", overview_fragment(status), status)
 
 
-def job_json(status: dict[str, Any], name: str, history: list[dict]) -> str | None:
+def job_json(status: dict[str, Any], name: str, history: list[dict], analysis: list[dict] = ()) -> str | None:
     job = next((j for j in status.get("jobs", []) if j["name"] == name), None)
-    return None if job is None else json.dumps({"job": job, "rounds": history}, indent=1)
+    return None if job is None else json.dumps({"job": job, "rounds": history, "analysis": list(analysis)}, indent=1)

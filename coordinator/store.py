@@ -13,6 +13,13 @@ Tables (schema version 1):
   committed_states where the committed global state of a (job, span, round) lives on disk
   round_traffic    bytes each member sent and received in a round: ExchangeShard (as it
                    reported) plus its BeginRound and CommitRound messages (coordinator_*)
+  trainers         each trainer of a job (issue 15's open record): its data files' sizes and
+                   SHA-256 as it read them, its code version
+  loss_reports     training and held-out losses trainers reported, with the round they belong to
+  analyses         `pollinate analyze` results per (job, round): the memorisation curves
+
+A committed state pruned by retention (coordinator/retention.py) keeps its committed_states
+row with pruned_at / pruned_reason set: its file is gone, its checksum stays on record.
 """
 
 from __future__ import annotations
@@ -107,6 +114,40 @@ CREATE TABLE IF NOT EXISTS round_traffic (
     coordinator_bytes_received INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_name, span_start, span_end, round, member_id)
 );
+CREATE TABLE IF NOT EXISTS trainers (
+    job_name    TEXT NOT NULL,
+    trainer_id  TEXT NOT NULL,
+    data_files  TEXT NOT NULL,          -- JSON list of {role, name, size_bytes, sha256, examples}
+    version     TEXT NOT NULL,          -- pollinate.__version__ of the trainer
+    git_commit  TEXT NOT NULL,          -- "" outside a git checkout
+    joined_at   REAL NOT NULL,
+    PRIMARY KEY (job_name, trainer_id)
+);
+CREATE TABLE IF NOT EXISTS loss_reports (
+    job_name     TEXT NOT NULL,
+    trainer_id   TEXT NOT NULL,
+    round        INTEGER NOT NULL,      -- the job's last committed round when it arrived
+    step         INTEGER NOT NULL,
+    tokens       INTEGER NOT NULL,
+    train_loss   REAL,                  -- NULL: not measured in this report
+    heldout_loss REAL,
+    reported_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS loss_reports_job ON loss_reports (job_name, round);
+CREATE TABLE IF NOT EXISTS analyses (
+    job_name         TEXT NOT NULL,
+    round            INTEGER NOT NULL,  -- the job as it stood at this round
+    train_loss       REAL NOT NULL,
+    heldout_loss     REAL NOT NULL,
+    verbatim_train   REAL NOT NULL,     -- share reproduced verbatim, 0..1
+    verbatim_heldout REAL NOT NULL,
+    train_examples   INTEGER NOT NULL,
+    heldout_examples INTEGER NOT NULL,
+    data_sha256      TEXT NOT NULL,
+    heldout_sha256   TEXT NOT NULL,
+    analysed_at      REAL NOT NULL,
+    PRIMARY KEY (job_name, round)
+);
 """
 
 # Columns added to schema version 1 after it shipped: (table, column, definition). Added on
@@ -114,6 +155,8 @@ CREATE TABLE IF NOT EXISTS round_traffic (
 _ADDED_COLUMNS = (
     ("round_traffic", "coordinator_bytes_sent", "INTEGER NOT NULL DEFAULT 0"),
     ("round_traffic", "coordinator_bytes_received", "INTEGER NOT NULL DEFAULT 0"),
+    ("committed_states", "pruned_at", "REAL"),  # issue 15: retention; NULL = the file is kept
+    ("committed_states", "pruned_reason", "TEXT"),
 )
 
 
@@ -326,8 +369,103 @@ class Store:
         else:
             row = self.db.execute(
                 "SELECT round, path, checksum FROM committed_states WHERE job_name=? AND span_start=? "
-                "AND span_end=? AND round=?", (*key, round_index)).fetchone()
+                "AND span_end=? AND round=? AND pruned_at IS NULL", (*key, round_index)).fetchone()
         return None if row is None else (int(row[0]), Path(self.config.data_dir) / row[1], row[2])
+
+    def kept_state_at_or_before(self, key: RoundKey, round_index: int) -> tuple[int, Path, str] | None:
+        """(round, file, checksum) of the latest kept (not pruned) state of round <= round_index."""
+        row = self.db.execute(
+            "SELECT round, path, checksum FROM committed_states WHERE job_name=? AND span_start=? AND "
+            "span_end=? AND round<=? AND pruned_at IS NULL ORDER BY round DESC LIMIT 1",
+            (*key, round_index)).fetchone()
+        return None if row is None else (int(row[0]), Path(self.config.data_dir) / row[1], row[2])
+
+    # ---- checkpoints and retention (issue 15) ---------------------------------------------
+
+    def kept_checkpoints(self) -> list[tuple[str, int, int, int, int, float, str]]:
+        """Every committed state still stored: (job, span start, span end, round, bytes,
+        committed at, path relative to the data directory)."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT job_name, span_start, span_end, round, nbytes, created_at, path FROM committed_states "
+            "WHERE pruned_at IS NULL ORDER BY job_name, span_start, span_end, round")]
+
+    def pruned_paths(self) -> list[str]:
+        """Files of pruned states (relative to the data directory): to delete if still there."""
+        return [r[0] for r in self.db.execute("SELECT path FROM committed_states WHERE pruned_at IS NOT NULL")]
+
+    def mark_pruned(self, pruned: dict[tuple[str, int, int, int], str], now: float) -> None:
+        """Record states as pruned (key -> reason), in one transaction, before their files go."""
+        with _transaction(self.db):
+            self.db.executemany(
+                "UPDATE committed_states SET pruned_at=?, pruned_reason=? WHERE job_name=? AND span_start=? "
+                "AND span_end=? AND round=? AND pruned_at IS NULL",
+                [(now, why, *key) for key, why in sorted(pruned.items())])
+
+    def job_rounds(self, job: str) -> list[dict]:
+        """Every committed round of `job`, by span and round: its state's checksum, size and
+        whether it is kept, and its members with shard, tokens and whether their checksum is in."""
+        rounds = {}
+        for s, e, r, checksum, nbytes, at, pruned_at, why in self.db.execute(
+                "SELECT span_start, span_end, round, checksum, nbytes, created_at, pruned_at, pruned_reason "
+                "FROM committed_states WHERE job_name=? ORDER BY span_start, span_end, round", (job,)):
+            rounds[(s, e, r)] = {"span": [s, e], "round": r, "checksum": checksum, "state_bytes": nbytes,
+                                 "committed_at": at, "kept": pruned_at is None, "pruned_at": pruned_at or 0.0,
+                                 "pruned_reason": why or "", "members": []}
+        for s, e, r, member, shard, tokens, reported in self.db.execute(
+                "SELECT span_start, span_end, round, member_id, shard_index, tokens, checksum IS NOT NULL "
+                "FROM round_members WHERE job_name=? ORDER BY span_start, span_end, round, shard_index", (job,)):
+            if (s, e, r) in rounds:
+                rounds[(s, e, r)]["members"].append({"member_id": member, "shard_index": shard,
+                                                     "tokens": tokens, "committed": bool(reported)})
+        return list(rounds.values())
+
+    def last_job_round(self, job: str) -> int:
+        """The highest committed round over the job's spans; 0 if none."""
+        row = self.db.execute("SELECT MAX(round) FROM committed_states WHERE job_name=?", (job,)).fetchone()
+        return int(row[0] or 0)
+
+    # ---- trainers and their losses (issue 15) ---------------------------------------------
+
+    def add_trainer(self, job: str, trainer_id: str, *, data_files: list[dict], version: str,
+                    git_commit: str, now: float) -> None:
+        """A trainer's first report: what it trains on and with which code (kept as first sent)."""
+        with _transaction(self.db):
+            self.db.execute("INSERT INTO trainers VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                            (job, trainer_id, json.dumps(data_files, sort_keys=True), version, git_commit, now))
+
+    def add_loss_report(self, job: str, trainer_id: str, *, round_index: int, step: int, tokens: int,
+                        train_loss: float | None, heldout_loss: float | None, now: float) -> None:
+        with _transaction(self.db):
+            self.db.execute("INSERT INTO loss_reports VALUES (?,?,?,?,?,?,?,?)",
+                            (job, trainer_id, round_index, step, tokens, train_loss, heldout_loss, now))
+
+    def save_analysis(self, job: str, rows: list[dict], *, data_sha256: str, heldout_sha256: str,
+                      now: float) -> None:
+        """An analysis of some rounds of `job`, replacing earlier results for those rounds."""
+        with _transaction(self.db):
+            self.db.executemany(
+                "INSERT OR REPLACE INTO analyses VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(job, r["round"], r["train_loss"], r["heldout_loss"], r["verbatim_train"], r["verbatim_heldout"],
+                  r["train_examples"], r["heldout_examples"], data_sha256, heldout_sha256, now) for r in rows])
+
+    def analyses(self, job: str) -> list[dict]:
+        cols = ("round", "train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout", "train_examples",
+                "heldout_examples")
+        return [dict(zip(cols, row)) for row in self.db.execute(
+            f"SELECT {', '.join(cols)} FROM analyses WHERE job_name=? ORDER BY round", (job,))]
+
+    def trainers(self, job: str) -> list[dict]:
+        return [{"trainer_id": t, "data_files": json.loads(files), "version": v, "git_commit": g, "joined_at": at}
+                for t, files, v, g, at in self.db.execute(
+                    "SELECT trainer_id, data_files, version, git_commit, joined_at FROM trainers WHERE job_name=? "
+                    "ORDER BY joined_at, trainer_id", (job,))]
+
+    def loss_reports(self, job: str) -> list[dict]:
+        return [{"round": r, "trainer_id": t, "step": step, "tokens": tokens, "train_loss": tl,
+                 "heldout_loss": hl, "reported_at": at}
+                for t, r, step, tokens, tl, hl, at in self.db.execute(
+                    "SELECT trainer_id, round, step, tokens, train_loss, heldout_loss, reported_at FROM loss_reports "
+                    "WHERE job_name=? ORDER BY reported_at, rowid", (job,))]
 
     def form_round(self, key: RoundKey, round_index: int, members: Iterable[tuple[str, int]], now: float) -> None:
         """A round's group formed: ``members`` as (member id, tokens) in shard order. The job
@@ -380,7 +518,8 @@ class Store:
         the round's state."""
         db = self.db
         with _transaction(db):
-            db.execute("INSERT INTO committed_states VALUES (?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO committed_states (job_name, span_start, span_end, round, path, checksum, "
+                       "nbytes, created_at) VALUES (?,?,?,?,?,?,?,?)",
                        (*key, round_index, str(path), checksum, nbytes, now))
             db.execute("UPDATE rounds SET state='committed', finished_at=? WHERE job_name=? AND "
                        "span_start=? AND span_end=? AND round=?", (now, *key, round_index))
@@ -464,16 +603,29 @@ class Store:
             "t.span_end=m.span_end AND t.round=m.round AND t.member_id=m.member_id "
             "GROUP BY c.job_name, c.span_start, c.span_end, c.round "
             "ORDER BY c.created_at DESC, c.job_name, c.span_start", (*args, limit)).fetchall()
-        return [{"job": j, "span": [s, e], "round": r, "formed_at": formed, "committed_at": at,
-                 "state_bytes": nbytes, "members": n, "committed_members": done, "tokens": tokens,
-                 "bytes_sent": sent + co_sent, "bytes_received": received + co_received,
-                 "coordinator_bytes_sent": co_sent, "coordinator_bytes_received": co_received}
-                for j, s, e, r, formed, at, nbytes, n, done, tokens, sent, received, co_sent, co_received
-                in reversed(rows)]
+        out = [{"job": j, "span": [s, e], "round": r, "formed_at": formed, "committed_at": at,
+                "state_bytes": nbytes, "members": n, "committed_members": done, "tokens": tokens,
+                "bytes_sent": sent + co_sent, "bytes_received": received + co_received,
+                "coordinator_bytes_sent": co_sent, "coordinator_bytes_received": co_received}
+               for j, s, e, r, formed, at, nbytes, n, done, tokens, sent, received, co_sent, co_received
+               in reversed(rows)]
+        # losses trainers reported (issue 15): the mean of the reports stored with each round
+        losses = {(j, r): (tl, hl) for j, r, tl, hl in self.db.execute(
+            "SELECT job_name, round, AVG(train_loss), AVG(heldout_loss) FROM loss_reports "
+            + ("WHERE job_name=? " if job is not None else "") + "GROUP BY job_name, round",
+            (job,) if job is not None else ())}
+        for entry in out:
+            tl, hl = losses.get((entry["job"], entry["round"]), (None, None))
+            if tl is not None:
+                entry["train_loss"] = tl
+            if hl is not None:
+                entry["heldout_loss"] = hl
+        return out
 
     def round_totals(self) -> list[dict]:
-        """Per (job, span): rounds committed, the last one, and the sums over all of them of
-        tokens and member bytes (for /metrics counters); ordered by job and span. Kept until
+        """Per (job, span): rounds committed, the last one, the sums over all of them of
+        tokens and member bytes (for /metrics counters), and the checkpoints still kept and
+        their bytes; ordered by job and span. Kept until
         the next write: it reads every round's members (~20 ms at 5000 rounds of 4), and the
         status page asks every 2 s."""
         if self._totals is not None and self._totals[0] == self.db.total_changes:
@@ -488,8 +640,13 @@ class Store:
             "t.span_end=m.span_end AND t.round=m.round AND t.member_id=m.member_id "
             "GROUP BY c.job_name, c.span_start, c.span_end ORDER BY c.job_name, c.span_start, c.span_end"
         ).fetchall()
+        # checkpoints still stored (issue 15's retention): how many and their bytes
+        kept = {(j, s, e): (n, b) for j, s, e, n, b in self.db.execute(
+            "SELECT job_name, span_start, span_end, COUNT(*), COALESCE(SUM(nbytes), 0) FROM committed_states "
+            "WHERE pruned_at IS NULL GROUP BY job_name, span_start, span_end")}
         totals = [{"job": j, "span": [s, e], "rounds": n, "last_round": last, "last_committed_at": at,
-                   "tokens": tokens, "bytes_sent": sent, "bytes_received": received}
+                   "tokens": tokens, "bytes_sent": sent, "bytes_received": received,
+                   "checkpoints_kept": kept.get((j, s, e), (0, 0))[0], "checkpoint_bytes": kept.get((j, s, e), (0, 0))[1]}
                   for j, s, e, n, last, at, tokens, sent, received in rows]
         self._totals = (changes, totals)
         return [dict(t) for t in totals]

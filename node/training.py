@@ -67,6 +67,12 @@ class JobSpec:
     outer_lr: float = 0.0  # outer Nesterov SGD learning rate
     outer_momentum: float | None = None  # outer momentum (0 = plain averaging step)
     overlap_rounds: bool | None = None  # rounds in the background while training goes on (None: the default)
+    # Checkpoint retention at the coordinator (issue 15; coordinator/retention.py has the
+    # defaults None stands for); nodes carry these and do nothing with them.
+    keep_last: int | None = None  # the last K committed rounds of each span
+    keep_log_spaced: bool | None = None  # rounds 1, 2, 4, 8, ...
+    keep_every: int | None = None  # every M-th round; 0 = none
+    keep_max_bytes: int | None = None  # cap on the job's kept states, bytes; 0 = none
 
     def __post_init__(self) -> None:
         if self.method not in METHODS and self.method not in CLIENT_METHODS:
@@ -112,7 +118,8 @@ class JobSpec:
             "num_virtual_tokens": self.num_virtual_tokens, "codec": self.codec, "codec_p": self.codec_p,
             "codec_k": self.codec_k, "codec_bits": self.codec_bits, "codec_bucket": self.codec_bucket,
             "warmup_rounds": self.warmup_rounds, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
-            "targets": self.targets, "feedforward_modules": self.feedforward})
+            "targets": self.targets, "feedforward_modules": self.feedforward, "keep_last": self.keep_last,
+            "keep_every": self.keep_every, "keep_max_bytes": self.keep_max_bytes})
 
     def diloco_config(self):
         """The job's DiLoCoConfig: its settings over DiLoCoConfig's defaults (node/diloco.py)."""
@@ -132,6 +139,8 @@ class JobSpec:
             codec=self.codec, codec_p=self.codec_p, codec_k=self.codec_k, codec_bits=self.codec_bits,
             codec_bucket=self.codec_bucket, warmup_rounds=self.warmup_rounds, outer_lr=self.outer_lr,
             outer_momentum=self.outer_momentum, overlap_rounds=self.overlap_rounds,
+            keep_last=self.keep_last, keep_log_spaced=self.keep_log_spaced, keep_every=self.keep_every,
+            keep_max_bytes=self.keep_max_bytes,
         )
 
     @classmethod
@@ -147,6 +156,8 @@ class JobSpec:
                 warmup_rounds=msg.warmup_rounds if msg.HasField("warmup_rounds") else None,
                 outer_momentum=msg.outer_momentum if msg.HasField("outer_momentum") else None,
                 overlap_rounds=msg.overlap_rounds if msg.HasField("overlap_rounds") else None,
+                **{f: getattr(msg, f) if msg.HasField(f) else None
+                   for f in ("keep_last", "keep_log_spaced", "keep_every", "keep_max_bytes")},
             )
         except ValueError as e:
             raise InvalidRequest(f"job spec: {e}") from e

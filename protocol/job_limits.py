@@ -41,6 +41,10 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "warmup_rounds": (0, 1_000_000, True),
     "outer_lr": (0.0, 10.0, True),
     "outer_momentum": (0.0, 1.0 - 1e-12, True),
+    # checkpoint retention (issue 15, coordinator/retention.py)
+    "keep_last": (1, 1_000_000, True),
+    "keep_every": (0, 1_000_000, True),
+    "keep_max_bytes": (0, 1 << 50, True),
 }
 
 

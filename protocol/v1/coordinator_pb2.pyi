@@ -320,12 +320,14 @@ class CommitRoundReply(_message.Message):
     def __init__(self, committed: _Optional[bool] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ..., send_state: _Optional[bool] = ...) -> None: ...
 
 class GetCommittedStateRequest(_message.Message):
-    __slots__ = ("job", "span")
+    __slots__ = ("job", "span", "round")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ...) -> None: ...
+    round: int
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GetCommittedStateReply(_message.Message):
     __slots__ = ("round", "checksum", "state")
@@ -384,3 +386,179 @@ class ListJobsReply(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+
+class DataFile(_message.Message):
+    __slots__ = ("role", "name", "size_bytes", "sha256", "examples")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    name: str
+    size_bytes: int
+    sha256: str
+    examples: int
+    def __init__(self, role: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., examples: _Optional[int] = ...) -> None: ...
+
+class ReportTrainingRequest(_message.Message):
+    __slots__ = ("job", "trainer_id", "data_files", "step", "tokens", "train_loss", "heldout_loss", "version", "git_commit")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FILES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GIT_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    trainer_id: str
+    data_files: _containers.RepeatedCompositeFieldContainer[DataFile]
+    step: int
+    tokens: int
+    train_loss: float
+    heldout_loss: float
+    version: str
+    git_commit: str
+    def __init__(self, job: _Optional[str] = ..., trainer_id: _Optional[str] = ..., data_files: _Optional[_Iterable[_Union[DataFile, _Mapping]]] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_loss: _Optional[float] = ..., version: _Optional[str] = ..., git_commit: _Optional[str] = ...) -> None: ...
+
+class ReportTrainingReply(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class GetJobHistoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RoundMemberTokens(_message.Message):
+    __slots__ = ("member_id", "shard_index", "tokens", "committed")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    shard_index: int
+    tokens: int
+    committed: bool
+    def __init__(self, member_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., tokens: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
+
+class CommittedRound(_message.Message):
+    __slots__ = ("span", "round", "checksum", "state_bytes", "committed_at", "members", "kept", "pruned_at", "pruned_reason")
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_AT_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_REASON_FIELD_NUMBER: _ClassVar[int]
+    span: _common_pb2.Span
+    round: int
+    checksum: str
+    state_bytes: int
+    committed_at: float
+    members: _containers.RepeatedCompositeFieldContainer[RoundMemberTokens]
+    kept: bool
+    pruned_at: float
+    pruned_reason: str
+    def __init__(self, span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., checksum: _Optional[str] = ..., state_bytes: _Optional[int] = ..., committed_at: _Optional[float] = ..., members: _Optional[_Iterable[_Union[RoundMemberTokens, _Mapping]]] = ..., kept: _Optional[bool] = ..., pruned_at: _Optional[float] = ..., pruned_reason: _Optional[str] = ...) -> None: ...
+
+class LossReport(_message.Message):
+    __slots__ = ("round", "trainer_id", "step", "tokens", "train_loss", "heldout_loss", "reported_at")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_AT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    trainer_id: str
+    step: int
+    tokens: int
+    train_loss: float
+    heldout_loss: float
+    reported_at: float
+    def __init__(self, round: _Optional[int] = ..., trainer_id: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_loss: _Optional[float] = ..., reported_at: _Optional[float] = ...) -> None: ...
+
+class TrainerRecord(_message.Message):
+    __slots__ = ("trainer_id", "data_files", "version", "git_commit", "joined_at")
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FILES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GIT_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_FIELD_NUMBER: _ClassVar[int]
+    trainer_id: str
+    data_files: _containers.RepeatedCompositeFieldContainer[DataFile]
+    version: str
+    git_commit: str
+    joined_at: float
+    def __init__(self, trainer_id: _Optional[str] = ..., data_files: _Optional[_Iterable[_Union[DataFile, _Mapping]]] = ..., version: _Optional[str] = ..., git_commit: _Optional[str] = ..., joined_at: _Optional[float] = ...) -> None: ...
+
+class JobHistory(_message.Message):
+    __slots__ = ("job", "rounds", "losses", "trainers", "keep_last", "keep_log_spaced", "keep_every", "keep_max_bytes", "coordinator_version", "coordinator_max_bytes", "analysis")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    TRAINERS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LOG_SPACED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    rounds: _containers.RepeatedCompositeFieldContainer[CommittedRound]
+    losses: _containers.RepeatedCompositeFieldContainer[LossReport]
+    trainers: _containers.RepeatedCompositeFieldContainer[TrainerRecord]
+    keep_last: int
+    keep_log_spaced: bool
+    keep_every: int
+    keep_max_bytes: int
+    coordinator_version: str
+    coordinator_max_bytes: int
+    analysis: _containers.RepeatedCompositeFieldContainer[AnalysisRound]
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., rounds: _Optional[_Iterable[_Union[CommittedRound, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossReport, _Mapping]]] = ..., trainers: _Optional[_Iterable[_Union[TrainerRecord, _Mapping]]] = ..., keep_last: _Optional[int] = ..., keep_log_spaced: _Optional[bool] = ..., keep_every: _Optional[int] = ..., keep_max_bytes: _Optional[int] = ..., coordinator_version: _Optional[str] = ..., coordinator_max_bytes: _Optional[int] = ..., analysis: _Optional[_Iterable[_Union[AnalysisRound, _Mapping]]] = ...) -> None: ...
+
+class AnalysisRound(_message.Message):
+    __slots__ = ("round", "train_loss", "heldout_loss", "verbatim_train", "verbatim_heldout", "train_examples", "heldout_examples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VERBATIM_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    VERBATIM_HELDOUT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    train_loss: float
+    heldout_loss: float
+    verbatim_train: float
+    verbatim_heldout: float
+    train_examples: int
+    heldout_examples: int
+    def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_loss: _Optional[float] = ..., verbatim_train: _Optional[float] = ..., verbatim_heldout: _Optional[float] = ..., train_examples: _Optional[int] = ..., heldout_examples: _Optional[int] = ...) -> None: ...
+
+class ReportAnalysisRequest(_message.Message):
+    __slots__ = ("job", "rounds", "data_sha256", "heldout_sha256")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rounds: _containers.RepeatedCompositeFieldContainer[AnalysisRound]
+    data_sha256: str
+    heldout_sha256: str
+    def __init__(self, job: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[AnalysisRound, _Mapping]]] = ..., data_sha256: _Optional[str] = ..., heldout_sha256: _Optional[str] = ...) -> None: ...
+
+class ReportAnalysisReply(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...

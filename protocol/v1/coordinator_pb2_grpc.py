@@ -80,6 +80,21 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
                 _registered_method=True)
+        self.ReportTraining = channel.unary_unary(
+                '/pollinate.v1.Coordinator/ReportTraining',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportTrainingRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportTrainingReply.FromString,
+                _registered_method=True)
+        self.GetJobHistory = channel.unary_unary(
+                '/pollinate.v1.Coordinator/GetJobHistory',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobHistoryRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobHistory.FromString,
+                _registered_method=True)
+        self.ReportAnalysis = channel.unary_unary(
+                '/pollinate.v1.Coordinator/ReportAnalysis',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisReply.FromString,
+                _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/pollinate.v1.Coordinator/CreateJob',
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CreateJobRequest.SerializeToString,
@@ -174,7 +189,34 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCommittedState(self, request, context):
-        """The last committed global state of (job, span); NOT_FOUND before the first commit.
+        """The last committed global state of (job, span), or with `round` the latest kept one at
+        or before it (issue 15: intermediate checkpoints); NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTraining(self, request, context):
+        """A trainer reports what it trains on (its data files' sizes and SHA-256, once when it
+        joins the job) and its losses (training, held-out) at the job's eval cadence; the
+        coordinator stores the losses with the job's last committed round (issue 15).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobHistory(self, request, context):
+        """Everything the coordinator holds on one job: its committed rounds (members, tokens, the
+        state's checksum and size, kept or pruned), the losses trainers reported, the trainers'
+        data files. `pollinate job show` and `pollinate job record` print it; NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportAnalysis(self, request, context):
+        """`pollinate analyze` stores its per-checkpoint results (replacing an earlier analysis of
+        the same rounds), so the job's status page draws the memorisation curves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -259,6 +301,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetCommittedState,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.SerializeToString,
+            ),
+            'ReportTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTraining,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportTrainingRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportTrainingReply.SerializeToString,
+            ),
+            'GetJobHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobHistory,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobHistoryRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobHistory.SerializeToString,
+            ),
+            'ReportAnalysis': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAnalysis,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisReply.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
@@ -524,6 +581,87 @@ class Coordinator:
             '/pollinate.v1.Coordinator/GetCommittedState',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/ReportTraining',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportTrainingRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportTrainingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/GetJobHistory',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetJobHistoryRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.JobHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAnalysis(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/ReportAnalysis',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportAnalysisReply.FromString,
             options,
             channel_credentials,
             insecure,

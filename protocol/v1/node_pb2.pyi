@@ -179,7 +179,7 @@ class GetStateReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed", "round_steps", "feedforward_modules", "num_virtual_tokens", "codec", "codec_p", "codec_k", "codec_bits", "codec_bucket", "warmup_rounds", "outer_lr", "outer_momentum", "overlap_rounds")
+    __slots__ = ("method", "rank", "alpha", "targets", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "micro_batches", "seed", "round_steps", "feedforward_modules", "num_virtual_tokens", "codec", "codec_p", "codec_k", "codec_bits", "codec_bucket", "warmup_rounds", "outer_lr", "outer_momentum", "overlap_rounds", "keep_last", "keep_log_spaced", "keep_every", "keep_max_bytes")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,10 @@ class JobSpec(_message.Message):
     OUTER_LR_FIELD_NUMBER: _ClassVar[int]
     OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LOG_SPACED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     method: str
     rank: int
     alpha: float
@@ -226,7 +230,11 @@ class JobSpec(_message.Message):
     outer_lr: float
     outer_momentum: float
     overlap_rounds: bool
-    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ..., feedforward_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., codec: _Optional[str] = ..., codec_p: _Optional[float] = ..., codec_k: _Optional[float] = ..., codec_bits: _Optional[int] = ..., codec_bucket: _Optional[int] = ..., warmup_rounds: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., overlap_rounds: _Optional[bool] = ...) -> None: ...
+    keep_last: int
+    keep_log_spaced: bool
+    keep_every: int
+    keep_max_bytes: int
+    def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ..., feedforward_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., codec: _Optional[str] = ..., codec_p: _Optional[float] = ..., codec_k: _Optional[float] = ..., codec_bits: _Optional[int] = ..., codec_bucket: _Optional[int] = ..., warmup_rounds: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., overlap_rounds: _Optional[bool] = ..., keep_last: _Optional[int] = ..., keep_log_spaced: _Optional[bool] = ..., keep_every: _Optional[int] = ..., keep_max_bytes: _Optional[int] = ...) -> None: ...
 
 class HandOffHeader(_message.Message):
     __slots__ = ("session_id", "blocks", "max_length", "batch_size", "position", "resume_digest", "job", "payload_bytes")

@@ -113,7 +113,8 @@ def test_round_history_sums_each_rounds_members_tokens_and_bytes(tmp_path):
     (total,) = store.round_totals()
     assert total == {"job": "sst2", "span": [0, 4], "rounds": 3, "last_round": 3,
                      "last_committed_at": history[-1]["committed_at"], "tokens": 750,
-                     "bytes_sent": 1730 + 2730 + 3730, "bytes_received": 3 * 1700}
+                     "bytes_sent": 1730 + 2730 + 3730, "bytes_received": 3 * 1700,
+                     "checkpoints_kept": 3, "checkpoint_bytes": sum(r["state_bytes"] for r in history)}
     commit_rounds(store, m, ids, 4, first=4)  # round_totals() is kept until the next write
     assert store.round_totals()[0]["rounds"] == 4 and store.round_totals()[0]["tokens"] == 750 + 450
     # fp32 reference: (n-1) x the state; the group's exchange is bytes_sent less the coordinator's
@@ -189,6 +190,18 @@ def test_job_page_plots_bytes_members_and_tokens_per_round_and_loss_once_reporte
     frag = job_fragment(s, "sst2", with_loss)
     svg = re.search(r'<svg class="plot" id="plot-loss".*?</svg>', frag, re.S).group(0)
     assert svg.count('data-points="3"') == 2 and "held-out" in svg
+    # the memorisation curves: a placeholder until `pollinate analyze` stored results, then drawn
+    assert 'class="placeholder" id="plot-memorisation"' in frag and "pollinate analyze" in frag
+    from pollinate.coordinator.jobs import Jobs
+
+    rows = [{"round": r, "train_loss": 2.0 / r, "heldout_loss": 2.5, "verbatim_train": 0.2 * r,
+             "verbatim_heldout": 0.0, "train_examples": 5, "heldout_examples": 2} for r in (1, 2, 3)]
+    Jobs(store, base_model="m").report_analysis("sst2", rows, data_sha256="ab" * 32)
+    frag = job_fragment(s, "sst2", history, store.analyses("sst2"))
+    for plot in ("plot-memorisation", "plot-analysis-loss"):
+        svg = re.search(rf'<svg class="plot" id="{plot}".*?</svg>', frag, re.S).group(0)
+        assert svg.count('data-points="3"') == 2 and "held-out examples" in svg, plot
+    assert "60%" in re.search(r'<svg class="plot" id="plot-memorisation".*?</svg>', frag, re.S).group(0)
 
 
 def test_job_turns_idle_when_rounds_stop():
@@ -230,6 +243,21 @@ def test_metrics_parse_with_prometheus_client_and_keep_every_digit(tmp_path):
     assert value("pollinate_round_last_members", job="sst2", span="0:4") == 2
     assert value("pollinate_round_last_bytes", job="sst2", span="0:4", direction="received") == 1700
     assert not families["pollinate_round_last_loss"].samples  # none reported yet
+    state_bytes = store.job_rounds("sst2")[0]["state_bytes"]
+    assert value("pollinate_job_checkpoints_kept", job="sst2", span="0:4") == 2
+    assert value("pollinate_job_checkpoint_bytes", job="sst2", span="0:4") == 2 * state_bytes
+    # retention prunes round 1 (keep the last only, nothing scheduled): the gauges follow
+    from pollinate.coordinator.checkpoints import Checkpoints
+    from pollinate.coordinator.jobs import Jobs
+
+    Jobs(store, base_model="m").create("sst2", {"method": "lora", "rank": 4, "lr": 0.01, "micro_batches": 1,
+                                                "keep_last": 1, "keep_log_spaced": False, "keep_every": 0})
+    Checkpoints(store).apply()
+    families = {f.name: f for f in text_string_to_metric_families(render_metrics(status_of(m, store), now=T0))}
+    samples = [s for f in families.values() for s in f.samples]
+    assert value("pollinate_job_checkpoints_kept", job="sst2", span="0:4") == 1
+    assert value("pollinate_job_checkpoint_bytes", job="sst2", span="0:4") == state_bytes
+    assert value("pollinate_job_rounds_committed_total", job="sst2", span="0:4") == 2  # the record keeps both
 
 
 def test_metric_labels_and_values_survive_the_parser():
