@@ -76,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "length, then cached), 'eval' (measure again) or a number")
     p.add_argument("--cache-tokens", type=int, default=8192, help="KV-cache budget in tokens over all sessions")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close sessions idle this long, seconds")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a session's step waits for other sessions' steps to share its pass of "
+                        "the span, ms (default %(default)s; no wait once every open session has a step "
+                        "pending; 0: take what is pending; docs/serving.md)")
+    p.add_argument("--max-batch-sessions", type=int, default=16,
+                   help="most sessions' steps in one pass (default %(default)s; 1 turns batching off)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="most new tokens in one pass, prefills counted whole (default %(default)s)")
     p.add_argument("--kept-inputs-mb", type=float, default=256.0,
                    help="memory for trainers' Forward inputs kept for their Backward, MiB (default 256; "
                         "0 keeps none: every Backward then carries its input again)")
@@ -120,6 +128,7 @@ def parse_blocks(text: str) -> tuple[int, int]:
 
 def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
+    from pollinate.node.batching import BatchingConfig
     from pollinate.node.config import NodeConfig, ServingConfig
     from pollinate.node.kept_inputs import KeptInputsConfig
     from pollinate.node.rounds import RoundConfig
@@ -158,7 +167,10 @@ def build_config(args: argparse.Namespace):
         torch_threads=args.torch_threads,
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
-                                                           ttl_s=args.kept_inputs_ttl)),
+                                                           ttl_s=args.kept_inputs_ttl),
+                              batching=BatchingConfig(window_ms=args.batch_window_ms,
+                                                      max_sessions=args.max_batch_sessions,
+                                                      max_tokens=args.max_batch_tokens)),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
         rounds=RoundConfig(exchange_timeout_s=args.round_exchange_timeout,
                            contribution_wait_s=args.round_contribution_wait),

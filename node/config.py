@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pollinate.node.announce import AnnounceConfig
+from pollinate.node.batching import BatchingConfig
 from pollinate.node.kept_inputs import KeptInputsConfig
 from pollinate.node.rounds import RoundConfig
 from pollinate.node.sessions import SessionConfig
@@ -27,6 +28,8 @@ class ServingConfig:
     sweep_interval_s: float = 10.0
     # Forward inputs kept for their Backward (ForwardHeader.keep_id): byte budget and ttl.
     kept_inputs: KeptInputsConfig = field(default_factory=KeptInputsConfig)
+    # Concurrent sessions' steps gathered into one pass of the span (node/batching.py).
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         if not self.step_timeout_s > 0:
