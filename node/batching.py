@@ -175,6 +175,8 @@ class TorchWorker:
             self._cv.notify_all()
         for p in left:
             p.loop.call_soon_threadsafe(_settle, p.future, None, RuntimeError("the torch worker stopped"))
+        if self.stats.passes or self.stats.jobs:
+            logger.info("batching: %s", self.stats.describe())
 
     # ---- the torch thread
 
