@@ -5,7 +5,8 @@ started as the other benchmarks start theirs: benchmarks/local_swarm.py). For ea
 concurrent sessions (1, 2, 4, 8, 16), one client process runs that many sessions at once,
 each generating greedily from its own prompt: every session is a coroutine on the client's
 event loop with its own RemoteSession (its own Inference stream and KV cache on the node);
-the client's embeddings and LM head run in threads. The same counts run twice, each
+the client's LM heads run as one product over the replies that are in (users would each
+run theirs on their own machine; here they share the node's CPU). The same counts run twice, each
 against a fresh node: with batching (the node's defaults) and with batching off
 (`--max-batch-sessions 1`: one step at a time, as before issue 16).
 
@@ -60,7 +61,8 @@ def prompts_and_reference(tokens: int, threads: int) -> dict:
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             prompts.append(ids[0].tolist())
             expected.append(out[0, ids.shape[1]:].tolist())
-    return {"prompts": prompts, "expected": expected}
+    eos = files.generation_config().eos_token_id
+    return {"prompts": prompts, "expected": expected, "eos": eos if isinstance(eos, list) else [eos]}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -83,9 +85,33 @@ def client(args) -> int:
     ref = json.loads(Path(args.reference).read_text())
     part, n = model.client_part, args.tokens
 
-    def next_token(hidden: torch.Tensor) -> int:
+    def next_tokens(last: list[torch.Tensor]) -> list[int]:
+        """Greedy next tokens from the sessions' last hidden states (1, 1, hidden) each."""
         with torch.inference_mode():
-            return int(part.logits(hidden[:, -1:].to(part.dtype))[0, -1].argmax())
+            logits = part.logits(torch.cat(last, dim=1).to(part.dtype))[0]
+            logits[:, ref["eos"]] = -float("inf")  # as generate(min_new_tokens=n) does for the reference
+            return logits.argmax(-1).tolist()
+
+    # The sessions' LM heads run as one product over the replies that are in (each row its
+    # own session's): N users would each run theirs on their own machine; here they share the
+    # node's two cores, and N separate 49152 x 576 products would take more CPU than the node.
+    heads: list[tuple[torch.Tensor, asyncio.Future]] = []
+    draining: list[asyncio.Task] = []
+
+    async def drain() -> None:
+        while heads:
+            batch = heads[:]
+            heads.clear()
+            for (_, future), token in zip(batch, await asyncio.to_thread(next_tokens, [h for h, _ in batch])):
+                future.set_result(token)
+        draining.clear()
+
+    async def next_token(hidden: torch.Tensor) -> int:
+        future = asyncio.get_running_loop().create_future()
+        heads.append((hidden[:, -1:], future))
+        if not draining:
+            draining.append(asyncio.create_task(drain()))
+        return await future
 
     def embed(ids: list[int]) -> torch.Tensor:
         with torch.inference_mode():
@@ -95,11 +121,11 @@ def client(args) -> int:
         prompt = ref["prompts"][i % len(ref["prompts"])]
         remote = RemoteSession(model.swarm, max_length=len(prompt) + tokens)
         try:
-            token = await asyncio.to_thread(next_token, await remote.step(embed(prompt)))
+            token = await next_token(await remote.step(embed(prompt)))
             got, per_token = [token], []
             while len(got) < tokens:
                 t0 = time.perf_counter()
-                token = await asyncio.to_thread(next_token, await remote.step(embed([token])))
+                token = await next_token(await remote.step(embed([token])))
                 per_token.append(time.perf_counter() - t0)
                 got.append(token)
             return got, per_token
@@ -111,11 +137,13 @@ def client(args) -> int:
         results = await asyncio.gather(*(session(i, tokens) for i in range(count)))
         wall = time.perf_counter() - t0
         per_token = [s for _, times in results for s in times]
-        match = all(got == ref["expected"][i % len(ref["expected"])][:tokens] for i, (got, _) in enumerate(results))
+        wrong = [i for i, (got, _) in enumerate(results) if got != ref["expected"][i % len(ref["expected"])][:tokens]]
+        if wrong:
+            print(json.dumps({"mismatch": [[results[i][0], ref["expected"][i % len(ref["expected"])][:tokens]] for i in wrong]}), file=sys.stderr)
         return {"sessions": count, "aggregate_tokens_per_s": round(count * tokens / wall, 3),
                 "p50_ms_per_token": round(1000 * _percentile(per_token, 0.5), 1),
                 "p99_ms_per_token": round(1000 * _percentile(per_token, 0.99), 1),
-                "tokens_match": match, "wall_s": round(wall, 2)}
+                "tokens_match": not wrong, "sessions_differing": wrong, "wall_s": round(wall, 2)}
 
     try:
         model.worker.run(run(2, 2), 600)  # warm-up: channels, the first DHT read
@@ -133,6 +161,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens each session generates (default %(default)s)")
     p.add_argument("--counts", default="1,2,4,8,16", help="concurrent session counts (default %(default)s)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the node (default %(default)s)")
+    p.add_argument("--batch-window-ms", type=float, help="the batched node's --batch-window-ms (default: the node's)")
     p.add_argument("--modes", default="batched,unbatched", help="which runs: batched, unbatched or both")
     p.add_argument("--workdir", type=Path, help="keep node logs here (default: a temp dir)")
     # the client process (started by main with these)
@@ -150,10 +179,13 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
     workdir.mkdir(parents=True, exist_ok=True)
     reference = workdir / "reference.json"
-    reference.write_text(json.dumps(prompts_and_reference(args.tokens, args.torch_threads)))
+    if not reference.exists() or json.loads(reference.read_text())["tokens"] != args.tokens:
+        reference.write_text(json.dumps({"tokens": args.tokens, **prompts_and_reference(args.tokens, args.torch_threads)}))
     results: dict[str, dict[int, dict]] = {}
     for mode in args.modes.split(","):
         extra = ["--torch-threads", str(args.torch_threads), "--throughput", "100", *MODES[mode]]
+        if mode == "batched" and args.batch_window_ms is not None:
+            extra += ["--batch-window-ms", str(args.batch_window_ms)]
         with local_swarm(workdir / mode, model="smollm2", spans=[(0, 30)], extra=extra) as swarm:
             cmd = [sys.executable, __file__, "--client", "--maddr", swarm.maddr, "--reference", str(reference),
                    "--mode", mode, "--tokens", str(args.tokens), "--counts", ",".join(map(str, args.counts))]
@@ -182,6 +214,7 @@ def main() -> int:
     summary = {
         "bench": "concurrency", "summary": True, "model": "smollm2-135m-instruct", "blocks": "0:30",
         "tokens": args.tokens, "torch_threads": args.torch_threads,
+        "batch_window_ms": args.batch_window_ms if args.batch_window_ms is not None else "node default",
         "speedup_8": ratio(rate("batched", 8), rate("batched", 1)),
         "speedup_8_unbatched": ratio(rate("unbatched", 8), rate("unbatched", 1)),
         "batched_vs_unbatched": {c: ratio(rate("batched", c), rate("unbatched", c)) for c in args.counts},

@@ -6,7 +6,7 @@ tensors. `TorchWorker` puts two queues in front of that thread:
 
 - inference steps (`step`), served first. When the thread picks the oldest pending step,
   it waits up to `window_ms` after that step arrived for other sessions' steps to join
-  (not at all once every open session has a step pending, or a cap is reached), then runs
+  (not at all once every active session has a step pending, or a cap is reached), then runs
   them as one pass (`run_steps`, node/packed_forward.py); each caller gets its own rows back;
 - everything else (`run`), in arrival order, only while no step waits: inference never
   queues behind a backlog of training work (Petals gives inference the same priority). It
@@ -35,11 +35,17 @@ class BatchingConfig:
     """How concurrent sessions' steps are gathered into one pass of the span."""
 
     # Longest the torch thread waits for other sessions' steps to join the oldest pending
-    # one, milliseconds after it arrived. 10 ms is small next to a step of a 30-block span on
-    # CPU (~100 ms) and covers a client turning its last reply into its next step; the wait is
-    # skipped when every open session already has a step pending. 0 = never wait: a pass
-    # takes what is pending when the thread frees up.
-    window_ms: float = 10.0
+    # one, milliseconds after it arrived or the thread got free (whichever is later), and
+    # never longer than the last pass took. The wait ends as soon as every active session
+    # (see active_s) has a step pending, so a lone user never waits. 50 ms covers a client's
+    # round trip on loopback or a LAN (reply, LM head, next step) on CPU, where a pass takes
+    # 100-300 ms; on a GPU the last pass's time bounds it. 0 = never wait: a pass takes what
+    # is pending when the thread frees up.
+    window_ms: float = 50.0
+    # A session counts as active (its next step is likely on its way) for this long after it
+    # last sent or got a step, seconds: a generating client steps again within a round trip;
+    # a chat user reading the answer does not, and nobody waits for them.
+    active_s: float = 1.0
     # Most sessions' steps in one pass; 1 turns batching off (every step runs alone).
     max_sessions: int = 16
     # Most new tokens in one pass (a prefill counts its length): bounds one pass's activation
@@ -55,6 +61,8 @@ class BatchingConfig:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.active_s > 0:
+            raise ValueError(f"active_s must be > 0, got {self.active_s}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
@@ -124,20 +132,22 @@ class TorchWorker:
     """One torch thread with a priority queue of inference steps (batched) and other jobs.
 
     run_steps(payloads) runs a list of step payloads as one pass and returns, per payload,
-    its result or the exception it raised. open_sessions() counts the sessions that could
-    send a step now (no sense waiting for more once they all have one pending).
+    its result or the exception it raised. expected_sessions() counts the sessions whose step
+    may come soon (no sense waiting for more once they all have one pending).
     """
 
     def __init__(self, config: BatchingConfig, *, run_steps: Callable[[list], list],
-                 open_sessions: Callable[[], int], name: str = "span-torch"):
+                 expected_sessions: Callable[[], int], name: str = "span-torch"):
         self.config = config
         self.run_steps = run_steps
-        self.open_sessions = open_sessions
+        self.expected_sessions = expected_sessions
         self.stats = BatchStats()
         self._cv = threading.Condition()
         self._steps: deque[_Pending] = deque()
         self._jobs: deque[_Pending] = deque()
         self._stopping = False
+        self._free_since = 0.0  # time.monotonic() when the thread finished its last work
+        self._last_pass_s = 0.0  # how long the last pass of steps took (none yet: no wait)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -193,6 +203,7 @@ class TorchWorker:
                 self._run_batch(batch)
             else:
                 self._run_job(job)
+            self._free_since = time.monotonic()
 
     def _gather(self) -> list[_Pending]:
         """The steps of the next pass (lock held): the oldest pending step, and if it may share
@@ -201,7 +212,12 @@ class TorchWorker:
         cfg = self.config
         if not first.packable or cfg.max_sessions == 1:
             return [self._steps.popleft()]
-        deadline = first.arrived + cfg.window_ms / 1000
+        # Wait from when the step arrived or the thread got free, whichever is later: steps that
+        # queued behind the last pass do not go alone while the sessions of that pass, about
+        # to send again, are a round trip away. Never longer than the last pass took: waiting
+        # longer than a pass costs more than the pass it saves.
+        window = min(cfg.window_ms / 1000, self._last_pass_s)
+        deadline = max(first.arrived, self._free_since) + window
         while True:
             take, tokens = [], 0
             for p in self._steps:
@@ -213,7 +229,7 @@ class TorchWorker:
                 tokens += p.tokens
             full = len(take) == cfg.max_sessions or len(take) < sum(p.packable for p in self._steps)
             left = deadline - time.monotonic()
-            if full or left <= 0 or self._stopping or len(take) >= self.open_sessions():
+            if full or left <= 0 or self._stopping or len(take) >= self.expected_sessions():
                 break
             self._cv.wait(left)
         for p in take:
@@ -230,6 +246,11 @@ class TorchWorker:
             error = r if isinstance(r, BaseException) else None
             p.loop.call_soon_threadsafe(_settle, p.future, None if error else r, error)
         s = self.stats
+        self._last_pass_s = time.monotonic() - start
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("pass of %d steps (%d tokens) after waits of %s ms took %.0f ms", len(batch),
+                         sum(p.tokens for p in batch), [round(1000 * (start - p.arrived)) for p in batch],
+                         1000 * self._last_pass_s)
         s.passes += 1
         s.steps += len(batch)
         s.max_sessions = max(s.max_sessions, len(batch))

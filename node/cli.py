@@ -76,10 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "length, then cached), 'eval' (measure again) or a number")
     p.add_argument("--cache-tokens", type=int, default=8192, help="KV-cache budget in tokens over all sessions")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close sessions idle this long, seconds")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long a session's step waits for other sessions' steps to share its pass of "
-                        "the span, ms (default %(default)s; no wait once every open session has a step "
-                        "pending; 0: take what is pending; docs/serving.md)")
+    p.add_argument("--batch-window-ms", type=float, default=50.0,
+                   help="longest a session's step waits for other active sessions' steps to share its "
+                        "pass of the span, ms (default %(default)s; never longer than the last pass took, "
+                        "no wait once every active session has a step pending; 0: take what is pending; "
+                        "docs/serving.md)")
     p.add_argument("--max-batch-sessions", type=int, default=16,
                    help="most sessions' steps in one pass (default %(default)s; 1 turns batching off)")
     p.add_argument("--max-batch-tokens", type=int, default=2048,

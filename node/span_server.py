@@ -45,7 +45,7 @@ class SpanServer:
         self.start, self.end = span.start, span.end
         self.serving = serving
         self.sessions = SessionManager(sessions)
-        self.worker = TorchWorker(serving.batching, run_steps=self._steps_sync, open_sessions=lambda: len(self.sessions))
+        self.worker = TorchWorker(serving.batching, run_steps=self._steps_sync, expected_sessions=self._active_sessions)
         self._sweeper: asyncio.Task | None = None
         self.compute_dtype: torch.dtype = span.dtype
 
@@ -151,6 +151,10 @@ class SpanServer:
         except SpanError as e:
             raise InvalidRequest(f"session {session.session_id}: {e}") from e
         return out.to(hidden.device, hidden.dtype)
+
+    def _active_sessions(self) -> int:
+        """Sessions whose next step may be on its way: those that stepped in the last active_s."""
+        return self.sessions.active(time.monotonic() - self.serving.batching.active_s)
 
     def _steps_sync(self, steps: list[tuple]) -> list:
         """A pass of (session, hidden, position, scope) steps on the torch thread: per step its

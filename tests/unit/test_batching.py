@@ -15,18 +15,20 @@ from pollinate.node.batching import BatchingConfig, TorchWorker
 class Recorder:
     """run_steps that records each pass and answers each payload with payload * 10."""
 
-    def __init__(self):
+    def __init__(self, pass_s: float = 0.0):
+        self.pass_s = pass_s  # how long each pass takes
         self.passes: list[list] = []
         self.order: list = []  # what the thread ran, in order: ("pass", payloads) or ("job", name)
 
     def __call__(self, payloads):
         self.passes.append(list(payloads))
         self.order.append(("pass", tuple(payloads)))
+        time.sleep(self.pass_s)
         return [ValueError(f"bad {p}") if p < 0 else p * 10 for p in payloads]
 
 
-def worker(recorder, *, open_sessions=lambda: 100, **kw) -> TorchWorker:
-    return TorchWorker(BatchingConfig(**kw), run_steps=recorder, open_sessions=open_sessions)
+def worker(recorder, *, expected_sessions=lambda: 100, **kw) -> TorchWorker:
+    return TorchWorker(BatchingConfig(**kw), run_steps=recorder, expected_sessions=expected_sessions)
 
 
 async def _block(w: TorchWorker, recorder: Recorder) -> tuple[threading.Event, asyncio.Future]:
@@ -96,9 +98,9 @@ def test_caps_split_passes_and_unpackable_steps_run_alone():
 
 def test_a_lone_step_waits_only_while_other_sessions_may_join():
     async def main():
-        rec = Recorder()
+        rec = Recorder(pass_s=0.4)  # passes longer than the window: the window bounds the wait
         sessions = {"n": 1}
-        w = worker(rec, window_ms=300, open_sessions=lambda: sessions["n"])
+        w = worker(rec, window_ms=300, expected_sessions=lambda: sessions["n"])
         try:
             t0 = time.monotonic()
             assert await w.step(1, tokens=1, packable=True) == 10
@@ -115,8 +117,24 @@ def test_a_lone_step_waits_only_while_other_sessions_may_join():
             waited = time.monotonic() - t0  # the other session sent nothing: the whole window
         finally:
             w.stop()
-        assert alone < 0.25 and joined < 0.25 and waited >= 0.3
+        assert alone < 0.4 + 0.25 and joined < 0.4 + 0.25 and waited >= 0.4 + 0.3
         assert rec.passes == [[1], [2, 3], [4]]
+
+    asyncio.run(main())
+
+
+def test_the_wait_is_never_longer_than_the_last_pass():
+    async def main():
+        rec = Recorder(pass_s=0.05)
+        w = worker(rec, window_ms=5000, expected_sessions=lambda: 2)
+        try:
+            await w.step(1, tokens=1, packable=True)  # no pass before it: no wait
+            t0 = time.monotonic()
+            assert await w.step(2, tokens=1, packable=True) == 20
+            waited = time.monotonic() - t0
+        finally:
+            w.stop()
+        assert 0.05 + 0.05 <= waited < 1.0  # last pass 50 ms: waited that, then ran 50 ms
 
     asyncio.run(main())
 
@@ -149,7 +167,8 @@ def test_a_stopped_worker_refuses_work():
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("bad", [dict(window_ms=-1), dict(max_sessions=0), dict(max_tokens=0), dict(log_every=0)])
+@pytest.mark.parametrize("bad", [dict(window_ms=-1), dict(max_sessions=0), dict(max_tokens=0), dict(log_every=0),
+                                 dict(active_s=0)])
 def test_config_names_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         BatchingConfig(**bad)
