@@ -76,6 +76,9 @@ def snapshot(
             "joined_at": m.record.joined_at,
             "last_heartbeat_at": m.last_heartbeat_at,
             "relayed": is_relayed(m.record.address),
+            # passes, steps, mean/max sessions per pass, step queue wait p50/p99 (ms), as its
+            # last heartbeat reported them; None before the first
+            "load": m.load,
         })
     coverage = serving_coverage(members, cfg.num_blocks)
     history = list(history)

@@ -101,6 +101,15 @@ class BatchStats:
             "jobs": self.jobs,
         }
 
+    def to_proto(self):
+        """The snapshot as the wire's ServingLoad (heartbeats, Info)."""
+        from pollinate.protocol.v1 import common_pb2
+
+        s = self.snapshot()
+        return common_pb2.ServingLoad(
+            passes=s["passes"], steps=s["steps"], mean_sessions=s["mean_sessions"], max_sessions=s["max_sessions"],
+            step_wait_p50_ms=s["step_wait_p50_ms"], step_wait_p99_ms=s["step_wait_p99_ms"])
+
     def describe(self) -> str:
         s = self.snapshot()
         return (f"{s['passes']} passes of {s['steps']} steps, {s['mean_sessions']:.1f} sessions per pass lately "

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pollinate.protocol.v1 import common_pb2 as pollinate_dot_protocol_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pollinate/protocol/v1/node.proto\x12\x0cpollinate.v1\x1a\"pollinate/protocol/v1/common.proto\"\r\n\x0bInfoRequest\"\x9c\x01\n\tInfoReply\x12 \n\x04span\x18\x01 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\"\x9f\x01\n\rForwardHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x13\n\x0breply_codec\x18\x02 \x01(\t\x12\"\n\x06\x62locks\x18\x03 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x04spec\x18\x05 \x01(\x0b\x32\x15.pollinate.v1.JobSpec\x12\x0f\n\x07keep_id\x18\x06 \x01(\t\"c\n\x0e\x46orwardRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.pollinate.v1.ForwardHeader\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"4\n\x0c\x46orwardReply\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"\xba\x01\n\x0e\x42\x61\x63kwardHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x13\n\x0breply_codec\x18\x02 \x01(\t\x12\"\n\x06\x62locks\x18\x03 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x04spec\x18\x05 \x01(\x0b\x32\x15.pollinate.v1.JobSpec\x12\x0f\n\x07keep_id\x18\x06 \x01(\t\x12\x18\n\x10skip_grad_inputs\x18\x07 \x01(\x08\"e\n\x0f\x42\x61\x63kwardRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.pollinate.v1.BackwardHeader\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"5\n\rBackwardReply\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"}\n\rInferenceOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x13\n\x0breply_codec\x18\x04 \x01(\t\x12\"\n\x06\x62locks\x18\x05 \x01(\x0b\x32\x12.pollinate.v1.Span\"u\n\x10InferenceRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x1b.pollinate.v1.InferenceOpen\x12\x10\n\x08position\x18\x02 \x01(\x04\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"H\n\x0eInferenceReply\x12\x10\n\x08position\x18\x01 \x01(\x04\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"\xa6\x02\n\x0cShardMessage\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12\x13\n\x0bshard_index\x18\x05 \x01(\r\x12\x0e\n\x06weight\x18\x06 \x01(\x04\x12-\n\x04kind\x18\x07 \x01(\x0e\x32\x1f.pollinate.v1.ShardMessage.Kind\x12$\n\x06tensor\x18\x08 \x01(\x0b\x32\x14.pollinate.v1.Tensor\x12\x0f\n\x07\x61ttempt\x18\x32 \x01(\r\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43ONTRIBUTION\x10\x01\x12\n\n\x06RESULT\x10\x02\"O\n\x0fGetStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\"i\n\rGetStateReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\x12#\n\x04spec\x18\r \x01(\x0b\x32\x15.pollinate.v1.JobSpec\"\x88\x04\n\x07JobSpec\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05\x61lpha\x18\x03 \x01(\x01\x12\x0f\n\x07targets\x18\x04 \x03(\t\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x07 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x08 \x01(\x01\x12\x11\n\tgrad_clip\x18\t \x01(\x01\x12\x15\n\rmicro_batches\x18\n \x01(\r\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x13\n\x0bround_steps\x18\x0c \x01(\r\x12\x1b\n\x13\x66\x65\x65\x64\x66orward_modules\x18\r \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x0e \x01(\r\x12\r\n\x05\x63odec\x18\x14 \x01(\t\x12\x0f\n\x07\x63odec_p\x18\x15 \x01(\x01\x12\x0f\n\x07\x63odec_k\x18\x16 \x01(\x01\x12\x12\n\ncodec_bits\x18\x17 \x01(\r\x12\x14\n\x0c\x63odec_bucket\x18\x18 \x01(\r\x12\x1a\n\rwarmup_rounds\x18\x19 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08outer_lr\x18\x1a \x01(\x01\x12\x1b\n\x0eouter_momentum\x18\x1b \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eoverlap_rounds\x18\x1f \x01(\x08H\x02\x88\x01\x01\x42\x10\n\x0e_warmup_roundsB\x11\n\x0f_outer_momentumB\x11\n\x0f_overlap_rounds2\xff\x03\n\x04Node\x12@\n\x06Health\x12\x1b.pollinate.v1.HealthRequest\x1a\x19.pollinate.v1.HealthReply\x12:\n\x04Info\x12\x19.pollinate.v1.InfoRequest\x1a\x17.pollinate.v1.InfoReply\x12G\n\x07\x46orward\x12\x1c.pollinate.v1.ForwardRequest\x1a\x1a.pollinate.v1.ForwardReply(\x01\x30\x01\x12J\n\x08\x42\x61\x63kward\x12\x1d.pollinate.v1.BackwardRequest\x1a\x1b.pollinate.v1.BackwardReply(\x01\x30\x01\x12M\n\tInference\x12\x1e.pollinate.v1.InferenceRequest\x1a\x1c.pollinate.v1.InferenceReply(\x01\x30\x01\x12K\n\rExchangeShard\x12\x1a.pollinate.v1.ShardMessage\x1a\x1a.pollinate.v1.ShardMessage(\x01\x30\x01\x12H\n\x08GetState\x12\x1d.pollinate.v1.GetStateRequest\x1a\x1b.pollinate.v1.GetStateReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pollinate/protocol/v1/node.proto\x12\x0cpollinate.v1\x1a\"pollinate/protocol/v1/common.proto\"\r\n\x0bInfoRequest\"\xc5\x01\n\tInfoReply\x12 \n\x04span\x18\x01 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\x12\'\n\x04load\x18\x08 \x01(\x0b\x32\x19.pollinate.v1.ServingLoad\"\x9f\x01\n\rForwardHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x13\n\x0breply_codec\x18\x02 \x01(\t\x12\"\n\x06\x62locks\x18\x03 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x04spec\x18\x05 \x01(\x0b\x32\x15.pollinate.v1.JobSpec\x12\x0f\n\x07keep_id\x18\x06 \x01(\t\"c\n\x0e\x46orwardRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.pollinate.v1.ForwardHeader\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"4\n\x0c\x46orwardReply\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"\xba\x01\n\x0e\x42\x61\x63kwardHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x13\n\x0breply_codec\x18\x02 \x01(\t\x12\"\n\x06\x62locks\x18\x03 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x04spec\x18\x05 \x01(\x0b\x32\x15.pollinate.v1.JobSpec\x12\x0f\n\x07keep_id\x18\x06 \x01(\t\x12\x18\n\x10skip_grad_inputs\x18\x07 \x01(\x08\"e\n\x0f\x42\x61\x63kwardRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.pollinate.v1.BackwardHeader\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"5\n\rBackwardReply\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"}\n\rInferenceOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x13\n\x0breply_codec\x18\x04 \x01(\t\x12\"\n\x06\x62locks\x18\x05 \x01(\x0b\x32\x12.pollinate.v1.Span\"u\n\x10InferenceRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x1b.pollinate.v1.InferenceOpen\x12\x10\n\x08position\x18\x02 \x01(\x04\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"H\n\x0eInferenceReply\x12\x10\n\x08position\x18\x01 \x01(\x04\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\"\xa6\x02\n\x0cShardMessage\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12\x13\n\x0bshard_index\x18\x05 \x01(\r\x12\x0e\n\x06weight\x18\x06 \x01(\x04\x12-\n\x04kind\x18\x07 \x01(\x0e\x32\x1f.pollinate.v1.ShardMessage.Kind\x12$\n\x06tensor\x18\x08 \x01(\x0b\x32\x14.pollinate.v1.Tensor\x12\x0f\n\x07\x61ttempt\x18\x32 \x01(\r\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43ONTRIBUTION\x10\x01\x12\n\n\x06RESULT\x10\x02\"O\n\x0fGetStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04span\x18\x02 \x01(\x0b\x32\x12.pollinate.v1.Span\x12\r\n\x05round\x18\x03 \x01(\x04\"i\n\rGetStateReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pollinate.v1.Tensor\x12#\n\x04spec\x18\r \x01(\x0b\x32\x15.pollinate.v1.JobSpec\"\x88\x04\n\x07JobSpec\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05\x61lpha\x18\x03 \x01(\x01\x12\x0f\n\x07targets\x18\x04 \x03(\t\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x07 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x08 \x01(\x01\x12\x11\n\tgrad_clip\x18\t \x01(\x01\x12\x15\n\rmicro_batches\x18\n \x01(\r\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x13\n\x0bround_steps\x18\x0c \x01(\r\x12\x1b\n\x13\x66\x65\x65\x64\x66orward_modules\x18\r \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x0e \x01(\r\x12\r\n\x05\x63odec\x18\x14 \x01(\t\x12\x0f\n\x07\x63odec_p\x18\x15 \x01(\x01\x12\x0f\n\x07\x63odec_k\x18\x16 \x01(\x01\x12\x12\n\ncodec_bits\x18\x17 \x01(\r\x12\x14\n\x0c\x63odec_bucket\x18\x18 \x01(\r\x12\x1a\n\rwarmup_rounds\x18\x19 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08outer_lr\x18\x1a \x01(\x01\x12\x1b\n\x0eouter_momentum\x18\x1b \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eoverlap_rounds\x18\x1f \x01(\x08H\x02\x88\x01\x01\x42\x10\n\x0e_warmup_roundsB\x11\n\x0f_outer_momentumB\x11\n\x0f_overlap_rounds2\xff\x03\n\x04Node\x12@\n\x06Health\x12\x1b.pollinate.v1.HealthRequest\x1a\x19.pollinate.v1.HealthReply\x12:\n\x04Info\x12\x19.pollinate.v1.InfoRequest\x1a\x17.pollinate.v1.InfoReply\x12G\n\x07\x46orward\x12\x1c.pollinate.v1.ForwardRequest\x1a\x1a.pollinate.v1.ForwardReply(\x01\x30\x01\x12J\n\x08\x42\x61\x63kward\x12\x1d.pollinate.v1.BackwardRequest\x1a\x1b.pollinate.v1.BackwardReply(\x01\x30\x01\x12M\n\tInference\x12\x1e.pollinate.v1.InferenceRequest\x1a\x1c.pollinate.v1.InferenceReply(\x01\x30\x01\x12K\n\rExchangeShard\x12\x1a.pollinate.v1.ShardMessage\x1a\x1a.pollinate.v1.ShardMessage(\x01\x30\x01\x12H\n\x08GetState\x12\x1d.pollinate.v1.GetStateRequest\x1a\x1b.pollinate.v1.GetStateReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=86
   _globals['_INFOREQUEST']._serialized_end=99
   _globals['_INFOREPLY']._serialized_start=102
-  _globals['_INFOREPLY']._serialized_end=258
-  _globals['_FORWARDHEADER']._serialized_start=261
-  _globals['_FORWARDHEADER']._serialized_end=420
-  _globals['_FORWARDREQUEST']._serialized_start=422
-  _globals['_FORWARDREQUEST']._serialized_end=521
-  _globals['_FORWARDREPLY']._serialized_start=523
-  _globals['_FORWARDREPLY']._serialized_end=575
-  _globals['_BACKWARDHEADER']._serialized_start=578
-  _globals['_BACKWARDHEADER']._serialized_end=764
-  _globals['_BACKWARDREQUEST']._serialized_start=766
-  _globals['_BACKWARDREQUEST']._serialized_end=867
-  _globals['_BACKWARDREPLY']._serialized_start=869
-  _globals['_BACKWARDREPLY']._serialized_end=922
-  _globals['_INFERENCEOPEN']._serialized_start=924
-  _globals['_INFERENCEOPEN']._serialized_end=1049
-  _globals['_INFERENCEREQUEST']._serialized_start=1051
-  _globals['_INFERENCEREQUEST']._serialized_end=1168
-  _globals['_INFERENCEREPLY']._serialized_start=1170
-  _globals['_INFERENCEREPLY']._serialized_end=1242
-  _globals['_SHARDMESSAGE']._serialized_start=1245
-  _globals['_SHARDMESSAGE']._serialized_end=1539
-  _globals['_SHARDMESSAGE_KIND']._serialized_start=1481
-  _globals['_SHARDMESSAGE_KIND']._serialized_end=1539
-  _globals['_GETSTATEREQUEST']._serialized_start=1541
-  _globals['_GETSTATEREQUEST']._serialized_end=1620
-  _globals['_GETSTATEREPLY']._serialized_start=1622
-  _globals['_GETSTATEREPLY']._serialized_end=1727
-  _globals['_JOBSPEC']._serialized_start=1730
-  _globals['_JOBSPEC']._serialized_end=2250
-  _globals['_NODE']._serialized_start=2253
-  _globals['_NODE']._serialized_end=2764
+  _globals['_INFOREPLY']._serialized_end=299
+  _globals['_FORWARDHEADER']._serialized_start=302
+  _globals['_FORWARDHEADER']._serialized_end=461
+  _globals['_FORWARDREQUEST']._serialized_start=463
+  _globals['_FORWARDREQUEST']._serialized_end=562
+  _globals['_FORWARDREPLY']._serialized_start=564
+  _globals['_FORWARDREPLY']._serialized_end=616
+  _globals['_BACKWARDHEADER']._serialized_start=619
+  _globals['_BACKWARDHEADER']._serialized_end=805
+  _globals['_BACKWARDREQUEST']._serialized_start=807
+  _globals['_BACKWARDREQUEST']._serialized_end=908
+  _globals['_BACKWARDREPLY']._serialized_start=910
+  _globals['_BACKWARDREPLY']._serialized_end=963
+  _globals['_INFERENCEOPEN']._serialized_start=965
+  _globals['_INFERENCEOPEN']._serialized_end=1090
+  _globals['_INFERENCEREQUEST']._serialized_start=1092
+  _globals['_INFERENCEREQUEST']._serialized_end=1209
+  _globals['_INFERENCEREPLY']._serialized_start=1211
+  _globals['_INFERENCEREPLY']._serialized_end=1283
+  _globals['_SHARDMESSAGE']._serialized_start=1286
+  _globals['_SHARDMESSAGE']._serialized_end=1580
+  _globals['_SHARDMESSAGE_KIND']._serialized_start=1522
+  _globals['_SHARDMESSAGE_KIND']._serialized_end=1580
+  _globals['_GETSTATEREQUEST']._serialized_start=1582
+  _globals['_GETSTATEREQUEST']._serialized_end=1661
+  _globals['_GETSTATEREPLY']._serialized_start=1663
+  _globals['_GETSTATEREPLY']._serialized_end=1768
+  _globals['_JOBSPEC']._serialized_start=1771
+  _globals['_JOBSPEC']._serialized_end=2291
+  _globals['_NODE']._serialized_start=2294
+  _globals['_NODE']._serialized_end=2805
 # @@protoc_insertion_point(module_scope)
