@@ -13,7 +13,8 @@ against a fresh node: with batching (the node's defaults) and with batching off
 One JSON object per (mode, count): sessions, aggregate_tokens_per_s (all sessions' tokens
 ÷ wall time), p50/p99_ms_per_token (a session's time per generated token after its first),
 tokens_match (every session equals the local model's greedy tokens for its prompt, computed
-in this process before the nodes start). Then a summary: speedup_8 (batched, aggregate
+in this process before the nodes start), and the node's own count of its passes and steps
+during that run (its Info), whence sessions_per_pass. Then a summary: speedup_8 (batched, aggregate
 tokens/s at 8 sessions ÷ at 1), the same ratio without batching, and batched ÷ unbatched at
 each count. fp32 on the wire, so tokens_match is an exact comparison.
 
@@ -80,6 +81,8 @@ def client(args) -> int:
     import torch
 
     from pollinate.client.session import RemoteSession
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
     torch.set_num_threads(1)
     ref = json.loads(Path(args.reference).read_text())
@@ -117,6 +120,14 @@ def client(args) -> int:
         with torch.inference_mode():
             return part.embed(torch.tensor([ids]))
 
+    async def node_load(address: str):
+        """The node's ServingLoad (node/batching.py), from its Info."""
+        channel = open_channel(address, ChannelConfig())
+        try:
+            return (await node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=30)).load
+        finally:
+            await channel.close()
+
     async def session(i: int, tokens: int) -> tuple[list[int], list[float]]:
         prompt = ref["prompts"][i % len(ref["prompts"])]
         remote = RemoteSession(model.swarm, max_length=len(prompt) + tokens)
@@ -133,9 +144,12 @@ def client(args) -> int:
             await remote.close()
 
     async def run(count: int, tokens: int) -> dict:
+        before = await node_load(args.node)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(session(i, tokens) for i in range(count)))
         wall = time.perf_counter() - t0
+        after = await node_load(args.node)
+        passes, steps = after.passes - before.passes, after.steps - before.steps
         per_token = [s for _, times in results for s in times]
         wrong = [i for i, (got, _) in enumerate(results) if got != ref["expected"][i % len(ref["expected"])][:tokens]]
         if wrong:
@@ -143,7 +157,10 @@ def client(args) -> int:
         return {"sessions": count, "aggregate_tokens_per_s": round(count * tokens / wall, 3),
                 "p50_ms_per_token": round(1000 * _percentile(per_token, 0.5), 1),
                 "p99_ms_per_token": round(1000 * _percentile(per_token, 0.99), 1),
-                "tokens_match": not wrong, "sessions_differing": wrong, "wall_s": round(wall, 2)}
+                "tokens_match": not wrong, "sessions_differing": wrong, "wall_s": round(wall, 2),
+                # the node's own count for this run: its passes and the sessions' steps in them
+                "node_passes": passes, "node_steps": steps,
+                "sessions_per_pass": round(steps / passes, 2) if passes else None}
 
     try:
         model.worker.run(run(2, 2), 600)  # warm-up: channels, the first DHT read
@@ -167,6 +184,7 @@ def main() -> int:
     # the client process (started by main with these)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--maddr", help=argparse.SUPPRESS)
+    p.add_argument("--node", help=argparse.SUPPRESS)
     p.add_argument("--reference", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -187,7 +205,8 @@ def main() -> int:
         if mode == "batched" and args.batch_window_ms is not None:
             extra += ["--batch-window-ms", str(args.batch_window_ms)]
         with local_swarm(workdir / mode, model="smollm2", spans=[(0, 30)], extra=extra) as swarm:
-            cmd = [sys.executable, __file__, "--client", "--maddr", swarm.maddr, "--reference", str(reference),
+            cmd = [sys.executable, __file__, "--client", "--maddr", swarm.maddr, "--node", swarm.nodes[0].info["address"],
+                   "--reference", str(reference),
                    "--mode", mode, "--tokens", str(args.tokens), "--counts", ",".join(map(str, args.counts))]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
@@ -198,11 +217,6 @@ def main() -> int:
                 row = json.loads(line)
                 results[mode][row["sessions"]] = row
                 print(line, flush=True)
-        # the node's own account (logged when it stops): passes, sessions per pass, queue waits
-        log = workdir / mode / "node-0.log"
-        batching = [ln.split("batching: ", 1)[1] for ln in log.read_text().splitlines() if "batching: " in ln]
-        if batching:
-            print(json.dumps({"bench": "concurrency", "mode": mode, "node_log": batching[-1]}), flush=True)
 
     def rate(mode: str, count: int) -> float | None:
         row = results.get(mode, {}).get(count)

@@ -238,7 +238,7 @@ class TorchWorker:
                 tokens += p.tokens
             full = len(take) == cfg.max_sessions or len(take) < sum(p.packable for p in self._steps)
             left = deadline - time.monotonic()
-            if full or left <= 0 or self._stopping or len(take) >= self.expected_sessions():
+            if full or left <= 0 or self._stopping or len(self._steps) >= self.expected_sessions():
                 break
             self._cv.wait(left)
         for p in take:
@@ -251,22 +251,22 @@ class TorchWorker:
             results = self.run_steps([p.payload for p in batch])
         except BaseException as e:  # run_steps reports per step; this is its own failure
             results = [e] * len(batch)
-        for p, r in zip(batch, results):
-            error = r if isinstance(r, BaseException) else None
-            p.loop.call_soon_threadsafe(_settle, p.future, None if error else r, error)
-        s = self.stats
         self._last_pass_s = time.monotonic() - start
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("pass of %d steps (%d tokens) after waits of %s ms took %.0f ms", len(batch),
-                         sum(p.tokens for p in batch), [round(1000 * (start - p.arrived)) for p in batch],
-                         1000 * self._last_pass_s)
+        s = self.stats  # counted before anyone hears back, so a caller's next Info includes its step
         s.passes += 1
         s.steps += len(batch)
         s.max_sessions = max(s.max_sessions, len(batch))
         s.recent_sizes.append(len(batch))
         s.step_waits.extend(start - p.arrived for p in batch)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("pass of %d steps (%d tokens) after waits of %s ms took %.0f ms", len(batch),
+                         sum(p.tokens for p in batch), [round(1000 * (start - p.arrived)) for p in batch],
+                         1000 * self._last_pass_s)
         if s.passes % self.config.log_every == 0:
             logger.info("batching: %s", s.describe())
+        for p, r in zip(batch, results):
+            error = r if isinstance(r, BaseException) else None
+            p.loop.call_soon_threadsafe(_settle, p.future, None if error else r, error)
 
     def _run_job(self, job: _Pending) -> None:
         self.stats.job_waits.append(time.monotonic() - job.arrived)

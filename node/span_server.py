@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+
 import torch
 
 from pollinate.node.batching import TorchWorker

@@ -127,3 +127,60 @@ def test_packed_greedy_sessions_equal_the_local_model(tiny_model_files, tiny_ref
             got[i].append(token.item())
             steps_ids[i] = token
     assert got == expected
+
+
+def test_span_server_packs_concurrent_steps_and_isolates_a_bad_one(tiny_model_files):
+    """Through SpanServer.step: steps that queue together run as one pass (the worker's
+    counters say so) with the outputs of running alone; when one step's cache refuses the
+    pack, the pass falls back to running each alone and only that step fails."""
+    import asyncio
+    import threading
+
+    from pollinate.node.config import ServingConfig
+    from pollinate.node.sessions import SessionConfig
+    from pollinate.node.span_server import SpanServer
+    from pollinate.protocol.errors import InvalidRequest
+
+    span = tiny_model_files.load_span(0, 4)
+    reference = tiny_model_files.load_span(0, 4)
+
+    async def main():
+        server = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=64, serving=ServingConfig(),
+                            sessions=SessionConfig())
+        try:
+            sessions = [server.open_session(f"s{i}", max_length=16, batch_size=1) for i in range(3)]
+            alone = [reference.new_cache(max_length=16) for _ in sessions]
+            inputs = [[_hidden(seq, 10 * i + r) for r, seq in enumerate((4 + i, 1, 1))] for i in range(3)]
+
+            async def round_(r, corrupt=None):
+                if corrupt is not None:  # the cache disagrees with its session
+                    cache = sessions[corrupt].cache
+                    cache.next_positions = cache.next_positions + 100
+                release = threading.Event()
+                blocker = asyncio.ensure_future(server.run_torch(release.wait, 10))  # steps queue behind it
+                positions = [s.position for s in sessions]
+                steps = [asyncio.ensure_future(server.step(s, inputs[i][r], positions[i])) for i, s in enumerate(sessions)]
+                await asyncio.sleep(0.05)
+                release.set()
+                await blocker
+                return await asyncio.gather(*steps, return_exceptions=True)
+
+            for r in range(2):
+                passes = server.worker.stats.passes
+                outs = await round_(r)
+                assert server.worker.stats.passes == passes + 1  # one pass for the three
+                for i, out in enumerate(outs):
+                    with torch.inference_mode():
+                        expected = reference(inputs[i][r], _pos(sessions[i].position - inputs[i][r].shape[1],
+                                                                 inputs[i][r].shape[1]), cache=alone[i])
+                    assert (out - expected).abs().max().item() <= RTOL * expected.abs().max().item()
+            outs = await round_(2, corrupt=1)
+            assert isinstance(outs[1], InvalidRequest) and "do not follow" in str(outs[1])
+            for i in (0, 2):
+                with torch.inference_mode():
+                    expected = reference(inputs[i][2], _pos(sessions[i].position - 1, 1), cache=alone[i])
+                assert (outs[i] - expected).abs().max().item() <= RTOL * expected.abs().max().item()
+        finally:
+            await server.shutdown()
+
+    asyncio.run(main())
