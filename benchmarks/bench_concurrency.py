@@ -6,9 +6,11 @@ concurrent sessions (1, 2, 4, 8, 16), one client process runs that many sessions
 each generating greedily from its own prompt: every session is a coroutine on the client's
 event loop with its own RemoteSession (its own Inference stream and KV cache on the node);
 the client's LM heads run as one product over the replies that are in (users would each
-run theirs on their own machine; here they share the node's CPU). The same counts run twice, each
-against a fresh node: with batching (the node's defaults) and with batching off
-(`--max-batch-sessions 1`: one step at a time, as before issue 16).
+run theirs on their own machine; here they share the node's CPU). The same counts run on two
+nodes started together, one with batching (the node's defaults) and one with batching off
+(`--max-batch-sessions 1`: one step at a time, as before issue 16), each with its own client
+process; the two take turns at each count, so both meet the same load from anything else
+on the machine.
 
 One JSON object per (mode, count): sessions, aggregate_tokens_per_s (all sessions' tokens
 ÷ wall time), p50/p99_ms_per_token (a session's time per generated token after its first),
@@ -24,6 +26,7 @@ each count. fp32 on the wire, so tokens_match is an exact comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -164,12 +167,31 @@ def client(args) -> int:
 
     try:
         model.worker.run(run(2, 2), 600)  # warm-up: channels, the first DHT read
-        for count in args.counts:
-            result = model.worker.run(run(count, n), 3600)
+        print("ready", flush=True)
+        for line in sys.stdin:  # one count per line from main, so the modes take turns
+            result = model.worker.run(run(int(line), n), 3600)
             print(json.dumps({"bench": "concurrency", "mode": args.mode, **result, "tokens": n}), flush=True)
     finally:
         model.shutdown()
     return 0
+
+
+def _expect(proc: subprocess.Popen, swarm, start: str) -> str:
+    """The client's next stdout line, which must start with `start`; else its failure."""
+    line = proc.stdout.readline().strip()
+    if not line.startswith(start):
+        print(swarm.group.dump_logs(), file=sys.stderr)
+        raise SystemExit(f"client said {line!r} (exit code {proc.poll()})")
+    return line
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    proc.stdin.close()  # the client's loop ends
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main() -> int:
@@ -200,22 +222,31 @@ def main() -> int:
     if not reference.exists() or json.loads(reference.read_text())["tokens"] != args.tokens:
         reference.write_text(json.dumps({"tokens": args.tokens, **prompts_and_reference(args.tokens, args.torch_threads)}))
     results: dict[str, dict[int, dict]] = {}
-    for mode in args.modes.split(","):
-        extra = ["--torch-threads", str(args.torch_threads), "--throughput", "100", *MODES[mode]]
-        if mode == "batched" and args.batch_window_ms is not None:
-            extra += ["--batch-window-ms", str(args.batch_window_ms)]
-        with local_swarm(workdir / mode, model="smollm2", spans=[(0, 30)], extra=extra) as swarm:
-            cmd = [sys.executable, __file__, "--client", "--maddr", swarm.maddr, "--node", swarm.nodes[0].info["address"],
-                   "--reference", str(reference),
-                   "--mode", mode, "--tokens", str(args.tokens), "--counts", ",".join(map(str, args.counts))]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                print(swarm.group.dump_logs(), file=sys.stderr)
-                raise SystemExit(f"client failed ({proc.returncode})")
+    modes = args.modes.split(",")
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for mode in modes:  # a node and a client per mode, all up before the first run
+            extra = ["--torch-threads", str(args.torch_threads), "--throughput", "100", *MODES[mode]]
+            if mode == "batched" and args.batch_window_ms is not None:
+                extra += ["--batch-window-ms", str(args.batch_window_ms)]
+            swarm = stack.enter_context(local_swarm(workdir / mode, model="smollm2", spans=[(0, 30)], extra=extra))
+            cmd = [sys.executable, __file__, "--client", "--maddr", swarm.maddr, "--node",
+                   swarm.nodes[0].info["address"], "--reference", str(reference), "--mode", mode,
+                   "--tokens", str(args.tokens)]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stack.callback(_finish, proc)
+            clients[mode] = (proc, swarm)
             results[mode] = {}
-            for line in proc.stdout.splitlines():
-                row = json.loads(line)
-                results[mode][row["sessions"]] = row
+        for mode, (proc, swarm) in clients.items():
+            _expect(proc, swarm, "ready")
+        # The modes take turns at each count, so both see the same load from whatever else
+        # runs on the machine (the benchmark's machine may be shared).
+        for count in args.counts:
+            for mode, (proc, swarm) in clients.items():
+                proc.stdin.write(f"{count}\n")
+                proc.stdin.flush()
+                line = _expect(proc, swarm, "{")
+                results[mode][count] = json.loads(line)
                 print(line, flush=True)
 
     def rate(mode: str, count: int) -> float | None:
