@@ -153,6 +153,7 @@ def client(args) -> int:
         wall = time.perf_counter() - t0
         after = await node_load(args.node)
         passes, steps = after.passes - before.passes, after.steps - before.steps
+        busy = after.busy_s - before.busy_s
         per_token = [s for _, times in results for s in times]
         wrong = [i for i, (got, _) in enumerate(results) if got != ref["expected"][i % len(ref["expected"])][:tokens]]
         if wrong:
@@ -163,7 +164,11 @@ def client(args) -> int:
                 "tokens_match": not wrong, "sessions_differing": wrong, "wall_s": round(wall, 2),
                 # the node's own count for this run: its passes and the sessions' steps in them
                 "node_passes": passes, "node_steps": steps,
-                "sessions_per_pass": round(steps / passes, 2) if passes else None}
+                "sessions_per_pass": round(steps / passes, 2) if passes else None,
+                # how much of the wall time the node computed, and its rate while it did: the
+                # rest it waited for the clients (here on the same CPU as the node)
+                "node_busy_fraction": round(busy / wall, 3),
+                "node_steps_per_busy_s": round(steps / busy, 2) if busy else None}
 
     try:
         model.worker.run(run(2, 2), 600)  # warm-up: channels, the first DHT read
@@ -253,6 +258,10 @@ def main() -> int:
         row = results.get(mode, {}).get(count)
         return row["aggregate_tokens_per_s"] if row else None
 
+    def busy_rate(mode: str, count: int) -> float | None:
+        row = results.get(mode, {}).get(count)
+        return row["node_steps_per_busy_s"] if row else None
+
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
 
@@ -262,6 +271,8 @@ def main() -> int:
         "batch_window_ms": args.batch_window_ms if args.batch_window_ms is not None else "node default",
         "speedup_8": ratio(rate("batched", 8), rate("batched", 1)),
         "speedup_8_unbatched": ratio(rate("unbatched", 8), rate("unbatched", 1)),
+        # the same ratio for the node's rate while busy (its capacity, clients' pace aside)
+        "node_speedup_8": ratio(busy_rate("batched", 8), busy_rate("batched", 1)),
         "batched_vs_unbatched": {c: ratio(rate("batched", c), rate("unbatched", c)) for c in args.counts},
         "tokens_match": all(r["tokens_match"] for rows in results.values() for r in rows.values()),
     }

@@ -81,6 +81,7 @@ class BatchStats:
     passes: int = 0  # passes of inference steps run (a step alone counts as a pass of 1)
     steps: int = 0  # inference steps run
     max_sessions: int = 0  # largest pass, sessions
+    busy_s: float = 0.0  # seconds spent running passes of steps
     jobs: int = 0  # other torch jobs (training, Forward, rounds) run
     # Recent waits, seconds, from a step's (job's) arrival to the start of its pass (job).
     step_waits: deque = field(default_factory=lambda: deque(maxlen=2000))
@@ -99,6 +100,7 @@ class BatchStats:
             "step_wait_p99_ms": 1000 * _percentile(self.step_waits, 0.99),
             "job_wait_p50_ms": 1000 * _percentile(self.job_waits, 0.5),
             "jobs": self.jobs,
+            "busy_s": self.busy_s,
         }
 
     def to_proto(self):
@@ -108,7 +110,7 @@ class BatchStats:
         s = self.snapshot()
         return common_pb2.ServingLoad(
             passes=s["passes"], steps=s["steps"], mean_sessions=s["mean_sessions"], max_sessions=s["max_sessions"],
-            step_wait_p50_ms=s["step_wait_p50_ms"], step_wait_p99_ms=s["step_wait_p99_ms"])
+            step_wait_p50_ms=s["step_wait_p50_ms"], step_wait_p99_ms=s["step_wait_p99_ms"], busy_s=s["busy_s"])
 
     def describe(self) -> str:
         s = self.snapshot()
@@ -254,6 +256,7 @@ class TorchWorker:
         self._last_pass_s = time.monotonic() - start
         s = self.stats  # counted before anyone hears back, so a caller's next Info includes its step
         s.passes += 1
+        s.busy_s += self._last_pass_s
         s.steps += len(batch)
         s.max_sessions = max(s.max_sessions, len(batch))
         s.recent_sizes.append(len(batch))

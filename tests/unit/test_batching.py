@@ -119,6 +119,7 @@ def test_a_lone_step_waits_only_while_other_sessions_may_join():
             w.stop()
         assert alone < 0.4 + 0.25 and joined < 0.4 + 0.25 and waited >= 0.4 + 0.3
         assert rec.passes == [[1], [2, 3], [4]]
+        assert 3 * 0.4 <= w.stats.busy_s < 3 * 0.4 + 0.5  # the passes' time, not the waits'
 
     asyncio.run(main())
 
