@@ -209,6 +209,8 @@ class TorchWorker:
                 if self._stopping:
                     return
                 batch = self._gather() if self._steps else None
+                if self._stopping:  # stop() came while the window was open: it refused them
+                    return
                 job = self._jobs.popleft() if batch is None else None
             if batch is not None:
                 self._run_batch(batch)
@@ -243,6 +245,8 @@ class TorchWorker:
             if full or left <= 0 or self._stopping or len(self._steps) >= self.expected_sessions():
                 break
             self._cv.wait(left)
+        if self._stopping:
+            return []
         for p in take:
             self._steps.remove(p)
         return take

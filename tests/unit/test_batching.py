@@ -173,3 +173,18 @@ def test_a_stopped_worker_refuses_work():
 def test_config_names_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         BatchingConfig(**bad)
+
+
+def test_stop_during_the_window_refuses_the_waiting_steps():
+    async def main():
+        rec = Recorder(pass_s=0.2)
+        w = worker(rec, window_ms=5000, expected_sessions=lambda: 3)
+        await w.step(1, tokens=1, packable=True)  # a pass of 0.2 s: the next wait is up to 0.2 s
+        waiting = asyncio.ensure_future(w.step(2, tokens=1, packable=True))
+        await asyncio.sleep(0.05)  # the thread now waits for the other two active sessions
+        w.stop()
+        with pytest.raises(RuntimeError, match="stopped"):
+            await waiting
+        assert rec.passes == [[1]]
+
+    asyncio.run(main())
