@@ -188,3 +188,20 @@ def test_stop_during_the_window_refuses_the_waiting_steps():
         assert rec.passes == [[1]]
 
     asyncio.run(main())
+
+
+def test_the_node_command_sets_the_batching():
+    """ServingConfig composes BatchingConfig; its flags' defaults are the config's."""
+    import argparse
+
+    from pollinate.node.cli import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--host", "127.0.0.1", "--blocks", "0:2"]
+    assert build_config(parser.parse_args(base)).serving.batching == BatchingConfig()
+    batching = build_config(parser.parse_args([*base, "--batch-window-ms", "0", "--max-batch-sessions", "1",
+                                               "--max-batch-tokens", "64"])).serving.batching
+    assert (batching.window_ms, batching.max_sessions, batching.max_tokens) == (0.0, 1, 64)
+    with pytest.raises(ValueError, match="max_sessions"):
+        build_config(parser.parse_args([*base, "--max-batch-sessions", "0"]))
