@@ -1,8 +1,9 @@
 """`pollinate status --coordinator HOST:PORT`: the swarm at a glance.
 
 Asks the coordinator's Status RPC and prints a table of nodes (id, address, span, state,
-last heartbeat, throughput, quantisation: none, int8 or int4) and per-block coverage, holes
-highlighted. `--json` prints the reply as JSON instead.
+last heartbeat, throughput, quantisation: none, int8 or int4, and how its inference steps were
+batched: sessions per pass, mean and most, and a step's queue wait p50/p99) and per-block
+coverage, holes highlighted. `--json` prints the reply as JSON instead.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
     lines.append(f"relays for nodes behind NAT: {len(reply.relays)}" if reply.relays else
                  "relays for nodes behind NAT: none (the coordinator runs with --no-relay, no node offers --relay)")
     lines.append("")
-    header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S", "QUANT")
+    header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S", "QUANT", "BATCH MEAN/MAX", "STEP WAIT P50/P99")
     rows = []
     for m in reply.members:
         beat = f"{max(0.0, now - m.last_heartbeat_at):.1f}s ago" if m.last_heartbeat_at else "-"
@@ -58,7 +59,7 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
             state += " relayed"
             address = f"relayed via {', '.join(relay_hosts(address))}"
         rows.append((m.member_id, address, f"{m.span.start}:{m.span.end}", state, beat,
-                     f"{m.throughput:.1f}", m.quant or "none"))
+                     f"{m.throughput:.1f}", m.quant or "none", *format_load(m)))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
@@ -84,6 +85,16 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
         lines.append("every block is served")
     lines += ["", format_jobs(reply.jobs, now=now), "", format_rounds(reply.rounds, now=now)]
     return "\n".join(lines)
+
+
+def format_load(member) -> tuple[str, str]:
+    """(sessions per pass: recent mean / most, a step's queue wait p50 / p99) of a MemberInfo;
+    dashes before its heartbeats carried any steps."""
+    load = member.load if member.HasField("load") else None
+    if load is None or not load.passes:
+        return "-", "-"
+    return (f"{load.mean_sessions:.1f}/{load.max_sessions}",
+            f"{load.step_wait_p50_ms:.0f}/{load.step_wait_p99_ms:.0f} ms")
 
 
 def format_rounds(rounds, *, now: float) -> str:

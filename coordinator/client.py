@@ -137,6 +137,7 @@ class CoordinatorClient:
         self.rejoins = 0
         self.heartbeats_ok = 0
         self._throughput = 0.0  # 0: unchanged since join
+        self._load: Callable[[], common_pb2.ServingLoad] | None = None  # set_load
         self._task: asyncio.Task | None = None
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
@@ -153,6 +154,10 @@ class CoordinatorClient:
     def set_serving(self, span: Span | None) -> None:
         """The blocks this node serves now (None while loading); sent with each heartbeat."""
         self.serving_span = span
+
+    def set_load(self, load: Callable[[], common_pb2.ServingLoad] | None) -> None:
+        """Where each heartbeat takes the node's batch sizes and queue waits from."""
+        self._load = load
 
     def set_throughput(self, throughput: float) -> None:
         self._throughput = throughput
@@ -294,6 +299,7 @@ class CoordinatorClient:
                 request = coordinator_pb2.HeartbeatRequest(
                     member_id=self.assignment.member_id,
                     serving_span=_span_msg(self.serving_span), throughput=self._throughput,
+                    load=self._load() if self._load is not None else None,
                 )
                 reply = await self._beat(request)
             except (NotFound, Unauthenticated) as e:

@@ -111,6 +111,7 @@ class Member:
     # coordinator restart the first key presented in its name is adopted.
     member_key: str = ""
     quant: str = "none"  # its Linear weights (node/quant.py); soft state, re-sent at every join
+    load: dict | None = None  # batch sizes and queue waits, as its last heartbeat said (soft state)
 
     @property
     def member_id(self) -> str:
@@ -304,7 +305,7 @@ class Membership:
         return best_window(load, capacity)
 
     def heartbeat(self, member_id: str, serving_span: Span | None,
-                  throughput: float = 0.0) -> HeartbeatResult:
+                  throughput: float = 0.0, load: dict | None = None) -> HeartbeatResult:
         member = self.members.get(member_id)
         if member is None:
             raise NotFound(f"unknown member {member_id!r}: join again")
@@ -320,6 +321,8 @@ class Membership:
         self.counters["heartbeats"] += 1
         member.last_heartbeat_at = self.wall_clock()
         member.serving_span = serving_span
+        if load is not None:
+            member.load = load
         if member.move_reason and serving_span == member.span:
             logger.info("member %s now serves blocks %s", member_id, member.span)
             member.move_reason = ""

@@ -153,7 +153,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     def _heartbeat(self, request: coordinator_pb2.HeartbeatRequest) -> coordinator_pb2.HeartbeatReply:
         result = self.membership.heartbeat(
-            request.member_id, optional_span(request, "serving_span"), request.throughput
+            request.member_id, optional_span(request, "serving_span"), request.throughput,
+            {f.name: getattr(request.load, f.name) for f in request.load.DESCRIPTOR.fields}
+            if request.HasField("load") else None,
         )
         if result.move is None:
             instruction = _NO_INSTRUCTION
@@ -287,6 +289,7 @@ def _member_to_proto(m: dict) -> coordinator_pb2.MemberInfo:
         state=m["state"], throughput=m["throughput"], capacity_blocks=m["capacity_blocks"],
         pinned=m["pinned"], joined_at=m["joined_at"], last_heartbeat_at=m["last_heartbeat_at"],
         quant=m.get("quant", "none"),
+        load=common_pb2.ServingLoad(**m["load"]) if m.get("load") else None,
     )
 
 

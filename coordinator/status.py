@@ -77,6 +77,9 @@ def snapshot(
             "last_heartbeat_at": m.last_heartbeat_at,
             "relayed": is_relayed(m.record.address),
             "quant": m.quant,
+            # passes, steps, mean/max sessions per pass, step queue wait p50/p99 (ms), as its
+            # last heartbeat reported them; None before the first
+            "load": m.load,
         })
     coverage = serving_coverage(members, cfg.num_blocks)
     history = list(history)

@@ -81,6 +81,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "length, then cached), 'eval' (measure again) or a number")
     p.add_argument("--cache-tokens", type=int, default=8192, help="KV-cache budget in tokens over all sessions")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close sessions idle this long, seconds")
+    p.add_argument("--batch-window-ms", type=float, default=50.0,
+                   help="longest a session's step waits for other active sessions' steps to share its "
+                        "pass of the span, ms (default %(default)s; never longer than the last pass took, "
+                        "no wait once every active session has a step pending; 0: take what is pending; "
+                        "docs/serving.md)")
+    p.add_argument("--max-batch-sessions", type=int, default=16,
+                   help="most sessions' steps in one pass (default %(default)s; 1 turns batching off)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="most new tokens in one pass, prefills counted whole (default %(default)s)")
     p.add_argument("--kept-inputs-mb", type=float, default=256.0,
                    help="memory for trainers' Forward inputs kept for their Backward, MiB (default 256; "
                         "0 keeps none: every Backward then carries its input again)")
@@ -138,6 +147,7 @@ def parse_blocks(text: str) -> tuple[int, int]:
 def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
     from pollinate.compression.kv_codec import KVCodecConfig
+    from pollinate.node.batching import BatchingConfig
     from pollinate.node.config import NodeConfig, ServingConfig
     from pollinate.node.handoff import HandoffConfig
     from pollinate.node.kept_inputs import KeptInputsConfig
@@ -178,7 +188,10 @@ def build_config(args: argparse.Namespace):
         sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
                                                            ttl_s=args.kept_inputs_ttl),
-                              max_jobs=args.max_jobs, jobs_memory_bytes=int(args.jobs_memory_mb * (1 << 20))),
+                              max_jobs=args.max_jobs, jobs_memory_bytes=int(args.jobs_memory_mb * (1 << 20)),
+                              batching=BatchingConfig(window_ms=args.batch_window_ms,
+                                                      max_sessions=args.max_batch_sessions,
+                                                      max_tokens=args.max_batch_tokens)),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
         handoff=HandoffConfig(enabled=args.handoff != "off", hold_s=args.handoff_hold,
                               codec=KVCodecConfig(mode="lossy" if args.handoff == "lossy" else "lossless",
@@ -475,6 +488,9 @@ class _Node:
             await asyncio.to_thread(self.announcer.start)
             if self.member is not None:
                 self.member.set_throughput(self.servicer.throughput)
+                # batch sizes and queue waits ride on the heartbeats (`pollinate status`); the
+                # servicer's server is the one serving now, also after a MOVE
+                self.member.set_load(lambda: self.servicer.server.worker.stats.to_proto())
                 self.member.set_serving(Span(start, end))
         logger.info("serving blocks %d:%d of %s at %s (%.1f tokens/s, %d-token cache budget), peer %s",
                     start, end, config.model, self.address, self.servicer.throughput,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pollinate.node.announce import AnnounceConfig
 from pollinate.node.handoff import HandoffConfig
+from pollinate.node.batching import BatchingConfig
 from pollinate.node.kept_inputs import KeptInputsConfig
 from pollinate.node.rounds import RoundConfig
 from pollinate.node.sessions import SessionConfig
@@ -33,6 +34,8 @@ class ServingConfig:
     # spec comes from any token holder: without a cap, new job names would fill the node.
     max_jobs: int = 16
     jobs_memory_bytes: int = 2 << 30
+    # Concurrent sessions' steps gathered into one pass of the span (node/batching.py).
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         if self.max_jobs < 0 or self.jobs_memory_bytes < 0:

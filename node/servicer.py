@@ -66,6 +66,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
             throughput=self.throughput,
             version=__version__,
             num_blocks=s.num_blocks,
+            load=s.worker.stats.to_proto(),
         )
 
     async def _next(self, requests, what: str):

@@ -130,6 +130,10 @@ class SessionManager:
         )
         return s
 
+    def active(self, since: float) -> int:
+        """Open sessions that stepped (sent or finished a step) at or after `since` (monotonic)."""
+        return sum(1 for s in self._sessions.values() if s.last_used >= since)
+
     def get(self, session_id: str) -> Session:
         s = self._sessions.get(session_id)
         if s is None:

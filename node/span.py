@@ -235,8 +235,6 @@ class Span(nn.Module):
         after what `cache` holds (0.. without a cache). attention_mask: an optional 2D
         padding mask (batch, cached + seq) of ones and zeros, as transformers takes it.
         """
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         batch, seq = self._check_hidden(hidden_states)
         past = cache.length if cache is not None else 0
         position_ids = self._position_ids(position_ids, batch, seq, past, hidden_states.device)
@@ -247,20 +245,8 @@ class Span(nn.Module):
         if cache is not None:
             cache.check_step((self.start, self.end), batch, seq, position_ids)
         kv = cache.kv if cache is not None else None
-        masks = {}
-        for kind in dict.fromkeys(self.layer_types):  # the types present, in block order
-            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = make_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=attention_mask,
-                cache=kv,
-                position_ids=position_ids,
-            )
-        if self._rotary_per_type:
-            position_embeddings = {kind: self.rotary_emb(hidden_states, position_ids, kind) for kind in masks}
-        else:
-            position_embeddings = dict.fromkeys(masks, self.rotary_emb(hidden_states, position_ids=position_ids))
+        masks = self.attention_masks(hidden_states, position_ids, kv, attention_mask)
+        position_embeddings = self.position_embeddings(hidden_states, position_ids)
         for i, kind in zip(range(self.start, self.end), self.layer_types):
             hidden_states = self.layers[str(i)](
                 hidden_states,
@@ -273,6 +259,30 @@ class Span(nn.Module):
         if cache is not None:
             cache.advance(seq, position_ids)
         return hidden_states
+
+    def attention_masks(self, hidden_states, position_ids, kv=None, attention_mask=None) -> dict:
+        """Per layer type present in the span, the mask its layers take for these inputs and
+        this DynamicCache (``kv``, before the step is added), as the family's model makes it."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        masks = {}
+        for kind in dict.fromkeys(self.layer_types):  # the types present, in block order
+            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                cache=kv,
+                position_ids=position_ids,
+            )
+        return masks
+
+    def position_embeddings(self, hidden_states, position_ids) -> dict:
+        """Per layer type present in the span, the rotary (cos, sin) for these position ids."""
+        kinds = dict.fromkeys(self.layer_types)
+        if self._rotary_per_type:
+            return {kind: self.rotary_emb(hidden_states, position_ids, kind) for kind in kinds}
+        return dict.fromkeys(kinds, self.rotary_emb(hidden_states, position_ids=position_ids))
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> tuple[int, int]:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:

@@ -1,9 +1,10 @@
 """The node's serving domain: a loaded span, its inference sessions, and one torch worker.
 
 Plain async functions (`forward`, `open_session`, `step`) that the gRPC servicer
-(node/servicer.py) calls after decoding and whose results it encodes. Torch work runs on a
-single-thread executor, so the event loop never blocks and steps from concurrent sessions
-run one after another on the span, each with its own KV cache.
+(node/servicer.py) calls after decoding and whose results it encodes. Torch work runs on one
+thread (node/batching.py), so the event loop never blocks: inference steps go first, and
+concurrent sessions' steps share passes of the span (node/packed_forward.py), each session
+with its own KV cache.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from pollinate.node.batching import TorchWorker
 from pollinate.node.config import ServingConfig
+from pollinate.node.packed_forward import PackedStep, forward_packed, packable
 from pollinate.node.sessions import Session, SessionConfig, SessionManager
 from pollinate.node.span import SpanError
 from pollinate.protocol.errors import InvalidRequest, SpanMoved
@@ -44,7 +46,7 @@ class SpanServer:
         self.start, self.end = span.start, span.end
         self.serving = serving
         self.sessions = SessionManager(sessions)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span")
+        self.worker = TorchWorker(serving.batching, run_steps=self._steps_sync, expected_sessions=self._active_sessions)
         self._sweeper: asyncio.Task | None = None
         self.compute_dtype: torch.dtype = span.dtype
 
@@ -59,7 +61,7 @@ class SpanServer:
     async def shutdown(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.worker.stop()
 
     async def _sweep_idle(self) -> None:
         while True:
@@ -69,8 +71,9 @@ class SpanServer:
     async def run_torch(self, fn, *args):
         """``fn(*args)`` on the span's one torch thread: every forward, backward, optimizer step
         and round computation of this node runs there, one after another, so none of them races
-        another on the span's or an adapter's tensors and the event loop never blocks."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        another on the span's or an adapter's tensors and the event loop never blocks. Pending
+        inference steps run first (node/batching.py)."""
+        return await self.worker.run(fn, *args)
 
     # ---- checks shared by Forward and Inference
 
@@ -134,7 +137,8 @@ class SpanServer:
         self.check_hidden(hidden)
         session.check_step(position, hidden.shape[1], hidden.shape[0])
         session.last_used = time.monotonic()
-        out = await self.run_torch(self._step_sync, session, hidden, position, scope)
+        alone = scope is not None or packable(self.span, session.cache, hidden.shape[0]) is not None
+        out = await self.worker.step((session, hidden, position, scope), tokens=hidden.shape[1], packable=not alone)
         session.position = position + hidden.shape[1]
         session.last_used = time.monotonic()
         return out
@@ -142,13 +146,43 @@ class SpanServer:
     def _step_sync(self, session: Session, hidden: torch.Tensor, position: int, scope=None) -> torch.Tensor:
         try:
             with torch.inference_mode(), (scope() if scope is not None else contextlib.nullcontext()):
-                if session.cache is None:
-                    session.cache = self.span.new_cache(session.batch_size, session.max_length)
+                self._cache_of(session)
                 position_ids = torch.arange(position, position + hidden.shape[1]).unsqueeze(0)
                 out = self.span.forward(self.to_span(hidden), position_ids, cache=session.cache)
         except SpanError as e:
             raise InvalidRequest(f"session {session.session_id}: {e}") from e
         return out.to(hidden.device, hidden.dtype)
+
+    def _active_sessions(self) -> int:
+        """Sessions whose next step may be on its way: those that stepped in the last active_s."""
+        return self.sessions.active(time.monotonic() - self.serving.batching.active_s)
+
+    def _steps_sync(self, steps: list[tuple]) -> list:
+        """A pass of (session, hidden, position, scope) steps on the torch thread: per step its
+        output or the error it raised. Several steps run packed; if the pack is refused (a
+        step's check failed before anything ran), each runs alone so only the bad one fails."""
+        if len(steps) > 1:
+            try:
+                with torch.inference_mode():
+                    packed = [PackedStep(cache=self._cache_of(session), hidden=self.to_span(hidden),
+                                         position_ids=torch.arange(position, position + hidden.shape[1]).unsqueeze(0))
+                              for session, hidden, position, _ in steps]
+                    outs = forward_packed(self.span, packed)
+                return [out.to(hidden.device, hidden.dtype) for out, (_, hidden, _, _) in zip(outs, steps)]
+            except SpanError:
+                pass
+        results = []
+        for step in steps:
+            try:
+                results.append(self._step_sync(*step))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _cache_of(self, session: Session):
+        if session.cache is None:
+            session.cache = self.span.new_cache(session.batch_size, session.max_length)
+        return session.cache
 
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pollinate/protocol/v1/common.proto\x12\x0cpollinate.v1\"\x8f\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x13\n\x0b\x63hunk_index\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0c\n\x04name\x18\x08 \x01(\t\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\"\n\rHealthRequest\x12\x11\n\tchallenge\x18\x01 \x01(\t\"\xb1\x01\n\x0bHealthReply\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .pollinate.v1.HealthReply.Status\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\r\n\x05proof\x18\x04 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pollinate/protocol/v1/common.proto\x12\x0cpollinate.v1\"\x8f\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x13\n\x0b\x63hunk_index\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0c\n\x04name\x18\x08 \x01(\t\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x9d\x01\n\x0bServingLoad\x12\x0e\n\x06passes\x18\x01 \x01(\x04\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x15\n\rmean_sessions\x18\x03 \x01(\x01\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x18\n\x10step_wait_p50_ms\x18\x05 \x01(\x01\x12\x18\n\x10step_wait_p99_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x62usy_s\x18\x07 \x01(\x01\"\"\n\rHealthRequest\x12\x11\n\tchallenge\x18\x01 \x01(\t\"\xb1\x01\n\x0bHealthReply\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .pollinate.v1.HealthReply.Status\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\r\n\x05proof\x18\x04 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_end=196
   _globals['_SPAN']._serialized_start=198
   _globals['_SPAN']._serialized_end=232
-  _globals['_HEALTHREQUEST']._serialized_start=234
-  _globals['_HEALTHREQUEST']._serialized_end=268
-  _globals['_HEALTHREPLY']._serialized_start=271
-  _globals['_HEALTHREPLY']._serialized_end=448
-  _globals['_HEALTHREPLY_STATUS']._serialized_start=386
-  _globals['_HEALTHREPLY_STATUS']._serialized_end=448
+  _globals['_SERVINGLOAD']._serialized_start=235
+  _globals['_SERVINGLOAD']._serialized_end=392
+  _globals['_HEALTHREQUEST']._serialized_start=394
+  _globals['_HEALTHREQUEST']._serialized_end=428
+  _globals['_HEALTHREPLY']._serialized_start=431
+  _globals['_HEALTHREPLY']._serialized_end=608
+  _globals['_HEALTHREPLY_STATUS']._serialized_start=546
+  _globals['_HEALTHREPLY_STATUS']._serialized_end=608
 # @@protoc_insertion_point(module_scope)

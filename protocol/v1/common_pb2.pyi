@@ -35,6 +35,24 @@ class Span(_message.Message):
     end: int
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
+class ServingLoad(_message.Message):
+    __slots__ = ("passes", "steps", "mean_sessions", "max_sessions", "step_wait_p50_ms", "step_wait_p99_ms", "busy_s")
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_WAIT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_WAIT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    passes: int
+    steps: int
+    mean_sessions: float
+    max_sessions: int
+    step_wait_p50_ms: float
+    step_wait_p99_ms: float
+    busy_s: float
+    def __init__(self, passes: _Optional[int] = ..., steps: _Optional[int] = ..., mean_sessions: _Optional[float] = ..., max_sessions: _Optional[int] = ..., step_wait_p50_ms: _Optional[float] = ..., step_wait_p99_ms: _Optional[float] = ..., busy_s: _Optional[float] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ("challenge",)
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]

@@ -66,14 +66,16 @@ class JoinReply(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("member_id", "serving_span", "throughput")
+    __slots__ = ("member_id", "serving_span", "throughput", "load")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     SERVING_SPAN_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     serving_span: _common_pb2.Span
     throughput: float
-    def __init__(self, member_id: _Optional[str] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., throughput: _Optional[float] = ...) -> None: ...
+    load: _common_pb2.ServingLoad
+    def __init__(self, member_id: _Optional[str] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., throughput: _Optional[float] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ...) -> None: ...
 
 class Instruction(_message.Message):
     __slots__ = ("kind", "span", "reason")
@@ -120,7 +122,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberInfo(_message.Message):
-    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at", "quant")
+    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at", "quant", "load")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +135,7 @@ class MemberInfo(_message.Message):
     JOINED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     address: str
     name: str
@@ -145,7 +148,8 @@ class MemberInfo(_message.Message):
     joined_at: float
     last_heartbeat_at: float
     quant: str
-    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ..., quant: _Optional[str] = ...) -> None: ...
+    load: _common_pb2.ServingLoad
+    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ..., quant: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ...) -> None: ...
 
 class BlockCoverage(_message.Message):
     __slots__ = ("block", "replicas", "throughput")

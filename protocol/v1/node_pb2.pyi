@@ -13,7 +13,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("span", "model_id", "hidden_size", "dtype", "throughput", "version", "num_blocks")
+    __slots__ = ("span", "model_id", "hidden_size", "dtype", "throughput", "version", "num_blocks", "load")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class InfoReply(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     span: _common_pb2.Span
     model_id: str
     hidden_size: int
@@ -28,7 +29,8 @@ class InfoReply(_message.Message):
     throughput: float
     version: str
     num_blocks: int
-    def __init__(self, span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    load: _common_pb2.ServingLoad
+    def __init__(self, span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., num_blocks: _Optional[int] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ...) -> None: ...
 
 class ForwardHeader(_message.Message):
     __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec", "keep_id")

@@ -98,3 +98,7 @@ def test_nodes_started_with_only_the_coordinator_serve_and_survive_its_restart(
         assert after["epoch"] == before["epoch"]  # continued, and nobody had to re-join
         assert sorted(tuple(m["span"]) for m in after["members"]) == spans
         assert all(m["state"] == "online" for m in after["members"])
+        # Their heartbeats carry their batching counters (node/batching.py): the two
+        # generations' steps, NEW_TOKENS per generation per hop, two hops of 2 blocks each.
+        assert all(m["load"] is not None for m in after["members"])
+        assert sum(m["load"]["steps"] for m in after["members"]) == 2 * 2 * NEW_TOKENS

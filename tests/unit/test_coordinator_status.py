@@ -63,3 +63,34 @@ def test_html_draws_a_cell_per_replica_and_metrics_parse(tmp_path):
     assert samples['pollinate_coordinator_members{state="online"}'] == "1"
     assert samples['pollinate_coordinator_block_throughput{block="0"}'] == "4.0"
     assert samples["pollinate_coordinator_joins_total"] == "2"
+
+
+def test_heartbeat_load_reaches_the_status_table(tmp_path):
+    """A node's batch sizes and queue waits (node/batching.py) ride on its heartbeat through the
+    coordinator's service into `pollinate status`; a node that sent none shows dashes."""
+    from pollinate.coordinator.service import CoordinatorServicer
+    from pollinate.node.batching import BatchStats
+    from pollinate.protocol.v1 import common_pb2, coordinator_pb2
+
+    m = Membership(MembershipConfig(num_blocks=8), Store(StoreConfig(data_dir=tmp_path)).open(),
+                   wall_clock=lambda: 1000.0)
+    m.restore()
+    a = m.join(JoinParams(address="10.0.0.1:7000", model_id="", capacity=8, throughput=4.0))
+    stats = BatchStats(passes=40, steps=250, max_sessions=8)
+    stats.recent_sizes.extend([8, 7, 5])
+    stats.step_waits.extend([0.004, 0.012, 0.030])
+    load = stats.to_proto()
+    assert (load.passes, load.max_sessions, round(load.mean_sessions, 2)) == (40, 8, 6.67)
+    service = CoordinatorServicer.__new__(CoordinatorServicer)  # only its heartbeat path
+    service.membership = m
+    service._heartbeat(coordinator_pb2.HeartbeatRequest(
+        member_id=a.member_id, serving_span=common_pb2.Span(start=0, end=8), load=load))
+    b = m.join(JoinParams(address="10.0.0.2:7000", model_id="", capacity=8, throughput=4.0))
+    s = snapshot(m, dht_initial_peers=[], started_at=990.0, version="0.1.0")
+    assert [x["load"] and x["load"]["steps"] for x in s["members"]] == [250, None]
+    text = format_status(status_to_proto(s), now=1001.0)
+    row_a = next(line for line in text.splitlines() if "10.0.0.1:7000" in line)
+    row_b = next(line for line in text.splitlines() if "10.0.0.2:7000" in line)
+    assert "6.7/8" in row_a and "12/30 ms" in row_a
+    assert row_b.split()[-2:] == ["-", "-"]
+    assert b.member_id in row_b

@@ -202,3 +202,34 @@ def test_llama_lora_targets_on_phi3_are_refused_naming_its_modules(tmp_path):
         build_adapter(JobSpec(method="lora"), span)
     assert lora_targets("phi3") == ("qkv_proj",)
     assert len(build_adapter(JobSpec(method="lora", targets=lora_targets("phi3")), span).names) == 2
+
+
+@torch.inference_mode()
+def test_packed_steps_equal_each_session_alone(family):
+    """Batched serving (node/packed_forward.py) on each family: spans without sliding-window
+    layers pack three sessions' prefills and decode steps into one pass with the outputs of
+    running each alone; spans with them are refused with the reason (they run alone)."""
+    from pollinate.node.packed_forward import PackedStep, forward_packed, packable
+
+    _, files, _ = family
+    for start, end in SPLITS:
+        span = files.load_span(start, end)
+        why = packable(span, None, 1)
+        if any(kind == "sliding_attention" for kind in span.layer_types):
+            assert why is not None and "sliding-window" in why
+            continue
+        assert why is None
+        alone = [span.new_cache(max_length=32) for _ in range(3)]
+        packed = [span.new_cache(max_length=32) for _ in range(3)]
+        lengths = [0, 0, 0]
+        g = torch.Generator().manual_seed(start)
+        for seqs in ([3, 7, 5], [1, 1, 1], [1, 4, 1]):
+            steps, expected = [], []
+            for i, seq in enumerate(seqs):
+                h = torch.randn(1, seq, 64, generator=g)
+                pos = torch.arange(lengths[i], lengths[i] + seq).unsqueeze(0)
+                expected.append(span(h, pos, cache=alone[i]))
+                steps.append(PackedStep(cache=packed[i], hidden=h, position_ids=pos))
+                lengths[i] += seq
+            for got, want in zip(forward_packed(span, steps), expected):
+                assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()

@@ -60,3 +60,14 @@ def test_idle_sessions_expire_and_free_budget():
 def test_config_validates():
     with pytest.raises(ValueError, match="budget_tokens"):
         SessionConfig(budget_tokens=0)
+
+
+def test_active_counts_sessions_that_stepped_since():
+    # the batching window waits only for these (node/batching.py)
+    m = SessionManager(SessionConfig())
+    a = m.open("a", max_length=8, batch_size=1, start=0, end=2)
+    b = m.open("b", max_length=8, batch_size=1, start=0, end=2)
+    a.last_used, b.last_used = 100.0, 90.0
+    assert (m.active(since=95.0), m.active(since=90.0), m.active(since=101.0)) == (1, 2, 0)
+    m.close("a")
+    assert m.active(since=0.0) == 1
