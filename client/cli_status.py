@@ -49,7 +49,7 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
     lines.append(f"relays for nodes behind NAT: {len(reply.relays)}" if reply.relays else
                  "relays for nodes behind NAT: none (the coordinator runs with --no-relay, no node offers --relay)")
     lines.append("")
-    header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S", "QUANT", "BATCH MEAN/MAX", "STEP WAIT P50/P99")
+    header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S", "BATCH MEAN/MAX", "STEP WAIT P50/P99", "QUANT")
     rows = []
     for m in reply.members:
         beat = f"{max(0.0, now - m.last_heartbeat_at):.1f}s ago" if m.last_heartbeat_at else "-"
@@ -59,7 +59,7 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
             state += " relayed"
             address = f"relayed via {', '.join(relay_hosts(address))}"
         rows.append((m.member_id, address, f"{m.span.start}:{m.span.end}", state, beat,
-                     f"{m.throughput:.1f}", m.quant or "none", *format_load(m)))
+                     f"{m.throughput:.1f}", *format_load(m), m.quant or "none"))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:

@@ -31,7 +31,7 @@ def server(tiny_model_files):
     s = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=span.hidden_size, serving=ServingConfig(),
                    sessions=SessionConfig(budget_tokens=64))
     yield s
-    s._executor.shutdown(wait=True)
+    s.worker.stop()
 
 
 def prefill(server, tokens: int, seed: int = 0):
@@ -196,7 +196,7 @@ async def test_sender_skips_a_refusing_replica_and_the_session_continues_exactly
             want = server.span(x[:, 7:], torch.tensor([[7]]), cache=session.cache)
         assert torch.equal(got, want)
     finally:
-        receiver._executor.shutdown(wait=True)
+        receiver.worker.stop()
 
 
 async def test_with_no_replica_taking_it_the_session_stays_and_steps_on(server):
