@@ -365,6 +365,17 @@ def run_calls(rpc: Rpc, calls: list[Call], tally: Tally, workers: int = 8) -> No
 
 # ---- what each service is sent ----------------------------------------------------------------
 
+def job_spec(**changes) -> node_pb2.JobSpec:
+    """A valid LoRA spec with `changes` applied (lists replace the repeated field)."""
+    spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, targets=["q_proj"], lr=1e-3, micro_batches=1)
+    for k, v in changes.items():
+        if isinstance(v, list):
+            getattr(spec, k)[:] = v
+        else:
+            setattr(spec, k, v)
+    return spec
+
+
 def tensor_chunks(values, codec: str = "none") -> list[bytes]:
     from pollinate.protocol.tensors import encode_tensor
 
@@ -381,7 +392,7 @@ def node_seeds(hidden_size: int, node_info: dict) -> dict[str, list[bytes]]:
 
     x = torch.randn(1, 4, hidden_size, generator=torch.Generator().manual_seed(0))
     chunks = [common_pb2.Tensor.FromString(c) for c in tensor_chunks(x)]
-    spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, targets=["q_proj"], lr=1e-3, micro_batches=1)
+    spec = job_spec()
     fwd = [node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(job=JOB, spec=spec)).SerializeToString()]
     fwd += [node_pb2.ForwardRequest(tensor=c).SerializeToString() for c in chunks]
     bwd = [node_pb2.BackwardRequest(header=node_pb2.BackwardHeader(job=JOB, spec=spec)).SerializeToString()]
@@ -431,14 +442,9 @@ def node_attacks(hidden_size: int, node_info: dict, rng: random.Random) -> list[
                  dict(grad_clip=float("nan")), dict(targets=["q_proj"] * 10_000), dict(codec="bogus"),
                  dict(codec="cocktail", codec_p=5.0), dict(method="a\nb")]
     for i, bad in enumerate(bad_specs):
-        spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, targets=["q_proj"], lr=1e-3, micro_batches=1)
-        for k, v in bad.items():
-            if isinstance(v, list):
-                getattr(spec, k)[:] = v
-            else:
-                setattr(spec, k, v)
         calls.append(Call("/pollinate.v1.Node/Forward", [
-            node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(job=f"bad-spec-{i}", spec=spec)).SerializeToString(),
+            node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(job=f"bad-spec-{i}", spec=job_spec(**bad))
+                                    ).SerializeToString(),
             tensor_message(x, node_pb2.ForwardRequest)], kind="attack"))
     # 5: many held sessions, each asking for a long cache
     for i in range(8):
@@ -449,7 +455,7 @@ def node_attacks(hidden_size: int, node_info: dict, rng: random.Random) -> list[
 
 
 def coordinator_seeds(node_info: dict) -> dict[str, list[bytes]]:
-    spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, targets=["q_proj"], lr=1e-3, micro_batches=1)
+    spec = job_spec()
     span = common_pb2.Span(start=node_info["blocks"][0], end=node_info["blocks"][1])
     c = coordinator_pb2
     return {
@@ -479,14 +485,8 @@ def coordinator_attacks(node_info: dict, rng: random.Random) -> list[Call]:
     # 3: job specs out of range, and a 1.2 MB targets list
     for i, bad in enumerate([dict(rank=2**32 - 1), dict(lr=float("nan")), dict(codec="bogus"), dict(codec_p=5.0),
                              dict(targets=["t" * 60] * 20_000), dict(method="lora\nforged")]):
-        spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, targets=["q_proj"], lr=1e-3, micro_batches=1)
-        for k, v in bad.items():
-            if isinstance(v, list):
-                getattr(spec, k)[:] = v
-            else:
-                setattr(spec, k, v)
         calls.append(Call("/pollinate.v1.Coordinator/CreateJob", [c.CreateJobRequest(
-            name=f"bad-{i}", spec=spec).SerializeToString()], kind="attack"))
+            name=f"bad-{i}", spec=job_spec(**bad)).SerializeToString()], kind="attack"))
     # 5: a Join claiming the real node's address; 6: a name that forges a log line
     calls.append(Call("/pollinate.v1.Coordinator/Join", [c.JoinRequest(
         address=node_info["address"], model_id="", capacity_blocks=2, throughput=1e9,
@@ -666,7 +666,7 @@ def start_swarm(group: ProcGroup, workdir: Path, model: str, cache_dir: str | No
 
 
 def create_job(address: str) -> None:
-    spec = node_pb2.JobSpec(method="lora", rank=4, alpha=8.0, targets=["q_proj", "v_proj"], lr=1e-3, micro_batches=1)
+    spec = job_spec(targets=["q_proj", "v_proj"])
     rpc = Rpc(address, methods_of(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]), 30)
     code, detail, _ = rpc.call(Call("/pollinate.v1.Coordinator/CreateJob",
                                     [coordinator_pb2.CreateJobRequest(name=JOB, spec=spec).SerializeToString()]))
@@ -690,8 +690,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
         node_info = {"address": node.info["address"], "blocks": node.info["blocks"]}
         services = set(args.services)
         if "node" in services:
+            import torch
+
             x = common_pb2.Tensor.FromString(tensor_chunks(
-                __import__("torch").randn(1, 3, hidden_size, generator=__import__("torch").Generator().manual_seed(1)))[0])
+                torch.randn(1, 3, hidden_size, generator=torch.Generator().manual_seed(1)))[0])
             valid = Call("/pollinate.v1.Node/Forward", [
                 node_pb2.ForwardRequest(header=node_pb2.ForwardHeader()).SerializeToString(),
                 tensor_message(x, node_pb2.ForwardRequest)])
