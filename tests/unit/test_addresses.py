@@ -195,6 +195,9 @@ class FakeContext:
     def peer(self) -> str:
         return self._peer
 
+    def invocation_metadata(self):
+        return ()  # no member key: an unkeyed joiner
+
 
 def test_join_from_another_machine_announcing_loopback_is_refused_and_changes_nothing(tmp_path):
     from pollinate.coordinator.config import MembershipConfig, StoreConfig
