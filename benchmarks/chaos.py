@@ -214,7 +214,8 @@ def _http_status(coord) -> dict:
 
 
 def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool) -> list:
-    """Blocks 0:1, three replicas of 1:3 (the fastest one lies when `liar`), 3:4; returns the nodes."""
+    """Blocks 0:1, three replicas of 1:3 (the fastest one lies when `liar`), 3:4; returns the
+    nodes in that order."""
     common = ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
     first = group.start("liar-a", ["node", "--blocks", "0:1", "--throughput", "100", *common])
     group.wait_ready([first], timeout=120)
@@ -233,8 +234,8 @@ def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool) -> li
 @scenario("liar")
 def liar(args: argparse.Namespace, workdir: Path) -> dict:
     """A node that perturbs its outputs (benchmarks/liar_node.py) on the preferred replica of
-    blocks 1:3; the client spot-checks --spot-check-rate of its hop steps. Then the same swarm
-    with the liar replaced by an honest node runs --honest-steps steps: no ban may happen."""
+    blocks 1:3; the client spot-checks --spot-check-rate of its hop steps. Then the liar leaves,
+    an honest node takes its place, and a new client runs --honest-steps steps: no ban may happen."""
     import torch
 
     from pollinate.procs import ProcGroup
@@ -251,38 +252,46 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
     ids = torch.tensor([[1, 5, 9, 33, 70, 12, 8]])
     tokens = args.tokens
 
-    def run(liar_on: bool, sessions: int) -> dict:
+    def run(group, sessions: int) -> dict:
+        """A fresh client (no liar known yet) generating `sessions` times under spot checks."""
         from pollinate.client.remote_model import RemoteModelForCausalLM
         from transformers.generation.streamers import BaseStreamer
 
-        env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-        with ProcGroup(workdir / ("liar" if liar_on else "honest"), env=env) as group:
-            _liar_swarm(group, args, model, cache, liar=liar_on)
-            remote = RemoteModelForCausalLM.from_pretrained(
-                model, initial_peers=[group.procs[0].info["dht_maddrs"][0]], cache_dir=cache, wire_codec="fp16",
-                spot_check_rate=args.spot_check_rate)
-            steps, detected, outputs = [0], [], []
+        remote = RemoteModelForCausalLM.from_pretrained(
+            model, initial_peers=[group.procs[0].info["dht_maddrs"][0]], cache_dir=cache, wire_codec="fp16",
+            spot_check_rate=args.spot_check_rate)
+        steps, detected, outputs = [0], [], []
 
-            class Count(BaseStreamer):
-                def put(self, value):
-                    steps[0] += 1
-                    if remote.swarm.liars and not detected:
-                        detected.append(steps[0])
+        class Count(BaseStreamer):
+            def put(self, value):
+                steps[0] += 1
+                if remote.swarm.liars and not detected:
+                    detected.append(steps[0])
 
-                def end(self):
-                    pass
+            def end(self):
+                pass
 
-            gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            for _ in range(sessions):
-                steps[0] -= 1  # the prompt is the streamer's first put
-                outputs.append(remote.generate(ids, streamer=Count(), **gen)[0, ids.shape[1]:].tolist())
-            liars = dict(remote.swarm.liars)
-            stats = remote.swarm.spot_checks.stats
-            remote.shutdown()
-            return {"detected_after_steps": detected[0] if detected else None, "liars": liars, "outputs": outputs,
-                    "steps": steps[0], "checks": stats.checks, "unresolved": stats.unresolved}
+        gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        for _ in range(sessions):
+            steps[0] -= 1  # the prompt is the streamer's first put
+            outputs.append(remote.generate(ids, streamer=Count(), **gen)[0, ids.shape[1]:].tolist())
+        liars = dict(remote.swarm.liars)
+        stats = remote.swarm.spot_checks.stats
+        remote.shutdown()
+        return {"detected_after_steps": detected[0] if detected else None, "liars": liars, "outputs": outputs,
+                "steps": steps[0], "checks": stats.checks, "unresolved": stats.unresolved}
 
-    lied = run(True, 1)
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    with ProcGroup(workdir / "liar", env=env) as group:
+        nodes = _liar_swarm(group, args, model, cache, liar=True)
+        lied = run(group, 1)
+        # the honest swarm: the liar leaves, an honest node takes its place (and its preference)
+        nodes[1].stop()
+        common = ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
+        honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000", *common,
+                                                "--initial-peers", nodes[0].info["dht_maddrs"][0]])
+        group.wait_ready([honest_node], timeout=180)
+        honest = run(group, max(1, -(-args.honest_steps // tokens)))
     out = lied["outputs"][0]
     k = lied["detected_after_steps"]
     after = None
@@ -291,7 +300,6 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         expected = local.generate(prefix, max_new_tokens=tokens - k, min_new_tokens=tokens - k,
                                   do_sample=False)[0, prefix.shape[1]:].tolist()
         after = expected == out[k:]
-    honest = run(False, max(1, -(-args.honest_steps // tokens)))
     return {
         "scenario": "liar",
         "model": args.model,
