@@ -50,9 +50,14 @@ def method_config(spec, *, base_model: str, model_config) -> dict:
 
 
 def write_method_adapter(out_dir, state: dict[str, torch.Tensor], spec, *, base_model: str, model_config) -> Path:
+    return write_adapter_dir(out_dir, method_config(spec, base_model=base_model, model_config=model_config), state)
+
+
+def write_adapter_dir(out_dir, config: dict, state: dict[str, torch.Tensor]) -> Path:
+    """`adapter_config.json` and the tensors in `adapter_model.safetensors`: the directory
+    layout PEFT, AdapterHub and this module's formats share."""
     from safetensors.torch import save_file
 
-    config = method_config(spec, base_model=base_model, model_config=model_config)
     if not state:
         raise ValueError("no adapter tensors to export")
     out = Path(out_dir)

@@ -12,7 +12,6 @@ nothing has to be repeated on the command line.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from pathlib import Path
 
@@ -93,16 +92,10 @@ def peft_config(spec: JobSpec, *, base_model: str, model_config=None) -> dict:
 def write_peft_adapter(out_dir, state: dict[str, torch.Tensor], spec: JobSpec, *, base_model: str,
                        model_config=None) -> Path:
     """`state`: PEFT-named tensors gathered from every span (or the trainer's soft prompt)."""
-    from safetensors.torch import save_file
+    from pollinate.client import method_export
 
-    config = peft_config(spec, base_model=base_model, model_config=model_config)
-    if not state:
-        raise ValueError("no adapter tensors to export")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in sorted(state.items())}, str(out / "adapter_model.safetensors"))
-    return out
+    return method_export.write_adapter_dir(out_dir, peft_config(spec, base_model=base_model, model_config=model_config),
+                                           state)
 
 
 def write_full_checkpoint(out_dir, state: dict[str, torch.Tensor], files) -> Path:
