@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from pollinate.client.routing import Hop, NoRouteError, PeerSpan
+from pollinate.client.trainer import stream_tensors
 from pollinate.protocol.errors import PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import HIDDEN_STATES, TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import HIDDEN_STATES, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -120,20 +121,11 @@ class SpotChecker:
                                         reply_codec=cfg.wire_codec)
         encoded = await asyncio.to_thread(encode_tensor, hidden, codec=cfg.wire_codec, name=HIDDEN_STATES)
         requests = [node_pb2.ForwardRequest(header=header)] + [node_pb2.ForwardRequest(tensor=c) for c in encoded.chunks()]
-
-        async def send():
-            for r in requests:
-                yield r
-
-        assembler, out = TensorAssembler(), None
         with translate_rpc_errors(peer=hop.peer.address):
-            async for reply in self.swarm.stub(hop.peer.address).Forward(send(), timeout=cfg.step_timeout_s):
-                got = assembler.feed(reply.tensor)
-                if got is not None:
-                    out = await asyncio.to_thread(got.decode)
-        if out is None:
-            raise PollinateError(f"{hop.peer.address} answered the spot check's Forward with no tensor")
-        return out
+            outs = await stream_tensors(self.swarm.stub(hop.peer.address).Forward, requests, cfg.step_timeout_s)
+        if len(outs) != 1:
+            raise PollinateError(f"{hop.peer.address} answered the spot check's Forward with {len(outs)} tensors")
+        return outs[0]
 
 
 def _names(route: list[Hop]) -> str:

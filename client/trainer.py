@@ -91,7 +91,7 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (NaN loss, a failed Backward); the message says why."""
 
 
-async def _stream(call, requests: list, timeout: float, received: list | None = None) -> list:
+async def stream_tensors(call, requests: list, timeout: float, received: list | None = None) -> list:
     """Send `requests` on a bidi stream, collect the reply tensors (decoded), in order;
     `received`, if given, gets each reply tensor's encoded size in bytes."""
     assembler = TensorAssembler()
@@ -143,7 +143,7 @@ class SwarmChain:
         received: list[int] = []
         try:
             with translate_rpc_errors(peer=hop.peer.address):
-                return await _stream(getattr(self.swarm.stub(hop.peer.address), method), reqs, self.timeout_s,
+                return await stream_tensors(getattr(self.swarm.stub(hop.peer.address), method), reqs, self.timeout_s,
                                      received)
         finally:
             self.bytes_received += sum(received)
