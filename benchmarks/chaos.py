@@ -213,10 +213,14 @@ def _http_status(coord) -> dict:
         return json.loads(r.read())
 
 
+def _liar_node_args(model: str, cache: str | None) -> list[str]:
+    return ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
+
+
 def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool) -> list:
     """Blocks 0:1, three replicas of 1:3 (the fastest one lies when `liar`), 3:4; returns the
     nodes in that order."""
-    common = ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
+    common = _liar_node_args(model, cache)
     first = group.start("liar-a", ["node", "--blocks", "0:1", "--throughput", "100", *common])
     group.wait_ready([first], timeout=120)
     peers = ["--initial-peers", first.info["dht_maddrs"][0]]
@@ -287,8 +291,8 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         lied = run(group, 1)
         # the honest swarm: the liar leaves, an honest node takes its place (and its preference)
         nodes[1].stop()
-        common = ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
-        honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000", *common,
+        honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000",
+                                                *_liar_node_args(model, cache),
                                                 "--initial-peers", nodes[0].info["dht_maddrs"][0]])
         group.wait_ready([honest_node], timeout=180)
         honest = run(group, max(1, -(-args.honest_steps // tokens)))

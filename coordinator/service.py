@@ -122,11 +122,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         held = self.membership.member_at(address)
         if held is None or not held.member_key or key == held.member_key:
             return
-        timeout_s = self.address_check.config.dial_timeout_s if self.address_check else 3.0
-        if await holder_answers(address, held.member_key, timeout_s):
+        if await holder_answers(address, held.member_key, self._dial_timeout_s()):
             raise FailedPrecondition(
                 f"{one_line(address, 200)} is held by member {held.member_id}, which still serves there; "
                 f"only the node at that address can join with it")
+
+    def _dial_timeout_s(self) -> float:
+        """How long the coordinator waits when it dials a member's address."""
+        return self.address_check.config.dial_timeout_s if self.address_check else 3.0
 
     def _member_key(self, member_id: str, context) -> None:
         self.membership.check_key(member_id, presented_member_key(context.invocation_metadata()))
@@ -177,11 +180,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def CheckReachable(self, request: coordinator_pb2.CheckReachableRequest, context):
         parse_address(request.address)  # InvalidRequest if it is neither host:port nor relayed
-        timeout_s = self.address_check.config.dial_timeout_s if self.address_check else 3.0
         if is_relayed(request.address):
             error = await relay_dialer().check(request.address)
         else:
-            error = await asyncio.to_thread(probe_tcp, request.address, timeout_s)
+            error = await asyncio.to_thread(probe_tcp, request.address, self._dial_timeout_s())
         return coordinator_pb2.CheckReachableReply(reachable=error is None, detail=error or "")
 
     def _rounds(self) -> Rounds:
