@@ -146,7 +146,7 @@ def main() -> int:
         # exports at the last round and a middle kept one, bit for bit against the served state
         from pollinate.client.checkpoints import flat_from_peft
         from pollinate.node.model_files import open_model
-        from pollinate.node.training import JobSpec
+        from pollinate.protocol.shared import JobSpec
         from safetensors.torch import load_file
         import torch
 

@@ -100,7 +100,7 @@ def main() -> int:
 
         from pollinate.client.trainer import Trainer, TrainConfig
         from pollinate.client.training_data import batches, tokenize
-        from pollinate.node.training import JobSpec
+        from pollinate.protocol.shared import JobSpec
 
         torch.set_num_threads(args.torch_threads)
         files = remote.model_files

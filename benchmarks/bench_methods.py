@@ -17,7 +17,7 @@ one job trained through the swarm, then:
 - `round_bytes`: one DiLoCo round of two replicas of a span holding the whole model, bytes
   one member sends and receives (node/diloco.py exchange_in_process: the calls the network
   layer makes, message framing not included), the job's flat vector through its default
-  round settings (`JobSpec.diloco_config()`), pseudo-gradients N(0, 1e-4) per member
+  round settings (`job_diloco_config(spec)`), pseudo-gradients N(0, 1e-4) per member
   (the byte count depends on the vector's size and the codec, little on the values);
 - `export_format`, `export_max_diff`: `pollinate export`'s code path (gather from the nodes,
   write), loaded back by the standard library (PEFT, transformers, or client/method_export.py's
@@ -127,7 +127,7 @@ def remote_generate(remote, job: str, soft_prompt=None):
 
 
 def method_spec(method: str, args):
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     settings = dict(SETTINGS[method])
     if args.quick:
@@ -216,7 +216,7 @@ def state_sizes(spec, files) -> tuple[int, int, int | None, int | None, int]:
     import torch
 
     from pollinate.node.adapters import AdapterHost
-    from pollinate.node.diloco import DiLoCoMember, exchange_in_process, flatten_params
+    from pollinate.node.diloco import DiLoCoMember, exchange_in_process, flatten_params, job_diloco_config
     from pollinate.node.training import backward_step, make_job
 
     if spec.method == "prompt-tuning":  # the trainer's: the prompt and its AdamW moments
@@ -231,7 +231,7 @@ def state_sizes(spec, files) -> tuple[int, int, int | None, int | None, int]:
     numel = sum(p.numel() for p in params)
     node_bytes = sum(p.numel() * p.element_size() for p in params) + job.adapter.optimizer_state_bytes(job.optimizer)
     flat = flatten_params(params)
-    config = spec.diloco_config()
+    config = job_diloco_config(spec)
     members = [DiLoCoMember(flat.clone(), config) for _ in range(2)]
     gen = torch.Generator().manual_seed(1)
     local = [flat + 1e-4 * torch.randn(flat.shape, generator=gen) for _ in members]

@@ -11,7 +11,7 @@ counter counts this case's traffic only):
   ExchangeShard to every other owner, apply, CommitRound) and the node's ExchangeShard handler
   (``TrainingRpcs``), joined through Join and heartbeats like a node. What they average is a
   flat fp32 vector of the size with the DiLoCo settings a LoRA job gets by default
-  (``job_diloco_config(method="lora")``: cocktail codec, outer lr 1.0); each round every member
+  (``job_diloco_config(JobSpec(method="lora"))``: cocktail codec, outer lr 1.0); each round every member
   moves its local copy by its own random step first (in place of H inner steps). Round 1
   carries the whole state to the coordinator once (it has nothing to rebuild from); the
   figures are of the rounds after it.
@@ -75,6 +75,7 @@ async def pollinate_member(args) -> None:
     import torch
 
     from pollinate.node.diloco import DiLoCoMember, assign_flat, job_diloco_config
+    from pollinate.protocol.shared import JobSpec
     from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
     from pollinate.node.servicer import NodeServicer
     from pollinate.node.training_service import TrainingRpcs
@@ -97,7 +98,7 @@ async def pollinate_member(args) -> None:
     driver = Driver(RoundConfig(), coordinator_address=args.coordinator, token=TOKEN,
                     member_id=lambda: member_id, framing=DEFAULT_FRAMING)
     initial = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * 0.02  # same everywhere
-    member = DiLoCoMember(initial, job_diloco_config(method="lora"))
+    member = DiLoCoMember(initial, job_diloco_config(JobSpec(method="lora")))
     state = driver.jobs[JOB] = JobRounds(member=member, restored=True)
 
     class Servicer(TrainingRpcs, node_pb2_grpc.NodeServicer):  # the node's ExchangeShard handler

@@ -427,7 +427,7 @@ async def _train_job(args, model: str, coord_address: str, nodes: list, token: s
     from pollinate.client.routing import Hop, PeerSpan
     from pollinate.client.trainer import SwarmChain, TrainConfig
     from pollinate.client.training_data import causal_lm_loss
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2_grpc
 

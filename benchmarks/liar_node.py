@@ -26,16 +26,16 @@ def _lie(module, inputs, output):
 
 def main() -> int:
     from pollinate.main import main as pollinate_main
-    from pollinate.node.span import Span
+    from pollinate.node.span import SpanModule
 
-    loaded = Span.from_weights.__func__
+    loaded = SpanModule.from_weights.__func__
 
     def from_weights(cls, config, start, end, *args, **kwargs):
         span = loaded(cls, config, start, end, *args, **kwargs)
         span.layers[str(end - 1)].register_forward_hook(_lie)
         return span
 
-    Span.from_weights = classmethod(from_weights)
+    SpanModule.from_weights = classmethod(from_weights)
     return pollinate_main(sys.argv[1:])
 
 

@@ -51,7 +51,7 @@ def main() -> int:
     from netlab import read_counters
     from pollinate.client.trainer import TrainConfig, Trainer
     from pollinate.client.training_data import batches, read_records, split, tokenize
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     torch.set_num_threads(args.torch_threads)
     namespaces = dict(item.split("=", 1) for item in args.count.split(","))

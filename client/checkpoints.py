@@ -36,7 +36,7 @@ class SpanCheckpoint:
 class JobCheckpoint:
     job: str
     asked: int  # the round asked; 0 = the last
-    spec: object  # node/training.JobSpec
+    spec: object  # protocol/shared.py JobSpec
     spans: tuple[SpanCheckpoint, ...]  # in block order, tiling the model
 
     def describe(self) -> dict:
@@ -89,7 +89,7 @@ async def fetch_checkpoint(coordinator: str, token: str, history, *, round_index
     against the checksum the coordinator stores."""
     from pollinate.compression.outer import state_checksum, state_from_bytes
     from pollinate.coordinator.client import call_coordinator
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2
 
     if not history.job.spec.method:

@@ -91,7 +91,7 @@ def spec_flags_given(args: argparse.Namespace) -> bool:
 def job_spec(args: argparse.Namespace, registered=None):
     """The JobSpec the flags ask for: each flag not given takes the registered job's value
     (a node_pb2.JobSpec, or None) or else its default. ValueError names a bad setting."""
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     base = JobSpec.from_proto(registered) if registered is not None else None
     def pick(key, from_registered):

@@ -94,7 +94,7 @@ def registered_config(args, config, token: str, worker):
     from dataclasses import replace
 
     from pollinate.client.cli_job import register_job
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     if not args.coordinator:
         return config  # --initial-peers only: the job lives in request headers, as nodes create it

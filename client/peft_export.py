@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pollinate.node.training import JobSpec
 from pollinate.protocol.errors import translate_rpc_errors
+from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.tensors import TensorAssembler
 from pollinate.protocol.v1 import common_pb2, node_pb2
 

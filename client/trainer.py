@@ -41,7 +41,7 @@ import torch
 
 from pollinate.client.routing import Hop
 from pollinate.client.training_data import causal_lm_loss, collate
-from pollinate.node.training import JobSpec
+from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.errors import InputNotKept, InvalidRequest, PollinateError, translate_rpc_errors
 from pollinate.protocol.tensors import GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2

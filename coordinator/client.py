@@ -29,7 +29,6 @@ from typing import Awaitable, Callable
 
 import grpc.aio
 
-from pollinate.coordinator.placement import Span
 from pollinate.protocol.auth import member_key_metadata, new_member_key, token_metadata
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import (
@@ -42,6 +41,7 @@ from pollinate.protocol.errors import (
     one_line,
     translate_rpc_errors,
 )
+from pollinate.protocol.shared import Span
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 A job is registered by `pollinate job create` or by the first `pollinate train
 --coordinator` that names it. Its settings are the JobSpec nodes get in request headers
-(node/training.py), kept here as plain values (node.proto's field names) so the
-coordinator needs no torch. Registering the same name again with the same settings is a
+(protocol/shared.py), kept here as plain values (node.proto's field names); CreateJob
+checks a spec with that same JobSpec, so the coordinator refuses what nodes would. Registering the same name again with the same settings is a
 no-op; with other settings it is refused, naming each field that differs, before any
 trainer sends a batch. Nodes do not ask the registry: they still create a job from the
 spec in a request header, so a swarm without a coordinator trains as before.
@@ -21,14 +21,11 @@ import time
 
 from pollinate.coordinator.store import JobRecord, Store
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
-from pollinate.protocol.job_limits import check_job_fields
+from pollinate.protocol.shared import JobSpec
+from pollinate.protocol.v1 import node_pb2
 
 logger = logging.getLogger(__name__)
 
-# Adapter methods a job may name: node.adapters.METHODS plus the trainer-side CLIENT_METHODS
-# (a test keeps the two lists equal; the coordinator does not import torch to read them).
-METHODS = ("bottleneck", "full", "galore", "ia3", "llama-adapter", "ln-tuning", "lora", "prefix-tuning",
-           "prompt-tuning", "reft")
 # Names end up in file paths on nodes and in URLs: letters, digits, '.', '_', '-'.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -42,19 +39,14 @@ def spec_to_dict(spec) -> dict:
 
 
 def check_spec(spec: dict) -> None:
-    """The checks that do not need the model; nodes check targets against their blocks."""
-    if spec.get("method") not in METHODS:
-        raise InvalidRequest(f"unknown adapter method {spec.get('method')!r}; known: {', '.join(METHODS)}")
-    for key in ("rank", "lr", "micro_batches"):
-        if not spec.get(key, 0) > 0:
-            raise InvalidRequest(f"job spec: {key} must be > 0, got {spec.get(key)!r}")
-    for key, value in spec.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequest(f"job spec: {key} must be finite, got {value!r}")
+    """Every check a node makes on a spec, except its targets against the node's blocks: the
+    stored form is read back into the shared JobSpec (protocol/shared.py), whose construction
+    checks each field's range and the method's and codec's rules."""
     try:
-        check_job_fields(spec)  # the ranges nodes check too (protocol/job_limits.py)
-    except ValueError as e:
+        msg = node_pb2.JobSpec(**spec)
+    except (ValueError, TypeError) as e:  # a field the message lacks, or of the wrong type
         raise InvalidRequest(f"job spec: {e}") from None
+    JobSpec.from_proto(msg)  # InvalidRequest "job spec: ..." naming the field
 
 
 def spec_differences(registered: dict, asked: dict) -> list[str]:

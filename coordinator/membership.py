@@ -24,7 +24,6 @@ from pollinate.coordinator.config import MembershipConfig
 from pollinate.coordinator.placement import (
     Move,
     Placement,
-    Span,
     best_window,
     block_throughputs,
     holes_of,
@@ -40,6 +39,7 @@ from pollinate.protocol.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from pollinate.protocol.shared import Span
 
 logger = logging.getLogger(__name__)
 

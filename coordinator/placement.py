@@ -20,28 +20,11 @@ import heapq
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from pollinate.protocol.shared import Span
+
 # Below this a block counts as uncovered; throughputs are in tokens/s (or any positive unit),
 # so anything this small is rounding noise from subtracting a member's own contribution.
 EPS = 1e-9
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Span:
-    """Blocks [start, end) of the model; ordered by start, then end."""
-
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"span [{self.start}, {self.end}) must satisfy 0 <= start < end")
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    def __str__(self) -> str:
-        return f"{self.start}:{self.end}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from pollinate.coordinator.config import RoundsConfig
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.store import RoundKey, Store
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
+from pollinate.protocol.shared import Span
 
 if TYPE_CHECKING:  # compression/outer.py imports torch: loaded on the first round's commit only
     from pollinate.compression.outer import OuterStep

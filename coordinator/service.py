@@ -17,7 +17,6 @@ from pollinate import __version__
 from pollinate.coordinator.address_check import AddressCheck, holder_answers
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership, parse_address
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.retention import RetentionPolicy
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
@@ -26,6 +25,7 @@ from pollinate.protocol.auth import presented_member_key
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, one_line
 from pollinate.protocol.relay import dialer as relay_dialer
 from pollinate.protocol.relay import is_relayed
+from pollinate.protocol.shared import Span
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
 logger = logging.getLogger(__name__)

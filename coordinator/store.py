@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pollinate.coordinator.config import StoreConfig
-from pollinate.coordinator.placement import Span
+from pollinate.protocol.shared import Span
 
 logger = logging.getLogger(__name__)
 

@@ -419,7 +419,7 @@ class _Node:
         """(start, end, port, reservation): the span to serve (the coordinator's assignment, or
         --blocks without one) and the port, reserved before Join names it."""
         from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
-        from pollinate.coordinator.placement import Span
+        from pollinate.protocol.shared import Span
         from pollinate.protocol.addresses import join_host_port
 
         config = self.config
@@ -455,7 +455,7 @@ class _Node:
 
     async def start_serving(self, start: int, end: int, port: int, reservation: socket.socket | None) -> None:
         """Load the span, bind, announce 'joining', measure, announce 'online', write the ready file."""
-        from pollinate.coordinator.placement import Span
+        from pollinate.protocol.shared import Span
         from pollinate.node.servicer import NodeServicer, add_to_server
         from pollinate.protocol.addresses import join_host_port
         from pollinate.protocol.channels import RpcServer, ServerConfig

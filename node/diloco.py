@@ -41,7 +41,8 @@ from pollinate.compression.outer import (
     shard_bounds,
     state_checksum,
 )
-from pollinate.protocol.job_limits import JOB_CODECS  # what a job may name (JobSpec.codec)
+from pollinate.protocol.job_limits import DEFAULT_ROUND_CODEC, check_round_codec
+from pollinate.protocol.shared import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class DiLoCoConfig:
     # Nesterov (True) or heavy-ball momentum; DiLoCo paper: Nesterov
     nesterov: bool = True
     # codec id in pollinate.compression's registry for compressed rounds
-    codec: str = "cocktail"
+    codec: str = DEFAULT_ROUND_CODEC
     # codec parameters (p: random-mask ratio, k: top-k ratio inside the mask, bits: value
     # bits, bucket: values per fp32 scale). bench_diloco: ~0.77 bit/element, >= 1000x fewer
     # bytes than DDP at H=25; at that budget more coordinates at 1 bit beat top-k (k < 1)
@@ -234,7 +235,6 @@ def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
     return get_codec(codec_id, **dict(params))
 
 
-COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set
 # Outer lr with the cocktail codec for jobs that train adapters (every method but "full"):
 # DiLoCoConfig's 1.6 comes from training all weights; with LoRA, bench_diloco --lora 8 gave
 # 1.992 at 1.0 vs 2.004 at 1.6 (three seeds, every seed), and the chaos LoRA toy 4.015 vs
@@ -242,39 +242,33 @@ COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a jo
 ADAPTER_OUTER_LR = 1.0
 
 
-def job_diloco_config(*, method: str = "full", round_steps: int = 0, codec: str = "", p: float = 0.0,
-                      k: float = 0.0, bits: int = 0, bucket: int = 0, warmup_rounds: int | None = None,
-                      outer_lr: float = 0.0, outer_momentum: float | None = None,
-                      overlap_rounds: bool | None = None) -> DiLoCoConfig:
-    """A job's settings (JobSpec, issue 6) over DiLoCoConfig's defaults: 0 / "" / None = the
-    default. Cocktail parameters apply over the default codec's when that is cocktail too.
-    Raises ValueError naming the bad setting; the codec is built once to check its parameters."""
+def job_diloco_config(spec: JobSpec) -> DiLoCoConfig:
+    """A job's round settings (JobSpec, issue 6) over DiLoCoConfig's defaults: 0 / "" / None
+    = the default. Cocktail parameters apply over the default codec's when that is cocktail
+    too. Raises ValueError naming the bad setting; the codec is built once to check them."""
     default = DiLoCoConfig()
-    if codec and codec not in JOB_CODECS:
-        raise ValueError(f"codec must be one of {', '.join(JOB_CODECS)}, got {codec!r}")
-    key = codec or default.codec
-    given = {name: v for name, v in zip(COCKTAIL_SETTINGS, (p, k, bits, bucket)) if v}
-    if given and key != "cocktail":
-        raise ValueError(f"{', '.join(sorted(given))} are cocktail settings; codec {key!r} takes none")
+    given = spec.cocktail_settings()
+    check_round_codec(spec.codec, given)
+    key = spec.codec or default.codec
     params = dict(default.codec_params) if key == default.codec else {}
     params.update(given)
-    registry_codec(key, params)  # the codec's own checks: p, k in (0, 1], bits 1..8, bucket
+    registry_codec(key, params)  # the codec's own checks on the merged parameters
     overrides = {"codec": key, "codec_params": params}
     if key != "cocktail":  # dense rounds: the same optimizer alone or not
         overrides["outer_lr"], overrides["outer_momentum"] = DENSE_OUTER_OPTIMIZER
         overrides["solo_outer_optimizer"] = None
-    elif method not in ("full", "galore"):  # GaLore trains every weight, as full does
+    elif spec.method not in ("full", "galore"):  # GaLore trains every weight, as full does
         overrides["outer_lr"] = ADAPTER_OUTER_LR
-    if round_steps:
-        overrides["inner_steps"] = round_steps
-    if warmup_rounds is not None:
-        overrides["warmup_rounds"] = warmup_rounds
-    if outer_lr:
-        overrides["outer_lr"] = outer_lr
-    if outer_momentum is not None:
-        overrides["outer_momentum"] = outer_momentum
-    if overlap_rounds is not None:
-        overrides["overlap_rounds"] = overlap_rounds
+    if spec.round_steps:
+        overrides["inner_steps"] = spec.round_steps
+    if spec.warmup_rounds is not None:
+        overrides["warmup_rounds"] = spec.warmup_rounds
+    if spec.outer_lr:
+        overrides["outer_lr"] = spec.outer_lr
+    if spec.outer_momentum is not None:
+        overrides["outer_momentum"] = spec.outer_momentum
+    if spec.overlap_rounds is not None:
+        overrides["overlap_rounds"] = spec.overlap_rounds
     return dataclasses.replace(default, **overrides)
 
 

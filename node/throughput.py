@@ -122,7 +122,7 @@ def resolve_throughput_info(
     device_name: str | None = None,
     config: ThroughputConfig = ThroughputConfig(),
 ) -> Throughput:
-    """The node's Throughput for --throughput `spec` on `span` (a node.span.Span).
+    """The node's Throughput for --throughput `spec` on `span` (a node.span.SpanModule).
 
     "auto"/None: the cached figure for (model_id, device, dtype, span length), measured and
     cached on a miss. "eval": measure now and overwrite the cache. A number: that number for

@@ -19,6 +19,8 @@ import re
 
 # Pseudo-gradient codecs a job may name (node/diloco.py; "" = the default).
 JOB_CODECS = ("cocktail", "int8", "fp16", "none")
+DEFAULT_ROUND_CODEC = "cocktail"  # a job's codec when it names none (node/diloco.py DiLoCoConfig.codec)
+COCKTAIL_SETTINGS = ("p", "k", "bits", "bucket")  # the cocktail parameters a job may set (JobSpec.codec_*)
 MAX_RANK = 1024  # LoRA rank, bottleneck width, LoReFT/GaLore rank, LLaMA-Adapter's top blocks
 MAX_TARGETS = 32  # module name suffixes in targets / feedforward_modules
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
@@ -71,3 +73,17 @@ def check_job_fields(fields: dict) -> None:
     codec = fields.get("codec") or ""
     if codec and codec not in JOB_CODECS:
         raise ValueError(f"codec must be one of {', '.join(JOB_CODECS)}, got {codec[:40]!r}")
+
+
+def check_round_codec(codec: str, settings: dict) -> None:
+    """ValueError unless the job's codec ("" = the default) takes the cocktail `settings` it
+    sets ({"p": 0.5, ...}): only the cocktail codec has settings, and the codec's own
+    constructor checks each value (pollinate.compression, imported here lazily). An unknown
+    codec is check_job_fields' to refuse."""
+    key = codec or DEFAULT_ROUND_CODEC
+    if settings and key != "cocktail":
+        raise ValueError(f"{', '.join(sorted(settings))} are cocktail settings; codec {key!r} takes none")
+    if settings:  # no settings: the codec's defaults, valid by construction (and no torch import here)
+        from pollinate.compression.codec import get_codec
+
+        get_codec(key, **settings)

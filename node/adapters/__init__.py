@@ -34,10 +34,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pollinate.protocol.shared import JOB_METHODS
+
+
 
 class Adapter(nn.Module):
     method: str = ""
-    default_targets: tuple[str, ...] = ()  # module name suffixes when the spec names none (PEFT's Llama default)
 
     def delta(self, module_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         """The adapted output of Linear `module_name` given its input and base output; None = unchanged."""
@@ -179,7 +181,7 @@ def build_adapter(spec, span: nn.Module) -> Adapter:
 
 
 def known_methods() -> list[str]:
-    return sorted(METHODS) + sorted(CLIENT_METHODS)
+    return sorted(JOB_METHODS)
 
 
 from pollinate.node.adapters.bottleneck import Bottleneck  # noqa: E402
@@ -197,4 +199,4 @@ METHODS: dict[str, type[Adapter]] = {"lora": LoRA, "ia3": IA3, "ln-tuning": LNTu
                                      "prefix-tuning": PrefixTuning, "llama-adapter": LlamaAdapter}
 # Methods whose trainable state the trainer owns (client/prompt_tuning.py): nodes run the
 # base span for them, so they have no entry in METHODS.
-CLIENT_METHODS = {"prompt-tuning"}
+CLIENT_METHODS = {name for name, traits in JOB_METHODS.items() if traits.trainer_side}

@@ -46,7 +46,6 @@ def bottleneck(h: torch.Tensor, down_w, down_b, up_w, up_b) -> torch.Tensor:
 
 class Bottleneck(Adapter):
     method = "bottleneck"
-    default_targets = ("o_proj", "down_proj")  # Houlsby: after attention and after the MLP
 
     def __init__(self, spec, span: nn.Module) -> None:
         super().__init__()

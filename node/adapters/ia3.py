@@ -18,8 +18,6 @@ from pollinate.node.adapters.lora import PEFT_PREFIX
 
 class IA3(Adapter):
     method = "ia3"
-    default_targets = ("k_proj", "v_proj", "down_proj")  # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES["llama"]
-    default_feedforward = ("down_proj",)  # PEFT's ..._IA3_FEEDFORWARD_MODULES["llama"]
 
     def __init__(self, spec, span: nn.Module) -> None:
         super().__init__()

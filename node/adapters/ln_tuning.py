@@ -18,7 +18,6 @@ from pollinate.node.adapters.lora import PEFT_PREFIX
 
 class LNTuning(Adapter):
     method = "ln-tuning"
-    default_targets = ("input_layernorm", "post_attention_layernorm")
 
     def __init__(self, spec, span: nn.Module) -> None:
         super().__init__()

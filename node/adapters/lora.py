@@ -31,7 +31,6 @@ def init_lora_a(weight: torch.Tensor, seed: int, name: str) -> None:
 
 class LoRA(Adapter):
     method = "lora"
-    default_targets = ("q_proj", "v_proj")  # PEFT's default for Llama
 
     def __init__(self, spec, span: nn.Module) -> None:
         super().__init__()

@@ -80,7 +80,7 @@ def main() -> int:
     from pollinate.client.training_data import Example, causal_lm_loss
     from pollinate.client.worker import LoopThread
     from pollinate.node.model_files import open_model
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     files = open_model(args.model, cache_dir=args.cache_dir, show_progress=False)
     worker = LoopThread()

@@ -49,7 +49,7 @@ def main() -> int:
     from pollinate.client.training_data import Example
     from pollinate.client.worker import LoopThread
     from pollinate.node.model_files import open_model
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from pollinate.protocol.errors import InvalidRequest, PollinateError
     from pollinate.protocol.tensors import encode_tensor
     from pollinate.protocol.v1 import common_pb2, node_pb2

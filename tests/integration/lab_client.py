@@ -35,7 +35,7 @@ def main() -> int:
 
     from pollinate.client.trainer import TrainConfig, Trainer
     from pollinate.client.training_data import Example
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     try:
         prompt = torch.tensor([[int(x) for x in args.prompt_ids.split(",")]])

@@ -21,7 +21,7 @@ JOB_SEED = 3  # every replica's adapter starts from the same seed
 
 
 def job_spec(round_steps: int, overlap: bool | None = None, method: str = "lora"):
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from pollinate.protocol.v1 import node_pb2
 
     return JobSpec(method=method, rank=4, alpha=8.0, lr=1e-2, round_steps=round_steps, seed=JOB_SEED,

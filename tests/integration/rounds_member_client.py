@@ -30,10 +30,10 @@ POISON = 1e6
 async def main_async(args) -> dict:
     import torch
 
-    from pollinate.node.diloco import DiLoCoMember, assign_flat
+    from pollinate.node.diloco import DiLoCoMember, assign_flat, job_diloco_config
     from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
     from pollinate.node.servicer import NodeServicer
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from pollinate.node.training_service import TrainingRpcs
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
     from pollinate.protocol.errors import PeerUnavailable
@@ -79,7 +79,7 @@ async def main_async(args) -> dict:
                          member_id=lambda: member_id, framing=DEFAULT_FRAMING)
     real_send, driver.exchange.send = driver.exchange.send, send
     # the job's DiLoCo settings, as a node derives them from the job spec it is sent
-    member = DiLoCoMember(shared["diloco.global"].clone(), JobSpec.from_proto(spec).diloco_config())
+    member = DiLoCoMember(shared["diloco.global"].clone(), job_diloco_config(JobSpec.from_proto(spec)))
     member.load_shared_state({"global": shared["diloco.global"], "momentum": shared["diloco.momentum"]})
     state = driver.jobs[args.job] = JobRounds(member=member, committed_round=1)
 

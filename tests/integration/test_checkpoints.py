@@ -73,7 +73,7 @@ def train(coord, node, tmp_path: Path, steps: int, seed: int) -> dict:
 def test_checkpoints_retention_export_and_record_across_a_restart(tmp_path, tiny_model_dir, tiny_model_files,
                                                                   tiny_cache_dir):
     from pollinate.client.checkpoints import flat_from_peft
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from checkpoints_client import spec as job_spec_msg
     from rounds_client import node_state
     from safetensors.torch import load_file

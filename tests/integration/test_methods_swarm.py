@@ -52,7 +52,7 @@ def test_swarm_trains_new_methods_like_local_and_exports(swarm, tiny_model_dir, 
 
     from pollinate.client.method_export import load_method_adapter
     from pollinate.node.model_files import open_model
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from test_methods import local_run
 
     sys.path.insert(0, str(CLIENT.parent))

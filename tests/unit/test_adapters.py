@@ -16,7 +16,8 @@ import torch
 
 from pollinate.client.training_data import causal_lm_loss
 from pollinate.node.adapters import AdapterHost, known_methods
-from pollinate.node.training import JobSpec, backward_step, make_job
+from pollinate.node.training import backward_step, make_job
+from pollinate.protocol.shared import JobSpec
 from test_training import batches
 
 SPANS = [(0, 1), (1, 3), (3, 4)]
@@ -151,8 +152,8 @@ def test_spec_defaults_and_validation():
     assert JobSpec(method="ia3", targets=("q_proj",)).feedforward == ()
     assert JobSpec(method="ln-tuning").targets == ("input_layernorm", "post_attention_layernorm")
     assert JobSpec(method="full").targets == ()
-    with pytest.raises(ValueError, match=r"unknown adapter method 'bogus'; known: \['bottleneck', 'full', 'galore', "
-                                         r"'ia3', 'llama-adapter', 'ln-tuning', 'lora', 'prefix-tuning', 'reft', 'prompt-tuning'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter method 'bogus'; known: bottleneck, full, galore, "
+                                         r"ia3, llama-adapter, ln-tuning, lora, prefix-tuning, prompt-tuning, reft$"):
         JobSpec(method="bogus")
     with pytest.raises(ValueError, match="must be among the targets"):
         JobSpec(method="ia3", targets=("k_proj",), feedforward=("down_proj",))

@@ -6,7 +6,8 @@ import pytest
 
 from pollinate.client.peft_export import export_job, peft_config, write_peft_adapter
 from pollinate.node.adapters import AdapterHost
-from pollinate.node.training import JobSpec, make_job
+from pollinate.node.training import make_job
+from pollinate.protocol.shared import JobSpec
 
 
 def test_full_checkpoint_needs_every_block(tmp_path, tiny_model_files):

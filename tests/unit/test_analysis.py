@@ -11,7 +11,7 @@ import torch
 from pollinate.client import analysis
 from pollinate.client.checkpoints import JobCheckpoint, SpanCheckpoint, flat_from_peft, peft_state, span_adapter
 from pollinate.client.training_data import IGNORE, Example, causal_lm_loss, collate
-from pollinate.node.training import JobSpec
+from pollinate.protocol.shared import JobSpec
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:

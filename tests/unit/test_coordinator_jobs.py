@@ -18,7 +18,7 @@ import pytest
 from pollinate.client import cli_job
 from pollinate.client.cli_status import format_status
 from pollinate.coordinator.config import StoreConfig
-from pollinate.coordinator.jobs import METHODS, Jobs
+from pollinate.coordinator.jobs import Jobs
 from pollinate.coordinator.server import CoordinatorServer
 from pollinate.coordinator.store import Store
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
@@ -79,10 +79,12 @@ def test_a_job_first_seen_in_a_round_is_filled_in_when_registered(tmp_path):
     assert jobs.get("early") == job
 
 
-def test_coordinator_methods_are_the_nodes_and_the_trainers():
-    from pollinate.node.adapters import known_methods
+def test_job_methods_are_what_nodes_and_trainers_implement():
+    from pollinate.node.adapters import CLIENT_METHODS, METHODS
+    from pollinate.protocol.shared import JOB_METHODS
 
-    assert sorted(METHODS) == sorted(known_methods())
+    assert set(METHODS) | CLIENT_METHODS == set(JOB_METHODS) and not set(METHODS) & CLIENT_METHODS
+    assert CLIENT_METHODS == {"prompt-tuning"}
 
 
 @pytest.fixture
@@ -149,7 +151,7 @@ def job_args(**flags) -> argparse.Namespace:
 
 
 async def test_train_flags_left_out_take_the_registered_settings_and_given_ones_must_match(server):
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     addr = server.grpc_address
     info, created = await cli_job.register_job(addr, TOKEN, "sums", job_args(rank=16, lr=1e-3))

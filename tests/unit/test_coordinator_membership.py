@@ -8,7 +8,6 @@ import pytest
 
 from pollinate.coordinator.config import MembershipConfig, StoreConfig
 from pollinate.coordinator.membership import JoinParams, Membership, parse_address
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.store import MemberRecord, Store
 from pollinate.protocol.errors import (
     FailedPrecondition,
@@ -16,6 +15,7 @@ from pollinate.protocol.errors import (
     NotFound,
     ResourceExhausted,
 )
+from pollinate.protocol.shared import Span
 
 
 class Clock:

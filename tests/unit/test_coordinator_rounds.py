@@ -18,10 +18,10 @@ from pollinate.compression.outer import (
     state_to_bytes,
 )
 from pollinate.coordinator.config import RoundsConfig, StoreConfig
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import CommitOutcome, Rounds
 from pollinate.coordinator.store import Store
 from pollinate.protocol.errors import FailedPrecondition, NotFound
+from pollinate.protocol.shared import Span
 
 SPAN = Span(0, 4)
 NUMEL = 5000

@@ -17,9 +17,9 @@ from pollinate.coordinator.config import (
     MembershipConfig,
     StoreConfig,
 )
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.server import CoordinatorServer
 from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.shared import Span
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 TOKEN = "test-token"

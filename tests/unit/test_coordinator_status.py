@@ -6,11 +6,11 @@ from __future__ import annotations
 from pollinate.client.cli_status import format_status
 from pollinate.coordinator.config import MembershipConfig, StoreConfig
 from pollinate.coordinator.membership import JoinParams, Membership
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.service import status_to_proto
 from pollinate.coordinator.status import render_metrics, snapshot
 from pollinate.coordinator.status_page import render_html
 from pollinate.coordinator.store import Store
+from pollinate.protocol.shared import Span
 
 
 def swarm(tmp_path) -> dict:

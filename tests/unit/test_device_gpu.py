@@ -131,7 +131,8 @@ async def test_wire_tensors_reach_a_half_precision_span_on_the_device(tiny_model
     from pollinate.node.config import ServingConfig
     from pollinate.node.sessions import SessionConfig
     from pollinate.node.span_server import SpanServer
-    from pollinate.node.training import JobSpec, backward_step, make_job
+    from pollinate.protocol.shared import JobSpec
+    from pollinate.node.training import backward_step, make_job
 
     n = tiny_model_files.num_blocks
     reference = tiny_model_files.load_span(0, n, dtype=torch.float32, device="cpu")
@@ -166,7 +167,8 @@ def test_adapters_on_a_half_precision_span_train_in_fp32(tiny_model_files, devic
     """A bf16 span's LoRA keeps fp32 weights (as PEFT does), so a small AdamW step is not
     rounded away: with lr 1e-4 most of A moves, where bf16 weights would keep most of it."""
     from pollinate.node.adapters import AdapterHost
-    from pollinate.node.training import JobSpec, backward_step, make_job
+    from pollinate.protocol.shared import JobSpec
+    from pollinate.node.training import backward_step, make_job
 
     span = tiny_model_files.load_span(0, tiny_model_files.num_blocks, dtype=torch.bfloat16, device=device)
     host = AdapterHost()

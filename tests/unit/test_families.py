@@ -140,7 +140,7 @@ def test_lora_export_loads_on_the_family_model_and_reproduces_the_spans(family, 
     from pollinate.client.peft_export import write_peft_adapter
     from pollinate.node.adapters import AdapterHost, build_adapter
     from pollinate.node.families import lora_targets
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     model_type, files, reference = family
     spec = JobSpec(method="lora", rank=4, alpha=8.0, targets=lora_targets(model_type), seed=7)
@@ -194,7 +194,7 @@ def test_llama_lora_targets_on_phi3_are_refused_naming_its_modules(tmp_path):
     names the modules there are, so the trainer can pass --targets qkv_proj."""
     from pollinate.node.adapters import build_adapter
     from pollinate.node.families import lora_targets
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
 
     files = open_model(make_tiny("phi3", tmp_path / "phi3"), cache_dir=tmp_path / "cache", show_progress=False)
     span = files.load_span(0, 2)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from pollinate.coordinator.jobs import check_spec, spec_to_dict
-from pollinate.node.training import JobSpec
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.job_limits import MAX_RANK, MAX_TARGETS
+from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.v1 import node_pb2
 
 HOSTILE = [

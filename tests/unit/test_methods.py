@@ -21,7 +21,8 @@ from pollinate.client.method_export import load_method_adapter, write_method_ada
 from pollinate.client.training_data import causal_lm_loss
 from pollinate.node.adapters import AdapterHost
 from pollinate.node.adapters.galore import GaLoreAdamW
-from pollinate.node.training import JobSpec, backward_step, make_job
+from pollinate.node.training import backward_step, make_job
+from pollinate.protocol.shared import JobSpec
 from test_training import batches
 
 SPANS = [(0, 1), (1, 3), (3, 4)]

@@ -19,6 +19,7 @@ from pollinate.compression.outer import (
     state_to_bytes,
 )
 from pollinate.node.diloco import Contribution, DiLoCoMember, job_diloco_config
+from pollinate.protocol.shared import JobSpec
 
 NUMEL = 3001  # not a multiple of the group sizes: uneven shards
 
@@ -36,10 +37,10 @@ def one_round(members: list[DiLoCoMember], r: int) -> tuple[list[bytes], list[st
 
 
 @pytest.mark.parametrize("n, config", [
-    (3, job_diloco_config(method="lora")),  # cocktail, adapter outer lr
-    (2, dataclasses.replace(job_diloco_config(), warmup_rounds=2)),  # rounds 1: fp32 frames
-    (1, job_diloco_config(method="lora")),  # a group of one: solo optimizer, fp32 frame
-    (2, job_diloco_config(codec="int8")),  # a dense codec: the DiLoCo paper's optimizer
+    (3, job_diloco_config(JobSpec(method="lora"))),  # cocktail, adapter outer lr
+    (2, dataclasses.replace(job_diloco_config(JobSpec()), warmup_rounds=2)),  # rounds 1: fp32 frames
+    (1, job_diloco_config(JobSpec(method="lora"))),  # a group of one: solo optimizer, fp32 frame
+    (2, job_diloco_config(JobSpec(codec="int8"))),  # a dense codec: the DiLoCo paper's optimizer
 ])
 def test_the_coordinators_rebuild_equals_every_members_state(n, config):
     initial = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 
 Sessions with different cache lengths, prefills of different lengths packed with one-token
 decode steps, and a session joining mid-way: each session's outputs and cache must match
-the same session stepped alone through `Span.forward`, and its greedy tokens the local model's.
+the same session stepped alone through `SpanModule.forward`, and its greedy tokens the local model's.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_packed_steps_equal_each_session_alone(span):
 
 @torch.inference_mode()
 def test_one_packed_session_is_bitwise_alone(span):
-    """With one session the pass is the same computation as Span.forward: equal to the bit,
+    """With one session the pass is the same computation as SpanModule.forward: equal to the bit,
     so any difference with several sessions comes from the shared matrix products alone."""
     alone, packed = span.new_cache(max_length=32), span.new_cache(max_length=32)
     position = 0

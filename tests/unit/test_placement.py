@@ -7,7 +7,6 @@ import pytest
 from pollinate.coordinator.placement import (
     Balance,
     Placement,
-    Span,
     balance_of,
     best_move,
     best_window,
@@ -16,6 +15,7 @@ from pollinate.coordinator.placement import (
     holes_of,
     plan_moves,
 )
+from pollinate.protocol.shared import Span
 
 
 def P(start: int, end: int, throughput: float = 1.0, capacity: int | None = None, pinned=False):

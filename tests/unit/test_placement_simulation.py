@@ -8,13 +8,13 @@ import time
 
 from pollinate.coordinator.placement import (
     Placement,
-    Span,
     balance_of,
     best_window,
     block_throughputs,
     holes_of,
     plan_moves,
 )
+from pollinate.protocol.shared import Span
 
 NUM_BLOCKS = 30
 MARGIN = 0.1

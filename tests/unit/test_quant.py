@@ -13,7 +13,8 @@ pytest.importorskip("torchao")
 from pollinate.node.adapters import AdapterHost  # noqa: E402
 from pollinate.node.model_files import open_model  # noqa: E402
 from pollinate.node.quant import QuantError, quantize_span, span_weight_bytes, weight_bytes_per_param  # noqa: E402
-from pollinate.node.training import JobSpec, backward_step, make_job  # noqa: E402
+from pollinate.node.training import backward_step, make_job  # noqa: E402
+from pollinate.protocol.shared import JobSpec
 
 
 @pytest.fixture(scope="module")

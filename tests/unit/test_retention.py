@@ -68,7 +68,7 @@ def commit(store: Store, key, r: int, nbytes: int = 100) -> None:
 def test_checkpoints_prune_record_delete_and_survive_reopen(tmp_path):
     store = Store(StoreConfig(data_dir=tmp_path)).open()
     jobs = Jobs(store, base_model="m")
-    jobs.create("j", {"method": "lora", "rank": 4, "lr": 0.01, "micro_batches": 1, "keep_last": 2,
+    jobs.create("j", {"method": "lora", "rank": 4, "alpha": 8.0, "lr": 0.01, "micro_batches": 1, "keep_last": 2,
                       "keep_log_spaced": True, "keep_every": 5})
     key = ("j", 0, 4)
     checkpoints = Checkpoints(store)
@@ -115,7 +115,7 @@ def test_a_file_left_by_a_kill_between_record_and_delete_is_swept(tmp_path):
 def test_losses_are_stored_with_the_last_committed_round_and_reach_the_history(tmp_path):
     store = Store(StoreConfig(data_dir=tmp_path)).open()
     jobs = Jobs(store, base_model="m")
-    jobs.create("j", {"method": "lora", "rank": 4, "lr": 0.01, "micro_batches": 1})
+    jobs.create("j", {"method": "lora", "rank": 4, "alpha": 8.0, "lr": 0.01, "micro_batches": 1})
     sha = "ab" * 32
     files = [{"role": "train", "name": "d.jsonl", "size_bytes": 10, "sha256": sha, "examples": 3}]
     assert jobs.report_training("j", "t1", data_files=files, step=0, tokens=0, train_loss=None,

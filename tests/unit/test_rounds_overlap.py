@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat, exchange_in_process,
+from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat, exchange_in_process, job_diloco_config,
                                    flatten_params, overlap_restart)
 from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
 
@@ -272,7 +272,7 @@ def test_the_job_setting_travels_unset_true_and_false_apart():
 
     from pollinate.client.cli_job import add_job_arguments, job_spec
     from pollinate.coordinator.jobs import spec_to_dict
-    from pollinate.node.training import JobSpec
+    from pollinate.protocol.shared import JobSpec
     from pollinate.protocol.v1 import node_pb2
 
     for value in (None, True, False):
@@ -280,7 +280,7 @@ def test_the_job_setting_travels_unset_true_and_false_apart():
         msg = spec.to_proto(node_pb2)
         assert JobSpec.from_proto(msg) == spec
         assert JobSpec.from_proto(node_pb2.JobSpec(**spec_to_dict(msg))) == spec
-        assert spec.diloco_config().overlap_rounds is (DiLoCoConfig().overlap_rounds if value is None else value)
+        assert job_diloco_config(spec).overlap_rounds is (DiLoCoConfig().overlap_rounds if value is None else value)
     assert "overlap_rounds" not in spec_to_dict(JobSpec().to_proto(node_pb2))
     parser = argparse.ArgumentParser()
     add_job_arguments(parser)

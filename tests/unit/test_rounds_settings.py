@@ -19,34 +19,34 @@ from pollinate.coordinator.jobs import spec_to_dict
 from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.service import status_to_proto
 from pollinate.coordinator.store import Store
-from pollinate.node.diloco import ADAPTER_OUTER_LR, DENSE_OUTER_OPTIMIZER, DiLoCoConfig
-from pollinate.node.training import JobSpec
+from pollinate.node.diloco import ADAPTER_OUTER_LR, DENSE_OUTER_OPTIMIZER, DiLoCoConfig, job_diloco_config
 from pollinate.protocol.errors import InvalidRequest
+from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.v1 import node_pb2
 from test_coordinator_rounds import SPAN, STEP, Job, membership
 
 
 def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
     # full-weight jobs get DiLoCoConfig's defaults; adapter jobs (LoRA by default) its outer lr
-    assert JobSpec(method="full").diloco_config() == DiLoCoConfig()
-    assert JobSpec().diloco_config() == dataclasses.replace(DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR)
-    assert JobSpec(method="ia3", outer_lr=2.0).diloco_config().outer_lr == 2.0  # a set lr wins
+    assert job_diloco_config(JobSpec(method="full")) == DiLoCoConfig()
+    assert job_diloco_config(JobSpec()) == dataclasses.replace(DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR)
+    assert job_diloco_config(JobSpec(method="ia3", outer_lr=2.0)).outer_lr == 2.0  # a set lr wins
     default = DiLoCoConfig()
-    cfg = JobSpec(round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0).diloco_config()
+    cfg = job_diloco_config(JobSpec(round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0))
     expected_params = dict(default.codec_params, p=0.5) if default.codec == "cocktail" else {"p": 0.5}
     assert cfg == dataclasses.replace(default, inner_steps=7, codec="cocktail", codec_params=expected_params,
                                       warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0)
-    cfg = JobSpec(codec="int8").diloco_config()
+    cfg = job_diloco_config(JobSpec(codec="int8"))
     assert (cfg.codec, dict(cfg.codec_params)) == ("int8", {})
     # a dense codec gets the DiLoCo paper's outer optimizer, not the cocktail default ...
     assert (cfg.outer_lr, cfg.outer_momentum) == DENSE_OUTER_OPTIMIZER != (default.outer_lr, default.outer_momentum)
     # ... unless the job sets its own
-    cfg = JobSpec(codec="none", outer_lr=0.5, outer_momentum=0.0).diloco_config()
+    cfg = job_diloco_config(JobSpec(codec="none", outer_lr=0.5, outer_momentum=0.0))
     assert (cfg.outer_lr, cfg.outer_momentum) == (0.5, 0.0)
     # a lone replica's rounds: uncompressed at the dense optimizer for the cocktail codec; a
     # dense job's rounds are the same alone or not
     assert default.solo_outer_optimizer == DENSE_OUTER_OPTIMIZER and cfg.solo_outer_optimizer is None
-    cfg = JobSpec(codec="cocktail", codec_bits=4, codec_bucket=128, codec_k=0.25).diloco_config()
+    cfg = job_diloco_config(JobSpec(codec="cocktail", codec_bits=4, codec_bucket=128, codec_k=0.25))
     assert {k: cfg.codec_params[k] for k in ("bits", "bucket", "k")} == {"bits": 4, "bucket": 128, "k": 0.25}
 
 

@@ -16,7 +16,6 @@ from pollinate.compression.outer import state_checksum, state_to_bytes
 from pollinate.coordinator.config import MembershipConfig, RoundsConfig, StoreConfig
 from pollinate.coordinator.http_status import HttpStatusServer, ask_node_info
 from pollinate.coordinator.membership import JoinParams, Membership
-from pollinate.coordinator.placement import Span
 from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.status import (
     block_ranges,
@@ -29,6 +28,7 @@ from pollinate.coordinator.status import (
 )
 from pollinate.coordinator.status_page import job_fragment, node_fragment, render_html
 from pollinate.coordinator.store import JobRecord, Store
+from pollinate.protocol.shared import Span
 
 SPAN = Span(0, 4)
 T0 = 1_000_000.0  # wall clock of the fake swarm, unix s
@@ -250,7 +250,7 @@ def test_metrics_parse_with_prometheus_client_and_keep_every_digit(tmp_path):
     from pollinate.coordinator.checkpoints import Checkpoints
     from pollinate.coordinator.jobs import Jobs
 
-    Jobs(store, base_model="m").create("sst2", {"method": "lora", "rank": 4, "lr": 0.01, "micro_batches": 1,
+    Jobs(store, base_model="m").create("sst2", {"method": "lora", "rank": 4, "alpha": 8.0, "lr": 0.01, "micro_batches": 1,
                                                 "keep_last": 1, "keep_log_spaced": False, "keep_every": 0})
     Checkpoints(store).apply()
     families = {f.name: f for f in text_string_to_metric_families(render_metrics(status_of(m, store), now=T0))}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pollinate.node.span import Span
+from pollinate.node.span import SpanModule
 from pollinate.node.throughput import (
     CACHE_FILE,
     Throughput,
@@ -26,7 +26,7 @@ FAST = ThroughputConfig(warmup_steps=1, inference_steps=4, prefix_tokens=4, forw
 
 
 @pytest.fixture(scope="module")
-def span(tiny_model_files) -> Span:
+def span(tiny_model_files) -> SpanModule:
     """The shared tiny Llama (tests/conftest.py), all its blocks, fp32 on the CPU."""
     return tiny_model_files.load_span(0, tiny_model_files.num_blocks)
 

@@ -12,7 +12,8 @@ import torch
 
 from pollinate.client.training_data import causal_lm_loss
 from pollinate.node.adapters import AdapterHost
-from pollinate.node.training import JobSpec, backward_step, make_job
+from pollinate.node.training import backward_step, make_job
+from pollinate.protocol.shared import JobSpec
 
 SPANS = [(0, 1), (1, 3), (3, 4)]
 
