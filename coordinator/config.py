@@ -123,9 +123,14 @@ class RoundsConfig:
     # oldest kept checkpoints are pruned, never a span's last round (coordinator/retention.py).
     # 0 = no coordinator-wide cap: each job's retention schedule (and its own cap) decides.
     checkpoint_max_bytes: int = 0
+    # How long a member with standing for a (job, span) (its checksum is in a committed round
+    # of it) counts towards the commit majority after it last asked for a round of it, seconds
+    # (issue 18, item 4). A replica that stops training the job holds the others' commits back
+    # for at most this long; 30 min is several rounds of a CPU job (H=25..100 steps).
+    standing_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        for name in ("window_s", "commit_timeout_s"):
+        for name in ("window_s", "commit_timeout_s", "standing_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.checkpoint_max_bytes < 0:

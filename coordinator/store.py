@@ -529,6 +529,14 @@ class Store:
             "UPDATE rounds SET state='aborted', finished_at=? WHERE job_name=? AND span_start=? "
             "AND span_end=? AND round=?", (now, *key, round_index))
 
+    def members_with_standing(self, key: RoundKey) -> set[str]:
+        """The members whose checksum is in a committed round of (job, span): those that
+        count towards its commit majority (coordinator/rounds.py)."""
+        return {m for (m,) in self.db.execute(
+            "SELECT DISTINCT m.member_id FROM round_members m JOIN rounds r ON r.job_name=m.job_name AND "
+            "r.span_start=m.span_start AND r.span_end=m.span_end AND r.round=m.round WHERE m.job_name=? AND "
+            "m.span_start=? AND m.span_end=? AND r.state='committed' AND m.checksum IS NOT NULL", key)}
+
     def round_groups(self, key: RoundKey) -> dict[int, dict]:
         """Every round of (job, span) this store holds: {round: {"state": forming / exchanging
         / committed / aborted, "members": {member id: whether its checksum is in},
