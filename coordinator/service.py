@@ -21,7 +21,7 @@ from pollinate.coordinator.placement import Span
 from pollinate.coordinator.retention import RetentionPolicy
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
-from pollinate.protocol.addresses import probe_tcp
+from pollinate.protocol.addresses import peer_host, probe_tcp
 from pollinate.protocol.auth import presented_member_key
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, one_line
 from pollinate.protocol.relay import dialer as relay_dialer
@@ -47,16 +47,6 @@ def optional_span(parent, field: str) -> Span | None:
 
 def span_to_proto(span: Span | None) -> common_pb2.Span | None:
     return None if span is None else common_pb2.Span(start=span.start, end=span.end)
-
-
-def peer_host(peer: str) -> str:
-    """'ipv4:127.0.0.1:5000' -> '127.0.0.1'; 'ipv6:[::1]:5000' -> '::1'; else as is."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    return peer
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):

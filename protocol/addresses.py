@@ -54,6 +54,17 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None  # a hostname
 
 
+def peer_host(peer: str) -> str:
+    """The caller's IP from a gRPC context's peer(): 'ipv4:127.0.0.1:5000' -> '127.0.0.1';
+    'ipv6:[::1]:5000' -> '::1'; else as is."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
 def is_unspecified(host: str) -> bool:
     """0.0.0.0 or :: (bind to every interface; meaningless as a destination), or empty."""
     ip = _ip(host)
