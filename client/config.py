@@ -34,6 +34,11 @@ class ClientConfig:
     spot_check_rate: float = 0.0
     # Relative distance ||a - b|| / ||b|| under which two answers agree (honest nodes: <= ~1e-2).
     spot_check_tolerance: float = 0.03
+    # The coordinator (HOST:PORT) a liar a spot check caught is reported to, and whose
+    # quarantined nodes routes leave out (re-read with the DHT records); "": neither.
+    coordinator: str = ""
+    # TLS towards it, as --coordinator-tls: None plaintext, "" system roots, a PEM path.
+    coordinator_tls: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:

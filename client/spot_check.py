@@ -15,8 +15,10 @@ the client's routes for good (`Swarm.liars`) and the session rebuilds its route 
 on, replaying the correct history, so every later step runs on honest caches. With no third
 opinion available the disagreement is logged and counted (`unresolved`), and nobody is banned.
 
-What it does not do yet: report a liar to the coordinator (so other clients still route to
-it until they catch it themselves), and check Backward (training) hops.
+With a coordinator (`ClientConfig.coordinator`), the liar is reported there (ReportLiar, with
+the blocks, the distance and the agreeing replicas); once enough distinct clients reported it
+the coordinator quarantines it (coordinator/quarantine.py) and every client that reads the
+quarantine list (with its DHT records) leaves it out of its routes.
 """
 
 from __future__ import annotations
@@ -96,8 +98,12 @@ class SpotChecker:
                            "%.3g (between them)", hop.start, hop.end, d1, _names(route1), d2, _names(route2), d12)
             return None
         self.stats.liars += 1
+        agreeing = [h.peer.address for h in route2] + ([h.peer.address for h in route1] if liar is hop.peer
+                                                      else [hop.peer.address])
         self.swarm.mark_liar(liar, f"its answer for blocks {hop.start}:{hop.end} differs from two other replicas' "
-                                   f"(distances {d1:.3g} and {d2:.3g}, tolerance {self.tolerance:g})")
+                                   f"(distances {d1:.3g} and {d2:.3g}, tolerance {self.tolerance:g})",
+                             evidence={"blocks": (hop.start, hop.end), "distance": min(d1, d2) if liar is hop.peer
+                                       else d1, "tolerance": self.tolerance, "checkers": agreeing})
         return liar
 
     async def _other_answer(self, hop: Hop, inputs: torch.Tensor, job: str, *, avoid: frozenset[str]):

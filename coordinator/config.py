@@ -137,6 +137,24 @@ class RoundsConfig:
             raise ValueError(f"checkpoint_max_bytes must be >= 0, got {self.checkpoint_max_bytes!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class QuarantineConfig:
+    """When client reports of a node answering wrong quarantine it (coordinator/quarantine.py)."""
+
+    # Distinct reporters (caller IPs) whose reports quarantine a node. 2: one hostile client
+    # cannot evict an honest node on its own; 1 suits a lab where every client is one machine.
+    reporters: int = 2
+    # How long a report counts, seconds; a quarantine ends once fewer than `reporters` reports
+    # are this recent. 24 h: a day out of the swarm for a node caught lying.
+    period_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.reporters < 1:
+            raise ValueError(f"reporters must be >= 1, got {self.reporters!r}")
+        if not self.period_s > 0:
+            raise ValueError(f"period_s must be > 0, got {self.period_s!r}")
+
+
 ADDRESS_CHECK_MODES = ("refuse", "warn", "off")
 
 
@@ -177,6 +195,8 @@ class CoordinatorConfig:
     announce_host: str | None = None
     # Checks of the addresses members announce at Join.
     addresses: AddressCheckConfig = field(default_factory=AddressCheckConfig)
+    # Client reports of nodes answering wrong (ReportLiar).
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     # gRPC port; 0 lets the OS choose (read the bound one from the ready file).
     port: int = 7070
     # HTTP status port (JSON, HTML, /metrics); 0 lets the OS choose, -1 disables it.
