@@ -349,6 +349,91 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+@scenario("liar-backward")
+def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
+    """Training through a node whose Backward answers perturbed input gradients
+    (benchmarks/liar_node.py, LIAR_GRAD_NOISE 0.1, honest Forward) on the preferred replica of
+    blocks 1:3; the trainer spot-checks --spot-check-rate of its Backward hops with check_only
+    Backwards on the other replicas, bans and reports the liar and redoes its hop elsewhere.
+    Then the liar leaves, an honest node takes its place, and a new trainer runs
+    --honest-train-steps steps: no ban may happen. Reports the largest distance between
+    agreeing answers (what honest replicas differ by) in each phase."""
+    import torch
+
+    from pollinate.client.trainer import TrainConfig, Trainer
+    from pollinate.node.training import JobSpec
+    from pollinate.procs import ProcGroup
+
+    model, _ = _model(args, workdir)
+    cache = str(workdir / "cache")
+    from pollinate.node.model_files import open_model
+
+    open_model(model, cache_dir=cache, show_progress=False)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def train(coordinator: str, steps: int, *, stop_at_ban: bool = False) -> dict:
+        from pollinate.client.remote_model import RemoteModelForCausalLM
+
+        remote = RemoteModelForCausalLM.from_pretrained(model, coordinator=coordinator, token=LIAR_TOKEN,
+                                                        cache_dir=cache, spot_check_rate=args.spot_check_rate)
+        # rounds every 1000 steps: none in this run, replicas keep their own adapters
+        config = TrainConfig(job="liar-train", spec=JobSpec(rank=4, alpha=8.0, lr=args.lr, seed=3, round_steps=1000),
+                             steps=steps, batch_size=2, wire_codec="fp16")
+        trainer = Trainer(swarm=remote.swarm, worker=remote.worker, client_part=remote.client_part, pad_id=0,
+                          config=config, timeout_s=args.step_timeout)
+        detected, losses = None, []
+        try:
+            for step in range(1, steps + 1):
+                ids = torch.randint(3, 256, (2, 16), generator=gen)
+                losses.append(trainer.micro_batch(ids, ids.clone()))
+                if remote.swarm.liars and detected is None:
+                    detected = step
+                    if stop_at_ban:
+                        break
+        finally:
+            stats = remote.swarm.spot_checks.stats
+            remote.shutdown()  # waits for its liar report to be answered
+        return {"detected_after_steps": detected, "liars": dict(remote.swarm.liars), "steps": len(losses),
+                "losses_finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
+                "checks": stats.backward_checks, "unresolved": stats.unresolved,
+                "max_agreeing_distance": stats.max_agreeing_distance, "failovers": trainer.chain.failovers,
+                "reports": [(r.quarantined, r.reporters) for r in remote.swarm.reports]}
+
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "LIAR_NOISE": "0", "LIAR_GRAD_NOISE": str(args.grad_noise)}
+    with ProcGroup(workdir / "liar", env=env) as group:
+        coord, *nodes = _liar_swarm(group, args, model, cache, liar=True, workdir=workdir)
+        lied = train(coord.info["grpc"], args.train_steps, stop_at_ban=True)
+        liar_address = nodes[1].info["address"]
+        quarantined = [q["address"] for q in _http_status(coord)["quarantined"]]
+        nodes[1].stop()
+        honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000",
+                                                *_liar_node_args(model, cache, coord.info["grpc"],
+                                                                 workdir / "token")])
+        group.wait_ready([honest_node], timeout=180)
+        honest = train(coord.info["grpc"], args.honest_train_steps)
+    return {
+        "scenario": "liar-backward",
+        "model": args.model,
+        "completed": lied["detected_after_steps"] is not None and honest["steps"] == args.honest_train_steps,
+        "spot_check_rate": args.spot_check_rate,
+        "grad_noise": args.grad_noise,
+        "detected_after_steps": lied["detected_after_steps"],
+        "liar_banned": bool(lied["liars"]),
+        "liar_hop_redone": lied["failovers"],
+        "coordinator_quarantined_liar": liar_address in quarantined,
+        "liar_reports": lied["reports"],
+        "checks": lied["checks"],
+        "max_agreeing_distance_liar_phase": lied["max_agreeing_distance"],
+        "false_bans": len(honest["liars"]),
+        "honest_steps": honest["steps"],
+        "honest_checks": honest["checks"],
+        "max_agreeing_distance_honest": honest["max_agreeing_distance"],
+        "losses_finite": lied["losses_finite"] and honest["losses_finite"],
+        "unresolved": lied["unresolved"] + honest["unresolved"],
+    }
+
+
 @scenario("coordinator-restart")
 def coordinator_restart(args: argparse.Namespace, workdir: Path) -> dict:
     """Nodes started with --coordinator only; SIGKILL the coordinator, generate through the
@@ -709,6 +794,10 @@ def main() -> int:
     liar_args = p.add_argument_group("liar")
     liar_args.add_argument("--spot-check-rate", type=float, default=0.1, help="share of hop steps the client checks")
     liar_args.add_argument("--honest-steps", type=int, default=500, help="steps of the honest swarm (no ban allowed)")
+    liar_args.add_argument("--honest-train-steps", type=int, default=200,
+                           help="liar-backward: training steps of the honest swarm (no ban allowed)")
+    liar_args.add_argument("--grad-noise", type=float, default=0.1,
+                           help="liar-backward: the liar's gradient noise, x the gradient's std")
     training = p.add_argument_group("training scenarios (kill-replica-during-training, kill-last-replica)")
     training.add_argument("--replicas", type=int, default=3, help="replicas of the whole tiny model")
     training.add_argument("--train-steps", type=int, default=100, help="inner steps per replica")

@@ -45,7 +45,8 @@ class Swarm:
         self.quarantined: frozenset[str] = frozenset()
         self.reports: list = []  # ReportLiarReply per liar reported, in order (for tests and chaos.py)
         self._reporting: set[asyncio.Task] = set()
-        self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance)
+        self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance,
+                                       grad_tolerance=config.spot_check_grad_tolerance)
 
     async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
         if refresh or time.monotonic() - self._fetched_at > self.config.peers_ttl_s:
