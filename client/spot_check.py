@@ -184,6 +184,22 @@ class SpotChecker:
             return None
         return route, outs[0]
 
+    async def _other_answer(self, hop: Hop, inputs: torch.Tensor, job: str, *, avoid: frozenset[str]):
+        """(route, output) of a Forward of `inputs` through peers other than `avoid`, or None."""
+        try:
+            route = await self.swarm.route(hop.start, hop.end, exclude=avoid)
+        except NoRouteError:
+            return None
+        x = inputs
+        try:
+            for h in route:
+                x = await self._forward(h, x, job)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            logger.info("spot check of blocks %d:%d could not run on %s: %s", hop.start, hop.end, _names(route), e)
+            return None
+        return route, x
+
+
     async def _forward(self, hop: Hop, hidden: torch.Tensor, job: str) -> torch.Tensor:
         cfg = self.swarm.config
         header = node_pb2.ForwardHeader(job=job, blocks=common_pb2.Span(start=hop.start, end=hop.end),
