@@ -24,6 +24,9 @@ from pollinate.protocol.v1 import node_pb2_grpc
 logger = logging.getLogger(__name__)
 
 REPORT_WAIT_S = 3.0  # close() waits this long for liar reports still under way, seconds
+# Longest wait for the coordinator's quarantine list on a DHT re-read, seconds: short, since
+# routing goes on without the coordinator (the last list stands) and waits for this call.
+QUARANTINE_READ_S = 2.0
 
 
 class Swarm:
@@ -143,7 +146,7 @@ class Swarm:
 
         try:
             reply = await self._coordinator_stub().ListQuarantined(coordinator_pb2.ListQuarantinedRequest(),
-                                                                   timeout=self.config.dht_timeout_s)
+                                                                   timeout=QUARANTINE_READ_S)
         except grpc.aio.AioRpcError as e:
             logger.info("quarantine list not read from the coordinator: %s", e.code().name)
             return
