@@ -213,33 +213,44 @@ def _http_status(coord) -> dict:
         return json.loads(r.read())
 
 
-def _liar_node_args(model: str, cache: str | None) -> list[str]:
-    return ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1"]
+LIAR_TOKEN = "liar-token"
 
 
-def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool) -> list:
-    """Blocks 0:1, three replicas of 1:3 (the fastest one lies when `liar`), 3:4; returns the
-    nodes in that order."""
-    common = _liar_node_args(model, cache)
+def _liar_node_args(model: str, cache: str | None, coordinator: str, token_file: Path) -> list[str]:
+    return ["--model", model, *(["--cache-dir", cache] if cache else []), "--torch-threads", "1",
+            "--coordinator", coordinator, "--token-file", str(token_file)]
+
+
+def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool, workdir: Path) -> list:
+    """A coordinator that quarantines a node on one client's report (--quarantine-reporters 1:
+    every client here is one machine), blocks 0:1, three replicas of 1:3 (the fastest one lies
+    when `liar`), 3:4; returns the coordinator and the nodes in that order."""
+    token_file = workdir / "token"
+    token_file.write_text(LIAR_TOKEN + "\n")
+    coord = group.start("liar-coordinator", [
+        "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "0",
+        "--token-file", str(token_file), "--model", model, "--num-blocks", "4", "--quarantine-reporters", "1"])
+    group.wait_ready([coord], timeout=90)
+    common = _liar_node_args(model, cache, coord.info["grpc"], token_file)
     first = group.start("liar-a", ["node", "--blocks", "0:1", "--throughput", "100", *common])
-    group.wait_ready([first], timeout=120)
-    peers = ["--initial-peers", first.info["dht_maddrs"][0]]
     # the liar runs `python -m liar_node` (benchmarks/ is on the group's PYTHONPATH): the same
     # arguments, its log and ready file where the others' are
-    b1 = group.start("liar-b1", ["node", "--blocks", "1:3", "--throughput", "1000", *common, *peers],
+    b1 = group.start("liar-b1", ["node", "--blocks", "1:3", "--throughput", "1000", *common],
                      module="liar_node" if liar else "pollinate")
-    middle = [b1] + [group.start(f"liar-b{i}", ["node", "--blocks", "1:3", "--throughput", "100", *common, *peers])
+    middle = [b1] + [group.start(f"liar-b{i}", ["node", "--blocks", "1:3", "--throughput", "100", *common])
                      for i in (2, 3)]
-    last = group.start("liar-c", ["node", "--blocks", "3:4", "--throughput", "100", *common, *peers])
-    group.wait_ready([*middle, last], timeout=180)
-    return [first, *middle, last]
+    last = group.start("liar-c", ["node", "--blocks", "3:4", "--throughput", "100", *common])
+    group.wait_ready([first, *middle, last], timeout=180)
+    return [coord, first, *middle, last]
 
 
 @scenario("liar")
 def liar(args: argparse.Namespace, workdir: Path) -> dict:
     """A node that perturbs its outputs (benchmarks/liar_node.py) on the preferred replica of
-    blocks 1:3; the client spot-checks --spot-check-rate of its hop steps. Then the liar leaves,
-    an honest node takes its place, and a new client runs --honest-steps steps: no ban may happen."""
+    blocks 1:3; the client spot-checks --spot-check-rate of its hop steps and reports the liar
+    to the coordinator, which quarantines it; a fresh client that checks nothing then routes
+    around it. Then the liar leaves, an honest node takes its place, and a new client runs
+    --honest-steps steps: no ban may happen."""
     import torch
 
     from pollinate.procs import ProcGroup
@@ -256,14 +267,17 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
     ids = torch.tensor([[1, 5, 9, 33, 70, 12, 8]])
     tokens = args.tokens
 
-    def run(group, sessions: int) -> dict:
-        """A fresh client (no liar known yet) generating `sessions` times under spot checks."""
+    def client(coordinator: str, rate: float):
         from pollinate.client.remote_model import RemoteModelForCausalLM
+
+        return RemoteModelForCausalLM.from_pretrained(model, coordinator=coordinator, token=LIAR_TOKEN,
+                                                      cache_dir=cache, wire_codec="fp16", spot_check_rate=rate)
+
+    def run(coordinator: str, sessions: int) -> dict:
+        """A fresh client (no liar known yet) generating `sessions` times under spot checks."""
         from transformers.generation.streamers import BaseStreamer
 
-        remote = RemoteModelForCausalLM.from_pretrained(
-            model, initial_peers=[group.procs[0].info["dht_maddrs"][0]], cache_dir=cache, wire_codec="fp16",
-            spot_check_rate=args.spot_check_rate)
+        remote = client(coordinator, args.spot_check_rate)
         steps, detected, outputs = [0], [], []
 
         class Count(BaseStreamer):
@@ -281,21 +295,32 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
             outputs.append(remote.generate(ids, streamer=Count(), **gen)[0, ids.shape[1]:].tolist())
         liars = dict(remote.swarm.liars)
         stats = remote.swarm.spot_checks.stats
-        remote.shutdown()
+        remote.shutdown()  # waits for its liar report to be answered
         return {"detected_after_steps": detected[0] if detected else None, "liars": liars, "outputs": outputs,
-                "steps": steps[0], "checks": stats.checks, "unresolved": stats.unresolved}
+                "steps": steps[0], "checks": stats.checks, "unresolved": stats.unresolved,
+                "reports": [(r.quarantined, r.reporters) for r in remote.swarm.reports]}
 
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     with ProcGroup(workdir / "liar", env=env) as group:
-        nodes = _liar_swarm(group, args, model, cache, liar=True)
-        lied = run(group, 1)
+        coord, *nodes = _liar_swarm(group, args, model, cache, liar=True, workdir=workdir)
+        lied = run(coord.info["grpc"], 1)
+        liar_address = nodes[1].info["address"]
+        quarantined = [q["address"] for q in _http_status(coord)["quarantined"]]
+        # a fresh client that checks nothing: its routes come from the DHT, where the liar still
+        # announces itself, minus the coordinator's quarantine list
+        fresh = client(coord.info["grpc"], 0.0)
+        try:
+            route = fresh.worker.run(fresh.swarm.route(0, 4), 60.0)
+            fresh_avoids = liar_address not in {h.peer.address for h in route}
+        finally:
+            fresh.shutdown()
         # the honest swarm: the liar leaves, an honest node takes its place (and its preference)
         nodes[1].stop()
         honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000",
-                                                *_liar_node_args(model, cache),
-                                                "--initial-peers", nodes[0].info["dht_maddrs"][0]])
+                                                *_liar_node_args(model, cache, coord.info["grpc"],
+                                                                 workdir / "token")])
         group.wait_ready([honest_node], timeout=180)
-        honest = run(group, max(1, -(-args.honest_steps // tokens)))
+        honest = run(coord.info["grpc"], max(1, -(-args.honest_steps // tokens)))
     out = lied["outputs"][0]
     k = lied["detected_after_steps"]
     after = None
@@ -312,10 +337,99 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         "detected_after_steps": k,
         "liar_banned": bool(lied["liars"]),
         "tokens_match_after_ban": after,
+        # the coordinator quarantined the liar on the client's report (--quarantine-reporters 1)
+        "coordinator_quarantined_liar": liar_address in quarantined,
+        "liar_reports": lied["reports"],
+        "fresh_client_avoids_liar": fresh_avoids,
         "false_bans": len(honest["liars"]),
         "honest_steps": honest["steps"],
         "honest_checks": honest["checks"],
         "checks": lied["checks"],
+        "unresolved": lied["unresolved"] + honest["unresolved"],
+    }
+
+
+@scenario("liar-backward")
+def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
+    """Training through a node whose Backward answers perturbed input gradients
+    (benchmarks/liar_node.py, LIAR_GRAD_NOISE 0.1, honest Forward) on the preferred replica of
+    blocks 1:3; the trainer spot-checks --spot-check-rate of its Backward hops with check_only
+    Backwards on the other replicas, bans and reports the liar and redoes its hop elsewhere.
+    Then the liar leaves, an honest node takes its place, and a new trainer runs
+    --honest-train-steps steps: no ban may happen. Reports the largest distance between
+    agreeing answers (what honest replicas differ by) in each phase."""
+    import torch
+
+    from pollinate.client.trainer import TrainConfig, Trainer
+    from pollinate.protocol.shared import JobSpec
+    from pollinate.procs import ProcGroup
+
+    model, _ = _model(args, workdir)
+    cache = str(workdir / "cache")
+    from pollinate.node.model_files import open_model
+
+    open_model(model, cache_dir=cache, show_progress=False)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def train(coordinator: str, steps: int, *, stop_at_ban: bool = False) -> dict:
+        from pollinate.client.remote_model import RemoteModelForCausalLM
+
+        remote = RemoteModelForCausalLM.from_pretrained(model, coordinator=coordinator, token=LIAR_TOKEN,
+                                                        cache_dir=cache, spot_check_rate=args.spot_check_rate)
+        # rounds every 1000 steps: none in this run, replicas keep their own adapters
+        config = TrainConfig(job="liar-train", spec=JobSpec(rank=4, alpha=8.0, lr=args.lr, seed=3, round_steps=1000),
+                             steps=steps, batch_size=2, wire_codec="fp16")
+        trainer = Trainer(swarm=remote.swarm, worker=remote.worker, client_part=remote.client_part, pad_id=0,
+                          config=config, timeout_s=args.step_timeout)
+        detected, losses = None, []
+        try:
+            for step in range(1, steps + 1):
+                ids = torch.randint(3, 256, (2, 16), generator=gen)
+                losses.append(trainer.micro_batch(ids, ids.clone()))
+                if remote.swarm.liars and detected is None:
+                    detected = step
+                    if stop_at_ban:
+                        break
+        finally:
+            stats = remote.swarm.spot_checks.stats
+            remote.shutdown()  # waits for its liar report to be answered
+        return {"detected_after_steps": detected, "liars": dict(remote.swarm.liars), "steps": len(losses),
+                "losses_finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
+                "checks": stats.backward_checks, "unresolved": stats.unresolved,
+                "max_agreeing_distance": stats.max_agreeing_distance, "failovers": trainer.chain.failovers,
+                "reports": [(r.quarantined, r.reporters) for r in remote.swarm.reports]}
+
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "LIAR_NOISE": "0", "LIAR_GRAD_NOISE": str(args.grad_noise)}
+    with ProcGroup(workdir / "liar", env=env) as group:
+        coord, *nodes = _liar_swarm(group, args, model, cache, liar=True, workdir=workdir)
+        lied = train(coord.info["grpc"], args.train_steps, stop_at_ban=True)
+        liar_address = nodes[1].info["address"]
+        quarantined = [q["address"] for q in _http_status(coord)["quarantined"]]
+        nodes[1].stop()
+        honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000",
+                                                *_liar_node_args(model, cache, coord.info["grpc"],
+                                                                 workdir / "token")])
+        group.wait_ready([honest_node], timeout=180)
+        honest = train(coord.info["grpc"], args.honest_train_steps)
+    return {
+        "scenario": "liar-backward",
+        "model": args.model,
+        "completed": lied["detected_after_steps"] is not None and honest["steps"] == args.honest_train_steps,
+        "spot_check_rate": args.spot_check_rate,
+        "grad_noise": args.grad_noise,
+        "detected_after_steps": lied["detected_after_steps"],
+        "liar_banned": bool(lied["liars"]),
+        "liar_hop_redone": lied["failovers"],
+        "coordinator_quarantined_liar": liar_address in quarantined,
+        "liar_reports": lied["reports"],
+        "checks": lied["checks"],
+        "max_agreeing_distance_liar_phase": lied["max_agreeing_distance"],
+        "false_bans": len(honest["liars"]),
+        "honest_steps": honest["steps"],
+        "honest_checks": honest["checks"],
+        "max_agreeing_distance_honest": honest["max_agreeing_distance"],
+        "losses_finite": lied["losses_finite"] and honest["losses_finite"],
         "unresolved": lied["unresolved"] + honest["unresolved"],
     }
 
@@ -680,6 +794,10 @@ def main() -> int:
     liar_args = p.add_argument_group("liar")
     liar_args.add_argument("--spot-check-rate", type=float, default=0.1, help="share of hop steps the client checks")
     liar_args.add_argument("--honest-steps", type=int, default=500, help="steps of the honest swarm (no ban allowed)")
+    liar_args.add_argument("--honest-train-steps", type=int, default=200,
+                           help="liar-backward: training steps of the honest swarm (no ban allowed)")
+    liar_args.add_argument("--grad-noise", type=float, default=0.1,
+                           help="liar-backward: the liar's gradient noise, x the gradient's std")
     training = p.add_argument_group("training scenarios (kill-replica-during-training, kill-last-replica)")
     training.add_argument("--replicas", type=int, default=3, help="replicas of the whole tiny model")
     training.add_argument("--train-steps", type=int, default=100, help="inner steps per replica")

@@ -1,11 +1,17 @@
-"""A node that lies, for `chaos.py --scenario liar` and tests only (never a production flag).
+"""A node that lies, for `chaos.py --scenario liar` / `liar-backward` and tests only (never a
+production flag).
 
     python benchmarks/liar_node.py node --blocks 1:3 ...     # the arguments of `pollinate node`
 
-Runs `pollinate node` with a forward hook on the last block of every span it loads: each
-output gets Gaussian noise of $LIAR_NOISE (default 0.1) times the output's standard deviation,
-whatever path computes it (Forward, a session step, a batched pass). Its answers are
-well-formed and plausible, only wrong: what client/spot_check.py must catch.
+Runs `pollinate node` with, where its environment asks for them:
+- $LIAR_NOISE (default 0.1): a forward hook on the last block of every span it loads: each
+  output gets Gaussian noise of LIAR_NOISE times the output's standard deviation, whatever
+  path computes it (Forward, a session step, a batched pass); 0: outputs left alone.
+- $LIAR_GRAD_NOISE (default 0): the same for the input gradient every training Backward
+  returns (node/training.py backward_step); its adapters still train on the true gradient.
+  check_only Backwards (another trainer's spot check) are answered honestly, as a liar that
+  reads the flag would.
+Its answers are well-formed and plausible, only wrong: what client/spot_check.py must catch.
 """
 
 from __future__ import annotations
@@ -14,28 +20,43 @@ import os
 import sys
 
 NOISE = float(os.environ.get("LIAR_NOISE", "0.1"))
+GRAD_NOISE = float(os.environ.get("LIAR_GRAD_NOISE", "0"))
+
+
+def _noisy(t, level: float):
+    import torch
+
+    return t + level * t.std() * torch.randn_like(t)
 
 
 def _lie(module, inputs, output):
-    import torch
-
     hidden = output[0] if isinstance(output, tuple) else output
-    noisy = hidden + NOISE * hidden.std() * torch.randn_like(hidden)
+    noisy = _noisy(hidden, NOISE)
     return (noisy, *output[1:]) if isinstance(output, tuple) else noisy
 
 
 def main() -> int:
     from pollinate.main import main as pollinate_main
+    from pollinate.node import training
     from pollinate.node.span import SpanModule
 
-    loaded = SpanModule.from_weights.__func__
+    if NOISE > 0:
+        loaded = SpanModule.from_weights.__func__
 
-    def from_weights(cls, config, start, end, *args, **kwargs):
-        span = loaded(cls, config, start, end, *args, **kwargs)
-        span.layers[str(end - 1)].register_forward_hook(_lie)
-        return span
+        def from_weights(cls, config, start, end, *args, **kwargs):
+            span = loaded(cls, config, start, end, *args, **kwargs)
+            span.layers[str(end - 1)].register_forward_hook(_lie)
+            return span
 
-    SpanModule.from_weights = classmethod(from_weights)
+        SpanModule.from_weights = classmethod(from_weights)
+    if GRAD_NOISE > 0:
+        honest_backward = training.backward_step
+
+        def backward_step(*args, **kwargs):
+            grad = honest_backward(*args, **kwargs)
+            return None if grad is None else _noisy(grad, GRAD_NOISE)
+
+        training.backward_step = backward_step  # JobManager._backward_sync looks it up per call
     return pollinate_main(sys.argv[1:])
 
 

@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-codec", default="",
                    help="gradients on the wire (Backward in and out): the same choices plus int4row-sr "
                         "(4 bits, stochastic rounding); default: as --codec")
+    p.add_argument("--spot-check", type=float, default=0.0, metavar="RATE",
+                   help="check this share of Backward hops on another replica with the hop's own adapter "
+                        "(fetched first) and never use a node again whose gradient two others contradict; with "
+                        "--coordinator it is reported (docs/security.md)")
     p.add_argument("--no-keep-inputs", dest="keep_inputs", action="store_false",
                    help="send each hop's input again with its Backward instead of letting the node keep it "
                         "from the Forward (more bytes; for nodes older than the keep_id field)")
@@ -130,7 +134,9 @@ def _train(args, files, tok, config, train, held) -> int:
         worker.stop()
         dht.shutdown()
         return 2
-    swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(token=token))
+    swarm = Swarm(dht=dht, model_id=args.model, num_blocks=files.num_blocks, config=ClientConfig(
+        token=token, spot_check_rate=args.spot_check, coordinator=args.coordinator or "",
+        coordinator_tls=args.coordinator_tls))
     try:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         prompt_tuning = config.spec.method == "prompt-tuning"

@@ -34,6 +34,14 @@ class ClientConfig:
     spot_check_rate: float = 0.0
     # Relative distance ||a - b|| / ||b|| under which two answers agree (honest nodes: <= ~1e-2).
     spot_check_tolerance: float = 0.03
+    # The same for a Backward's input gradient (training), where replicas' adapters differ by
+    # the inner steps since their last round. docs/security.md has the distances measured.
+    spot_check_grad_tolerance: float = 0.03
+    # The coordinator (HOST:PORT) a liar a spot check caught is reported to, and whose
+    # quarantined nodes routes leave out (re-read with the DHT records); "": neither.
+    coordinator: str = ""
+    # TLS towards it, as --coordinator-tls: None plaintext, "" system roots, a PEM path.
+    coordinator_tls: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -42,8 +50,9 @@ class ClientConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.spot_check_rate <= 1.0:
             raise ValueError(f"spot_check_rate must be in [0, 1], got {self.spot_check_rate}")
-        if not self.spot_check_tolerance > 0:
-            raise ValueError(f"spot_check_tolerance must be > 0, got {self.spot_check_tolerance}")
+        for name in ("spot_check_tolerance", "spot_check_grad_tolerance"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         if self.token is not None and not self.token:

@@ -166,6 +166,9 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         from pollinate.node.model_files import open_model
 
         client_config = config or ClientConfig(token=token, **overrides)
+        if coordinator is not None and not client_config.coordinator:  # liar reports, quarantine
+            client_config = dataclasses.replace(client_config, coordinator=coordinator,
+                                                coordinator_tls=coordinator_tls)
         if exact:
             client_config = dataclasses.replace(
                 client_config, routing=dataclasses.replace(client_config.routing, exact=True))

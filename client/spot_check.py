@@ -15,8 +15,20 @@ the client's routes for good (`Swarm.liars`) and the session rebuilds its route 
 on, replaying the correct history, so every later step runs on honest caches. With no third
 opinion available the disagreement is logged and counted (`unresolved`), and nobody is banned.
 
-What it does not do yet: report a liar to the coordinator (so other clients still route to
-it until they catch it themselves), and check Backward (training) hops.
+Training (issue 18): the trainer checks the same share of its Backward hops
+(client/trainer.py). Replicas train their own adapters between DiLoCo rounds, so another
+replica's gradient is not comparable as such: before the hop's Backward the trainer fetches
+the hop's adapter (GetState flat, one fp32 vector), and the checkers (other replicas of
+exactly the hop's blocks) compute the input gradient for the same input and output gradient
+with that adapter in place of their own (BackwardHeader.check_only: nothing accumulated or
+stepped, their adapter restored). Honest answers then differ by arithmetic and the wire
+codec only; they are compared within `spot_check_grad_tolerance`. A hop found lying is
+redone on another replica, as a failed hop is; its adapter gradients stay on the liar.
+
+With a coordinator (`ClientConfig.coordinator`), the liar is reported there (ReportLiar, with
+the blocks, the distance and the agreeing replicas); once enough distinct clients reported it
+the coordinator quarantines it (coordinator/quarantine.py) and every client that reads the
+quarantine list (with its DHT records) leaves it out of its routes.
 """
 
 from __future__ import annotations
@@ -31,10 +43,12 @@ import torch
 from pollinate.client.routing import Hop, NoRouteError, PeerSpan
 from pollinate.client.trainer import stream_tensors
 from pollinate.protocol.errors import PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import HIDDEN_STATES, encode_tensor
+from pollinate.protocol.tensors import GRAD_OUTPUTS, HIDDEN_STATES, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
+
+ADAPTER_FLAT = "adapter.flat"  # as node/training_service.py names a job's flat trainable tensors
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,19 +59,28 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class SpotCheckStats:
-    checks: int = 0
+    checks: int = 0  # Forward (inference) checks
+    backward_checks: int = 0  # Backward (training) checks
     disagreements: int = 0
     liars: int = 0
     unresolved: int = 0
+    # the largest distance between two answers that agreed: what honest nodes differ by here
+    max_agreeing_distance: float = 0.0
+
+
+class AnsweredWrong(PollinateError):
+    """A spot check found the hop's answer wrong: the trainer redoes the hop elsewhere."""
 
 
 class SpotChecker:
     """The client's spot checks: shared by its sessions (one Swarm, one checker)."""
 
-    def __init__(self, swarm, *, rate: float, tolerance: float, seed: int | None = None) -> None:
+    def __init__(self, swarm, *, rate: float, tolerance: float, grad_tolerance: float | None = None,
+                 seed: int | None = None) -> None:
         self.swarm = swarm
         self.rate = rate
         self.tolerance = tolerance
+        self.grad_tolerance = tolerance if grad_tolerance is None else grad_tolerance
         self.rng = random.Random(seed)
         self.stats = SpotCheckStats()
 
@@ -68,37 +91,98 @@ class SpotChecker:
         """Check `answer` (the hop's output for the last answer.shape[1] positions of `inputs`)
         on other replicas; the peer found lying (the hop's or a checker's), or None."""
         self.stats.checks += 1
-        first = await self._other_answer(hop, inputs, job, avoid=frozenset({hop.peer.peer_id}))
+        tail = answer.shape[1]
+
+        async def other(avoid: frozenset[str]):
+            got = await self._other_answer(hop, inputs, job, avoid=avoid)
+            return None if got is None else (got[0], got[1][:, -tail:])
+
+        return await self._judge(hop, answer, other, tolerance=self.tolerance, what="answer")
+
+    async def check_backward(self, hop: Hop, hidden: torch.Tensor, grad_out: torch.Tensor, answer: torch.Tensor,
+                             *, job: str, spec, flat: torch.Tensor) -> PeerSpan | None:
+        """Check a training hop's Backward answer (the gradient of its input `hidden` for the
+        gradient `grad_out` of its output) on other replicas of exactly its blocks: check_only
+        Backwards that compute with `flat`, the hop's own adapter fetched before its Backward
+        (GetState flat), and accumulate nothing. The peer found lying, or None."""
+        self.stats.backward_checks += 1
+
+        async def other(avoid: frozenset[str]):
+            return await self._other_gradient(hop, hidden, grad_out, job, spec, flat, avoid=avoid)
+
+        return await self._judge(hop, answer, other, tolerance=self.grad_tolerance, what="gradient")
+
+    async def _judge(self, hop: Hop, answer: torch.Tensor, other, *, tolerance: float, what: str) -> PeerSpan | None:
+        """Compare `answer` with another route's (`other(avoid)`); on disagreement a third
+        route decides who lied, who is then marked (and reported) as a liar."""
+        first = await other(frozenset({hop.peer.peer_id}))
         if first is None:
             return None  # no other replica of these blocks: nothing to compare with
         route1, out1 = first
-        tail = answer.shape[1]
-        d1 = distance(answer, out1[:, -tail:])
-        if d1 <= self.tolerance:
+        d1 = distance(answer, out1)
+        if d1 <= tolerance:
+            self.stats.max_agreeing_distance = max(self.stats.max_agreeing_distance, d1)
             return None
         self.stats.disagreements += 1
         avoid = frozenset({hop.peer.peer_id, *(h.peer.peer_id for h in route1)})
-        second = await self._other_answer(hop, inputs, job, avoid=avoid)
+        second = await other(avoid)
         if second is None:
             self.stats.unresolved += 1
-            logger.warning("spot check: %s and %s disagree on blocks %d:%d (distance %.3g) and no third replica "
-                           "can tell which is right", hop.peer.address, _names(route1), hop.start, hop.end, d1)
+            logger.warning("spot check: %s and %s disagree on blocks %d:%d (%s distance %.3g) and no third replica "
+                           "can tell which is right", hop.peer.address, _names(route1), hop.start, hop.end, what, d1)
             return None
         route2, out2 = second
-        d2, d12 = distance(answer, out2[:, -tail:]), distance(out1, out2)
-        if d2 > self.tolerance and d12 <= self.tolerance:
+        d2, d12 = distance(answer, out2), distance(out1, out2)
+        if d2 > tolerance and d12 <= tolerance:
             liar = hop.peer
-        elif d2 <= self.tolerance and len(route1) == 1:
+            self.stats.max_agreeing_distance = max(self.stats.max_agreeing_distance, d12)
+        elif d2 <= tolerance and len(route1) == 1:
             liar = route1[0].peer  # the first checker disagreed with two others
+            self.stats.max_agreeing_distance = max(self.stats.max_agreeing_distance, d2)
         else:
             self.stats.unresolved += 1
-            logger.warning("spot check of blocks %d:%d inconclusive: distances %.3g (hop vs %s), %.3g (hop vs %s), "
-                           "%.3g (between them)", hop.start, hop.end, d1, _names(route1), d2, _names(route2), d12)
+            logger.warning("spot check of blocks %d:%d inconclusive: %s distances %.3g (hop vs %s), %.3g (hop vs %s), "
+                           "%.3g (between them)", hop.start, hop.end, what, d1, _names(route1), d2, _names(route2), d12)
             return None
         self.stats.liars += 1
-        self.swarm.mark_liar(liar, f"its answer for blocks {hop.start}:{hop.end} differs from two other replicas' "
-                                   f"(distances {d1:.3g} and {d2:.3g}, tolerance {self.tolerance:g})")
+        agreeing = [h.peer.address for h in route2] + ([h.peer.address for h in route1] if liar is hop.peer
+                                                      else [hop.peer.address])
+        self.swarm.mark_liar(liar, f"its {what} for blocks {hop.start}:{hop.end} differs from two other replicas' "
+                                   f"(distances {d1:.3g} and {d2:.3g}, tolerance {tolerance:g})",
+                             evidence={"blocks": (hop.start, hop.end), "distance": min(d1, d2) if liar is hop.peer
+                                       else d1, "tolerance": tolerance, "checkers": agreeing})
         return liar
+
+    async def _other_gradient(self, hop: Hop, hidden: torch.Tensor, grad_out: torch.Tensor, job: str, spec,
+                              flat: torch.Tensor, *, avoid: frozenset[str]):
+        """(route, input gradient) of one peer other than `avoid` that serves exactly the hop's
+        blocks (the adapter `flat` is the hop's: it fits no other split); None if none answers."""
+        try:
+            route = await self.swarm.route(hop.start, hop.end, exclude=avoid)
+        except NoRouteError:
+            return None
+        if len(route) != 1:
+            logger.info("Backward spot check of blocks %d:%d: no other single replica of them (%s)", hop.start,
+                        hop.end, _names(route))
+            return None
+        (checker,) = route
+        header = node_pb2.BackwardHeader(job=job, blocks=common_pb2.Span(start=hop.start, end=hop.end), spec=spec,
+                                         check_only=True)
+        tensors = [await asyncio.to_thread(encode_tensor, t, codec="none", name=name)
+                   for t, name in ((flat, ADAPTER_FLAT), (hidden, HIDDEN_STATES), (grad_out, GRAD_OUTPUTS))]
+        requests = [node_pb2.BackwardRequest(header=header)] + [
+            node_pb2.BackwardRequest(tensor=c) for enc in tensors for c in enc.chunks()]
+        try:
+            with translate_rpc_errors(peer=checker.peer.address):
+                outs = await stream_tensors(self.swarm.stub(checker.peer.address).Backward, requests,
+                                            self.swarm.config.step_timeout_s)
+            if len(outs) != 1:
+                raise PollinateError(f"{checker.peer.address} answered the check with {len(outs)} tensors")
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            logger.info("Backward spot check of blocks %d:%d could not run on %s: %s", hop.start, hop.end,
+                        checker.peer.address, e)
+            return None
+        return route, outs[0]
 
     async def _other_answer(self, hop: Hop, inputs: torch.Tensor, job: str, *, avoid: frozenset[str]):
         """(route, output) of a Forward of `inputs` through peers other than `avoid`, or None."""
@@ -114,6 +198,7 @@ class SpotChecker:
             logger.info("spot check of blocks %d:%d could not run on %s: %s", hop.start, hop.end, _names(route), e)
             return None
         return route, x
+
 
     async def _forward(self, hop: Hop, hidden: torch.Tensor, job: str) -> torch.Tensor:
         cfg = self.swarm.config

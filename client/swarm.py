@@ -23,6 +23,11 @@ from pollinate.protocol.v1 import node_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+REPORT_WAIT_S = 3.0  # close() waits this long for liar reports still under way, seconds
+# Longest wait for the coordinator's quarantine list on a DHT re-read, seconds: short, since
+# routing goes on without the coordinator (the last list stands) and waits for this call.
+QUARANTINE_READ_S = 2.0
+
 
 class Swarm:
     def __init__(self, *, dht, model_id: str, num_blocks: int, config: ClientConfig):
@@ -39,7 +44,12 @@ class Swarm:
         self._relay_failures: dict[str, float] = {}  # relayed peer id -> when a call to it last failed
         self._channel_config = ChannelConfig(token=config.token)
         self.liars: dict[str, str] = {}  # peer id -> why: caught answering wrong, never routed again
-        self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance)
+        # addresses the coordinator quarantined (coordinator/quarantine.py), left out of routes
+        self.quarantined: frozenset[str] = frozenset()
+        self.reports: list = []  # ReportLiarReply per liar reported, in order (for tests and chaos.py)
+        self._reporting: set[asyncio.Task] = set()
+        self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance,
+                                       grad_tolerance=config.spot_check_grad_tolerance)
 
     async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
         if refresh or time.monotonic() - self._fetched_at > self.config.peers_ttl_s:
@@ -47,6 +57,8 @@ class Swarm:
                 fetch_peers, self.dht, self.model_id, self.num_blocks, timeout_s=self.config.dht_timeout_s
             )
             self._fetched_at = time.monotonic()
+            if self.config.coordinator:
+                await self._read_quarantine()
             logger.debug("DHT: %d peers: %s", len(self._peers), [f"{p.address}[{p.start}:{p.end}]" for p in self._peers])
         now = time.monotonic()
         self._stale = {k: until for k, until in self._stale.items() if until > now}
@@ -57,10 +69,14 @@ class Swarm:
         re-reads the DHT once on failure."""
         banned = self.bans.banned(time.monotonic()) | exclude | frozenset(self.liars)
         try:
-            return find_route(await self.peers(), start, end, config=self.config.routing, banned=banned)
+            return find_route(self._unquarantined(await self.peers()), start, end, config=self.config.routing,
+                              banned=banned)
         except NoRouteError:
-            peers = await self.peers(refresh=True)
+            peers = self._unquarantined(await self.peers(refresh=True))
             return find_route(peers, start, end, config=self.config.routing, banned=banned)
+
+    def _unquarantined(self, peers: list[PeerSpan]) -> list[PeerSpan]:
+        return [p for p in peers if p.address not in self.quarantined] if self.quarantined else peers
 
     def ban(self, peer: PeerSpan, reason: BaseException) -> None:
         """Leave a failed peer out of routes for a while (doubling per repeat). A peer that
@@ -84,11 +100,57 @@ class Swarm:
         logger.warning("peer %s (%s, blocks %d:%d) failed: %s; banned for %.0f s",
                        peer.peer_id[-8:], peer.address, peer.start, peer.end, reason, length)
 
-    def mark_liar(self, peer: PeerSpan, why: str) -> None:
-        """Never route through `peer` again (client/spot_check.py caught it)."""
+    def mark_liar(self, peer: PeerSpan, why: str, *, evidence: dict | None = None) -> None:
+        """Never route through `peer` again (client/spot_check.py caught it); with a
+        coordinator, report it there (ReportLiar with `evidence`: blocks, distance, tolerance,
+        checkers), in the background."""
         self.liars[peer.peer_id] = why
         logger.warning("peer %s (%s) answered wrong: %s; never routing through it again", peer.peer_id[-8:],
                        peer.address, why)
+        if self.config.coordinator and evidence is not None:
+            task = asyncio.ensure_future(self._report_liar(peer, evidence))
+            self._reporting.add(task)
+            task.add_done_callback(self._reporting.discard)
+
+    def _coordinator_stub(self):
+        from pollinate.protocol.channels import coordinator_tls
+        from pollinate.protocol.v1 import coordinator_pb2_grpc
+
+        address = self.config.coordinator
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(
+                address, ChannelConfig(token=self.config.token, **coordinator_tls(self.config.coordinator_tls)))
+        return coordinator_pb2_grpc.CoordinatorStub(channel)
+
+    async def _report_liar(self, peer: PeerSpan, evidence: dict) -> None:
+        from pollinate.protocol.v1 import common_pb2, coordinator_pb2
+
+        start, end = evidence["blocks"]
+        request = coordinator_pb2.ReportLiarRequest(
+            address=peer.address, peer_id=peer.peer_id, blocks=common_pb2.Span(start=start, end=end),
+            distance=evidence["distance"], tolerance=evidence["tolerance"], checkers=evidence["checkers"])
+        try:
+            reply = await self._coordinator_stub().ReportLiar(request, timeout=self.config.step_timeout_s)
+        except grpc.aio.AioRpcError as e:  # the ban here stands; the coordinator just does not hear of it
+            logger.warning("reporting %s to the coordinator failed: %s %s", peer.address, e.code().name, e.details())
+            return
+        self.reports.append(reply)
+        logger.warning("reported %s to the coordinator: %s (%d of %d reporters)", peer.address,
+                       "quarantined" if reply.quarantined else "not quarantined yet", reply.reporters, reply.needed)
+
+    async def _read_quarantine(self) -> None:
+        """The coordinator's quarantined nodes; on failure the last list stands (serving goes
+        on without the coordinator)."""
+        from pollinate.protocol.v1 import coordinator_pb2
+
+        try:
+            reply = await self._coordinator_stub().ListQuarantined(coordinator_pb2.ListQuarantinedRequest(),
+                                                                   timeout=QUARANTINE_READ_S)
+        except grpc.aio.AioRpcError as e:
+            logger.info("quarantine list not read from the coordinator: %s", e.code().name)
+            return
+        self.quarantined = frozenset(n.address for n in reply.nodes)
 
     def _first_relay_failure(self, peer: PeerSpan) -> bool:
         """True once per ban_base_s for a relayed peer: its first unreachable call is retried."""
@@ -105,6 +167,10 @@ class Swarm:
         return node_pb2_grpc.NodeStub(channel)
 
     async def close(self) -> None:
+        if self._reporting:  # a report under way gets a moment to be answered (ms on a LAN)
+            _, late = await asyncio.wait(set(self._reporting), timeout=REPORT_WAIT_S)
+            for task in late:
+                task.cancel()
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()

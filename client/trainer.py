@@ -216,7 +216,11 @@ class SwarmChain:
                 # the model's first blocks take the frozen embeddings: their input gradient is
                 # of no use to a job trained on the nodes (prompt tuning, job "", needs it)
                 input_grad = not (self.job and hop.start == 0)
-                grad = await self.backward_hop(hop, h.tensor, grad, keep_id=h.keep_id, input_grad=input_grad)
+                flat = await self._adapter_to_check(hop) if input_grad else None
+                new = await self.backward_hop(hop, h.tensor, grad, keep_id=h.keep_id, input_grad=input_grad)
+                if flat is not None:
+                    await self._spot_check(hop, h.tensor, grad, new, flat)
+                grad = new
                 i -= 1
                 continue
             except (PollinateError, asyncio.TimeoutError) as e:
@@ -229,6 +233,35 @@ class SwarmChain:
             hops[i:i + 1] = replacement
             i += len(replacement) - 1
         return [hop for hop, _ in hops]
+
+    async def _adapter_to_check(self, hop: Hop) -> torch.Tensor | None:
+        """For a share (spot_check_rate) of Backward hops: the hop's adapter as it stands
+        before its Backward (GetState flat), which the check computes with; None: no check."""
+        if not self.job or not self.swarm.spot_checks.due():
+            return None
+        req = node_pb2.GetStateRequest(job=self.job, span=self._span(hop), flat=True)
+        assembler, flat = TensorAssembler(), None
+        try:
+            with translate_rpc_errors(peer=hop.peer.address):
+                async for reply in self.swarm.stub(hop.peer.address).GetState(req, timeout=self.timeout_s):
+                    enc = assembler.feed(reply.tensor)
+                    if enc is not None:
+                        flat = await asyncio.to_thread(enc.decode)
+        except (PollinateError, asyncio.TimeoutError) as e:  # not checked this time; the Backward decides
+            logger.info("job %s: no adapter of %s to check its Backward with: %s", self.job, hop.peer.address, e)
+            return None
+        return flat
+
+    async def _spot_check(self, hop: Hop, hidden: torch.Tensor, grad_out: torch.Tensor, answer: torch.Tensor,
+                          flat: torch.Tensor) -> None:
+        """Check the hop's Backward answer on other replicas (client/spot_check.py); a hop
+        found lying raises AnsweredWrong, and backward() redoes it on another replica."""
+        liar = await self.swarm.spot_checks.check_backward(hop, hidden, grad_out, answer, job=self.job,
+                                                           spec=self.spec_msg, flat=flat)
+        if liar is hop.peer:
+            from pollinate.client.spot_check import AnsweredWrong  # spot_check.py imports this module
+
+            raise AnsweredWrong(f"{hop.peer.address} answered a wrong gradient for blocks {hop.start}:{hop.end}")
 
     async def _replace(self, hop: Hop, hidden: KeptInput, error: BaseException) -> list[tuple[Hop, KeptInput]]:
         """A new chain for the blocks of a failed hop, with each new hop's input (the first
@@ -283,9 +316,10 @@ def _only(outputs: list[torch.Tensor], expected: bool) -> torch.Tensor | None:
 
 
 def _transient(e: BaseException) -> bool:
+    from pollinate.client.spot_check import AnsweredWrong
     from pollinate.protocol.errors import PeerUnavailable, RpcTimeout, SpanMoved
 
-    return isinstance(e, (PeerUnavailable, RpcTimeout, SpanMoved, asyncio.TimeoutError))
+    return isinstance(e, (PeerUnavailable, RpcTimeout, SpanMoved, AnsweredWrong, asyncio.TimeoutError))
 
 
 class Trainer:

@@ -22,6 +22,7 @@ from pollinate.coordinator.config import (
     CoordinatorConfig,
     DhtConfig,
     MembershipConfig,
+    QuarantineConfig,
     RoundsConfig,
     StoreConfig,
 )
@@ -74,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-window", type=float, default=RoundsConfig().window_s, metavar="S",
                         help="how long a DiLoCo round waits for a span's replicas to ask "
                              "(default %(default)s)")
+    parser.add_argument("--round-standing", type=float, default=RoundsConfig().standing_s, metavar="S",
+                        help="a replica whose checksum is in a committed round of a job counts towards "
+                             "that job's commit majority until it has not asked for a round for this "
+                             "long (docs/security.md; default %(default)s)")
+    parser.add_argument("--quarantine-reporters", type=int, default=QuarantineConfig().reporters, metavar="N",
+                        help="distinct reporters (client IPs) whose ReportLiar quarantines a node "
+                             "(default %(default)s; docs/security.md)")
+    parser.add_argument("--quarantine-period", type=float, default=QuarantineConfig().period_s, metavar="S",
+                        help="how long a liar report counts, seconds (default %(default)s)")
     parser.add_argument("--checkpoint-max-bytes", type=int, default=RoundsConfig().checkpoint_max_bytes,
                         metavar="BYTES", help="cap on the committed round states (every job's checkpoints) "
                                               "kept in --data-dir; the oldest are pruned beyond it, never a "
@@ -141,9 +151,11 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
             rebalance_interval_s=args.rebalance_interval,
         ),
         store=StoreConfig(data_dir=args.data_dir, synchronous=args.sqlite_synchronous),
-        rounds=RoundsConfig(window_s=args.round_window, checkpoint_max_bytes=args.checkpoint_max_bytes),
+        rounds=RoundsConfig(window_s=args.round_window, standing_s=args.round_standing,
+                            checkpoint_max_bytes=args.checkpoint_max_bytes),
         dht=dht_config(args),
         host=args.host, announce_host=args.announce_host,
+        quarantine=QuarantineConfig(reporters=args.quarantine_reporters, period_s=args.quarantine_period),
         addresses=AddressCheckConfig(undialable=args.check_addresses, dial_back=args.dial_back,
                                      dial_timeout_s=args.dial_timeout),
         port=args.port, http_port=args.http_port,

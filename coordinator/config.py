@@ -123,13 +123,36 @@ class RoundsConfig:
     # oldest kept checkpoints are pruned, never a span's last round (coordinator/retention.py).
     # 0 = no coordinator-wide cap: each job's retention schedule (and its own cap) decides.
     checkpoint_max_bytes: int = 0
+    # How long a member with standing for a (job, span) (its checksum is in a committed round
+    # of it) counts towards the commit majority after it last asked for a round of it, seconds
+    # (issue 18, item 4). A replica that stops training the job holds the others' commits back
+    # for at most this long; 30 min is several rounds of a CPU job (H=25..100 steps).
+    standing_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        for name in ("window_s", "commit_timeout_s"):
+        for name in ("window_s", "commit_timeout_s", "standing_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.checkpoint_max_bytes < 0:
             raise ValueError(f"checkpoint_max_bytes must be >= 0, got {self.checkpoint_max_bytes!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuarantineConfig:
+    """When client reports of a node answering wrong quarantine it (coordinator/quarantine.py)."""
+
+    # Distinct reporters (caller IPs) whose reports quarantine a node. 2: one hostile client
+    # cannot evict an honest node on its own; 1 suits a lab where every client is one machine.
+    reporters: int = 2
+    # How long a report counts, seconds; a quarantine ends once fewer than `reporters` reports
+    # are this recent. 24 h: a day out of the swarm for a node caught lying.
+    period_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.reporters < 1:
+            raise ValueError(f"reporters must be >= 1, got {self.reporters!r}")
+        if not self.period_s > 0:
+            raise ValueError(f"period_s must be > 0, got {self.period_s!r}")
 
 
 ADDRESS_CHECK_MODES = ("refuse", "warn", "off")
@@ -172,6 +195,8 @@ class CoordinatorConfig:
     announce_host: str | None = None
     # Checks of the addresses members announce at Join.
     addresses: AddressCheckConfig = field(default_factory=AddressCheckConfig)
+    # Client reports of nodes answering wrong (ReportLiar).
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     # gRPC port; 0 lets the OS choose (read the bound one from the ready file).
     port: int = 7070
     # HTTP status port (JSON, HTML, /metrics); 0 lets the OS choose, -1 disables it.

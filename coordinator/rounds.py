@@ -32,6 +32,19 @@ round commits for them (they hold every shard's result, so the abandoned members
 changed nothing they applied) and an abandoned member is told to fetch the committed state;
 if nobody reported, the attempt aborts and the waiting members form the next attempt right
 away with the span's live replicas.
+
+The majority (issue 18, item 4). A member has *standing* for (job, span) once its checksum is
+in a committed round of it (the store's round_members). The *voters* of a round are the live
+members serving the span with standing that asked for a round of (job, span) in the last
+``standing_s`` (members with standing count as having asked when the coordinator started).
+A round commits only if its agreeing members include more than half of the voters; with no
+voter (round 1, or every replica with standing gone or idle) the group decides alone. So a
+newcomer that is the whole group after the window cannot commit over a replica that trains
+the job; it gains standing by committing a round together with the others. A voter that asks
+after the group formed without it waits for that formation to settle (it cannot commit
+without the voter's majority) and joins the next attempt, instead of being refused.
+Limits (docs/security.md): Sybils with standing can outvote; round 1 and a span whose
+standing replicas are gone are decided by whoever is in the group.
 """
 
 from __future__ import annotations
@@ -116,6 +129,9 @@ class Rounds:
         # next round is rebuilt from it (read back from its file after a restart)
         self._last: dict[Key, tuple] = {}
         self._tasks: set[asyncio.Task] = set()  # running _finish tasks (a reference each)
+        self._standing: dict[Key, set[str]] = {}  # members with standing, loaded from the store
+        self._asked_at: dict[tuple[Key, str], float] = {}  # (key, member) -> its last BeginRound
+        self._started = time.monotonic()  # a member with standing has "asked" at start (restart)
 
     # ---- queries --------------------------------------------------------------------
 
@@ -148,7 +164,11 @@ class Rounds:
         if round_index != expected:
             raise FailedPrecondition(f"BeginRound: job {job!r} span {span}: round {round_index} "
                                      f"asked, the next round is {expected}")
+        self._asked_at[(key, member_id)] = time.monotonic()
         rnd = self._open.get((key, round_index))
+        if (rnd is not None and rnd.group is not None and not rnd.done.is_set()
+                and member_id not in dict(rnd.group.members) and member_id in self.voters(key)):
+            rnd = await self._wait_out(key, round_index, rnd, member_id)
         if (rnd is not None and rnd.group is not None and not rnd.done.is_set()
                 and member_id in dict(rnd.group.members)):
             rnd = await self._abandon(key, round_index, rnd, member_id)
@@ -206,6 +226,34 @@ class Rounds:
         current = self._open.get((key, round_index))
         return None if current is rnd else current
 
+    async def _wait_out(self, key: Key, round_index: int, rnd: _Round, member_id: str) -> _Round | None:
+        """A voter asked after the group formed without it: that formation cannot commit
+        without its majority unless the others are one, so wait for it to settle; committed ->
+        FailedPrecondition (fetch the state), aborted -> the formation to join (None: form one)."""
+        logger.info("round %d of job %s span %d:%d attempt %d formed without %s, a voter; it waits "
+                    "for the attempt to settle", round_index, *key, rnd.attempt, member_id)
+        await self._settled(key, round_index, rnd)
+        if rnd.outcome[0]:
+            raise FailedPrecondition(f"BeginRound: round {round_index} of job {key[0]!r} was committed "
+                                     f"without {member_id}; fetch it with GetCommittedState")
+        current = self._open.get((key, round_index))
+        return None if current is rnd else current
+
+    def standing(self, key: Key) -> set[str]:
+        """Members whose checksum is in a committed round of (job, span) (kept up to date)."""
+        held = self._standing.get(key)
+        if held is None:
+            held = self._standing[key] = self.store.members_with_standing(key)
+        return held
+
+    def voters(self, key: Key) -> set[str]:
+        """Live members serving the span, with standing, that asked for a round of it in the
+        last standing_s: a commit needs more than half of them (module docstring)."""
+        span, standing, now = Span(key[1], key[2]), self.standing(key), time.monotonic()
+        return {m.member_id for m in self.membership.members.values()
+                if m.span == span and m.member_id in standing
+                and now - self._asked_at.get((key, m.member_id), self._started) <= self.config.standing_s}
+
     def _settle(self, key: Key, round_index: int, rnd: _Round) -> None:
         """Finish the formation once every member reported, gave up, or left the swarm."""
         if rnd.done.is_set() or rnd.finishing is not None:
@@ -219,6 +267,8 @@ class Rounds:
                                                f"(gave up: {sorted(rnd.abandoned)}, left: {sorted(gone)})")
         elif len(set(rnd.checksums.values())) != 1:
             self._abort(key, round_index, rnd, f"checksums disagree: {dict(sorted(rnd.checksums.items()))}")
+        elif why := majority_lacking(set(rnd.checksums), self.voters(key)):
+            self._abort(key, round_index, rnd, why)
         elif rnd.state_from and not rnd.state:
             if rnd.state_from in gone or rnd.state_from in rnd.abandoned:
                 self._abort(key, round_index, rnd, f"{rnd.state_from}, asked for the state, left")
@@ -401,6 +451,7 @@ class Rounds:
             return
         self.store.commit_round(key, round_index, path=rel, checksum=checksum, nbytes=len(data), now=time.time())
         self._last[key] = (round_index, theta, momentum)
+        self.standing(key).update(rnd.checksums)
         if self.checkpoints is not None:
             try:
                 self.checkpoints.apply()
@@ -433,6 +484,15 @@ class Rounds:
         logger.warning("round %d of job %s span %d:%d aborted: %s", round_index, *key, reason)
 
 
+def majority_lacking(agreeing: set[str], voters: set[str]) -> str:
+    """Why members that reported agreeing checksums may not commit ("": they may): they must
+    include more than half of the voters; with no voter the group decides (issue 18, item 4)."""
+    if not voters or 2 * len(agreeing & voters) > len(voters):
+        return ""
+    return (f"no majority of the span's members with standing: {len(agreeing & voters)} of {len(voters)} "
+            f"({', '.join(sorted(voters))}) agree; a round needs more than half of them")
+
+
 def outer_from_proto(codec: str, params_json: str, lr: float, momentum: float, nesterov: bool) -> OuterStep | None:
     """CommitRoundRequest.outer as an OuterStep; None if absent or malformed (the round then
     falls back to taking the state whole)."""
@@ -460,4 +520,4 @@ def _write_durably(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-__all__ = ["CommitOutcome", "Group", "Rounds", "RoundsConfig", "outer_from_proto"]
+__all__ = ["CommitOutcome", "Group", "Rounds", "RoundsConfig", "majority_lacking", "outer_from_proto"]

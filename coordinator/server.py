@@ -84,6 +84,7 @@ class CoordinatorServer:
         self._announce_host = config.host
         self._rpc = None
         self._servicer = None
+        self.quarantine = None  # coordinator/quarantine.py, made in start()
         self._http: HttpStatusServer | None = None
         self._timers: list[asyncio.Task] = []
         self._closed = asyncio.Event()
@@ -121,7 +122,8 @@ class CoordinatorServer:
                         latest=self.store.round_history(latest_only=True, limit=STATUS_ROUNDS),
                         totals=self.store.round_totals(),
                         coordinator_address=self.grpc_address if self._rpc is not None else "",
-                        relays=self.relays)
+                        relays=self.relays,
+                        quarantined=list(self.quarantine.nodes().values()) if self.quarantine else [])
 
     async def start(self) -> None:
         from pollinate.coordinator.service import CoordinatorServicer
@@ -155,9 +157,13 @@ class CoordinatorServer:
         self._announce_host = announce.host
         if announce.host != cfg.host:
             logger.info("bound to %s; announcing %s (%s)", cfg.host, announce.host, announce.reason)
+        from pollinate.coordinator.quarantine import Quarantine
+
+        self.quarantine = Quarantine(cfg.quarantine, self.store, self.membership)
         self._servicer = CoordinatorServicer(
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
             rounds=Rounds(cfg.rounds, self.store, self.membership, checkpoints=self.checkpoints), jobs=self.jobs,
+            quarantine=self.quarantine,
             address_check=AddressCheck(cfg.addresses,
                                        local_hosts=interface_hosts() | {announce.host, cfg.host},
                                        serves_others=not is_loopback(announce.host)),

@@ -17,10 +17,11 @@ from pollinate import __version__
 from pollinate.coordinator.address_check import AddressCheck, holder_answers
 from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership, parse_address
+from pollinate.coordinator.quarantine import Quarantine
 from pollinate.coordinator.retention import RetentionPolicy
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
-from pollinate.protocol.addresses import probe_tcp
+from pollinate.protocol.addresses import peer_host, probe_tcp
 from pollinate.protocol.auth import presented_member_key
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, one_line
 from pollinate.protocol.relay import dialer as relay_dialer
@@ -49,16 +50,6 @@ def span_to_proto(span: Span | None) -> common_pb2.Span | None:
     return None if span is None else common_pb2.Span(start=span.start, end=span.end)
 
 
-def peer_host(peer: str) -> str:
-    """'ipv4:127.0.0.1:5000' -> '127.0.0.1'; 'ipv6:[::1]:5000' -> '::1'; else as is."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    return peer
-
-
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self,
@@ -69,8 +60,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         rounds: Rounds | None = None,
         jobs: Jobs | None = None,
         address_check: AddressCheck | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.membership = membership
+        self.quarantine = quarantine  # liar reports (coordinator/quarantine.py); None: not offered
         self.address_check = address_check  # None: announced addresses are not checked
         self.jobs = jobs or Jobs(membership.store, base_model=membership.config.model_id)
         self.rounds = rounds  # DiLoCo rounds (coordinator/rounds.py); None: not offered
@@ -89,6 +82,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         key = presented_member_key(context.invocation_metadata()) or ""
         if self.address_check is not None:
             await self.address_check.joining(request.address, peer_host=source_host)
+        if self.quarantine is not None:
+            self.quarantine.check_join(request.address)
         await self._check_takeover(request.address, key)
         params = JoinParams(
             address=request.address,
@@ -186,6 +181,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             error = await asyncio.to_thread(probe_tcp, request.address, self._dial_timeout_s())
         return coordinator_pb2.CheckReachableReply(reachable=error is None, detail=error or "")
 
+    def _quarantine(self) -> Quarantine:
+        if self.quarantine is None:
+            raise FailedPrecondition("this coordinator takes no liar reports")
+        return self.quarantine
+
+    async def ReportLiar(self, request: coordinator_pb2.ReportLiarRequest, context):
+        blocks = span_from_proto(request.blocks, "blocks")
+        checkers = ", ".join(one_line(c, 100) for c in request.checkers[:4])
+        reason = (f"blocks {blocks}: distance {request.distance:.3g} > tolerance {request.tolerance:.3g} "
+                  f"from the answers of {checkers or 'other replicas'}")
+        quarantine = self._quarantine()
+        now, reporters = quarantine.report(request.address, peer_host(context.peer() or ""),
+                                           peer_id=request.peer_id, reason=reason)
+        return coordinator_pb2.ReportLiarReply(quarantined=now, reporters=reporters,
+                                               needed=quarantine.config.reporters)
+
+    async def ListQuarantined(self, request, context):
+        return coordinator_pb2.ListQuarantinedReply(
+            nodes=[quarantined_to_proto(q) for q in self._quarantine().nodes().values()])
+
     def _rounds(self) -> Rounds:
         if self.rounds is None:
             raise FailedPrecondition("this coordinator does not run DiLoCo rounds")
@@ -276,6 +291,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.ListJobsReply(jobs=[job_to_proto(job_to_dict(j)) for j in self.jobs.list()])
 
 
+def quarantined_to_proto(q: dict) -> coordinator_pb2.QuarantinedNode:
+    return coordinator_pb2.QuarantinedNode(address=q["address"], peer_id=q["peer_id"], reporters=q["reporters"],
+                                           since=q["since"], reason=q["reason"])
+
+
 def job_to_proto(job: dict) -> coordinator_pb2.JobInfo:
     return coordinator_pb2.JobInfo(
         name=job["name"], base_model=job["base_model"], spec=node_pb2.JobSpec(**job["spec"]),
@@ -307,5 +327,6 @@ def status_to_proto(status: dict) -> coordinator_pb2.StatusReply:
             job=r["job"], span=common_pb2.Span(start=r["span"][0], end=r["span"][1]), round=r["round"],
             committed_at=r["committed_at"], members=[coordinator_pb2.RoundMemberTraffic(**m) for m in r["members"]])
             for r in status.get("rounds", [])],
+        quarantined=[quarantined_to_proto(q) for q in status.get("quarantined", [])],
     )
 

@@ -42,6 +42,7 @@ def snapshot(
     coordinator_address: str = "",
     now: float | None = None,
     relays: list[str] = (),
+    quarantined: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Everything `pollinate status`, the HTML pages and /metrics show, as plain data.
 
@@ -102,6 +103,9 @@ def snapshot(
         "departures": list(reversed(membership.departures)),  # newest first
         "dht_initial_peers": list(dht_initial_peers),
         "relays": list(relays),
+        # nodes quarantined for answering wrong (coordinator/quarantine.py): address, peer_id,
+        # reporters, since, reason
+        "quarantined": list(quarantined),
         "started_at": started_at,
         "version": version,
         "heartbeat_period_s": cfg.heartbeat_period_s,

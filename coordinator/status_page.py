@@ -315,6 +315,10 @@ Coordinator {e(status["version"])}, up since {ago(status["started_at"], now)}.</
        "(no node has joined)", cls="nodes")}
 {"<h2>Left or evicted</h2>" + table(["when", "node", "address", "blocks", "why"], departures, "", cls="departures")
  if departures else ""}
+{"<h2>Quarantined</h2>" + table(["address", "reporters", "since", "last report"],
+                                 [row([e(q["address"]), str(q["reporters"]), ago(q["since"], now), e(q["reason"])])
+                                  for q in status.get("quarantined", [])], "", cls="quarantined")
+ if status.get("quarantined") else ""}
 <h2>Jobs</h2>
 {table(["job", "settings", "activity", "last round", "rounds (span)", "tokens", "tokens/s", "bytes sent"],
        job_rows(status), "(no jobs)", cls="jobs")}

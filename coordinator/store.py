@@ -134,6 +134,14 @@ CREATE TABLE IF NOT EXISTS loss_reports (
     reported_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS loss_reports_job ON loss_reports (job_name, round);
+CREATE TABLE IF NOT EXISTS liar_reports (  -- issue 18: coordinator/quarantine.py
+    address     TEXT NOT NULL,          -- the reported node's address
+    reporter    TEXT NOT NULL,          -- the reporter's IP, as gRPC saw the call
+    peer_id     TEXT NOT NULL,          -- the node's DHT peer id, as the reporter gave it
+    reason      TEXT NOT NULL,          -- the report's evidence, one line
+    reported_at REAL NOT NULL,          -- unix seconds of the reporter's latest report
+    PRIMARY KEY (address, reporter)
+);
 CREATE TABLE IF NOT EXISTS analyses (
     job_name         TEXT NOT NULL,
     round            INTEGER NOT NULL,  -- the job as it stood at this round
@@ -528,6 +536,27 @@ class Store:
         self.db.execute(
             "UPDATE rounds SET state='aborted', finished_at=? WHERE job_name=? AND span_start=? "
             "AND span_end=? AND round=?", (now, *key, round_index))
+
+    def members_with_standing(self, key: RoundKey) -> set[str]:
+        """The members whose checksum is in a committed round of (job, span): those that
+        count towards its commit majority (coordinator/rounds.py)."""
+        return {m for (m,) in self.db.execute(
+            "SELECT DISTINCT m.member_id FROM round_members m JOIN rounds r ON r.job_name=m.job_name AND "
+            "r.span_start=m.span_start AND r.span_end=m.span_end AND r.round=m.round WHERE m.job_name=? AND "
+            "m.span_start=? AND m.span_end=? AND r.state='committed' AND m.checksum IS NOT NULL", key)}
+
+    def add_liar_report(self, address: str, reporter: str, *, peer_id: str, reason: str, now: float) -> None:
+        """One reporter's report of a node (a repeat replaces its earlier one)."""
+        with _transaction(self.db):
+            self.db.execute("INSERT INTO liar_reports VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                            "peer_id=excluded.peer_id, reason=excluded.reason, reported_at=excluded.reported_at",
+                            (address, reporter, peer_id, reason, now))
+
+    def liar_reports(self, since: float) -> list[tuple[str, str, str, str, float]]:
+        """(address, reporter, peer_id, reason, reported_at) of reports at or after `since`,
+        oldest first."""
+        return self.db.execute("SELECT address, reporter, peer_id, reason, reported_at FROM liar_reports "
+                               "WHERE reported_at >= ? ORDER BY reported_at", (since,)).fetchall()
 
     def round_groups(self, key: RoundKey) -> dict[int, dict]:
         """Every round of (job, span) this store holds: {round: {"state": forming / exchanging

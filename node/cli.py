@@ -81,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "length, then cached), 'eval' (measure again) or a number")
     p.add_argument("--cache-tokens", type=int, default=8192, help="KV-cache budget in tokens over all sessions")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close sessions idle this long, seconds")
+    from pollinate.node.sessions import SessionConfig  # no torch: cheap to import here
+
+    p.add_argument("--cache-peer-share", type=float, default=SessionConfig().peer_share,
+                   help="most of --cache-tokens the sessions of one peer (the caller's IP) may reserve, "
+                        "in (0, 1] (default %(default)s; docs/security.md)")
     p.add_argument("--batch-window-ms", type=float, default=50.0,
                    help="longest a session's step waits for other active sessions' steps to share its "
                         "pass of the span, ms (default %(default)s; never longer than the last pass took, "
@@ -185,7 +190,8 @@ def build_config(args: argparse.Namespace):
         quant=args.quant,
         throughput=args.throughput,
         torch_threads=args.torch_threads,
-        sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout),
+        sessions=SessionConfig(budget_tokens=args.cache_tokens, idle_timeout_s=args.idle_timeout,
+                               peer_share=args.cache_peer_share),
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
                                                            ttl_s=args.kept_inputs_ttl),
                               max_jobs=args.max_jobs, jobs_memory_bytes=int(args.jobs_memory_mb * (1 << 20)),

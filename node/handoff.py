@@ -321,14 +321,15 @@ class HandoffInbox:
         b, h, s, d = expected_shape(server.span, header.batch_size, header.position)
         return 2 * server.span.num_blocks * b * h * s * d
 
-    async def receive(self, server, header, payload: bytes) -> None:
-        """Decode, check and hold the session; raises (changing nothing) when anything is wrong."""
+    async def receive(self, server, header, payload: bytes, *, peer: str = "") -> None:
+        """Decode, check and hold the session (its cache counted against the sending peer's
+        share, node/sessions.py); raises (changing nothing) when anything is wrong."""
         sid = header.session_id
         try:
             decoded = await asyncio.to_thread(decode_kv, payload, max_elements=self.max_elements(server, header))
         except CompressionError as e:
             raise InvalidRequest(f"handoff of {sid}: {e}") from e
-        session = server.open_session(sid, max_length=header.max_length, batch_size=header.batch_size)
+        session = server.open_session(sid, max_length=header.max_length, batch_size=header.batch_size, peer=peer)
         try:
             session.cache = await server.run_torch(
                 lambda: restore_cache(server.span, decoded.layers, batch_size=header.batch_size,

@@ -19,6 +19,7 @@ from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
+from pollinate.protocol.addresses import peer_host
 from pollinate.protocol.auth import MAX_CHALLENGE_CHARS, address_proof
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, RpcTimeout
 from pollinate.protocol.tensors import (
@@ -174,7 +175,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 server.check_hidden(hidden)
                 if session is None:
                     session = server.open_session(
-                        opened.session_id, max_length=opened.max_length, batch_size=hidden.shape[0]
+                        opened.session_id, max_length=opened.max_length, batch_size=hidden.shape[0],
+                        peer=peer_host(context.peer() or ""),
                     )
                     self._allow_handoff(session, opened)
                 if session.handoff is None:
@@ -220,7 +222,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
         if len(data) != expected:
             raise InvalidRequest(f"HandOff of {header.session_id}: header announced {expected} bytes, "
                                  f"{'more' if len(data) > expected else len(data)} arrived")
-        await self.handoffs.receive(server, header, bytes(data))
+        await self.handoffs.receive(server, header, bytes(data), peer=peer_host(context.peer() or ""))
         return node_pb2.HandOffReply(position=header.position, hold_s=self.handoffs.config.hold_s)
 
 

@@ -6,6 +6,12 @@ session that would push the total past the node's budget is refused with
 ResourceExhausted, which tells the client to go to another replica. Sessions idle for longer
 than the configured timeout are expired (their reservation returns to the pool).
 
+Per peer (issue 18, item 5): the sessions one peer holds reserve at most ``peer_share`` of the
+budget, so one caller holding many streams cannot take the whole cache. A peer is the
+caller's IP as gRPC saw it: weak against Sybils (one attacker with many addresses gets a
+share per address), and every caller behind one address (a NAT, this machine's loopback, a
+relay's local daemon) shares one share.
+
 Plain domain code, no gRPC: the server maps the errors raised here to status codes.
 """
 
@@ -16,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +36,9 @@ class SessionConfig:
     max_session_tokens: int = 8192
     # A session with no step for this many seconds is closed and its cache freed.
     idle_timeout_s: float = 300.0
+    # Most of budget_tokens the sessions of one peer (the caller's IP) may reserve, a fraction
+    # in (0, 1]; 0.5: a greedy peer leaves at least half of the cache to the others (issue 18).
+    peer_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.budget_tokens <= 0:
@@ -38,6 +47,13 @@ class SessionConfig:
             raise ValueError(f"max_session_tokens must be > 0, got {self.max_session_tokens}")
         if not self.idle_timeout_s > 0:
             raise ValueError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+        if not 0 < self.peer_share <= 1:
+            raise ValueError(f"peer_share must be in (0, 1], got {self.peer_share}")
+
+    @property
+    def peer_tokens(self) -> int:
+        """The most cache tokens one peer's sessions may reserve."""
+        return int(self.budget_tokens * self.peer_share)
 
 
 @dataclass(kw_only=True)
@@ -47,6 +63,7 @@ class Session:
     batch_size: int  # fixed by the first step
     start: int  # first block this session runs
     end: int  # one past its last block
+    peer: str = ""  # the caller's IP (its sessions share peer_share of the budget); "": in-process
     position: int = 0  # tokens processed so far == position of the next step's first token
     cache: Any = None  # the span's KV cache object for this session
     last_used: float = field(default_factory=time.monotonic)
@@ -103,7 +120,11 @@ class SessionManager:
         """The open sessions, a snapshot (the caller may open or close sessions meanwhile)."""
         return list(self._sessions.values())
 
-    def open(self, session_id: str, *, max_length: int, batch_size: int, start: int, end: int) -> Session:
+    def peer_reserved(self, peer: str) -> int:
+        return sum(s.reserved_tokens for s in self._sessions.values() if s.peer == peer)
+
+    def open(self, session_id: str, *, max_length: int, batch_size: int, start: int, end: int,
+             peer: str = "") -> Session:
         if not session_id:
             raise InvalidRequest("session_id is empty")
         if session_id in self._sessions:
@@ -122,7 +143,15 @@ class SessionManager:
                 f"session {session_id} needs {need} cache tokens, node has {self.tokens_left} "
                 f"of {self.config.budget_tokens} left"
             )
-        s = Session(session_id=session_id, max_length=max_length, batch_size=batch_size, start=start, end=end)
+        held = self.peer_reserved(peer) if peer else 0
+        if peer and held + need > self.config.peer_tokens:
+            raise ResourceExhausted(
+                f"session {session_id} needs {need} cache tokens; its peer {one_line(peer, 64)} already holds "
+                f"{held} of the {self.config.peer_tokens} one peer may hold on this node "
+                f"({self.config.peer_share:g} of {self.config.budget_tokens})"
+            )
+        s = Session(session_id=session_id, max_length=max_length, batch_size=batch_size, start=start, end=end,
+                    peer=peer)
         self._sessions[session_id] = s
         logger.info(
             "session %s opened for blocks %d:%d, %d tokens reserved, %d left",

@@ -123,12 +123,12 @@ class SpanServer:
 
     # ---- Inference: sessions with a KV cache
 
-    def open_session(self, session_id: str, *, max_length: int, batch_size: int) -> Session:
+    def open_session(self, session_id: str, *, max_length: int, batch_size: int, peer: str = "") -> Session:
         limit = self.span.config.max_position_embeddings
         if max_length > limit:
             raise InvalidRequest(f"session {session_id}: max_length {max_length} exceeds the model's context {limit}")
         return self.sessions.open(
-            session_id, max_length=max_length, batch_size=batch_size, start=self.start, end=self.end
+            session_id, max_length=max_length, batch_size=batch_size, start=self.start, end=self.end, peer=peer
         )
 
     async def step(self, session: Session, hidden: torch.Tensor, position: int, *, scope=None) -> torch.Tensor:

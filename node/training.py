@@ -81,6 +81,28 @@ def backward_step(job: Job | None, span, host: AdapterHost, hidden: torch.Tensor
     return x.grad.to(hidden.device, hidden.dtype) if input_grad else None
 
 
+def check_backward(job: Job, span, host: AdapterHost, hidden: torch.Tensor, grad_out: torch.Tensor,
+                   *, flat: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient with respect to `hidden` with the job's adapter as it stands, or with
+    `flat` written into it for the call (then restored); autograd computes nothing for the
+    adapter, so nothing accumulates, and nothing is counted. Torch thread only."""
+    from pollinate.node.diloco import assign_flat, flatten_params
+
+    params = list(job.adapter.parameters())
+    own = flatten_params(params) if flat is not None else None
+    if flat is not None:
+        assign_flat(params, flat)
+    try:
+        x = hidden.detach().to(span.device, span.dtype).requires_grad_(True)
+        with torch.enable_grad(), host.use(job.adapter if job.optimizer is not None else None):
+            out = span(x)
+            torch.autograd.backward(out, grad_out.to(out.device, out.dtype), inputs=[x])
+        return x.grad.to(hidden.device, hidden.dtype)
+    finally:
+        if own is not None:
+            assign_flat(params, own)
+
+
 def optimizer_step(job: Job) -> bool:
     """Average, clip, check and apply the accumulated gradients; False if the step was skipped."""
     params = [p for p in job.adapter.parameters() if p.grad is not None]
@@ -197,6 +219,34 @@ class JobManager:
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
         return grad_in
+
+    async def check_backward(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor,
+                             flat: torch.Tensor | None = None) -> torch.Tensor:
+        """A spot check of another replica's Backward (issue 18): the input gradient with the
+        job's adapter, or with `flat` (that replica's trainable tensors) in its place for the
+        call; nothing accumulated, counted or stepped, no round."""
+        self.server.check_hidden(hidden)
+        if grad_out.shape != hidden.shape:
+            raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
+        numel = sum(p.numel() for p in job.adapter.parameters())
+        if flat is not None and (flat.dim() != 1 or flat.numel() != numel or not torch.isfinite(flat).all()):
+            raise InvalidRequest(f"adapter.flat: {list(flat.shape)} values (finite: {bool(torch.isfinite(flat).all())}), "
+                                 f"the job's adapter here has {numel}")
+        return await self.server.run_torch(self._check_sync, job, hidden, grad_out, flat)
+
+    async def flat(self, name: str) -> torch.Tensor:
+        """The job's trainable tensors as they stand, one flat fp32 tensor (GetState flat)."""
+        from pollinate.node.diloco import flatten_params
+
+        job = self.job(name)
+        return await self.server.run_torch(lambda: flatten_params(list(job.adapter.parameters())))
+
+    def _check_sync(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor,
+                    flat: torch.Tensor | None) -> torch.Tensor:
+        try:
+            return check_backward(job, self.server.span, self.host, hidden, grad_out, flat=flat)
+        except SpanError as e:
+            raise InvalidRequest(str(e)) from e
 
     def _backward_sync(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor,
                        input_grad: bool = True) -> torch.Tensor | None:

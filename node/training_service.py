@@ -26,6 +26,7 @@ from pollinate.protocol.v1 import node_pb2
 logger = logging.getLogger(__name__)
 
 HIDDEN, GRAD_OUT, GRAD_IN = HIDDEN_STATES, GRAD_OUTPUTS, GRAD_INPUTS
+ADAPTER_FLAT = "adapter.flat"  # a job's trainable tensors as one flat fp32 tensor (Backward spot checks)
 
 
 def check_reply_codec(codec_id: str, what: str) -> None:
@@ -50,6 +51,7 @@ class TrainingRpcs:
         assembler = activation_assembler(self.framing)
         header, job, done = None, None, 0
         pair: dict[str, object] = {}
+        flat = None  # check_only: the checked replica's adapter, if sent
         while True:
             req = await self._next(requests, "Backward")
             if req is None:
@@ -68,12 +70,18 @@ class TrainingRpcs:
                     check_keep_id(header.keep_id)
                 if header.skip_grad_inputs and job is None:
                     raise InvalidRequest("Backward: skip_grad_inputs needs a job (nothing else is computed)")
+                if header.check_only and (job is None or header.keep_id or header.skip_grad_inputs):
+                    raise InvalidRequest("Backward: check_only needs a job and both tensors (no keep_id, "
+                                         "no skip_grad_inputs)")
             elif req.HasField("header"):
                 raise InvalidRequest("Backward: header sent twice")
             if not req.HasField("tensor"):
                 continue
             encoded = assembler.feed(req.tensor)
             if encoded is None:
+                continue
+            if header.check_only and encoded.name == ADAPTER_FLAT and flat is None and not pair:
+                flat = await asyncio.to_thread(encoded.decode)
                 continue
             if encoded.name not in (HIDDEN, GRAD_OUT):
                 raise InvalidRequest(f"Backward: unexpected tensor {encoded.name!r}, want {HIDDEN!r} or {GRAD_OUT!r}")
@@ -93,7 +101,10 @@ class TrainingRpcs:
             hidden_enc, grad_enc = pair.pop(HIDDEN), pair.pop(GRAD_OUT)
             hidden = await asyncio.to_thread(hidden_enc.decode)
             grad_out = await asyncio.to_thread(grad_enc.decode)
-            grad_in = await self.jobs.backward(job, hidden, grad_out, input_grad=not header.skip_grad_inputs)
+            if header.check_only:
+                grad_in = await self.jobs.check_backward(job, hidden, grad_out, flat)
+            else:
+                grad_in = await self.jobs.backward(job, hidden, grad_out, input_grad=not header.skip_grad_inputs)
             done += 1
             if header.keep_id:  # used: forget it (a refused Backward above left it in place)
                 self.jobs.kept.forget(header.keep_id)
@@ -148,6 +159,12 @@ class TrainingRpcs:
                 encoded = await asyncio.to_thread(encode_tensor, tensor, codec="none", name=f"diloco.{name}")
                 for chunk in encoded.chunks(self.framing):
                     yield node_pb2.GetStateReply(round=committed, tensor=chunk)
+            return
+        if request.flat:  # a Backward spot check's copy of this replica's adapter
+            encoded = await asyncio.to_thread(encode_tensor, await self.jobs.flat(request.job), codec="none",
+                                              name=ADAPTER_FLAT)
+            for chunk in encoded.chunks(self.framing):
+                yield node_pb2.GetStateReply(round=0, tensor=chunk)
             return
         spec, state = await self.jobs.state(request.job)
         spec_msg = spec.to_proto(node_pb2)  # in the first reply only

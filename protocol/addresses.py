@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -52,6 +53,22 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None  # a hostname
+
+
+def peer_host(peer: str) -> str:
+    """The caller's IP from a gRPC context's peer(): 'ipv4:127.0.0.1:5000' -> '127.0.0.1';
+    'ipv6:[::1]:5000' -> '::1'; an IPv4 caller of a dual-stack server ('ipv6:[::ffff:10.0.0.7]:5000')
+    -> '10.0.0.7'; gRPC's percent-encoded brackets ('ipv6:%5B::1%5D:5000') decoded; else as is."""
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]")
+        ip = _ip(host)
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return str(mapped) if mapped is not None else host
+    return peer
 
 
 def is_unspecified(host: str) -> bool:

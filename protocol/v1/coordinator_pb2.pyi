@@ -9,6 +9,56 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReportLiarRequest(_message.Message):
+    __slots__ = ("address", "peer_id", "blocks", "distance", "tolerance", "checkers")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKERS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    peer_id: str
+    blocks: _common_pb2.Span
+    distance: float
+    tolerance: float
+    checkers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., distance: _Optional[float] = ..., tolerance: _Optional[float] = ..., checkers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReportLiarReply(_message.Message):
+    __slots__ = ("quarantined", "reporters", "needed")
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    REPORTERS_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_FIELD_NUMBER: _ClassVar[int]
+    quarantined: bool
+    reporters: int
+    needed: int
+    def __init__(self, quarantined: _Optional[bool] = ..., reporters: _Optional[int] = ..., needed: _Optional[int] = ...) -> None: ...
+
+class ListQuarantinedRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class QuarantinedNode(_message.Message):
+    __slots__ = ("address", "peer_id", "reporters", "since", "reason")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTERS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    peer_id: str
+    reporters: int
+    since: float
+    reason: str
+    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., reporters: _Optional[int] = ..., since: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListQuarantinedReply(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[QuarantinedNode]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ...) -> None: ...
+
 class CheckReachableRequest(_message.Message):
     __slots__ = ("address",)
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -162,7 +212,7 @@ class BlockCoverage(_message.Message):
     def __init__(self, block: _Optional[int] = ..., replicas: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds", "relays")
+    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds", "relays", "quarantined")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +226,7 @@ class StatusReply(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     RELAYS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     model_id: str
     num_blocks: int
@@ -189,7 +240,8 @@ class StatusReply(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
     relays: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., relays: _Optional[_Iterable[str]] = ...) -> None: ...
+    quarantined: _containers.RepeatedCompositeFieldContainer[QuarantinedNode]
+    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., relays: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
     __slots__ = ("job", "span", "round", "committed_at", "members")

@@ -115,6 +115,16 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableReply.FromString,
                 _registered_method=True)
+        self.ReportLiar = channel.unary_unary(
+                '/pollinate.v1.Coordinator/ReportLiar',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarReply.FromString,
+                _registered_method=True)
+        self.ListQuarantined = channel.unary_unary(
+                '/pollinate.v1.Coordinator/ListQuarantined',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -254,6 +264,23 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLiar(self, request, context):
+        """A client's spot check caught a member node answering wrong (issue 18, client/spot_check.py).
+        One report counts per reporter (the caller's IP); once enough distinct reporters agree
+        the node is quarantined: removed from membership, refused at Join, listed by
+        ListQuarantined and in Status (coordinator/quarantine.py). NOT_FOUND: not a member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQuarantined(self, request, context):
+        """The nodes quarantined now, for clients to leave out of their routes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -336,6 +363,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CheckReachable,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableReply.SerializeToString,
+            ),
+            'ReportLiar': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLiar,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarReply.SerializeToString,
+            ),
+            'ListQuarantined': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuarantined,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -770,6 +807,60 @@ class Coordinator:
             '/pollinate.v1.Coordinator/CheckReachable',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CheckReachableReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLiar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/ReportLiar',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuarantined(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/ListQuarantined',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -250,3 +250,56 @@ def test_sigkill_of_replica_in_use_after_5th_token_keeps_tokens(swarm, tiny_refe
     assert result["failovers"] == 1
     assert result["route"][1] == [survivor.info["address"], 1, 3]
     assert [h[0] for h in result["route"]][::2] == [swarm["A"].info["address"], swarm["C"].info["address"]]
+
+
+async def test_one_peer_cannot_hold_the_whole_kv_budget(swarm):
+    """Issue 18, item 5: a node with 64 cache tokens and --cache-peer-share 0.5, listening on
+    IPv4 and IPv6, so this process is two peers (127.0.0.1 and ::1). The greedy peer holds two
+    sessions of 16 tokens and is refused a third with RESOURCE_EXHAUSTED naming its share; the
+    other peer still opens two, and its steps answer what the greedy peer's did."""
+    import grpc
+
+    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+    from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+    group = swarm["group"]
+    node = group.start("K", ["node", "--host", "::", "--blocks", "3:4", "--throughput", "100", "--cache-tokens", "64",
+                             "--cache-peer-share", "0.5", *swarm["common"]])
+    channels = []
+    try:
+        group.wait_ready([node], timeout=120)
+        port = node.info["address"].rpartition(":")[2]
+        hidden = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+
+        async def hold(address: str, sid: str):
+            """Open a 16-token session and take one step: (the open stream, its output)."""
+            channel = open_channel(address)
+            channels.append(channel)
+            call = node_pb2_grpc.NodeStub(channel).Inference()
+            chunks = list(encode_tensor(hidden, codec="none", name="hidden_states").chunks())
+            first = node_pb2.InferenceRequest(position=0, tensor=chunks[0], open=node_pb2.InferenceOpen(
+                session_id=sid, max_length=16, blocks=common_pb2.Span(start=3, end=4)))
+            for req in [first] + [node_pb2.InferenceRequest(position=0, tensor=c) for c in chunks[1:]]:
+                await call.write(req)
+            assembler, out = TensorAssembler(), None
+            while out is None:
+                reply = await call.read()
+                assert reply is not grpc.aio.EOF, await call.details()
+                out = assembler.feed(reply.tensor)
+            return call, out.decode()
+
+        greedy, honest = f"127.0.0.1:{port}", f"[::1]:{port}"
+        held = [await hold(greedy, f"greedy-{i}") for i in range(2)]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await hold(greedy, "greedy-2")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert "already holds 32 of the 32 one peer may hold" in refused.value.details(), refused.value.details()
+        served = [await hold(honest, f"honest-{i}") for i in range(2)]  # the other half of the budget
+        assert all(torch.equal(out, held[0][1]) for _, out in served + held)
+        for call, _ in held + served:
+            await call.done_writing()
+    finally:
+        for channel in channels:
+            await channel.close()
+        node.stop()

@@ -1,8 +1,9 @@
 """Untrusted compute (issue 18) with real processes: a node that perturbs its outputs
 (benchmarks/liar_node.py) on the preferred replica of the tiny model's blocks 1:3, two honest
 replicas beside it. A client checking every hop step catches it at the first token, never
-routes through it again, and from then on says what the local model says; an honest swarm
-checked at every step bans nobody. benchmarks/chaos.py --scenario liar is the measurement
+routes through it again, and from then on says what the local model says; it reports the
+liar to the coordinator, which quarantines it, and a fresh client that checks nothing routes
+around it; an honest swarm checked at every step bans nobody. benchmarks/chaos.py --scenario liar is the measurement
 (10% checks, 500 honest steps); this is its small, deterministic sample."""
 
 from __future__ import annotations
@@ -25,5 +26,26 @@ def test_a_lying_node_is_caught_and_honest_nodes_are_not(tmp_path):
     assert r["completed"] and r["liar_banned"], r
     assert r["detected_after_steps"] == 1, r  # every step is checked: the first one catches it
     assert r["tokens_match_after_ban"], r
+    # reported, quarantined by the coordinator, and a fresh client that checks nothing avoids it
+    assert r["liar_reports"] == [[True, 1]] and r["coordinator_quarantined_liar"], r
+    assert r["fresh_client_avoids_liar"], r
     assert (r["false_bans"], r["unresolved"]) == (0, 0), r
     assert r["honest_steps"] == 24 and r["honest_checks"] >= 24, r
+
+
+def test_a_node_answering_wrong_gradients_is_caught_by_backward_checks(tmp_path):
+    """The same swarm with a liar whose Backward answers perturbed input gradients (honest
+    Forward): a trainer checking every Backward hop (check_only on the other replicas, with
+    the liar's own adapter) catches it at the first step, redoes its hop elsewhere and reports
+    it (quarantined); an honest swarm checked at every hop bans nobody."""
+    done = subprocess.run(
+        [sys.executable, str(CHAOS), "--scenario", "liar-backward", "--spot-check-rate", "1.0", "--train-steps", "4",
+         "--honest-train-steps", "4", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["detected_after_steps"] == 1 and r["liar_banned"] and r["liar_hop_redone"] == 1, r
+    assert r["liar_reports"] == [[True, 1]] and r["coordinator_quarantined_liar"], r
+    assert (r["false_bans"], r["unresolved"]) == (0, 0) and r["losses_finite"], r
+    assert r["honest_steps"] == 4 and r["honest_checks"] == 8, r  # two hops with an input gradient per step
+    assert r["max_agreeing_distance_honest"] < 0.01, r  # fp16 on the wire: ~1e-4

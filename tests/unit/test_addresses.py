@@ -218,3 +218,13 @@ def test_join_from_another_machine_announcing_loopback_is_refused_and_changes_no
     reply = run(servicer.Join(join, FakeContext("ipv4:127.0.0.1:51234")))  # the same from this machine
     assert reply.epoch == 1 and len(membership.members) == 1
     store.close()
+
+
+def test_peer_host_is_the_callers_ip_with_ipv4_unmapped():
+    from pollinate.protocol.addresses import peer_host
+
+    assert peer_host("ipv4:10.0.0.7:5000") == "10.0.0.7"
+    assert peer_host("ipv6:[::1]:5000") == "::1"
+    assert peer_host("ipv6:%5B::1%5D:5000") == "::1"  # as grpc.aio's context.peer() gives it
+    assert peer_host("ipv6:[::ffff:127.0.0.1]:5000") == "127.0.0.1"  # an IPv4 caller of a dual-stack server
+    assert peer_host("unix:/tmp/s") == "unix:/tmp/s"

@@ -273,3 +273,52 @@ def test_commit_traffic_is_counted_with_the_round(tmp_path):
         store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_newcomer_alone_cannot_commit_over_the_replicas_with_standing(tmp_path):
+    """Issue 18, item 4: x joins span 0:4 after a and b committed round 1 and is the whole group
+    of round 2 after the window; its well-formed state (checksum right) is refused for lack of
+    a majority of a and b. a and b, asking while x's next attempt is formed without them, wait
+    it out and commit round 2 together. Once they have not asked for standing_s, x decides alone."""
+    from pollinate.coordinator.rounds import majority_lacking
+
+    assert majority_lacking({"a"}, set()) == ""  # no voter: the group decides (round 1)
+    assert majority_lacking({"a", "x"}, {"a", "b", "c"}) != ""  # 1 of 3
+    assert majority_lacking({"a", "b"}, {"a", "b", "c"}) == ""  # 2 of 3
+
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        members = membership("a", "b")
+        rounds = Rounds(RoundsConfig(window_s=0.3, commit_timeout_s=5.0, standing_s=1.5), store, members)
+        await _commit_round_1(rounds, job, "ab")
+        members.members["x"] = SimpleNamespace(member_id="x", span=SPAN, record=SimpleNamespace(address="h:9"))
+        forged = Job()
+        forged.theta += 1.0
+        _, cx = forged.round(2, 1)
+        group, _ = await rounds.begin("j", SPAN, 2, "x", 1)
+        assert [m for m, _ in group.members] == ["x"]
+        out = await rounds.commit("j", SPAN, 2, "x", cx, forged.state())
+        assert not out.committed and "no majority" in out.reason and out.committed_round == 1, out
+
+        group, _ = await rounds.begin("j", SPAN, 2, "x", 1)  # attempt 2, x alone again
+        honest = asyncio.gather(rounds.begin("j", SPAN, 2, "a", 1), rounds.begin("j", SPAN, 2, "b", 1))
+        await asyncio.sleep(0.05)
+        assert not honest.done()  # they wait for x's attempt to settle instead of being refused
+        assert not (await rounds.commit("j", SPAN, 2, "x", cx, forged.state(), attempt=group.attempt)).committed
+        (ga, _), (gb, _) = await asyncio.wait_for(honest, 5.0)
+        assert ga == gb and [m for m, _ in ga.members] == ["a", "b"] and ga.attempt == 3
+        results, c2 = job.round(2, 2)
+        out = await asyncio.gather(*(rounds.commit("j", SPAN, 2, m, c2, attempt=3, results=[(j, results[j])],
+                                                   outer=STEP) for j, m in enumerate("ab")))
+        assert [o.committed for o in out] == [True, True]
+        assert rounds.committed_state("j", SPAN) == (2, c2, job.state())
+        assert rounds.standing(("j", 0, 4)) == {"a", "b"}  # x never reported in a committed round
+
+        await asyncio.sleep(1.6)  # a and b idle for standing_s: they no longer hold commits back
+        assert rounds.voters(("j", 0, 4)) == set()
+        await rounds.begin("j", SPAN, 3, "x", 1)
+        _, cx3 = forged.round(3, 1)
+        assert (await rounds.commit("j", SPAN, 3, "x", cx3, forged.state())).committed  # the rule's limit
+        store.close()
+
+    asyncio.run(scenario())

@@ -71,3 +71,19 @@ def test_active_counts_sessions_that_stepped_since():
     assert (m.active(since=95.0), m.active(since=90.0), m.active(since=101.0)) == (1, 2, 0)
     m.close("a")
     assert m.active(since=0.0) == 1
+
+
+def test_one_peer_holds_at_most_its_share_of_the_budget():
+    """Issue 18, item 5: a greedy peer is refused past peer_share of the budget while another
+    peer still opens sessions; a closed session gives its peer's share back."""
+    m = manager(peer_share=0.5)
+    m.open("g1", max_length=30, batch_size=1, start=0, end=1, peer="10.0.0.9")
+    m.open("g2", max_length=20, batch_size=1, start=0, end=1, peer="10.0.0.9")
+    with pytest.raises(ResourceExhausted, match="peer 10.0.0.9 already holds 50 of the 50 one peer may hold"):
+        m.open("g3", max_length=1, batch_size=1, start=0, end=1, peer="10.0.0.9")
+    m.open("h1", max_length=50, batch_size=1, start=0, end=1, peer="10.0.0.7")
+    assert m.tokens_left == 0
+    m.close("g1")
+    m.open("g3", max_length=30, batch_size=1, start=0, end=1, peer="10.0.0.9")
+    with pytest.raises(ValueError, match="peer_share"):
+        SessionConfig(peer_share=0.0)

@@ -151,3 +151,37 @@ def test_jobs_are_capped_in_number_and_memory(tiny_model_files):
         jobs.job("b", JobSpec(rank=2).to_proto(node_pb2))
     assert sorted(jobs.jobs) == ["a"]
     jobs.job("a", JobSpec(rank=2).to_proto(node_pb2))  # the existing job is still served
+
+
+def test_a_check_only_backward_matches_the_training_one_and_changes_nothing(tiny_model_files):
+    """Issue 18, Backward spot checks: check_backward answers the input gradient that
+    backward_step answers with the same adapter, and leaves no gradient, step or token behind."""
+    from pollinate.node.training import check_backward
+
+    spec = JobSpec(rank=4, alpha=8.0, lr=1e-2, micro_batches=2, seed=3)
+    host, span = AdapterHost(), tiny_model_files.load_span(1, 3)
+    job = make_job("j", spec, span, host)
+    with torch.no_grad():  # a trained adapter: B away from its zero init
+        for p in job.adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 64, generator=g)
+    checked = check_backward(job, span, host, x, grad)
+    assert all(p.grad is None for p in job.adapter.parameters())
+    assert (job.pending, job.tokens, job.inner_steps) == (0, 0, 0)
+    trained = backward_step(job, span, host, x, grad)
+    assert torch.allclose(checked, trained, rtol=1e-5, atol=1e-6)
+    assert job.pending == 1 and any(p.grad is not None for p in job.adapter.parameters())
+    base = backward_step(None, span, host, x, grad)  # the base span: the adapter does matter
+    assert not torch.allclose(checked, base, rtol=1e-3, atol=1e-5)
+
+    # with another replica's adapter (flat) in place of its own, restored afterwards
+    from pollinate.node.diloco import flatten_params
+
+    other_host, other_span = AdapterHost(), tiny_model_files.load_span(1, 3)
+    other = make_job("j", spec, other_span, other_host)  # another replica: the seed's initial adapter
+    own = flatten_params(list(job.adapter.parameters()))
+    with_other = check_backward(job, span, host, x, grad, flat=flatten_params(list(other.adapter.parameters())))
+    assert torch.equal(flatten_params(list(job.adapter.parameters())), own)
+    assert torch.allclose(with_other, check_backward(other, other_span, other_host, x, grad), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(with_other, checked, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,80 @@
+"""A newcomer that tries to commit a DiLoCo round alone (issue 18, item 4), through the real RPCs.
+
+It trains the real node for one round (round 1, committed by the node alone: the node gains
+standing), then joins the coordinator as a second replica of span 0:4 (Join + heartbeats,
+answering on a port of its own), asks BeginRound(2) and, being the whole group after the
+window, commits a well-formed state of its choosing (round 1's θ_global + 1, its checksum
+right). Then it trains the node for round 2. Prints one JSON line: rounds_client's
+replicas_report plus the newcomer's id, its group and the coordinator's answer to its commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from rounds_client import coordinator_state, job_spec, replicas_report, train_steps, wait_for_round
+
+JOB, SPAN = "rounds", (0, 4)
+
+
+async def main_async(args) -> dict:
+    import torch
+
+    from pollinate.compression.outer import state_checksum, state_to_bytes
+    from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
+    from pollinate.protocol.shared import Span
+    from pollinate.protocol.auth import member_key_metadata
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+    cfg = ChannelConfig(token=args.token)
+    spec = job_spec(args.round_steps, False)
+    gen = torch.Generator().manual_seed(100)
+    await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps, timeout=120, gen=gen)
+    await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 1, 60)
+
+    port = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)  # answers a dial-back
+    address = f"127.0.0.1:{port.sockets[0].getsockname()[1]}"
+    newcomer = CoordinatorClient(CoordinatorClientConfig(
+        coordinator=args.coordinator, token=args.token, address=address, capacity_blocks=4, throughput=10.0,
+        requested_span=Span(*SPAN), name="newcomer"))
+    me = (await newcomer.start()).member_id
+    channel = open_channel(args.coordinator, cfg)
+    stub, md = coordinator_pb2_grpc.CoordinatorStub(channel), member_key_metadata(newcomer.config.member_key)
+    span = common_pb2.Span(start=SPAN[0], end=SPAN[1])
+    try:
+        begin = await stub.BeginRound(coordinator_pb2.BeginRoundRequest(
+            job=JOB, span=span, round=2, member_id=me, tokens=1000), metadata=md, timeout=60)
+        _, shared, _ = await coordinator_state(cfg, args.coordinator, JOB, SPAN[1])
+        theta, momentum = shared["diloco.global"] + 1.0, shared["diloco.momentum"]
+        forged = await stub.CommitRound(coordinator_pb2.CommitRoundRequest(
+            job=JOB, span=span, round=2, member_id=me, checksum=state_checksum(theta, momentum),
+            state=state_to_bytes(theta, momentum), attempt=begin.attempt), metadata=md, timeout=60)
+
+        await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps, timeout=120, gen=gen)
+        await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 2, 60)
+        report = await replicas_report(cfg, args.coordinator, [args.node], JOB, SPAN[1])
+    finally:
+        await channel.close()
+        await newcomer.stop()
+        port.close()
+    _, coord, _ = await coordinator_state(cfg, args.coordinator, JOB, SPAN[1])
+    return {**report, "newcomer": me, "newcomer_group": [m.member_id for m in begin.members],
+            "forged_committed": forged.committed, "forged_reason": forged.reason,
+            "coordinator_holds_forged": bool(torch.equal(coord["diloco.global"], theta))}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--round-steps", type=int, default=3)
+    print(json.dumps(asyncio.run(main_async(p.parse_args()))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
