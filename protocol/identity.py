@@ -76,7 +76,7 @@ class NodeIdentity:
                 f.write(fresh.private_pem())
             try:
                 os.link(tmp, path)  # fails if another process created it first: keep theirs
-                logger.info("new identity %s written to %s", fresh.fingerprint, path)
+                logger.info("new key pair %s written to %s", fresh.fingerprint, path)
             except FileExistsError:
                 pass
             finally:
