@@ -147,9 +147,11 @@ class CoordinatorClient:
         self._token_metadata = token_metadata(config.token)
         self._unary = False  # the coordinator lacks HeartbeatStream: unary Heartbeat calls
 
-    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
-        """The token, and this member's signature of a call of `method` (protocol/identity.py)."""
-        return self._token_metadata + self.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}")
+    def _metadata(self, method: str, request=None) -> tuple[tuple[str, str], ...]:
+        """The token, and this member's signature of a call of `method` with `request` (None:
+        a stream) (protocol/identity.py)."""
+        return self._token_metadata + self.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}",
+                                                                         request)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -224,10 +226,9 @@ class CoordinatorClient:
     async def leave(self) -> int:
         cfg = self.config
         with translate_rpc_errors(peer=cfg.coordinator):
-            reply = await self._get_stub().Leave(
-                coordinator_pb2.LeaveRequest(member_id=self.member_id), timeout=cfg.rpc_timeout_s,
-                metadata=self._metadata("Leave"),
-            )
+            request = coordinator_pb2.LeaveRequest(member_id=self.member_id)
+            reply = await self._get_stub().Leave(request, timeout=cfg.rpc_timeout_s,
+                                                 metadata=self._metadata("Leave", request))
         logger.info("left the swarm as %s at epoch %d", self.member_id, reply.epoch)
         self.assignment = None
         return reply.epoch
@@ -237,9 +238,9 @@ class CoordinatorClient:
         the data plane with (--data-tls swarms; protocol/data_tls.py)."""
         cfg = self.config
         with translate_rpc_errors(peer=cfg.coordinator):
+            request = coordinator_pb2.DataTlsCertificateRequest(member_id=self.member_id)
             reply = await self._get_stub().IssueDataTlsCertificate(
-                coordinator_pb2.DataTlsCertificateRequest(member_id=self.member_id), timeout=cfg.rpc_timeout_s,
-                metadata=self._metadata("IssueDataTlsCertificate"))
+                request, timeout=cfg.rpc_timeout_s, metadata=self._metadata("IssueDataTlsCertificate", request))
         return reply.certificate_chain_pem
 
     async def __aenter__(self) -> "CoordinatorClient":
@@ -282,7 +283,7 @@ class CoordinatorClient:
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
                 reply = await self._get_stub().Join(request, timeout=cfg.rpc_timeout_s,
-                                                    metadata=self._metadata("Join"))
+                                                    metadata=self._metadata("Join", request))
         except (PeerUnavailable, RpcTimeout):
             self.connected = False
             await self._reset_channel()
@@ -358,7 +359,7 @@ class CoordinatorClient:
         if self._unary:
             with translate_rpc_errors(peer=cfg.coordinator):
                 return await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s,
-                                                        metadata=self._metadata("Heartbeat"))
+                                                        metadata=self._metadata("Heartbeat", request))
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
                 if self._stream is None:

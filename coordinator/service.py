@@ -93,7 +93,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Join(self, request: coordinator_pb2.JoinRequest, context):
         source_host = peer_host(context.peer() or "")
-        key = self._signed_by(context, "Join") or ""
+        key = self._signed_by(context, "Join", request) or ""
         if self.address_check is not None:
             await self.address_check.joining(request.address, peer_host=source_host)
         await self._check_takeover(request.address, key)
@@ -130,7 +130,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def IssueDataTlsCertificate(self, request: coordinator_pb2.DataTlsCertificateRequest, context):
         if self.swarm_ca is None:
             raise FailedPrecondition("this swarm's data plane is plaintext (the coordinator runs without --data-tls)")
-        key = self._signed_by(context, "IssueDataTlsCertificate")
+        key = self._signed_by(context, "IssueDataTlsCertificate", request)
         if key is None:
             raise Unauthenticated("IssueDataTlsCertificate must be signed by the member's key (protocol/identity.py)")
         self.membership.check_key(request.member_id, key)
@@ -160,15 +160,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         """How long the coordinator waits when it dials a member's address."""
         return self.address_check.config.dial_timeout_s if self.address_check else 3.0
 
-    def _signed_by(self, context, method: str) -> str | None:
-        """The public key that signed this call of `method`, or None (unsigned, or not validly)."""
-        return self.signatures.verified_key(context.invocation_metadata(), _METHOD + method)
+    def _signed_by(self, context, method: str, request=None) -> str | None:
+        """The public key that signed this call of `method` with `request` (None: a stream's
+        call), or None (unsigned, or not validly)."""
+        return self.signatures.verified_key(context.invocation_metadata(), _METHOD + method, request)
 
-    def _member_key(self, member_id: str, context, method: str) -> None:
-        self.membership.check_key(member_id, self._signed_by(context, method))
+    def _member_key(self, member_id: str, context, method: str, request=None) -> None:
+        self.membership.check_key(member_id, self._signed_by(context, method, request))
 
     async def Heartbeat(self, request: coordinator_pb2.HeartbeatRequest, context):
-        self._member_key(request.member_id, context, "Heartbeat")
+        self._member_key(request.member_id, context, "Heartbeat", request)
         return self._heartbeat(request)
 
     async def HeartbeatStream(self, request_iterator, context):
@@ -205,7 +206,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
 
     async def Leave(self, request: coordinator_pb2.LeaveRequest, context):
-        self._member_key(request.member_id, context, "Leave")
+        self._member_key(request.member_id, context, "Leave", request)
         return coordinator_pb2.LeaveReply(epoch=self.membership.leave(request.member_id))
 
     async def Status(self, request, context):
@@ -227,7 +228,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self.rounds
 
     async def BeginRound(self, request: coordinator_pb2.BeginRoundRequest, context):
-        self._member_key(request.member_id, context, "BeginRound")
+        self._member_key(request.member_id, context, "BeginRound", request)
         group, shard = await self._rounds().begin(
             request.job, span_from_proto(request.span, "span"), request.round,
             request.member_id, request.tokens)
@@ -237,7 +238,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             send_state=group.state_member == request.member_id)
 
     async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
-        self._member_key(request.member_id, context, "CommitRound")
+        self._member_key(request.member_id, context, "CommitRound", request)
         span = span_from_proto(request.span, "span")
         o = request.outer
         outcome = await self._rounds().commit(

@@ -49,8 +49,10 @@ class RoundCoordinator:
         self._tls = {"tls": tls, "tls_root_cert_file": tls_root_cert_file}
         self._channel = None
 
-    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
-        return self._identity.call_metadata(f"/pollinate.v1.Coordinator/{method}") if self._identity else ()
+    def _metadata(self, method: str, request) -> tuple[tuple[str, str], ...]:
+        if self._identity is None:
+            return ()
+        return self._identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
     def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._channel is None:  # committed states travel whole: the coordinator's message limit
@@ -65,7 +67,7 @@ class RoundCoordinator:
                                                     tokens=tokens)
         with translate_rpc_errors(peer=self.address):
             reply = await self._stub().BeginRound(request, timeout=self.config.begin_timeout_s,
-                                                  metadata=self._metadata("BeginRound"))
+                                                  metadata=self._metadata("BeginRound", request))
         return reply, request.ByteSize(), reply.ByteSize()
 
     async def commit(self, job: str, span, r: int, attempt: int, me: str, checksum: str, *, own: tuple[int, bytes],
@@ -87,7 +89,7 @@ class RoundCoordinator:
         for _ in range(2):  # the second call only if asked for the state
             with translate_rpc_errors(peer=self.address):
                 done = await self._stub().CommitRound(request, timeout=self.config.commit_timeout_s,
-                                                      metadata=self._metadata("CommitRound"))
+                                                      metadata=self._metadata("CommitRound", request))
             sent, received = sent + request.ByteSize(), received + done.ByteSize()
             if not done.send_state:
                 break

@@ -5,11 +5,12 @@ public key that joined, and a call in a member's name (Heartbeat, Leave, BeginRo
 CommitRound, the data-TLS certificate request) must carry a fresh signature by that key:
 
     identity = NodeIdentity.load_or_create(path)       # PEM, mode 0600; a restart keeps it
-    stub.Join(request, metadata=token_metadata(t) + identity.call_metadata(JOIN_METHOD))
+    stub.Join(request, metadata=token_metadata(t) + identity.call_metadata(JOIN_METHOD, request))
 
-A call's signature covers its full method name, a timestamp and a random nonce; the server
-(`CallSignatures`) accepts it within MAX_SKEW_S of its clock and only once, so a signature
-read off a plaintext link opens no other call and no second one. The coordinator proves a
+A call's signature covers its full method name, its request (SHA-256 of the deterministic
+serialization; a stream's signature covers no message), a timestamp and a random nonce; the
+server (`CallSignatures`) accepts it within MAX_SKEW_S of its clock and only once, so a
+signature read off a plaintext link opens no other call, no second one, and no other request. The coordinator proves a
 holder alive by a challenge its Health signs (`address_proof`). The same key is the node's
 TLS key: with --data-tls the swarm CA certifies it for the node's address (data_tls.py).
 
@@ -104,10 +105,11 @@ class NodeIdentity:
     def sign(self, data: bytes) -> str:
         return self._key.sign(data, ec.ECDSA(hashes.SHA256())).hex()
 
-    def call_metadata(self, method: str) -> tuple[tuple[str, str], ...]:
-        """Metadata that signs one call of `method` ("/pollinate.v1.Coordinator/Heartbeat")."""
+    def call_metadata(self, method: str, request=None) -> tuple[tuple[str, str], ...]:
+        """Metadata that signs one call of `method` ("/pollinate.v1.Coordinator/Heartbeat")
+        with `request` (a protobuf message; None for a stream)."""
         stamp = f"{int(time.time() * 1000)}.{secrets.token_hex(8)}"
-        signature = self.sign(_call_message(method, stamp))
+        signature = self.sign(_call_message(method, stamp, request))
         return ((PUBLIC_KEY_METADATA_KEY, self.public_key), (SIGNATURE_METADATA_KEY, f"{stamp}.{signature}"))
 
 
@@ -133,8 +135,9 @@ def verify(public_key: str, signature: str, data: bytes) -> bool:
     return True
 
 
-def _call_message(method: str, stamp: str) -> bytes:
-    return _CALL_CONTEXT + method.encode() + b"\n" + stamp.encode()
+def _call_message(method: str, stamp: str, request) -> bytes:
+    digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest() if request is not None else ""
+    return _CALL_CONTEXT + method.encode() + b"\n" + stamp.encode() + b"\n" + digest.encode()
 
 
 def _metadata_value(metadata: Iterable | None, key: str) -> str | None:
@@ -146,9 +149,9 @@ def _metadata_value(metadata: Iterable | None, key: str) -> str | None:
 
 
 class CallSignatures:
-    """The server's check of signed calls: `verified_key(metadata, method)` is the public key
-    that signed this call of `method`, or None (no signature, a bad one, a stale timestamp,
-    or one already used)."""
+    """The server's check of signed calls: `verified_key(metadata, method, request)` is the
+    public key that signed this call of `method` with `request` (None: a stream), or None (no
+    signature, a bad one, a stale timestamp, or one already used)."""
 
     def __init__(self, *, max_skew_s: float = MAX_SKEW_S, capacity: int = MAX_REMEMBERED_SIGNATURES,
                  clock=time.time) -> None:
@@ -157,7 +160,7 @@ class CallSignatures:
         self._clock = clock
         self._seen: dict[str, float] = {}  # "key.millis.nonce" -> when it may be forgotten
 
-    def verified_key(self, metadata: Iterable | None, method: str) -> str | None:
+    def verified_key(self, metadata: Iterable | None, method: str, request=None) -> str | None:
         public_key = _metadata_value(metadata, PUBLIC_KEY_METADATA_KEY)
         signed = _metadata_value(metadata, SIGNATURE_METADATA_KEY)
         if not public_key or not signed or len(public_key) > 200 or len(signed) > 400:
@@ -174,7 +177,7 @@ class CallSignatures:
         seen = f"{public_key}.{millis}.{nonce}"
         if seen in self._seen:
             return None  # a replay
-        if not verify(public_key, signature, _call_message(method, f"{millis}.{nonce}")):
+        if not verify(public_key, signature, _call_message(method, f"{millis}.{nonce}", request)):
             return None
         if not self._remember(seen, now):
             return None

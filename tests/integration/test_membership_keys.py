@@ -27,8 +27,8 @@ def members(coord) -> dict[str, str]:
     return {m["member_id"]: m["address"] for m in status_members(coord)}
 
 
-def signed(identity, method: str):
-    return identity.call_metadata(f"/pollinate.v1.Coordinator/{method}")
+def signed(identity, method: str, request):
+    return identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
 
 async def call(address: str, method: str, request, metadata=()):
@@ -76,23 +76,24 @@ def test_a_token_holder_cannot_take_a_live_nodes_membership(tmp_path, tiny_model
         join = coordinator_pb2.JoinRequest(address=f"127.0.0.1:{port}", capacity_blocks=4, throughput=1e9,
                                            name="impostor")
         impostor = NodeIdentity.generate()
-        for metadata in (signed(impostor, "Join"), ()):  # another key, or none
+        for metadata in (signed(impostor, "Join", join), ()):  # another key, or none
             with pytest.raises(FailedPrecondition, match="still serves there"):
                 asyncio.run(call(address, "Join", join, metadata))
+        leave, heartbeat = coordinator_pb2.LeaveRequest(member_id=victim), coordinator_pb2.HeartbeatRequest(
+            member_id=victim)
         with pytest.raises(Unauthenticated, match="member key"):
-            asyncio.run(call(address, "Leave", coordinator_pb2.LeaveRequest(member_id=victim)))
+            asyncio.run(call(address, "Leave", leave))
         with pytest.raises(Unauthenticated, match="member key"):
-            asyncio.run(call(address, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=victim),
-                             signed(impostor, "Heartbeat")))
+            asyncio.run(call(address, "Heartbeat", heartbeat, signed(impostor, "Heartbeat", heartbeat)))
         # The victim's own signatures, as read off the wire: one used once is not accepted again,
-        # and one made for a Heartbeat does not sign a Leave.
-        beat = signed(identity, "Heartbeat")
-        asyncio.run(call(address, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=victim), beat))
-        with pytest.raises(Unauthenticated, match="member key"):
-            asyncio.run(call(address, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=victim), beat))
-        with pytest.raises(Unauthenticated, match="member key"):
-            asyncio.run(call(address, "Leave", coordinator_pb2.LeaveRequest(member_id=victim),
-                             signed(identity, "Heartbeat")))
+        # one made for a Heartbeat does not sign a Leave, nor one for another request.
+        beat = signed(identity, "Heartbeat", heartbeat)
+        asyncio.run(call(address, "Heartbeat", heartbeat, beat))
+        for method, request, metadata in (
+                ("Heartbeat", heartbeat, beat), ("Leave", leave, signed(identity, "Heartbeat", leave)),
+                ("Leave", leave, signed(identity, "Leave", coordinator_pb2.LeaveRequest(member_id="other")))):
+            with pytest.raises(Unauthenticated, match="member key"):
+                asyncio.run(call(address, method, request, metadata))
         assert members(coord) == {victim: f"127.0.0.1:{port}"}  # untouched
 
         node.kill()  # SIGKILL: its ghost holds the address until the lease runs out

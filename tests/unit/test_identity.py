@@ -1,5 +1,6 @@
 """A member's key pair and its signatures (protocol/identity.py): kept in its file across
-restarts, a signed call accepted once, for its method, within the clock skew allowed."""
+restarts, a signed call accepted once, for its method and request, within the clock skew
+allowed."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def test_a_signed_call_passes_once_for_its_method_by_its_key():
     assert check.verified_key(forged, HEARTBEAT) is None
     assert check.verified_key(((PUBLIC_KEY_METADATA_KEY, me.public_key),), HEARTBEAT) is None
     assert check.verified_key(((SIGNATURE_METADATA_KEY, "1.2.3"), (PUBLIC_KEY_METADATA_KEY, "zz")), HEARTBEAT) is None
+
+
+def test_a_signature_covers_its_request():
+    from pollinate.protocol.v1 import coordinator_pb2
+
+    me = NodeIdentity.generate()
+    check = CallSignatures()
+    leave = coordinator_pb2.LeaveRequest(member_id="m-1")
+    metadata = me.call_metadata("/pollinate.v1.Coordinator/Leave", leave)
+    for other in (coordinator_pb2.LeaveRequest(member_id="m-2"), None):  # another request, or none
+        assert check.verified_key(metadata, "/pollinate.v1.Coordinator/Leave", other) is None
+    assert check.verified_key(metadata, "/pollinate.v1.Coordinator/Leave", leave) == me.public_key
 
 
 def test_the_malleated_twin_of_a_used_signature_is_a_replay_too():
