@@ -48,6 +48,8 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
         lines.append(f"DHT bootstrap: {reply.dht_initial_peers[0]}")
     lines.append(f"relays for nodes behind NAT: {len(reply.relays)}" if reply.relays else
                  "relays for nodes behind NAT: none (the coordinator runs with --no-relay, no node offers --relay)")
+    lines.append("data plane: TLS, nodes certified by the coordinator's swarm CA" if reply.data_tls_ca_pem else
+                 "data plane: plaintext (the coordinator runs without --data-tls)")
     lines.append("")
     header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S", "BATCH MEAN/MAX", "STEP WAIT P50/P99", "QUANT")
     rows = []

@@ -42,6 +42,7 @@ def test_a_data_tls_swarm_generates_trains_and_refuses_plaintext(tmp_path, tiny_
                                                                tiny_cache_dir, tiny_reference_model):
     import torch
 
+    from pollinate.client.cli_status import format_status
     from pollinate.coordinator.client import call_coordinator
     from pollinate.protocol.errors import PeerUnavailable
     from pollinate.protocol.v1 import coordinator_pb2
@@ -55,6 +56,7 @@ def test_a_data_tls_swarm_generates_trains_and_refuses_plaintext(tmp_path, tiny_
         assert coord.info["data_tls"] is True
         status = asyncio.run(call_coordinator(address, TOKEN, "Status", coordinator_pb2.StatusRequest()))
         assert status.data_tls_ca_pem == (tmp_path / "coord-data" / "swarm-ca.pem").read_text()
+        assert "data plane: TLS" in format_status(status, now=0)  # `pollinate status`
         identities = {m.identity for m in status.members}
         assert len(identities) == 2 and "" not in identities  # each node joined with its own key
 
