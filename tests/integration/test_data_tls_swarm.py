@@ -1,6 +1,7 @@
 """A swarm with TLS on its data plane (`pollinate coordinator --data-tls`): a coordinator and
-two real node processes hosting the whole tiny model, each serving gRPC with the certificate
-the coordinator (the swarm's CA) issued for its address and key. A client given only the
+two real node processes hosting the whole tiny model, one dialled directly and one through a
+circuit relay (the coordinator's DHT peer; --reachability relay), each serving gRPC with the
+certificate the coordinator (the swarm's CA) issued for its address and key. A client given only the
 coordinator's address generates the local model's greedy tokens over TLS; a trainer trains
 one job on both replicas until their DiLoCo round (ExchangeShard between the nodes, over
 TLS) commits, both replicas equal to the coordinator's copy; a plaintext caller is refused
@@ -14,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from procs import ProcGroup
 from rounds_swarm import start_swarm
 
@@ -25,17 +25,28 @@ PROMPT = [1, 5, 9, 33, 70, 12, 8]
 NEW_TOKENS = 6
 
 
-async def plaintext_info(address: str):
+async def plaintext_info(addresses: list[str]) -> list[Exception | None]:
+    """What a plaintext Info call to each address raised (None: it was answered)."""
     from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.errors import translate_rpc_errors
+    from pollinate.protocol.relay import dialer
     from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
-    channel = open_channel(address, ChannelConfig(token=TOKEN))
+    out = []
     try:
-        with translate_rpc_errors(peer=address):
-            return await node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=10)
+        for address in addresses:
+            channel = open_channel(address, ChannelConfig(token=TOKEN))
+            try:
+                with translate_rpc_errors(peer=address):
+                    await node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=10)
+                out.append(None)
+            except Exception as exc:
+                out.append(exc)
+            finally:
+                await channel.close()
     finally:
-        await channel.close()
+        await dialer().close()  # the relayed address's libp2p daemon, before the loop ends
+    return out
 
 
 def test_a_data_tls_swarm_generates_trains_and_refuses_plaintext(tmp_path, tiny_model_dir, tiny_model_files,
@@ -51,7 +62,8 @@ def test_a_data_tls_swarm_generates_trains_and_refuses_plaintext(tmp_path, tiny_
                                              min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT):].tolist()
     with ProcGroup(tmp_path) as group:
         coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2, token=TOKEN,
-                                   coordinator_args=("--data-tls",))
+                                   coordinator_args=("--data-tls",), node_args={1: ("--reachability", "relay")})
+        assert [n.info["relayed"] for n in nodes] == [False, True]
         address = coord.info["grpc"]
         assert coord.info["data_tls"] is True
         status = asyncio.run(call_coordinator(address, TOKEN, "Status", coordinator_pb2.StatusRequest()))
@@ -75,9 +87,9 @@ def test_a_data_tls_swarm_generates_trains_and_refuses_plaintext(tmp_path, tiny_
         result = json.loads(trained.stdout.strip().splitlines()[-1])
         assert result["round"] == 1 and result["replicas_equal_coordinator"] == [True, True], result
 
-        for node in nodes:
-            with pytest.raises(PeerUnavailable, match="plaintext call to a TLS peer"):
-                asyncio.run(plaintext_info(node.info["address"]))
+        refused = asyncio.run(plaintext_info([n.info["address"] for n in nodes]))  # direct, relayed
+        for exc in refused:
+            assert isinstance(exc, PeerUnavailable) and "plaintext call to a TLS peer" in str(exc), refused
         assert all(n.alive() for n in nodes)
         logs = group.dump_logs(200)
     assert logs.count("(TLS, token required)") == 2, logs  # both nodes served TLS, nothing plaintext
