@@ -458,8 +458,15 @@ class _Node:
         if assignment.data_tls_ca_pem:  # the coordinator runs --data-tls: serve with its certificate
             from pollinate.protocol.data_tls import use_swarm_ca
 
+            from pollinate.protocol.errors import PollinateError
+
             use_swarm_ca(assignment.data_tls_ca_pem)
-            self.tls_chain = (await self.member.data_tls_certificate()).encode()
+            try:
+                self.tls_chain = (await self.member.data_tls_certificate()).encode()
+            except PollinateError as e:
+                await self.member.stop(leave=True)
+                raise SystemExit(f"pollinate node: the coordinator runs --data-tls but gave no certificate: "
+                                 f"{type(e).__name__}: {e}") from None
             logger.info("serving TLS with the swarm CA's certificate for %s (identity %s)", address,
                         self.identity.fingerprint)
         if assignment.num_blocks != self.files.num_blocks:
