@@ -50,6 +50,8 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
                  "relays for nodes behind NAT: none (the coordinator runs with --no-relay, no node offers --relay)")
     for q in reply.quarantined:  # issue 18: reported answering wrong by enough clients
         lines.append(f"quarantined: {q.address} ({q.reporters} reporters, {max(0.0, now - q.since):.0f}s ago): {q.reason}")
+    lines.append("data plane: TLS, nodes certified by the coordinator's swarm CA" if reply.data_tls_ca_pem else
+                 "data plane: plaintext (the coordinator runs without --data-tls)")
     lines.append("")
     header = ("ID", "ADDRESS", "SPAN", "STATE", "LAST BEAT", "TOK/S", "BATCH MEAN/MAX", "STEP WAIT P50/P99", "QUANT")
     rows = []

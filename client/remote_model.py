@@ -274,13 +274,17 @@ def _coordinator_peers(address: str, token: str | None, tls: str | None = None) 
     """The coordinator's DHT bootstrap multiaddrs, asked from a subprocess: this process
     starts a DHT (it forks) right after, so it must not hold gRPC objects yet
     (coordinator/probe.py). Routing then comes from the DHT alone: generation keeps working
-    while the coordinator is down."""
+    while the coordinator is down. A --data-tls swarm's CA is taken from the same answer."""
     from pollinate.coordinator.probe import probe_coordinator
     from pollinate.protocol.channels import coordinator_tls
 
     if not token:
         raise ValueError("coordinator= needs the swarm token (token=...)")
-    peers = list(probe_coordinator(address, token, **coordinator_tls(tls)).dht_initial_peers)
+    from pollinate.protocol.data_tls import use_swarm_ca
+
+    info = probe_coordinator(address, token, **coordinator_tls(tls))
+    use_swarm_ca(info.data_tls_ca_pem)  # a --data-tls swarm: nodes are dialled over TLS, verified
+    peers = list(info.dht_initial_peers)
     if not peers:
         raise ValueError(f"coordinator {address} runs no bootstrap DHT peer; pass initial_peers")
     return peers

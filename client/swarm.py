@@ -16,7 +16,7 @@ from pollinate.client.config import ClientConfig
 from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
 from pollinate.client.spot_check import SpotChecker
-from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.channels import open_channel, peer_channel_config
 from pollinate.protocol.errors import PeerUnavailable, SessionHandedOff, SpanMoved
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import node_pb2_grpc
@@ -42,7 +42,6 @@ class Swarm:
         self._stale: dict[tuple[str, int, int], float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._relay_failures: dict[str, float] = {}  # relayed peer id -> when a call to it last failed
-        self._channel_config = ChannelConfig(token=config.token)
         self.liars: dict[str, str] = {}  # peer id -> why: caught answering wrong, never routed again
         # addresses the coordinator quarantined (coordinator/quarantine.py), left out of routes
         self.quarantined: frozenset[str] = frozenset()
@@ -163,7 +162,7 @@ class Swarm:
     def stub(self, address: str) -> node_pb2_grpc.NodeStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, self._channel_config)
+            channel = self._channels[address] = open_channel(address, peer_channel_config(self.config.token))
         return node_pb2_grpc.NodeStub(channel)
 
     async def close(self) -> None:

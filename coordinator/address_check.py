@@ -14,13 +14,12 @@ FAILED_PRECONDITION with a message that names the flag to change.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Iterable
 
 from pollinate.coordinator.config import AddressCheckConfig
 from pollinate.protocol.addresses import announced_address_problem, is_loopback, probe_tcp, split_host_port
-from pollinate.protocol.auth import address_proof
+from pollinate.protocol.identity import proves_address
 from pollinate.protocol.errors import FailedPrecondition
 from pollinate.protocol.relay import dialer as relay_dialer
 from pollinate.protocol.relay import is_relayed
@@ -94,17 +93,17 @@ class AddressCheck:
 
 async def holder_answers(address: str, holder_key: str, timeout_s: float) -> bool:
     """Does the member holding `address` still serve there? Its node's Health, given a fresh
-    challenge, answers with the HMAC of the holder's member key (protocol/auth.py). A Join
+    challenge, answers with a signature by the holder's key (protocol/identity.py). A Join
     with another key takes such an address only when this is False: the holder is gone (a
     crashed node whose lease has not run out yet), or what answers there is another process
-    (the restarted node, still loading). Anything but a matching proof counts as gone."""
+    (the restarted node, still loading). Anything but a valid signature counts as gone."""
     import secrets
 
-    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.channels import open_channel, peer_channel_config
     from pollinate.protocol.v1 import common_pb2, node_pb2_grpc
 
     challenge = secrets.token_hex(16)
-    channel = open_channel(address, ChannelConfig())  # Health needs no token
+    channel = open_channel(address, peer_channel_config(None))  # Health needs no token
     try:
         reply = await node_pb2_grpc.NodeStub(channel).Health(common_pb2.HealthRequest(challenge=challenge),
                                                               timeout=timeout_s)
@@ -112,4 +111,4 @@ async def holder_answers(address: str, holder_key: str, timeout_s: float) -> boo
         return False
     finally:
         await channel.close()
-    return hmac.compare_digest(reply.proof, address_proof(holder_key, challenge))
+    return proves_address(holder_key, challenge, reply.proof)

@@ -118,6 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nodes and clients then connect with TLS, trusting it")
     parser.add_argument("--tls-key", type=Path, metavar="PEM",
                         help="private key of --tls-cert")
+    parser.add_argument("--data-tls", action="store_true",
+                        help="TLS between nodes and clients too: this coordinator becomes the swarm's CA "
+                             "(key and certificate in --data-dir), certifies each node's address and key "
+                             "at join, and tells nodes and clients to use TLS (docs/security.md)")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound addresses as JSON here once serving")
     from pollinate.client.cli_args import add_torch_threads_argument
@@ -160,7 +164,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
                                      dial_timeout_s=args.dial_timeout),
         port=args.port, http_port=args.http_port,
         token=required_token(args.token_file), ready_file=args.ready_file,
-        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, data_tls=args.data_tls,
     )
 
 

@@ -29,7 +29,8 @@ from typing import Awaitable, Callable
 
 import grpc.aio
 
-from pollinate.protocol.auth import member_key_metadata, new_member_key, token_metadata
+from pollinate.protocol.auth import token_metadata
+from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import (
     NotFound,
@@ -71,10 +72,10 @@ class CoordinatorClientConfig:
     # Offer this node's DHT peer as a circuit relay for nodes that cannot be dialled: its
     # multiaddr (pollinate node --relay); empty: no.
     relay_maddr: str = ""
-    # This process's member key (protocol/auth.py): sent with the Join and every call in the
-    # member's name, answered to the coordinator's challenge by the node's Health. A new one
-    # per process: a restarted node proves its address by serving there.
-    member_key: str = field(default_factory=new_member_key, repr=False)
+    # The node's key pair (protocol/identity.py): it signs the Join and every call in the
+    # member's name, and the node's Health signs the coordinator's challenge with it. The
+    # node CLI loads it from --identity-file; the default is a new one for this process.
+    identity: NodeIdentity = field(default_factory=NodeIdentity.generate, repr=False)
     # The node's Linear weights, told at Join for status: "none", "int8" or "int4".
     quant: str = "none"
     # Deadline of each RPC, seconds. 5 s: far above a loopback or LAN round trip, short
@@ -117,6 +118,7 @@ class Assignment:
     lease_s: float
     model_id: str
     num_blocks: int
+    data_tls_ca_pem: str = ""  # the swarm CA with --data-tls (protocol/data_tls.py); "": plaintext
 
 
 def _span_msg(span: Span | None) -> common_pb2.Span | None:
@@ -142,8 +144,14 @@ class CoordinatorClient:
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
         self._stream = None  # the open HeartbeatStream call, or None
-        self._metadata = token_metadata(config.token) + member_key_metadata(config.member_key)
+        self._token_metadata = token_metadata(config.token)
         self._unary = False  # the coordinator lacks HeartbeatStream: unary Heartbeat calls
+
+    def _metadata(self, method: str, request=None) -> tuple[tuple[str, str], ...]:
+        """The token, and this member's signature of a call of `method` with `request` (None:
+        a stream) (protocol/identity.py)."""
+        return self._token_metadata + self.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}",
+                                                                         request)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -218,13 +226,22 @@ class CoordinatorClient:
     async def leave(self) -> int:
         cfg = self.config
         with translate_rpc_errors(peer=cfg.coordinator):
-            reply = await self._get_stub().Leave(
-                coordinator_pb2.LeaveRequest(member_id=self.member_id), timeout=cfg.rpc_timeout_s,
-                metadata=self._metadata,
-            )
+            request = coordinator_pb2.LeaveRequest(member_id=self.member_id)
+            reply = await self._get_stub().Leave(request, timeout=cfg.rpc_timeout_s,
+                                                 metadata=self._metadata("Leave", request))
         logger.info("left the swarm as %s at epoch %d", self.member_id, reply.epoch)
         self.assignment = None
         return reply.epoch
+
+    async def data_tls_certificate(self) -> str:
+        """The swarm CA's certificate chain (PEM) for this member's address and key, to serve
+        the data plane with (--data-tls swarms; protocol/data_tls.py)."""
+        cfg = self.config
+        with translate_rpc_errors(peer=cfg.coordinator):
+            request = coordinator_pb2.DataTlsCertificateRequest(member_id=self.member_id)
+            reply = await self._get_stub().IssueDataTlsCertificate(
+                request, timeout=cfg.rpc_timeout_s, metadata=self._metadata("IssueDataTlsCertificate", request))
+        return reply.certificate_chain_pem
 
     async def __aenter__(self) -> "CoordinatorClient":
         await self.start()
@@ -266,7 +283,7 @@ class CoordinatorClient:
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
                 reply = await self._get_stub().Join(request, timeout=cfg.rpc_timeout_s,
-                                                    metadata=self._metadata)
+                                                    metadata=self._metadata("Join", request))
         except (PeerUnavailable, RpcTimeout):
             self.connected = False
             await self._reset_channel()
@@ -277,7 +294,7 @@ class CoordinatorClient:
             member_id=reply.member_id, epoch=reply.epoch, span=Span(reply.span.start, reply.span.end),
             dht_initial_peers=tuple(reply.dht_initial_peers),
             heartbeat_period_s=reply.heartbeat_period_s, lease_s=reply.lease_s,
-            model_id=reply.model_id, num_blocks=reply.num_blocks,
+            model_id=reply.model_id, num_blocks=reply.num_blocks, data_tls_ca_pem=reply.data_tls_ca_pem,
         )
         self.epoch, self.span = reply.epoch, self.assignment.span
         logger.info("joined %s as %s: blocks %s, epoch %d", cfg.coordinator, reply.member_id,
@@ -342,11 +359,11 @@ class CoordinatorClient:
         if self._unary:
             with translate_rpc_errors(peer=cfg.coordinator):
                 return await self._get_stub().Heartbeat(request, timeout=cfg.rpc_timeout_s,
-                                                        metadata=self._metadata)
+                                                        metadata=self._metadata("Heartbeat", request))
         try:
             with translate_rpc_errors(peer=cfg.coordinator):
                 if self._stream is None:
-                    self._stream = self._get_stub().HeartbeatStream(metadata=self._metadata)
+                    self._stream = self._get_stub().HeartbeatStream(metadata=self._metadata("HeartbeatStream"))
                 await asyncio.wait_for(self._stream.write(request), cfg.rpc_timeout_s)
                 reply = await asyncio.wait_for(self._stream.read(), cfg.rpc_timeout_s)
         except asyncio.InvalidStateError:

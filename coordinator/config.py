@@ -211,6 +211,14 @@ class CoordinatorConfig:
     # refused), both None = plaintext. The HTTP status page stays plain HTTP.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # TLS on the data plane (--data-tls): this coordinator is the swarm's CA (key and
+    # certificate in the data directory), certifies each node's address and key after its
+    # Join, and tells everyone its certificate in Status; nodes serve TLS and every dialler
+    # verifies (protocol/data_tls.py). False: node-to-node and client-to-node gRPC is plaintext.
+    data_tls: bool = False
+    # Lifetime of a node's certificate, days. A node asks for a new one at every start and
+    # re-join; 365 outlasts any node process (there is no renewal of a running node's).
+    data_tls_cert_days: float = 365.0
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -223,6 +231,8 @@ class CoordinatorConfig:
             raise ValueError(f"stop_grace_s must be >= 0, got {self.stop_grace_s!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        if not (math.isfinite(self.data_tls_cert_days) and self.data_tls_cert_days > 0):
+            raise ValueError(f"data_tls_cert_days must be positive, got {self.data_tls_cert_days!r}")
         for path in (self.tls_cert_file, self.tls_key_file):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TLS file {path} does not exist")

@@ -43,10 +43,10 @@ NODE_INFO_TIMEOUT_S = 2.0
 async def ask_node_info(address: str, *, token: str | None, timeout_s: float = NODE_INFO_TIMEOUT_S) -> dict:
     """What a node says of itself through its Info RPC (version, dtype, model, measured
     throughput), or {"error": why} where it does not answer: for its status page."""
-    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.channels import open_channel, peer_channel_config
     from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
-    channel = open_channel(address, ChannelConfig(token=token))
+    channel = open_channel(address, peer_channel_config(token))
     try:
         reply = await node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=timeout_s)
     except Exception as exc:  # grpc.aio.AioRpcError: unreachable, refused, timed out

@@ -30,7 +30,6 @@ from pollinate.coordinator.placement import (
     plan_moves,
 )
 from pollinate.coordinator.store import MemberRecord, Store
-from pollinate.protocol.auth import MEMBER_KEY_METADATA_KEY
 from pollinate.protocol.relay import is_relayed, parse_relayed
 from pollinate.protocol.errors import (
     FailedPrecondition,
@@ -90,7 +89,7 @@ class JoinParams:
     name: str = ""
     source_host: str = ""  # peer IP as gRPC saw it
     relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
-    member_key: str = ""  # the joiner's member key (protocol/auth.py); empty: an unkeyed client
+    member_key: str = ""  # the public key that signed the Join (protocol/identity.py); empty: unsigned
     quant: str = "none"  # its Linear weights: "none", "int8" or "int4" (node/quant.py)
 
 
@@ -107,8 +106,9 @@ class Member:
     last_heartbeat_at: float  # unix seconds, for status
     move_reason: str = ""  # set while a MOVE instruction is pending
     relay_maddr: str = ""  # offered as a circuit relay; soft state, re-sent at every join
-    # Its member key (protocol/auth.py): calls in its name must carry it. Soft state: after a
-    # coordinator restart the first key presented in its name is adopted.
+    # Its public key (protocol/identity.py): calls in its name must be signed by it. Stored
+    # (record.public_key), so a restarted coordinator still knows it; "" (an unsigned Join)
+    # adopts the first key that signs a call in its name.
     member_key: str = ""
     quant: str = "none"  # its Linear weights (node/quant.py); soft state, re-sent at every join
     load: dict | None = None  # batch sizes and queue waits, as its last heartbeat said (soft state)
@@ -179,7 +179,7 @@ class Membership:
         for rec in records:
             self._insert(Member(record=rec, name="", span=rec.span, throughput=rec.throughput,
                                 serving_span=None, lease_deadline=deadline,
-                                last_heartbeat_at=0.0))
+                                last_heartbeat_at=0.0, member_key=rec.public_key))
         if records:
             logger.info("restored %d members at epoch %d; they have %.1f s to heartbeat",
                         len(records), self.epoch,
@@ -202,7 +202,7 @@ class Membership:
             member_id=uuid.uuid4().hex[:16], address=params.address,
             source_host=params.source_host, capacity=capacity,
             throughput=float(params.throughput), span=span, pinned=pinned,
-            joined_at=self.wall_clock(),
+            joined_at=self.wall_clock(), public_key=params.member_key,
         )
         epoch = self.epoch + 1
         self.store.record_change(epoch, added=[record], removed=[replaced] if replaced else [])
@@ -231,9 +231,10 @@ class Membership:
         return self.members.get(member_id) if member_id else None
 
     def check_key(self, member_id: str, key: str | None) -> None:
-        """Raise Unauthenticated unless a call in `member_id`'s name carries its member key.
-        Unknown ids pass (the call itself answers NOT_FOUND); a member without a key (restored
-        after a restart, or an unkeyed client) adopts the first key presented."""
+        """Raise Unauthenticated unless a call in `member_id`'s name was signed by its key
+        (`key`: the public key that signed it, None if none did).
+        Unknown ids pass (the call itself answers NOT_FOUND); a member without a key (its Join
+        was unsigned) adopts the first key presented."""
         member = self.members.get(member_id)
         if member is None:
             return
@@ -241,8 +242,8 @@ class Membership:
             member.member_key = key or ""
             return
         if key is None or not hmac.compare_digest(key.encode(), member.member_key.encode()):
-            raise Unauthenticated(f"member {member_id}: calls in its name must carry its member key "
-                                  f"(metadata {MEMBER_KEY_METADATA_KEY!r}); this one does not")
+            raise Unauthenticated(f"member {member_id}: calls in its name must be signed by its member key "
+                                  f"(protocol/identity.py); this one is not")
 
     def _check_join(self, params: JoinParams) -> int:
         """A Join's values checked against the swarm; returns its capacity in blocks."""

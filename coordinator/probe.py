@@ -46,6 +46,8 @@ class SwarmInfo:
     # Asked with check_address: could the coordinator connect to it (None: not asked)?
     reachable: bool | None = None
     unreachable_detail: str = ""
+    # The swarm CA's certificate (PEM) when the coordinator runs --data-tls; "": plaintext.
+    data_tls_ca_pem: str = ""
 
 
 def probe_coordinator(address: str, token: str, *, timeout_s: float = 60.0,
@@ -74,7 +76,8 @@ def probe_coordinator(address: str, token: str, *, timeout_s: float = 60.0,
     info = SwarmInfo(model_id=reply["model_id"], num_blocks=reply["num_blocks"],
                      epoch=reply["epoch"], dht_initial_peers=tuple(reply["dht_initial_peers"]),
                      relays=tuple(reply["relays"]), reachable=reply.get("reachable"),
-                     unreachable_detail=reply.get("unreachable_detail", ""))
+                     unreachable_detail=reply.get("unreachable_detail", ""),
+                     data_tls_ca_pem=reply.get("data_tls_ca_pem", ""))
     logger.info("coordinator %s: model %s (%d blocks), epoch %d, DHT peers %s", address,
                 info.model_id, info.num_blocks, info.epoch, ", ".join(info.dht_initial_peers))
     return info
@@ -95,7 +98,8 @@ async def _status(address: str, token: str, timeout_s: float, rpc_timeout_s: flo
             with translate_rpc_errors(peer=address):
                 reply = await stub.Status(coordinator_pb2.StatusRequest(), timeout=rpc_timeout_s)
                 out = {"model_id": reply.model_id, "num_blocks": reply.num_blocks, "epoch": reply.epoch,
-                       "dht_initial_peers": list(reply.dht_initial_peers), "relays": list(reply.relays)}
+                       "dht_initial_peers": list(reply.dht_initial_peers), "relays": list(reply.relays),
+                       "data_tls_ca_pem": reply.data_tls_ca_pem}
                 if check_address:
                     check = await stub.CheckReachable(coordinator_pb2.CheckReachableRequest(
                         address=check_address), timeout=rpc_timeout_s + 10.0)

@@ -160,8 +160,15 @@ class CoordinatorServer:
         from pollinate.coordinator.quarantine import Quarantine
 
         self.quarantine = Quarantine(cfg.quarantine, self.store, self.membership)
+        swarm_ca = None
+        if cfg.data_tls:
+            from pollinate.protocol.data_tls import SwarmCA, use_swarm_ca
+
+            swarm_ca = SwarmCA.load_or_create(cfg.store.data_dir)
+            use_swarm_ca(swarm_ca.cert_pem)  # its own dials to nodes (the address challenge) verify too
         self._servicer = CoordinatorServicer(
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
+            swarm_ca=swarm_ca, data_tls_cert_days=cfg.data_tls_cert_days,
             rounds=Rounds(cfg.rounds, self.store, self.membership, checkpoints=self.checkpoints), jobs=self.jobs,
             quarantine=self.quarantine,
             address_check=AddressCheck(cfg.addresses,
@@ -191,7 +198,8 @@ class CoordinatorServer:
                     self.membership.epoch, len(self.membership.members))
         if cfg.ready_file is not None:
             write_ready_file(cfg.ready_file, {
-                "grpc": self.grpc_address, "grpc_bound": self._rpc.address, "tls": cfg.tls_cert_file is not None, "http": self.http_address,
+                "grpc": self.grpc_address, "grpc_bound": self._rpc.address, "tls": cfg.tls_cert_file is not None,
+                "data_tls": cfg.data_tls, "http": self.http_address,
                 "dht_initial_peers": self._dht_peers, "pid": os.getpid(),
             })
 

@@ -22,8 +22,9 @@ from pollinate.coordinator.retention import RetentionPolicy
 from pollinate.coordinator.rounds import Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.addresses import peer_host, probe_tcp
-from pollinate.protocol.auth import presented_member_key
-from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, one_line
+from pollinate.protocol.data_tls import SwarmCA
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound, Unauthenticated, one_line
+from pollinate.protocol.identity import CallSignatures, fingerprint
 from pollinate.protocol.relay import dialer as relay_dialer
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.shared import Span
@@ -32,6 +33,7 @@ from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_g
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "v1"
+_METHOD = "/pollinate.v1.Coordinator/"  # + a method's name: what a member's call signature covers
 _NO_INSTRUCTION = coordinator_pb2.Instruction(kind=coordinator_pb2.Instruction.NONE)
 
 
@@ -61,14 +63,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         jobs: Jobs | None = None,
         address_check: AddressCheck | None = None,
         quarantine: Quarantine | None = None,
+        swarm_ca: SwarmCA | None = None,
+        data_tls_cert_days: float = 365.0,
     ) -> None:
         self.membership = membership
         self.quarantine = quarantine  # liar reports (coordinator/quarantine.py); None: not offered
+        self.swarm_ca = swarm_ca  # --data-tls: the CA that certifies members (protocol/data_tls.py)
+        self.data_tls_cert_days = data_tls_cert_days
         self.address_check = address_check  # None: announced addresses are not checked
         self.jobs = jobs or Jobs(membership.store, base_model=membership.config.model_id)
         self.rounds = rounds  # DiLoCo rounds (coordinator/rounds.py); None: not offered
         self._dht_initial_peers = dht_initial_peers
         self._status = status
+        self.signatures = CallSignatures()  # calls in a member's name (protocol/identity.py)
         self.serving = True
 
     async def Health(self, request, context: grpc.aio.ServicerContext):
@@ -79,7 +86,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Join(self, request: coordinator_pb2.JoinRequest, context):
         source_host = peer_host(context.peer() or "")
-        key = presented_member_key(context.invocation_metadata()) or ""
+        key = self._signed_by(context, "Join", request) or ""
         if self.address_check is not None:
             await self.address_check.joining(request.address, peer_host=source_host)
         if self.quarantine is not None:
@@ -109,7 +116,29 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             lease_s=cfg.lease_s,
             model_id=cfg.model_id,
             num_blocks=cfg.num_blocks,
+            data_tls_ca_pem=self._ca_pem(),
         )
+
+    def _ca_pem(self) -> str:
+        return self.swarm_ca.cert_pem if self.swarm_ca is not None else ""
+
+    async def IssueDataTlsCertificate(self, request: coordinator_pb2.DataTlsCertificateRequest, context):
+        if self.swarm_ca is None:
+            raise FailedPrecondition("this swarm's data plane is plaintext (the coordinator runs without --data-tls)")
+        key = self._signed_by(context, "IssueDataTlsCertificate", request)
+        if key is None:
+            raise Unauthenticated("IssueDataTlsCertificate must be signed by the member's key (protocol/identity.py)")
+        self.membership.check_key(request.member_id, key)
+        member = self.membership.members.get(request.member_id)
+        if member is None:
+            raise NotFound(f"no member {one_line(request.member_id, 80)}: join first")
+        if member.member_key != key:  # an unsigned Join left no key to certify
+            raise Unauthenticated(f"member {member.member_id} joined without a key; join with one to get a certificate")
+        chain = self.swarm_ca.issue(key, member.record.address, valid_days=self.data_tls_cert_days)
+        logger.info("certified member %s at %s (key %s)", member.member_id, one_line(member.record.address, 200),
+                    fingerprint(key))
+        return coordinator_pb2.DataTlsCertificateReply(certificate_chain_pem=chain + self.swarm_ca.cert_pem,
+                                                       ca_pem=self.swarm_ca.cert_pem)
 
     async def _check_takeover(self, address: str, key: str) -> None:
         """A Join for an address a keyed member holds, with another key, passes only if that
@@ -126,11 +155,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         """How long the coordinator waits when it dials a member's address."""
         return self.address_check.config.dial_timeout_s if self.address_check else 3.0
 
-    def _member_key(self, member_id: str, context) -> None:
-        self.membership.check_key(member_id, presented_member_key(context.invocation_metadata()))
+    def _signed_by(self, context, method: str, request=None) -> str | None:
+        """The public key that signed this call of `method` with `request` (None: a stream's
+        call), or None (unsigned, or not validly)."""
+        return self.signatures.verified_key(context.invocation_metadata(), _METHOD + method, request)
+
+    def _member_key(self, member_id: str, context, method: str, request=None) -> None:
+        self.membership.check_key(member_id, self._signed_by(context, method, request))
 
     async def Heartbeat(self, request: coordinator_pb2.HeartbeatRequest, context):
-        self._member_key(request.member_id, context)
+        self._member_key(request.member_id, context, "Heartbeat", request)
         return self._heartbeat(request)
 
     async def HeartbeatStream(self, request_iterator, context):
@@ -141,9 +175,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
-            if member_id is None:
+            if member_id is None:  # the stream's one signature, checked with its first beat
                 member_id = request.member_id
-                self._member_key(member_id, context)
+                self._member_key(member_id, context, "HeartbeatStream")
             elif request.member_id != member_id:
                 raise InvalidRequest(f"this heartbeat stream belongs to member {member_id!r}, "
                                      f"not {request.member_id!r}; open a stream per member")
@@ -167,11 +201,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
 
     async def Leave(self, request: coordinator_pb2.LeaveRequest, context):
-        self._member_key(request.member_id, context)
+        self._member_key(request.member_id, context, "Leave", request)
         return coordinator_pb2.LeaveReply(epoch=self.membership.leave(request.member_id))
 
     async def Status(self, request, context):
-        return status_to_proto(self._status())
+        reply = status_to_proto(self._status())
+        reply.data_tls_ca_pem = self._ca_pem()
+        return reply
 
     async def CheckReachable(self, request: coordinator_pb2.CheckReachableRequest, context):
         parse_address(request.address)  # InvalidRequest if it is neither host:port nor relayed
@@ -207,7 +243,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self.rounds
 
     async def BeginRound(self, request: coordinator_pb2.BeginRoundRequest, context):
-        self._member_key(request.member_id, context)
+        self._member_key(request.member_id, context, "BeginRound", request)
         group, shard = await self._rounds().begin(
             request.job, span_from_proto(request.span, "span"), request.round,
             request.member_id, request.tokens)
@@ -217,7 +253,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             send_state=group.state_member == request.member_id)
 
     async def CommitRound(self, request: coordinator_pb2.CommitRoundRequest, context):
-        self._member_key(request.member_id, context)
+        self._member_key(request.member_id, context, "CommitRound", request)
         span = span_from_proto(request.span, "span")
         o = request.outer
         outcome = await self._rounds().commit(
@@ -310,7 +346,7 @@ def _member_to_proto(m: dict) -> coordinator_pb2.MemberInfo:
         serving_span=common_pb2.Span(start=serving[0], end=serving[1]) if serving else None,
         state=m["state"], throughput=m["throughput"], capacity_blocks=m["capacity_blocks"],
         pinned=m["pinned"], joined_at=m["joined_at"], last_heartbeat_at=m["last_heartbeat_at"],
-        quant=m.get("quant", "none"),
+        quant=m.get("quant", "none"), identity=m.get("identity", ""),
         load=common_pb2.ServingLoad(**m["load"]) if m.get("load") else None,
     )
 

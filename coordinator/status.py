@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from pollinate.coordinator.membership import Membership
 from pollinate.coordinator.store import JobRecord
+from pollinate.protocol.identity import fingerprint
 from pollinate.protocol.relay import is_relayed
 
 # A member whose last heartbeat is older than this many heartbeat periods is shown "stale"
@@ -78,6 +79,8 @@ def snapshot(
             "last_heartbeat_at": m.last_heartbeat_at,
             "relayed": is_relayed(m.record.address),
             "quant": m.quant,
+            # fingerprint of the public key that joined (protocol/identity.py); "" if unsigned
+            "identity": fingerprint(m.member_key) if m.member_key else "",
             # passes, steps, mean/max sessions per pass, step queue wait p50/p99 (ms), as its
             # last heartbeat reported them; None before the first
             "load": m.load,

@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS members (
     span_end    INTEGER NOT NULL,
     pinned      INTEGER NOT NULL,       -- 1: operator chose the span (--blocks)
     joined_at   REAL NOT NULL,          -- unix seconds
-    epoch       INTEGER NOT NULL        -- membership epoch of its last change
+    epoch       INTEGER NOT NULL,       -- membership epoch of its last change
+    public_key  TEXT NOT NULL DEFAULT '' -- the key that signed its Join (protocol/identity.py); '': unsigned
 );
 CREATE TABLE IF NOT EXISTS jobs (
     name            TEXT PRIMARY KEY,
@@ -165,6 +166,7 @@ _ADDED_COLUMNS = (
     ("round_traffic", "coordinator_bytes_received", "INTEGER NOT NULL DEFAULT 0"),
     ("committed_states", "pruned_at", "REAL"),  # issue 15: retention; NULL = the file is kept
     ("committed_states", "pruned_reason", "TEXT"),
+    ("members", "public_key", "TEXT NOT NULL DEFAULT ''"),  # issue 18: identity survives a restart
 )
 
 
@@ -180,6 +182,7 @@ class MemberRecord:
     span: Span
     pinned: bool
     joined_at: float
+    public_key: str = ""  # the key that signed its Join (protocol/identity.py); "": an unsigned Join
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,12 +278,12 @@ class Store:
         epoch = int(self.get_meta("epoch") or 0)
         rows = self.db.execute(
             "SELECT member_id, address, source_host, capacity, throughput, span_start, "
-            "span_end, pinned, joined_at FROM members ORDER BY joined_at, member_id"
+            "span_end, pinned, joined_at, public_key FROM members ORDER BY joined_at, member_id"
         ).fetchall()
         members = [
             MemberRecord(
                 member_id=r[0], address=r[1], source_host=r[2], capacity=r[3],
-                throughput=r[4], span=Span(r[5], r[6]), pinned=bool(r[7]), joined_at=r[8],
+                throughput=r[4], span=Span(r[5], r[6]), pinned=bool(r[7]), joined_at=r[8], public_key=r[9],
             )
             for r in rows
         ]
@@ -299,10 +302,11 @@ class Store:
         with _transaction(db):
             db.executemany("DELETE FROM members WHERE member_id=?", [(m,) for m in removed])
             db.executemany(
-                "INSERT INTO members VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO members (member_id, address, source_host, capacity, throughput, span_start, "
+                "span_end, pinned, joined_at, epoch, public_key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (m.member_id, m.address, m.source_host, m.capacity, m.throughput,
-                     m.span.start, m.span.end, int(m.pinned), m.joined_at, epoch)
+                     m.span.start, m.span.end, int(m.pinned), m.joined_at, epoch, m.public_key)
                     for m in added
                 ],
             )

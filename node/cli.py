@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "peer (it must be reachable; costs this node the bandwidth it relays)")
     p.add_argument("--ready-file", type=Path, help="write {address, dht_maddrs, peer_id} here once serving")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
+    p.add_argument("--identity-file", type=Path, metavar="PEM",
+                   help="this node's key pair, made there on first use: its identity as a member and its TLS "
+                        "key (default: <cache-dir>/identity/node-PORT.pem with a fixed --port, else a new "
+                        "key per process; docs/security.md)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'bfloat16', 'float16'")
@@ -153,7 +157,7 @@ def build_config(args: argparse.Namespace):
     from pollinate.node.announce import AnnounceConfig
     from pollinate.compression.kv_codec import KVCodecConfig
     from pollinate.node.batching import BatchingConfig
-    from pollinate.node.config import NodeConfig, ServingConfig
+    from pollinate.node.config import NodeConfig, ServingConfig, default_identity_file
     from pollinate.node.handoff import HandoffConfig
     from pollinate.node.kept_inputs import KeptInputsConfig
     from pollinate.node.rounds import RoundConfig
@@ -185,6 +189,7 @@ def build_config(args: argparse.Namespace):
         token=token or None,
         initial_peers=tuple(args.initial_peers),
         ready_file=args.ready_file,
+        identity_file=args.identity_file or default_identity_file(args.cache_dir, args.port),
         device=args.device,
         dtype=args.dtype,
         quant=args.quant,
@@ -243,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
         # for its DHT peers (and to dial this node's port back) from a subprocess.
         config, info, reach = _probe(config)
         peers += [p for p in info.dht_initial_peers if p not in peers]
+        from pollinate.protocol.data_tls import use_swarm_ca
+
+        use_swarm_ca(info.data_tls_ca_pem)  # --data-tls swarm: dial peers over TLS (no gRPC object yet)
     from pollinate.protocol.addresses import dht_maddrs, free_port
 
     port = config.dht_port
@@ -382,6 +390,8 @@ class _Node:
         self.server = None  # the SpanServer being served; replaced by a move
         self.announcer = None  # its Announcer
         self.address = ""  # host:port others dial, or the relayed address
+        self.identity = _identity(config)  # its key pair (protocol/identity.py)
+        self.tls_chain: bytes | None = None  # --data-tls swarms: the swarm CA's certificate for it
         self.lock = asyncio.Lock()  # a move waits for the first span, and for another move
 
     async def open_model(self) -> None:
@@ -448,9 +458,23 @@ class _Node:
             throughput=_initial_throughput(config), requested_span=requested,
             join_timeout_s=config.coordinator_timeout_s, name=f"node-{port}",
             relay_maddr=_relay_maddr(self.dht) if config.offer_relay else "", quant=self.quant,
-            **_coordinator_tls(config),
+            identity=self.identity, **_coordinator_tls(config),
         ), on_move=self.move)
         assignment = await self.member.start()
+        if assignment.data_tls_ca_pem:  # the coordinator runs --data-tls: serve with its certificate
+            from pollinate.protocol.data_tls import use_swarm_ca
+
+            from pollinate.protocol.errors import PollinateError
+
+            use_swarm_ca(assignment.data_tls_ca_pem)
+            try:
+                self.tls_chain = (await self.member.data_tls_certificate()).encode()
+            except PollinateError as e:
+                await self.member.stop(leave=True)
+                raise SystemExit(f"pollinate node: the coordinator runs --data-tls but gave no certificate: "
+                                 f"{type(e).__name__}: {e}") from None
+            logger.info("serving TLS with the swarm CA's certificate for %s (identity %s)", address,
+                        self.identity.fingerprint)
         if assignment.num_blocks != self.files.num_blocks:
             await self.member.stop(leave=True)
             raise SystemExit(f"pollinate node: the swarm's model {assignment.model_id!r} has "
@@ -469,17 +493,18 @@ class _Node:
         config = self.config
         async with self.lock:  # a MOVE arriving while the first span loads waits for it
             self.server = await self.load(start, end)
-            self.rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token))
+            tls = {"tls_cert_pem": self.tls_chain, "tls_key_pem": self.identity.private_pem()} \
+                if self.tls_chain else {}
+            self.rpc = RpcServer(ServerConfig(host=config.host, port=port, token=config.token, **tls))
             self.servicer = NodeServicer(self.server, throughput=_initial_throughput(config),
-                                         member_key=self.member.config.member_key if self.member else None,
-                                         handoff=config.handoff)
+                                         identity=self.identity, handoff=config.handoff)
             if self.member is not None:  # DiLoCo rounds need the coordinator (node/rounds.py)
                 from pollinate.node.rounds import RoundDriver
 
                 member = self.member
                 self.servicer.jobs.rounds = RoundDriver(
                     config.rounds, coordinator_address=config.coordinator, token=config.token,
-                    member_id=lambda: member.member_id, member_key=member.config.member_key,
+                    member_id=lambda: member.member_id, identity=self.identity,
                     framing=self.servicer.framing, **_coordinator_tls(config))
             add_to_server(self.rpc, self.servicer)
             if reservation is not None:
@@ -566,7 +591,7 @@ class _Node:
     async def hand_off(self, server) -> None:
         """Hand `server`'s open sessions to other nodes serving its blocks (node/handoff.py)."""
         from pollinate.node.handoff import find_replicas, hand_off_sessions
-        from pollinate.protocol.channels import ChannelConfig, open_channel
+        from pollinate.protocol.channels import open_channel, peer_channel_config
         from pollinate.protocol.v1 import node_pb2_grpc
 
         cfg = self.config.handoff
@@ -583,7 +608,7 @@ class _Node:
 
         def stub(address: str):
             if address not in channels:
-                channels[address] = open_channel(address, ChannelConfig(token=self.config.token))
+                channels[address] = open_channel(address, peer_channel_config(self.config.token))
             return node_pb2_grpc.NodeStub(channels[address])
 
         try:
@@ -605,6 +630,21 @@ class _Node:
         if self.relay is not None:
             await self.relay.stop()
         await self.server.shutdown()
+
+
+def _identity(config):
+    """The node's key pair: from its identity file (made there on first use), or a new one."""
+    from pollinate.protocol.identity import NodeIdentity
+
+    path = config.identity_file
+    if path is None:
+        return NodeIdentity.generate()
+    try:
+        identity = NodeIdentity.load_or_create(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"pollinate node: --identity-file: {e}") from None
+    logger.info("identity %s (%s)", identity.fingerprint, path)
+    return identity
 
 
 def _relay_maddr(dht) -> str:

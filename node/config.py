@@ -49,6 +49,18 @@ class ServingConfig:
             raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
 
 
+def default_identity_file(cache_dir: Path | None, port: int) -> Path | None:
+    """Where a node without --identity-file keeps its key pair: <cache_dir>/identity/
+    node-<port>.pem when its port is fixed (a restart on that port keeps its identity, and
+    nodes of one machine on other ports have their own); None with port 0 (a new key per
+    process: nothing about such a node is long-lived)."""
+    if port == 0:
+        return None
+    from pollinate.node.model_files import DEFAULT_CACHE_DIR
+
+    return Path(cache_dir or DEFAULT_CACHE_DIR) / "identity" / f"node-{port}.pem"
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     model: str  # "smollm2" (embedded default), a local directory or .gguf, or a hub id
@@ -100,6 +112,10 @@ class NodeConfig:
     # (a swarm's self-signed certificate) or, if None, the system's roots.
     coordinator_tls: bool = False
     coordinator_tls_root_cert_file: Path | None = None
+    # The node's key pair (protocol/identity.py), a PEM file made on first use: its identity
+    # as a member (it signs Join and the calls in its member's name) and, with --data-tls, its
+    # TLS key. None: a new key per process. The CLI's default is default_identity_file().
+    identity_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.announce_host is None:

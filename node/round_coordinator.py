@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import torch
 
 from pollinate.compression.outer import OuterStep, state_checksum, state_from_bytes
-from pollinate.protocol.auth import member_key_metadata
+from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import FailedPrecondition, NotFound, translate_rpc_errors
 from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -39,14 +39,20 @@ class RoundCoordinator:
     """``member_id``: a callable, since the id changes when the node re-joins."""
 
     def __init__(self, config: RoundConfig, *, address: str, token: str, member_id: Callable[[], str],
-                 member_key: str | None = None, tls: bool = False, tls_root_cert_file: Path | None = None) -> None:
+                 identity: NodeIdentity | None = None, tls: bool = False,
+                 tls_root_cert_file: Path | None = None) -> None:
         self.config = config
-        self._metadata = member_key_metadata(member_key)  # rounds are calls in the member's name
+        self._identity = identity  # rounds are calls in the member's name: signed by its key
         self.address = address
         self.token = token
         self.member_id = member_id
         self._tls = {"tls": tls, "tls_root_cert_file": tls_root_cert_file}
         self._channel = None
+
+    def _metadata(self, method: str, request) -> tuple[tuple[str, str], ...]:
+        if self._identity is None:
+            return ()
+        return self._identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
     def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._channel is None:  # committed states travel whole: the coordinator's message limit
@@ -61,7 +67,7 @@ class RoundCoordinator:
                                                     tokens=tokens)
         with translate_rpc_errors(peer=self.address):
             reply = await self._stub().BeginRound(request, timeout=self.config.begin_timeout_s,
-                                                  metadata=self._metadata)
+                                                  metadata=self._metadata("BeginRound", request))
         return reply, request.ByteSize(), reply.ByteSize()
 
     async def commit(self, job: str, span, r: int, attempt: int, me: str, checksum: str, *, own: tuple[int, bytes],
@@ -83,7 +89,7 @@ class RoundCoordinator:
         for _ in range(2):  # the second call only if asked for the state
             with translate_rpc_errors(peer=self.address):
                 done = await self._stub().CommitRound(request, timeout=self.config.commit_timeout_s,
-                                                      metadata=self._metadata)
+                                                      metadata=self._metadata("CommitRound", request))
             sent, received = sent + request.ByteSize(), received + done.ByteSize()
             if not done.send_state:
                 break

@@ -141,13 +141,13 @@ class RoundDriver:
     """Runs a job's rounds on one node: ``after_backward`` after every Backward of a job."""
 
     def __init__(self, config: RoundConfig, *, coordinator_address: str, token: str,
-                 member_id, framing, member_key: str | None = None, tls: bool = False,
+                 member_id, framing, identity=None, tls: bool = False,
                  tls_root_cert_file: Path | None = None) -> None:
         self.config = config
         self._member_id = member_id  # callable: the id changes when the node re-joins
         self.jobs: dict[str, JobRounds] = {}
         self.coordinator = RoundCoordinator(config, address=coordinator_address, token=token,
-                                            member_id=member_id, member_key=member_key, tls=tls,
+                                            member_id=member_id, identity=identity, tls=tls,
                                             tls_root_cert_file=tls_root_cert_file)
         self.exchange = ShardExchange(config, token=token, framing=framing, committed_round=self._committed_round)
         # job -> (round, attempt, owner task) of a failed attempt whose shard is still served

@@ -20,8 +20,9 @@ from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
 from pollinate.protocol.addresses import peer_host
-from pollinate.protocol.auth import MAX_CHALLENGE_CHARS, address_proof
+from pollinate.protocol.auth import MAX_CHALLENGE_CHARS
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, RpcTimeout
+from pollinate.protocol.identity import NodeIdentity, address_proof
 from pollinate.protocol.tensors import (
     DEFAULT_FRAMING,
     HIDDEN_STATES as HIDDEN,
@@ -41,9 +42,9 @@ async def _encode(tensor: torch.Tensor, codec: str) -> EncodedTensor:
 
 class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING,
-                 member_key: str | None = None, handoff: HandoffConfig = HandoffConfig()):
+                 identity: NodeIdentity | None = None, handoff: HandoffConfig = HandoffConfig()):
         self.server = server
-        self.member_key = member_key  # answers the coordinator's address challenge (protocol/auth.py)
+        self.identity = identity  # signs the coordinator's address challenge (protocol/identity.py)
         self.throughput = throughput
         self.framing = framing
         self.serving = True
@@ -54,7 +55,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
         status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
         if len(request.challenge) > MAX_CHALLENGE_CHARS:
             raise InvalidRequest(f"Health: challenge over {MAX_CHALLENGE_CHARS} characters")
-        proof = address_proof(self.member_key, request.challenge) if request.challenge and self.member_key else ""
+        proof = address_proof(self.identity, request.challenge) if request.challenge and self.identity else ""
         return common_pb2.HealthReply(status=status, version=__version__, protocol="v1", proof=proof)
 
     async def Info(self, request, context):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from pollinate.node.diloco import Contribution
-from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.channels import open_channel, peer_channel_config
 from pollinate.protocol.errors import FailedPrecondition, NotFound, RpcTimeout, translate_rpc_errors
 from pollinate.protocol.tensors import EncodedTensor, TensorAssembler
 from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
@@ -237,7 +237,7 @@ class ShardExchange:
                 self.count(job, r, attempt, sent=msg.ByteSize())
                 yield msg
 
-        channel = open_channel(address, ChannelConfig(token=self.token))
+        channel = open_channel(address, peer_channel_config(self.token))
         try:
             with translate_rpc_errors(peer=address):
                 call = node_pb2_grpc.NodeStub(channel).ExchangeShard(

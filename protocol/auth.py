@@ -9,11 +9,9 @@ in clear text unless TLS is on (channels.py).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import os
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,43 +47,9 @@ def read_token(token_file: str | os.PathLike | None, fallback: str | None = None
     return (fallback or "").strip() or None
 
 
-# A member's key (issue 18, item 5): a random secret each node process makes at start. It
-# travels with the node's Join and every call it makes in its member's name (heartbeats,
-# Leave, BeginRound, CommitRound); the coordinator keeps its digest, refuses a call in that
-# member's name with another key (UNAUTHENTICATED), and lets another Join take the member's
-# address only when the node serving there proves the joiner's key: its Health answers
-# `address_proof(key, challenge)` for a challenge the coordinator picks. So the shared token
-# no longer lets one volunteer take over another's membership. What it does not give: a key
-# bound to the node's identity across restarts (a restart is a new key, proven by serving at
-# the address), and secrecy on a plaintext link (as for the token: use TLS).
-MEMBER_KEY_METADATA_KEY = "x-pollinate-member-key"
+# Identity (a member's key pair, calls signed in its name, the address challenge) lives in
+# protocol/identity.py; the Health challenge's length is bounded here with the other limits.
 MAX_CHALLENGE_CHARS = 128
-
-
-def new_member_key() -> str:
-    return secrets.token_hex(32)
-
-
-def member_key_metadata(key: str | None) -> tuple[tuple[str, str], ...]:
-    return ((MEMBER_KEY_METADATA_KEY, key),) if key else ()
-
-
-def presented_member_key(metadata: Iterable | None) -> str | None:
-    """The member key a call carries in its metadata, or None."""
-    for item in metadata or ():
-        if item[0] == MEMBER_KEY_METADATA_KEY:
-            value = item[1]
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    return None
-
-
-def key_digest(key: str) -> str:
-    """What the coordinator keeps of a member key (never the key itself)."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def address_proof(key: str, challenge: str) -> str:
-    return hmac.new(key.encode("utf-8"), challenge.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 
 from pollinate.protocol.auth import TokenServerInterceptor, token_client_interceptors
+from pollinate.protocol.data_tls import swarm_ca_pem, tls_name
 from pollinate.protocol.errors import ErrorMappingInterceptor
 from pollinate.protocol.framing import DEFAULT_FRAMING
 from pollinate.protocol.relay import dialer as relay_dialer
@@ -66,6 +67,10 @@ class ServerConfig:
     # PEM certificate chain and private key. Both set = TLS; both None = plaintext.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # The same in memory: a node's certificate from the swarm CA and its identity key
+    # (protocol/data_tls.py); instead of the files, never with them.
+    tls_cert_pem: bytes | None = field(default=None, repr=False)
+    tls_key_pem: bytes | None = field(default=None, repr=False)
     # Largest message accepted or sent, bytes; a bit above one tensor chunk (see above).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Keepalive ping interval and how long to wait for the ack, seconds. 30 s / 10 s notice a
@@ -87,6 +92,10 @@ class ServerConfig:
                 f"ServerConfig TLS needs both tls_cert_file and tls_key_file, got "
                 f"{self.tls_cert_file!r} and {self.tls_key_file!r}"
             )
+        if (self.tls_cert_pem is None) != (self.tls_key_pem is None):
+            raise ValueError("ServerConfig TLS needs both tls_cert_pem and tls_key_pem, or neither")
+        if self.tls_cert_pem is not None and self.tls_cert_file is not None:
+            raise ValueError(f"ServerConfig: tls_cert_pem and tls_cert_file={self.tls_cert_file!r} both set")
         if self.token is not None and not self.token:
             raise ValueError("ServerConfig.token must be None or a non-empty string, got ''")
         if self.max_message_bytes <= DEFAULT_FRAMING.max_message_bytes:
@@ -102,7 +111,12 @@ class ServerConfig:
 
     @property
     def tls(self) -> bool:
-        return self.tls_cert_file is not None
+        return self.tls_cert_file is not None or self.tls_cert_pem is not None
+
+    def tls_key_and_chain(self) -> tuple[bytes, bytes]:
+        if self.tls_cert_pem is not None:
+            return self.tls_key_pem, self.tls_cert_pem
+        return self.tls_key_file.read_bytes(), self.tls_cert_file.read_bytes()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +129,11 @@ class ChannelConfig:
     tls: bool = False
     # PEM root certificate to trust (a swarm's self-signed certificate); needs tls=True.
     tls_root_cert_file: Path | None = None
+    # The same in memory (the swarm CA's certificate: protocol/data_tls.py); not with the file.
+    tls_root_pem: bytes | None = field(default=None, repr=False)
+    # The server is a swarm node: its certificate names the address dialled as
+    # data_tls.tls_name(address), not as its host (needs tls=True).
+    swarm_peer: bool = False
     # Largest message accepted or sent, bytes; must match the servers' (see above).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Keepalive ping interval and ack timeout, seconds; the interval must stay at or above
@@ -130,6 +149,10 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if self.tls_root_cert_file is not None and not self.tls:
             raise ValueError(f"ChannelConfig.tls_root_cert_file={self.tls_root_cert_file!r} needs tls=True")
+        if (self.tls_root_pem is not None or self.swarm_peer) and not self.tls:
+            raise ValueError("ChannelConfig.tls_root_pem and swarm_peer need tls=True")
+        if self.tls_root_pem is not None and self.tls_root_cert_file is not None:
+            raise ValueError(f"ChannelConfig: tls_root_pem and tls_root_cert_file={self.tls_root_cert_file!r} both set")
         if self.token is not None and not self.token:
             raise ValueError("ChannelConfig.token must be None or a non-empty string, got ''")
         if self.max_message_bytes <= DEFAULT_FRAMING.max_message_bytes:
@@ -169,11 +192,21 @@ def coordinator_tls(value: str | None) -> dict[str, Any]:
     return {"tls": True, "tls_root_cert_file": path}
 
 
+def peer_channel_config(token: str | None, **kwargs: Any) -> ChannelConfig:
+    """The ChannelConfig for dialling a node: TLS verified against the swarm CA when this
+    process was told one (data_tls.use_swarm_ca, from the coordinator), else plaintext."""
+    ca = swarm_ca_pem()
+    if ca is None:
+        return ChannelConfig(token=token, **kwargs)
+    return ChannelConfig(token=token, tls=True, tls_root_pem=ca, swarm_peer=True, **kwargs)
+
+
 def open_channel(address: str, config: ChannelConfig = ChannelConfig()) -> grpc.aio.Channel:
     """A grpc.aio channel to `address` ("host:port", or a node's relayed address: see
     protocol/relay.py); close it with `await channel.close()`.
 
     Must be called with an event loop running (grpc.aio binds the channel to it)."""
+    dialled = address
     if is_relayed(address):
         address = relay_dialer().local_address(address)
     options = [
@@ -187,7 +220,9 @@ def open_channel(address: str, config: ChannelConfig = ChannelConfig()) -> grpc.
         options.append(("grpc.use_local_subchannel_pool", 1))
     interceptors = token_client_interceptors(config.token) if config.token else None
     if config.tls:
-        root = config.tls_root_cert_file.read_bytes() if config.tls_root_cert_file else None
+        root = config.tls_root_cert_file.read_bytes() if config.tls_root_cert_file else config.tls_root_pem
+        if config.swarm_peer:  # what the swarm CA certified: the address announced (and dialled)
+            options.append(("grpc.ssl_target_name_override", tls_name(dialled)))
         credentials = grpc.ssl_channel_credentials(root_certificates=root)
         return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
@@ -263,10 +298,7 @@ class RpcServer:
         bind = _format_address(cfg.host, cfg.port)
         try:
             if cfg.tls:
-                assert cfg.tls_cert_file is not None and cfg.tls_key_file is not None
-                credentials = grpc.ssl_server_credentials(
-                    [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())]
-                )
+                credentials = grpc.ssl_server_credentials([cfg.tls_key_and_chain()])
                 port = server.add_secure_port(bind, credentials)
             else:
                 port = server.add_insecure_port(bind)

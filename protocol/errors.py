@@ -345,6 +345,18 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+def _tls_hint(details: str) -> str:
+    """What gRPC's words for a TLS mismatch mean in a swarm (docs/security.md, --data-tls)."""
+    if "failed to connect" in details and "Socket closed" in details:
+        # what a TLS server does to a plaintext client: accept, read a non-TLS hello, close
+        return (" (so ends a plaintext call to a TLS peer: if the swarm runs --data-tls its nodes accept "
+                "only TLS; reach it through --coordinator, which tells clients to use TLS and its CA)")
+    if "andshake" in details or "ssl" in details.lower() or "Verification" in details:
+        return (" (TLS handshake failed: the peer serves plaintext, or no certificate from this swarm's CA "
+                "for this address)")
+    return ""
+
+
 def from_rpc_error(error: grpc.RpcError, *, peer: str | None = None) -> PollinateError:
     """The PollinateError a failed call means; `peer` (an address) is added to the message."""
     code = error.code() if hasattr(error, "code") else None
@@ -360,6 +372,8 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str | None = None) -> Pollinat
         # Transport-level messages ("failed to connect to all addresses") make little sense
         # without the code; domain messages are already written for the caller.
         message = f"{code_name}{where}: {details}" if details else f"{code_name}{where}"
+        if cls is PeerUnavailable:
+            message += _tls_hint(details)
     elif details:
         message = f"{details} ({peer})" if peer else details
     else:

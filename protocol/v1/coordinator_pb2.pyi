@@ -59,6 +59,20 @@ class ListQuarantinedReply(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[QuarantinedNode]
     def __init__(self, nodes: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ...) -> None: ...
 
+class DataTlsCertificateRequest(_message.Message):
+    __slots__ = ("member_id",)
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    def __init__(self, member_id: _Optional[str] = ...) -> None: ...
+
+class DataTlsCertificateReply(_message.Message):
+    __slots__ = ("certificate_chain_pem", "ca_pem")
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_chain_pem: str
+    ca_pem: str
+    def __init__(self, certificate_chain_pem: _Optional[str] = ..., ca_pem: _Optional[str] = ...) -> None: ...
+
 class CheckReachableRequest(_message.Message):
     __slots__ = ("address",)
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -96,7 +110,7 @@ class JoinRequest(_message.Message):
     def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., throughput: _Optional[float] = ..., requested_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., current_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., name: _Optional[str] = ..., relay_maddr: _Optional[str] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("member_id", "epoch", "span", "dht_initial_peers", "heartbeat_period_s", "lease_s", "model_id", "num_blocks")
+    __slots__ = ("member_id", "epoch", "span", "dht_initial_peers", "heartbeat_period_s", "lease_s", "model_id", "num_blocks", "data_tls_ca_pem")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +119,7 @@ class JoinReply(_message.Message):
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_TLS_CA_PEM_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     epoch: int
     span: _common_pb2.Span
@@ -113,7 +128,8 @@ class JoinReply(_message.Message):
     lease_s: float
     model_id: str
     num_blocks: int
-    def __init__(self, member_id: _Optional[str] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    data_tls_ca_pem: str
+    def __init__(self, member_id: _Optional[str] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., data_tls_ca_pem: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("member_id", "serving_span", "throughput", "load")
@@ -172,7 +188,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberInfo(_message.Message):
-    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at", "quant", "load")
+    __slots__ = ("member_id", "address", "name", "span", "serving_span", "state", "throughput", "capacity_blocks", "pinned", "joined_at", "last_heartbeat_at", "quant", "load", "identity")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +202,7 @@ class MemberInfo(_message.Message):
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     address: str
     name: str
@@ -199,7 +216,8 @@ class MemberInfo(_message.Message):
     last_heartbeat_at: float
     quant: str
     load: _common_pb2.ServingLoad
-    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ..., quant: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ...) -> None: ...
+    identity: str
+    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., capacity_blocks: _Optional[int] = ..., pinned: _Optional[bool] = ..., joined_at: _Optional[float] = ..., last_heartbeat_at: _Optional[float] = ..., quant: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class BlockCoverage(_message.Message):
     __slots__ = ("block", "replicas", "throughput")
@@ -212,7 +230,7 @@ class BlockCoverage(_message.Message):
     def __init__(self, block: _Optional[int] = ..., replicas: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds", "relays", "quarantined")
+    __slots__ = ("epoch", "model_id", "num_blocks", "members", "blocks", "dht_initial_peers", "started_at", "version", "heartbeat_period_s", "lease_s", "jobs", "rounds", "relays", "quarantined", "data_tls_ca_pem")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +245,7 @@ class StatusReply(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     RELAYS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    DATA_TLS_CA_PEM_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     model_id: str
     num_blocks: int
@@ -241,7 +260,8 @@ class StatusReply(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
     relays: _containers.RepeatedScalarFieldContainer[str]
     quarantined: _containers.RepeatedCompositeFieldContainer[QuarantinedNode]
-    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., relays: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ...) -> None: ...
+    data_tls_ca_pem: str
+    def __init__(self, epoch: _Optional[int] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockCoverage, _Mapping]]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., version: _Optional[str] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., relays: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ..., data_tls_ca_pem: _Optional[str] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
     __slots__ = ("job", "span", "round", "committed_at", "members")

@@ -125,6 +125,11 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedReply.FromString,
                 _registered_method=True)
+        self.IssueDataTlsCertificate = channel.unary_unary(
+                '/pollinate.v1.Coordinator/IssueDataTlsCertificate',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -281,6 +286,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueDataTlsCertificate(self, request, context):
+        """With --data-tls: the swarm CA's certificate for the calling member's address, bound to
+        the key that signed the call (its member key, protocol/identity.py); the node serves
+        gRPC with it. FAILED_PRECONDITION when the data plane is plaintext.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -373,6 +387,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListQuarantined,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedReply.SerializeToString,
+            ),
+            'IssueDataTlsCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueDataTlsCertificate,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -861,6 +880,33 @@ class Coordinator:
             '/pollinate.v1.Coordinator/ListQuarantined',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ListQuarantinedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueDataTlsCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/IssueDataTlsCertificate',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,6 @@ async def main_async(args) -> dict:
     from pollinate.compression.outer import state_checksum, state_to_bytes
     from pollinate.coordinator.client import CoordinatorClient, CoordinatorClientConfig
     from pollinate.protocol.shared import Span
-    from pollinate.protocol.auth import member_key_metadata
     from pollinate.protocol.channels import ChannelConfig, open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -42,16 +41,21 @@ async def main_async(args) -> dict:
         requested_span=Span(*SPAN), name="newcomer"))
     me = (await newcomer.start()).member_id
     channel = open_channel(args.coordinator, cfg)
-    stub, md = coordinator_pb2_grpc.CoordinatorStub(channel), member_key_metadata(newcomer.config.member_key)
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+
+    def md(method, request):  # signed in the newcomer's name, as its own calls are (protocol/identity.py)
+        return newcomer.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
+
     span = common_pb2.Span(start=SPAN[0], end=SPAN[1])
     try:
-        begin = await stub.BeginRound(coordinator_pb2.BeginRoundRequest(
-            job=JOB, span=span, round=2, member_id=me, tokens=1000), metadata=md, timeout=60)
+        ask = coordinator_pb2.BeginRoundRequest(job=JOB, span=span, round=2, member_id=me, tokens=1000)
+        begin = await stub.BeginRound(ask, metadata=md("BeginRound", ask), timeout=60)
         _, shared, _ = await coordinator_state(cfg, args.coordinator, JOB, SPAN[1])
         theta, momentum = shared["diloco.global"] + 1.0, shared["diloco.momentum"]
-        forged = await stub.CommitRound(coordinator_pb2.CommitRoundRequest(
+        commit = coordinator_pb2.CommitRoundRequest(
             job=JOB, span=span, round=2, member_id=me, checksum=state_checksum(theta, momentum),
-            state=state_to_bytes(theta, momentum), attempt=begin.attempt), metadata=md, timeout=60)
+            state=state_to_bytes(theta, momentum), attempt=begin.attempt)
+        forged = await stub.CommitRound(commit, metadata=md("CommitRound", commit), timeout=60)
 
         await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps, timeout=120, gen=gen)
         await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 2, 60)

@@ -102,8 +102,10 @@ async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int, fi
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, open_channel
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
-    # a full-weight state (full, galore) is over one tensor chunk: the nodes' own limit for it
-    channel = open_channel(coordinator, dataclasses.replace(cfg, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
+    # a full-weight state (full, galore) is over one tensor chunk: the nodes' own limit for it;
+    # the nodes' TLS (--data-tls) is not the coordinator's
+    channel = open_channel(coordinator, dataclasses.replace(cfg, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
+                                                            tls=False, tls_root_pem=None, swarm_peer=False))
     committed = await coordinator_pb2_grpc.CoordinatorStub(channel).GetCommittedState(
         coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=first_block, end=num_blocks)),
         timeout=10)
@@ -134,9 +136,17 @@ async def replicas_report(cfg, coordinator: str, nodes: list[str], job: str, num
 
 
 async def main_async(args) -> dict:
-    from pollinate.protocol.channels import ChannelConfig
+    from pollinate.protocol.channels import ChannelConfig, peer_channel_config
 
     cfg = ChannelConfig(token=args.token)
+    if args.data_tls:  # the swarm's CA from the coordinator's Status, as every client takes it
+        from pollinate.coordinator.client import call_coordinator
+        from pollinate.protocol.data_tls import use_swarm_ca
+        from pollinate.protocol.v1 import coordinator_pb2
+
+        status = await call_coordinator(args.coordinator, args.token, "Status", coordinator_pb2.StatusRequest())
+        use_swarm_ca(status.data_tls_ca_pem)
+        cfg = peer_channel_config(args.token)
     spec = job_spec(args.round_steps, args.overlap, args.method)
     nodes = args.nodes.split(",")
     finished: list[str] = []  # the replicas that did every step
@@ -172,6 +182,7 @@ def main() -> int:
     p.add_argument("--num-blocks", type=int, default=4, help="the span's end (the model's blocks)")
     p.add_argument("--first-block", type=int, default=0, help="the span's start")
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds per Backward call (a round included)")
+    p.add_argument("--data-tls", action="store_true", help="the swarm runs --data-tls: reach the nodes over TLS")
     p.add_argument("--tolerate-dead", action="store_true", help="a replica that fails stops; the rest go on")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="the job's overlap_rounds (default: unset, the nodes' default)")

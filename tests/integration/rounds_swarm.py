@@ -27,19 +27,21 @@ def committed_groups(data_dir: Path) -> dict[int, dict[str, bool]]:
 
 
 def start_swarm(group, tmp_path: Path, model_dir, cache_dir, *, replicas: int, token: str,
-                lease: float = 10.0, window: float = 20.0):
-    """(coordinator, nodes), all ready; the token is written to tmp_path/token."""
+                lease: float = 10.0, window: float = 20.0, coordinator_args: tuple[str, ...] = (),
+                node_args: dict[int, tuple[str, ...]] | None = None):
+    """(coordinator, nodes), all ready; the token is written to tmp_path/token.
+    coordinator_args: more flags for the coordinator (--data-tls); node_args: for node i."""
     (tmp_path / "token").write_text(token + "\n")
     coord = group.start("coordinator", [
         "coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", "0", "--http-port", "-1",
         "--token-file", str(tmp_path / "token"), "--model", str(model_dir), "--num-blocks", "4",
-        "--heartbeat-period", "0.5", "--lease", str(lease), "--round-window", str(window),
+        "--heartbeat-period", "0.5", "--lease", str(lease), "--round-window", str(window), *coordinator_args,
     ])
     group.wait_ready([coord], timeout=60)
     nodes = [group.start(f"node-{i}", [
         "node", "--coordinator", coord.info["grpc"], "--token-file", str(tmp_path / "token"),
         "--model", str(model_dir), "--cache-dir", str(cache_dir), "--blocks", "0:4",
-        "--throughput", "10", "--torch-threads", "1",
+        "--throughput", "10", "--torch-threads", "1", *(node_args or {}).get(i, ()),
     ]) for i in range(replicas)]
     group.wait_ready(nodes, timeout=120)
     return coord, nodes

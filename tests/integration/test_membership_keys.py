@@ -1,7 +1,8 @@
-"""Member keys (issue 18, item 5) with a real coordinator and a real node (the tiny model):
-a token holder can neither take a live node's address with a Join of its own nor leave or
-heartbeat in its member's name; a node that crashed and restarts on its port takes its
-place back at once (its ghost no longer answers the address challenge)."""
+"""Member keys (issue 18: identity) with a real coordinator and a real node (the tiny model):
+a token holder with another key pair can neither take a live node's address with a Join of
+its own nor leave or heartbeat in its member's name, and a signature read off the wire
+opens no second call; a node that crashed and restarts on its port with its identity file
+takes its place back at once, under the same identity."""
 
 from __future__ import annotations
 
@@ -17,9 +18,17 @@ from procs import ProcGroup
 TOKEN = "member-keys-token"
 
 
-def members(coord) -> dict[str, str]:
+def status_members(coord) -> list[dict]:
     with urllib.request.urlopen(f"http://{coord.info['http']}/api/v1/status", timeout=5) as r:
-        return {m["member_id"]: m["address"] for m in json.loads(r.read())["members"]}
+        return json.loads(r.read())["members"]
+
+
+def members(coord) -> dict[str, str]:
+    return {m["member_id"]: m["address"] for m in status_members(coord)}
+
+
+def signed(identity, method: str, request):
+    return identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
 
 async def call(address: str, method: str, request, metadata=()):
@@ -39,8 +48,8 @@ async def call(address: str, method: str, request, metadata=()):
 
 def test_a_token_holder_cannot_take_a_live_nodes_membership(tmp_path, tiny_model_dir, tiny_model_files,
                                                             tiny_cache_dir):
-    from pollinate.protocol.auth import member_key_metadata, new_member_key
     from pollinate.protocol.errors import FailedPrecondition, Unauthenticated
+    from pollinate.protocol.identity import NodeIdentity
     from pollinate.protocol.v1 import coordinator_pb2
 
     (tmp_path / "token").write_text(TOKEN + "\n")
@@ -49,7 +58,7 @@ def test_a_token_holder_cannot_take_a_live_nodes_membership(tmp_path, tiny_model
         port = s.getsockname()[1]
     node_args = ["node", "--coordinator", "", "--token-file", str(tmp_path / "token"), "--model", str(tiny_model_dir),
                  "--cache-dir", str(tiny_cache_dir), "--num-blocks", "4", "--port", str(port), "--throughput", "10",
-                 "--torch-threads", "1"]
+                 "--torch-threads", "1", "--identity-file", str(tmp_path / "node.pem")]
     with ProcGroup(tmp_path) as group:
         coord = group.start("coordinator", [
             "coordinator", "--data-dir", str(tmp_path / "coord-data"), "--port", "0", "--http-port", "0",
@@ -61,21 +70,34 @@ def test_a_token_holder_cannot_take_a_live_nodes_membership(tmp_path, tiny_model
         group.wait_ready([node], timeout=90)
         victim = node.info["member_id"]
         assert members(coord) == {victim: f"127.0.0.1:{port}"}
+        identity = NodeIdentity.load_or_create(tmp_path / "node.pem")  # the file the node made
+        assert [m["identity"] for m in status_members(coord)] == [identity.fingerprint]
 
         join = coordinator_pb2.JoinRequest(address=f"127.0.0.1:{port}", capacity_blocks=4, throughput=1e9,
                                            name="impostor")
-        for key in (new_member_key(), None):  # another key, or none
+        impostor = NodeIdentity.generate()
+        for metadata in (signed(impostor, "Join", join), ()):  # another key, or none
             with pytest.raises(FailedPrecondition, match="still serves there"):
-                asyncio.run(call(address, "Join", join, member_key_metadata(key)))
+                asyncio.run(call(address, "Join", join, metadata))
+        leave, heartbeat = coordinator_pb2.LeaveRequest(member_id=victim), coordinator_pb2.HeartbeatRequest(
+            member_id=victim)
         with pytest.raises(Unauthenticated, match="member key"):
-            asyncio.run(call(address, "Leave", coordinator_pb2.LeaveRequest(member_id=victim)))
+            asyncio.run(call(address, "Leave", leave))
         with pytest.raises(Unauthenticated, match="member key"):
-            asyncio.run(call(address, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=victim),
-                             member_key_metadata(new_member_key())))
+            asyncio.run(call(address, "Heartbeat", heartbeat, signed(impostor, "Heartbeat", heartbeat)))
+        # The victim's own signatures, as read off the wire: one used once is not accepted again,
+        # one made for a Heartbeat does not sign a Leave, nor one for another request.
+        beat = signed(identity, "Heartbeat", heartbeat)
+        asyncio.run(call(address, "Heartbeat", heartbeat, beat))
+        for method, request, metadata in (
+                ("Heartbeat", heartbeat, beat), ("Leave", leave, signed(identity, "Heartbeat", leave)),
+                ("Leave", leave, signed(identity, "Leave", coordinator_pb2.LeaveRequest(member_id="other")))):
+            with pytest.raises(Unauthenticated, match="member key"):
+                asyncio.run(call(address, method, request, metadata))
         assert members(coord) == {victim: f"127.0.0.1:{port}"}  # untouched
 
         node.kill()  # SIGKILL: its ghost holds the address until the lease runs out
         again = group.start("node-2", node_args)
         group.wait_ready([again], timeout=90)
         assert members(coord) == {again.info["member_id"]: f"127.0.0.1:{port}"}
-        assert again.info["member_id"] != victim
+        assert [m["identity"] for m in status_members(coord)] == [identity.fingerprint]  # kept across the restart

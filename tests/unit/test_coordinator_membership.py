@@ -87,6 +87,25 @@ def test_throughput_update_survives_restart_and_only_a_change_is_written(tmp_pat
     assert m2.epoch == 1
 
 
+def test_a_members_key_survives_a_restart(tmp_path):
+    """Calls in a member's name need its key also after the coordinator restarted (no trust on
+    first use); a member whose Join was unsigned adopts the first key that signs for it."""
+    from pollinate.protocol.errors import Unauthenticated
+
+    m = make(tmp_path)
+    keyed = m.join(params(7000, member_key="02" + "ab" * 32))
+    unkeyed = m.join(params(7001))
+    m.store.close()
+    m2 = make(tmp_path)
+    assert m2.members[keyed.member_id].member_key == "02" + "ab" * 32
+    with pytest.raises(Unauthenticated):
+        m2.check_key(keyed.member_id, "03" + "cd" * 32)
+    m2.check_key(keyed.member_id, "02" + "ab" * 32)
+    m2.check_key(unkeyed.member_id, "03" + "cd" * 32)  # adopted
+    with pytest.raises(Unauthenticated):
+        m2.check_key(unkeyed.member_id, "02" + "ab" * 32)
+
+
 def test_data_dir_is_bound_to_one_model(tmp_path):
     make(tmp_path).store.close()
     with pytest.raises(RuntimeError, match="belongs to a swarm"):

@@ -333,7 +333,6 @@ async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
     import torch
 
     from pollinate.compression.outer import state_checksum, state_to_bytes
-    from pollinate.protocol.auth import member_key_metadata
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES
     from pollinate.protocol.errors import ResourceExhausted, translate_rpc_errors
 
@@ -346,18 +345,22 @@ async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
         state, checksum = state_to_bytes(theta, momentum), state_checksum(theta, momentum)  # ~2.2 MB
         commit = coordinator_pb2.CommitRoundRequest(job="big", span=span, round=1, member_id=node.member_id,
                                                     checksum=checksum, state=state)
-        mine = member_key_metadata(node.config.member_key)  # calls in the member's name carry its key
+        def mine(method: str, request):  # calls in the member's name are signed by its key, each once
+            return node.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
+
         small = open_channel(server.grpc_address, ChannelConfig(token=TOKEN))
         big = open_channel(server.grpc_address, ChannelConfig(token=TOKEN,
                                                               max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
         try:
             with pytest.raises(ResourceExhausted), translate_rpc_errors():  # why the round channel is bigger
-                await coordinator_pb2_grpc.CoordinatorStub(small).CommitRound(commit, timeout=5, metadata=mine)
+                await coordinator_pb2_grpc.CoordinatorStub(small).CommitRound(commit, timeout=5,
+                                                                              metadata=mine("CommitRound", commit))
             stub = coordinator_pb2_grpc.CoordinatorStub(big)
-            formed = await stub.BeginRound(coordinator_pb2.BeginRoundRequest(
-                job="big", span=span, round=1, member_id=node.member_id, tokens=1), timeout=10, metadata=mine)
+            begin = coordinator_pb2.BeginRoundRequest(job="big", span=span, round=1, member_id=node.member_id,
+                                                      tokens=1)
+            formed = await stub.BeginRound(begin, timeout=10, metadata=mine("BeginRound", begin))
             assert [m.member_id for m in formed.members] == [node.member_id] and formed.send_state
-            done = await stub.CommitRound(commit, timeout=10, metadata=mine)
+            done = await stub.CommitRound(commit, timeout=10, metadata=mine("CommitRound", commit))
             assert done.committed and done.committed_round == 1, done.reason
             got = await stub.GetCommittedState(coordinator_pb2.GetCommittedStateRequest(job="big", span=span),
                                                timeout=10)

@@ -46,6 +46,7 @@ def test_cli_table_shows_nodes_coverage_and_highlights_holes(tmp_path):
     assert [int(line.split()[0]) for line in hole_lines] == [3, 4, 7]
     assert "3 blocks have no replica: 3, 4, 7" in text
     assert "\033[" not in text  # no colour unless asked for
+    assert "data plane: plaintext" in text
     assert "\033[1;31m" in format_status(status_to_proto(swarm(tmp_path / "b")), now=0, color=True)
 
 

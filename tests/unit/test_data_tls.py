@@ -1,0 +1,87 @@
+"""The swarm CA (protocol/data_tls.py) with real gRPC servers in-process: a node certified for
+its address and key serves TLS; a dialler that trusts the swarm CA reaches it, one dialling
+another address with that certificate, trusting another CA, or speaking plaintext does not."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography import x509
+
+from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel, peer_channel_config
+from pollinate.protocol.data_tls import SwarmCA, swarm_ca_pem, tls_name, use_swarm_ca
+from pollinate.protocol.errors import PeerUnavailable, translate_rpc_errors
+from pollinate.protocol.identity import NodeIdentity
+from pollinate.protocol.v1 import common_pb2, node_pb2_grpc
+
+
+class _Health(node_pb2_grpc.NodeServicer):
+    async def Health(self, request, context):
+        return common_pb2.HealthReply(status=common_pb2.HealthReply.SERVING, version="test")
+
+
+@pytest.fixture
+def swarm_ca_in_process():
+    before = swarm_ca_pem()
+    yield use_swarm_ca
+    use_swarm_ca(before)
+
+
+def test_the_ca_is_kept_in_its_directory_and_certifies_key_and_address(tmp_path):
+    ca = SwarmCA.load_or_create(tmp_path)
+    assert SwarmCA.load_or_create(tmp_path).cert_pem == ca.cert_pem  # a restart keeps it
+    node = NodeIdentity.generate()
+    cert = x509.load_pem_x509_certificate(ca.issue(node.public_key, "10.0.0.7:7100", valid_days=1).encode())
+    assert cert.issuer == ca.cert.subject
+    assert cert.public_key().public_numbers() == node.private_key.public_key().public_numbers()
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == [tls_name("10.0.0.7:7100")]
+    assert tls_name("10.0.0.7:7100") != tls_name("10.0.0.7:7101")  # a port is its own name
+    relayed = "/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit/p2p/QmNodeAbC"
+    both = relayed + "+/ip4/5.6.7.8/tcp/5/p2p/QmOther/p2p-circuit/p2p/QmNodeAbC"
+    assert tls_name(relayed) == tls_name(both) == "qmnodeabc.relayed.pollinate-swarm"  # its relays may change
+
+
+async def _health(address: str, config: ChannelConfig) -> str:
+    channel = open_channel(address, config)
+    try:
+        with translate_rpc_errors(peer=address):
+            return (await node_pb2_grpc.NodeStub(channel).Health(common_pb2.HealthRequest(), timeout=5)).version
+    finally:
+        await channel.close()
+
+
+async def test_a_certified_node_serves_tls_to_diallers_that_trust_the_swarm_ca(tmp_path, swarm_ca_in_process):
+    ca, stranger = SwarmCA.load_or_create(tmp_path / "ca"), SwarmCA.load_or_create(tmp_path / "other")
+    node = NodeIdentity.generate()
+    probe = RpcServer(ServerConfig())  # the port first: a certificate names host:port
+    await probe.start()
+    address = probe.address
+    await probe.stop(0)
+    port = int(address.rsplit(":", 1)[1])
+    swarm_ca_in_process(ca.cert_pem)
+
+    async def serving(certified_for: str) -> RpcServer:
+        chain = ca.issue(node.public_key, certified_for, valid_days=1) + ca.cert_pem
+        server = RpcServer(ServerConfig(port=port, tls_cert_pem=chain.encode(), tls_key_pem=node.private_pem()))
+        server.add(node_pb2_grpc.add_NodeServicer_to_server, _Health())
+        await server.start()
+        return server
+
+    server = await serving(address)
+    try:
+        assert await _health(address, peer_channel_config(None)) == "test"
+        with pytest.raises(PeerUnavailable, match="plaintext call to a TLS peer"):  # plaintext to a TLS node
+            await _health(address, ChannelConfig())
+        with pytest.raises(PeerUnavailable, match="TLS handshake failed"):  # trusting another swarm's CA
+            await _health(address, ChannelConfig(tls=True, tls_root_pem=stranger.cert_pem.encode(), swarm_peer=True))
+    finally:
+        await server.stop(0)
+    # a certificate for another address (another node's port on this host) does not pass here
+    server = await serving(address.rsplit(":", 1)[0] + ":1")
+    try:
+        with pytest.raises(PeerUnavailable, match="TLS handshake failed"):
+            await _health(address, peer_channel_config(None))
+    finally:
+        await server.stop(0)
+    swarm_ca_in_process(None)
+    assert not peer_channel_config(None).tls  # no swarm CA told: plaintext
