@@ -16,7 +16,6 @@ whether both swarms produced the same tokens.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess

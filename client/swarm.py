@@ -16,7 +16,7 @@ from pollinate.client.config import ClientConfig
 from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
 from pollinate.client.spot_check import SpotChecker
-from pollinate.protocol.channels import open_channel, peer_channel_config
+from pollinate.protocol.channels import ChannelConfig, open_channel, peer_channel_config
 from pollinate.protocol.errors import PeerUnavailable, SessionHandedOff, SpanMoved
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import node_pb2_grpc
