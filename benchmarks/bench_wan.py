@@ -43,7 +43,9 @@ One JSON object per (rate, wire), then a summary object:
   unlimited rate), `loss_ratio` (default wire / baseline held-out loss, unlimited rate), `throughput_ratio_20mbit`
   (default wire's train tokens/s at 20 Mbit/s / unlimited), `gen_ratio_100mbit` (the medians'
   ratio), `background_bytes_per_s` ({host: bytes sent per second while nothing trains or
-  generates: heartbeats, DHT; measured for `--idle-s` seconds before anything runs).
+  generates: heartbeats, DHT; measured for `--idle-s` seconds before anything runs); each row's
+  `background_bytes_per_token` is that rate x the row's training seconds / its input tokens, the
+  share of `train_bytes_per_token` that does not depend on the wire (it grows as training slows).
 
 Needs root, `ip` and `tc`; the lab models bandwidth only (no netem here: no added delay).
 """
@@ -312,6 +314,9 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 res = run_client(lab, trainer_h, coord, args, job=f"wan-{int(rate)}-{wire}", wire=wire)
                 rows.append(record(rate, wire, res, gen.get(rate, []), round_wait_s(nodes, since), args.steps))
+                if background is not None:  # what the idle swarm would have sent over the same seconds
+                    rows[-1]["background_bytes_per_token"] = \
+                        sum(background.values()) * res["train_seconds"] / res["input_tokens"]
                 print(json.dumps(rows[-1]), flush=True)
                 print(f"bench_wan: rate {rate:g} wire {wire}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(json.dumps(summary(rows, args, background)), flush=True)
