@@ -1,4 +1,5 @@
-"""``int8row``, ``int4row``, ``int4row-sr``: absmax quantization per token row, outliers exact.
+"""``int8row``, ``int4row``, ``int4row-sr``: absmax quantization per token row, outliers exact;
+``int8row-zstd``, ``int4row-zstd``: the same, the body zstd-compressed (``ZstdRows``).
 
 For activations and their gradients between spans (issue 12). A hidden-state tensor is
 [batch, seq, hidden]; its rows are the last dimension, one token each. The ``int8`` codec's
@@ -33,7 +34,9 @@ Body: bits (u8), group (u32, values per scale; the row length where one scale co
 row), outliers per row (u16), the scales (fp32, one per group, rows in order), the
 outliers' indices in their row (u16, or u32 for rows over 65536 values; strictly
 increasing within a row), their values (fp32), the codes (int8 at 8 bits; at 4 bits code
-+ 8 packed two per byte, low nibble first; 0 at an outlier's place).
++ 8 packed two per byte, low nibble first; 0 at an outlier's place). The ``-zstd`` codecs
+write the same head, then everything after it as one zstd frame with its content size,
+which the decoder checks against the size the header implies before decompressing.
 """
 
 from __future__ import annotations
