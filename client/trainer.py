@@ -43,7 +43,7 @@ from pollinate.client.routing import Hop
 from pollinate.client.training_data import causal_lm_loss, collate
 from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.errors import InputNotKept, InvalidRequest, PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ class SwarmChain:
         self.resends = 0  # Backwards whose node had not kept the input, sent again in full
         self.bytes_sent = 0  # encoded tensor bytes sent to nodes (Forward and Backward)
         self.bytes_received = 0  # encoded tensor bytes received from nodes
+        # the same bytes by what they carry: "<RPC> <tensor name> sent|received"
+        # (e.g. "Backward hidden_states sent" counts inputs re-sent for Backward)
+        self.bytes_by_kind: dict[str, int] = {}
         self._keep_prefix = uuid.uuid4().hex[:12]  # keep ids are unique per trainer
         self._keep_count = 0
 
@@ -138,8 +141,14 @@ class SwarmChain:
         self._keep_count += 1
         return f"{self._keep_prefix}-{self._keep_count}"
 
+    def _count(self, key: str, size: int) -> None:
+        self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + size
+
     async def _call(self, hop: Hop, method: str, reqs: list) -> list[torch.Tensor]:
-        self.bytes_sent += sum(len(r.tensor.data) for r in reqs if r.HasField("tensor"))
+        for r in reqs:
+            if r.HasField("tensor"):
+                self.bytes_sent += len(r.tensor.data)
+                self._count(f"{method} {r.tensor.name} sent", len(r.tensor.data))
         received: list[int] = []
         try:
             with translate_rpc_errors(peer=hop.peer.address):
@@ -147,6 +156,7 @@ class SwarmChain:
                                      received)
         finally:
             self.bytes_received += sum(received)
+            self._count(f"{method} {GRAD_INPUTS if method == 'Backward' else HIDDEN_STATES} received", sum(received))
 
     def _span(self, hop: Hop) -> common_pb2.Span:
         return common_pb2.Span(start=hop.start, end=hop.end)

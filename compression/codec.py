@@ -101,7 +101,8 @@ def get_codec(codec_id: str, **params: object) -> Codec:
 # Their decode costs at most a few bytes per payload byte; pseudo-gradient codecs are left out
 # (cocktail decodes a 625-byte payload into a 1 GiB bitmap-driven scatter: a peer could make a
 # node allocate that with one small message).
-ACTIVATION_CODECS = frozenset({"none", "fp16", "int8", "int8row", "int4row", "int4row-sr"})
+ACTIVATION_CODECS = frozenset({"none", "fp16", "int8", "int8row", "int4row", "int4row-sr", "int8row-zstd",
+                               "int4row-zstd"})
 
 
 def get_activation_codec(codec_id: str) -> Codec:

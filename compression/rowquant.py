@@ -1,4 +1,5 @@
-"""``int8row``, ``int4row``, ``int4row-sr``: absmax quantization per token row, outliers exact.
+"""``int8row``, ``int4row``, ``int4row-sr``: absmax quantization per token row, outliers exact;
+``int8row-zstd``, ``int4row-zstd``: the same, the body zstd-compressed (``ZstdRows``).
 
 For activations and their gradients between spans (issue 12). A hidden-state tensor is
 [batch, seq, hidden]; its rows are the last dimension, one token each. The ``int8`` codec's
@@ -33,7 +34,9 @@ Body: bits (u8), group (u32, values per scale; the row length where one scale co
 row), outliers per row (u16), the scales (fp32, one per group, rows in order), the
 outliers' indices in their row (u16, or u32 for rows over 65536 values; strictly
 increasing within a row), their values (fp32), the codes (int8 at 8 bits; at 4 bits code
-+ 8 packed two per byte, low nibble first; 0 at an outlier's place).
++ 8 packed two per byte, low nibble first; 0 at an outlier's place). The ``-zstd`` codecs
+write the same head, then everything after it as one zstd frame with its content size,
+which the decoder checks against the size the header implies before decompressing.
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ import threading
 import zlib
 from dataclasses import dataclass
 
+from typing import ClassVar
+
 import numpy as np
 import torch
+import zstandard
 
 from pollinate.compression.bitpack import pack_codes, packed_size, unpack_codes
 from pollinate.compression.codec import CompressionError, register
@@ -129,10 +135,20 @@ class RowQuantCodec(FramedCodec):
         per_row = math.ceil(row / group)
         codes = q.clamp_(-qmax, qmax).to(torch.int8).view(n // row, per_row * group)[:, :row].reshape(-1).numpy()
         body = codes.tobytes() if bits == 8 else pack_codes((codes + 8).astype(np.uint8), 4)
-        parts = [head, scale.numpy().astype("<f4").tobytes()]
+        parts = [scale.numpy().astype("<f4").tobytes()]
         if k:
             parts += [index.numpy().astype(_index_dtype(row)).tobytes(), exact.numpy().astype("<f4").tobytes()]
-        return b"".join(parts + [body])
+        return head + self._pack(b"".join(parts + [body]))
+
+    def _pack(self, rest: bytes) -> bytes:
+        """The body after its head (scales, outliers, codes) as it travels."""
+        return rest
+
+    def _unpack(self, reader: FrameReader, size: int, what: str) -> FrameReader:
+        """A reader over the `size` bytes of scales, outliers and codes that follow the head
+        (checked against what the frame holds before anything is allocated)."""
+        expect_size(reader.remaining, size, what)
+        return reader
 
     def encode(self, tensor: torch.Tensor, *, seed: int = 0) -> bytes:
         # the row length is the tensor's last dimension, which the flat body alone lacks
@@ -158,8 +174,8 @@ class RowQuantCodec(FramedCodec):
         num_groups = rows * per_row
         index_dtype = np.dtype(_index_dtype(row))
         code_bytes = n if bits == 8 else packed_size(n, 4)
-        expect_size(reader.remaining, 4 * num_groups + rows * k * (index_dtype.itemsize + 4) + code_bytes,
-                    f"{self.codec_id} body for {n} values")
+        reader = self._unpack(reader, 4 * num_groups + rows * k * (index_dtype.itemsize + 4) + code_bytes,
+                              f"{self.codec_id} body for {n} values")
         scales = torch.from_numpy(np.frombuffer(reader.take(4 * num_groups, "scales"), dtype="<f4").copy())
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise CompressionError(f"{self.codec_id!r} frame holds negative or non-finite scales")
@@ -187,6 +203,7 @@ class RowQuantCodec(FramedCodec):
         values = values.view(rows, per_row * group)[:, :row]
         if k:
             values = values.scatter(1, torch.from_numpy(index), exact)
+        reader.expect_end()
         return values.reshape(-1).to(header.dtype)
 
     def error_bound(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -209,6 +226,36 @@ class RowQuantCodec(FramedCodec):
         if k:
             bound = bound.scatter(1, index, 0.0)
         return bound.reshape(tensor.shape)
+
+
+class ZstdRows:
+    """Mixin: the body after its head as one zstd frame (lossless: the decoded tensor is the
+    plain codec's, bit for bit). What it finds on the wire (docs/compression.md): rows that
+    repeat (a batch's examples share their chat template's prefix, and causal attention
+    gives a shared prefix the same hidden states in every example, so its rows cross the
+    wire once per example), the first span's input (embeddings: one row per vocabulary
+    entry), rows of zeros (padding, and every position without a loss token in the last
+    span's output gradient) and the codes' skewed distribution."""
+
+    # zstd level: 1 is within 2% of level 9 on SmolLM2's activations (benchmarks/results/
+    # 2026-12-07-wan.md) at a fraction of the time
+    zstd_level: ClassVar[int] = 1
+
+    def _pack(self, rest: bytes) -> bytes:
+        return zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True).compress(rest)
+
+    def _unpack(self, reader: FrameReader, size: int, what: str) -> FrameReader:
+        compressed = reader.rest()
+        try:
+            declared = zstandard.frame_content_size(compressed)
+            if declared != size:  # checked before zstd allocates what the frame says
+                raise CompressionError(f"{what}: the zstd frame declares {declared} bytes, the header implies {size}")
+            inner = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=size,
+                                                            allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise CompressionError(f"{what}: not one valid zstd frame without trailing bytes: {exc}") from exc
+        expect_size(len(inner), size, what)
+        return FrameReader(inner)
 
 
 def _index_dtype(row: int) -> str:
@@ -245,3 +292,13 @@ class Int4RowSrCodec(RowQuantCodec):
     def __init__(self, config: RowQuantConfig | None = None, **params: object) -> None:
         super().__init__(config if config is not None else RowQuantConfig(
             **{"bits": 4, "group": 64, "outliers": 8, "stochastic": True, **params}))
+
+
+@register("int8row-zstd")
+class Int8RowZstdCodec(ZstdRows, Int8RowCodec):
+    codec_id = "int8row-zstd"
+
+
+@register("int4row-zstd")
+class Int4RowZstdCodec(ZstdRows, Int4RowCodec):
+    codec_id = "int4row-zstd"

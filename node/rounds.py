@@ -43,7 +43,7 @@ coordinator's committed state (``GetCommittedState``). Only after the last attem
 does the adapter restart from the committed θ_global (the H steps are then lost).
 
 With one replica the group has one member and the exchange is local (no RPC); its commit
-still carries the (fp32, solo) result frame. Bytes: every message of the round (BeginRound,
+still carries its result frame (``DiLoCoConfig.solo_codec``: int8). Bytes: every message of the round (BeginRound,
 ExchangeShard, CommitRound, requests and replies) is counted at its serialized size; the
 commit log line and the coordinator's status report the same totals.
 Math in node/diloco.py and compression/outer.py; nothing here changes it. An overlapped

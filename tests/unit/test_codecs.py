@@ -465,3 +465,41 @@ def test_row_codec_decoder_rejects_a_frame_of_other_bits_and_bad_codes():
     frame4 = get_codec("int4row").encode(torch.randn(3, 10))
     with pytest.raises(CompressionError, match="-8"):
         get_codec("int4row").decode(frame4[:-1] + b"\x00")
+
+
+@pytest.mark.parametrize("plain_id", ["int8row", "int4row"])
+def test_zstd_row_codec_decodes_the_plain_codecs_tensor_in_fewer_bytes(plain_id):
+    # a batch as the trainer sends it: a prefix shared by every example, right padding of zeros
+    x = torch.randn(8, 50, 576)
+    x[:, :30] = x[0, :30]
+    x[:, 45:] = 0
+    plain, zstd = get_codec(plain_id), get_codec(f"{plain_id}-zstd")
+    assert torch.equal(zstd.decode(zstd.encode(x)), plain.decode(plain.encode(x)))  # lossless on top
+    assert len(zstd.encode(x)) < 0.5 * len(plain.encode(x))  # 8 x 30 shared rows cross once, pads ~free
+    y = torch.randn(3, 576)  # nothing to find: at worst a few bytes of zstd's framing more
+    assert len(zstd.encode(y)) <= len(plain.encode(y)) + 32
+
+
+def _zstd_frame(codec_id: str, x: torch.Tensor, inner: bytes, **zstd_args) -> bytes:
+    """A frame of `codec_id` for x's header whose compressed body is `inner`, zstd-framed."""
+    good = get_codec(codec_id).encode(x)
+    head = header_len(good) + 7  # the frame header, then bits (u8), group (u32), outliers (u16)
+    return good[:head] + zstandard.ZstdCompressor(**zstd_args).compress(inner)
+
+
+def test_zstd_row_codec_refuses_a_body_that_disagrees_with_the_header_before_allocating():
+    x = torch.randn(2, 16)
+    size = 4 * 2 + 2 * 4 * 6 + 32  # scales, outliers (u16 index + fp32), int8 codes
+    plain = get_codec("int8row").encode(x)
+    assert len(plain) == header_len(plain) + 7 + size
+    ok = _zstd_frame("int8row-zstd", x, plain[-size:])
+    assert torch.equal(get_codec("int8row-zstd").decode(ok), get_codec("int8row").decode(plain))
+    # 1 MiB of zeros, a few hundred bytes compressed, under a header that claims 32 values
+    with pytest.raises(CompressionError, match="declares"):
+        get_codec("int8row-zstd").decode(_zstd_frame("int8row-zstd", x, bytes(1 << 20)))
+    with pytest.raises(CompressionError, match="declares"):  # no declared size: refused too
+        get_codec("int8row-zstd").decode(_zstd_frame("int8row-zstd", x, plain[-size:], write_content_size=False))
+    with pytest.raises(CompressionError, match="declares"):  # one byte short
+        get_codec("int8row-zstd").decode(_zstd_frame("int8row-zstd", x, plain[-size:-1]))
+    with pytest.raises(CompressionError, match="trailing"):
+        get_codec("int8row-zstd").decode(ok + ok[-8:])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pollinate.compression import get_codec
 from pollinate.node.diloco import (Contribution, DiLoCoConfig, DiLoCoMember, RoundError,
                                    exchange_in_process, mask_seed, outer_step, screen,
                                    shard_bounds)
@@ -70,7 +71,7 @@ def test_members_end_bit_identical_after_rounds(residual_in_local):
 
 
 def test_closed_form_nesterov_with_one_member_and_no_codec():
-    (m,) = make_members(1, codec="none", outer_lr=0.7, outer_momentum=0.9)
+    (m,) = make_members(1, codec="none", outer_lr=0.7, outer_momentum=0.9, solo_codec="none")
     theta0 = m.global_flat.clone()
     local0 = theta0 - 0.1
     exchange_in_process([m], [local0], [1], round_index=0)
@@ -88,7 +89,7 @@ def test_closed_form_nesterov_with_one_member_and_no_codec():
 def test_a_lone_member_sends_nothing_lossy_and_takes_the_solo_outer_step():
     """A group of one: the job's lossy codec and outer lr 1.6 would only hurt (nothing is
     sent); the round is lossless with the solo optimizer, and residuals end at zero."""
-    (m,) = make_members(1, outer_lr=1.6, outer_momentum=0.8, solo_outer_optimizer=(0.7, 0.9))
+    (m,) = make_members(1, outer_lr=1.6, outer_momentum=0.8, solo_outer_optimizer=(0.7, 0.9), solo_codec="none")
     theta0 = m.global_flat.clone()
     local0 = theta0 - 0.01 * torch.arange(m.numel) / m.numel
     report = exchange_in_process([m], [local0], [1], round_index=0)
@@ -99,6 +100,27 @@ def test_a_lone_member_sends_nothing_lossy_and_takes_the_solo_outer_step():
     pair = make_members(2, outer_lr=1.6, outer_momentum=0.8)
     exchange_in_process(pair, fake_training(pair, 0), [1, 1], round_index=0)
     assert pair[0].residual.any()
+
+
+def test_a_lone_members_int8_frame_keeps_what_it_rounds_off_for_the_next_round():
+    """The default solo codec (int8: its frame goes to the coordinator only) is lossy; the
+    worker's error feedback holds the difference, so nothing of the update is lost: after a
+    round, θ_global plus the residual's outer step equals the fp32 round's θ_global."""
+    theta = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    lossy, exact = (DiLoCoMember(theta, DiLoCoConfig(solo_codec=c)) for c in ("int8", "none"))
+    assert lossy.outer_settings(1, 1).codec == "int8" and lossy.outer_settings(1, 2).codec == "cocktail"
+    local = theta - 0.01 * torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    payload = lossy.contribute(local, round_index=1, num_shards=1)
+    assert len(payload[0]) < 0.3 * len(exact.contribute(local, round_index=1, num_shards=1)[0])
+    exchange_in_process([lossy], [local], [1], round_index=1)
+    exchange_in_process([exact], [local], [1], round_index=1)
+    rel = float((lossy.global_flat - exact.global_flat).norm() / (exact.global_flat - theta).norm())
+    assert 0 < rel < 0.01  # int8: within 1% of the fp32 step, and not equal to it
+    sent = get_codec("int8").decode(payload[0]).reshape(-1)  # what the frame carried
+    assert torch.allclose(lossy.residual, (theta - local) - sent, atol=1e-7)  # the rest: kept here
+    assert lossy.residual.abs().max() > 0 and torch.equal(lossy.local_start(), lossy.global_flat - lossy.residual)
+    with pytest.raises(ValueError, match="solo_codec"):
+        DiLoCoConfig(solo_codec="cocktail")
 
 
 def test_outer_step_matches_torch_sgd():
