@@ -38,7 +38,14 @@ from dataclasses import dataclass, field
 import torch
 
 from pollinate.compression.codec import CompressionError
-from pollinate.compression.kv_codec import KVCodecConfig, decode_kv, encode_kv, fp16_bytes
+from pollinate.compression.kv_codec import (
+    KVCodecConfig,
+    decode_inputs,
+    decode_kv,
+    encode_inputs,
+    encode_kv,
+    frame_kind,
+)
 from pollinate.protocol.errors import (
     FailedPrecondition,
     InvalidRequest,
@@ -60,8 +67,14 @@ SECRET_MAX_BYTES = 64  # a resume secret is 32 random bytes; anything longer is 
 class HandoffConfig:
     # Hand sessions off on SIGTERM and on a move; False: they end and clients replay.
     enabled: bool = True
-    # How the cache travels; lossless by default: lossy 8-bit changed greedy tokens on some
-    # SmolLM2 prompts (benchmarks/results/2026-12-06-handoff.md).
+    # Send each session's span inputs (the hidden states this node received, kept while the
+    # session lives) instead of its cache; the receiver rebuilds the cache by one prefill, as a
+    # replay would. Exact, and ~0.15-0.3 of the fp16 cache's bytes on a 10-block SmolLM2
+    # span (docs/serving.md). A session without kept inputs (one this node itself received
+    # as a cache) travels with `codec` instead.
+    recompute: bool = True
+    # How a cache travels when it does; lossless by default: lossy 8-bit changed greedy tokens on
+    # some SmolLM2 prompts (benchmarks/results/2026-12-06-handoff.md).
     codec: KVCodecConfig = field(default_factory=KVCodecConfig)
     # A received session waits this long for its client before its cache is freed, seconds.
     hold_s: float = 60.0
@@ -85,6 +98,31 @@ class HandoffConfig:
 
 def digest_of(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
+
+
+# ---- the span inputs a session keeps for a recompute handoff
+
+
+def kept_input(hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden` as a session keeps it for a recompute handoff: in the narrowest float dtype that
+    holds its values exactly (fp16 for what arrived as fp16 on the wire and was decoded to
+    fp32), so keeping costs the wire's bytes, not the compute dtype's."""
+    for dtype in (torch.float16, torch.bfloat16):
+        if hidden.dtype.itemsize > dtype.itemsize:
+            narrow = hidden.to(dtype)
+            if torch.equal(narrow.to(hidden.dtype), hidden):
+                return narrow
+    return hidden
+
+
+def session_inputs(session) -> torch.Tensor | None:
+    """The session's kept span inputs as one [batch, position, hidden] tensor, or None when it
+    kept none or they do not add up to its position (then its cache travels instead)."""
+    kept = session.inputs
+    if not kept or sum(t.shape[1] for t in kept) != session.position:
+        return None
+    dtype = max((t.dtype for t in kept), key=lambda d: d.itemsize)
+    return torch.cat([t.to(dtype) for t in kept], dim=1)
 
 
 # ---- the cache itself
@@ -199,6 +237,7 @@ class HandoffReport:
     failed: dict[str, str] = field(default_factory=dict)  # session id -> why it stays (client replays)
     payload_bytes: int = 0  # compressed bytes sent, all sessions
     fp16_bytes: int = 0  # what the same caches take in fp16
+    kinds: dict[str, int] = field(default_factory=dict)  # "recompute" / "lossless" / "lossy" -> sessions
     seconds: float = 0.0
 
 
@@ -218,8 +257,7 @@ async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, confi
         moved = None
         try:
             await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
-            layers = await server.run_torch(cache_layers, session.cache)
-            blob = await asyncio.to_thread(encode_kv, layers, config.codec)
+            blob, kind = await session_payload(server, session, config)
             header = node_pb2.HandOffHeader(
                 session_id=session.session_id, blocks=common_pb2.Span(start=server.start, end=server.end),
                 max_length=session.max_length, batch_size=session.batch_size, position=session.position,
@@ -239,7 +277,9 @@ async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, confi
             else:
                 report.moved[session.session_id] = moved[0]
                 report.payload_bytes += len(blob)
-                report.fp16_bytes += fp16_bytes(layers)
+                # the cache as it is, in fp16 (for sliding-window layers: their window)
+                report.fp16_bytes += session.cache.nbytes // server.span.dtype.itemsize * 2
+                report.kinds[kind] = report.kinds.get(kind, 0) + 1
         except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
             report.failed[session.session_id] = str(e)
         except Exception as e:  # a leaving node must leave: this session's client replays
@@ -257,8 +297,19 @@ async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, confi
     if report.moved:
         logger.info("handed off %d session(s) of blocks %d:%d in %.2f s, %d bytes (%.3f of fp16), codec %s",
                     len(report.moved), server.start, server.end, report.seconds, report.payload_bytes,
-                    report.payload_bytes / max(report.fp16_bytes, 1), config.codec.mode)
+                    report.payload_bytes / max(report.fp16_bytes, 1), "+".join(sorted(report.kinds)))
     return report
+
+
+async def session_payload(server, session, config: HandoffConfig) -> tuple[bytes, str]:
+    """(frame, kind) for a frozen session: its span inputs when it kept them and `recompute`
+    is on, else its cache through `config.codec`."""
+    if config.recompute:
+        inputs = session_inputs(session)
+        if inputs is not None:
+            return await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level), "recompute"
+    layers = await server.run_torch(cache_layers, session.cache)
+    return await asyncio.to_thread(encode_kv, layers, config.codec), config.codec.mode
 
 
 async def _send(stub, header, blob: bytes, chunk: int, address: str):
@@ -306,8 +357,10 @@ class HandoffInbox:
         if need > server.sessions.tokens_left:  # before its bytes are read (receive() reserves them)
             raise ResourceExhausted(f"handoff of {sid} needs {need} cache tokens, this node has "
                                     f"{server.sessions.tokens_left} left")
-        # fp32 at most (a frame carries fp32, fp16 or bf16 whatever this span computes in)
-        raw = self.max_elements(server, header) * 4
+        # fp32 at most (a frame carries fp32, fp16 or bf16 whatever this span computes in or
+        # the wire carried): the larger of the cache and the span inputs (inputs are the larger
+        # on spans of one or two blocks)
+        raw = max(self.max_elements(server, header), self.max_input_elements(server, header)) * 4
         # zstd never expands by more than a few bytes per 128 KiB block; the frame header is
         # 12 + 32 bytes per layer
         bound = raw + raw // 1024 + 64 * server.span.num_blocks + 4096
@@ -321,28 +374,56 @@ class HandoffInbox:
         b, h, s, d = expected_shape(server.span, header.batch_size, header.position)
         return 2 * server.span.num_blocks * b * h * s * d
 
-    async def receive(self, server, header, payload: bytes) -> None:
-        """Decode, check and hold the session; raises (changing nothing) when anything is wrong."""
+    @staticmethod
+    def max_input_elements(server, header) -> int:
+        return header.batch_size * header.position * server.hidden_size
+
+    async def receive(self, server, header, payload: bytes, *, scope=None) -> None:
+        """Decode, check, rebuild and hold the session; raises (changing nothing) when anything is
+        wrong. `scope` is the session's job adapter scope (JobManager.scope) for a recompute."""
         sid = header.session_id
         try:
-            decoded = await asyncio.to_thread(decode_kv, payload, max_elements=self.max_elements(server, header))
+            kind = frame_kind(payload)
+            if kind == "inputs":
+                inputs = await asyncio.to_thread(decode_inputs, payload,
+                                                 max_elements=self.max_input_elements(server, header))
+                want = (header.batch_size, header.position, server.hidden_size)
+                if tuple(inputs.shape) != want:
+                    raise InvalidRequest(f"handoff of {sid}: span inputs {list(inputs.shape)}, want {list(want)}")
+                mode = "recompute"
+            else:
+                decoded = await asyncio.to_thread(decode_kv, payload, max_elements=self.max_elements(server, header))
+                mode = decoded.mode
         except CompressionError as e:
             raise InvalidRequest(f"handoff of {sid}: {e}") from e
         session = server.open_session(sid, max_length=header.max_length, batch_size=header.batch_size)
         try:
-            session.cache = await server.run_torch(
-                lambda: restore_cache(server.span, decoded.layers, batch_size=header.batch_size,
-                                      max_length=header.max_length, position=header.position))
+            if kind == "inputs":
+                await self._prefill(server, session, inputs, scope)
+            else:
+                session.cache = await server.run_torch(
+                    lambda: restore_cache(server.span, decoded.layers, batch_size=header.batch_size,
+                                          max_length=header.max_length, position=header.position))
+                session.position = header.position
         except BaseException:
             server.close_session(sid)
             raise
-        session.position = header.position
         session.resume_digest = bytes(header.resume_digest)
         session.job = header.job
         self._waiting[sid] = (session.resume_digest, header.job)
         self._timers[sid] = asyncio.get_running_loop().call_later(self.config.hold_s, self._expire, server, sid)
         logger.info("session %s handed to this node at position %d (%s codec, %d bytes), held %.0f s",
-                    sid, header.position, decoded.mode, len(payload), self.config.hold_s)
+                    sid, header.position, mode, len(payload), self.config.hold_s)
+
+    async def _prefill(self, server, session, inputs: torch.Tensor, scope) -> None:
+        """Rebuild `session`'s cache from its span inputs: the steps a replay would run (at most
+        max_step_tokens each), through the node's step queue. The session keeps the inputs for
+        a recompute handoff of its own when this node does those."""
+        if self.config.recompute:
+            session.inputs = []
+        chunk = max(1, server.serving.max_step_tokens // inputs.shape[0])
+        for at in range(0, inputs.shape[1], chunk):
+            await server.step(session, inputs[:, at:at + chunk], at, scope=scope)
 
     def _expire(self, server, sid: str) -> None:
         if self._waiting.pop(sid, None) is not None:

@@ -1,5 +1,7 @@
 """The receiving side of a session handoff (node/handoff.py) on a tiny span, in process:
-a handed-off cache continues exactly like the original; what a stranger sends is checked."""
+a handed-off cache continues exactly like the original; a recompute handoff (span inputs,
+prefilled on arrival) continues exactly like a replay, sliding-window spans included; what
+a stranger sends is checked."""
 
 import asyncio
 import os
@@ -9,7 +11,7 @@ import torch
 
 from pollinate.compression.kv_codec import KVCodecConfig, encode_kv
 from pollinate.node.config import ServingConfig
-from pollinate.node.handoff import HandoffConfig, HandoffInbox, cache_layers, digest_of
+from pollinate.node.handoff import HandoffConfig, HandoffInbox, cache_layers, digest_of, session_payload
 from pollinate.node.sessions import SessionConfig
 from pollinate.node.span_server import SpanServer
 from pollinate.protocol.errors import (
@@ -25,11 +27,14 @@ from pollinate.protocol.errors import (
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 
+def span_server(span, num_blocks: int = 4) -> SpanServer:
+    return SpanServer(span, model_id="tiny", num_blocks=num_blocks, hidden_size=span.hidden_size,
+                      serving=ServingConfig(), sessions=SessionConfig(budget_tokens=64))
+
+
 @pytest.fixture
 def server(tiny_model_files):
-    span = tiny_model_files.load_span(1, 3)
-    s = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=span.hidden_size, serving=ServingConfig(),
-                   sessions=SessionConfig(budget_tokens=64))
+    s = span_server(tiny_model_files.load_span(1, 3))
     yield s
     s.worker.stop()
 
@@ -120,7 +125,7 @@ async def test_bad_handoffs_are_refused_and_change_nothing(server):
     one_layer = encode_kv(cache_layers(cache)[:1])
     with pytest.raises(InvalidRequest, match="1 layers"):
         await inbox.receive(server, header(server, cache, secret, one_layer), one_layer)
-    with pytest.raises(InvalidRequest, match="not a KV-cache frame"):
+    with pytest.raises(InvalidRequest, match="not a handoff frame"):
         await inbox.receive(server, header(server, cache, secret, b"junk" * 10), b"junk" * 10)
     assert len(server.sessions) == 0 and len(inbox) == 0
     # the budget is reserved like a new session's: a full node refuses, from the header already
@@ -211,3 +216,77 @@ async def test_with_no_replica_taking_it_the_session_stays_and_steps_on(server):
     assert session.handoff.result.result() is None and not session.handoff.frozen
     await session.handoff.before_step("s-3")  # returns: the step may run here as before
     await server.step(session, x[:, 3:], 3)
+
+
+def wire_inputs(server, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Span inputs as a node decodes them from an fp16 wire: fp32 holding fp16 values."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, server.hidden_size, generator=g).half().float()
+
+
+async def recompute_continues_like_a_replay(server) -> None:
+    """A session of a 9-token prefill and 3 decode steps keeps its inputs, hands off by recompute
+    to a second session id, and its next step there equals a replay's bit for bit."""
+    x = wire_inputs(server, 13)
+    session = server.open_session("s-1", max_length=32, batch_size=1)
+    session.inputs = []  # what the servicer does for a client that allows handoff
+    for at, n in ((0, 9), (9, 1), (10, 1), (11, 1)):
+        await server.step(session, x[:, at:at + n], at)
+    assert [t.dtype for t in session.inputs] == [torch.float16] * 4  # kept at the wire's width
+    frame, kind = await session_payload(server, session, HandoffConfig())
+    assert kind == "recompute"
+    assert len(frame) < 12 * server.hidden_size * 2 + 64  # the fp16 inputs, not the cache
+    original = await server.step(session, x[:, 12:], 12)
+    server.close_session("s-1")
+
+    inbox, secret = HandoffInbox(HandoffConfig()), os.urandom(32)
+    h = node_pb2.HandOffHeader(session_id="s-2", blocks=common_pb2.Span(start=server.start, end=server.end),
+                               max_length=32, batch_size=1, position=12, resume_digest=digest_of(secret),
+                               payload_bytes=len(frame))
+    assert inbox.check_header(server, h) == len(frame)
+    await inbox.receive(server, h, frame)
+    moved = inbox.claim(server, "s-2", secret, "")
+    assert moved.position == 12 and sum(t.shape[1] for t in moved.inputs) == 12  # it can move again
+    got = await server.step(moved, x[:, 12:], 12)
+    server.close_session("s-2")
+
+    replay = server.open_session("r", max_length=32, batch_size=1)
+    await server.step(replay, x[:, :12], 0)
+    want = await server.step(replay, x[:, 12:], 12)
+    server.close_session("r")
+    assert torch.equal(got, want)
+    # and what the session would have given on the node it left, to the last bits of one
+    # prefill against several steps
+    assert (got - original).abs().max() <= 1e-5 * original.abs().max()
+
+
+async def test_recompute_handoff_continues_exactly_like_a_replay(server):
+    await recompute_continues_like_a_replay(server)
+
+
+async def test_recompute_handoff_of_a_sliding_window_span(tmp_path):
+    """Gemma 2 alternates sliding-window (5 tokens) and global layers: its cache cannot travel,
+    its inputs can."""
+    from test_families import make_tiny
+
+    from pollinate.node.model_files import open_model
+
+    files = open_model(make_tiny("gemma2", tmp_path / "gemma2"), cache_dir=tmp_path / "cache", show_progress=False)
+    span = files.load_span(1, 3)
+    assert "sliding_attention" in span.layer_types
+    s = span_server(span)
+    try:
+        await recompute_continues_like_a_replay(s)
+    finally:
+        s.worker.stop()
+
+
+async def test_a_recompute_frame_for_another_position_is_refused(server):
+    from pollinate.compression.kv_codec import encode_inputs
+
+    frame = encode_inputs(wire_inputs(server, 5))
+    h = node_pb2.HandOffHeader(session_id="s-3", blocks=common_pb2.Span(start=1, end=3), max_length=32,
+                               batch_size=1, position=6, resume_digest=digest_of(b"s" * 32), payload_bytes=len(frame))
+    with pytest.raises(InvalidRequest, match=r"span inputs \[1, 5, 64\], want \[1, 6, 64\]"):
+        await HandoffInbox(HandoffConfig()).receive(server, h, frame)
+    assert len(server.sessions) == 0
