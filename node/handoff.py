@@ -178,6 +178,7 @@ class HandoffState:
 
     def __init__(self) -> None:
         self.frozen = False
+        self.frozen_s = 0.0  # how long the sender kept it frozen before it moved
         self.idle = asyncio.Event()
         self.idle.set()
         self.result: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -239,46 +240,48 @@ class HandoffReport:
     fp16_bytes: int = 0  # what the same caches take in fp16
     kinds: dict[str, int] = field(default_factory=dict)  # "recompute" / "lossless" / "lossy" -> sessions
     seconds: float = 0.0
+    frozen_s: float = 0.0  # longest a session was frozen (its client waiting on this node), seconds
 
 
 async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, config: HandoffConfig) -> HandoffReport:
     """Move every open session of `server` (a SpanServer) that allows it to one of `replicas`.
     `stub(address)` gives a Node stub. Never raises for a session: a failure is reported and
-    that session's client replays."""
-    from pollinate.protocol.v1 import common_pb2, node_pb2
+    that session's client replays.
 
+    A session that kept its span inputs (`config.recompute`) is pre-copied: its history goes
+    to the replica while it keeps running here (the replica's prefill takes as long as a
+    replay's), then it is frozen and only the inputs of the steps it ran meanwhile follow, so
+    its client waits for a step or two of work, not for the whole prefill. Any other session
+    is frozen first and its cache (or inputs) sent whole."""
     report = HandoffReport()
     t0 = time.perf_counter()
     for session in server.sessions.all():
         state: HandoffState | None = getattr(session, "handoff", None)
         if state is None or session.cache is None or state.result.done():
             continue
-        state.frozen = True
-        moved = None
+        moved, sent, kind, errors = None, 0, "", []
         try:
-            await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
-            blob, kind = await session_payload(server, session, config)
-            header = node_pb2.HandOffHeader(
-                session_id=session.session_id, blocks=common_pb2.Span(start=server.start, end=server.end),
-                max_length=session.max_length, batch_size=session.batch_size, position=session.position,
-                resume_digest=session.resume_digest, job=session.job, payload_bytes=len(blob))
-            errors = []
-            for address, peer_id in replicas:
-                try:
-                    await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
-                                           config.send_timeout_s)
-                except (PollinateError, asyncio.TimeoutError, OSError) as e:
-                    errors.append(f"{address}: {e}")
-                    continue
-                moved = (address, peer_id)
-                break
+            if config.recompute:
+                moved, sent = await _pre_copy(server, session, state, replicas, stub, config, errors)
+                kind = "recompute"
+            if moved is None:
+                state.frozen = True
+                frozen_at = time.perf_counter()
+                await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
+                blob, kind = await session_payload(server, session, config)
+                moved = await _send_to_first(server, session, blob, replicas, stub, config, errors)
+                sent = len(blob)
+                report.frozen_s = max(report.frozen_s, time.perf_counter() - frozen_at)
+            else:
+                report.frozen_s = max(report.frozen_s, state.frozen_s)
             if moved is None:
                 report.failed[session.session_id] = "; ".join(errors) or "no replica of these blocks"
             else:
                 report.moved[session.session_id] = moved[0]
-                report.payload_bytes += len(blob)
+                report.payload_bytes += sent
                 # the cache as it is, in fp16 (for sliding-window layers: their window)
-                report.fp16_bytes += session.cache.nbytes // server.span.dtype.itemsize * 2
+                cache = session.cache  # None if the client closed it meanwhile
+                report.fp16_bytes += cache.nbytes // server.span.dtype.itemsize * 2 if cache is not None else 0
                 report.kinds[kind] = report.kinds.get(kind, 0) + 1
         except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
             report.failed[session.session_id] = str(e)
@@ -295,9 +298,10 @@ async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, confi
     for sid, why in report.failed.items():
         logger.warning("session %s not handed off (its client replays): %s", sid, why)
     if report.moved:
-        logger.info("handed off %d session(s) of blocks %d:%d in %.2f s, %d bytes (%.3f of fp16), codec %s",
-                    len(report.moved), server.start, server.end, report.seconds, report.payload_bytes,
-                    report.payload_bytes / max(report.fp16_bytes, 1), "+".join(sorted(report.kinds)))
+        logger.info("handed off %d session(s) of blocks %d:%d in %.2f s, %d bytes (%.3f of fp16), codec %s, "
+                    "frozen %.3f s at most", len(report.moved), server.start, server.end, report.seconds,
+                    report.payload_bytes, report.payload_bytes / max(report.fp16_bytes, 1),
+                    "+".join(sorted(report.kinds)), report.frozen_s)
     return report
 
 
@@ -310,6 +314,80 @@ async def session_payload(server, session, config: HandoffConfig) -> tuple[bytes
             return await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level), "recompute"
     layers = await server.run_torch(cache_layers, session.cache)
     return await asyncio.to_thread(encode_kv, layers, config.codec), config.codec.mode
+
+
+def _header(server, session, *, position: int, payload_bytes: int, from_position: int = 0):
+    from pollinate.protocol.v1 import common_pb2, node_pb2
+
+    return node_pb2.HandOffHeader(
+        session_id=session.session_id, blocks=common_pb2.Span(start=server.start, end=server.end),
+        max_length=session.max_length, batch_size=session.batch_size, position=position,
+        resume_digest=session.resume_digest, job=session.job, payload_bytes=payload_bytes,
+        from_position=from_position)
+
+
+async def _send_to_first(server, session, blob: bytes, replicas, stub, config: HandoffConfig,
+                         errors: list[str]) -> tuple[str, str] | None:
+    """Send the frozen `session`'s whole frame to the first replica that takes it."""
+    header = _header(server, session, position=session.position, payload_bytes=len(blob))
+    for address, peer_id in replicas:
+        try:
+            await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
+                                   config.send_timeout_s)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"{address}: {e}")
+            continue
+        return address, peer_id
+    return None
+
+
+async def _pre_copy(server, session, state: HandoffState, replicas, stub, config: HandoffConfig,
+                    errors: list[str]) -> tuple[tuple[str, str] | None, int]:
+    """Recompute handoff with the session running: ((address, peer id), bytes sent) once the
+    replica holds it at its current position and the session is frozen; (None, 0) when it kept
+    no inputs or no replica took them (the caller then freezes it and sends it whole)."""
+    kept = len(session.inputs or ())
+    first = session.position  # read with `kept` between two awaits: they agree
+    inputs = session_inputs(session)
+    if inputs is None:
+        return None, 0
+    blob = await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level)
+    header = _header(server, session, position=first, payload_bytes=len(blob))
+    for address, peer_id in replicas:
+        try:
+            await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
+                                   config.send_timeout_s)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"{address}: {e}")
+            continue
+        break
+    else:
+        return None, 0
+    # the replica holds the history: freeze, and send what the session computed meanwhile
+    state.frozen = True
+    frozen_at = time.perf_counter()
+    await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
+    sent = len(blob)
+    if session.position > first:
+        rest = session.inputs[kept:]
+        if sum(t.shape[1] for t in rest) != session.position - first:
+            errors.append(f"{address}: the inputs kept since position {first} do not add up")
+            return None, 0
+        dtype = max((t.dtype for t in rest), key=lambda d: d.itemsize)
+        delta = await asyncio.to_thread(encode_inputs, torch.cat([t.to(dtype) for t in rest], dim=1),
+                                        zstd_level=config.codec.zstd_level)
+        header = _header(server, session, position=session.position, payload_bytes=len(delta), from_position=first)
+        try:
+            await asyncio.wait_for(_send(stub(address), header, delta, config.chunk_bytes, address),
+                                   config.send_timeout_s)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"{address} (the steps after position {first}): {e}")
+            return None, 0
+        sent += len(delta)
+    state.frozen_s = time.perf_counter() - frozen_at
+    logger.info("session %s pre-copied to %s at position %d, then %d more token(s) while frozen %.3f s",
+                session.session_id, address, first, session.position - first, state.frozen_s)
+    return (address, peer_id), sent
 
 
 async def _send(stub, header, blob: bytes, chunk: int, address: str):
@@ -346,6 +424,8 @@ class HandoffInbox:
             raise InvalidRequest("handoff: session_id must be 1-128 printable characters")
         if len(header.resume_digest) != DIGEST_BYTES:
             raise InvalidRequest(f"handoff of {sid}: resume_digest must be {DIGEST_BYTES} bytes (SHA-256)")
+        if header.from_position:
+            return self._check_follow_up(server, header)
         limit = min(server.span.config.max_position_embeddings, server.sessions.config.max_session_tokens)
         if not 0 < header.max_length <= limit:
             raise InvalidRequest(f"handoff of {sid}: max_length {header.max_length} outside [1, {limit}]")
@@ -369,6 +449,35 @@ class HandoffInbox:
                                  f"for {header.position} tokens of blocks {server.start}:{server.end}")
         return header.payload_bytes
 
+    def _held(self, server, header):
+        """The unclaimed session a follow-up HandOff names, from the same sender (same digest, job)."""
+        sid = header.session_id
+        waiting = self._waiting.get(sid)
+        if waiting is None or not hmac.compare_digest(waiting[0], bytes(header.resume_digest)) \
+                or waiting[1] != header.job:
+            raise NotFound(f"handoff of {sid} from position {header.from_position}: no such session waits here")
+        return server.sessions.get(sid)
+
+    def _check_follow_up(self, server, header) -> int:
+        session = self._held(server, header)
+        sid = header.session_id
+        if header.from_position != session.position:
+            raise FailedPrecondition(f"handoff of {sid}: follow-up from position {header.from_position}, "
+                                     f"the session held here is at {session.position}")
+        if not header.from_position < header.position <= session.max_length:
+            raise InvalidRequest(f"handoff of {sid}: follow-up to position {header.position}, want "
+                                 f"({header.from_position}, {session.max_length}]")
+        if (header.max_length, header.batch_size) != (session.max_length, session.batch_size):
+            raise InvalidRequest(f"handoff of {sid}: follow-up for max_length {header.max_length}, batch "
+                                 f"{header.batch_size}; the session held here has {session.max_length}, "
+                                 f"{session.batch_size}")
+        raw = session.batch_size * (header.position - header.from_position) * server.hidden_size * 4
+        bound = raw + raw // 1024 + 4096
+        if not 0 < header.payload_bytes <= bound:
+            raise InvalidRequest(f"handoff of {sid}: {header.payload_bytes} payload bytes, at most {bound} "
+                                 f"for tokens {header.from_position}:{header.position}")
+        return header.payload_bytes
+
     @staticmethod
     def max_elements(server, header) -> int:
         b, h, s, d = expected_shape(server.span, header.batch_size, header.position)
@@ -382,6 +491,8 @@ class HandoffInbox:
         """Decode, check, rebuild and hold the session; raises (changing nothing) when anything is
         wrong. `scope` is the session's job adapter scope (JobManager.scope) for a recompute."""
         sid = header.session_id
+        if header.from_position:
+            return await self._follow_up(server, header, payload, scope)
         try:
             kind = frame_kind(payload)
             if kind == "inputs":
@@ -415,15 +526,45 @@ class HandoffInbox:
         logger.info("session %s handed to this node at position %d (%s codec, %d bytes), held %.0f s",
                     sid, header.position, mode, len(payload), self.config.hold_s)
 
-    async def _prefill(self, server, session, inputs: torch.Tensor, scope) -> None:
-        """Rebuild `session`'s cache from its span inputs: the steps a replay would run (at most
-        max_step_tokens each), through the node's step queue. The session keeps the inputs for
-        a recompute handoff of its own when this node does those."""
-        if self.config.recompute:
+    async def _follow_up(self, server, header, payload: bytes, scope) -> None:
+        """The inputs of the steps a pre-copied session ran on the sender meanwhile: run them on
+        the held session. Anything wrong frees the held session (its client replays)."""
+        sid = header.session_id
+        session = self._held(server, header)
+        if header.from_position != session.position:
+            raise FailedPrecondition(f"handoff of {sid}: follow-up from position {header.from_position}, "
+                                     f"the session held here is at {session.position}")
+        try:
+            try:
+                inputs = await asyncio.to_thread(
+                    decode_inputs, payload,
+                    max_elements=session.batch_size * (header.position - header.from_position) * server.hidden_size)
+            except CompressionError as e:
+                raise InvalidRequest(f"handoff of {sid}: {e}") from e
+            want = (session.batch_size, header.position - header.from_position, server.hidden_size)
+            if tuple(inputs.shape) != want:
+                raise InvalidRequest(f"handoff of {sid}: span inputs {list(inputs.shape)}, want {list(want)}")
+            await self._prefill(server, session, inputs, scope, start=header.from_position)
+        except BaseException:
+            self._forget(server, sid)
+            raise
+        logger.info("session %s caught up from position %d to %d (%d bytes)", sid, header.from_position,
+                    header.position, len(payload))
+
+    def _forget(self, server, sid: str) -> None:
+        if self._waiting.pop(sid, None) is not None:
+            self._timers.pop(sid).cancel()
+            server.close_session(sid)
+
+    async def _prefill(self, server, session, inputs: torch.Tensor, scope, *, start: int = 0) -> None:
+        """Rebuild `session`'s cache from its span inputs (tokens from `start` on): the steps a
+        replay would run (at most max_step_tokens each), through the node's step queue. The
+        session keeps the inputs for a recompute handoff of its own when this node does those."""
+        if self.config.recompute and start == 0:
             session.inputs = []
         chunk = max(1, server.serving.max_step_tokens // inputs.shape[0])
         for at in range(0, inputs.shape[1], chunk):
-            await server.step(session, inputs[:, at:at + chunk], at, scope=scope)
+            await server.step(session, inputs[:, at:at + chunk], start + at, scope=scope)
 
     def _expire(self, server, sid: str) -> None:
         if self._waiting.pop(sid, None) is not None:

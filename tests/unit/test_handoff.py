@@ -290,3 +290,79 @@ async def test_a_recompute_frame_for_another_position_is_refused(server):
     with pytest.raises(InvalidRequest, match=r"span inputs \[1, 5, 64\], want \[1, 6, 64\]"):
         await HandoffInbox(HandoffConfig()).receive(server, h, frame)
     assert len(server.sessions) == 0
+
+
+async def test_pre_copy_sends_the_history_then_only_the_steps_run_meanwhile(tiny_model_files):
+    """hand_off_sessions with --handoff recompute, sender and receiver in process: the history
+    goes while the session still runs (a step arrives during the replica's prefill), then the
+    session is frozen and only that step's inputs follow; it resumes at its final position and
+    continues like a replay."""
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    sender, receiver = span_server(tiny_model_files.load_span(1, 3)), span_server(tiny_model_files.load_span(1, 3))
+    inbox, secret = HandoffInbox(HandoffConfig()), os.urandom(32)
+    x = wire_inputs(sender, 12)
+    session = sender.open_session("s-4", max_length=32, batch_size=1)
+    session.inputs, session.resume_digest, session.handoff = [], digest_of(secret), HandoffState()
+    for at, n in ((0, 9), (9, 1)):
+        await sender.step(session, x[:, at:at + n], at)
+    headers = []
+
+    class Stub:  # what the servicer's HandOff does, plus the client's step 10 during the first one
+        async def HandOff(self, requests):
+            reqs = list(requests)
+            header, data = reqs[0].header, b"".join(r.data for r in reqs)
+            headers.append((header.from_position, header.position))
+            assert inbox.check_header(receiver, header) == len(data)
+            await inbox.receive(receiver, header, data)
+            if len(headers) == 1:
+                with session.handoff.stepping():
+                    await sender.step(session, x[:, 10:11], 10)
+            return node_pb2.HandOffReply(position=header.position)
+
+    try:
+        report = await hand_off_sessions(sender, [("replica:1", "peer-r")], lambda address: Stub(), HandoffConfig())
+        assert report.moved == {"s-4": "replica:1"} and report.kinds == {"recompute": 1}
+        assert headers == [(0, 10), (10, 11)]  # the history, then the one step run meanwhile
+        assert session.handoff.result.result() == ("replica:1", "peer-r")
+        moved = inbox.claim(receiver, "s-4", secret, "")
+        assert moved.position == 11
+        got = await receiver.step(moved, x[:, 11:], 11)
+        replay = receiver.open_session("r", max_length=32, batch_size=1)
+        await receiver.step(replay, x[:, :10], 0)  # the same passes: 10 tokens, then 1, then 1
+        await receiver.step(replay, x[:, 10:11], 10)
+        assert torch.equal(got, await receiver.step(replay, x[:, 11:], 11))
+    finally:
+        sender.worker.stop()
+        receiver.worker.stop()
+
+
+async def test_a_follow_up_needs_the_held_session_at_its_position_and_a_bad_one_frees_it(server):
+    from pollinate.compression.kv_codec import encode_inputs
+
+    inbox, secret = HandoffInbox(HandoffConfig()), b"s" * 32
+    first = encode_inputs(wire_inputs(server, 6))
+    h = node_pb2.HandOffHeader(
+        session_id="s-5", blocks=common_pb2.Span(start=1, end=3), max_length=32, batch_size=1, position=6,
+        resume_digest=digest_of(secret), payload_bytes=len(first))
+    await inbox.receive(server, h, first)
+    more = encode_inputs(wire_inputs(server, 2, seed=1))
+
+    def follow(**over):
+        f = node_pb2.HandOffHeader()
+        f.CopyFrom(h)
+        f.from_position, f.position, f.payload_bytes = 6, 8, len(more)
+        for k, v in over.items():
+            setattr(f, k, v)
+        return f
+
+    with pytest.raises(NotFound, match="no such session"):  # another sender (digest) cannot append
+        inbox.check_header(server, follow(resume_digest=digest_of(b"x" * 32)))
+    with pytest.raises(FailedPrecondition, match="held here is at 6"):
+        inbox.check_header(server, follow(from_position=5, position=7))
+    with pytest.raises(InvalidRequest, match="payload bytes"):
+        inbox.check_header(server, follow(payload_bytes=1 << 20))
+    assert inbox.check_header(server, follow()) == len(more)
+    with pytest.raises(InvalidRequest, match=r"want \[1, 3, 64\]"):  # 2 tokens sent, 3 announced
+        await inbox.receive(server, follow(position=9), more)
+    assert len(server.sessions) == 0 and len(inbox) == 0  # the held session is freed: its client replays
