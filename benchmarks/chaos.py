@@ -183,6 +183,7 @@ def handoff(args: argparse.Namespace, workdir: Path) -> dict:
             runs[name]["victim"].popen.wait(60)
         log = runs["handoff"]["victim"].log_path.read_text(errors="replace")
     sent = re.search(r"handed off \d+ session\(s\) of blocks \S+ in ([\d.]+) s, (\d+) bytes \(([\d.]+) of fp16\)", log)
+    frozen = re.search(r"frozen ([\d.]+) s at most", log)
     h, r = runs["handoff"], runs["replay"]
     return {
         "scenario": "handoff",
@@ -195,6 +196,7 @@ def handoff(args: argparse.Namespace, workdir: Path) -> dict:
         "kv_ratio_vs_fp16": float(sent.group(3)) if sent else None,
         "kv_bytes": int(sent.group(2)) if sent else None,
         "handoff_send_s": float(sent.group(1)) if sent else None,
+        "frozen_s": float(frozen.group(1)) if frozen else None,
         "resume_s": round(h["stall_s"], 3),
         "replay_resume_s": round(r["stall_s"], 3),
         "replayed": r["failovers"] == 1 and r["handoffs"] == 0,
