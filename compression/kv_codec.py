@@ -1,8 +1,10 @@
-"""The KV-cache codec of a session handoff (issue 16): a session's keys and values in bytes.
+"""The frames of a session handoff (issue 16): a session's keys and values, or its span inputs.
 
-When a node leaves or moves, it sends each open session's KV cache for its blocks to a
-replica of those blocks (node/handoff.py) instead of letting the client replay the whole
-history. Two modes:
+When a node leaves or moves, it sends each open session to a replica of its blocks
+(node/handoff.py) instead of letting the client replay the whole history. By default
+(``--handoff recompute``) it sends the session's span inputs, from which the replica
+rebuilds the cache (the span-inputs frame at the end of this module). The KV frame
+carries the cache itself, in two modes:
 
 - ``lossless``: the tensors' own bytes (fp32 on a CPU node), byte planes split apart
   (exponent bytes together, then the noisier mantissa bytes) and zstd-compressed. Decoding

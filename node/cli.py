@@ -13,8 +13,9 @@ address), loads the span it is assigned (or its --blocks, pinned), heartbeats, a
 SIGTERM. On a MOVE it loads the new span, switches the servicer to it, re-announces and
 frees the old one.
 
-Leaving (SIGTERM) or moving, the node first hands each open session's KV cache to another
-node serving the same blocks (node/handoff.py, --handoff); its client resumes there. A
+Leaving (SIGTERM) or moving, the node first hands each open session to another node serving
+the same blocks (node/handoff.py, --handoff: its span inputs, which the replica prefills, or
+its KV cache); its client resumes there. A
 session no replica takes fails over on the client side by replay, as before.
 """
 

@@ -5,11 +5,15 @@ open session on its span would otherwise be rebuilt by the client replaying its 
 history through a replacement. Instead the node (the sender, `hand_off_sessions`):
 
 1. finds the other nodes serving exactly its blocks on the DHT (`find_replicas`);
-2. per session whose client allowed it (its `InferenceOpen.resume_digest` is set): freezes
-   the session between two steps, snapshots its cache on the torch thread, encodes it
-   (compression/kv_codec.py: lossless by default, CacheGen-style lossy on request) and
-   streams it with the session's id, position, budget and resume digest to a replica
-   (`Node.HandOff`), trying the next replica if one refuses;
+2. per session whose client allowed it (its `InferenceOpen.resume_digest` is set), by
+   default (`recompute`): sends the session's span inputs so far (the hidden states this
+   node received for it, kept at the wire's precision: `kept_input`) to a replica while the
+   session keeps running here; the replica rebuilds the cache by the prefill a replay would
+   run; then freezes the session between two steps and sends only the inputs of the steps
+   it ran meanwhile (`HandOffHeader.from_position`). Otherwise (`--handoff lossless|lossy`,
+   or a session that kept no inputs): freezes it, snapshots its cache on the torch thread,
+   encodes it (compression/kv_codec.py) and streams it. Each frame goes with the session's
+   id, position, budget and resume digest (`Node.HandOff`), to the next replica if one refuses;
 3. ends the session's Inference stream with UNAVAILABLE "session handed off: to ADDRESS
    peer ID" (protocol/errors.py SessionHandedOff); the client opens a stream to that
    address with the secret whose SHA-256 is the digest (`resume_secret`), and continues at
@@ -20,7 +24,9 @@ The receiver (`HandoffInbox`) treats a handoff as a stranger's input: the header
 against its span (blocks, model context, session limits), the payload's size is bounded
 before it is read, the frame's shapes must be exactly what the session's position implies
 for this span, and the session's token budget is reserved as for a new session (refused
-with RESOURCE_EXHAUSTED when full). A received session is held for `hold_s` seconds for
+with RESOURCE_EXHAUSTED when full). A follow-up (from_position > 0) only extends a session
+it holds unclaimed from the same sender (same digest and job) at exactly that position;
+anything wrong with it frees the held session, whose client then replays. A received session is held for `hold_s` seconds for
 its client; only the holder of the secret can claim it, once, and only while it waits:
 nobody takes over a live session by guessing its id.
 """
@@ -121,8 +127,15 @@ def session_inputs(session) -> torch.Tensor | None:
     kept = session.inputs
     if not kept or sum(t.shape[1] for t in kept) != session.position:
         return None
-    dtype = max((t.dtype for t in kept), key=lambda d: d.itemsize)
-    return torch.cat([t.to(dtype) for t in kept], dim=1)
+    return joined(kept)
+
+
+def joined(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Kept inputs as one tensor along the tokens, in their common dtype (fp32 where they
+    differ: it holds fp16 and bf16 values exactly)."""
+    dtypes = {t.dtype for t in inputs}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return torch.cat([t.to(dtype) for t in inputs], dim=1)
 
 
 # ---- the cache itself
@@ -351,7 +364,11 @@ async def _pre_copy(server, session, state: HandoffState, replicas, stub, config
     inputs = session_inputs(session)
     if inputs is None:
         return None, 0
-    blob = await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level)
+    try:
+        blob = await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level)
+    except CompressionError as e:
+        errors.append(f"span inputs: {e}")
+        return None, 0
     header = _header(server, session, position=first, payload_bytes=len(blob))
     for address, peer_id in replicas:
         try:
@@ -373,9 +390,7 @@ async def _pre_copy(server, session, state: HandoffState, replicas, stub, config
         if sum(t.shape[1] for t in rest) != session.position - first:
             errors.append(f"{address}: the inputs kept since position {first} do not add up")
             return None, 0
-        dtype = max((t.dtype for t in rest), key=lambda d: d.itemsize)
-        delta = await asyncio.to_thread(encode_inputs, torch.cat([t.to(dtype) for t in rest], dim=1),
-                                        zstd_level=config.codec.zstd_level)
+        delta = await asyncio.to_thread(encode_inputs, joined(rest), zstd_level=config.codec.zstd_level)
         header = _header(server, session, position=session.position, payload_bytes=len(delta), from_position=first)
         try:
             await asyncio.wait_for(_send(stub(address), header, delta, config.chunk_bytes, address),
