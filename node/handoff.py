@@ -93,11 +93,17 @@ class HandoffConfig:
     lookup_timeout_s: float = 10.0
     # Payload bytes per HandOff message (under the transport's 1 MiB + 64 KiB limit).
     chunk_bytes: int = 1 << 20
+    # Sessions handed off at once. Recompute: their histories' prefills share the replica's
+    # passes and the node leaves after the slowest, not the sum (one SmolLM2 10-block prefill
+    # of 512 tokens took 2-3 s on the contended 2-core box); 4 bounds the frames in memory.
+    concurrent_sessions: int = 4
 
     def __post_init__(self) -> None:
         for name in ("hold_s", "send_timeout_s", "quiesce_timeout_s", "lookup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"handoff {name} must be > 0, got {getattr(self, name)}")
+        if self.concurrent_sessions < 1:
+            raise ValueError(f"handoff concurrent_sessions must be >= 1, got {self.concurrent_sessions}")
         if not 1 <= self.chunk_bytes <= 1 << 20:
             raise ValueError(f"handoff chunk_bytes must be in [1, 2^20], got {self.chunk_bytes}")
 
@@ -256,6 +262,44 @@ class HandoffReport:
     frozen_s: float = 0.0  # longest a session was frozen (its client waiting on this node), seconds
 
 
+async def _hand_off_one(server, session, state: HandoffState, replicas, stub, config: HandoffConfig,
+                        report: HandoffReport) -> None:
+    """Move one session (see hand_off_sessions), recording the outcome in `report`."""
+    moved, sent, kind, errors = None, 0, "", []
+    try:
+        if config.recompute:
+            moved, sent = await _pre_copy(server, session, state, replicas, stub, config, errors)
+            kind = "recompute"
+        if moved is None:
+            state.frozen = True
+            frozen_at = time.perf_counter()
+            await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
+            blob, kind = await session_payload(server, session, config)
+            moved = await _send_to_first(server, session, blob, replicas, stub, config, errors)
+            sent = len(blob)
+            report.frozen_s = max(report.frozen_s, time.perf_counter() - frozen_at)
+        else:
+            report.frozen_s = max(report.frozen_s, state.frozen_s)
+        if moved is None:
+            report.failed[session.session_id] = "; ".join(errors) or "no replica of these blocks"
+        else:
+            report.moved[session.session_id] = moved[0]
+            report.payload_bytes += sent
+            # the cache as it is, in fp16 (for sliding-window layers: their window)
+            cache = session.cache  # None if the client closed it meanwhile
+            report.fp16_bytes += cache.nbytes // server.span.dtype.itemsize * 2 if cache is not None else 0
+            report.kinds[kind] = report.kinds.get(kind, 0) + 1
+    except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
+        report.failed[session.session_id] = str(e)
+    except Exception as e:  # a leaving node must leave: this session's client replays
+        logger.exception("handing off session %s failed unexpectedly", session.session_id)
+        report.failed[session.session_id] = f"{type(e).__name__}: {e}"
+    finally:
+        state.result.set_result(moved)
+        if moved is None:
+            state.frozen = False
+
+
 async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, config: HandoffConfig) -> HandoffReport:
     """Move every open session of `server` (a SpanServer) that allows it to one of `replicas`.
     `stub(address)` gives a Node stub. Never raises for a session: a failure is reported and
@@ -268,43 +312,18 @@ async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, confi
     is frozen first and its cache (or inputs) sent whole."""
     report = HandoffReport()
     t0 = time.perf_counter()
-    for session in server.sessions.all():
-        state: HandoffState | None = getattr(session, "handoff", None)
-        if state is None or session.cache is None or state.result.done():
-            continue
-        moved, sent, kind, errors = None, 0, "", []
-        try:
-            if config.recompute:
-                moved, sent = await _pre_copy(server, session, state, replicas, stub, config, errors)
-                kind = "recompute"
-            if moved is None:
-                state.frozen = True
-                frozen_at = time.perf_counter()
-                await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
-                blob, kind = await session_payload(server, session, config)
-                moved = await _send_to_first(server, session, blob, replicas, stub, config, errors)
-                sent = len(blob)
-                report.frozen_s = max(report.frozen_s, time.perf_counter() - frozen_at)
-            else:
-                report.frozen_s = max(report.frozen_s, state.frozen_s)
-            if moved is None:
-                report.failed[session.session_id] = "; ".join(errors) or "no replica of these blocks"
-            else:
-                report.moved[session.session_id] = moved[0]
-                report.payload_bytes += sent
-                # the cache as it is, in fp16 (for sliding-window layers: their window)
-                cache = session.cache  # None if the client closed it meanwhile
-                report.fp16_bytes += cache.nbytes // server.span.dtype.itemsize * 2 if cache is not None else 0
-                report.kinds[kind] = report.kinds.get(kind, 0) + 1
-        except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
-            report.failed[session.session_id] = str(e)
-        except Exception as e:  # a leaving node must leave: this session's client replays
-            logger.exception("handing off session %s failed unexpectedly", session.session_id)
-            report.failed[session.session_id] = f"{type(e).__name__}: {e}"
-        finally:
-            state.result.set_result(moved)
-            if moved is None:
-                state.frozen = False
+    # sessions go concurrently (up to config.concurrent_sessions): with recompute, a replica
+    # packs their prefills into shared passes, and the leaving node waits for the slowest,
+    # not for their sum
+    limit = asyncio.Semaphore(config.concurrent_sessions)
+
+    async def one(session, state: HandoffState) -> None:
+        async with limit:
+            await _hand_off_one(server, session, state, replicas, stub, config, report)
+
+    await asyncio.gather(*(one(s, s.handoff) for s in server.sessions.all()
+                           if getattr(s, "handoff", None) is not None and s.cache is not None
+                           and not s.handoff.result.done()))
     report.seconds = time.perf_counter() - t0
     for sid, address in report.moved.items():
         logger.info("session %s handed off to %s", sid, address)
