@@ -366,3 +366,41 @@ async def test_a_follow_up_needs_the_held_session_at_its_position_and_a_bad_one_
     with pytest.raises(InvalidRequest, match=r"want \[1, 3, 64\]"):  # 2 tokens sent, 3 announced
         await inbox.receive(server, follow(position=9), more)
     assert len(server.sessions) == 0 and len(inbox) == 0  # the held session is freed: its client replays
+
+
+async def test_several_sessions_hand_off_together(tiny_model_files):
+    """Two sessions (one recompute, one that kept no inputs and goes as a lossless cache) are
+    handed off concurrently; both resume on the replica with a replay's outputs."""
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    sender, receiver = span_server(tiny_model_files.load_span(1, 3)), span_server(tiny_model_files.load_span(1, 3))
+    inbox = HandoffInbox(HandoffConfig())
+    x = wire_inputs(sender, 8)
+    secrets = {}
+    for sid, keep in (("a", True), ("b", False)):
+        session = sender.open_session(sid, max_length=16, batch_size=1)
+        secrets[sid] = os.urandom(32)
+        session.inputs = [] if keep else None
+        session.resume_digest, session.handoff = digest_of(secrets[sid]), HandoffState()
+        await sender.step(session, x[:, :7], 0)
+
+    class Stub:
+        async def HandOff(self, requests):
+            reqs = list(requests)
+            header, data = reqs[0].header, b"".join(r.data for r in reqs)
+            inbox.check_header(receiver, header)
+            await inbox.receive(receiver, header, data)
+            return node_pb2.HandOffReply(position=header.position)
+
+    try:
+        report = await hand_off_sessions(sender, [("replica:1", "peer-r")], lambda address: Stub(), HandoffConfig())
+        assert set(report.moved) == {"a", "b"} and report.kinds == {"recompute": 1, "lossless": 1}
+        replay = receiver.open_session("r", max_length=16, batch_size=1)
+        await receiver.step(replay, x[:, :7], 0)
+        want = await receiver.step(replay, x[:, 7:], 7)
+        for sid in ("a", "b"):
+            moved = inbox.claim(receiver, sid, secrets[sid], "")
+            assert torch.equal(await receiver.step(moved, x[:, 7:], 7), want)
+    finally:
+        sender.worker.stop()
+        receiver.worker.stop()
