@@ -14,7 +14,8 @@ import grpc.aio
 import torch
 
 from pollinate import __version__
-from pollinate.node.handoff import DIGEST_BYTES, HandoffConfig, HandoffInbox, HandoffState
+from pollinate.node.handoff import DIGEST_BYTES, HandoffConfig, HandoffState
+from pollinate.node.handoff_inbox import HandoffInbox
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
@@ -199,7 +200,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 session.inputs = []
 
     async def HandOff(self, request_iterator, context):
-        """A replica hands over a session (node/handoff.py): read at most the bytes the header
+        """A replica hands over a session (node/handoff_inbox.py): read at most the bytes the header
         announces, which the header's checks bound; decode, check and hold it."""
         if not self.serving:
             raise FailedPrecondition("HandOff: this node is leaving")

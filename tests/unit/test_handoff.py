@@ -11,7 +11,8 @@ import torch
 
 from pollinate.compression.kv_codec import KVCodecConfig, encode_kv
 from pollinate.node.config import ServingConfig
-from pollinate.node.handoff import HandoffConfig, HandoffInbox, cache_layers, digest_of, session_payload
+from pollinate.node.handoff import HandoffConfig, cache_layers, digest_of, session_payload
+from pollinate.node.handoff_inbox import HandoffInbox
 from pollinate.node.sessions import SessionConfig
 from pollinate.node.span_server import SpanServer
 from pollinate.protocol.errors import (
