@@ -1,7 +1,7 @@
 """Fault scenarios against a local swarm; each prints one JSON object per run.
 
     python benchmarks/chaos.py --scenario kill-node-during-generation [--model tiny|smollm2]
-    python benchmarks/chaos.py --scenario handoff --model smollm2 --tokens 64 [--handoff-codec lossy]
+    python benchmarks/chaos.py --scenario handoff --model smollm2 --tokens 64 [--handoff-codec lossless|lossy]
 
 Scenarios are functions registered in SCENARIOS under their name; a scenario gets the
 parsed args and a work directory and returns its JSON-able result (at least `scenario`
@@ -174,7 +174,7 @@ def handoff(args: argparse.Namespace, workdir: Path) -> dict:
         runs = {}
         for name, allow in (("handoff", True), ("replay", False)):
             remote = RemoteModelForCausalLM.from_pretrained(
-                model, initial_peers=[swarm.maddr], cache_dir=cache, wire_codec="none", ban_base_s=60.0,
+                model, initial_peers=[swarm.maddr], cache_dir=cache, wire_codec=args.wire, ban_base_s=60.0,
                 handoff=allow)
             try:
                 runs[name] = _handoff_run(remote, ids, gen, victims, args)
@@ -183,6 +183,7 @@ def handoff(args: argparse.Namespace, workdir: Path) -> dict:
             runs[name]["victim"].popen.wait(60)
         log = runs["handoff"]["victim"].log_path.read_text(errors="replace")
     sent = re.search(r"handed off \d+ session\(s\) of blocks \S+ in ([\d.]+) s, (\d+) bytes \(([\d.]+) of fp16\)", log)
+    frozen = re.search(r"frozen ([\d.]+) s at most", log)
     h, r = runs["handoff"], runs["replay"]
     return {
         "scenario": "handoff",
@@ -190,16 +191,19 @@ def handoff(args: argparse.Namespace, workdir: Path) -> dict:
         "completed": len(h["tokens"]) == args.tokens and len(r["tokens"]) == args.tokens,
         "tokens_match": h["tokens"] == reference,
         "replay_tokens_match": r["tokens"] == reference,
+        "handoff_equals_replay": h["tokens"] == r["tokens"],
         "handoff": h["handoffs"] == 1 and h["failovers"] == 0,
         "kv_ratio_vs_fp16": float(sent.group(3)) if sent else None,
         "kv_bytes": int(sent.group(2)) if sent else None,
         "handoff_send_s": float(sent.group(1)) if sent else None,
+        "frozen_s": float(frozen.group(1)) if frozen else None,
         "resume_s": round(h["stall_s"], 3),
         "replay_resume_s": round(r["stall_s"], 3),
         "replayed": r["failovers"] == 1 and r["handoffs"] == 0,
         "median_token_s": round(h["median_token_s"], 4),
         "codec": args.handoff_codec if args.handoff_codec != "lossy" else f"lossy{args.handoff_bits}",
         "context": ids.shape[1],
+        "wire": args.wire,
         "tokens": args.tokens,
         "kill_after": args.kill_after,
         "route_after": h["route_after"],
@@ -788,9 +792,13 @@ def main() -> int:
     p.add_argument("--workdir", type=Path)
     handoff_args = p.add_argument_group("handoff scenario")
     handoff_args.add_argument("--context", type=int, default=512, help="prompt tokens before generation")
-    handoff_args.add_argument("--handoff-codec", choices=("lossless", "lossy"), default="lossless",
+    handoff_args.add_argument("--handoff-codec", choices=("recompute", "lossless", "lossy"), default="recompute",
                               help="the nodes' --handoff")
     handoff_args.add_argument("--handoff-bits", type=int, default=8, help="the nodes' --handoff-bits (lossy)")
+    handoff_args.add_argument("--wire", choices=("none", "fp16"), default="none",
+                              help="the clients' wire codec: none (fp32, default: tokens must equal the local "
+                                   "model's) or fp16 (the client default; rounding on the wire may change tokens "
+                                   "against the local model, handoff_equals_replay still compares the two runs)")
     liar_args = p.add_argument_group("liar")
     liar_args.add_argument("--spot-check-rate", type=float, default=0.1, help="share of hop steps the client checks")
     liar_args.add_argument("--honest-steps", type=int, default=500, help="steps of the honest swarm (no ban allowed)")

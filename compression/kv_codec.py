@@ -1,8 +1,10 @@
-"""The KV-cache codec of a session handoff (issue 16): a session's keys and values in bytes.
+"""The frames of a session handoff (issue 16): a session's keys and values, or its span inputs.
 
-When a node leaves or moves, it sends each open session's KV cache for its blocks to a
-replica of those blocks (node/handoff.py) instead of letting the client replay the whole
-history. Two modes:
+When a node leaves or moves, it sends each open session to a replica of its blocks
+(node/handoff.py) instead of letting the client replay the whole history. By default
+(``--handoff recompute``) it sends the session's span inputs, from which the replica
+rebuilds the cache (the span-inputs frame at the end of this module). The KV frame
+carries the cache itself, in two modes:
 
 - ``lossless``: the tensors' own bytes (fp32 on a CPU node), byte planes split apart
   (exponent bytes together, then the noisier mantissa bytes) and zstd-compressed. Decoding
@@ -277,3 +279,82 @@ def _lossy_decode(buf: memoryview, shape: tuple[int, ...], bits: int, group: int
     x = q.float() * scales.reshape(b, h, d, g, 1)
     x = x.reshape(b, h, d, g * group)[..., :s].permute(0, 1, 3, 2).contiguous()
     return x, 2 * n_scales + n_codes
+
+
+# ---- span inputs: what `--handoff recompute` sends instead of the cache
+#
+# A span's KV cache is a function of the hidden states that entered the span (and the span's
+# weights): the receiver rebuilds it by one prefill of those inputs, exactly as a client's
+# replay would. The inputs are narrower than the cache whenever the span has more than a
+# few blocks (SmolLM2: 576 values per token in, 2 x 3 x 64 = 384 per block out), and they are
+# the values the node received, so they travel losslessly: byte planes and zstd, as above.
+#
+#     magic     4 bytes  b"PKI" + format version (1)
+#     dtype     u8       the inputs' dtype (compression/frame.py DTYPE_CODES)
+#     shape     3 x u32  [batch, tokens, hidden]
+#     payload   one zstd frame of the byte planes, declared content size = batch x tokens x hidden x itemsize
+
+INPUTS_MAGIC = b"PKI"
+INPUTS_VERSION = 1
+
+
+def frame_kind(data: bytes | bytearray | memoryview) -> str:
+    """"cache" (a KV frame) or "inputs" (a span-inputs frame); CompressionError for anything else."""
+    head = bytes(data[:3])
+    if head == MAGIC:
+        return "cache"
+    if head == INPUTS_MAGIC:
+        return "inputs"
+    raise CompressionError(f"not a handoff frame (magic {head!r})")
+
+
+def encode_inputs(hidden: torch.Tensor, *, zstd_level: int = 3) -> bytes:
+    """One frame holding a session's span inputs [batch, tokens, hidden], bit for bit."""
+    if hidden.dim() != 3 or hidden.dtype not in FLOAT_DTYPES:
+        raise CompressionError(f"span inputs: want a 3-d float tensor, got {hidden.dim()}-d {hidden.dtype}")
+    if hidden.numel() == 0 or max(hidden.shape) >= 1 << 32:
+        raise CompressionError(f"span inputs: shape {tuple(hidden.shape)} is empty or too large")
+    check_finite(hidden, "span inputs")
+    header = INPUTS_MAGIC + struct.pack("<BB3I", INPUTS_VERSION, DTYPE_CODES[hidden.dtype], *hidden.shape)
+    return header + zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(_byte_planes(hidden))
+
+
+def peek_inputs(data: bytes | bytearray | memoryview) -> tuple[torch.dtype, tuple[int, int, int]]:
+    """(dtype, [batch, tokens, hidden]) an inputs frame claims, nothing decompressed."""
+    reader = FrameReader(data)
+    magic = bytes(reader.take(4, "magic and version"))
+    if magic[:3] != INPUTS_MAGIC:
+        raise CompressionError(f"not a span-inputs frame (magic {magic[:3]!r})")
+    if magic[3] != INPUTS_VERSION:
+        raise CompressionError(f"span-inputs frame format version {magic[3]}, this build reads {INPUTS_VERSION}")
+    (dtype_code,) = reader.unpack("B", "dtype")
+    dtype = CODE_DTYPES.get(dtype_code)
+    if dtype not in FLOAT_DTYPES:
+        raise CompressionError(f"span-inputs frame dtype code {dtype_code} is not a floating-point dtype")
+    return dtype, tuple(reader.unpack("3I", "shape"))
+
+
+def decode_inputs(data: bytes | bytearray | memoryview, *, max_elements: int) -> torch.Tensor:
+    """The span inputs a frame carries; CompressionError on any bad frame or one claiming more
+    than ``max_elements`` values (checked before anything is decompressed)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CompressionError(f"expected bytes, got {type(data).__name__}")
+    dtype, shape = peek_inputs(data)
+    numel = math.prod(shape)
+    if not 0 < numel <= max_elements:
+        raise CompressionError(f"span-inputs frame claims {numel} values, want 1..{max_elements}")
+    size = numel * dtype.itemsize
+    compressed = memoryview(data)[4 + 1 + 12:]
+    try:
+        declared = zstandard.frame_content_size(compressed)
+        if declared != size:
+            raise CompressionError(f"span-inputs payload declares {declared} bytes, the shape implies {size}")
+        payload = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CompressionError(f"span-inputs payload is not a valid zstd frame: {exc}") from exc
+    if len(payload) != size:
+        raise CompressionError(f"span-inputs payload holds {len(payload)} bytes, the shape implies {size}")
+    planes = np.frombuffer(payload, dtype=np.uint8).reshape(dtype.itemsize, -1)
+    t = torch.from_numpy(np.ascontiguousarray(planes.T)).reshape(-1).view(dtype).reshape(shape).clone()
+    check_finite(t, "span inputs")
+    return t

@@ -13,8 +13,9 @@ address), loads the span it is assigned (or its --blocks, pinned), heartbeats, a
 SIGTERM. On a MOVE it loads the new span, switches the servicer to it, re-announces and
 frees the old one.
 
-Leaving (SIGTERM) or moving, the node first hands each open session's KV cache to another
-node serving the same blocks (node/handoff.py, --handoff); its client resumes there. A
+Leaving (SIGTERM) or moving, the node first hands each open session to another node serving
+the same blocks (node/handoff.py, --handoff: its span inputs, which the replica prefills, or
+its KV cache); its client resumes there. A
 session no replica takes fails over on the client side by replay, as before.
 """
 
@@ -108,11 +109,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training jobs this node holds at once; more are refused (default 16)")
     p.add_argument("--jobs-memory-mb", type=float, default=2048.0,
                    help="memory the jobs' adapters and optimizer state may take, MiB (default 2048)")
-    p.add_argument("--handoff", choices=("lossless", "lossy", "off"), default="lossless",
-                   help="on SIGTERM or a move, hand open sessions' KV caches to a replica of the same blocks: "
-                        "lossless (default; exact, an fp32 cache travels at ~1.7x its fp16 size) or lossy (CacheGen-"
-                        "style, --handoff-bits; smaller, may change the next tokens: docs/serving.md); off: "
-                        "clients replay their history elsewhere")
+    p.add_argument("--handoff", choices=("recompute", "lossless", "lossy", "off"), default="recompute",
+                   help="on SIGTERM or a move, hand open sessions to a replica of the same blocks: recompute "
+                        "(default; sends each session's span inputs, which the replica prefills: exact, ~0.15-0.3 "
+                        "of the fp16 cache's bytes), lossless (the KV cache itself, exact; an fp32 cache travels "
+                        "at ~1.7x its fp16 size) or lossy (CacheGen-style, --handoff-bits; smaller, may change "
+                        "the next tokens): docs/serving.md; off: clients replay their history elsewhere")
     p.add_argument("--handoff-bits", type=int, default=8, help="--handoff lossy: bits per value, 2-8 (default 8)")
     p.add_argument("--handoff-hold", type=float, default=60.0,
                    help="seconds a session handed to this node waits for its client (default 60)")
@@ -205,6 +207,7 @@ def build_config(args: argparse.Namespace):
                                                       max_tokens=args.max_batch_tokens)),
         announce=AnnounceConfig(expiration_s=args.announce_expiration),
         handoff=HandoffConfig(enabled=args.handoff != "off", hold_s=args.handoff_hold,
+                              recompute=args.handoff == "recompute",
                               codec=KVCodecConfig(mode="lossy" if args.handoff == "lossy" else "lossless",
                                                   bits=args.handoff_bits)),
         rounds=RoundConfig(exchange_timeout_s=args.round_exchange_timeout,
@@ -342,10 +345,11 @@ def _capacity_blocks(config, files, placement, quant: str) -> int:
     """Blocks to offer the coordinator: --blocks' length, --capacity-blocks, or what fits."""
     if config.start is not None:
         return config.end - config.start
-    from pollinate.node.sizing import BlockShape, choose_num_blocks, free_memory_bytes
+    from pollinate.node.sizing import BlockShape, SizingConfig, choose_num_blocks, free_memory_bytes
 
+    sizing = SizingConfig(session_inputs=config.handoff.enabled and config.handoff.recompute)
     fit, _ = choose_num_blocks(free_memory_bytes(placement.device), BlockShape.from_config(files.config),
-                               placement.dtype, requested=config.capacity_blocks, quant=quant)
+                               placement.dtype, sizing, requested=config.capacity_blocks, quant=quant)
     return min(fit, files.num_blocks)
 
 

@@ -5,24 +5,30 @@ open session on its span would otherwise be rebuilt by the client replaying its 
 history through a replacement. Instead the node (the sender, `hand_off_sessions`):
 
 1. finds the other nodes serving exactly its blocks on the DHT (`find_replicas`);
-2. per session whose client allowed it (its `InferenceOpen.resume_digest` is set): freezes
-   the session between two steps, snapshots its cache on the torch thread, encodes it
-   (compression/kv_codec.py: lossless by default, CacheGen-style lossy on request) and
-   streams it with the session's id, position, budget and resume digest to a replica
-   (`Node.HandOff`), trying the next replica if one refuses;
+2. per session whose client allowed it (its `InferenceOpen.resume_digest` is set), by
+   default (`recompute`): sends the session's span inputs so far (the hidden states this
+   node received for it, kept at the wire's precision: `kept_input`) to a replica while the
+   session keeps running here; the replica rebuilds the cache by the prefill a replay would
+   run; then freezes the session between two steps and sends only the inputs of the steps
+   it ran meanwhile (`HandOffHeader.from_position`). Otherwise (`--handoff lossless|lossy`,
+   or a session that kept no inputs): freezes it, snapshots its cache on the torch thread,
+   encodes it (compression/kv_codec.py) and streams it. Each frame goes with the session's
+   id, position, budget and resume digest (`Node.HandOff`), to the next replica if one refuses;
 3. ends the session's Inference stream with UNAVAILABLE "session handed off: to ADDRESS
    peer ID" (protocol/errors.py SessionHandedOff); the client opens a stream to that
    address with the secret whose SHA-256 is the digest (`resume_secret`), and continues at
    its position. When no replica takes the session the stream goes on until the server
    stops, and the client replays as before.
 
-The receiver (`HandoffInbox`) treats a handoff as a stranger's input: the header is checked
-against its span (blocks, model context, session limits), the payload's size is bounded
+The receiver (node/handoff_inbox.py `HandoffInbox`) treats a handoff as a stranger's input:
+the header is checked against its span (blocks, model context, session limits), the payload's size is bounded
 before it is read, the frame's shapes must be exactly what the session's position implies
 for this span, and the session's token budget is reserved as for a new session (refused
-with RESOURCE_EXHAUSTED when full). A received session is held for `hold_s` seconds for
-its client; only the holder of the secret can claim it, once, and only while it waits:
-nobody takes over a live session by guessing its id.
+with RESOURCE_EXHAUSTED when full). A follow-up (from_position > 0) only extends a session
+it holds unclaimed from the same sender (same digest and job) at exactly that position;
+anything wrong with it frees the held session, whose client then replays. A received
+session is held for `hold_s` seconds for its client; only the holder of the secret can
+claim it, once, and only while it waits: nobody takes over a live session by guessing its id.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,15 +43,12 @@ from dataclasses import dataclass, field
 import torch
 
 from pollinate.compression.codec import CompressionError
-from pollinate.compression.kv_codec import KVCodecConfig, decode_kv, encode_kv, fp16_bytes
+from pollinate.compression.kv_codec import KVCodecConfig, encode_inputs, encode_kv
 from pollinate.protocol.errors import (
     FailedPrecondition,
     InvalidRequest,
-    NotFound,
     PollinateError,
-    ResourceExhausted,
     SessionHandedOff,
-    Unauthenticated,
     translate_rpc_errors,
 )
 
@@ -60,8 +62,14 @@ SECRET_MAX_BYTES = 64  # a resume secret is 32 random bytes; anything longer is 
 class HandoffConfig:
     # Hand sessions off on SIGTERM and on a move; False: they end and clients replay.
     enabled: bool = True
-    # How the cache travels; lossless by default: lossy 8-bit changed greedy tokens on some
-    # SmolLM2 prompts (benchmarks/results/2026-12-06-handoff.md).
+    # Send each session's span inputs (the hidden states this node received, kept while the
+    # session lives) instead of its cache; the receiver rebuilds the cache by one prefill, as a
+    # replay would. Exact, and ~0.15-0.3 of the fp16 cache's bytes on a 10-block SmolLM2
+    # span (docs/serving.md). A session without kept inputs (one this node itself received
+    # as a cache) travels with `codec` instead.
+    recompute: bool = True
+    # How a cache travels when it does; lossless by default: lossy 8-bit changed greedy tokens on
+    # some SmolLM2 prompts (benchmarks/results/2026-12-06-handoff.md).
     codec: KVCodecConfig = field(default_factory=KVCodecConfig)
     # A received session waits this long for its client before its cache is freed, seconds.
     hold_s: float = 60.0
@@ -74,17 +82,55 @@ class HandoffConfig:
     lookup_timeout_s: float = 10.0
     # Payload bytes per HandOff message (under the transport's 1 MiB + 64 KiB limit).
     chunk_bytes: int = 1 << 20
+    # Sessions handed off at once. Recompute: their histories' prefills share the replica's
+    # passes and the node leaves after the slowest, not the sum (one SmolLM2 10-block prefill
+    # of 512 tokens took 2-3 s on the contended 2-core box); 4 bounds the frames in memory.
+    concurrent_sessions: int = 4
 
     def __post_init__(self) -> None:
         for name in ("hold_s", "send_timeout_s", "quiesce_timeout_s", "lookup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"handoff {name} must be > 0, got {getattr(self, name)}")
+        if self.concurrent_sessions < 1:
+            raise ValueError(f"handoff concurrent_sessions must be >= 1, got {self.concurrent_sessions}")
         if not 1 <= self.chunk_bytes <= 1 << 20:
             raise ValueError(f"handoff chunk_bytes must be in [1, 2^20], got {self.chunk_bytes}")
 
 
 def digest_of(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
+
+
+# ---- the span inputs a session keeps for a recompute handoff
+
+
+def kept_input(hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden` as a session keeps it for a recompute handoff: in the narrowest float dtype that
+    holds its values exactly (fp16 for what arrived as fp16 on the wire and was decoded to
+    fp32), so keeping costs the wire's bytes, not the compute dtype's."""
+    for dtype in (torch.float16, torch.bfloat16):
+        if hidden.dtype.itemsize > dtype.itemsize:
+            narrow = hidden.to(dtype)
+            if torch.equal(narrow.to(hidden.dtype), hidden):
+                return narrow
+    return hidden
+
+
+def session_inputs(session) -> torch.Tensor | None:
+    """The session's kept span inputs as one [batch, position, hidden] tensor, or None when it
+    kept none or they do not add up to its position (then its cache travels instead)."""
+    kept = session.inputs
+    if not kept or sum(t.shape[1] for t in kept) != session.position:
+        return None
+    return joined(kept)
+
+
+def joined(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Kept inputs as one tensor along the tokens, in their common dtype (fp32 where they
+    differ: it holds fp16 and bf16 values exactly)."""
+    dtypes = {t.dtype for t in inputs}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return torch.cat([t.to(dtype) for t in inputs], dim=1)
 
 
 # ---- the cache itself
@@ -140,6 +186,7 @@ class HandoffState:
 
     def __init__(self) -> None:
         self.frozen = False
+        self.frozen_s = 0.0  # how long the sender kept it frozen before it moved
         self.idle = asyncio.Event()
         self.idle.set()
         self.result: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -199,66 +246,171 @@ class HandoffReport:
     failed: dict[str, str] = field(default_factory=dict)  # session id -> why it stays (client replays)
     payload_bytes: int = 0  # compressed bytes sent, all sessions
     fp16_bytes: int = 0  # what the same caches take in fp16
+    kinds: dict[str, int] = field(default_factory=dict)  # "recompute" / "lossless" / "lossy" -> sessions
     seconds: float = 0.0
+    frozen_s: float = 0.0  # longest a session was frozen (its client waiting on this node), seconds
+
+
+async def _hand_off_one(server, session, state: HandoffState, replicas, stub, config: HandoffConfig,
+                        report: HandoffReport) -> None:
+    """Move one session (see hand_off_sessions), recording the outcome in `report`."""
+    moved, sent, kind, errors = None, 0, "", []
+    try:
+        if config.recompute:
+            moved, sent = await _pre_copy(server, session, state, replicas, stub, config, errors)
+            kind = "recompute"
+        if moved is None:
+            state.frozen = True
+            frozen_at = time.perf_counter()
+            await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
+            blob, kind = await session_payload(server, session, config)
+            moved = await _send_to_first(server, session, blob, replicas, stub, config, errors)
+            sent = len(blob)
+            report.frozen_s = max(report.frozen_s, time.perf_counter() - frozen_at)
+        else:
+            report.frozen_s = max(report.frozen_s, state.frozen_s)
+        if moved is None:
+            report.failed[session.session_id] = "; ".join(errors) or "no replica of these blocks"
+        else:
+            report.moved[session.session_id] = moved[0]
+            report.payload_bytes += sent
+            # the cache as it is, in fp16 (for sliding-window layers: their window)
+            cache = session.cache  # None if the client closed it meanwhile
+            report.fp16_bytes += cache.nbytes // server.span.dtype.itemsize * 2 if cache is not None else 0
+            report.kinds[kind] = report.kinds.get(kind, 0) + 1
+    except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
+        report.failed[session.session_id] = str(e)
+    except Exception as e:  # a leaving node must leave: this session's client replays
+        logger.exception("handing off session %s failed unexpectedly", session.session_id)
+        report.failed[session.session_id] = f"{type(e).__name__}: {e}"
+    finally:
+        state.result.set_result(moved)
+        if moved is None:
+            state.frozen = False
 
 
 async def hand_off_sessions(server, replicas: list[tuple[str, str]], stub, config: HandoffConfig) -> HandoffReport:
     """Move every open session of `server` (a SpanServer) that allows it to one of `replicas`.
     `stub(address)` gives a Node stub. Never raises for a session: a failure is reported and
-    that session's client replays."""
-    from pollinate.protocol.v1 import common_pb2, node_pb2
+    that session's client replays.
 
+    A session that kept its span inputs (`config.recompute`) is pre-copied: its history goes
+    to the replica while it keeps running here (the replica's prefill takes as long as a
+    replay's), then it is frozen and only the inputs of the steps it ran meanwhile follow, so
+    its client waits for a step or two of work, not for the whole prefill. Any other session
+    is frozen first and its cache (or inputs) sent whole."""
     report = HandoffReport()
     t0 = time.perf_counter()
-    for session in server.sessions.all():
-        state: HandoffState | None = getattr(session, "handoff", None)
-        if state is None or session.cache is None or state.result.done():
-            continue
-        state.frozen = True
-        moved = None
-        try:
-            await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
-            layers = await server.run_torch(cache_layers, session.cache)
-            blob = await asyncio.to_thread(encode_kv, layers, config.codec)
-            header = node_pb2.HandOffHeader(
-                session_id=session.session_id, blocks=common_pb2.Span(start=server.start, end=server.end),
-                max_length=session.max_length, batch_size=session.batch_size, position=session.position,
-                resume_digest=session.resume_digest, job=session.job, payload_bytes=len(blob))
-            errors = []
-            for address, peer_id in replicas:
-                try:
-                    await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
-                                           config.send_timeout_s)
-                except (PollinateError, asyncio.TimeoutError, OSError) as e:
-                    errors.append(f"{address}: {e}")
-                    continue
-                moved = (address, peer_id)
-                break
-            if moved is None:
-                report.failed[session.session_id] = "; ".join(errors) or "no replica of these blocks"
-            else:
-                report.moved[session.session_id] = moved[0]
-                report.payload_bytes += len(blob)
-                report.fp16_bytes += fp16_bytes(layers)
-        except (PollinateError, CompressionError, asyncio.TimeoutError) as e:
-            report.failed[session.session_id] = str(e)
-        except Exception as e:  # a leaving node must leave: this session's client replays
-            logger.exception("handing off session %s failed unexpectedly", session.session_id)
-            report.failed[session.session_id] = f"{type(e).__name__}: {e}"
-        finally:
-            state.result.set_result(moved)
-            if moved is None:
-                state.frozen = False
+    # sessions go concurrently (up to config.concurrent_sessions): with recompute, a replica
+    # packs their prefills into shared passes, and the leaving node waits for the slowest,
+    # not for their sum
+    limit = asyncio.Semaphore(config.concurrent_sessions)
+
+    async def one(session, state: HandoffState) -> None:
+        async with limit:
+            await _hand_off_one(server, session, state, replicas, stub, config, report)
+
+    await asyncio.gather(*(one(s, s.handoff) for s in server.sessions.all()
+                           if getattr(s, "handoff", None) is not None and s.cache is not None
+                           and not s.handoff.result.done()))
     report.seconds = time.perf_counter() - t0
     for sid, address in report.moved.items():
         logger.info("session %s handed off to %s", sid, address)
     for sid, why in report.failed.items():
         logger.warning("session %s not handed off (its client replays): %s", sid, why)
     if report.moved:
-        logger.info("handed off %d session(s) of blocks %d:%d in %.2f s, %d bytes (%.3f of fp16), codec %s",
-                    len(report.moved), server.start, server.end, report.seconds, report.payload_bytes,
-                    report.payload_bytes / max(report.fp16_bytes, 1), config.codec.mode)
+        logger.info("handed off %d session(s) of blocks %d:%d in %.2f s, %d bytes (%.3f of fp16), codec %s, "
+                    "frozen %.3f s at most", len(report.moved), server.start, server.end, report.seconds,
+                    report.payload_bytes, report.payload_bytes / max(report.fp16_bytes, 1),
+                    "+".join(sorted(report.kinds)), report.frozen_s)
     return report
+
+
+async def session_payload(server, session, config: HandoffConfig) -> tuple[bytes, str]:
+    """(frame, kind) for a frozen session: its span inputs when it kept them and `recompute`
+    is on, else its cache through `config.codec`."""
+    if config.recompute:
+        inputs = session_inputs(session)
+        if inputs is not None:
+            return await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level), "recompute"
+    layers = await server.run_torch(cache_layers, session.cache)
+    return await asyncio.to_thread(encode_kv, layers, config.codec), config.codec.mode
+
+
+def _header(server, session, *, position: int, payload_bytes: int, from_position: int = 0):
+    from pollinate.protocol.v1 import common_pb2, node_pb2
+
+    return node_pb2.HandOffHeader(
+        session_id=session.session_id, blocks=common_pb2.Span(start=server.start, end=server.end),
+        max_length=session.max_length, batch_size=session.batch_size, position=position,
+        resume_digest=session.resume_digest, job=session.job, payload_bytes=payload_bytes,
+        from_position=from_position)
+
+
+async def _send_to_first(server, session, blob: bytes, replicas, stub, config: HandoffConfig,
+                         errors: list[str]) -> tuple[str, str] | None:
+    """Send the frozen `session`'s whole frame to the first replica that takes it."""
+    header = _header(server, session, position=session.position, payload_bytes=len(blob))
+    for address, peer_id in replicas:
+        try:
+            await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
+                                   config.send_timeout_s)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"{address}: {e}")
+            continue
+        return address, peer_id
+    return None
+
+
+async def _pre_copy(server, session, state: HandoffState, replicas, stub, config: HandoffConfig,
+                    errors: list[str]) -> tuple[tuple[str, str] | None, int]:
+    """Recompute handoff with the session running: ((address, peer id), bytes sent) once the
+    replica holds it at its current position and the session is frozen; (None, 0) when it kept
+    no inputs or no replica took them (the caller then freezes it and sends it whole)."""
+    kept = len(session.inputs or ())
+    first = session.position  # read with `kept` between two awaits: they agree
+    inputs = session_inputs(session)
+    if inputs is None:
+        return None, 0
+    try:
+        blob = await asyncio.to_thread(encode_inputs, inputs, zstd_level=config.codec.zstd_level)
+    except CompressionError as e:
+        errors.append(f"span inputs: {e}")
+        return None, 0
+    header = _header(server, session, position=first, payload_bytes=len(blob))
+    for address, peer_id in replicas:
+        try:
+            await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
+                                   config.send_timeout_s)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"{address}: {e}")
+            continue
+        break
+    else:
+        return None, 0
+    # the replica holds the history: freeze, and send what the session computed meanwhile
+    state.frozen = True
+    frozen_at = time.perf_counter()
+    await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
+    sent = len(blob)
+    if session.position > first:
+        rest = session.inputs[kept:]
+        if sum(t.shape[1] for t in rest) != session.position - first:
+            errors.append(f"{address}: the inputs kept since position {first} do not add up")
+            return None, 0
+        delta = await asyncio.to_thread(encode_inputs, joined(rest), zstd_level=config.codec.zstd_level)
+        header = _header(server, session, position=session.position, payload_bytes=len(delta), from_position=first)
+        try:
+            await asyncio.wait_for(_send(stub(address), header, delta, config.chunk_bytes, address),
+                                   config.send_timeout_s)
+        except (PollinateError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"{address} (the steps after position {first}): {e}")
+            return None, 0
+        sent += len(delta)
+    state.frozen_s = time.perf_counter() - frozen_at
+    logger.info("session %s pre-copied to %s at position %d, then %d more token(s) while frozen %.3f s",
+                session.session_id, address, first, session.position - first, state.frozen_s)
+    return (address, peer_id), sent
 
 
 async def _send(stub, header, blob: bytes, chunk: int, address: str):
@@ -271,98 +423,3 @@ async def _send(stub, header, blob: bytes, chunk: int, address: str):
 
     with translate_rpc_errors(peer=address):
         return await stub.HandOff(requests())
-
-
-# ---- receiving
-
-
-class HandoffInbox:
-    """Sessions handed to this node, waiting for their clients."""
-
-    def __init__(self, config: HandoffConfig) -> None:
-        self.config = config
-        self._waiting: dict[str, tuple[bytes, str]] = {}  # session id -> (resume digest, job)
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-
-    def __len__(self) -> int:
-        return len(self._waiting)
-
-    def check_header(self, server, header) -> int:
-        """Validate a HandOff header against `server`; returns the most payload bytes to accept."""
-        server.check_blocks(header.blocks.start, header.blocks.end)
-        sid = header.session_id
-        if not sid or len(sid) > 128 or not sid.isprintable():
-            raise InvalidRequest("handoff: session_id must be 1-128 printable characters")
-        if len(header.resume_digest) != DIGEST_BYTES:
-            raise InvalidRequest(f"handoff of {sid}: resume_digest must be {DIGEST_BYTES} bytes (SHA-256)")
-        limit = min(server.span.config.max_position_embeddings, server.sessions.config.max_session_tokens)
-        if not 0 < header.max_length <= limit:
-            raise InvalidRequest(f"handoff of {sid}: max_length {header.max_length} outside [1, {limit}]")
-        if not 0 < header.position <= header.max_length:
-            raise InvalidRequest(f"handoff of {sid}: position {header.position} outside [1, {header.max_length}]")
-        if not 0 < header.batch_size <= server.sessions.config.budget_tokens // header.max_length:
-            raise InvalidRequest(f"handoff of {sid}: batch size {header.batch_size} does not fit this node's budget")
-        need = header.max_length * header.batch_size
-        if need > server.sessions.tokens_left:  # before its bytes are read (receive() reserves them)
-            raise ResourceExhausted(f"handoff of {sid} needs {need} cache tokens, this node has "
-                                    f"{server.sessions.tokens_left} left")
-        # fp32 at most (a frame carries fp32, fp16 or bf16 whatever this span computes in)
-        raw = self.max_elements(server, header) * 4
-        # zstd never expands by more than a few bytes per 128 KiB block; the frame header is
-        # 12 + 32 bytes per layer
-        bound = raw + raw // 1024 + 64 * server.span.num_blocks + 4096
-        if not 0 < header.payload_bytes <= bound:
-            raise InvalidRequest(f"handoff of {sid}: {header.payload_bytes} payload bytes, at most {bound} "
-                                 f"for {header.position} tokens of blocks {server.start}:{server.end}")
-        return header.payload_bytes
-
-    @staticmethod
-    def max_elements(server, header) -> int:
-        b, h, s, d = expected_shape(server.span, header.batch_size, header.position)
-        return 2 * server.span.num_blocks * b * h * s * d
-
-    async def receive(self, server, header, payload: bytes, *, peer: str = "") -> None:
-        """Decode, check and hold the session (its cache counted against the sending peer's
-        share, node/sessions.py); raises (changing nothing) when anything is wrong."""
-        sid = header.session_id
-        try:
-            decoded = await asyncio.to_thread(decode_kv, payload, max_elements=self.max_elements(server, header))
-        except CompressionError as e:
-            raise InvalidRequest(f"handoff of {sid}: {e}") from e
-        session = server.open_session(sid, max_length=header.max_length, batch_size=header.batch_size, peer=peer)
-        try:
-            session.cache = await server.run_torch(
-                lambda: restore_cache(server.span, decoded.layers, batch_size=header.batch_size,
-                                      max_length=header.max_length, position=header.position))
-        except BaseException:
-            server.close_session(sid)
-            raise
-        session.position = header.position
-        session.resume_digest = bytes(header.resume_digest)
-        session.job = header.job
-        self._waiting[sid] = (session.resume_digest, header.job)
-        self._timers[sid] = asyncio.get_running_loop().call_later(self.config.hold_s, self._expire, server, sid)
-        logger.info("session %s handed to this node at position %d (%s codec, %d bytes), held %.0f s",
-                    sid, header.position, decoded.mode, len(payload), self.config.hold_s)
-
-    def _expire(self, server, sid: str) -> None:
-        if self._waiting.pop(sid, None) is not None:
-            self._timers.pop(sid, None)
-            logger.info("handed-off session %s was not resumed within %.0f s: closed", sid, self.config.hold_s)
-            server.close_session(sid)
-
-    def claim(self, server, session_id: str, secret: bytes, job: str):
-        """The held session `session_id` for the client that proves it owns it."""
-        waiting = self._waiting.get(session_id)
-        if waiting is None:
-            raise NotFound(f"no handed-off session {session_id} waits here")
-        digest, held_job = waiting
-        if not 0 < len(secret) <= SECRET_MAX_BYTES or not hmac.compare_digest(digest_of(secret), digest):
-            raise Unauthenticated(f"session {session_id}: the resume secret does not match")
-        if job != held_job:
-            raise InvalidRequest(f"session {session_id} was handed off with job {held_job!r}, not {job!r}")
-        del self._waiting[session_id]
-        self._timers.pop(session_id).cancel()
-        session = server.sessions.get(session_id)
-        logger.info("session %s resumed at position %d", session_id, session.position)
-        return session

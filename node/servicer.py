@@ -14,7 +14,8 @@ import grpc.aio
 import torch
 
 from pollinate import __version__
-from pollinate.node.handoff import DIGEST_BYTES, HandoffConfig, HandoffInbox, HandoffState
+from pollinate.node.handoff import DIGEST_BYTES, HandoffConfig, HandoffState
+from pollinate.node.handoff_inbox import HandoffInbox
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
@@ -156,7 +157,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                             server.close_session(session.session_id)
                             raise InvalidRequest(f"session {opened.session_id}: max_length {opened.max_length} "
                                                  f"differs from the handed-off session's {session.max_length}")
-                        self._allow_handoff(session, opened)
+                        self._allow_handoff(session, opened, resumed=True)
                 elif req.HasField("open"):
                     raise InvalidRequest(f"session {opened.session_id}: `open` sent twice")
                 if not req.HasField("tensor"):
@@ -194,14 +195,15 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
             if session is not None:
                 server.close_session(session.session_id)
 
-    @staticmethod
-    def _allow_handoff(session, opened) -> None:
+    def _allow_handoff(self, session, opened, *, resumed: bool = False) -> None:
         if opened.resume_digest:
             session.resume_digest, session.job = bytes(opened.resume_digest), opened.job
             session.handoff = HandoffState()
+            if not resumed and self.handoffs.config.recompute:  # a resumed one kept its own (or none)
+                session.inputs = []
 
     async def HandOff(self, request_iterator, context):
-        """A replica hands over a session (node/handoff.py): read at most the bytes the header
+        """A replica hands over a session (node/handoff_inbox.py): read at most the bytes the header
         announces, which the header's checks bound; decode, check and hold it."""
         if not self.serving:
             raise FailedPrecondition("HandOff: this node is leaving")
@@ -223,7 +225,12 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
         if len(data) != expected:
             raise InvalidRequest(f"HandOff of {header.session_id}: header announced {expected} bytes, "
                                  f"{'more' if len(data) > expected else len(data)} arrived")
-        await self.handoffs.receive(server, header, bytes(data), peer=peer_host(context.peer() or ""))
+        # the job's adapter must be here: a recompute runs the inputs through it, and the
+        # client's resume names the job
+        scope = self.jobs.scope(self.jobs.existing(header.job, what=f"handoff of {header.session_id}")) \
+            if header.job else None
+        await self.handoffs.receive(server, header, bytes(data), scope=scope,
+                                     peer=peer_host(context.peer() or ""))
         return node_pb2.HandOffReply(position=header.position, hold_s=self.handoffs.config.hold_s)
 
 

@@ -72,6 +72,10 @@ class Session:
     resume_digest: bytes = b""
     job: str = ""
     handoff: Any = None
+    # The span inputs of every step so far, as received (node/handoff.py kept_input), for a
+    # recompute handoff; None: not kept (the client allows no handoff, or the node sends
+    # caches). At most position x batch tokens: the session's reservation bounds them too.
+    inputs: list | None = None
 
     @property
     def reserved_tokens(self) -> int:

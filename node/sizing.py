@@ -8,7 +8,9 @@ Each block costs
   + training     LoRA parameters x 16 bytes (fp32 weight, grad, two AdamW moments)
                  + activations autograd keeps for one micro-batch of training_tokens
 
-and a fixed headroom is kept back from the free memory first (allocator fragmentation,
+plus, once per span, the span inputs a recompute handoff keeps (node/handoff.py: each
+session's incoming hidden states, kv_cache_tokens x hidden_size x 4 bytes at most), and a
+fixed headroom is kept back from the free memory first (allocator fragmentation,
 transient buffers of the attention kernel, codec buffers). Embeddings, the final norm and
 the LM head run on the client, so a node pays for decoder blocks only.
 
@@ -157,6 +159,10 @@ class SizingConfig:
     headroom_bytes: int = 512 * MiB
     # Fraction of free memory also kept back, because fragmentation grows with the span.
     headroom_fraction: float = 0.05
+    # Count the span inputs sessions keep for a recompute handoff (--handoff recompute, the
+    # default): kv_cache_tokens x hidden_size x 4 bytes (fp32, the widest a wire sends) for
+    # the whole span, not per block. SmolLM2, 8192 tokens: 18 MiB.
+    session_inputs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_tokens", "training_tokens", "lora_rank", "headroom_bytes"):
@@ -178,8 +184,9 @@ class SpanSizing:
     kv_bytes_per_block: int
     training_bytes_per_block: int
     bytes_per_block: int  # the sum of the three above
+    inputs_bytes: int  # once per span: span inputs kept for recompute handoffs
     model_blocks: int  # blocks in the whole model
-    blocks_that_fit: int  # min(model_blocks, usable // bytes_per_block)
+    blocks_that_fit: int  # min(model_blocks, (usable - inputs_bytes) // bytes_per_block)
 
     def explain(self) -> str:
         """One log line a volunteer can check by hand."""
@@ -187,13 +194,13 @@ class SpanSizing:
             f"{_gib(self.free_bytes)} free - {_gib(self.headroom_bytes)} headroom = {_gib(self.usable_bytes)} usable; "
             f"per block at {self.dtype}: {_mib(self.weight_bytes_per_block)} weights + "
             f"{_mib(self.kv_bytes_per_block)} KV cache + {_mib(self.training_bytes_per_block)} training = "
-            f"{_mib(self.bytes_per_block)}; {self.usable_bytes} // {self.bytes_per_block} = "
-            f"{self.usable_bytes // self.bytes_per_block} blocks, "
+            f"{_mib(self.bytes_per_block)}; ({self.usable_bytes} - {self.inputs_bytes} session inputs) // "
+            f"{self.bytes_per_block} = {max(0, self.usable_bytes - self.inputs_bytes) // self.bytes_per_block} blocks, "
             f"{self.blocks_that_fit} of the model's {self.model_blocks} hosted"
         )
 
     def bytes_for(self, num_blocks: int) -> int:
-        return num_blocks * self.bytes_per_block
+        return num_blocks * self.bytes_per_block + self.inputs_bytes
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -214,6 +221,7 @@ def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: Si
         adapters = shape.lora_params_per_block(config.lora_rank) * ADAPTER_BYTES_PER_PARAM
         training = adapters + config.training_tokens * _activation_elems_per_token(shape) * elem
     per_block = weights + kv + training
+    inputs = config.kv_cache_tokens * shape.hidden_size * 4 if config.session_inputs else 0
     headroom = config.headroom_bytes + int(config.headroom_fraction * free_bytes)
     usable = max(0, free_bytes - headroom)
     return SpanSizing(
@@ -225,8 +233,9 @@ def plan_span(free_bytes: int, shape: BlockShape, dtype: torch.dtype, config: Si
         kv_bytes_per_block=kv,
         training_bytes_per_block=training,
         bytes_per_block=per_block,
+        inputs_bytes=inputs,
         model_blocks=shape.num_blocks,
-        blocks_that_fit=min(shape.num_blocks, usable // per_block),
+        blocks_that_fit=min(shape.num_blocks, max(0, usable - inputs) // per_block),
     )
 
 
@@ -239,10 +248,10 @@ def require_fit(sizing: SpanSizing, num_blocks: int) -> None:
         raise SpanDoesNotFit(
             f"{num_blocks} blocks need {_gib(need)} ({num_blocks} x {_mib(sizing.bytes_per_block)} per block at "
             f"{sizing.dtype}: {_mib(sizing.weight_bytes_per_block)} weights + {_mib(sizing.kv_bytes_per_block)} KV cache + "
-            f"{_mib(sizing.training_bytes_per_block)} training) but only {_gib(sizing.usable_bytes)} is usable "
-            f"({_gib(sizing.free_bytes)} free - {_gib(sizing.headroom_bytes)} headroom); at most "
-            f"{sizing.usable_bytes // sizing.bytes_per_block} blocks fit. Ask for fewer blocks, a smaller "
-            "--dtype, or fewer KV-cache tokens"
+            f"{_mib(sizing.training_bytes_per_block)} training, + {_mib(sizing.inputs_bytes)} session inputs) but "
+            f"only {_gib(sizing.usable_bytes)} is usable ({_gib(sizing.free_bytes)} free - "
+            f"{_gib(sizing.headroom_bytes)} headroom); at most {sizing.blocks_that_fit} blocks fit. Ask for fewer "
+            "blocks, a smaller --dtype, or fewer KV-cache tokens"
         )
 
 

@@ -18,6 +18,7 @@ import torch
 
 from pollinate.node.batching import TorchWorker
 from pollinate.node.config import ServingConfig
+from pollinate.node.handoff import kept_input
 from pollinate.node.packed_forward import PackedStep, forward_packed, packable
 from pollinate.node.sessions import Session, SessionConfig, SessionManager
 from pollinate.node.span import SpanError
@@ -141,6 +142,8 @@ class SpanServer:
         out = await self.worker.step((session, hidden, position, scope), tokens=hidden.shape[1], packable=not alone)
         session.position = position + hidden.shape[1]
         session.last_used = time.monotonic()
+        if session.inputs is not None:  # kept for a recompute handoff (node/handoff.py)
+            session.inputs.append(kept_input(hidden.to(self.compute_dtype)))  # the values the span used
         return out
 
     def _step_sync(self, session: Session, hidden: torch.Tensor, position: int, scope=None) -> torch.Tensor:

@@ -243,7 +243,7 @@ class JobSpec(_message.Message):
     def __init__(self, method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., micro_batches: _Optional[int] = ..., seed: _Optional[int] = ..., round_steps: _Optional[int] = ..., feedforward_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., codec: _Optional[str] = ..., codec_p: _Optional[float] = ..., codec_k: _Optional[float] = ..., codec_bits: _Optional[int] = ..., codec_bucket: _Optional[int] = ..., warmup_rounds: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., overlap_rounds: _Optional[bool] = ..., keep_last: _Optional[int] = ..., keep_log_spaced: _Optional[bool] = ..., keep_every: _Optional[int] = ..., keep_max_bytes: _Optional[int] = ...) -> None: ...
 
 class HandOffHeader(_message.Message):
-    __slots__ = ("session_id", "blocks", "max_length", "batch_size", "position", "resume_digest", "job", "payload_bytes")
+    __slots__ = ("session_id", "blocks", "max_length", "batch_size", "position", "resume_digest", "job", "payload_bytes", "from_position")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class HandOffHeader(_message.Message):
     RESUME_DIGEST_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     blocks: _common_pb2.Span
     max_length: int
@@ -260,7 +261,8 @@ class HandOffHeader(_message.Message):
     resume_digest: bytes
     job: str
     payload_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., position: _Optional[int] = ..., resume_digest: _Optional[bytes] = ..., job: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    from_position: int
+    def __init__(self, session_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., position: _Optional[int] = ..., resume_digest: _Optional[bytes] = ..., job: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., from_position: _Optional[int] = ...) -> None: ...
 
 class HandOffRequest(_message.Message):
     __slots__ = ("header", "data")

@@ -58,7 +58,7 @@ def sigterm_in_use(swarm, name: str, *client_args, node_args=()) -> tuple[dict, 
 
 
 def test_sigterm_hands_the_session_off_and_it_continues_with_the_same_tokens(swarm, tiny_reference_model):
-    result, victim = sigterm_in_use(swarm, "V1")
+    result, victim = sigterm_in_use(swarm, "V1", node_args=["--handoff", "lossless"])
     assert result["tokens"] == local_generate(tiny_reference_model, PROMPT)
     assert (result["handoffs"], result["failovers"]) == (1, 0)  # resumed there, nothing replayed
     assert result["route"][1] == [swarm["B"].info["address"], 1, 3]
@@ -66,6 +66,20 @@ def test_sigterm_hands_the_session_off_and_it_continues_with_the_same_tokens(swa
     # (the 5th token's own step comes after the pause)
     assert f"handed to this node at position {len(PROMPT) + 4} (lossless codec" in swarm["B"].log_path.read_text()
     assert "handed off 1 session(s) of blocks 1:3" in victim.log_path.read_text()
+
+
+def test_recompute_handoff_continues_the_session_with_the_local_models_tokens(swarm, tiny_reference_model):
+    """The default: the victim sends the session's span inputs (fp32 on this wire) while the
+    client is paused; the replica prefills them and the client continues there."""
+    result, victim = sigterm_in_use(swarm, "V5")
+    assert result["tokens"] == local_generate(tiny_reference_model, PROMPT)
+    assert (result["handoffs"], result["failovers"]) == (1, 0)
+    assert result["route"][1] == [swarm["B"].info["address"], 1, 3]
+    assert f"handed to this node at position {len(PROMPT) + 4} (recompute codec" in swarm["B"].log_path.read_text()
+    log = victim.log_path.read_text()
+    assert "codec recompute, frozen" in log
+    # the client was paused: nothing ran between the history and the freeze
+    assert f"pre-copied to {swarm['B'].info['address']} at position {len(PROMPT) + 4}, then 0 more" in log
 
 
 def test_lossy_handoff_continues_the_session(swarm, tiny_reference_model):

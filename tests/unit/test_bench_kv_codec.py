@@ -1,5 +1,5 @@
 """benchmarks/bench_kv_codec.py --quick on real SmolLM2 caches: the documented rows, and the
-lossless handoff continuing exactly (slow: loads SmolLM2's 30 blocks)."""
+lossless and recompute handoffs continuing exactly (slow: loads SmolLM2's 30 blocks)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ def test_quick_benchmark_rows(smollm2_files, smollm2_cache_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     settings = {(r["mode"], r["bits"]): r for r in rows if "mode" in r}
-    assert set(settings) == {("lossless", None), ("lossy", 8), ("lossy", 6), ("lossy", 4)}
+    assert set(settings) == {("recompute", None), ("lossless", None), ("lossy", 8), ("lossy", 6), ("lossy", 4)}
+    # recompute: the cache rebuilt by one prefill of the span's inputs equals the one built
+    # step by step to the last bits, and the next tokens are the same
+    recompute = settings[("recompute", None)]
+    assert 0 <= recompute["rel_error_keys"] < 1e-5 and 0 <= recompute["rel_error_values"] < 1e-5
+    assert recompute["prompts_identical"] == "2/2"
+    # the whole model's span inputs are its embeddings: 576 values a token against 30 x 384
+    assert recompute["kv_ratio_vs_fp16"] < 0.1
     lossless = settings[("lossless", None)]
     assert lossless["rel_error_keys"] == lossless["rel_error_values"] == lossless["max_abs_error"] == 0
     assert lossless["prompts_identical"] == "2/2" and lossless["token_agreement"] == 1.0

@@ -1,5 +1,7 @@
 """The receiving side of a session handoff (node/handoff.py) on a tiny span, in process:
-a handed-off cache continues exactly like the original; what a stranger sends is checked."""
+a handed-off cache continues exactly like the original; a recompute handoff (span inputs,
+prefilled on arrival) continues exactly like a replay, sliding-window spans included; what
+a stranger sends is checked."""
 
 import asyncio
 import os
@@ -9,7 +11,8 @@ import torch
 
 from pollinate.compression.kv_codec import KVCodecConfig, encode_kv
 from pollinate.node.config import ServingConfig
-from pollinate.node.handoff import HandoffConfig, HandoffInbox, cache_layers, digest_of
+from pollinate.node.handoff import HandoffConfig, cache_layers, digest_of, session_payload
+from pollinate.node.handoff_inbox import HandoffInbox
 from pollinate.node.sessions import SessionConfig
 from pollinate.node.span_server import SpanServer
 from pollinate.protocol.errors import (
@@ -25,11 +28,14 @@ from pollinate.protocol.errors import (
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 
+def span_server(span, num_blocks: int = 4) -> SpanServer:
+    return SpanServer(span, model_id="tiny", num_blocks=num_blocks, hidden_size=span.hidden_size,
+                      serving=ServingConfig(), sessions=SessionConfig(budget_tokens=64))
+
+
 @pytest.fixture
 def server(tiny_model_files):
-    span = tiny_model_files.load_span(1, 3)
-    s = SpanServer(span, model_id="tiny", num_blocks=4, hidden_size=span.hidden_size, serving=ServingConfig(),
-                   sessions=SessionConfig(budget_tokens=64))
+    s = span_server(tiny_model_files.load_span(1, 3))
     yield s
     s.worker.stop()
 
@@ -120,7 +126,7 @@ async def test_bad_handoffs_are_refused_and_change_nothing(server):
     one_layer = encode_kv(cache_layers(cache)[:1])
     with pytest.raises(InvalidRequest, match="1 layers"):
         await inbox.receive(server, header(server, cache, secret, one_layer), one_layer)
-    with pytest.raises(InvalidRequest, match="not a KV-cache frame"):
+    with pytest.raises(InvalidRequest, match="not a handoff frame"):
         await inbox.receive(server, header(server, cache, secret, b"junk" * 10), b"junk" * 10)
     assert len(server.sessions) == 0 and len(inbox) == 0
     # the budget is reserved like a new session's: a full node refuses, from the header already
@@ -211,3 +217,191 @@ async def test_with_no_replica_taking_it_the_session_stays_and_steps_on(server):
     assert session.handoff.result.result() is None and not session.handoff.frozen
     await session.handoff.before_step("s-3")  # returns: the step may run here as before
     await server.step(session, x[:, 3:], 3)
+
+
+def wire_inputs(server, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Span inputs as a node decodes them from an fp16 wire: fp32 holding fp16 values."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, server.hidden_size, generator=g).half().float()
+
+
+async def recompute_continues_like_a_replay(server) -> None:
+    """A session of a 9-token prefill and 3 decode steps keeps its inputs, hands off by recompute
+    to a second session id, and its next step there equals a replay's bit for bit."""
+    x = wire_inputs(server, 13)
+    session = server.open_session("s-1", max_length=32, batch_size=1)
+    session.inputs = []  # what the servicer does for a client that allows handoff
+    for at, n in ((0, 9), (9, 1), (10, 1), (11, 1)):
+        await server.step(session, x[:, at:at + n], at)
+    assert [t.dtype for t in session.inputs] == [torch.float16] * 4  # kept at the wire's width
+    frame, kind = await session_payload(server, session, HandoffConfig())
+    assert kind == "recompute"
+    assert len(frame) < 12 * server.hidden_size * 2 + 64  # the fp16 inputs, not the cache
+    original = await server.step(session, x[:, 12:], 12)
+    server.close_session("s-1")
+
+    inbox, secret = HandoffInbox(HandoffConfig()), os.urandom(32)
+    h = node_pb2.HandOffHeader(session_id="s-2", blocks=common_pb2.Span(start=server.start, end=server.end),
+                               max_length=32, batch_size=1, position=12, resume_digest=digest_of(secret),
+                               payload_bytes=len(frame))
+    assert inbox.check_header(server, h) == len(frame)
+    await inbox.receive(server, h, frame)
+    moved = inbox.claim(server, "s-2", secret, "")
+    assert moved.position == 12 and sum(t.shape[1] for t in moved.inputs) == 12  # it can move again
+    got = await server.step(moved, x[:, 12:], 12)
+    server.close_session("s-2")
+
+    replay = server.open_session("r", max_length=32, batch_size=1)
+    await server.step(replay, x[:, :12], 0)
+    want = await server.step(replay, x[:, 12:], 12)
+    server.close_session("r")
+    assert torch.equal(got, want)
+    # and what the session would have given on the node it left, to the last bits of one
+    # prefill against several steps
+    assert (got - original).abs().max() <= 1e-5 * original.abs().max()
+
+
+async def test_recompute_handoff_continues_exactly_like_a_replay(server):
+    await recompute_continues_like_a_replay(server)
+
+
+async def test_recompute_handoff_of_a_sliding_window_span(tmp_path):
+    """Gemma 2 alternates sliding-window (5 tokens) and global layers: its cache cannot travel,
+    its inputs can."""
+    from test_families import make_tiny
+
+    from pollinate.node.model_files import open_model
+
+    files = open_model(make_tiny("gemma2", tmp_path / "gemma2"), cache_dir=tmp_path / "cache", show_progress=False)
+    span = files.load_span(1, 3)
+    assert "sliding_attention" in span.layer_types
+    s = span_server(span)
+    try:
+        await recompute_continues_like_a_replay(s)
+    finally:
+        s.worker.stop()
+
+
+async def test_a_recompute_frame_for_another_position_is_refused(server):
+    from pollinate.compression.kv_codec import encode_inputs
+
+    frame = encode_inputs(wire_inputs(server, 5))
+    h = node_pb2.HandOffHeader(session_id="s-3", blocks=common_pb2.Span(start=1, end=3), max_length=32,
+                               batch_size=1, position=6, resume_digest=digest_of(b"s" * 32), payload_bytes=len(frame))
+    with pytest.raises(InvalidRequest, match=r"span inputs \[1, 5, 64\], want \[1, 6, 64\]"):
+        await HandoffInbox(HandoffConfig()).receive(server, h, frame)
+    assert len(server.sessions) == 0
+
+
+async def test_pre_copy_sends_the_history_then_only_the_steps_run_meanwhile(tiny_model_files):
+    """hand_off_sessions with --handoff recompute, sender and receiver in process: the history
+    goes while the session still runs (a step arrives during the replica's prefill), then the
+    session is frozen and only that step's inputs follow; it resumes at its final position and
+    continues like a replay."""
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    sender, receiver = span_server(tiny_model_files.load_span(1, 3)), span_server(tiny_model_files.load_span(1, 3))
+    inbox, secret = HandoffInbox(HandoffConfig()), os.urandom(32)
+    x = wire_inputs(sender, 12)
+    session = sender.open_session("s-4", max_length=32, batch_size=1)
+    session.inputs, session.resume_digest, session.handoff = [], digest_of(secret), HandoffState()
+    for at, n in ((0, 9), (9, 1)):
+        await sender.step(session, x[:, at:at + n], at)
+    headers = []
+
+    class Stub:  # what the servicer's HandOff does, plus the client's step 10 during the first one
+        async def HandOff(self, requests):
+            reqs = list(requests)
+            header, data = reqs[0].header, b"".join(r.data for r in reqs)
+            headers.append((header.from_position, header.position))
+            assert inbox.check_header(receiver, header) == len(data)
+            await inbox.receive(receiver, header, data)
+            if len(headers) == 1:
+                with session.handoff.stepping():
+                    await sender.step(session, x[:, 10:11], 10)
+            return node_pb2.HandOffReply(position=header.position)
+
+    try:
+        report = await hand_off_sessions(sender, [("replica:1", "peer-r")], lambda address: Stub(), HandoffConfig())
+        assert report.moved == {"s-4": "replica:1"} and report.kinds == {"recompute": 1}
+        assert headers == [(0, 10), (10, 11)]  # the history, then the one step run meanwhile
+        assert session.handoff.result.result() == ("replica:1", "peer-r")
+        moved = inbox.claim(receiver, "s-4", secret, "")
+        assert moved.position == 11
+        got = await receiver.step(moved, x[:, 11:], 11)
+        replay = receiver.open_session("r", max_length=32, batch_size=1)
+        await receiver.step(replay, x[:, :10], 0)  # the same passes: 10 tokens, then 1, then 1
+        await receiver.step(replay, x[:, 10:11], 10)
+        assert torch.equal(got, await receiver.step(replay, x[:, 11:], 11))
+    finally:
+        sender.worker.stop()
+        receiver.worker.stop()
+
+
+async def test_a_follow_up_needs_the_held_session_at_its_position_and_a_bad_one_frees_it(server):
+    from pollinate.compression.kv_codec import encode_inputs
+
+    inbox, secret = HandoffInbox(HandoffConfig()), b"s" * 32
+    first = encode_inputs(wire_inputs(server, 6))
+    h = node_pb2.HandOffHeader(
+        session_id="s-5", blocks=common_pb2.Span(start=1, end=3), max_length=32, batch_size=1, position=6,
+        resume_digest=digest_of(secret), payload_bytes=len(first))
+    await inbox.receive(server, h, first)
+    more = encode_inputs(wire_inputs(server, 2, seed=1))
+
+    def follow(**over):
+        f = node_pb2.HandOffHeader()
+        f.CopyFrom(h)
+        f.from_position, f.position, f.payload_bytes = 6, 8, len(more)
+        for k, v in over.items():
+            setattr(f, k, v)
+        return f
+
+    with pytest.raises(NotFound, match="no such session"):  # another sender (digest) cannot append
+        inbox.check_header(server, follow(resume_digest=digest_of(b"x" * 32)))
+    with pytest.raises(FailedPrecondition, match="held here is at 6"):
+        inbox.check_header(server, follow(from_position=5, position=7))
+    with pytest.raises(InvalidRequest, match="payload bytes"):
+        inbox.check_header(server, follow(payload_bytes=1 << 20))
+    assert inbox.check_header(server, follow()) == len(more)
+    with pytest.raises(InvalidRequest, match=r"want \[1, 3, 64\]"):  # 2 tokens sent, 3 announced
+        await inbox.receive(server, follow(position=9), more)
+    assert len(server.sessions) == 0 and len(inbox) == 0  # the held session is freed: its client replays
+
+
+async def test_several_sessions_hand_off_together(tiny_model_files):
+    """Two sessions (one recompute, one that kept no inputs and goes as a lossless cache) are
+    handed off concurrently; both resume on the replica with a replay's outputs."""
+    from pollinate.node.handoff import HandoffState, hand_off_sessions
+
+    sender, receiver = span_server(tiny_model_files.load_span(1, 3)), span_server(tiny_model_files.load_span(1, 3))
+    inbox = HandoffInbox(HandoffConfig())
+    x = wire_inputs(sender, 8)
+    secrets = {}
+    for sid, keep in (("a", True), ("b", False)):
+        session = sender.open_session(sid, max_length=16, batch_size=1)
+        secrets[sid] = os.urandom(32)
+        session.inputs = [] if keep else None
+        session.resume_digest, session.handoff = digest_of(secrets[sid]), HandoffState()
+        await sender.step(session, x[:, :7], 0)
+
+    class Stub:
+        async def HandOff(self, requests):
+            reqs = list(requests)
+            header, data = reqs[0].header, b"".join(r.data for r in reqs)
+            inbox.check_header(receiver, header)
+            await inbox.receive(receiver, header, data)
+            return node_pb2.HandOffReply(position=header.position)
+
+    try:
+        report = await hand_off_sessions(sender, [("replica:1", "peer-r")], lambda address: Stub(), HandoffConfig())
+        assert set(report.moved) == {"a", "b"} and report.kinds == {"recompute": 1, "lossless": 1}
+        replay = receiver.open_session("r", max_length=16, batch_size=1)
+        await receiver.step(replay, x[:, :7], 0)
+        want = await receiver.step(replay, x[:, 7:], 7)
+        for sid in ("a", "b"):
+            moved = inbox.claim(receiver, sid, secrets[sid], "")
+            assert torch.equal(await receiver.step(moved, x[:, 7:], 7), want)
+    finally:
+        sender.worker.stop()
+        receiver.worker.stop()

@@ -7,7 +7,16 @@ import torch
 import zstandard
 
 from pollinate.compression.codec import CompressionError
-from pollinate.compression.kv_codec import KVCodecConfig, decode_kv, encode_kv, fp16_bytes, peek_kv
+from pollinate.compression.kv_codec import (
+    KVCodecConfig,
+    decode_inputs,
+    decode_kv,
+    encode_inputs,
+    encode_kv,
+    fp16_bytes,
+    frame_kind,
+    peek_kv,
+)
 
 
 def cache(layers=3, batch=1, heads=2, tokens=37, dim=8, dtype=torch.float32, seed=0):
@@ -131,3 +140,43 @@ def test_hostile_frames_get_a_clear_error_before_anything_large_is_allocated():
         decode_kv(lossy[:body_at] + zstandard.ZstdCompressor().compress(bytes(bad)), max_elements=n)
     with pytest.raises(CompressionError, match="expected bytes"):
         decode_kv("text", max_elements=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_span_inputs_round_trip_bit_for_bit(dtype):
+    x = torch.randn(2, 37, 24, generator=torch.Generator().manual_seed(1)).to(dtype)
+    frame = encode_inputs(x)
+    assert frame_kind(frame) == "inputs" and frame_kind(encode_kv(cache())) == "cache"
+    y = decode_inputs(frame, max_elements=x.numel())
+    assert y.dtype == dtype and torch.equal(y.view(torch.uint8), x.view(torch.uint8))
+    # the frame is the inputs' own bytes, zstd'd: never far above them
+    assert len(frame) <= x.numel() * x.element_size() * 1.01 + 64
+
+
+def test_hostile_span_inputs_frames_are_refused_before_decompressing():
+    x = torch.randn(1, 16, 8)
+    frame = encode_inputs(x)
+    with pytest.raises(CompressionError, match="claims 128 values, want 1..127"):
+        decode_inputs(frame, max_elements=127)
+    huge = frame[:5] + struct.pack("<3I", 1, 0xFFFFFFFF, 8) + frame[17:]
+    with pytest.raises(CompressionError, match="claims"):
+        decode_inputs(huge, max_elements=1 << 30)
+    bomb = frame[:17] + zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    with pytest.raises(CompressionError, match="declares 67108864 bytes"):
+        decode_inputs(bomb, max_elements=1 << 30)
+    nan = frame[:17] + zstandard.ZstdCompressor().compress(b"\xff" * (16 * 8 * 4))
+    with pytest.raises(CompressionError, match="NaN"):
+        decode_inputs(nan, max_elements=128)
+    for cut in (2, 6, 16, len(frame) - 3):
+        with pytest.raises(CompressionError):
+            decode_inputs(frame[:cut], max_elements=128)
+    with pytest.raises(CompressionError, match="dtype code"):
+        decode_inputs(frame[:4] + b"\x07" + frame[5:], max_elements=128)
+    with pytest.raises(CompressionError, match="version"):
+        decode_inputs(frame[:3] + b"\x02" + frame[4:], max_elements=128)
+    with pytest.raises(CompressionError, match="not a handoff frame"):
+        frame_kind(b"XYZ" + frame[3:])
+    with pytest.raises(CompressionError, match="3-d float"):
+        encode_inputs(torch.ones(4, 8))
+    with pytest.raises(CompressionError, match="NaN"):
+        encode_inputs(torch.full((1, 2, 3), float("nan")))

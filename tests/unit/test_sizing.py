@@ -205,3 +205,19 @@ def test_quant_auto_takes_int4_on_cuda_only_when_the_span_does_not_fit():
         assert quant == "none" and device in why
     assert choose_quant("int8", device_type="cuda", free_bytes=None, shape=LLAMA2_7B, dtype=torch.bfloat16,
                         wanted_blocks=32) == ("int8", "asked for")
+
+
+def test_recompute_handoff_inputs_are_counted_once_per_span():
+    cfg = SizingConfig(kv_cache_tokens=8192, training_tokens=0, headroom_bytes=0, headroom_fraction=0.0)
+    without = plan_span(GiB, SMOLLM2, torch.float32, dataclasses.replace(cfg, session_inputs=False))
+    with_inputs = plan_span(GiB, SMOLLM2, torch.float32, cfg)
+    # 8192 tokens x 576 hidden x 4 bytes (fp32, the widest wire) = 18 MiB, for the whole span
+    assert without.inputs_bytes == 0 and with_inputs.inputs_bytes == 18 * MiB
+    assert with_inputs.bytes_per_block == without.bytes_per_block
+    assert with_inputs.bytes_for(10) == without.bytes_for(10) + 18 * MiB
+    assert with_inputs.blocks_that_fit == min(30, (GiB - 18 * MiB) // with_inputs.bytes_per_block)
+    tight = plan_span(18 * MiB + 3 * without.bytes_per_block, SMOLLM2, torch.float32, cfg)
+    assert tight.blocks_that_fit == 3
+    require_fit(tight, 3)
+    with pytest.raises(SpanDoesNotFit, match="session inputs"):
+        require_fit(tight, 4)
