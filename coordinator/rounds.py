@@ -214,24 +214,23 @@ class Rounds:
 
     async def _abandon(self, key: Key, round_index: int, rnd: _Round, member_id: str) -> _Round | None:
         """A member of a formation in progress asked again: it gave this attempt up. Wait for
-        the formation to settle; committed without it -> FailedPrecondition (fetch the committed
-        state); aborted -> None, and the caller forms the next attempt."""
+        the formation to settle (_after_settled)."""
         rnd.abandoned.add(member_id)
         logger.info("round %d of job %s span %d:%d attempt %d: %s gave up on it", round_index,
                     *key, rnd.attempt, member_id)
-        await self._settled(key, round_index, rnd)
-        if rnd.outcome[0]:
-            raise FailedPrecondition(f"BeginRound: round {round_index} of job {key[0]!r} was committed "
-                                     f"without {member_id}; fetch it with GetCommittedState")
-        current = self._open.get((key, round_index))
-        return None if current is rnd else current
+        return await self._after_settled(key, round_index, rnd, member_id)
 
     async def _wait_out(self, key: Key, round_index: int, rnd: _Round, member_id: str) -> _Round | None:
         """A voter asked after the group formed without it: that formation cannot commit
-        without its majority unless the others are one, so wait for it to settle; committed ->
-        FailedPrecondition (fetch the state), aborted -> the formation to join (None: form one)."""
+        without its majority unless the others are one, so wait for it to settle (_after_settled)."""
         logger.info("round %d of job %s span %d:%d attempt %d formed without %s, a voter; it waits "
                     "for the attempt to settle", round_index, *key, rnd.attempt, member_id)
+        return await self._after_settled(key, round_index, rnd, member_id)
+
+    async def _after_settled(self, key: Key, round_index: int, rnd: _Round, member_id: str) -> _Round | None:
+        """Once `rnd` settles: committed without `member_id` -> FailedPrecondition (it fetches
+        the committed state); aborted -> the formation open now, None when there is none (the
+        caller forms the next attempt)."""
         await self._settled(key, round_index, rnd)
         if rnd.outcome[0]:
             raise FailedPrecondition(f"BeginRound: round {round_index} of job {key[0]!r} was committed "

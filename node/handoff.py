@@ -264,7 +264,8 @@ async def _hand_off_one(server, session, state: HandoffState, replicas, stub, co
             frozen_at = time.perf_counter()
             await asyncio.wait_for(state.idle.wait(), config.quiesce_timeout_s)
             blob, kind = await session_payload(server, session, config)
-            moved = await _send_to_first(server, session, blob, replicas, stub, config, errors)
+            header = _header(server, session, position=session.position, payload_bytes=len(blob))
+            moved = await _send_to_first(header, blob, replicas, stub, config, errors)
             sent = len(blob)
             report.frozen_s = max(report.frozen_s, time.perf_counter() - frozen_at)
         else:
@@ -347,10 +348,9 @@ def _header(server, session, *, position: int, payload_bytes: int, from_position
         from_position=from_position)
 
 
-async def _send_to_first(server, session, blob: bytes, replicas, stub, config: HandoffConfig,
+async def _send_to_first(header, blob: bytes, replicas, stub, config: HandoffConfig,
                          errors: list[str]) -> tuple[str, str] | None:
-    """Send the frozen `session`'s whole frame to the first replica that takes it."""
-    header = _header(server, session, position=session.position, payload_bytes=len(blob))
+    """Send a session's frame to the first replica that takes it: (address, peer id), or None."""
     for address, peer_id in replicas:
         try:
             await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
@@ -378,16 +378,10 @@ async def _pre_copy(server, session, state: HandoffState, replicas, stub, config
         errors.append(f"span inputs: {e}")
         return None, 0
     header = _header(server, session, position=first, payload_bytes=len(blob))
-    for address, peer_id in replicas:
-        try:
-            await asyncio.wait_for(_send(stub(address), header, blob, config.chunk_bytes, address),
-                                   config.send_timeout_s)
-        except (PollinateError, asyncio.TimeoutError, OSError) as e:
-            errors.append(f"{address}: {e}")
-            continue
-        break
-    else:
+    taken = await _send_to_first(header, blob, replicas, stub, config, errors)
+    if taken is None:
         return None, 0
+    address, peer_id = taken
     # the replica holds the history: freeze, and send what the session computed meanwhile
     state.frozen = True
     frozen_at = time.perf_counter()
