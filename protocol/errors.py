@@ -275,14 +275,34 @@ def _passes_through(exc: BaseException) -> bool:
     return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError))
 
 
-def map_errors(behavior: Callable) -> Callable:
+# A refused call that streams requests reads what its caller still sends before the status
+# goes (map_errors `drain`): a grpc.aio client whose write fails because the call already
+# ended reports INTERNAL "Internal error from Core" instead of the server's status
+# (grpc/grpc#36066), so under load a clear refusal reached the caller as an internal error.
+# Bounded: it stops when the caller half-closes, after DRAIN_IDLE_S without a message (a
+# long-lived stream such as Inference waits for our reply, not sending), or after DRAIN_S.
+DRAIN_S = 5.0
+DRAIN_IDLE_S = 0.5
+
+
+async def _drain(requests) -> None:
+    """Read and drop what is left of a request stream, within the bounds above."""
+    stop = time.monotonic() + DRAIN_S
+    iterator = requests.__aiter__()
+    with contextlib.suppress(Exception):  # a broken or cancelled stream: nothing left to wait for
+        while (left := stop - time.monotonic()) > 0:
+            await asyncio.wait_for(iterator.__anext__(), min(DRAIN_IDLE_S, left))
+
+
+def map_errors(behavior: Callable, *, drain: bool = False) -> Callable:
     """Wrap a grpc.aio servicer method so that exceptions become statuses.
 
     Works for coroutine methods (unary or stream responses written with context.write) and
     async-generator methods (stream responses with `yield`); the wrapper keeps the kind, since
     grpc.aio inspects it to decide how to drive the method. Domain errors become their
     mapped code with their message; anything else becomes INTERNAL and is logged with its
-    traceback. Either way only this call fails; the server keeps serving.
+    traceback. Either way only this call fails; the server keeps serving. `drain`: the method
+    takes a request stream, read to its end (bounded, _drain) before a refusal is sent.
     """
     name = getattr(behavior, "__qualname__", repr(behavior))
 
@@ -297,6 +317,8 @@ def map_errors(behavior: Callable) -> Callable:
                 if _passes_through(exc) or not isinstance(exc, Exception):
                     raise
                 _log_failure(name, exc)
+                if drain:
+                    await _drain(request)
                 await abort_with(context, exc)
 
         return wrapped_stream
@@ -311,6 +333,8 @@ def map_errors(behavior: Callable) -> Callable:
                 if _passes_through(exc) or not isinstance(exc, Exception):
                     raise
                 _log_failure(name, exc)
+                if drain:
+                    await _drain(request)
                 await abort_with(context, exc)
 
         return wrapped
@@ -338,10 +362,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                map_errors(handler.stream_unary), deserialize, handler.response_serializer
+                map_errors(handler.stream_unary, drain=True), deserialize, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            map_errors(handler.stream_stream), deserialize, handler.response_serializer
+            map_errors(handler.stream_stream, drain=True), deserialize, handler.response_serializer
         )
 
 

@@ -97,6 +97,11 @@ class RaisingNode(node_pb2_grpc.NodeServicer):
         self._maybe_raise()  # mid-stream, after one message went out
         yield node_pb2.GetStateReply(round=2)
 
+    async def Backward(self, request_iterator, context):
+        async for request in request_iterator:  # refused at the first message, as a bad header is
+            raise InvalidRequest(f"Backward: refused {request.tensor.name!r}")
+        yield node_pb2.BackwardReply()
+
     async def Forward(self, request_iterator, context):
         async for request in request_iterator:
             if request.tensor.name == "slow":
@@ -248,3 +253,17 @@ def test_undecodable_requests_become_invalid_request_when_touched():
     with pytest.raises(InvalidRequest, match="undecodable ForwardRequest message \\(5 bytes\\)"):
         bad.HasField("header")
     assert tolerant_deserializer(None) is None
+
+
+async def test_a_stream_refused_early_reaches_a_client_still_sending_with_its_status(raising):
+    """The server refuses at the first message while the client still writes the rest: the
+    client must see INVALID_ARGUMENT and the reason, not grpc.aio's INTERNAL "Internal error
+    from Core" for its failed write (grpc/grpc#36066; map_errors drains what is still sent)."""
+    stub, _, _ = raising
+    chunk = node_pb2.BackwardRequest(tensor=common_pb2.Tensor(name="grad_outputs", data=b"x" * 65536))
+    for _ in range(20):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _reply in stub.Backward(iter([chunk] * 64), timeout=10):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert info.value.details() == "Backward: refused 'grad_outputs'"
