@@ -52,7 +52,7 @@ import zstandard
 
 from pollinate.compression import bitpack
 from pollinate.compression.codec import CompressionError, register
-from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, expect_size
+from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, unzstd
 
 logger = logging.getLogger(__name__)
 
@@ -340,17 +340,7 @@ class CocktailCodec(FramedCodec):
         scale_size = 4 * math.ceil(kept / bucket)
         payload_size = index_size + scale_size + bitpack.packed_size(kept, bits)
 
-        compressed = reader.rest()
-        try:
-            declared = zstandard.frame_content_size(compressed)
-            if declared != payload_size:  # checked before zstd allocates what the frame says
-                raise CompressionError(f"cocktail payload declares {declared} bytes, "
-                                       f"parameters imply {payload_size}")
-            payload = memoryview(zstandard.ZstdDecompressor().decompress(
-                compressed, max_output_size=payload_size))
-        except zstandard.ZstdError as exc:
-            raise CompressionError(f"cocktail payload is not a valid zstd frame: {exc}") from exc
-        expect_size(len(payload), payload_size, "decompressed cocktail payload")
+        payload = memoryview(unzstd(reader.rest(), "cocktail payload", size=payload_size))
 
         index = payload[:index_size]
         scale = np.frombuffer(payload[index_size:index_size + scale_size], dtype="<f4")

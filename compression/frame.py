@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import zstandard
 
 from pollinate.compression.codec import Codec, CompressionError
 
@@ -165,6 +166,23 @@ def peek_header(data: bytes, *, max_elements: int = MAX_ELEMENTS) -> FrameHeader
 def expect_size(got: int, want: int, what: str) -> None:
     if got != want:
         raise CompressionError(f"{what}: frame holds {got} bytes, header implies {want}")
+
+
+def unzstd(compressed, what: str, *, size: int | None = None, max_size: int = 0) -> bytes:
+    """The content of one zstd frame, its declared size checked before zstd allocates it: equal
+    to ``size`` where a header implies the size, else at most ``max_size``. CompressionError for
+    a frame without a declared size, a corrupt one, or one with trailing bytes."""
+    try:
+        declared = zstandard.frame_content_size(compressed)
+        if declared != size if size is not None else not 0 <= declared <= max_size:
+            want = f"{size}" if size is not None else f"at most {max_size}"
+            raise CompressionError(f"{what}: the zstd frame declares {declared} bytes, want {want}")
+        content = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=declared,
+                                                          allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise CompressionError(f"{what}: not one valid zstd frame without trailing bytes: {exc}") from exc
+    expect_size(len(content), declared, what)
+    return content
 
 
 def check_finite(tensor: torch.Tensor, where: str = "the tensor to encode") -> None:

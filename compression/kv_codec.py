@@ -54,7 +54,7 @@ import torch
 import zstandard
 
 from pollinate.compression.codec import CompressionError
-from pollinate.compression.frame import CODE_DTYPES, DTYPE_CODES, FLOAT_DTYPES, FrameReader, check_finite
+from pollinate.compression.frame import CODE_DTYPES, DTYPE_CODES, FLOAT_DTYPES, FrameReader, check_finite, unzstd
 
 MAGIC = b"PKV"
 VERSION = 1
@@ -231,16 +231,7 @@ def decode_kv(data: bytes | bytearray | memoryview, *, max_elements: int) -> Dec
     reader = FrameReader(data)
     mode, bits, group, delta, dtype, shapes, _ = _read_header(reader, max_elements)
     size = _payload_size(mode, dtype.itemsize, bits, group, shapes)
-    compressed = reader.rest()
-    try:
-        declared = zstandard.frame_content_size(compressed)
-        if declared != size:  # checked before zstd allocates what the frame says
-            raise CompressionError(f"KV payload declares {declared} bytes, the shapes imply {size}")
-        payload = memoryview(zstandard.ZstdDecompressor().decompress(compressed, max_output_size=size))
-    except zstandard.ZstdError as exc:
-        raise CompressionError(f"KV payload is not a valid zstd frame: {exc}") from exc
-    if len(payload) != size:
-        raise CompressionError(f"KV payload holds {len(payload)} bytes, the shapes imply {size}")
+    payload = memoryview(unzstd(reader.rest(), "KV payload", size=size))
     tensors, offset = [], 0
     for index, shape in enumerate(shapes):
         if mode == 0:
@@ -344,16 +335,7 @@ def decode_inputs(data: bytes | bytearray | memoryview, *, max_elements: int) ->
     if not 0 < numel <= max_elements:
         raise CompressionError(f"span-inputs frame claims {numel} values, want 1..{max_elements}")
     size = numel * dtype.itemsize
-    compressed = memoryview(data)[4 + 1 + 12:]
-    try:
-        declared = zstandard.frame_content_size(compressed)
-        if declared != size:
-            raise CompressionError(f"span-inputs payload declares {declared} bytes, the shape implies {size}")
-        payload = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=size)
-    except zstandard.ZstdError as exc:
-        raise CompressionError(f"span-inputs payload is not a valid zstd frame: {exc}") from exc
-    if len(payload) != size:
-        raise CompressionError(f"span-inputs payload holds {len(payload)} bytes, the shape implies {size}")
+    payload = unzstd(memoryview(data)[4 + 1 + 12:], "span-inputs payload", size=size)
     planes = np.frombuffer(payload, dtype=np.uint8).reshape(dtype.itemsize, -1)
     t = torch.from_numpy(np.ascontiguousarray(planes.T)).reshape(-1).view(dtype).reshape(shape).clone()
     check_finite(t, "span inputs")

@@ -55,7 +55,7 @@ import zstandard
 
 from pollinate.compression.bitpack import pack_codes, packed_size, unpack_codes
 from pollinate.compression.codec import CompressionError, register
-from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, expect_size
+from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, expect_size, unzstd
 
 logger = logging.getLogger(__name__)
 
@@ -245,16 +245,7 @@ class ZstdRows:
         return zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True).compress(rest)
 
     def _unpack(self, reader: FrameReader, size: int, what: str) -> FrameReader:
-        compressed = reader.rest()
-        try:
-            declared = zstandard.frame_content_size(compressed)
-            if declared != size:  # checked before zstd allocates what the frame says
-                raise CompressionError(f"{what}: the zstd frame declares {declared} bytes, the header implies {size}")
-            inner = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=size,
-                                                            allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise CompressionError(f"{what}: not one valid zstd frame without trailing bytes: {exc}") from exc
-        expect_size(len(inner), size, what)
+        inner = unzstd(reader.rest(), what, size=size)
         return FrameReader(inner)
 
 
