@@ -137,6 +137,26 @@ def state_to_bytes(theta: torch.Tensor, momentum: torch.Tensor) -> bytes:
     return save({"global": theta.contiguous(), "momentum": momentum.contiguous()})
 
 
+def state_to_zstd(theta: torch.Tensor, momentum: torch.Tensor, *, level: int = 3) -> bytes:
+    """state_to_bytes' output in one zstd frame with its size declared: how a round's base state
+    travels (CommitRoundRequest.base_state). Round 1's is the adapter's initialisation, whose
+    zeros (a LoRA's B, the momentum) zstd removes."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(state_to_bytes(theta, momentum))
+
+
+def state_from_zstd(data: bytes, *, max_bytes: int) -> dict[str, torch.Tensor]:
+    """state_to_zstd's output read back; OuterStepError if the frame declares more than
+    ``max_bytes`` (checked before anything is decompressed) or is malformed."""
+    from pollinate.compression.frame import unzstd
+
+    try:
+        return state_from_bytes(unzstd(data, "base state", max_size=max_bytes))
+    except CompressionError as exc:
+        raise OuterStepError(str(exc)) from exc
+
+
 def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """{"global", "momentum"} from state_to_bytes' output; OuterStepError if malformed."""
     from safetensors.torch import load
@@ -154,4 +174,5 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["OuterStep", "OuterStepError", "STATE_KEYS", "apply_results", "decode_update", "mask_seed",
-           "outer_step", "shard_bounds", "state_checksum", "state_from_bytes", "state_to_bytes"]
+           "outer_step", "shard_bounds", "state_checksum", "state_from_bytes", "state_from_zstd", "state_to_bytes",
+           "state_to_zstd"]

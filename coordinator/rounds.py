@@ -13,9 +13,11 @@ job's retention (coordinator/checkpoints.py, applied after each commit), never t
 The state (issue 12). Members do not send the new state whole: every member applied the same
 result frames to the same θ_global, so the coordinator applies them too, with the same code
 (compression/outer.py), to its copy of the previous committed state, and commits what it
-gets only if its checksum is the one the members agreed on. Where it cannot rebuild (round 1
-or no readable previous state: BeginRound already tells shard 0's member to send the state;
-a result frame missing because its owner gave the attempt up; a rebuild that disagrees) it
+gets only if its checksum is the one the members agreed on. Where it holds no previous state
+(round 1, or its file is unreadable) BeginRound tells shard 0's member to send the state the
+round *started* from (``base_state``: zstd, so round 1's initialisation, half zeros, costs a
+fraction of the new state's fp32) and the rebuild starts there. Where it still cannot rebuild
+(a result frame missing because its owner gave the attempt up; a rebuild that disagrees) it
 asks one member that reported for the whole state (CommitRoundReply.send_state) and checks
 that state against the checksum instead. Either way a round's traffic is the exchange plus
 one copy of the result frames, not N copies of the fp32 state.
@@ -61,6 +63,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from pollinate.coordinator.config import RoundsConfig
 from pollinate.coordinator.store import RoundKey, Store
+from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 from pollinate.protocol.shared import Span
 
@@ -71,6 +74,7 @@ if TYPE_CHECKING:  # compression/outer.py imports torch: loaded on the first rou
 logger = logging.getLogger(__name__)
 
 STATES_DIR = "states"
+BASE_HEADER_BYTES = 4096  # a base state's safetensors header (two tensors) beyond their fp32 bytes
 POLL_S = 0.5  # how often a waiting round re-checks leases (a dead member stops being waited for)
 
 
@@ -79,8 +83,8 @@ class Group:
     round: int
     members: tuple[tuple[str, str], ...]  # (member_id, address), in shard order
     attempt: int = 1
-    # the member that sends the whole new state with its CommitRound ("": the coordinator
-    # rebuilds it from the result frames)
+    # the member that sends the round's base state with its CommitRound ("": the coordinator
+    # rebuilds from its own copy of the previous state)
     state_member: str = ""
 
 
@@ -94,6 +98,7 @@ class _Round:
     group: Group | None = None
     checksums: dict[str, str] = field(default_factory=dict)
     state: bytes = b""
+    base: bytes = b""  # the state the round started from (CommitRoundRequest.base_state), zstd
     results: dict[int, bytes] = field(default_factory=dict)  # shard -> its owner's result frame
     outer: OuterStep | None = None  # the outer step the results make, as the members sent it
     state_from: str = ""  # the member asked for the whole state (CommitRoundReply.send_state)
@@ -203,7 +208,7 @@ class Rounds:
         ids = sorted(rnd.asked)
         members = tuple((m, self.membership.members[m].record.address)
                         for m in ids if m in self.membership.members)
-        # nothing to rebuild from: shard 0's member sends the state with its commit
+        # nothing to rebuild from: shard 0's member sends the round's base state with its commit
         state_member = members[0][0] if members and not self._has_state(key, round_index - 1) else ""
         rnd.group = Group(round=round_index, members=members, attempt=rnd.attempt,
                           state_member=state_member)
@@ -308,9 +313,11 @@ class Rounds:
                      checksum: str, state: bytes = b"", attempt: int = 0, *, bytes_sent: int = 0,
                      bytes_received: int = 0, coordinator_bytes_sent: int = 0,
                      coordinator_bytes_received: int = 0, results: Sequence[tuple[int, bytes]] = (),
-                     outer: OuterStep | None = None, request_bytes: int = 0) -> CommitOutcome:
+                     outer: OuterStep | None = None, base_state: bytes = b"",
+                     request_bytes: int = 0) -> CommitOutcome:
         """A member's report: its checksum, the result frames of the shards it owns and the
-        outer step they make (or, where asked, the whole state). ``bytes_*`` are its
+        outer step they make, the round's base state if it is the group's state member (or,
+        where asked, the whole state). ``bytes_*`` are its
         ExchangeShard bytes, ``coordinator_bytes_*`` its BeginRound's, as it counted them;
         ``request_bytes`` is this request's serialized size."""
         key = (job, span.start, span.end)
@@ -339,6 +346,8 @@ class Rounds:
                     rnd.results.setdefault(shard, payload)
             if outer is not None and rnd.outer is None:
                 rnd.outer = outer
+            if base_state and member_id == rnd.group.state_member:
+                rnd.base = base_state
             self.store.report_checksum(key, round_index, member_id, attempt=rnd.attempt, checksum=checksum,
                                        traffic=(bytes_sent, bytes_received,
                                                 coordinator_bytes_sent + request_bytes, coordinator_bytes_received))
@@ -390,14 +399,22 @@ class Rounds:
         return state["global"], state["momentum"], ""
 
     @classmethod
-    def _rebuild(cls, round_index: int, group_size: int, results: dict, outer: OuterStep | None, stored):
-        """The new (θ_global, momentum, checksum) from the previous state and the results, or
-        (None, why) where that is not possible. Worker thread: touches no shared state."""
-        from pollinate.compression.outer import apply_results
+    def _rebuild(cls, round_index: int, group_size: int, results: dict, outer: OuterStep | None, stored,
+                 base: bytes = b""):
+        """The new (θ_global, momentum, checksum) from the previous state (``base``, the one the
+        state member sent, else ``stored``) and the results, or (None, why) where that is not
+        possible. Worker thread: touches no shared state."""
+        from pollinate.compression.outer import OuterStepError, apply_results, state_from_zstd
 
         missing = [j for j in range(group_size) if j not in results]
         if missing or outer is None:
             return None, f"result frames of shards {missing} missing" if missing else "no outer step settings"
+        if base:
+            try:
+                sent = state_from_zstd(base, max_bytes=COORDINATOR_STATE_BYTES + BASE_HEADER_BYTES)
+            except OuterStepError as exc:
+                return None, f"base state sent: {exc}"
+            stored = (round_index - 1, sent["global"], sent["momentum"])
         theta, momentum, why = cls._previous(stored)
         if theta is None:
             return None, f"previous state (round {round_index - 1}): {why}"
@@ -432,7 +449,7 @@ class Rounds:
             else:
                 rebuilt, why = await asyncio.to_thread(
                     self._rebuild, round_index, len(rnd.group.members), dict(rnd.results), rnd.outer,
-                    self._stored(key, round_index - 1))
+                    self._stored(key, round_index - 1), rnd.base)
                 if rebuilt is not None and rebuilt[2] != checksum:
                     why, rebuilt = f"rebuilt checksum {rebuilt[2][:16]} != the group's {checksum[:16]}", None
                 if rebuilt is None:
@@ -440,7 +457,8 @@ class Rounds:
                     return
                 theta, momentum, _ = rebuilt
                 data = await asyncio.to_thread(state_to_bytes, theta, momentum)
-                how = f"rebuilt from {len(rnd.results)} result frame(s), {sum(map(len, rnd.results.values()))} B"
+                how = (f"rebuilt from {len(rnd.results)} result frame(s), {sum(map(len, rnd.results.values()))} B"
+                       + (f", on the base state {rnd.group.state_member} sent ({len(rnd.base)} B)" if rnd.base else ""))
             rel = Path(STATES_DIR) / f"{hashlib.sha256(key[0].encode()).hexdigest()[:16]}-{key[1]}-{key[2]}-r{round_index}.safetensors"
             await asyncio.to_thread(_write_durably, Path(self.store.config.data_dir) / rel, data)
         except Exception as exc:  # a bad state sent, a disk error: the round does not commit

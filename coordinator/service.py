@@ -263,7 +263,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             coordinator_bytes_received=request.coordinator_bytes_received,
             results=[(r.shard_index, r.payload) for r in request.results],
             outer=outer_from_proto(o.codec, o.codec_params_json, o.lr, o.momentum, o.nesterov),
-            request_bytes=request.ByteSize())
+            base_state=request.base_state, request_bytes=request.ByteSize())
         reply = coordinator_pb2.CommitRoundReply(
             committed=outcome.committed, reason=outcome.reason, committed_round=outcome.committed_round,
             send_state=outcome.send_state)

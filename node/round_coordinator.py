@@ -72,16 +72,18 @@ class RoundCoordinator:
 
     async def commit(self, job: str, span, r: int, attempt: int, me: str, checksum: str, *, own: tuple[int, bytes],
                      step: OuterStep, traffic: tuple[int, int, int, int], send_state: bool,
-                     state: Callable[[], Awaitable[bytes]]) -> tuple[int, int]:
-        """CommitRound: our checksum, our shard's result frame and the outer step; the whole
-        state (``await state()``) only where the coordinator asks (BeginRound said so, or its
-        reply does). ``traffic``: the attempt's bytes so far (ShardExchange.traffic), reported
+                     state: Callable[[], Awaitable[bytes]],
+                     base_state: Callable[[], Awaitable[bytes]]) -> tuple[int, int]:
+        """CommitRound: our checksum, our shard's result frame and the outer step; the state the
+        round started from (``await base_state()``) where BeginRound said send_state (the
+        coordinator holds no previous state); the whole new state (``await state()``) only
+        where the reply asks for it. ``traffic``: the attempt's bytes so far (ShardExchange.traffic), reported
         with it. Raises unless committed; returns the bytes of the CommitRound messages."""
         sent = received = 0
         request = coordinator_pb2.CommitRoundRequest(
             job=job, span=span, round=r, member_id=me, checksum=checksum, attempt=attempt,
             bytes_sent=traffic[0], bytes_received=traffic[1], coordinator_bytes_sent=traffic[2],
-            coordinator_bytes_received=traffic[3], state=await state() if send_state else b"",
+            coordinator_bytes_received=traffic[3], base_state=await base_state() if send_state else b"",
             results=[coordinator_pb2.ShardResultFrame(shard_index=own[0], payload=own[1])],
             outer=coordinator_pb2.OuterStepSettings(
                 codec=step.codec, codec_params_json=step.params_json(), lr=step.lr,

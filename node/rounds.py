@@ -25,8 +25,10 @@ it. A round:
    called by the servicer), ``aggregate``s once all are in and answers every call with the result.
 3. ``apply`` → checksum; ``CommitRound`` with the checksum, the result frame of our own shard
    and the outer step's settings: the coordinator rebuilds the new global state from its
-   previous one with the same code (compression/outer.py), so the state itself travels only
-   when it asks (``send_state``: round 1, a result missing, a rebuild that disagreed).
+   previous one with the same code (compression/outer.py). Where it holds none (``send_state``
+   from BeginRound: round 1) this member also sends the state the round started from, zstd
+   (``base_state``); the new state itself travels only when the coordinator asks again (a
+   result missing, a rebuild that disagreed).
 4. Committed: the adapter restarts from ``local_start()``. Anything else (a timeout, a peer
    error, checksums that disagree): θ_global, momentum and both residuals are restored to
    their values before the round; nothing is half-applied.
@@ -64,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from pollinate.compression.outer import state_to_bytes
+from pollinate.compression.outer import state_to_bytes, state_to_zstd
 from pollinate.node.diloco import (
     Contribution,
     DiLoCoMember,
@@ -415,7 +417,8 @@ class RoundDriver:
             results = await self._results(job.name, span, r, attempt, me, s, tokens, payloads, group, inbox)
             checksum = await server.run_torch(lambda: member.apply(results, round_index=r, num_shards=n))
             sent, received = await self._commit(server, job.name, span, r, attempt, me, checksum, member,
-                                                own=(s, results[s]), n=n, send_state=reply.send_state)
+                                                own=(s, results[s]), n=n, send_state=reply.send_state,
+                                                base=(saved["global_flat"], saved["momentum"]))
         except (Exception, asyncio.CancelledError) as exc:
             owner_task = self._roll_back(server, job.name, state, saved, r, attempt, owner_task, exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -469,11 +472,12 @@ class RoundDriver:
         return owner_task
 
     async def _commit(self, server, job: str, span, r: int, attempt: int, me: str, checksum: str,
-                      member: DiLoCoMember, *, own: tuple[int, bytes], n: int,
-                      send_state: bool) -> tuple[int, int]:
-        """CommitRound (RoundCoordinator.commit) with the attempt's traffic. Raises unless
-        committed; returns every byte of the attempt (sent, received): ExchangeShard,
-        BeginRound and CommitRound messages."""
+                      member: DiLoCoMember, *, own: tuple[int, bytes], n: int, send_state: bool,
+                      base: tuple) -> tuple[int, int]:
+        """CommitRound (RoundCoordinator.commit) with the attempt's traffic; ``base`` is
+        (θ_global, momentum) before the round, sent (zstd) where BeginRound asked for the state.
+        Raises unless committed; returns every byte of the attempt (sent, received):
+        ExchangeShard, BeginRound and CommitRound messages."""
         if member.numel * 8 > COORDINATOR_STATE_BYTES:  # θ_global and momentum, fp32
             raise FailedPrecondition(
                 f"job {job!r} span {span.start}:{span.end}: the round's state is {member.numel * 8 / 1e6:.1f} MB, "
@@ -483,12 +487,15 @@ class RoundDriver:
         async def state() -> bytes:
             return await server.run_torch(state_to_bytes, member.global_flat, member.momentum)
 
+        async def base_state() -> bytes:
+            return await server.run_torch(state_to_zstd, *base)
+
         # Every ExchangeShard message of the attempt has been counted by now: our calls
         # returned, and the handlers answering our shard count their replies before sending.
         traffic = self.exchange.traffic(job, r, attempt)
         sent, received = await self.coordinator.commit(
             job, span, r, attempt, me, checksum, own=own, step=member.outer_settings(r, n), traffic=traffic,
-            send_state=send_state, state=state)
+            send_state=send_state, state=state, base_state=base_state)
         return traffic[0] + traffic[2] + sent, traffic[1] + traffic[3] + received
 
     async def close(self) -> None:

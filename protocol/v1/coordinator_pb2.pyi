@@ -354,7 +354,7 @@ class ShardResultFrame(_message.Message):
     def __init__(self, shard_index: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class CommitRoundRequest(_message.Message):
-    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt", "bytes_sent", "bytes_received", "coordinator_bytes_sent", "coordinator_bytes_received", "results", "outer")
+    __slots__ = ("job", "span", "round", "member_id", "checksum", "state", "attempt", "bytes_sent", "bytes_received", "coordinator_bytes_sent", "coordinator_bytes_received", "results", "outer", "base_state")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -368,6 +368,7 @@ class CommitRoundRequest(_message.Message):
     COORDINATOR_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     OUTER_FIELD_NUMBER: _ClassVar[int]
+    BASE_STATE_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
     round: int
@@ -381,7 +382,8 @@ class CommitRoundRequest(_message.Message):
     coordinator_bytes_received: int
     results: _containers.RepeatedCompositeFieldContainer[ShardResultFrame]
     outer: OuterStepSettings
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., coordinator_bytes_sent: _Optional[int] = ..., coordinator_bytes_received: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ShardResultFrame, _Mapping]]] = ..., outer: _Optional[_Union[OuterStepSettings, _Mapping]] = ...) -> None: ...
+    base_state: bytes
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., member_id: _Optional[str] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., attempt: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., coordinator_bytes_sent: _Optional[int] = ..., coordinator_bytes_received: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ShardResultFrame, _Mapping]]] = ..., outer: _Optional[_Union[OuterStepSettings, _Mapping]] = ..., base_state: _Optional[bytes] = ...) -> None: ...
 
 class CommitRoundReply(_message.Message):
     __slots__ = ("committed", "reason", "committed_round", "send_state")

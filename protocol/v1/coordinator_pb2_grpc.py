@@ -195,9 +195,11 @@ class CoordinatorServicer:
         """A member reports the checksum of its new global state and the result frames of the
         shards it owns; the reply comes once every group member reported: committed when all
         checksums agree and the coordinator holds the new state, which it rebuilds from its
-        previous committed state and the results (compression/outer.py). Where it cannot (first
-        round, a result missing, its rebuild disagrees) the reply to one member says send_state
-        and that member calls again with the whole state.
+        previous committed state and the results (compression/outer.py); where it holds none
+        (the first round) one member sends the state the round started from, compressed, and
+        the coordinator rebuilds from that. Where it still cannot (a result missing, its rebuild
+        disagrees) the reply to one member says send_state and that member calls again with the
+        whole state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,12 +46,14 @@ def test_two_replicas_run_three_rounds_and_end_bit_identical(tmp_path, tiny_mode
     assert result["momentum_norm"] > 0  # the outer step moved θ_global
     assert logs.count("committed by 2/2 members") == 3, logs  # the coordinator, once per round
     assert logs.count("committed here (attempt 1, group of 2)") == 6, logs  # 3 rounds on each node
-    # issue 12: the state travelled once (round 1); rounds 2 and 3 were rebuilt from results
+    # issue 12: no state travelled whole: every round was rebuilt from the results, round 1 on
+    # the base state (the adapter's initialisation) that shard 0's member sent compressed
     for r in (2, 3):
         assert re.search(rf"round {r} of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB "
-                         r"rebuilt from 2 result frame\(s\)", logs), logs
-    assert re.search(r"round 1 of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB taken whole",
-                     logs), logs
+                         r"rebuilt from 2 result frame\(s\), \d+ B\n", logs), logs
+    assert re.search(r"round 1 of job rounds span 0:4 committed by 2/2 members, state [\d.]+ kB rebuilt from 2 "
+                     r"result frame\(s\), \d+ B, on the base state \S+ sent \(\d+ B\)", logs), logs
+    assert "taken whole" not in logs
     mode = "overlapped, landed" if overlap else "blocking"
     waits = re.findall(r"round (\d) of job rounds span 0:4: ([a-z]+)[^\n]*backward_wait_s=(\d+\.\d+)", logs)
     assert sorted(r for r, _, _ in waits) == ["1", "1", "2", "2", "3", "3"], waits  # one line per round per node

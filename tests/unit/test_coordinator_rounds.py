@@ -322,3 +322,44 @@ def test_a_newcomer_alone_cannot_commit_over_the_replicas_with_standing(tmp_path
         store.close()
 
     asyncio.run(scenario())
+
+
+def test_round_1_is_rebuilt_on_the_base_state_its_state_member_sends(tmp_path):
+    """Round 1: the coordinator holds no previous state, so shard 0's member (a) sends the state
+    the round started from (zstd) and the coordinator applies both results to it: the state is
+    committed without anyone sending it whole, and bit for bit what the members hold. A base
+    state that is not what the members started from (b's 'base' is ignored: b is not the
+    state member; a's is off by one value) makes the rebuild disagree, and the coordinator
+    asks for the whole state instead; a zstd frame that declares more than a state's cap is
+    refused before it is decompressed."""
+    import zstandard
+
+    from pollinate.compression.outer import state_from_bytes, state_to_zstd
+    from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
+
+    async def scenario(base_of, expect_rebuilt: bool):
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path / str(len(list(tmp_path.iterdir()))))).open()
+        rounds = Rounds(RoundsConfig(window_s=5.0, commit_timeout_s=5.0), store, membership("a", "b"))
+        (group, _), _ = await asyncio.gather(rounds.begin("j", SPAN, 1, "a", 1), rounds.begin("j", SPAN, 1, "b", 1))
+        assert group.state_member == "a"
+        base = base_of(job)
+        results, c1 = job.round(1, 2)
+        b = asyncio.ensure_future(rounds.commit("j", SPAN, 1, "b", c1, results=[(1, results[1])], outer=STEP,
+                                                base_state=state_to_zstd(torch.zeros(NUMEL), torch.zeros(NUMEL))))
+        a = await rounds.commit("j", SPAN, 1, "a", c1, results=[(0, results[0])], outer=STEP, base_state=base)
+        if not expect_rebuilt:
+            assert a.send_state and not a.committed and not b.done()
+            a = await rounds.commit("j", SPAN, 1, "a", c1, job.state())
+        assert a == OK and await b == OK
+        got = state_from_bytes(rounds.committed_state("j", SPAN)[2])
+        assert torch.equal(got["global"], job.theta) and torch.equal(got["momentum"], job.momentum)
+        store.close()
+
+    asyncio.run(scenario(lambda job: state_to_zstd(job.theta, job.momentum), True))
+    wrong = lambda job: state_to_zstd(torch.cat([job.theta[:1] + 1, job.theta[1:]]), job.momentum)  # noqa: E731
+    asyncio.run(scenario(wrong, False))
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * (COORDINATOR_STATE_BYTES + 8192))
+    asyncio.run(scenario(lambda job: bomb, False))
+    # the zeros of round 1's start (here the momentum) cost next to nothing
+    job = Job()
+    assert len(state_to_zstd(job.theta, job.momentum)) < 0.6 * len(job.state())
