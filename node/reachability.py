@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pollinate.protocol.relay import RelayedServer
@@ -22,6 +23,9 @@ from pollinate.protocol.relay import RelayedServer
 logger = logging.getLogger(__name__)
 
 REACHABILITY_MODES = ("auto", "direct", "relay")
+# Seconds a relay's TCP port may take to accept before it is left out of a reservation: a
+# live relay on a home link answers in well under a second; a dead host may never answer.
+RELAY_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,14 +116,34 @@ async def watch_relays(address: str, *, check, relays, period_s: float, failures
         logger.warning("no relay reaches this node (%s) and the coordinator offers none", detail)
 
 
+async def answering_relays(relays: Sequence[str], timeout_s: float = RELAY_PROBE_TIMEOUT_S) -> list[str]:
+    """Those of `relays` whose host:port accepts a TCP connection now (a multiaddr without one
+    is kept); all of them if none does, so that the reservation fails with the daemon's own
+    error. p2pd's autorelay given a dead relay among its trusted ones did not reserve at the
+    live one for the whole 60 s wait (test_relay under load: a SIGKILLed relay still within
+    its lease was on offer beside a fresh one); given the live one alone it reserved at once."""
+    from pollinate.protocol.addresses import maddr_tcp_address, probe_tcp
+
+    async def answers(relay: str) -> bool:
+        address = maddr_tcp_address(relay)
+        return address is None or await asyncio.to_thread(probe_tcp, address, timeout_s) is None
+
+    alive = [r for r, ok in zip(relays, await asyncio.gather(*map(answers, relays))) if ok]
+    if alive and len(alive) < len(relays):
+        logger.info("left out %d relay(s) that do not answer: %s", len(relays) - len(alive),
+                    ", ".join(sorted(set(relays) - set(alive))))
+    return alive or list(relays)
+
+
 async def serve_relayed(reach: Reachability, port: int, *, host: str, check,
                         timeout_s: float) -> tuple[RelayedServer, str]:
     """Start the relayed side of this node (streams into its gRPC port `port`, bound on `host`)
-    and wait until the coordinator reaches it through a relay. `check(address)` is the
-    coordinator's CheckReachable: (reachable, detail). Returns the server and the address."""
+    at those of the relays that answer, and wait until the coordinator reaches it through a
+    relay. `check(address)` is the coordinator's CheckReachable: (reachable, detail). Returns
+    the server and the address."""
     server = RelayedServer()
     target = "127.0.0.1" if host.strip("[]") in ("0.0.0.0", "::") else host.strip("[]")
-    address = await server.start(list(reach.relays), port, host=target)
+    address = await server.start(await answering_relays(reach.relays), port, host=target)
     deadline = time.monotonic() + timeout_s
     pause = 0.2
     while True:

@@ -212,6 +212,15 @@ def maddr_host(maddr: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] in ("ip4", "ip6", "dns", "dns4", "dns6") else None
 
 
+def maddr_tcp_address(maddr: str) -> str | None:
+    """'/ip4/10.0.0.1/tcp/31337/p2p/Qm..' -> '10.0.0.1:31337'; None if it names no host and TCP port."""
+    parts = maddr.strip("/").split("/")
+    host = maddr_host(maddr)
+    if host is None or len(parts) < 4 or parts[2] != "tcp" or not parts[3].isdigit():
+        return None
+    return join_host_port(host, int(parts[3]))
+
+
 def dialable_maddrs(maddrs: Iterable[str]) -> list[str]:
     """What to hand to other machines out of a DHT peer's visible multiaddrs: a peer that
     listens on 0.0.0.0 sees every interface, loopback too; loopback ones are dropped when

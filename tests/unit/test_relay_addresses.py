@@ -76,3 +76,25 @@ def test_the_node_relays_only_when_the_coordinator_cannot_reach_it_or_it_is_told
     assert not decide("direct", checked_address=None, reachable=None, detail="", relays=relays).relayed
     with pytest.raises(SystemExit, match="offers no relay"):
         decide("auto", checked_address="1.2.3.4:7", reachable=False, detail="", relays=())
+
+
+def test_a_relay_that_does_not_answer_is_left_out_of_the_reservation():
+    """A SIGKILLed relay can still be on offer (its lease runs on); given it beside a live one,
+    p2pd did not reserve at the live one for a whole minute (test_relay), so it is left out.
+    With none answering, all stay: the daemon's own error then says what went wrong."""
+    import asyncio
+    import socket
+
+    from pollinate.node.reachability import answering_relays
+    from pollinate.protocol.addresses import maddr_tcp_address
+
+    assert maddr_tcp_address(R1) == "10.77.0.2:7100"
+    assert maddr_tcp_address("/ip6/::1/tcp/80/p2p/X") == "[::1]:80"
+    assert maddr_tcp_address("/ip4/10.0.0.1/udp/80") is None
+    with socket.socket() as live, socket.socket() as dead:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        dead.bind(("127.0.0.1", 0))  # bound, not listening: the connection is refused
+        up, down = (f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}/p2p/{NODE}" for s in (live, dead))
+        assert asyncio.run(answering_relays([down, up])) == [up]
+        assert asyncio.run(answering_relays([down])) == [down]
