@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -37,7 +36,6 @@ from pollinate.compression.outer import (
     OuterStepError,
     apply_results,
     mask_seed,
-    outer_step,
     shard_bounds,
     state_checksum,
 )
