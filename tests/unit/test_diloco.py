@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pollinate.compression import get_codec
+from pollinate.compression.outer import outer_step
 from pollinate.node.diloco import (Contribution, DiLoCoConfig, DiLoCoMember, RoundError,
-                                   exchange_in_process, mask_seed, outer_step, screen,
-                                   shard_bounds)
+                                   exchange_in_process, mask_seed, screen, shard_bounds)
 
 
 class Fp32:
