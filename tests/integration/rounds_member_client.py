@@ -143,7 +143,8 @@ async def main_async(args) -> dict:
             and torch.equal(member.momentum, final["diloco.momentum"]))
     finally:
         beating.cancel()
-        await coord.Leave(coordinator_pb2.LeaveRequest(member_id=member_id), timeout=10)
+        leave = coordinator_pb2.LeaveRequest(member_id=member_id)
+        await coord.Leave(leave, timeout=10, metadata=identity.call_metadata(f"{COORDINATOR}Leave", leave))
         await coord_channel.close()
         await rpc.stop(0)
         await driver.close()
