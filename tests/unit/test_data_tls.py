@@ -133,3 +133,13 @@ async def test_a_serving_node_swaps_its_certificate_without_dropping_open_calls(
             await _health(address, peer_channel_config(None))
     finally:
         await expired.stop(0)
+
+    # renewed before the server started (a node whose span loads for longer than half the lifetime)
+    late = RpcServer(ServerConfig(port=int(port), tls_cert_pem=short.encode(), tls_key_pem=node.private_pem()))
+    late.add(node_pb2_grpc.add_NodeServicer_to_server, _Health())
+    late.replace_certificate(renewed.encode())
+    await late.start()
+    try:
+        assert await _health(address, peer_channel_config(None)) == "test"
+    finally:
+        await late.stop(0)
