@@ -20,8 +20,8 @@ What is sent, per gRPC method of the service's descriptor (protocol/v1):
   shards of rounds that never formed, job specs with NaN or rank 2^32-1, a forged commit,
   a Join with another node's address, names with newlines);
 and one call in ten carries no token or a wrong one. Joins other than raw bytes are signed by
-one harness key, as the coordinator requires (raw-byte Joins go unsigned and are refused). Streaming methods get one to three
-messages per call. The HTTP service gets random methods, paths, queries, headers, request
+one harness key, as the coordinator requires (raw-byte Joins go unsigned and are refused).
+Streaming methods get one to three messages per call. The HTTP service gets random methods, paths, queries, headers, request
 lines and raw bytes on the status page's port.
 
 What counts: `crashes`, 1 when the process is gone at the end; `hangs`, calls that got no

@@ -89,7 +89,7 @@ class JoinParams:
     name: str = ""
     source_host: str = ""  # peer IP as gRPC saw it
     relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
-    member_key: str = ""  # the public key that signed the Join (protocol/identity.py); the servicer refuses unsigned Joins
+    member_key: str = ""  # the key that signed the Join (protocol/identity.py); unsigned Joins are refused
     quant: str = "none"  # its Linear weights: "none", "int8" or "int4" (node/quant.py)
 
 

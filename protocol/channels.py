@@ -240,7 +240,7 @@ def _format_address(host: str, port: int) -> str:
 
 class _ReplaceableCertificate:
     """A TLS server's key and chain that can change while it serves: gRPC's dynamic server
-    credentials call `fetch` at every new handshake (from a gRPC core thread, not the event
+    credentials call `_fetch` at every new handshake (from a gRPC core thread, not the event
     loop); it hands over a replacement once, after which gRPC keeps presenting it. Open
     connections, and the calls on them, keep the session they have."""
 

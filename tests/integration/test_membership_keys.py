@@ -1,8 +1,9 @@
 """Member keys (issue 18: identity) with a real coordinator and a real node (the tiny model):
-a token holder with another key pair (or none: an unsigned Join is UNAUTHENTICATED) can neither
-take a live node's address with a Join of its own nor leave or heartbeat in its member's name, and a signature read off the wire
-opens no second call; a node that crashed and restarts on its port with its identity file
-takes its place back at once, under the same identity."""
+a token holder with another key pair (or none: an unsigned Join is UNAUTHENTICATED) can
+neither take a live node's address with a Join of its own nor leave or heartbeat in its
+member's name, and a signature read off the wire opens no second call; a node that crashed
+and restarts on its port with its identity file takes its place back at once, under the
+same identity."""
 
 from __future__ import annotations
 
