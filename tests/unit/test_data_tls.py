@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 
 from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel, peer_channel_config
-from pollinate.protocol.data_tls import SwarmCA, swarm_ca_pem, tls_name, use_swarm_ca
+from pollinate.protocol.data_tls import SwarmCA, certificate_seconds_left, swarm_ca_pem, tls_name, use_swarm_ca
 from pollinate.protocol.errors import PeerUnavailable, translate_rpc_errors
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.v1 import common_pb2, node_pb2_grpc
@@ -30,7 +30,9 @@ def test_the_ca_is_kept_in_its_directory_and_certifies_key_and_address(tmp_path)
     ca = SwarmCA.load_or_create(tmp_path)
     assert SwarmCA.load_or_create(tmp_path).cert_pem == ca.cert_pem  # a restart keeps it
     node = NodeIdentity.generate()
-    cert = x509.load_pem_x509_certificate(ca.issue(node.public_key, "10.0.0.7:7100", valid_s=86400).encode())
+    pem = ca.issue(node.public_key, "10.0.0.7:7100", valid_s=86400)
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    assert 86300 < certificate_seconds_left(pem) <= 86400  # what a node reads from an older coordinator's
     assert cert.issuer == ca.cert.subject
     assert cert.public_key().public_numbers() == node.private_key.public_key().public_numbers()
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
