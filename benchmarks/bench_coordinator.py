@@ -44,6 +44,7 @@ async def load(args: argparse.Namespace) -> dict:
 
     from pollinate.protocol.auth import token_metadata
     from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.identity import NodeIdentity
     from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     # The token goes in per-call metadata rather than a client interceptor: interceptors
@@ -53,12 +54,17 @@ async def load(args: argparse.Namespace) -> dict:
     stubs = [coordinator_pb2_grpc.CoordinatorStub(c) for c in channels]
     sem = asyncio.Semaphore(32)
 
-    async def join(i: int) -> tuple[str, "coordinator_pb2.JoinReply"]:
+    def signed(identity: NodeIdentity, method: str, request=None) -> tuple[tuple[str, str], ...]:
+        """The token and a member's signature of one call, as a real node sends them."""
+        return meta + identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
+
+    async def join(i: int, identity: NodeIdentity) -> tuple[str, "coordinator_pb2.JoinReply"]:
         async with sem:
-            reply = await stubs[i % len(stubs)].Join(coordinator_pb2.JoinRequest(
+            request = coordinator_pb2.JoinRequest(
                 address=f"10.{args.worker_index}.{(i // 250) % 250}.{i % 250 + 1}:7000",
-                capacity_blocks=1 + i % 12, throughput=10.0 + i % 7, name=f"sim{i}"),
-                metadata=meta, timeout=30)
+                capacity_blocks=1 + i % 12, throughput=10.0 + i % 7, name=f"sim{i}")
+            reply = await stubs[i % len(stubs)].Join(request, metadata=signed(identity, "Join", request),
+                                                     timeout=30)
             return reply.member_id, reply
 
     latencies: list[float] = []
@@ -74,7 +80,8 @@ async def load(args: argparse.Namespace) -> dict:
         # Each simulated node heartbeats from the moment it has joined, as a real one does;
         # only beats inside the measured window (after every node joined) are counted.
         nonlocal joined_count
-        member_id, reply = await join(i)
+        identity = NodeIdentity.generate()  # each node's key: it signs the Join and the heartbeats
+        member_id, reply = await join(i, identity)
         stub = stubs[i % len(stubs)]
         period = state["period"] = reply.heartbeat_period_s
         state["lease"] = reply.lease_s
@@ -88,10 +95,10 @@ async def load(args: argparse.Namespace) -> dict:
 
         async def beat():
             nonlocal stream
-            if args.rpc == "unary":
-                return await stub.Heartbeat(request, metadata=meta, timeout=5)
-            if stream is None:
-                stream = stub.HeartbeatStream(metadata=meta)
+            if args.rpc == "unary":  # each beat signed, as CoordinatorClient's unary fallback does
+                return await stub.Heartbeat(request, metadata=signed(identity, "Heartbeat", request), timeout=5)
+            if stream is None:  # one signature per stream
+                stream = stub.HeartbeatStream(metadata=signed(identity, "HeartbeatStream"))
             try:
                 await stream.write(request)
                 answer = await asyncio.wait_for(stream.read(), timeout=5)

@@ -81,6 +81,7 @@ async def pollinate_member(args) -> None:
     from pollinate.node.training_service import TrainingRpcs
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
     from pollinate.protocol.framing import DEFAULT_FRAMING
+    from pollinate.protocol.identity import NodeIdentity
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2_grpc
 
     class Driver(RoundDriver):
@@ -95,8 +96,13 @@ async def pollinate_member(args) -> None:
                 self.commit_s = time.monotonic() - t0
 
     member_id = ""
+    identity = NodeIdentity.generate()  # signs the Join and every call in the member's name, as a node's does
+
+    def signed(method: str, request) -> tuple[tuple[str, str], ...]:
+        return identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
+
     driver = Driver(RoundConfig(), coordinator_address=args.coordinator, token=TOKEN,
-                    member_id=lambda: member_id, framing=DEFAULT_FRAMING)
+                    member_id=lambda: member_id, framing=DEFAULT_FRAMING, identity=identity)
     initial = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)) * 0.02  # same everywhere
     member = DiLoCoMember(initial, job_diloco_config(JobSpec(method="lora")))
     state = driver.jobs[JOB] = JobRounds(member=member, restored=True)
@@ -115,15 +121,15 @@ async def pollinate_member(args) -> None:
     channel = open_channel(args.coordinator, ChannelConfig(token=TOKEN))
     coord = coordinator_pb2_grpc.CoordinatorStub(channel)
     span = common_pb2.Span(start=0, end=NUM_BLOCKS)
-    joined = await coord.Join(coordinator_pb2.JoinRequest(
-        address=address, capacity_blocks=NUM_BLOCKS, throughput=10.0, requested_span=span,
-        name=f"bench-member-{args.index}"), timeout=30)
+    join = coordinator_pb2.JoinRequest(address=address, capacity_blocks=NUM_BLOCKS, throughput=10.0,
+                                       requested_span=span, name=f"bench-member-{args.index}")
+    joined = await coord.Join(join, timeout=30, metadata=signed("Join", join))
     member_id = joined.member_id
 
     async def heartbeat() -> None:
         while True:
-            await coord.Heartbeat(coordinator_pb2.HeartbeatRequest(member_id=member_id, serving_span=span),
-                                  timeout=10)
+            beat = coordinator_pb2.HeartbeatRequest(member_id=member_id, serving_span=span)
+            await coord.Heartbeat(beat, timeout=10, metadata=signed("Heartbeat", beat))
             await asyncio.sleep(joined.heartbeat_period_s)  # the lease's period, not a readiness wait
 
     beating = asyncio.create_task(heartbeat())
@@ -150,7 +156,8 @@ async def pollinate_member(args) -> None:
                               "commit_s": driver.commit_s, "checksum": member.checksum()}), flush=True)
     finally:
         beating.cancel()
-        await coord.Leave(coordinator_pb2.LeaveRequest(member_id=member_id), timeout=10)
+        leave = coordinator_pb2.LeaveRequest(member_id=member_id)
+        await coord.Leave(leave, timeout=10, metadata=signed("Leave", leave))
         await channel.close()
         await rpc.stop(0)
         await driver.close()

@@ -122,6 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TLS between nodes and clients too: this coordinator becomes the swarm's CA "
                              "(key and certificate in --data-dir), certifies each node's address and key "
                              "at join, and tells nodes and clients to use TLS (docs/security.md)")
+    parser.add_argument("--data-tls-cert-validity", type=float, default=3600.0, metavar="SECONDS",
+                        help="lifetime of each node's data-TLS certificate; nodes renew at half of it, and a "
+                             "node that left or was quarantined loses its place on the data plane within it "
+                             "(default %(default)g)")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound addresses as JSON here once serving")
     from pollinate.client.cli_args import add_torch_threads_argument
@@ -165,6 +169,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         port=args.port, http_port=args.http_port,
         token=required_token(args.token_file), ready_file=args.ready_file,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, data_tls=args.data_tls,
+        data_tls_cert_validity_s=args.data_tls_cert_validity,
     )
 
 

@@ -30,6 +30,7 @@ from typing import Awaitable, Callable
 import grpc.aio
 
 from pollinate.protocol.auth import token_metadata
+from pollinate.protocol.data_tls import certificate_seconds_left
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import (
@@ -233,15 +234,20 @@ class CoordinatorClient:
         self.assignment = None
         return reply.epoch
 
-    async def data_tls_certificate(self) -> str:
-        """The swarm CA's certificate chain (PEM) for this member's address and key, to serve
-        the data plane with (--data-tls swarms; protocol/data_tls.py)."""
+    async def data_tls_certificate(self) -> tuple[str, float]:
+        """(chain, valid_s): the swarm CA's certificate chain (PEM) for this member's address
+        and key, to serve the data plane with (--data-tls swarms; protocol/data_tls.py), and
+        the seconds it is valid for. NotFound while this node is no member (it left, or lost
+        its membership and has not joined again)."""
         cfg = self.config
+        if self.assignment is None:
+            raise NotFound(f"not a member of {cfg.coordinator} now (joining again): no certificate to ask for")
         with translate_rpc_errors(peer=cfg.coordinator):
-            request = coordinator_pb2.DataTlsCertificateRequest(member_id=self.member_id)
+            request = coordinator_pb2.DataTlsCertificateRequest(member_id=self.member_id, address=cfg.address)
             reply = await self._get_stub().IssueDataTlsCertificate(
                 request, timeout=cfg.rpc_timeout_s, metadata=self._metadata("IssueDataTlsCertificate", request))
-        return reply.certificate_chain_pem
+        # valid_s 0: a coordinator older than the field, whose certificates lasted a year
+        return reply.certificate_chain_pem, reply.valid_s or certificate_seconds_left(reply.certificate_chain_pem)
 
     async def __aenter__(self) -> "CoordinatorClient":
         await self.start()

@@ -216,9 +216,11 @@ class CoordinatorConfig:
     # Join, and tells everyone its certificate in Status; nodes serve TLS and every dialler
     # verifies (protocol/data_tls.py). False: node-to-node and client-to-node gRPC is plaintext.
     data_tls: bool = False
-    # Lifetime of a node's certificate, days. A node asks for a new one at every start and
-    # re-join; 365 outlasts any node process (there is no renewal of a running node's).
-    data_tls_cert_days: float = 365.0
+    # Lifetime of a node's data-TLS certificate, seconds (--data-tls-cert-validity). Nothing
+    # revokes a certificate: a member that left or was quarantined keeps serving with its last
+    # one until it expires, so this bounds how long. A running node renews at about half of
+    # it (node/certificate_renewal.py). 3600: an hour, a renewal every half hour per node.
+    data_tls_cert_validity_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -231,8 +233,8 @@ class CoordinatorConfig:
             raise ValueError(f"stop_grace_s must be >= 0, got {self.stop_grace_s!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
-        if not (math.isfinite(self.data_tls_cert_days) and self.data_tls_cert_days > 0):
-            raise ValueError(f"data_tls_cert_days must be positive, got {self.data_tls_cert_days!r}")
+        if not (math.isfinite(self.data_tls_cert_validity_s) and self.data_tls_cert_validity_s >= 2):
+            raise ValueError(f"data_tls_cert_validity_s must be at least 2 s, got {self.data_tls_cert_validity_s!r}")
         for path in (self.tls_cert_file, self.tls_key_file):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TLS file {path} does not exist")

@@ -89,7 +89,7 @@ class JoinParams:
     name: str = ""
     source_host: str = ""  # peer IP as gRPC saw it
     relay_maddr: str = ""  # the node offers its DHT peer as a circuit relay (--relay)
-    member_key: str = ""  # the public key that signed the Join (protocol/identity.py); empty: unsigned
+    member_key: str = ""  # the key that signed the Join (protocol/identity.py); unsigned Joins are refused
     quant: str = "none"  # its Linear weights: "none", "int8" or "int4" (node/quant.py)
 
 
@@ -107,8 +107,8 @@ class Member:
     move_reason: str = ""  # set while a MOVE instruction is pending
     relay_maddr: str = ""  # offered as a circuit relay; soft state, re-sent at every join
     # Its public key (protocol/identity.py): calls in its name must be signed by it. Stored
-    # (record.public_key), so a restarted coordinator still knows it; "" (an unsigned Join)
-    # adopts the first key that signs a call in its name.
+    # (record.public_key), so a restarted coordinator still knows it. "" only for a row stored
+    # before Joins had to be signed: every call in its name is refused until it joins again.
     member_key: str = ""
     quant: str = "none"  # its Linear weights (node/quant.py); soft state, re-sent at every join
     load: dict | None = None  # batch sizes and queue waits, as its last heartbeat said (soft state)
@@ -233,14 +233,14 @@ class Membership:
     def check_key(self, member_id: str, key: str | None) -> None:
         """Raise Unauthenticated unless a call in `member_id`'s name was signed by its key
         (`key`: the public key that signed it, None if none did).
-        Unknown ids pass (the call itself answers NOT_FOUND); a member without a key (its Join
-        was unsigned) adopts the first key presented."""
+        Unknown ids pass (the call itself answers NOT_FOUND). A member without a key (a row
+        stored before Joins had to be signed) is refused every call: its node joins again, signed."""
         member = self.members.get(member_id)
         if member is None:
             return
         if not member.member_key:
-            member.member_key = key or ""
-            return
+            raise Unauthenticated(f"member {member_id} joined unsigned, before Joins had to be signed; "
+                                  f"join again with a signed Join (docs/security.md)")
         if key is None or not hmac.compare_digest(key.encode(), member.member_key.encode()):
             raise Unauthenticated(f"member {member_id}: calls in its name must be signed by its member key "
                                   f"(protocol/identity.py); this one is not")

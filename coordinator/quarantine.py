@@ -70,8 +70,8 @@ class Quarantine:
                            one_line(address, 200), member.member_id, reporters, self.config.period_s)
         return now_quarantined, reporters
 
-    def check_join(self, address: str) -> None:
-        """Refuse a Join for a quarantined address."""
+    def check_address(self, address: str) -> None:
+        """Refuse a quarantined address (its Join, its data-TLS certificate)."""
         entry = self.nodes().get(address)
         if entry is not None:
             raise FailedPrecondition(

@@ -168,7 +168,7 @@ class CoordinatorServer:
             use_swarm_ca(swarm_ca.cert_pem)  # its own dials to nodes (the address challenge) verify too
         self._servicer = CoordinatorServicer(
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
-            swarm_ca=swarm_ca, data_tls_cert_days=cfg.data_tls_cert_days,
+            swarm_ca=swarm_ca, data_tls_cert_validity_s=cfg.data_tls_cert_validity_s,
             rounds=Rounds(cfg.rounds, self.store, self.membership, checkpoints=self.checkpoints), jobs=self.jobs,
             quarantine=self.quarantine,
             address_check=AddressCheck(cfg.addresses,

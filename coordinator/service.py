@@ -64,12 +64,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         address_check: AddressCheck | None = None,
         quarantine: Quarantine | None = None,
         swarm_ca: SwarmCA | None = None,
-        data_tls_cert_days: float = 365.0,
+        data_tls_cert_validity_s: float = 3600.0,
     ) -> None:
         self.membership = membership
         self.quarantine = quarantine  # liar reports (coordinator/quarantine.py); None: not offered
         self.swarm_ca = swarm_ca  # --data-tls: the CA that certifies members (protocol/data_tls.py)
-        self.data_tls_cert_days = data_tls_cert_days
+        self.data_tls_cert_validity_s = data_tls_cert_validity_s  # each node certificate's lifetime
         self.address_check = address_check  # None: announced addresses are not checked
         self.jobs = jobs or Jobs(membership.store, base_model=membership.config.model_id)
         self.rounds = rounds  # DiLoCo rounds (coordinator/rounds.py); None: not offered
@@ -86,11 +86,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Join(self, request: coordinator_pb2.JoinRequest, context):
         source_host = peer_host(context.peer() or "")
-        key = self._signed_by(context, "Join", request) or ""
+        key = self._signed_by(context, "Join", request)
+        if key is None:  # before anything else: an unsigned Join costs no dial and changes nothing
+            raise Unauthenticated(
+                "Join must be signed by the node's identity key: `pollinate node` signs it with its "
+                "--identity-file key, a program signs with protocol/identity.py's NodeIdentity.call_metadata; "
+                "the signature must be fresh (clocks within 300 s) and used once; see docs/security.md")
         if self.address_check is not None:
             await self.address_check.joining(request.address, peer_host=source_host)
         if self.quarantine is not None:
-            self.quarantine.check_join(request.address)
+            self.quarantine.check_address(request.address)
         await self._check_takeover(request.address, key)
         params = JoinParams(
             address=request.address,
@@ -128,17 +133,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         key = self._signed_by(context, "IssueDataTlsCertificate", request)
         if key is None:
             raise Unauthenticated("IssueDataTlsCertificate must be signed by the member's key (protocol/identity.py)")
-        self.membership.check_key(request.member_id, key)
         member = self.membership.members.get(request.member_id)
-        if member is None:
-            raise NotFound(f"no member {one_line(request.member_id, 80)}: join first")
-        if member.member_key != key:  # an unsigned Join left no key to certify
-            raise Unauthenticated(f"member {member.member_id} joined without a key; join with one to get a certificate")
-        chain = self.swarm_ca.issue(key, member.record.address, valid_days=self.data_tls_cert_days)
-        logger.info("certified member %s at %s (key %s)", member.member_id, one_line(member.record.address, 200),
-                    fingerprint(key))
+        if member is None:  # it left, was evicted or quarantined: its certificate runs out unrenewed
+            raise NotFound(f"no member {one_line(request.member_id, 80)}: join (again) first")
+        self.membership.check_key(request.member_id, key)
+        address = member.record.address
+        if request.address and request.address != address:
+            raise FailedPrecondition(f"member {member.member_id} holds {one_line(address, 200)}, not "
+                                     f"{one_line(request.address, 200)}: join at that address first")
+        if self.quarantine is not None:  # a quarantined address has left membership; this holds if not
+            self.quarantine.check_address(address)
+        chain = self.swarm_ca.issue(key, address, valid_s=self.data_tls_cert_validity_s)
+        logger.info("certified member %s at %s (key %s) for %.0f s", member.member_id, one_line(address, 200),
+                    fingerprint(key), self.data_tls_cert_validity_s)
         return coordinator_pb2.DataTlsCertificateReply(certificate_chain_pem=chain + self.swarm_ca.cert_pem,
-                                                       ca_pem=self.swarm_ca.cert_pem)
+                                                       ca_pem=self.swarm_ca.cert_pem,
+                                                       valid_s=self.data_tls_cert_validity_s)
 
     async def _check_takeover(self, address: str, key: str) -> None:
         """A Join for an address a keyed member holds, with another key, passes only if that

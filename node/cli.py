@@ -396,6 +396,7 @@ class _Node:
         self.address = ""  # host:port others dial, or the relayed address
         self.identity = _identity(config)  # its key pair (protocol/identity.py)
         self.tls_chain: bytes | None = None  # --data-tls swarms: the swarm CA's certificate for it
+        self.renewal: asyncio.Task | None = None  # --data-tls swarms: keeps tls_chain fresh
         self.lock = asyncio.Lock()  # a move waits for the first span, and for another move
 
     async def open_model(self) -> None:
@@ -472,13 +473,15 @@ class _Node:
 
             use_swarm_ca(assignment.data_tls_ca_pem)
             try:
-                self.tls_chain = (await self.member.data_tls_certificate()).encode()
+                chain, valid_s = await self.member.data_tls_certificate()
             except PollinateError as e:
                 await self.member.stop(leave=True)
                 raise SystemExit(f"pollinate node: the coordinator runs --data-tls but gave no certificate: "
                                  f"{type(e).__name__}: {e}") from None
-            logger.info("serving TLS with the swarm CA's certificate for %s (identity %s)", address,
-                        self.identity.fingerprint)
+            self.tls_chain = chain.encode()
+            logger.info("serving TLS with the swarm CA's certificate for %s (identity %s), valid for %.0f s",
+                        address, self.identity.fingerprint, valid_s)
+            self.renewal = asyncio.create_task(self.keep_certificate(valid_s), name="data-tls-renewal")
         if assignment.num_blocks != self.files.num_blocks:
             await self.member.stop(leave=True)
             raise SystemExit(f"pollinate node: the swarm's model {assignment.model_id!r} has "
@@ -486,6 +489,22 @@ class _Node:
         logger.info("coordinator %s assigned blocks %d:%d (member %s, epoch %d)", config.coordinator,
                     assignment.span.start, assignment.span.end, assignment.member_id, assignment.epoch)
         return assignment.span.start, assignment.span.end, port, reservation
+
+    async def keep_certificate(self, valid_s: float) -> None:
+        """Renew the data-TLS certificate at half its lifetime, from now on (while the span
+        loads too), into the running server once there is one (node/certificate_renewal.py)."""
+        from pollinate.node.certificate_renewal import keep_renewed
+
+        def install(chain: bytes) -> None:
+            self.tls_chain = chain  # what the server starts with if it has not yet
+            if self.rpc is not None:
+                self.rpc.replace_certificate(chain)
+
+        try:
+            await keep_renewed(self.member.data_tls_certificate, install, valid_s=valid_s,
+                               config=self.config.certificate_renewal)
+        except Exception:  # a bug: say so at once rather than when the certificate expires
+            logger.exception("renewing the data-TLS certificate stopped; it expires in at most %.0f s", valid_s)
 
     async def start_serving(self, start: int, end: int, port: int, reservation: socket.socket | None) -> None:
         """Load the span, bind, announce 'joining', measure, announce 'online', write the ready file."""
@@ -626,6 +645,8 @@ class _Node:
     async def stop(self) -> None:
         logger.info("shutting down: leaving the swarm, handing sessions off, announcing offline, draining")
         self.servicer.serving = False  # refuses handoffs from others: this node is going too
+        if self.renewal is not None:
+            self.renewal.cancel()
         await self.hand_off(self.server)
         if self.member is not None:
             await self.member.stop(leave=True)

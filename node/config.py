@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pollinate.node.announce import AnnounceConfig
+from pollinate.node.certificate_renewal import CertificateRenewalConfig
 from pollinate.node.handoff import HandoffConfig
 from pollinate.node.batching import BatchingConfig
 from pollinate.node.kept_inputs import KeptInputsConfig
@@ -116,6 +117,9 @@ class NodeConfig:
     # as a member (it signs Join and the calls in its member's name) and, with --data-tls, its
     # TLS key. None: a new key per process. The CLI's default is default_identity_file().
     identity_file: Path | None = None
+    # With a --data-tls coordinator: when to renew the node's short-lived certificate, and how
+    # often to retry a failed renewal (node/certificate_renewal.py).
+    certificate_renewal: CertificateRenewalConfig = field(default_factory=CertificateRenewalConfig)
 
     def __post_init__(self) -> None:
         if self.announce_host is None:

@@ -8,12 +8,16 @@
 
 RpcServer installs, in this order, the token interceptor (so an outsider's call never
 reaches a handler) and the error-mapping interceptor (so every servicer method turns domain
-errors into their status code and unexpected exceptions into INTERNAL).
+errors into their status code and unexpected exceptions into INTERNAL). A TLS server's
+certificate can be replaced while it serves (`replace_certificate`: a node's short-lived
+data-TLS certificate, renewed by node/certificate_renewal.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +238,30 @@ def _format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+class _ReplaceableCertificate:
+    """A TLS server's key and chain that can change while it serves: gRPC's dynamic server
+    credentials call `_fetch` at every new handshake (from a gRPC core thread, not the event
+    loop); it hands over a replacement once, after which gRPC keeps presenting it. Open
+    connections, and the calls on them, keep the session they have."""
+
+    def __init__(self, key: bytes, chain: bytes) -> None:
+        self.key = key
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            grpc.ssl_server_certificate_configuration([(key, chain)]), self._fetch)
+
+    def replace(self, chain: bytes) -> None:
+        config = grpc.ssl_server_certificate_configuration([(self.key, chain)])
+        with self._lock:
+            self._pending = config
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:  # None: unchanged since the last handshake
+            config, self._pending = self._pending, None
+        return config
+
+
 class RpcServer:
     """A grpc.aio server with Pollinate's interceptors and options.
 
@@ -252,6 +280,7 @@ class RpcServer:
         self._registrations: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]] = []
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
+        self._certificate: _ReplaceableCertificate | None = None  # with TLS, once started
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
         """Register a servicer with its generated function, e.g. add_NodeServicer_to_server."""
@@ -298,8 +327,8 @@ class RpcServer:
         bind = _format_address(cfg.host, cfg.port)
         try:
             if cfg.tls:
-                credentials = grpc.ssl_server_credentials([cfg.tls_key_and_chain()])
-                port = server.add_secure_port(bind, credentials)
+                self._certificate = _ReplaceableCertificate(*cfg.tls_key_and_chain())
+                port = server.add_secure_port(bind, self._certificate.credentials)
             else:
                 port = server.add_insecure_port(bind)
         except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
@@ -316,6 +345,17 @@ class RpcServer:
             "required" if cfg.token is not None else "not required",
         )
         return self.address
+
+    def replace_certificate(self, chain_pem: bytes) -> None:
+        """Present `chain_pem` (for the same key, given in memory: ServerConfig.tls_cert_pem)
+        from the next TLS handshake on; connections open now, and their calls, go on
+        undisturbed. Before start(), the chain to start with."""
+        if self.config.tls_cert_pem is None:
+            raise RuntimeError("RpcServer.replace_certificate: no in-memory TLS certificate to replace")
+        if self._certificate is None:
+            self.config = dataclasses.replace(self.config, tls_cert_pem=chain_pem)
+        else:
+            self._certificate.replace(chain_pem)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish for `grace` seconds (default:

@@ -96,15 +96,17 @@ class SwarmCA:
         logger.info("new swarm CA written to %s", cert_path)
         return cls(key, cert)
 
-    def issue(self, public_key: str, address: str, *, valid_days: float) -> str:
-        """A server certificate (PEM) for the node with `public_key` serving at `address`."""
+    def issue(self, public_key: str, address: str, *, valid_s: float) -> str:
+        """A server certificate (PEM) for the node with `public_key` serving at `address`,
+        valid for `valid_s` seconds from now. Short (an hour by default) and renewed by the
+        node: nothing revokes a certificate, so one outlives its member by at most that."""
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pollinate node {fingerprint(public_key)}")])
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
                 .public_key(public_key_object(public_key))
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))  # other machines' clocks
-                .not_valid_after(now + datetime.timedelta(days=valid_days))
+                .not_valid_after(now + datetime.timedelta(seconds=valid_s))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(tls_name(address))]), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -112,6 +114,12 @@ class SwarmCA:
                                critical=False)
                 .sign(self._key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def certificate_seconds_left(chain_pem: str) -> float:
+    """Seconds until the first certificate of `chain_pem` expires, by this machine's clock."""
+    cert = x509.load_pem_x509_certificate(chain_pem.encode())
+    return (cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
 
 
 # The swarm CA this process verifies nodes against (PEM), set once from the coordinator's

@@ -60,18 +60,22 @@ class ListQuarantinedReply(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ...) -> None: ...
 
 class DataTlsCertificateRequest(_message.Message):
-    __slots__ = ("member_id",)
+    __slots__ = ("member_id", "address")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     member_id: str
-    def __init__(self, member_id: _Optional[str] = ...) -> None: ...
+    address: str
+    def __init__(self, member_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class DataTlsCertificateReply(_message.Message):
-    __slots__ = ("certificate_chain_pem", "ca_pem")
+    __slots__ = ("certificate_chain_pem", "ca_pem", "valid_s")
     CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
     CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    VALID_S_FIELD_NUMBER: _ClassVar[int]
     certificate_chain_pem: str
     ca_pem: str
-    def __init__(self, certificate_chain_pem: _Optional[str] = ..., ca_pem: _Optional[str] = ...) -> None: ...
+    valid_s: float
+    def __init__(self, certificate_chain_pem: _Optional[str] = ..., ca_pem: _Optional[str] = ..., valid_s: _Optional[float] = ...) -> None: ...
 
 class CheckReachableRequest(_message.Message):
     __slots__ = ("address",)

@@ -291,7 +291,9 @@ class CoordinatorServicer:
     def IssueDataTlsCertificate(self, request, context):
         """With --data-tls: the swarm CA's certificate for the calling member's address, bound to
         the key that signed the call (its member key, protocol/identity.py); the node serves
-        gRPC with it. FAILED_PRECONDITION when the data plane is plaintext.
+        gRPC with it and asks again before it expires. FAILED_PRECONDITION when the data plane
+        is plaintext, the address is not the member's or is quarantined; NOT_FOUND for a member
+        that left or was evicted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

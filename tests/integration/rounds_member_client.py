@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from rounds_client import coordinator_state, job_spec, replicas_report, train_steps, wait_for_round
 
 POISON = 1e6
+COORDINATOR = "/pollinate.v1.Coordinator/"  # + a method: what a member's call signature covers
 
 
 async def main_async(args) -> dict:
@@ -38,6 +39,7 @@ async def main_async(args) -> dict:
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
     from pollinate.protocol.errors import PeerUnavailable
     from pollinate.protocol.framing import DEFAULT_FRAMING
+    from pollinate.protocol.identity import NodeIdentity
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
     cfg = ChannelConfig(token=args.token)
@@ -74,9 +76,10 @@ async def main_async(args) -> dict:
         raise PeerUnavailable(f"ExchangeShard to {address}: injected: the contribution stream broke")
 
     member_id = ""
+    identity = NodeIdentity.generate()  # signs its Join and every call in its member's name
     driver = RoundDriver(RoundConfig(contribution_wait_s=args.contribution_wait, exchange_timeout_s=60.0),
                          coordinator_address=args.coordinator, token=args.token,
-                         member_id=lambda: member_id, framing=DEFAULT_FRAMING)
+                         member_id=lambda: member_id, framing=DEFAULT_FRAMING, identity=identity)
     real_send, driver.exchange.send = driver.exchange.send, send
     # the job's DiLoCo settings, as a node derives them from the job spec it is sent
     member = DiLoCoMember(shared["diloco.global"].clone(), job_diloco_config(JobSpec.from_proto(spec)))
@@ -97,15 +100,15 @@ async def main_async(args) -> dict:
     coord_channel = open_channel(args.coordinator, cfg)
     coord = coordinator_pb2_grpc.CoordinatorStub(coord_channel)
     span = common_pb2.Span(start=0, end=args.num_blocks)
-    joined = await coord.Join(coordinator_pb2.JoinRequest(
-        address=address, capacity_blocks=args.num_blocks, throughput=10.0, requested_span=span,
-        name="rounds-member-client"), timeout=10)
+    join = coordinator_pb2.JoinRequest(address=address, capacity_blocks=args.num_blocks, throughput=10.0,
+                                       requested_span=span, name="rounds-member-client")
+    joined = await coord.Join(join, timeout=10, metadata=identity.call_metadata(f"{COORDINATOR}Join", join))
     member_id = joined.member_id
 
     async def heartbeat() -> None:
         while True:
-            await coord.Heartbeat(coordinator_pb2.HeartbeatRequest(member_id=member_id, serving_span=span),
-                                  timeout=5)
+            beat = coordinator_pb2.HeartbeatRequest(member_id=member_id, serving_span=span)
+            await coord.Heartbeat(beat, timeout=5, metadata=identity.call_metadata(f"{COORDINATOR}Heartbeat", beat))
             await asyncio.sleep(0.5)  # the heartbeat period, not a readiness wait
 
     beating = asyncio.create_task(heartbeat())
@@ -140,7 +143,8 @@ async def main_async(args) -> dict:
             and torch.equal(member.momentum, final["diloco.momentum"]))
     finally:
         beating.cancel()
-        await coord.Leave(coordinator_pb2.LeaveRequest(member_id=member_id), timeout=10)
+        leave = coordinator_pb2.LeaveRequest(member_id=member_id)
+        await coord.Leave(leave, timeout=10, metadata=identity.call_metadata(f"{COORDINATOR}Leave", leave))
         await coord_channel.close()
         await rpc.stop(0)
         await driver.close()

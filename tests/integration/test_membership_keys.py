@@ -1,8 +1,9 @@
 """Member keys (issue 18: identity) with a real coordinator and a real node (the tiny model):
-a token holder with another key pair can neither take a live node's address with a Join of
-its own nor leave or heartbeat in its member's name, and a signature read off the wire
-opens no second call; a node that crashed and restarts on its port with its identity file
-takes its place back at once, under the same identity."""
+a token holder with another key pair (or none: an unsigned Join is UNAUTHENTICATED) can
+neither take a live node's address with a Join of its own nor leave or heartbeat in its
+member's name, and a signature read off the wire opens no second call; a node that crashed
+and restarts on its port with its identity file takes its place back at once, under the
+same identity."""
 
 from __future__ import annotations
 
@@ -76,9 +77,10 @@ def test_a_token_holder_cannot_take_a_live_nodes_membership(tmp_path, tiny_model
         join = coordinator_pb2.JoinRequest(address=f"127.0.0.1:{port}", capacity_blocks=4, throughput=1e9,
                                            name="impostor")
         impostor = NodeIdentity.generate()
-        for metadata in (signed(impostor, "Join", join), ()):  # another key, or none
-            with pytest.raises(FailedPrecondition, match="still serves there"):
-                asyncio.run(call(address, "Join", join, metadata))
+        with pytest.raises(FailedPrecondition, match="still serves there"):  # another key: the node proves it is there
+            asyncio.run(call(address, "Join", join, signed(impostor, "Join", join)))
+        with pytest.raises(Unauthenticated, match="Join must be signed by the node's identity key"):
+            asyncio.run(call(address, "Join", join))  # no key at all: refused before anything is dialled
         leave, heartbeat = coordinator_pb2.LeaveRequest(member_id=victim), coordinator_pb2.HeartbeatRequest(
             member_id=victim)
         with pytest.raises(Unauthenticated, match="member key"):

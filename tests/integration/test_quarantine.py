@@ -20,6 +20,7 @@ TOKEN = "quarantine-token"
 async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
     from pollinate.protocol.addresses import free_port
     from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.identity import NodeIdentity
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
     (tmp_path / "token").write_text(TOKEN + "\n")
@@ -61,9 +62,10 @@ async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
                                               "127.0.0.1:1, 127.0.0.1:2"), listed
             status = await stubs["127.0.0.1"].Status(coordinator_pb2.StatusRequest(), timeout=10)
             assert list(status.members) == [] and [q.address for q in status.quarantined] == [liar_address]
-            with pytest.raises(grpc.aio.AioRpcError) as refused:  # it cannot join again
-                await stubs["[::1]"].Join(coordinator_pb2.JoinRequest(address=liar_address, capacity_blocks=30,
-                                                                       throughput=10.0), timeout=10)
+            rejoin = coordinator_pb2.JoinRequest(address=liar_address, capacity_blocks=30, throughput=10.0)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # it cannot join again, signed as it must be
+                await stubs["[::1]"].Join(rejoin, timeout=10, metadata=NodeIdentity.generate().call_metadata(
+                    "/pollinate.v1.Coordinator/Join", rejoin))
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "quarantined" in refused.value.details()
             with pytest.raises(grpc.aio.AioRpcError) as unknown:

@@ -189,14 +189,15 @@ def test_a_node_without_host_binds_everything_only_for_a_remote_coordinator():
 
 
 class FakeContext:
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, metadata=()):
         self._peer = peer
+        self._metadata = metadata
 
     def peer(self) -> str:
         return self._peer
 
     def invocation_metadata(self):
-        return ()  # no member key: an unkeyed joiner
+        return self._metadata  # the joiner's signature (protocol/identity.py)
 
 
 def test_join_from_another_machine_announcing_loopback_is_refused_and_changes_nothing(tmp_path):
@@ -204,6 +205,7 @@ def test_join_from_another_machine_announcing_loopback_is_refused_and_changes_no
     from pollinate.coordinator.membership import Membership
     from pollinate.coordinator.service import CoordinatorServicer
     from pollinate.coordinator.store import Store
+    from pollinate.protocol.identity import NodeIdentity
     from pollinate.protocol.v1 import coordinator_pb2
 
     store = Store(StoreConfig(data_dir=tmp_path))
@@ -212,10 +214,15 @@ def test_join_from_another_machine_announcing_loopback_is_refused_and_changes_no
     servicer = CoordinatorServicer(membership, dht_initial_peers=list, status=dict,
                                    address_check=AddressCheck(AddressCheckConfig(dial_back="off")))
     join = coordinator_pb2.JoinRequest(address="127.0.0.1:7100", capacity_blocks=10, throughput=1.0)
+    identity = NodeIdentity.generate()
+
+    def signed_from(peer: str) -> FakeContext:  # a Join is signed by the node's key, each signature used once
+        return FakeContext(peer, identity.call_metadata("/pollinate.v1.Coordinator/Join", join))
+
     with pytest.raises(FailedPrecondition, match="loopback but the node joined from 10.0.0.7"):
-        run(servicer.Join(join, FakeContext("ipv4:10.0.0.7:51234")))
+        run(servicer.Join(join, signed_from("ipv4:10.0.0.7:51234")))
     assert (membership.epoch, len(membership.members)) == (0, 0)
-    reply = run(servicer.Join(join, FakeContext("ipv4:127.0.0.1:51234")))  # the same from this machine
+    reply = run(servicer.Join(join, signed_from("ipv4:127.0.0.1:51234")))  # the same from this machine
     assert reply.epoch == 1 and len(membership.members) == 1
     store.close()
 

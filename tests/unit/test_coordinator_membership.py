@@ -89,7 +89,8 @@ def test_throughput_update_survives_restart_and_only_a_change_is_written(tmp_pat
 
 def test_a_members_key_survives_a_restart(tmp_path):
     """Calls in a member's name need its key also after the coordinator restarted (no trust on
-    first use); a member whose Join was unsigned adopts the first key that signs for it."""
+    first use); a member stored without a key (an unsigned Join, before they were refused)
+    loads, and every call in its name is refused, whatever key signs it: no first key adopted."""
     from pollinate.protocol.errors import Unauthenticated
 
     m = make(tmp_path)
@@ -101,9 +102,11 @@ def test_a_members_key_survives_a_restart(tmp_path):
     with pytest.raises(Unauthenticated):
         m2.check_key(keyed.member_id, "03" + "cd" * 32)
     m2.check_key(keyed.member_id, "02" + "ab" * 32)
-    m2.check_key(unkeyed.member_id, "03" + "cd" * 32)  # adopted
-    with pytest.raises(Unauthenticated):
-        m2.check_key(unkeyed.member_id, "02" + "ab" * 32)
+    assert m2.members[unkeyed.member_id].member_key == ""
+    for key in ("03" + "cd" * 32, None, "03" + "cd" * 32):
+        with pytest.raises(Unauthenticated, match="join again"):
+            m2.check_key(unkeyed.member_id, key)
+    assert m2.members[unkeyed.member_id].member_key == ""
 
 
 def test_data_dir_is_bound_to_one_model(tmp_path):

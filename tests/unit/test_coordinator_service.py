@@ -19,19 +19,20 @@ from pollinate.coordinator.config import (
 )
 from pollinate.coordinator.server import CoordinatorServer
 from pollinate.protocol.channels import ChannelConfig, open_channel
+from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.shared import Span
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 TOKEN = "test-token"
 
 
-def config(data_dir, port=0, **membership) -> CoordinatorConfig:
+def config(data_dir, port=0, coordinator: dict | None = None, **membership) -> CoordinatorConfig:
     return CoordinatorConfig(
         membership=MembershipConfig(**{"heartbeat_period_s": 0.1, "lease_s": 0.6,
                                        "eviction_interval_s": 0.05, "restart_grace_s": 0.5,
                                        **membership}),
         store=StoreConfig(data_dir=data_dir), dht=DhtConfig(enabled=False),
-        port=port, http_port=0, token=TOKEN,
+        port=port, http_port=0, token=TOKEN, **(coordinator or {}),
     )
 
 
@@ -61,12 +62,25 @@ async def wait_for(predicate, timeout=5.0, what="condition"):
         await asyncio.sleep(0.02)
 
 
-async def raw_call(srv, method: str, request, token=TOKEN):
+def signed(identity: NodeIdentity, method: str, request=None) -> tuple[tuple[str, str], ...]:
+    """Metadata that signs one call of the coordinator's `method` by `identity`."""
+    return identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
+
+
+async def raw_call(srv, method: str, request, token=TOKEN, signer: NodeIdentity | None = None):
+    """One call; signed by `signer` (a node's key: Join and calls in a member's name need it)."""
     channel = open_channel(srv.grpc_address, ChannelConfig(token=token))
     try:
-        return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=5)
+        return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(
+            request, timeout=5, metadata=signed(signer, method, request) if signer is not None else None)
     finally:
         await channel.close()
+
+
+async def join(srv, signer: NodeIdentity | None = None, **request):
+    """A signed Join (by `signer`, or a new key)."""
+    return await raw_call(srv, "Join", coordinator_pb2.JoinRequest(**request),
+                          signer=signer or NodeIdentity.generate())
 
 
 async def test_nodes_get_spans_that_cover_the_model(server):
@@ -92,13 +106,43 @@ async def test_wrong_token_is_unauthenticated_and_records_nothing(server):
                                           throughput=1.0)
     for token in ("wrong", None):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await raw_call(server, "Join", request, token=token)
+            await raw_call(server, "Join", request, token=token, signer=NodeIdentity.generate())
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert server.membership.members == {} and server.membership.epoch == 0
     assert server.store.load_members() == (0, [])
     # Health needs no token.
     reply = await raw_call(server, "Health", common_pb2.HealthRequest(), token=None)
     assert reply.status == common_pb2.HealthReply.SERVING and reply.protocol == "v1"
+
+
+async def test_an_unsigned_or_badly_signed_join_is_unauthenticated_and_changes_nothing(server):
+    owner = NodeIdentity.generate()
+    member = await join(server, owner, address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0)
+    before = (server.membership.epoch, server.store.load_members())
+    takeover = coordinator_pb2.JoinRequest(address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0)
+    newcomer = coordinator_pb2.JoinRequest(address="127.0.0.1:7001", capacity_blocks=10, throughput=1.0)
+    other = NodeIdentity.generate()
+    used = signed(other, "Join", newcomer)
+    attempts = {
+        "unsigned, for the member's address": (takeover, None),
+        "unsigned, for a new address": (newcomer, None),
+        "signed for another request": (newcomer, signed(other, "Join", takeover)),
+        "signed as another method": (newcomer, signed(other, "Heartbeat", newcomer)),
+        "a key that did not sign it": (newcomer, ((used[0][0], owner.public_key), used[1])),
+    }
+    for what, (request, metadata) in attempts.items():
+        channel = open_channel(server.grpc_address, ChannelConfig(token=TOKEN))
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await coordinator_pb2_grpc.CoordinatorStub(channel).Join(request, timeout=5, metadata=metadata)
+        finally:
+            await channel.close()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, what
+        assert "Join must be signed by the node's identity key" in err.value.details(), what
+    assert (server.membership.epoch, server.store.load_members()) == before
+    assert list(server.membership.members) == [member.member_id]
+    assert server.membership.members[member.member_id].member_key == owner.public_key
+    assert server.membership.counters["joins"] == 1
 
 
 @pytest.mark.parametrize(
@@ -120,7 +164,7 @@ async def test_wrong_token_is_unauthenticated_and_records_nothing(server):
 )
 async def test_bad_joins_get_clear_errors(server, request_kwargs, code, message):
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await raw_call(server, "Join", coordinator_pb2.JoinRequest(**request_kwargs))
+        await join(server, **request_kwargs)
     assert err.value.code() == code and message in err.value.details()
     assert server.membership.epoch == 0
 
@@ -131,11 +175,13 @@ async def test_unknown_member_heartbeat_is_not_found(server):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def heartbeat_stream(srv, requests, token=TOKEN) -> list:
-    """Send `requests` on one HeartbeatStream, one at a time; the replies (AioRpcError raised)."""
+async def heartbeat_stream(srv, requests, token=TOKEN, signer: NodeIdentity | None = None) -> list:
+    """Send `requests` on one HeartbeatStream (signed by `signer`), one at a time; the replies
+    (AioRpcError raised)."""
     channel = open_channel(srv.grpc_address, ChannelConfig(token=token))
     try:
-        call = coordinator_pb2_grpc.CoordinatorStub(channel).HeartbeatStream(timeout=5)
+        call = coordinator_pb2_grpc.CoordinatorStub(channel).HeartbeatStream(
+            timeout=5, metadata=signed(signer, "HeartbeatStream") if signer is not None else None)
         replies = []
         for request in requests:
             await call.write(request)
@@ -148,19 +194,20 @@ async def heartbeat_stream(srv, requests, token=TOKEN) -> list:
 
 
 async def test_heartbeat_stream_renews_the_lease_and_is_bound_to_one_member(server):
-    a, b = [await raw_call(server, "Join", coordinator_pb2.JoinRequest(
-        address=f"127.0.0.1:{7000 + i}", capacity_blocks=10, throughput=1.0)) for i in range(2)]
+    key = NodeIdentity.generate()
+    a, b = [await join(server, key, address=f"127.0.0.1:{7000 + i}", capacity_blocks=10, throughput=1.0)
+            for i in range(2)]
     beat = coordinator_pb2.HeartbeatRequest(member_id=a.member_id, serving_span=a.span,
                                             throughput=4.0)
     before = server.membership.members[a.member_id].lease_deadline
-    replies = await heartbeat_stream(server, [beat] * 3)
+    replies = await heartbeat_stream(server, [beat] * 3, signer=key)
     assert [r.epoch for r in replies] == [2, 2, 2] and replies[0].span == a.span
     assert replies[0].instruction.kind == coordinator_pb2.Instruction.NONE
     member = server.membership.members[a.member_id]
     assert member.lease_deadline > before and member.state == "online" and member.throughput == 4.0
     # A second member on the same stream ends it; the first member's beats were counted.
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await heartbeat_stream(server, [beat, coordinator_pb2.HeartbeatRequest(member_id=b.member_id)])
+        await heartbeat_stream(server, [beat, coordinator_pb2.HeartbeatRequest(member_id=b.member_id)], signer=key)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "belongs to member" in err.value.details()
     assert server.membership.counters["heartbeats"] == 4
 
@@ -169,16 +216,16 @@ async def test_heartbeat_stream_unknown_member_is_not_found_and_wrong_token_unau
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await heartbeat_stream(server, [coordinator_pb2.HeartbeatRequest(member_id="ghost")])
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "join again" in err.value.details()
-    join = await raw_call(server, "Join", coordinator_pb2.JoinRequest(
-        address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0))
+    key = NodeIdentity.generate()
+    joined = await join(server, key, address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await heartbeat_stream(server, [coordinator_pb2.HeartbeatRequest(member_id=join.member_id)],
-                               token="wrong")
+        await heartbeat_stream(server, [coordinator_pb2.HeartbeatRequest(member_id=joined.member_id)],
+                               token="wrong", signer=key)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert server.membership.counters["heartbeats"] == 0
     # The server keeps serving: the same member's stream with the right token works.
     assert len(await heartbeat_stream(
-        server, [coordinator_pb2.HeartbeatRequest(member_id=join.member_id)])) == 1
+        server, [coordinator_pb2.HeartbeatRequest(member_id=joined.member_id)], signer=key)) == 1
 
 
 async def test_join_flood_is_capped_per_source_address(tmp_path):
@@ -186,11 +233,9 @@ async def test_join_flood_is_capped_per_source_address(tmp_path):
     await srv.start()
     try:
         for i in range(2):
-            await raw_call(srv, "Join", coordinator_pb2.JoinRequest(
-                address=f"127.0.0.1:{7000 + i}", capacity_blocks=5, throughput=1.0))
+            await join(srv, address=f"127.0.0.1:{7000 + i}", capacity_blocks=5, throughput=1.0)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await raw_call(srv, "Join", coordinator_pb2.JoinRequest(
-                address="127.0.0.1:7009", capacity_blocks=5, throughput=1.0))
+            await join(srv, address="127.0.0.1:7009", capacity_blocks=5, throughput=1.0)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(srv.membership.members) == 2
     finally:
@@ -370,3 +415,87 @@ async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
             await big.close()
     finally:
         await node.stop()
+
+
+async def test_a_member_stored_without_a_key_loads_and_must_join_again_signed(tmp_path):
+    """A row an older coordinator stored for an unsigned Join: it loads, every call in its
+    name is refused until its node joins again, signed."""
+    from pollinate.coordinator.membership import JoinParams
+
+    srv = CoordinatorServer(config(tmp_path))
+    await srv.start()
+    port = int(srv.grpc_address.rsplit(":", 1)[1])
+    legacy = srv.membership.join(JoinParams(address="127.0.0.1:7000", model_id="", capacity=10, throughput=1.0))
+    await srv.stop(0)
+    srv = CoordinatorServer(config(tmp_path, port=port))
+    await srv.start()
+    key = NodeIdentity.generate()
+    try:
+        assert srv.membership.members[legacy.member_id].member_key == ""  # loaded, keyless
+        beat = coordinator_pb2.HeartbeatRequest(member_id=legacy.member_id)
+        for signer in (key, None):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw_call(srv, "Heartbeat", beat, signer=signer)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in err.value.details()
+        rejoined = await join(srv, key, address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0)
+        assert list(srv.membership.members) == [rejoined.member_id]
+        assert srv.membership.members[rejoined.member_id].member_key == key.public_key
+        assert (await raw_call(srv, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=rejoined.member_id),
+                               signer=key)).epoch == srv.membership.epoch
+    finally:
+        await srv.stop(0)
+
+
+async def test_data_tls_certificates_go_to_current_members_at_their_address_only(tmp_path):
+    """--data-tls: a member gets a certificate for its address, valid for the configured
+    lifetime; not for another address, not in another key's name, not once it left or was
+    quarantined."""
+    from cryptography import x509
+
+    from pollinate.coordinator.config import QuarantineConfig
+    from pollinate.protocol.data_tls import tls_name
+
+    srv = CoordinatorServer(config(tmp_path, coordinator=dict(
+        data_tls=True, data_tls_cert_validity_s=60.0, quarantine=QuarantineConfig(reporters=1))))
+    await srv.start()
+    nodes = [client_for(srv, 7000 + i) for i in range(2)]
+    try:
+        for node in nodes:
+            await node.start()
+        chain, valid_s = await nodes[0].data_tls_certificate()
+        cert = x509.load_pem_x509_certificate(chain.encode())
+        assert valid_s == 60.0
+        assert (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() == 60 + 300  # + clock skew
+        assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName) == [tls_name("127.0.0.1:7000")]
+
+        def ask(node, identity=None, **request):
+            request = coordinator_pb2.DataTlsCertificateRequest(member_id=node.member_id, **request)
+            return raw_call(srv, "IssueDataTlsCertificate", request, signer=identity or node.config.identity)
+
+        refusals = {}
+        for what, call in {"another address": ask(nodes[0], address="127.0.0.1:7001"),
+                           "another key": ask(nodes[0], identity=nodes[1].config.identity)}.items():
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            refusals[what] = err.value.code()
+        assert refusals == {"another address": grpc.StatusCode.FAILED_PRECONDITION,
+                            "another key": grpc.StatusCode.UNAUTHENTICATED}
+        assert (await ask(nodes[0], address="127.0.0.1:7000")).valid_s == 60.0  # its own: yes
+
+        left = nodes[0].member_id
+        await nodes[0].stop()  # leaves
+        reported = await raw_call(srv, "ReportLiar", coordinator_pb2.ReportLiarRequest(
+            address="127.0.0.1:7001", peer_id="12D3KooWliar", blocks=common_pb2.Span(start=0, end=10),
+            distance=0.5, tolerance=0.03))
+        assert reported.quarantined
+        for node, member_id in ((nodes[0], left), (nodes[1], nodes[1].member_id)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw_call(srv, "IssueDataTlsCertificate",
+                               coordinator_pb2.DataTlsCertificateRequest(member_id=member_id),
+                               signer=node.config.identity)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "join (again) first" in err.value.details()
+    finally:
+        for node in nodes:
+            await node.stop()
+        await srv.stop(0)

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 
 from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel, peer_channel_config
-from pollinate.protocol.data_tls import SwarmCA, swarm_ca_pem, tls_name, use_swarm_ca
+from pollinate.protocol.data_tls import SwarmCA, certificate_seconds_left, swarm_ca_pem, tls_name, use_swarm_ca
 from pollinate.protocol.errors import PeerUnavailable, translate_rpc_errors
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.v1 import common_pb2, node_pb2_grpc
@@ -30,7 +30,9 @@ def test_the_ca_is_kept_in_its_directory_and_certifies_key_and_address(tmp_path)
     ca = SwarmCA.load_or_create(tmp_path)
     assert SwarmCA.load_or_create(tmp_path).cert_pem == ca.cert_pem  # a restart keeps it
     node = NodeIdentity.generate()
-    cert = x509.load_pem_x509_certificate(ca.issue(node.public_key, "10.0.0.7:7100", valid_days=1).encode())
+    pem = ca.issue(node.public_key, "10.0.0.7:7100", valid_s=86400)
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    assert 86300 < certificate_seconds_left(pem) <= 86400  # what a node reads from an older coordinator's
     assert cert.issuer == ca.cert.subject
     assert cert.public_key().public_numbers() == node.private_key.public_key().public_numbers()
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
@@ -61,7 +63,7 @@ async def test_a_certified_node_serves_tls_to_diallers_that_trust_the_swarm_ca(t
     swarm_ca_in_process(ca.cert_pem)
 
     async def serving(certified_for: str) -> RpcServer:
-        chain = ca.issue(node.public_key, certified_for, valid_days=1) + ca.cert_pem
+        chain = ca.issue(node.public_key, certified_for, valid_s=86400) + ca.cert_pem
         server = RpcServer(ServerConfig(port=port, tls_cert_pem=chain.encode(), tls_key_pem=node.private_pem()))
         server.add(node_pb2_grpc.add_NodeServicer_to_server, _Health())
         await server.start()
@@ -85,3 +87,61 @@ async def test_a_certified_node_serves_tls_to_diallers_that_trust_the_swarm_ca(t
         await server.stop(0)
     swarm_ca_in_process(None)
     assert not peer_channel_config(None).tls  # no swarm CA told: plaintext
+
+
+async def test_a_serving_node_swaps_its_certificate_without_dropping_open_calls(tmp_path, swarm_ca_in_process):
+    """RpcServer.replace_certificate: new handshakes get the new certificate, a connection
+    opened before keeps working; an expired certificate fails new handshakes."""
+    import asyncio
+    import ssl
+
+    ca = SwarmCA.load_or_create(tmp_path / "ca")
+    node = NodeIdentity.generate()
+    probe = RpcServer(ServerConfig())
+    await probe.start()
+    address = probe.address
+    await probe.stop(0)
+    host, port = address.rsplit(":", 1)
+    swarm_ca_in_process(ca.cert_pem)
+
+    def served_expiry():  # the leaf certificate a new TLS handshake is shown
+        pem = ssl.get_server_certificate((host, int(port)), timeout=5)
+        return x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+
+    short = ca.issue(node.public_key, address, valid_s=2) + ca.cert_pem
+    server = RpcServer(ServerConfig(port=int(port), tls_cert_pem=short.encode(), tls_key_pem=node.private_pem()))
+    server.add(node_pb2_grpc.add_NodeServicer_to_server, _Health())
+    await server.start()
+    old = open_channel(address, peer_channel_config(None))  # connected before the swap
+    try:
+        stub = node_pb2_grpc.NodeStub(old)
+        assert (await stub.Health(common_pb2.HealthRequest(), timeout=5)).version == "test"
+        first = await asyncio.to_thread(served_expiry)
+        renewed = ca.issue(node.public_key, address, valid_s=3600) + ca.cert_pem
+        server.replace_certificate(renewed.encode())
+        assert (await asyncio.to_thread(served_expiry) - first).total_seconds() > 3000
+        await asyncio.sleep(2.5)  # the first certificate has expired
+        assert await _health(address, peer_channel_config(None)) == "test"  # a new connection: the renewed one
+        assert (await stub.Health(common_pb2.HealthRequest(), timeout=5)).version == "test"  # the old one goes on
+    finally:
+        await old.close()
+        await server.stop(0)
+
+    expired = RpcServer(ServerConfig(port=int(port), tls_cert_pem=short.encode(), tls_key_pem=node.private_pem()))
+    expired.add(node_pb2_grpc.add_NodeServicer_to_server, _Health())
+    await expired.start()
+    try:  # what a node that was not renewed serves: refused by every dialler
+        with pytest.raises(PeerUnavailable, match="TLS handshake failed"):
+            await _health(address, peer_channel_config(None))
+    finally:
+        await expired.stop(0)
+
+    # renewed before the server started (a node whose span loads for longer than half the lifetime)
+    late = RpcServer(ServerConfig(port=int(port), tls_cert_pem=short.encode(), tls_key_pem=node.private_pem()))
+    late.add(node_pb2_grpc.add_NodeServicer_to_server, _Health())
+    late.replace_certificate(renewed.encode())
+    await late.start()
+    try:
+        assert await _health(address, peer_channel_config(None)) == "test"
+    finally:
+        await late.stop(0)
