@@ -39,7 +39,7 @@ class RoundCoordinator:
     """``member_id``: a callable, since the id changes when the node re-joins."""
 
     def __init__(self, config: RoundConfig, *, address: str, token: str, member_id: Callable[[], str],
-                 identity: NodeIdentity | None = None, tls: bool = False,
+                 identity: NodeIdentity, tls: bool = False,
                  tls_root_cert_file: Path | None = None) -> None:
         self.config = config
         self._identity = identity  # rounds are calls in the member's name: signed by its key
@@ -50,8 +50,6 @@ class RoundCoordinator:
         self._channel = None
 
     def _metadata(self, method: str, request) -> tuple[tuple[str, str], ...]:
-        if self._identity is None:
-            return ()
         return self._identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
     def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:

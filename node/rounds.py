@@ -79,6 +79,7 @@ from pollinate.node.round_coordinator import RoundCoordinator
 from pollinate.node.shard_exchange import ShardExchange
 from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
 from pollinate.protocol.errors import FailedPrecondition, NotFound
+from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class RoundDriver:
     """Runs a job's rounds on one node: ``after_backward`` after every Backward of a job."""
 
     def __init__(self, config: RoundConfig, *, coordinator_address: str, token: str,
-                 member_id, framing, identity=None, tls: bool = False,
+                 member_id, framing, identity: NodeIdentity, tls: bool = False,
                  tls_root_cert_file: Path | None = None) -> None:
         self.config = config
         self._member_id = member_id  # callable: the id changes when the node re-joins

@@ -40,7 +40,7 @@ async def main_async(args) -> dict:
     from pollinate.protocol.errors import PeerUnavailable
     from pollinate.protocol.framing import DEFAULT_FRAMING
     from pollinate.protocol.identity import NodeIdentity
-    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
+    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2_grpc
 
     cfg = ChannelConfig(token=args.token)
     spec = job_spec(args.round_steps, args.overlap)
