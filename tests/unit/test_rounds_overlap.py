@@ -24,6 +24,7 @@ import torch
 from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat, exchange_in_process, job_diloco_config,
                                    flatten_params, overlap_restart)
 from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
+from pollinate.protocol.identity import NodeIdentity
 
 NUMEL = 6
 H = 2
@@ -43,7 +44,7 @@ class Driver(RoundDriver):
 
     def __init__(self) -> None:
         super().__init__(RoundConfig(), coordinator_address="127.0.0.1:1", token="t",
-                         member_id=lambda: "m0", framing=None)
+                         member_id=lambda: "m0", framing=None, identity=NodeIdentity.generate())
         self.gate = asyncio.Event()
         self.fail_next = False
         self.rounds: list[tuple[torch.Tensor, int]] = []  # (θ_local the round read, its tokens)
