@@ -7,7 +7,9 @@ replaces the earlier one), and a node is quarantined while at least ``reporters`
 reporters reported it within ``period_s``. So one hostile client cannot evict an honest node
 on its own; Sybils with several addresses can (docs/security.md). A quarantined node is
 removed from membership (no span placed on it, its rounds' groups lose it), refused at Join,
-and listed by ListQuarantined and Status, which clients read to leave it out of routes.
+and listed by ListQuarantined and Status, which clients read to leave it out of routes. Since
+Joins are signed, the member's key is quarantined with its address: the same key joining at
+another address (another port, a new IP) is refused too; a fresh key is a new node (Sybils).
 
 Only members can be reported (NOT_FOUND otherwise): the rows stay bounded by the swarm.
 Reports persist in the store; a restarted coordinator keeps its quarantines.
@@ -22,13 +24,15 @@ from typing import Callable
 from pollinate.coordinator.config import QuarantineConfig
 from pollinate.coordinator.store import Store
 from pollinate.protocol.errors import FailedPrecondition, NotFound, one_line
+from pollinate.protocol.identity import fingerprint
 
 logger = logging.getLogger(__name__)
 
 
-def quarantined(reports: list[tuple[str, str, str, str, float]], needed: int) -> dict[str, dict]:
+def quarantined(reports: list[tuple[str, str, str, str, float, str]], needed: int) -> dict[str, dict]:
     """Pure policy: the nodes that ``needed`` distinct reporters reported, from (address,
-    reporter, peer_id, reason, reported_at) rows oldest first -> {address: its entry}."""
+    reporter, peer_id, reason, reported_at, member_key) rows oldest first -> {address: its
+    entry}; an entry's ``member_keys`` are the keys the address was reported under."""
     by_address: dict[str, list] = {}
     for row in reports:
         by_address.setdefault(row[0], []).append(row)
@@ -36,7 +40,8 @@ def quarantined(reports: list[tuple[str, str, str, str, float]], needed: int) ->
     for address, rows in by_address.items():
         if len(rows) >= needed:  # rows are distinct reporters (the store's key)
             out[address] = {"address": address, "peer_id": rows[-1][2], "reporters": len(rows),
-                            "since": rows[needed - 1][4], "reason": rows[-1][3]}
+                            "since": rows[needed - 1][4], "reason": rows[-1][3],
+                            "member_keys": sorted({row[5] for row in rows if row[5]})}
     return out
 
 
@@ -58,7 +63,8 @@ class Quarantine:
         if member is None and address not in self.nodes():
             raise NotFound(f"ReportLiar: no member at {one_line(address, 200)}")
         self.store.add_liar_report(address, reporter, peer_id=one_line(peer_id, 100),
-                                   reason=one_line(reason, 300), now=self.clock())
+                                   reason=one_line(reason, 300), now=self.clock(),
+                                   member_key=member.member_key if member is not None else "")
         reporters = sum(1 for row in self.store.liar_reports(self.clock() - self.config.period_s) if row[0] == address)
         now_quarantined = reporters >= self.config.reporters
         logger.warning("node %s reported answering wrong by %s (%d of %d reporters needed): %s",
@@ -69,6 +75,15 @@ class Quarantine:
             logger.warning("node %s (member %s) quarantined: %d reporters; removed from the swarm for %.0f s",
                            one_line(address, 200), member.member_id, reporters, self.config.period_s)
         return now_quarantined, reporters
+
+    def check_key(self, key: str) -> None:
+        """Refuse a Join signed by the key of a quarantined member, at whatever address."""
+        for entry in self.nodes().values():
+            if key in entry["member_keys"]:
+                raise FailedPrecondition(
+                    f"this node's key ({fingerprint(key)}) is quarantined: it served {one_line(entry['address'], 200)} "
+                    f"when {entry['reporters']} clients reported it answering wrong ({entry['reason']}); it may "
+                    f"join again {self.config.period_s:.0f} s after the reports")
 
     def check_address(self, address: str) -> None:
         """Refuse a quarantined address (its Join, its data-TLS certificate)."""

@@ -96,6 +96,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await self.address_check.joining(request.address, peer_host=source_host)
         if self.quarantine is not None:
             self.quarantine.check_address(request.address)
+            self.quarantine.check_key(key)
         await self._check_takeover(request.address, key)
         params = JoinParams(
             address=request.address,

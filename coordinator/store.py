@@ -167,6 +167,7 @@ _ADDED_COLUMNS = (
     ("committed_states", "pruned_at", "REAL"),  # issue 15: retention; NULL = the file is kept
     ("committed_states", "pruned_reason", "TEXT"),
     ("members", "public_key", "TEXT NOT NULL DEFAULT ''"),  # issue 18: identity survives a restart
+    ("liar_reports", "member_key", "TEXT NOT NULL DEFAULT ''"),  # issue 18: the reported member's key
 )
 
 
@@ -549,17 +550,21 @@ class Store:
             "r.span_start=m.span_start AND r.span_end=m.span_end AND r.round=m.round WHERE m.job_name=? AND "
             "m.span_start=? AND m.span_end=? AND r.state='committed' AND m.checksum IS NOT NULL", key)}
 
-    def add_liar_report(self, address: str, reporter: str, *, peer_id: str, reason: str, now: float) -> None:
-        """One reporter's report of a node (a repeat replaces its earlier one)."""
+    def add_liar_report(self, address: str, reporter: str, *, peer_id: str, reason: str, now: float,
+                        member_key: str = "") -> None:
+        """One reporter's report of a node (a repeat replaces its earlier one); ``member_key``:
+        the public key of the member at that address when reported ("" if none)."""
         with _transaction(self.db):
-            self.db.execute("INSERT INTO liar_reports VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                            "peer_id=excluded.peer_id, reason=excluded.reason, reported_at=excluded.reported_at",
-                            (address, reporter, peer_id, reason, now))
+            self.db.execute("INSERT INTO liar_reports (address, reporter, peer_id, reason, reported_at, member_key) "
+                            "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET peer_id=excluded.peer_id, "
+                            "reason=excluded.reason, reported_at=excluded.reported_at, "
+                            "member_key=CASE WHEN excluded.member_key != '' THEN excluded.member_key ELSE member_key END",
+                            (address, reporter, peer_id, reason, now, member_key))
 
-    def liar_reports(self, since: float) -> list[tuple[str, str, str, str, float]]:
-        """(address, reporter, peer_id, reason, reported_at) of reports at or after `since`,
-        oldest first."""
-        return self.db.execute("SELECT address, reporter, peer_id, reason, reported_at FROM liar_reports "
+    def liar_reports(self, since: float) -> list[tuple[str, str, str, str, float, str]]:
+        """(address, reporter, peer_id, reason, reported_at, member_key) of reports at or after
+        `since`, oldest first."""
+        return self.db.execute("SELECT address, reporter, peer_id, reason, reported_at, member_key FROM liar_reports "
                                "WHERE reported_at >= ? ORDER BY reported_at", (since,)).fetchall()
 
     def round_groups(self, key: RoundKey) -> dict[int, dict]:

@@ -499,3 +499,38 @@ async def test_data_tls_certificates_go_to_current_members_at_their_address_only
         for node in nodes:
             await node.stop()
         await srv.stop(0)
+
+
+async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path):
+    """Quarantine binds the key as well as the address (Joins are signed): the liar's key
+    joining at a new port is refused, and so is its old address with a new key; a new key at
+    a new address is a new node (what Sybils can always do: docs/security.md)."""
+    from pollinate.coordinator.config import QuarantineConfig
+
+    srv = CoordinatorServer(config(tmp_path, coordinator=dict(quarantine=QuarantineConfig(reporters=1))))
+    await srv.start()
+    liar = client_for(srv, 7001)
+    try:
+        await liar.start()
+        reported = await raw_call(srv, "ReportLiar", coordinator_pb2.ReportLiarRequest(
+            address="127.0.0.1:7001", peer_id="12D3KooWliar", blocks=common_pb2.Span(start=0, end=10),
+            distance=0.5, tolerance=0.03))
+        assert reported.quarantined
+        refused = {}
+        for what, address, signer in (("its key, a new port", "127.0.0.1:7002", liar.config.identity),
+                                      ("its address, a new key", "127.0.0.1:7001", None)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await join(srv, signer, address=address, model_id=srv.config.membership.model_id, capacity_blocks=10,
+                           throughput=10.0)
+            refused[what] = (err.value.code(), err.value.details())
+        assert refused["its key, a new port"][0] == grpc.StatusCode.FAILED_PRECONDITION
+        assert "key" in refused["its key, a new port"][1] and "quarantined" in refused["its key, a new port"][1]
+        assert refused["its address, a new key"][0] == grpc.StatusCode.FAILED_PRECONDITION
+        fresh = await join(srv, address="127.0.0.1:7003", model_id=srv.config.membership.model_id, capacity_blocks=10,
+                           throughput=10.0)
+        assert fresh.member_id
+        listed = await raw_call(srv, "ListQuarantined", coordinator_pb2.ListQuarantinedRequest())
+        assert [n.address for n in listed.nodes] == ["127.0.0.1:7001"]
+    finally:
+        await liar.stop()
+        await srv.stop(0)
