@@ -76,19 +76,18 @@ class Quarantine:
                            one_line(address, 200), member.member_id, reporters, self.config.period_s)
         return now_quarantined, reporters
 
-    def check_key(self, key: str) -> None:
-        """Refuse a Join signed by the key of a quarantined member, at whatever address."""
-        for entry in self.nodes().values():
-            if key in entry["member_keys"]:
-                raise FailedPrecondition(
-                    f"this node's key ({fingerprint(key)}) is quarantined: it served {one_line(entry['address'], 200)} "
-                    f"when {entry['reporters']} clients reported it answering wrong ({entry['reason']}); it may "
-                    f"join again {self.config.period_s:.0f} s after the reports")
-
-    def check_address(self, address: str) -> None:
-        """Refuse a quarantined address (its Join, its data-TLS certificate)."""
-        entry = self.nodes().get(address)
+    def check(self, address: str, key: str = "") -> None:
+        """Refuse a quarantined address (a Join, a data-TLS certificate) and, given the key
+        that signed a Join, a quarantined member's key at whatever address."""
+        nodes = self.nodes()
+        entry = nodes.get(address)
         if entry is not None:
             raise FailedPrecondition(
                 f"{one_line(address, 200)} is quarantined: {entry['reporters']} clients reported it answering "
                 f"wrong ({entry['reason']}); it may join again {self.config.period_s:.0f} s after the reports")
+        for entry in nodes.values():
+            if key and key in entry["member_keys"]:
+                raise FailedPrecondition(
+                    f"this node's key ({fingerprint(key)}) is quarantined: it served {one_line(entry['address'], 200)} "
+                    f"when {entry['reporters']} clients reported it answering wrong ({entry['reason']}); it may "
+                    f"join again {self.config.period_s:.0f} s after the reports")

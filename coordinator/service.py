@@ -95,8 +95,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if self.address_check is not None:
             await self.address_check.joining(request.address, peer_host=source_host)
         if self.quarantine is not None:
-            self.quarantine.check_address(request.address)
-            self.quarantine.check_key(key)
+            self.quarantine.check(request.address, key)
         await self._check_takeover(request.address, key)
         params = JoinParams(
             address=request.address,
@@ -143,7 +142,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             raise FailedPrecondition(f"member {member.member_id} holds {one_line(address, 200)}, not "
                                      f"{one_line(request.address, 200)}: join at that address first")
         if self.quarantine is not None:  # a quarantined address has left membership; this holds if not
-            self.quarantine.check_address(address)
+            self.quarantine.check(address)
         chain = self.swarm_ca.issue(key, address, valid_s=self.data_tls_cert_validity_s)
         logger.info("certified member %s at %s (key %s) for %.0f s", member.member_id, one_line(address, 200),
                     fingerprint(key), self.data_tls_cert_validity_s)
