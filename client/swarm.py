@@ -17,7 +17,7 @@ from pollinate.client.dht_lookup import fetch_peers
 from pollinate.client.routing import BanList, Hop, NoRouteError, PeerSpan, find_route
 from pollinate.client.spot_check import SpotChecker
 from pollinate.protocol.channels import ChannelConfig, open_channel, peer_channel_config
-from pollinate.protocol.errors import PeerUnavailable, SessionHandedOff, SpanMoved
+from pollinate.protocol.errors import PeerUnavailable, SessionHandedOff, SpanMoved, one_line
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.v1 import node_pb2_grpc
 
@@ -45,6 +45,10 @@ class Swarm:
         self.liars: dict[str, str] = {}  # peer id -> why: caught answering wrong, never routed again
         # addresses the coordinator quarantined (coordinator/quarantine.py), left out of routes
         self.quarantined: frozenset[str] = frozenset()
+        # the coordinator's members' addresses: routes use only DHT records at these (anyone
+        # who reaches the DHT can announce one); None: no list read, every record counts
+        self.members: frozenset[str] | None = None
+        self._strangers: set[str] = set()  # non-member addresses already logged
         self.reports: list = []  # ReportLiarReply per liar reported, in order (for tests and chaos.py)
         self._reporting: set[asyncio.Task] = set()
         self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance,
@@ -68,14 +72,23 @@ class Swarm:
         re-reads the DHT once on failure."""
         banned = self.bans.banned(time.monotonic()) | exclude | frozenset(self.liars)
         try:
-            return find_route(self._unquarantined(await self.peers()), start, end, config=self.config.routing,
+            return find_route(self._routable(await self.peers()), start, end, config=self.config.routing,
                               banned=banned)
         except NoRouteError:
-            peers = self._unquarantined(await self.peers(refresh=True))
+            peers = self._routable(await self.peers(refresh=True))
             return find_route(peers, start, end, config=self.config.routing, banned=banned)
 
-    def _unquarantined(self, peers: list[PeerSpan]) -> list[PeerSpan]:
-        return [p for p in peers if p.address not in self.quarantined] if self.quarantined else peers
+    def _routable(self, peers: list[PeerSpan]) -> list[PeerSpan]:
+        """Peers neither quarantined nor unknown to the coordinator (when it lists members)."""
+        kept = [p for p in peers if p.address not in self.quarantined] if self.quarantined else peers
+        if self.members is None:
+            return kept
+        for p in kept:
+            if p.address not in self.members and p.address not in self._strangers:
+                self._strangers.add(p.address)
+                logger.warning("DHT record of peer %s at %s (blocks %d:%d) names no member of the swarm; "
+                               "not routing through it", p.peer_id[-8:], one_line(p.address, 200), p.start, p.end)
+        return [p for p in kept if p.address in self.members]
 
     def ban(self, peer: PeerSpan, reason: BaseException) -> None:
         """Leave a failed peer out of routes for a while (doubling per repeat). A peer that
@@ -150,6 +163,8 @@ class Swarm:
             logger.info("quarantine list not read from the coordinator: %s", e.code().name)
             return
         self.quarantined = frozenset(n.address for n in reply.nodes)
+        if reply.lists_members:
+            self.members = frozenset(reply.member_addresses)
 
     def _first_relay_failure(self, peer: PeerSpan) -> bool:
         """True once per ban_base_s for a relayed peer: its first unreachable call is retried."""

@@ -244,8 +244,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                                                needed=quarantine.config.reporters)
 
     async def ListQuarantined(self, request, context):
+        """The quarantined nodes, and the members' addresses that clients may route through
+        (a DHT record at any other address was not announced by a member)."""
+        nodes = self.quarantine.nodes() if self.quarantine is not None else {}
+        members = sorted({m.record.address for m in self.membership.members.values()} - nodes.keys())
         return coordinator_pb2.ListQuarantinedReply(
-            nodes=[quarantined_to_proto(q) for q in self._quarantine().nodes().values()])
+            nodes=[quarantined_to_proto(q) for q in nodes.values()], member_addresses=members, lists_members=True)
 
     def _rounds(self) -> Rounds:
         if self.rounds is None:

@@ -54,10 +54,14 @@ class QuarantinedNode(_message.Message):
     def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., reporters: _Optional[int] = ..., since: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListQuarantinedReply(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "member_addresses", "lists_members")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    LISTS_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[QuarantinedNode]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ...) -> None: ...
+    member_addresses: _containers.RepeatedScalarFieldContainer[str]
+    lists_members: bool
+    def __init__(self, nodes: _Optional[_Iterable[_Union[QuarantinedNode, _Mapping]]] = ..., member_addresses: _Optional[_Iterable[str]] = ..., lists_members: _Optional[bool] = ...) -> None: ...
 
 class DataTlsCertificateRequest(_message.Message):
     __slots__ = ("member_id", "address")

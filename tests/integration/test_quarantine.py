@@ -51,6 +51,7 @@ async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
             assert (again.quarantined, again.reporters) == (False, 1), again
             listed = await stubs["127.0.0.1"].ListQuarantined(coordinator_pb2.ListQuarantinedRequest(), timeout=10)
             assert list(listed.nodes) == []
+            assert listed.lists_members and list(listed.member_addresses) == [liar_address]  # clients route here
             status = await stubs["127.0.0.1"].Status(coordinator_pb2.StatusRequest(), timeout=10)
             assert [m.address for m in status.members] == [liar_address]
 
@@ -58,6 +59,7 @@ async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
             assert (second.quarantined, second.reporters) == (True, 2), second
             listed = await stubs["127.0.0.1"].ListQuarantined(coordinator_pb2.ListQuarantinedRequest(), timeout=10)
             assert [(n.address, n.peer_id, n.reporters) for n in listed.nodes] == [(liar_address, "12D3KooWliar", 2)]
+            assert listed.lists_members and list(listed.member_addresses) == []  # ... and no longer
             assert listed.nodes[0].reason == ("blocks 1:3: distance 0.11 > tolerance 0.03 from the answers of "
                                               "127.0.0.1:1, 127.0.0.1:2"), listed
             status = await stubs["127.0.0.1"].Status(coordinator_pb2.StatusRequest(), timeout=10)

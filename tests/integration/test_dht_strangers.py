@@ -1,0 +1,79 @@
+"""Strangers in the DHT (issue 18). The swarm's DHT takes records from anyone who can reach
+it, no token needed, so a stranger can announce blocks at an address of its choosing, with a
+throughput that makes routes prefer it, and learn the token from the first call sent there.
+A client that knows the coordinator routes only through records at its members' addresses
+(ListQuarantined lists them): it generates the local model's tokens and never dials the
+stranger. A client bootstrapped from --initial-peers alone has no member list and does dial
+it: the hole the list closes (docs/security.md)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from procs import ProcGroup
+from rounds_swarm import start_swarm
+
+SERVING_CLIENT = str(Path(__file__).with_name("serving_client.py"))
+STRANGER = str(Path(__file__).with_name("dht_stranger.py"))
+TOKEN = "stranger-token"
+PROMPT = [1, 5, 9, 33, 70, 12]
+NEW_TOKENS = 4
+
+
+class Trap:
+    """A TCP listener that counts the connections it is sent (and closes each at once)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.dialled = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.dialled += 1
+            conn.close()
+
+
+def generate(model_dir, cache_dir, *bootstrap: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SERVING_CLIENT, "--model", str(model_dir), "--cache-dir", str(cache_dir), "--token", TOKEN,
+         "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW_TOKENS), *bootstrap],
+        capture_output=True, text=True, timeout=120)
+
+
+def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_model_dir, tiny_model_files,
+                                                               tiny_cache_dir, tiny_reference_model):
+    import torch
+
+    expected = tiny_reference_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS,
+                                             min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT):].tolist()
+    trap = Trap()
+    try:
+        with ProcGroup(tmp_path) as group:
+            coord, _ = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN)
+            dht_peers = coord.info["dht_initial_peers"]
+            stranger = group.start("stranger", [], cmd=[
+                sys.executable, STRANGER, "--initial-peers", *dht_peers, "--model", str(tiny_model_dir),
+                "--blocks", "0:4", "--address", trap.address])
+            group.wait_ready([stranger], timeout=60)  # its records are stored
+
+            member_client = generate(tiny_model_dir, tiny_cache_dir, "--coordinator", coord.info["grpc"])
+            assert member_client.returncode == 0, member_client.stderr[-3000:] + group.dump_logs()
+            assert json.loads(member_client.stdout.strip().splitlines()[-1])["tokens"] == expected
+            assert trap.dialled == 0, "a client that knows the coordinator dialled the stranger"
+            assert f"at {trap.address} (blocks 0:4) names no member of the swarm" in member_client.stderr
+
+            peers_only = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers)
+            assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents
+    finally:
+        trap.sock.close()
