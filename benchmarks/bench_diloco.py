@@ -176,7 +176,7 @@ def run_diloco(args, state, train, val, seed, config: DiLoCoConfig, num_replicas
             for s in range(step, step + h):
                 train_step(model, opt, batch(train, BATCH, (seed, r, s)))
         report = exchange_in_process(members, [flatten_params(p) for p in params],
-                                     [h * BATCH * SEQ] * num_replicas, round_index=rounds)
+                                     [h * BATCH * SEQ] * num_replicas, round_index=rounds + 1)
         if len(set(report.checksums)) != 1 or report.rejected:
             raise RuntimeError(f"round {rounds}: members diverged or rejected {report.rejected}")
         moved += sum(report.bytes_per_member) // num_replicas
@@ -217,7 +217,7 @@ def run_diloco_overlapped(args, state, train, val, seed, config: DiLoCoConfig, d
         if since == config.inner_steps or step + 1 == args.steps:
             if pending is not None:  # still out at the boundary: the node's Backward waits here
                 land()
-            pending = (rounds, [flatten_params(p) for p in params], since * BATCH * SEQ, step + 1 + delay)
+            pending = (rounds + 1, [flatten_params(p) for p in params], since * BATCH * SEQ, step + 1 + delay)
             rounds, since = rounds + 1, 0
             if delay == 0:  # lands before the next step: the blocking round
                 land()

@@ -84,6 +84,12 @@ class DiLoCoConfig:
         default_factory=lambda: {"p": 0.75, "k": 1.0, "bits": 1, "bucket": 1024})
     # first rounds sent uncompressed (codec "none", fp32): lets outer momentum settle
     warmup_rounds: int = 0
+    # rounds over which the outer lr ramps up linearly: round r (from 1) steps with
+    # outer_lr × min(1, r / outer_lr_warmup_rounds); 0 = the whole lr from round 1 (the
+    # default: with adapters' 1.6 / 0.6 it cost the long run 0.4% and did not rescue make
+    # demo's two-round job, docs/diloco.md "Adapter jobs' outer optimizer"). A solo round
+    # keeps solo_outer_optimizer's lr
+    outer_lr_warmup_rounds: int = 0
     # decay of the worker's error-feedback residual per round (1 = classic EF; SparseLoCo
     # uses 0.95 so that stale residuals fade)
     worker_ef_decay: float = 1.0
@@ -133,6 +139,8 @@ class DiLoCoConfig:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
         if self.warmup_rounds < 0:
             raise ValueError(f"warmup_rounds must be >= 0, got {self.warmup_rounds}")
+        if self.outer_lr_warmup_rounds < 0:
+            raise ValueError(f"outer_lr_warmup_rounds must be >= 0, got {self.outer_lr_warmup_rounds}")
         if not 0 <= self.worker_ef_decay <= 1:
             raise ValueError(f"worker_ef_decay must be in [0, 1], got {self.worker_ef_decay}")
         if self.solo_outer_optimizer is not None:
@@ -316,7 +324,7 @@ class DiLoCoMember:
     def round_codec(self, round_index: int, num_shards: int) -> tuple[str, Mapping[str, object]]:
         """(codec id, params) of a round's frames: fp32 ("none") during warm-up rounds,
         solo_codec in solo rounds, the job's codec otherwise."""
-        if round_index < self.config.warmup_rounds:
+        if self.config.warmup_rounds and round_index <= self.config.warmup_rounds:  # rounds count from 1
             return "none", {}
         if self.solo(num_shards):
             return self.config.solo_codec, {}
@@ -399,8 +407,12 @@ class DiLoCoMember:
         coordinator needs to rebuild the committed state from the result frames."""
         codec, params = self.round_codec(round_index, num_shards)
         params = dict(params)
-        lr, momentum = (self.config.solo_outer_optimizer if self.solo(num_shards)
-                        else (self.config.outer_lr, self.config.outer_momentum))
+        if self.solo(num_shards):
+            lr, momentum = self.config.solo_outer_optimizer
+        else:
+            lr, momentum = self.config.outer_lr, self.config.outer_momentum
+            if self.config.outer_lr_warmup_rounds:
+                lr *= min(1.0, max(1, round_index) / self.config.outer_lr_warmup_rounds)
         return OuterStep(codec=codec, codec_params=params, lr=lr, momentum=momentum,
                          nesterov=self.config.nesterov)
 
