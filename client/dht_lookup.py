@@ -1,4 +1,4 @@
-"""Read the swarm's per-block records from the hivemind DHT into routing's `PeerSpan`s."""
+"""Read the swarm's span records from the hivemind DHT into routing's `PeerSpan`s."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from pollinate.client.routing import PeerSpan
-from pollinate.node.announce import block_key
+from pollinate.node.announce import spans_key
 
 logger = logging.getLogger(__name__)
 
@@ -30,34 +30,31 @@ def parse_record(peer_id: str, value: Any) -> PeerSpan | None:
         return None
 
 
-def merge_records(per_block: dict[int, dict[str, tuple[Any, float]]]) -> list[PeerSpan]:
-    """Records of every block, each (value, expiration) -> one PeerSpan per peer.
-
-    A peer serves one span at a time, but after it moves (or leaves) its older records may
-    still be on the DHT under other blocks: the record that expires last is its newest
-    announcement, so that one wins."""
-    peers: dict[str, tuple[float, PeerSpan]] = {}
-    for block in sorted(per_block):
-        for peer_id, (value, expiration) in per_block[block].items():
-            p = parse_record(peer_id, value)
-            if p is None or not p.start <= block < p.end:
-                continue
-            if p.peer_id not in peers or expiration > peers[p.peer_id][0]:
-                peers[p.peer_id] = (expiration, p)
-    return sorted((p for _, p in peers.values()), key=lambda p: (p.start, p.peer_id))
+def peers_from_records(records: dict[str, tuple[Any, float]], num_blocks: int) -> list[PeerSpan]:
+    """The model's records, {peer id: (value, expiration)} -> one PeerSpan per well-formed
+    record whose span lies within the model's blocks (others logged and dropped)."""
+    peers = []
+    for peer_id, (value, _) in records.items():
+        p = parse_record(peer_id, value)
+        if p is None:
+            continue
+        if not 0 <= p.start < p.end <= num_blocks:
+            logger.warning("ignoring DHT record from %s: blocks %d:%d outside the model's 0:%d", peer_id,
+                           p.start, p.end, num_blocks)
+            continue
+        peers.append(p)
+    return sorted(peers, key=lambda p: (p.start, p.peer_id))
 
 
 def fetch_peers(dht, model_id: str, num_blocks: int, *, timeout_s: float) -> list[PeerSpan]:
-    """Every peer announcing any block of the model (all states; routing filters)."""
-    futures = {b: dht.get(block_key(model_id, b), latest=True, return_future=True) for b in range(num_blocks)}
-    per_block: dict[int, dict[str, tuple[Any, float]]] = {}
-    for b, f in futures.items():
-        try:
-            found = f.result(timeout=timeout_s)
-        except Exception as e:
-            logger.warning("DHT lookup of block %d failed: %s", b, e)
-            continue
-        if found is None or not isinstance(found.value, dict):
-            continue
-        per_block[b] = {str(k): (v.value, float(v.expiration_time)) for k, v in found.value.items()}
-    return merge_records(per_block)
+    """Every peer announcing a span of the model (all states; routing filters). One DHT key
+    holds every node's record (node/announce.py), the newest per peer."""
+    try:
+        found = dht.get(spans_key(model_id), latest=True, return_future=True).result(timeout=timeout_s)
+    except Exception as e:
+        logger.warning("DHT lookup of the model's spans failed: %s", e)
+        return []
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return peers_from_records({str(k): (v.value, float(v.expiration_time)) for k, v in found.value.items()},
+                              num_blocks)

@@ -1,10 +1,16 @@
-"""A node's presence on the hivemind DHT: one record per hosted block, re-announced.
+"""A node's presence on the hivemind DHT: one record per node, re-announced.
 
-Key `"<model>.<block>"` (as Petals does), subkey = the node's DHT peer id, value = a small
-dict (state, address, span, throughput, free cache, quantisation), with an expiration time. A node
-announces "joining" while it loads, "online" once its server is up, re-announces before the
-records expire, and "offline" when it shuts down gracefully or moves to other blocks. A killed node's
-records simply expire; clients also ban a peer that fails them, so they never wait for that.
+Key `"<model>.spans"`, subkey = the node's DHT peer id, value = a small dict (state, address,
+span, throughput, free cache, quantisation), with an expiration time. A node announces
+"joining" while it loads, "online" once its server is up, re-announces before the record
+expires, and "offline" when it shuts down gracefully or moves to other blocks. A killed node's
+record simply expires; clients also ban a peer that fails them, so they never wait for that.
+
+Petals stores one record per hosted block (`"<model>.<block>"`), and so did Pollinate until
+issue 12 measured what it costs a volunteer: re-storing 10 block records every 20 s was ~2.5
+kB/s per idle node (~5 GB a month), and a client read 30 keys per lookup. The record already
+names the span, so one key per model says the same in one store and one read
+(docs/architecture.md, "One DHT record per node").
 
 The DHT runs in a forked process: create it before any gRPC object exists in this process
 (see `start_dht`).
@@ -46,9 +52,16 @@ class AnnounceConfig:
             raise ValueError(f"store_timeout_s must be > 0, got {self.store_timeout_s}")
 
 
-def block_key(model_id: str, block: int) -> str:
-    """DHT key of one block of a model."""
-    return f"{dht_prefix(model_id)}.{block}"
+def spans_key(model_id: str) -> str:
+    """DHT key under which every node of a model announces its span (subkey: its peer id)."""
+    return f"{dht_prefix(model_id)}.spans"
+
+
+# DHT time the newest record stored by each peer id (in this process) expires: an Announcer
+# that replaces another (a move, a new relay) must not store an earlier-expiring record under
+# the same subkey, or the DHT keeps the old one (see Announcer.announce)
+_last_expiration: dict[str, float] = {}
+_last_expiration_lock = threading.Lock()
 
 
 def dht_prefix(model_id: str) -> str:
@@ -111,7 +124,7 @@ def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_m
 
 
 class Announcer:
-    """Keeps this node's block records fresh on the DHT from a background thread."""
+    """Keeps this node's record fresh on the DHT from a background thread."""
 
     def __init__(
         self,
@@ -135,7 +148,6 @@ class Announcer:
         self.config = config
         self.quant = quant  # the span's quantisation, announced in every record
         self.state = "joining"
-        self._last_expiration = 0.0  # DHT time the newest stored record expires
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -144,7 +156,7 @@ class Announcer:
         return self.dht.peer_id.to_base58()
 
     def announce(self, state: str, lifetime_s: float | None = None) -> bool:
-        """Store this node's record for every hosted block; True if every store succeeded."""
+        """Store this node's record; True if the store succeeded."""
         from hivemind.utils import get_dht_time
 
         self.state = state
@@ -161,24 +173,21 @@ class Announcer:
         # hivemind keeps, per key and subkey, the value that expires last and drops a store
         # that expires earlier: a short-lived "offline" written soon after a refresh would be
         # ignored and clients would keep routing here. So a record never expires before the
-        # one it replaces.
-        expiration = max(get_dht_time() + lifetime, self._last_expiration + 1e-3)
-        self._last_expiration = expiration
-        futures = [
-            self.dht.store(block_key(self.model_id, b), value, expiration, subkey=self.peer_id, return_future=True)
-            for b in range(self.start_block, self.end_block)
-        ]
-        ok = 0
-        for f in futures:
-            try:
-                ok += bool(f.result(timeout=self.config.store_timeout_s))
-            except Exception as e:  # a DHT hiccup is retried on the next refresh
-                logger.warning("DHT store failed: %s", e)
-        if ok < len(futures):
-            logger.warning("announced %s for %d/%d blocks", state, ok, len(futures))
-        else:
+        # one it replaces, also one an earlier Announcer of this peer stored.
+        with _last_expiration_lock:
+            expiration = max(get_dht_time() + lifetime, _last_expiration.get(self.peer_id, 0.0) + 1e-3)
+            _last_expiration[self.peer_id] = expiration
+        try:
+            ok = bool(self.dht.store(spans_key(self.model_id), value, expiration, subkey=self.peer_id,
+                                     return_future=True).result(timeout=self.config.store_timeout_s))
+        except Exception as e:  # a DHT hiccup is retried on the next refresh
+            logger.warning("DHT store failed: %s", e)
+            ok = False
+        if ok:
             logger.debug("announced %s for blocks %d:%d", state, self.start_block, self.end_block)
-        return ok == len(futures)
+        else:
+            logger.warning("announcing %s for blocks %d:%d was not stored", state, self.start_block, self.end_block)
+        return ok
 
     def start(self) -> None:
         """Announce online now and keep re-announcing until `stop()`."""

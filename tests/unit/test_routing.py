@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pollinate.client.dht_lookup import merge_records
+from pollinate.client.dht_lookup import peers_from_records
 from pollinate.client.routing import BanList, NoRouteError, PeerSpan, RoutingConfig, find_route
 
 CFG = RoutingConfig(hop_latency_s=0.01, allow_partial_spans=True)
@@ -82,22 +82,12 @@ def test_many_random_peers_route_is_a_valid_cheapest_tiling():
     assert cost < 30 / 1.0  # far cheaper than the slow single peer
 
 
-def test_merge_records_one_peer_per_id_and_drops_malformed():
+def test_records_one_peer_each_malformed_and_out_of_range_dropped():
     rec = {"state": "online", "address": "h:1", "start": 0, "end": 2, "throughput": 5.0, "cache_tokens_left": 10}
-    merged = merge_records({0: {"p": (rec, 100.0), "bad": ({"state": "online"}, 100.0)}, 1: {"p": (rec, 100.0)}})
-    assert merged == [PeerSpan(peer_id="p", address="h:1", start=0, end=2, throughput=5.0, cache_tokens_left=10)]
-
-
-def test_merge_records_a_moved_peer_is_where_its_newest_record_says():
-    # The peer served 0:2, then moved to 2:4: its "offline" records for 0 and 1 expire before
-    # its "online" ones for 2 and 3, whichever block is read first.
-    old = {"state": "offline", "address": "h:1", "start": 0, "end": 2, "throughput": 5.0}
-    new = {"state": "online", "address": "h:1", "start": 2, "end": 4, "throughput": 5.0}
-    stale_online = dict(old, state="online")
-    for first in (old, stale_online):
-        merged = merge_records({0: {"p": (first, 160.0)}, 1: {"p": (first, 160.0)},
-                                2: {"p": (new, 170.0)}, 3: {"p": (new, 170.0)}})
-        assert [(p.start, p.end, p.state) for p in merged] == [(2, 4, "online")]
+    peers = peers_from_records({"p": (rec, 100.0), "bad": ({"state": "online"}, 100.0),
+                                "far": (dict(rec, start=3, end=9), 100.0), "empty": (dict(rec, end=0), 100.0)},
+                               num_blocks=4)
+    assert peers == [PeerSpan(peer_id="p", address="h:1", start=0, end=2, throughput=5.0, cache_tokens_left=10)]
 
 
 async def test_a_moved_peer_stays_routable_for_the_blocks_it_serves_now(monkeypatch):
@@ -162,6 +152,6 @@ def test_records_carry_the_quantisation():
     value = record_value(state="online", address="h:1", start=0, end=4, throughput=1.0, cache_tokens_left=8,
                          quant="int4")
     legacy = {k: v for k, v in value.items() if k != "quant"}
-    (p,) = merge_records({0: {"p": (value, 10.0)}})
-    (old,) = merge_records({0: {"p": (legacy, 10.0)}})
+    (p,) = peers_from_records({"p": (value, 10.0)}, num_blocks=4)
+    (old,) = peers_from_records({"p": (legacy, 10.0)}, num_blocks=4)
     assert p.quant == "int4" and old.quant == "none"
