@@ -26,6 +26,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import zstandard
 
@@ -183,6 +184,16 @@ def unzstd(compressed, what: str, *, size: int | None = None, max_size: int = 0)
         raise CompressionError(f"{what}: not one valid zstd frame without trailing bytes: {exc}") from exc
     expect_size(len(content), declared, what)
     return content
+
+
+def check_scales(scales, qmax: int, codec_id: str) -> None:
+    """A decoder's fp32 scales (numpy array or CPU tensor): finite, non-negative and small
+    enough that qmax x scale is finite too (an encoder's scale is absmax / qmax of finite
+    values), so that no corrupt frame decodes to an infinity."""
+    arr = np.asarray(scales, dtype=np.float32)
+    if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0
+                         and float(arr.max()) * qmax <= float(np.finfo(np.float32).max)):
+        raise CompressionError(f"{codec_id!r} frame holds negative, non-finite or out-of-range scales")
 
 
 def check_finite(tensor: torch.Tensor, where: str = "the tensor to encode") -> None:

@@ -1,11 +1,13 @@
-"""``int8``: blockwise absmax quantization, one fp32 scale per block of values.
+"""``int8`` and ``int4``: blockwise absmax quantization, one fp32 scale per block of values.
 
-For activations and dense pseudo-gradients: a quarter of fp32's bytes plus 4 bytes per
-block. Each block of ``block`` consecutive values (flattened order) stores
-scale = absmax / 127 and round(x / scale) as int8, so an outlier only coarsens its own
-block. Error bound per element: scale / 2 (plus fp32 rounding; see ``error_bound``).
+For activations and dense pseudo-gradients: a quarter (int8) or an eighth (int4) of fp32's
+bytes plus 4 bytes per block. Each block of ``block`` consecutive values (flattened order)
+stores scale = absmax / QMAX and round(x / scale), QMAX = 127 (int8) or 7 (int4), so an
+outlier only coarsens its own block. Error bound per element: scale / 2 (plus fp32
+rounding; see ``error_bound``).
 
-Body: block (u32), ceil(n / block) scales (fp32), n values (int8).
+Body: block (u32), ceil(n / block) scales (fp32), n values: int8 (-128 never appears), or
+int4 as code + 8, two per byte, low nibble first, as int4row's (-8 never appears).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pollinate.compression.bitpack import pack_codes, packed_size, unpack_codes
 from pollinate.compression.codec import CompressionError, register
-from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, expect_size
+from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, check_scales, expect_size
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ def _rows(segment: np.ndarray, block: int) -> np.ndarray:
 @register("int8")
 class Int8Codec(FramedCodec):
     codec_id = "int8"
+    qmax = QMAX  # codes in [-qmax, qmax]
+    bits = 8
 
     def __init__(self, config: Int8Config | None = None, **params: object) -> None:
         self.config = config if config is not None else Int8Config(**params)
@@ -80,30 +85,37 @@ class Int8Codec(FramedCodec):
         codes = np.empty(n, dtype=np.int8)
         for start, end in _chunks(n, block):
             rows = _rows(x[start:end], block)
-            scale = np.maximum(rows.max(axis=1), -rows.min(axis=1)) / np.float32(QMAX)
+            scale = np.maximum(rows.max(axis=1), -rows.min(axis=1)) / np.float32(self.qmax)
             scales[start // block:start // block + scale.size] = scale
             q = rows / np.where(scale > 0, scale, np.float32(1))[:, None]
             np.rint(q, out=q)
-            np.clip(q, -QMAX, QMAX, out=q)
+            np.clip(q, -self.qmax, self.qmax, out=q)
             codes[start:end] = q.reshape(-1)[:end - start]
-        return b"".join((np.uint32(block).tobytes(), scales.tobytes(), codes.tobytes()))
+        values = codes.tobytes() if self.bits == 8 else pack_codes((codes + self.qmax + 1).astype(np.uint8), self.bits)
+        return b"".join((np.uint32(block).tobytes(), scales.tobytes(), values))
 
     def _decode_body(self, reader: FrameReader, header: FrameHeader, *,
                      seed: int | None) -> torch.Tensor:
         (block,) = reader.unpack("I", "block size")
+        name = self.codec_id
         if not 1 <= block <= MAX_BLOCK:
-            raise CompressionError(f"int8 block size {block} outside [1, {MAX_BLOCK}]")
+            raise CompressionError(f"{name} block size {block} outside [1, {MAX_BLOCK}]")
         n = header.numel
         num_blocks = math.ceil(n / block)
-        expect_size(reader.remaining, 4 * num_blocks + n, f"int8 body for {n} values")
+        value_bytes = packed_size(n, self.bits)
+        expect_size(reader.remaining, 4 * num_blocks + value_bytes, f"{name} body for {n} values")
         if n == 0:
             return torch.empty(0, dtype=header.dtype)
         scales = np.frombuffer(reader.take(4 * num_blocks, "scales"), dtype="<f4")
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise CompressionError("int8 frame holds negative or non-finite scales")
-        codes = np.frombuffer(reader.take(n, "values"), dtype=np.int8)
-        if (codes == -128).any():
-            raise CompressionError("int8 frame holds -128, which the encoder never writes")
+        check_scales(scales, self.qmax, name)
+        values = reader.take(value_bytes, "values")
+        if self.bits == 8:
+            codes = np.frombuffer(values, dtype=np.int8)
+        else:
+            codes = unpack_codes(values, n, self.bits).astype(np.int8) - np.int8(self.qmax + 1)
+        if (codes < -self.qmax).any() or (codes > self.qmax).any():
+            raise CompressionError(f"{name} frame holds a code outside [-{self.qmax}, {self.qmax}], which the "
+                                   "encoder never writes")
         out = np.empty(n, dtype=np.float32)
         for start, end in _chunks(n, block):
             rows = _rows(codes[start:end], block).astype(np.float32)
@@ -117,5 +129,15 @@ class Int8Codec(FramedCodec):
         absmax = rows.abs().amax(dim=1, keepdim=True).expand_as(rows).reshape(-1)[:x.numel()]
         # half a step, plus fp32 rounding of the scale and the product (2^-22 relative),
         # plus 2^-140 for blocks so small that the scale itself is subnormal
-        bound = absmax / (2 * QMAX) + x.abs() * 2.0**-22 + 2.0**-140
+        bound = absmax / (2 * self.qmax) + x.abs() * 2.0**-22 + 2.0**-140
         return bound.reshape(tensor.shape)
+
+
+@register("int4")
+class Int4Codec(Int8Codec):
+    """Half of int8's value bytes at 1/18 of its resolution: for frames whose rounding error
+    is carried into the next round by error feedback (DiLoCoConfig.solo_codec)."""
+
+    codec_id = "int4"
+    qmax = 7
+    bits = 4

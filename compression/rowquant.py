@@ -55,7 +55,7 @@ import zstandard
 
 from pollinate.compression.bitpack import pack_codes, packed_size, unpack_codes
 from pollinate.compression.codec import CompressionError, register
-from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, expect_size, unzstd
+from pollinate.compression.frame import FrameHeader, FrameReader, FramedCodec, check_scales, expect_size, unzstd
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ class RowQuantCodec(FramedCodec):
         reader = self._unpack(reader, 4 * num_groups + rows * k * (index_dtype.itemsize + 4) + code_bytes,
                               f"{self.codec_id} body for {n} values")
         scales = torch.from_numpy(np.frombuffer(reader.take(4 * num_groups, "scales"), dtype="<f4").copy())
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise CompressionError(f"{self.codec_id!r} frame holds negative or non-finite scales")
+        check_scales(scales, QMAX[bits], self.codec_id)
         if k:
             index = np.frombuffer(reader.take(rows * k * index_dtype.itemsize, "outlier indices"),
                                   dtype=index_dtype).astype(np.int64).reshape(rows, k)

@@ -218,15 +218,24 @@ def test_fp16_decoder_rejects_inf_in_frame():
         codec.decode(bytes(frame))
 
 
-def test_int8_decoder_rejects_bad_scale_and_code():
-    codec = get_codec("int8")
+@pytest.mark.parametrize("codec_id, bad_last_byte", [("int8", b"\x80"), ("int4", b"\x00")])  # -128; -8
+def test_blockwise_decoders_reject_bad_scale_and_code(codec_id, bad_last_byte):
+    codec = get_codec(codec_id)
     frame = codec.encode(torch.randn(10))
     body = header_len(frame) + 4
     nan_scale = frame[:body] + np.float32(np.nan).tobytes() + frame[body + 4:]
     with pytest.raises(CompressionError, match="scales"):
         codec.decode(nan_scale)
-    with pytest.raises(CompressionError, match="-128"):
-        codec.decode(frame[:-1] + b"\x80")
+    with pytest.raises(CompressionError, match="outside"):
+        codec.decode(frame[:-1] + bad_last_byte)
+
+
+def test_int4_is_int8_at_half_the_value_bytes_within_its_error_bound():
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 1001)
+    frames = {c: get_codec(c).encode(x) for c in ("int8", "int4")}
+    assert len(frames["int8"]) - len(frames["int4"]) == 1001 - 501
+    y = get_codec("int4").decode(frames["int4"])
+    assert (y - x).abs().le(get_codec("int4").error_bound(x)).all()
 
 
 def test_cocktail_full_mask_8_bits_is_near_lossless():
