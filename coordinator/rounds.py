@@ -409,16 +409,18 @@ class Rounds:
         missing = [j for j in range(group_size) if j not in results]
         if missing or outer is None:
             return None, f"result frames of shards {missing} missing" if missing else "no outer step settings"
-        if base:
+        if base:  # decoded here: ours to step in place
             try:
                 sent = state_from_zstd(base, max_bytes=COORDINATOR_STATE_BYTES + BASE_HEADER_BYTES)
             except OuterStepError as exc:
                 return None, f"base state sent: {exc}"
-            stored = (round_index - 1, sent["global"], sent["momentum"])
-        theta, momentum, why = cls._previous(stored)
-        if theta is None:
-            return None, f"previous state (round {round_index - 1}): {why}"
-        theta, momentum = theta.clone(), momentum.clone()  # the kept copy stays round r-1's
+            theta, momentum = sent["global"], sent["momentum"]
+        else:
+            theta, momentum, why = cls._previous(stored)
+            if theta is None:
+                return None, f"previous state (round {round_index - 1}): {why}"
+            if len(stored) == 3:  # the copy kept in memory stays round r-1's
+                theta, momentum = theta.clone(), momentum.clone()
         try:
             checksum = apply_results(theta, momentum, [results[j] for j in range(group_size)], outer,
                                      round_index=round_index)
