@@ -42,7 +42,7 @@ from pollinate.compression.outer import (
 from pollinate.protocol.job_limits import DEFAULT_ROUND_CODEC
 from pollinate.protocol.shared import JobSpec
 
-DENSE_CODECS = ("none", "fp16", "int8")  # round codecs that send every element (no mask, no top-k)
+DENSE_CODECS = ("none", "fp16", "int8", "int4")  # round codecs that send every element (no mask, no top-k)
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,11 @@ class DiLoCoConfig:
     # only to the coordinator, in CommitRound, and the coordinator rebuilds the state by
     # applying the same decoded frame as the member, so any codec keeps the two equal; the
     # worker's error feedback (the residual, residual_in_local) carries what it rounds off
-    # into the next round. "int8" (a scale per 128 values, 1.03 B/element) instead of fp32's
-    # 4 B: bench_diloco --lora 8, solo arm, three seeds: val 2.1101 vs 2.1156 with fp32 frames
-    # (docs/diloco.md "Solo rounds' codec"); "none" = fp32
-    solo_codec: str = "int8"
+    # into the next round. "int4" (a scale per 128 values, 0.53 B/element) instead of fp32's
+    # 4 B: bench_diloco's solo arm, three seeds (docs/diloco.md "Solo rounds' codec"): LoRA r8
+    # 2.1110 / 2.1101 / 2.1156 with int4 / int8 / fp32 frames (at 0.7 / 0.9), full weights
+    # 1.9859 / 1.9871 with int4 / int8; "none" = fp32
+    solo_codec: str = "int4"
     # reject a contribution whose norm exceeds this × the median norm of the others
     # (poisoning guard; honest members differ by well under 10x on the benchmark)
     reject_norm_factor: float = 10.0
@@ -258,6 +259,12 @@ def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
 # 1.992 at 1.0 vs 2.004 at 1.6 (three seeds, every seed), and the chaos LoRA toy 4.015 vs
 # 4.052 without faults and 4.029 vs 4.135 with a replica killed (results 2026-11-29)
 ADAPTER_OUTER_LR = 1.0
+# A solo round's outer step for adapter jobs: lr 1, no momentum, so θ_global takes the
+# replica's own progress as it is (up to the frame's rounding, which error feedback carries).
+# bench_diloco --lora 8, solo arm, three seeds (docs/diloco.md "Solo rounds"): 2.0684 with
+# int8 frames against 2.1101 at DENSE_OUTER_OPTIMIZER's 0.7 / 0.9, which had left a lone
+# replica 2% behind training with no rounds at all (2.0681). Full weights keep 0.7 / 0.9
+ADAPTER_SOLO_OUTER_OPTIMIZER = (1.0, 0.0)
 
 
 def job_diloco_config(spec: JobSpec) -> DiLoCoConfig:
@@ -277,6 +284,7 @@ def job_diloco_config(spec: JobSpec) -> DiLoCoConfig:
         overrides["solo_outer_optimizer"] = None
     elif spec.method not in ("full", "galore"):  # GaLore trains every weight, as full does
         overrides["outer_lr"] = ADAPTER_OUTER_LR
+        overrides["solo_outer_optimizer"] = ADAPTER_SOLO_OUTER_OPTIMIZER
     if spec.round_steps:
         overrides["inner_steps"] = spec.round_steps
     if spec.warmup_rounds is not None:

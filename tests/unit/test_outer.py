@@ -40,7 +40,7 @@ def one_round(members: list[DiLoCoMember], r: int) -> tuple[list[bytes], list[st
     (3, job_diloco_config(JobSpec(method="lora"))),  # cocktail, adapter outer lr
     (2, dataclasses.replace(job_diloco_config(JobSpec()), warmup_rounds=2)),  # rounds 1 and 2: fp32 frames
     (2, dataclasses.replace(job_diloco_config(JobSpec(method="lora")), outer_lr_warmup_rounds=2)),  # lr ramps
-    (1, job_diloco_config(JobSpec(method="lora"))),  # a group of one: solo optimizer, int8 frame
+    (1, job_diloco_config(JobSpec(method="lora"))),  # a group of one: solo optimizer, int4 frame
     (1, dataclasses.replace(job_diloco_config(JobSpec(method="lora")), solo_codec="none")),  # ... fp32 frame
     (2, job_diloco_config(JobSpec(codec="int8"))),  # a dense codec: the DiLoCo paper's optimizer
 ])

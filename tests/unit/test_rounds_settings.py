@@ -19,7 +19,8 @@ from pollinate.coordinator.jobs import spec_to_dict
 from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.service import status_to_proto
 from pollinate.coordinator.store import Store
-from pollinate.node.diloco import ADAPTER_OUTER_LR, DENSE_OUTER_OPTIMIZER, DiLoCoConfig, job_diloco_config
+from pollinate.node.diloco import (ADAPTER_OUTER_LR, ADAPTER_SOLO_OUTER_OPTIMIZER, DENSE_OUTER_OPTIMIZER, DiLoCoConfig,
+                                   job_diloco_config)
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.v1 import node_pb2
@@ -27,12 +28,15 @@ from test_coordinator_rounds import SPAN, STEP, Job, membership
 
 
 def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
-    # full-weight jobs get DiLoCoConfig's defaults; adapter jobs (LoRA by default) its outer lr
+    # full-weight jobs get DiLoCoConfig's defaults; adapter jobs (LoRA by default) their outer lr
+    # and solo step
     assert job_diloco_config(JobSpec(method="full")) == DiLoCoConfig()
-    assert job_diloco_config(JobSpec()) == dataclasses.replace(DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR)
+    assert job_diloco_config(JobSpec()) == dataclasses.replace(
+        DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR, solo_outer_optimizer=ADAPTER_SOLO_OUTER_OPTIMIZER)
     assert job_diloco_config(JobSpec(method="ia3", outer_lr=2.0)).outer_lr == 2.0  # a set lr wins
     default = DiLoCoConfig()
-    cfg = job_diloco_config(JobSpec(round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0))
+    cfg = job_diloco_config(JobSpec(method="full", round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3,
+                                    outer_momentum=0.0))
     expected_params = dict(default.codec_params, p=0.5) if default.codec == "cocktail" else {"p": 0.5}
     assert cfg == dataclasses.replace(default, inner_steps=7, codec="cocktail", codec_params=expected_params,
                                       warmup_rounds=0, outer_lr=0.3, outer_momentum=0.0)
