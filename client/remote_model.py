@@ -179,6 +179,10 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
             if not peers:
                 raise ValueError("give initial_peers (DHT multiaddrs) or coordinator=HOST:PORT")
             dht = start_dht(peers, client_mode=True)
+        if not client_config.coordinator:  # docs/security.md: DHT records need no token
+            logger.warning("no coordinator given: routing through every DHT record, members of the swarm or not "
+                           "(a stranger that reaches the DHT can announce blocks and receive this client's calls, "
+                           "token included); give coordinator=HOST:PORT (--coordinator) to route through members only")
         files = open_model(model, cache_dir=cache_dir, show_progress=False)
         part = files.load_client_part()
         worker = LoopThread()

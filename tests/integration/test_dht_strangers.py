@@ -75,5 +75,7 @@ def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_m
 
             peers_only = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers)
             assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents
+            assert "no coordinator given: routing through every DHT record" in peers_only.stderr  # and says so
+            assert "no coordinator given" not in member_client.stderr
     finally:
         trap.sock.close()
