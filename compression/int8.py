@@ -113,7 +113,7 @@ class Int8Codec(FramedCodec):
             codes = np.frombuffer(values, dtype=np.int8)
         else:
             codes = unpack_codes(values, n, self.bits).astype(np.int8) - np.int8(self.qmax + 1)
-        if (codes < -self.qmax).any() or (codes > self.qmax).any():
+        if codes.min() < -self.qmax or codes.max() > self.qmax:  # two reductions, no mask as large as the frame
             raise CompressionError(f"{name} frame holds a code outside [-{self.qmax}, {self.qmax}], which the "
                                    "encoder never writes")
         out = np.empty(n, dtype=np.float32)
