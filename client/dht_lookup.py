@@ -30,11 +30,11 @@ def parse_record(peer_id: str, value: Any) -> PeerSpan | None:
         return None
 
 
-def peers_from_records(records: dict[str, tuple[Any, float]], num_blocks: int) -> list[PeerSpan]:
-    """The model's records, {peer id: (value, expiration)} -> one PeerSpan per well-formed
-    record whose span lies within the model's blocks (others logged and dropped)."""
+def peers_from_records(records: dict[str, Any], num_blocks: int) -> list[PeerSpan]:
+    """The model's records, {peer id: value} -> one PeerSpan per well-formed record whose
+    span lies within the model's blocks (others logged and dropped)."""
     peers = []
-    for peer_id, (value, _) in records.items():
+    for peer_id, value in records.items():
         p = parse_record(peer_id, value)
         if p is None:
             continue
@@ -56,5 +56,4 @@ def fetch_peers(dht, model_id: str, num_blocks: int, *, timeout_s: float) -> lis
         return []
     if found is None or not isinstance(found.value, dict):
         return []
-    return peers_from_records({str(k): (v.value, float(v.expiration_time)) for k, v in found.value.items()},
-                              num_blocks)
+    return peers_from_records({str(k): v.value for k, v in found.value.items()}, num_blocks)

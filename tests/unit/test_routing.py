@@ -84,9 +84,8 @@ def test_many_random_peers_route_is_a_valid_cheapest_tiling():
 
 def test_records_one_peer_each_malformed_and_out_of_range_dropped():
     rec = {"state": "online", "address": "h:1", "start": 0, "end": 2, "throughput": 5.0, "cache_tokens_left": 10}
-    peers = peers_from_records({"p": (rec, 100.0), "bad": ({"state": "online"}, 100.0),
-                                "far": (dict(rec, start=3, end=9), 100.0), "empty": (dict(rec, end=0), 100.0)},
-                               num_blocks=4)
+    peers = peers_from_records({"p": rec, "bad": {"state": "online"}, "far": dict(rec, start=3, end=9),
+                                "empty": dict(rec, end=0)}, num_blocks=4)
     assert peers == [PeerSpan(peer_id="p", address="h:1", start=0, end=2, throughput=5.0, cache_tokens_left=10)]
 
 
@@ -152,6 +151,6 @@ def test_records_carry_the_quantisation():
     value = record_value(state="online", address="h:1", start=0, end=4, throughput=1.0, cache_tokens_left=8,
                          quant="int4")
     legacy = {k: v for k, v in value.items() if k != "quant"}
-    (p,) = peers_from_records({"p": (value, 10.0)}, num_blocks=4)
-    (old,) = peers_from_records({"p": (legacy, 10.0)}, num_blocks=4)
+    (p,) = peers_from_records({"p": value}, num_blocks=4)
+    (old,) = peers_from_records({"p": legacy}, num_blocks=4)
     assert p.quant == "int4" and old.quant == "none"
