@@ -89,6 +89,16 @@ def unpack_bitmap(buf: bytes | memoryview, length: int, expected_ones: int) -> n
     return positions
 
 
+def is_full_bitmap(buf: bytes | memoryview, length: int) -> bool:
+    """Whether ``buf`` is the bitmap of ``length`` entries all set (padding clear): the
+    common case of a dense frame, whose positions are then 0..length-1 without unpacking."""
+    whole, rest = divmod(length, 8)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if raw.size != whole + (rest > 0) or not (raw[:whole] == 0xFF).all():
+        return False
+    return rest == 0 or int(raw[whole]) == (1 << rest) - 1
+
+
 def delta_width(positions: np.ndarray) -> int:
     """Bytes per gap (1, 2 or 4) for sorted, distinct ``positions``."""
     if positions.size == 0:

@@ -266,9 +266,19 @@ def quantize(values: np.ndarray, bits: int, bucket: int) -> tuple[np.ndarray, np
 
 
 def dequantize(scale: np.ndarray, codes: np.ndarray, bits: int, bucket: int) -> np.ndarray:
+    # in place, and each bucket's scale broadcast rather than repeated: a decode's passes
+    # over the values are its cost
     levels = codes.astype(np.float32)
-    levels = levels * 2 - 1 if bits == 1 else levels - _qmax(bits)
-    return levels * np.repeat(scale, bucket)[:codes.size]
+    if bits == 1:
+        levels *= 2
+        levels -= 1
+    else:
+        levels -= _qmax(bits)
+    full = levels.size // bucket * bucket
+    levels[:full].reshape(-1, bucket)[...] *= scale[:full // bucket, None]
+    if full < levels.size:
+        levels[full:] *= scale[-1]
+    return levels
 
 
 @register("cocktail")
@@ -355,13 +365,21 @@ class CocktailCodec(FramedCodec):
             raise CompressionError(
                 f"mask for seed {frame_seed} has {n if mask is None else mask.size} "
                 f"positions, frame says {m}")
-        if index_mode == BITMAP:
-            positions = bitpack.unpack_bitmap(index, m, kept)
+        values = dequantize(scale, codes, bits, bucket)
+        if index_mode == BITMAP and kept == m and bitpack.is_full_bitmap(index, m):
+            # every masked value kept (k = 1, the default): the mask is the positions, and
+            # unpacking and gathering 0..m-1 was most of a decode
+            if mask is None:
+                return torch.from_numpy(values).to(header.dtype)
+            targets = mask
         else:
-            positions = bitpack.unpack_deltas(index, kept, width, m)
-        targets = positions if mask is None else mask[positions]
+            if index_mode == BITMAP:
+                positions = bitpack.unpack_bitmap(index, m, kept)
+            else:
+                positions = bitpack.unpack_deltas(index, kept, width, m)
+            targets = positions if mask is None else mask[positions]
         out = np.zeros(n, dtype=np.float32)  # calloc: untouched pages cost nothing yet
-        out[targets] = dequantize(scale, codes, bits, bucket)
+        out[targets] = values
         return torch.from_numpy(out).to(header.dtype)
 
     def error_bound(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -344,6 +344,30 @@ def test_cocktail_sparse_frames_use_delta_coded_positions():
     assert int((sparse.decode(f_sparse) != 0).sum()) == pytest.approx(0.1 * 0.01 * 2e5, rel=0.3)
 
 
+def test_cocktail_dense_frames_skip_unpacking_a_full_bitmap_and_still_check_it():
+    n, seed = 50_000, 5
+    x = sample((n,), torch.float32, "normal", 6)
+    codec = get_codec("cocktail", p=0.5, k=1.0, bits=1, bucket=64)
+    frame = codec.encode(x, seed=seed)
+    at, size = header_len(frame), struct.calcsize("<" + PARAMS)
+    m, kept = struct.unpack("<" + PARAMS, frame[at:at + size])[5:7]
+    assert kept == m and m % 8  # every masked value kept; the bitmap has padding bits
+    y = codec.decode(frame, seed=seed).numpy()
+    mask = random_mask(n, 0.5, seed)
+    masked = x.numpy()[mask]  # sign x mean magnitude per bucket of 64 masked values
+    means = np.array([np.abs(masked[i:i + 64]).mean() for i in range(0, m, 64)])
+    assert np.allclose(y[mask], np.sign(masked) * np.repeat(means, 64)[:m], rtol=1e-6)
+    assert np.count_nonzero(y) == m
+
+    payload = bytearray(zstandard.ZstdDecompressor().decompress(frame[at + size:-4]))
+    for edit, message in [(lambda b: b.__setitem__(0, b[0] ^ 1), "bitmap marks"),
+                          (lambda b: b.__setitem__(m // 8, b[m // 8] | 0x80), "past its length")]:
+        broken = bytearray(payload)
+        edit(broken)
+        with pytest.raises(CompressionError, match=message):
+            codec.decode(with_crc(frame[:at + size] + zstandard.ZstdCompressor().compress(bytes(broken))))
+
+
 def test_cocktail_decoder_validates_parameters_before_decompressing():
     codec = get_codec("cocktail")
     frame = codec.encode(torch.randn(5000), seed=3)
