@@ -579,6 +579,10 @@ class _Node:
             except SystemExit as exc:  # no reservation yet: try again at the next check
                 logger.warning("%s", exc)
                 continue
+            except Exception as exc:  # the coordinator's check failed: the same; never end the watchdog
+                logger.warning("reserving at the relays on offer failed (%s); trying again at the next check",
+                               f"{type(exc).__name__}: {exc}")
+                continue
             async with self.lock:
                 old_relay, old_announcer = self.relay, self.announcer
                 self.relay, self.address = relay, address

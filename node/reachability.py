@@ -108,7 +108,11 @@ async def watch_relays(address: str, *, check, relays, period_s: float, failures
         failures = 0 if reachable else failures + 1
         if failures < failures_allowed:
             continue
-        offered = await relays()
+        try:
+            offered = await relays()
+        except Exception as exc:  # as above: ask again at the next check
+            logger.info("relay check: the coordinator's relays unknown: %s", exc)
+            continue
         if offered:
             logger.warning("no relay reaches this node any more (%s); reserving at the %d relay(s) on offer",
                            detail, len(offered))
@@ -146,16 +150,19 @@ async def serve_relayed(reach: Reachability, port: int, *, host: str, check,
     address = await server.start(await answering_relays(reach.relays), port, host=target)
     deadline = time.monotonic() + timeout_s
     pause = 0.2
-    while True:
-        reachable, detail = await check(address)
-        if reachable:
-            break
-        if time.monotonic() + pause > deadline:
-            await server.stop()
-            raise SystemExit(f"pollinate node: no relay reservation within {timeout_s:g} s ({detail}); "
-                             f"relays tried: {', '.join(reach.relays)}")
-        await asyncio.sleep(pause)  # the reservation is being made: poll its readiness
-        pause = min(pause * 2, 2.0)
+    try:
+        while True:
+            reachable, detail = await check(address)
+            if reachable:
+                break
+            if time.monotonic() + pause > deadline:
+                raise SystemExit(f"pollinate node: no relay reservation within {timeout_s:g} s ({detail}); "
+                                 f"relays tried: {', '.join(reach.relays)}")
+            await asyncio.sleep(pause)  # the reservation is being made: poll its readiness
+            pause = min(pause * 2, 2.0)
+    except BaseException:  # the timeout, or the check's own error: no daemon left behind
+        await server.stop()
+        raise
     logger.info("relayed: %s; reachable through %d relay(s) as peer %s", reach.why, len(reach.relays),
                 server.p2p.peer_id.to_base58())
     return server, address
