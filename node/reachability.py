@@ -106,6 +106,8 @@ async def watch_relays(address: str, *, check, relays, period_s: float, failures
             logger.info("relay check skipped: %s", exc)
             continue
         failures = 0 if reachable else failures + 1
+        if failures:
+            logger.info("relay check %d of %d failed: %s", failures, failures_allowed, detail)
         if failures < failures_allowed:
             continue
         try:
