@@ -298,10 +298,14 @@ class CocktailCodec(FramedCodec):
         magnitude = np.abs(masked)
         threshold = _topk_threshold(magnitude, cfg.k, cfg.sample_size)
         keep = magnitude >= threshold if threshold > 0 else magnitude > 0
-        positions = np.flatnonzero(keep)
-        scale, codes = quantize(masked[positions], cfg.bits, cfg.bucket)
+        if keep.all():  # dense (k = 1): no positions to find and gather
+            positions, values = None, masked
+        else:
+            positions = np.flatnonzero(keep)
+            values = masked[positions]
+        scale, codes = quantize(values, cfg.bits, cfg.bucket)
 
-        m, kept = masked.size, positions.size
+        m, kept = masked.size, values.size
         index_mode, width, index = BITMAP, 0, None
         if kept * 16 < m:  # sparse: gaps may beat one bit per masked coordinate
             width = bitpack.delta_width(positions)
