@@ -149,10 +149,10 @@ async def serve_relayed(reach: Reachability, port: int, *, host: str, check,
     the server and the address."""
     server = RelayedServer()
     target = "127.0.0.1" if host.strip("[]") in ("0.0.0.0", "::") else host.strip("[]")
-    address = await server.start(await answering_relays(reach.relays), port, host=target)
     deadline = time.monotonic() + timeout_s
     pause = 0.2
     try:
+        address = await server.start(await answering_relays(reach.relays), port, host=target)
         while True:
             reachable, detail = await check(address)
             if reachable:
@@ -162,7 +162,7 @@ async def serve_relayed(reach: Reachability, port: int, *, host: str, check,
                                  f"relays tried: {', '.join(reach.relays)}")
             await asyncio.sleep(pause)  # the reservation is being made: poll its readiness
             pause = min(pause * 2, 2.0)
-    except BaseException:  # the timeout, or the check's own error: no daemon left behind
+    except BaseException:  # the daemon's start, the check or the timeout failed: no daemon left behind
         await server.stop()
         raise
     logger.info("relayed: %s; reachable through %d relay(s) as peer %s", reach.why, len(reach.relays),

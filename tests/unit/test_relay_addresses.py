@@ -98,3 +98,32 @@ def test_a_relay_that_does_not_answer_is_left_out_of_the_reservation():
         up, down = (f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}/p2p/{NODE}" for s in (live, dead))
         assert asyncio.run(answering_relays([down, up])) == [up]
         assert asyncio.run(answering_relays([down])) == [down]
+
+
+def test_the_relay_watchdog_outlives_a_failing_coordinator():
+    """A check or a relay list that raises (the coordinator slow or away) is a skipped check,
+    never the end of the watchdog: once the coordinator answers again and the address keeps
+    failing, the relays on offer come back. (An exception that ended keep_relayed left a node
+    whose relays had died unmoved for good.)"""
+    import asyncio
+
+    from pollinate.node.reachability import watch_relays
+
+    checks = iter([TimeoutError("check"), (False, "gone"), TimeoutError("check"), (False, "gone"),
+                   (False, "gone"), (False, "gone")])
+    lists = iter([TimeoutError("status"), (R1,)])
+
+    def answer(it):
+        value = next(it)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    async def check(address):
+        return answer(checks)
+
+    async def relays():
+        return answer(lists)
+
+    assert asyncio.run(watch_relays("addr", check=check, relays=relays, period_s=0.001)) == (R1,)
+    assert next(checks) == (False, "gone")  # the relay list failed once: one more failed check, then asked again
