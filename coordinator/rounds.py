@@ -5,9 +5,10 @@ live replica of the span has asked, or when ``window_s`` has passed since it ope
 replica that does not show is left out). The group is the members that asked, sorted by
 member id; member j owns shard j. CommitRound: each member reports the checksum of its new
 global state and the result frames of the shards it owns; once all have reported, the round
-commits if the checksums agree and the coordinator holds the new state (written to a file in
-the data directory and the row to ``committed_states``, both before any reply), and aborts
-otherwise. A committed round's row is never deleted; its state's file may be pruned by the
+commits if the checksums agree, or if more than half of the group agree (the others are
+outvoted: told to fetch the committed state, no standing from it; ``majority_checksum``), and
+the coordinator holds the new state (written to a file in the data directory and the row to
+``committed_states``, both before any reply), and aborts otherwise. A committed round's row is never deleted; its state's file may be pruned by the
 job's retention (coordinator/checkpoints.py, applied after each commit), never the last one.
 
 The state (issue 12). Members do not send the new state whole: every member applied the same
@@ -97,7 +98,9 @@ class _Round:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     group: Group | None = None
     checksums: dict[str, str] = field(default_factory=dict)
+    agreed: str = ""  # the checksum the round commits (majority_checksum), once settled
     state: bytes = b""
+    state_sender: str = ""  # who sent ``state``: used only if it holds the agreed checksum
     base: bytes = b""  # the state the round started from (CommitRoundRequest.base_state), zstd
     results: dict[int, bytes] = field(default_factory=dict)  # shard -> its owner's result frame
     outer: OuterStep | None = None  # the outer step the results make, as the members sent it
@@ -269,14 +272,16 @@ class Rounds:
         if not rnd.checksums:
             self._abort(key, round_index, rnd, f"no member completed attempt {rnd.attempt} "
                                                f"(gave up: {sorted(rnd.abandoned)}, left: {sorted(gone)})")
-        elif len(set(rnd.checksums.values())) != 1:
-            self._abort(key, round_index, rnd, f"checksums disagree: {dict(sorted(rnd.checksums.items()))}")
-        elif why := majority_lacking(set(rnd.checksums), self.voters(key)):
+        elif not (agreed := majority_checksum(rnd.checksums, len(ids))):
+            self._abort(key, round_index, rnd, f"checksums disagree, none held by more than half of the "
+                                               f"group of {len(ids)}: {dict(sorted(rnd.checksums.items()))}")
+        elif why := majority_lacking({m for m, c in rnd.checksums.items() if c == agreed}, self.voters(key)):
             self._abort(key, round_index, rnd, why)
         elif rnd.state_from and not rnd.state:
             if rnd.state_from in gone or rnd.state_from in rnd.abandoned:
                 self._abort(key, round_index, rnd, f"{rnd.state_from}, asked for the state, left")
         else:  # the state's bytes are checked or rebuilt off the event loop
+            rnd.agreed = agreed
             rnd.finishing = asyncio.create_task(self._finish(key, round_index, rnd))
             self._tasks.add(rnd.finishing)
             rnd.finishing.add_done_callback(self._tasks.discard)
@@ -335,12 +340,12 @@ class Rounds:
             if rnd.checksums[member_id] != checksum or (state and rnd.state_from != member_id):
                 raise FailedPrecondition(f"CommitRound: {member_id} already reported round {round_index}")
             if state and not rnd.done.is_set() and not rnd.state:
-                rnd.state = state
+                rnd.state, rnd.state_sender = state, member_id
             self.count_traffic(job, span, round_index, member_id, sent=request_bytes)
         elif not rnd.done.is_set():
             rnd.checksums[member_id] = checksum
             if state and not rnd.state:
-                rnd.state = state
+                rnd.state, rnd.state_sender = state, member_id
             for shard, payload in results:
                 if 0 <= shard < len(ids):
                     rnd.results.setdefault(shard, payload)
@@ -355,6 +360,10 @@ class Rounds:
             return CommitOutcome(committed=False, reason="send the whole state",
                                  committed_round=self.committed_round(key), send_state=True)
         committed, reason = rnd.outcome
+        if committed and rnd.checksums.get(member_id) != rnd.agreed:  # outvoted: its state is not the one kept
+            committed, reason = False, (f"checksum {rnd.checksums.get(member_id, '')[:16]} is not the committed "
+                                        f"state's {rnd.agreed[:16]}, which a majority of the group reported: "
+                                        "fetch the committed state")
         return CommitOutcome(committed=committed, reason=reason, committed_round=self.committed_round(key))
 
     def count_traffic(self, job: str, span: Span, round_index: int, member_id: str, *,
@@ -443,7 +452,9 @@ class Rounds:
         taken from the member that sent it and checked), write it, commit."""
         from pollinate.compression.outer import state_to_bytes
 
-        checksum = next(iter(rnd.checksums.values()))
+        checksum = rnd.agreed
+        if rnd.state and rnd.checksums.get(rnd.state_sender) != checksum:
+            rnd.state = b""  # an outvoted member's state: rebuild, or ask an agreeing member
         try:
             if rnd.state:
                 theta, momentum = await asyncio.to_thread(self._check_state, rnd.state, checksum)
@@ -470,7 +481,7 @@ class Rounds:
             return
         self.store.commit_round(key, round_index, path=rel, checksum=checksum, nbytes=len(data), now=time.time())
         self._last[key] = (round_index, theta, momentum)
-        self.standing(key).update(rnd.checksums)
+        self.standing(key).update(m for m, c in rnd.checksums.items() if c == checksum)
         if self.checkpoints is not None:
             try:
                 self.checkpoints.apply()
@@ -480,13 +491,15 @@ class Rounds:
         rnd.done.set()
         self._open.pop((key, round_index), None)
         self._attempts.pop((key, round_index), None)
-        logger.info("round %d of job %s span %d:%d committed by %d/%d members, state %.1f kB %s",
-                    round_index, key[0], key[1], key[2], len(rnd.checksums), len(rnd.group.members),
-                    len(data) / 1000, how)
+        outvoted = sorted(m for m, c in rnd.checksums.items() if c != checksum)
+        logger.info("round %d of job %s span %d:%d committed by %d/%d members, state %.1f kB %s%s",
+                    round_index, key[0], key[1], key[2], len(rnd.checksums) - len(outvoted), len(rnd.group.members),
+                    len(data) / 1000, how, f"; outvoted: {', '.join(outvoted)}" if outvoted else "")
 
     def _ask_state(self, key: Key, round_index: int, rnd: _Round, why: str) -> None:
         """The state cannot be rebuilt: ask the first member that reported (shard order) for it."""
-        alive = [m for m, _ in rnd.group.members if m in rnd.checksums and m in self.membership.members]
+        alive = [m for m, _ in rnd.group.members
+                 if rnd.checksums.get(m) == rnd.agreed and m in self.membership.members]
         if not alive:
             self._abort(key, round_index, rnd, f"cannot rebuild the state ({why}) and no member is left to send it")
             return
@@ -501,6 +514,21 @@ class Rounds:
         rnd.outcome = (False, reason)
         rnd.done.set()
         logger.warning("round %d of job %s span %d:%d aborted: %s", round_index, *key, reason)
+
+
+def majority_checksum(checksums: dict[str, str], group_size: int) -> str:
+    """The checksum a round commits ("": none): the one every reporter holds (members that gave
+    the attempt up or left do not count against it), else the one more than half of the whole
+    group holds. A member that reports another is outvoted and fetches the committed state,
+    so one liar in a group of three cannot stop the round (issue 18); in a group of two any
+    disagreement still aborts."""
+    held: dict[str, int] = {}
+    for checksum in checksums.values():
+        held[checksum] = held.get(checksum, 0) + 1
+    if len(held) == 1:
+        return next(iter(held))
+    best, count = max(held.items(), key=lambda item: item[1], default=("", 0))
+    return best if 2 * count > group_size else ""
 
 
 def majority_lacking(agreeing: set[str], voters: set[str]) -> str:
@@ -539,4 +567,5 @@ def _write_durably(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-__all__ = ["CommitOutcome", "Group", "Rounds", "RoundsConfig", "majority_lacking", "outer_from_proto"]
+__all__ = ["CommitOutcome", "Group", "Rounds", "RoundsConfig", "majority_checksum", "majority_lacking",
+           "outer_from_proto"]

@@ -543,12 +543,12 @@ class Store:
             "AND span_end=? AND round=?", (now, *key, round_index))
 
     def members_with_standing(self, key: RoundKey) -> set[str]:
-        """The members whose checksum is in a committed round of (job, span): those that
-        count towards its commit majority (coordinator/rounds.py)."""
+        """The members that reported the committed checksum of a round of (job, span) (not those
+        outvoted in it): those that count towards its commit majority (coordinator/rounds.py)."""
         return {m for (m,) in self.db.execute(
-            "SELECT DISTINCT m.member_id FROM round_members m JOIN rounds r ON r.job_name=m.job_name AND "
-            "r.span_start=m.span_start AND r.span_end=m.span_end AND r.round=m.round WHERE m.job_name=? AND "
-            "m.span_start=? AND m.span_end=? AND r.state='committed' AND m.checksum IS NOT NULL", key)}
+            "SELECT DISTINCT m.member_id FROM round_members m JOIN committed_states c ON c.job_name=m.job_name AND "
+            "c.span_start=m.span_start AND c.span_end=m.span_end AND c.round=m.round WHERE m.job_name=? AND "
+            "m.span_start=? AND m.span_end=? AND m.checksum=c.checksum", key)}
 
     def add_liar_report(self, address: str, reporter: str, *, peer_id: str, reason: str, now: float,
                         member_key: str = "") -> None:
@@ -569,7 +569,7 @@ class Store:
 
     def round_groups(self, key: RoundKey) -> dict[int, dict]:
         """Every round of (job, span) this store holds: {round: {"state": forming / exchanging
-        / committed / aborted, "members": {member id: whether its checksum is in},
+        / committed / aborted, "members": {member id: whether its checksum is in (the committed one, for a committed round)},
         "coordinator_bytes_sent": {member id: bytes of its BeginRound and CommitRound
         requests (a state sent whole included)}}}, the members those of the round's last
         formation. For tests that end by comparing what was committed, and by whom."""
@@ -577,10 +577,13 @@ class Store:
             "SELECT round, state FROM rounds WHERE job_name=? AND span_start=? AND span_end=? ORDER BY round",
             key)}
         for r, member, reported, co_sent in self.db.execute(
-                "SELECT m.round, m.member_id, m.checksum IS NOT NULL, COALESCE(t.coordinator_bytes_sent, 0) "
+                "SELECT m.round, m.member_id, m.checksum IS NOT NULL AND (c.checksum IS NULL OR m.checksum=c.checksum), "
+                "COALESCE(t.coordinator_bytes_sent, 0) "
                 "FROM round_members m LEFT JOIN round_traffic t ON t.job_name=m.job_name AND "
                 "t.span_start=m.span_start AND t.span_end=m.span_end AND t.round=m.round AND "
-                "t.member_id=m.member_id WHERE m.job_name=? AND m.span_start=? AND m.span_end=? "
+                "t.member_id=m.member_id LEFT JOIN committed_states c ON c.job_name=m.job_name AND "
+                "c.span_start=m.span_start AND c.span_end=m.span_end AND c.round=m.round "
+                "WHERE m.job_name=? AND m.span_start=? AND m.span_end=? "
                 "ORDER BY m.round, m.shard_index", key):
             rounds[r]["members"][member] = bool(reported)
             rounds[r]["coordinator_bytes_sent"][member] = int(co_sent)
@@ -593,19 +596,19 @@ class Store:
         For status; ordered by job and span."""
         db = self.db
         last = db.execute(
-            "SELECT c.job_name, c.span_start, c.span_end, c.round, c.created_at FROM committed_states c "
+            "SELECT c.job_name, c.span_start, c.span_end, c.round, c.created_at, c.checksum FROM committed_states c "
             "WHERE c.round = (SELECT MAX(round) FROM committed_states d WHERE d.job_name=c.job_name "
             "AND d.span_start=c.span_start AND d.span_end=c.span_end) "
             "ORDER BY c.job_name, c.span_start, c.span_end").fetchall()
         out = []
-        for job, start, end, rnd, at in last:
-            members = db.execute(
-                "SELECT m.member_id, m.shard_index, m.checksum IS NOT NULL, COALESCE(t.bytes_sent, 0), "
+        for job, start, end, rnd, at, committed in last:
+            members = db.execute(  # "committed": its checksum is the committed one (not outvoted)
+                "SELECT m.member_id, m.shard_index, COALESCE(m.checksum=?, 0), COALESCE(t.bytes_sent, 0), "
                 "COALESCE(t.bytes_received, 0), COALESCE(t.coordinator_bytes_sent, 0), "
                 "COALESCE(t.coordinator_bytes_received, 0) FROM round_members m LEFT JOIN round_traffic t ON "
                 "t.job_name=m.job_name AND t.span_start=m.span_start AND t.span_end=m.span_end AND "
                 "t.round=m.round AND t.member_id=m.member_id WHERE m.job_name=? AND m.span_start=? "
-                "AND m.span_end=? AND m.round=? ORDER BY m.shard_index", (job, start, end, rnd)).fetchall()
+                "AND m.span_end=? AND m.round=? ORDER BY m.shard_index", (committed, job, start, end, rnd)).fetchall()
             out.append({"job": job, "span": [start, end], "round": rnd, "committed_at": at, "members": [
                 {"member_id": m, "shard_index": j, "committed": bool(c), "bytes_sent": sent + co_sent,
                  "bytes_received": received + co_received, "coordinator_bytes_sent": co_sent,
@@ -631,7 +634,7 @@ class Store:
         # grouped whole to show its last rounds
         rows = self.db.execute(
             "SELECT c.job_name, c.span_start, c.span_end, c.round, r.created_at, c.created_at, c.nbytes, "
-            "COUNT(m.member_id), COALESCE(SUM(m.checksum IS NOT NULL), 0), COALESCE(SUM(m.tokens), 0), "
+            "COUNT(m.member_id), COALESCE(SUM(m.checksum=c.checksum), 0), COALESCE(SUM(m.tokens), 0), "
             "COALESCE(SUM(t.bytes_sent), 0), COALESCE(SUM(t.bytes_received), 0), "
             "COALESCE(SUM(t.coordinator_bytes_sent), 0), COALESCE(SUM(t.coordinator_bytes_received), 0) "
             f"FROM (SELECT * FROM committed_states s {where} ORDER BY created_at DESC, job_name, span_start "

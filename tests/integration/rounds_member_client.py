@@ -10,6 +10,9 @@ node's own RoundDriver, so only its inputs are faulty:
   through; that owner drops it after contribution_wait_s and averages the other two, this
   member (lacking that owner's result) gives the attempt up, the two nodes commit the round
   as a group of two, and this member adopts the coordinator's committed state.
+- round 4: it applies the round honestly but reports another checksum: the two nodes agree,
+  so the round commits for them and this member is outvoted (not a veto, issue 18); told so,
+  it adopts the committed state.
 
 Meanwhile it trains the two real nodes (rounds_client.train_steps). Prints one JSON line:
 the nodes' report (rounds_client.replicas_report) plus this member's id and outcomes.
@@ -25,6 +28,7 @@ from types import SimpleNamespace
 from rounds_client import coordinator_state, job_spec, replicas_report, train_steps, wait_for_round
 
 POISON = 1e6
+LIE_ROUND = 4  # the round whose checksum this member misreports
 COORDINATOR = "/pollinate.v1.Coordinator/"  # + a method: what a member's call signature covers
 
 
@@ -137,6 +141,16 @@ async def main_async(args) -> dict:
         ok, _ = await asyncio.gather(run(poisoned=False), train_nodes())
         out["break_round_committed_here"] = ok
         out["member_committed_round"] = state.committed_round
+        real_apply = member.apply
+
+        def lying_apply(results, *, round_index, num_shards):  # the state is right, the report is not
+            checksum = real_apply(results, round_index=round_index, num_shards=num_shards)
+            return "0" * 64 if round_index == LIE_ROUND else checksum
+
+        member.apply = lying_apply
+        ok, _ = await asyncio.gather(run(poisoned=False), train_nodes())
+        out["lie_round_adopted_here"] = ok
+        out["member_round_after_lie"] = state.committed_round
         rnd, final, _ = await coordinator_state(cfg, args.coordinator, args.job, args.num_blocks)
         out["member_equals_coordinator"] = bool(
             torch.equal(member.global_flat, final["diloco.global"])
@@ -148,7 +162,7 @@ async def main_async(args) -> dict:
         await coord_channel.close()
         await rpc.stop(0)
         await driver.close()
-    await wait_for_round(cfg, args.coordinator, nodes, args.job, args.num_blocks, 3, args.step_timeout)
+    await wait_for_round(cfg, args.coordinator, nodes, args.job, args.num_blocks, LIE_ROUND, args.step_timeout)
     return {**await replicas_report(cfg, args.coordinator, nodes, args.job, args.num_blocks), **out}
 
 

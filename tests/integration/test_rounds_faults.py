@@ -90,7 +90,9 @@ def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny
     owner rejects it, logged with the sender, and round 2 commits for all three — then in
     round 3 its stream to node 0 breaks: node 0 drops it after the contribution wait and
     averages the two that arrived, round 3 commits for the two nodes, and the member adopts
-    the committed state. The nodes end bit-identical with the coordinator's copy."""
+    the committed state; in round 4 it reports a wrong checksum: the two nodes outvote it, the
+    round commits for them, and the member adopts it. The nodes end bit-identical with the
+    coordinator's copy."""
     with ProcGroup(tmp_path) as group:
         coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2, token=TOKEN,
                                    lease=4, window=30)
@@ -103,7 +105,7 @@ def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny
         result = json.loads(done.stdout.strip().splitlines()[-1])
     bad, good = result["member_id"], {n.info["member_id"] for n in nodes}
     groups = committed_groups(tmp_path / "coord-data")
-    assert sorted(groups) == [1, 2, 3], groups
+    assert sorted(groups) == [1, 2, 3, 4], groups
     # round 2: the poison went through ExchangeShard to both nodes, each owner rejected it (the
     # momentum below shows no trace of it) and the round committed with all three checksums
     assert groups[2] == {**dict.fromkeys(good, True), bad: True}, groups
@@ -112,6 +114,9 @@ def test_poisoned_and_broken_contributions_through_exchange_shard(tmp_path, tiny
     # committed for the two nodes, and the member, which gave it up, adopted the commit
     assert groups[3] == {**dict.fromkeys(good, True), bad: False}, groups
     assert result["break_round_committed_here"] is True and result["member_committed_round"] == 3
+    # round 4: the member's checksum is not the committed one; outvoted, it adopted the commit
+    assert groups[4] == {**dict.fromkeys(good, True), bad: False}, groups
+    assert result["lie_round_adopted_here"] is True and result["member_round_after_lie"] == 4
     assert result["member_equals_coordinator"] is True
-    assert result["round"] == 3 and result["replicas_equal_coordinator"] == [True, True], result
+    assert result["round"] == 4 and result["replicas_equal_coordinator"] == [True, True], result
     assert result["finite"] and result["momentum_norm"] < 1e3, result  # the x1e6 update left no trace

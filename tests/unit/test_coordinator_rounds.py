@@ -254,6 +254,59 @@ def test_a_rebuild_that_disagrees_takes_the_state_and_a_wrong_state_aborts(tmp_p
     asyncio.run(scenario())
 
 
+def test_a_member_that_reports_another_checksum_is_outvoted_not_a_veto(tmp_path):
+    """Issue 18: in a group of three, a (shard 0) reports a wrong checksum and sends wrong
+    result frames; b and c agree. The coordinator rebuilds from the frames, which gives
+    neither checksum, so it asks b (the first agreeing member, not a) for the whole state,
+    checks it against b's and c's checksum and commits it for them; a is told it was
+    outvoted and to fetch the committed state. (A group of two that disagrees still aborts:
+    test_round_forms_commits_and_survives_reopen.)"""
+    from pollinate.coordinator.rounds import majority_checksum
+
+    assert majority_checksum({"a": "x", "b": "y", "c": "y"}, 3) == "y"
+    assert majority_checksum({"a": "x", "b": "y"}, 3) == ""  # c gave up: one each of three
+    assert majority_checksum({"a": "y", "b": "y"}, 3) == "y"  # every reporter agrees
+    assert majority_checksum({"a": "x", "b": "y"}, 2) == ""
+
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b", "c"))
+        await _commit_round_1(rounds, job, "abc")
+        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "abc"))
+        results, c2 = job.round(2, 3)
+        lies, _ = Job().round(7, 3)
+        b = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "b", c2, results=[(1, results[1])], outer=STEP))
+        c = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "c", c2, results=[(2, results[2])], outer=STEP))
+        a = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "a", "f" * 64, results=[(0, lies[0])], outer=STEP))
+        await asyncio.wait([b, c], return_when=asyncio.FIRST_COMPLETED)  # b, asked for the state
+        assert b.done() and b.result().send_state and not c.done()
+        assert (await rounds.commit("j", SPAN, 2, "b", c2, job.state())).committed
+        assert (await c).committed and not (await a).committed
+        assert "fetch the committed state" in a.result().reason and a.result().committed_round == 2
+        assert rounds.committed_state("j", SPAN) == (2, c2, job.state())
+        assert store.members_with_standing(("j", 0, 4)) == {"a", "b", "c"}  # all three agreed in round 1
+        assert rounds.standing(("j", 0, 4)) == {"a", "b", "c"}
+        store.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_outvoted_member_gains_no_standing(tmp_path):
+    """Standing is having reported a committed round's checksum, not having reported one."""
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b", "c"))
+        await asyncio.gather(*(rounds.begin("j", SPAN, 1, m, 1) for m in "abc"))
+        _, c1 = job.round(1, 3)
+        out = await asyncio.gather(rounds.commit("j", SPAN, 1, "a", c1, job.state()),
+                                   rounds.commit("j", SPAN, 1, "b", c1), rounds.commit("j", SPAN, 1, "c", "0" * 64))
+        assert [o.committed for o in out] == [True, True, False]
+        assert store.members_with_standing(("j", 0, 4)) == rounds.standing(("j", 0, 4)) == {"a", "b"}
+        store.close()
+
+    asyncio.run(scenario())
+
+
 def test_commit_traffic_is_counted_with_the_round(tmp_path):
     """Status's bytes of a round include the commit: the member's own counts (ExchangeShard,
     BeginRound) plus the CommitRound request and reply sizes measured here, also alone."""
