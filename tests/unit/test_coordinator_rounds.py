@@ -196,16 +196,22 @@ async def _commit_round_1(rounds: Rounds, job: Job, ids: str) -> None:
     assert all(o.committed for o in out), out
 
 
+async def _three_in_round_2(tmp_path):
+    """a, b and c committed round 1 and formed round 2: (job, store, rounds, the round's result
+    frames, its checksum)."""
+    job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+    rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b", "c"))
+    await _commit_round_1(rounds, job, "abc")
+    await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "abc"))
+    return (job, store, rounds, *job.round(2, 3))
+
+
 def test_a_result_missing_the_coordinator_asks_one_member_for_the_state(tmp_path):
     """b (owner of shard 1) gives round 2 up after serving its result; a and c commit it, but
     shard 1's frame never reached the coordinator: it asks a, the first reporter, for the whole
     state, checks it against the checksum and commits; c only ever sent its own frame."""
     async def scenario():
-        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
-        rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b", "c"))
-        await _commit_round_1(rounds, job, "abc")
-        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "abc"))
-        results, c2 = job.round(2, 3)
+        job, store, rounds, results, c2 = await _three_in_round_2(tmp_path)
         b_again = asyncio.ensure_future(rounds.begin("j", SPAN, 2, "b", 1))
         c = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "c", c2, results=[(2, results[2])], outer=STEP))
         a = await rounds.commit("j", SPAN, 2, "a", c2, results=[(0, results[0])], outer=STEP)
@@ -269,11 +275,7 @@ def test_a_member_that_reports_another_checksum_is_outvoted_not_a_veto(tmp_path)
     assert majority_checksum({"a": "x", "b": "y"}, 2) == ""
 
     async def scenario():
-        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
-        rounds = Rounds(RoundsConfig(window_s=30.0, commit_timeout_s=30.0), store, membership("a", "b", "c"))
-        await _commit_round_1(rounds, job, "abc")
-        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "abc"))
-        results, c2 = job.round(2, 3)
+        job, store, rounds, results, c2 = await _three_in_round_2(tmp_path)
         lies, _ = Job().round(7, 3)
         b = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "b", c2, results=[(1, results[1])], outer=STEP))
         c = asyncio.ensure_future(rounds.commit("j", SPAN, 2, "c", c2, results=[(2, results[2])], outer=STEP))
