@@ -8,8 +8,8 @@ global state and the result frames of the shards it owns; once all have reported
 commits if the checksums agree, or if more than half of the group agree (the others are
 outvoted: told to fetch the committed state, no standing from it; ``majority_checksum``), and
 the coordinator holds the new state (written to a file in the data directory and the row to
-``committed_states``, both before any reply), and aborts otherwise. A committed round's row is never deleted; its state's file may be pruned by the
-job's retention (coordinator/checkpoints.py, applied after each commit), never the last one.
+``committed_states``, both before any reply), and aborts otherwise. A committed round's row
+is never deleted; its state's file may be pruned by the job's retention (coordinator/checkpoints.py, applied after each commit), never the last one.
 
 The state (issue 12). Members do not send the new state whole: every member applied the same
 result frames to the same θ_global, so the coordinator applies them too, with the same code
@@ -53,6 +53,7 @@ standing replicas are gone are decided by whoever is in the group.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
@@ -360,10 +361,12 @@ class Rounds:
             return CommitOutcome(committed=False, reason="send the whole state",
                                  committed_round=self.committed_round(key), send_state=True)
         committed, reason = rnd.outcome
-        if committed and rnd.checksums.get(member_id) != rnd.agreed:  # outvoted: its state is not the one kept
-            committed, reason = False, (f"checksum {rnd.checksums.get(member_id, '')[:16]} is not the committed "
-                                        f"state's {rnd.agreed[:16]}, which a majority of the group reported: "
-                                        "fetch the committed state")
+        mine = rnd.checksums.get(member_id)
+        if committed and mine != rnd.agreed:  # outvoted, or reported too late: its state is not the one kept
+            committed, reason = False, (
+                (f"checksum {mine[:16]} is not the committed state's {rnd.agreed[:16]}, which a majority of the "
+                 "group reported" if mine else "the round committed without this member's checksum")
+                + ": fetch the committed state")
         return CommitOutcome(committed=committed, reason=reason, committed_round=self.committed_round(key))
 
     def count_traffic(self, job: str, span: Span, round_index: int, member_id: str, *,
@@ -517,17 +520,15 @@ class Rounds:
 
 
 def majority_checksum(checksums: dict[str, str], group_size: int) -> str:
-    """The checksum a round commits ("": none): the one every reporter holds (members that gave
-    the attempt up or left do not count against it), else the one more than half of the whole
-    group holds. A member that reports another is outvoted and fetches the committed state,
+    """The checksum a round commits ("": none) of the reported ones (at least one): the one
+    every reporter holds (members that gave the attempt up or left do not count against it),
+    else the one more than half of the whole group holds. A member that reports another is outvoted and fetches the committed state,
     so one liar in a group of three cannot stop the round (issue 18); in a group of two any
     disagreement still aborts."""
-    held: dict[str, int] = {}
-    for checksum in checksums.values():
-        held[checksum] = held.get(checksum, 0) + 1
+    held = collections.Counter(checksums.values())
     if len(held) == 1:
         return next(iter(held))
-    best, count = max(held.items(), key=lambda item: item[1], default=("", 0))
+    best, count = held.most_common(1)[0]
     return best if 2 * count > group_size else ""
 
 
