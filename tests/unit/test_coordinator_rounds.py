@@ -293,6 +293,27 @@ def test_a_member_that_reports_another_checksum_is_outvoted_not_a_veto(tmp_path)
     asyncio.run(scenario())
 
 
+def test_the_next_rounds_masks_are_drawn_while_its_members_exchange(tmp_path):
+    """Once round 3 forms, the coordinator draws its cocktail masks ahead in a worker thread,
+    with round 2's codec, so the rebuild after the last commit finds them cached."""
+    from pollinate.compression import cocktail
+
+    async def scenario():
+        job, store, rounds, results, c2 = await _three_in_round_2(tmp_path)
+        out = await asyncio.gather(*(rounds.commit("j", SPAN, 2, m, c2, results=[(j, results[j])], outer=STEP)
+                                     for j, m in enumerate("abc")))
+        assert all(o.committed for o in out)
+        keys = [(stop - start, 0.75, mask_seed(3, start), cocktail.BERNOULLI) for start, stop in shard_bounds(NUMEL, 3)]
+        for k in keys:  # drawn by nothing but the prefetch (another test may have drawn them)
+            cocktail._masks.pop(k, None)
+        await asyncio.gather(*(rounds.begin("j", SPAN, 3, m, 1) for m in "abc"))
+        await asyncio.gather(*rounds._tasks)  # the draw, started when the group formed
+        assert all(k in cocktail._masks for k in keys)
+        store.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_outvoted_member_gains_no_standing(tmp_path):
     """Standing is having reported a committed round's checksum, not having reported one."""
     async def scenario():
