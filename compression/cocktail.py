@@ -289,11 +289,17 @@ class CocktailCodec(FramedCodec):
     def __init__(self, config: CocktailConfig | None = None, **params: object) -> None:
         self.config = config if config is not None else CocktailConfig(**params)
 
+    def mask(self, numel: int, seed: int) -> np.ndarray | None:
+        """The positions this codec's frame of ``numel`` elements sends for ``seed`` (None: all),
+        from the cache when drawn lately (make_mask): a decoder of that frame draws the same."""
+        cfg = self.config
+        return make_mask(numel, cfg.p, seed, CYCLED if cfg.cycled else BERNOULLI)
+
     def _encode_body(self, flat: torch.Tensor, *, seed: int) -> bytes:
         cfg = self.config
         x = flat.to(torch.float32).numpy()
         schedule = CYCLED if cfg.cycled else BERNOULLI
-        mask = make_mask(x.size, cfg.p, seed, schedule)
+        mask = self.mask(x.size, seed)
         masked = x if mask is None else x[mask]
         magnitude = np.abs(masked)
         threshold = _topk_threshold(magnitude, cfg.k, cfg.sample_size)

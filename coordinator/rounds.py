@@ -9,7 +9,8 @@ commits if the checksums agree, or if more than half of the group agree (the oth
 outvoted: told to fetch the committed state, no standing from it; ``majority_checksum``), and
 the coordinator holds the new state (written to a file in the data directory and the row to
 ``committed_states``, both before any reply), and aborts otherwise. A committed round's row
-is never deleted; its state's file may be pruned by the job's retention (coordinator/checkpoints.py, applied after each commit), never the last one.
+is never deleted; its state's file may be pruned by the job's retention
+(coordinator/checkpoints.py, applied after each commit), never the last one.
 
 The state (issue 12). Members do not send the new state whole: every member applied the same
 result frames to the same θ_global, so the coordinator applies them too, with the same code
@@ -99,7 +100,7 @@ class _Round:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     group: Group | None = None
     checksums: dict[str, str] = field(default_factory=dict)
-    agreed: str = ""  # the checksum the round commits (majority_checksum), once settled
+    agreed: str = ""  # the checksum the round commits (majority_checksum), once all reported
     state: bytes = b""
     state_sender: str = ""  # who sent ``state``: used only if it holds the agreed checksum
     base: bytes = b""  # the state the round started from (CommitRoundRequest.base_state), zstd
@@ -110,6 +111,11 @@ class _Round:
     finishing: asyncio.Task | None = None  # rebuilding/checking and writing the new state
     done: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: tuple[bool, str] = (False, "")
+
+    @property
+    def agreeing(self) -> set[str]:
+        """The members that reported the agreed checksum (the others are outvoted)."""
+        return {m for m, c in self.checksums.items() if c == self.agreed}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +144,7 @@ class Rounds:
         # next round is rebuilt from it (read back from its file after a restart)
         self._last: dict[Key, tuple] = {}
         self._last_outer: dict[Key, OuterStep] = {}  # the outer step of the last committed round
-        self._tasks: set[asyncio.Task] = set()  # running _finish tasks (a reference each)
+        self._tasks: set[asyncio.Task] = set()  # running _finish and mask-drawing tasks (a reference each)
         self._standing: dict[Key, set[str]] = {}  # members with standing, loaded from the store
         self._asked_at: dict[tuple[Key, str], float] = {}  # (key, member) -> its last BeginRound
         self._started = time.monotonic()  # a member with standing has "asked" at start (restart)
@@ -228,7 +234,7 @@ class Rounds:
         the last committed round's codec would (the rebuild after the last commit then finds
         them cached: drawing them was ~0.13 s of it at 8M elements). Only a guess: a round whose
         codec differs draws its own masks at the rebuild, as before."""
-        from pollinate.compression.cocktail import BERNOULLI, CYCLED, CocktailCodec, make_mask
+        from pollinate.compression.cocktail import CocktailCodec
         from pollinate.compression.outer import mask_seed, shard_bounds
 
         last, outer = self._last.get(key), self._last_outer.get(key)
@@ -240,13 +246,12 @@ class Rounds:
             return
         if not isinstance(codec, CocktailCodec):
             return
-        cfg, numel = codec.config, last[1].numel()
-        schedule = CYCLED if cfg.cycled else BERNOULLI
+        numel = last[1].numel()
 
         def draw() -> None:
             try:
                 for start, stop in shard_bounds(numel, group_size):
-                    make_mask(stop - start, cfg.p, mask_seed(round_index, start), schedule)
+                    codec.mask(stop - start, mask_seed(round_index, start))
             except Exception as exc:  # housekeeping: the rebuild draws what is missing
                 logger.debug("round %d masks not drawn ahead: %s", round_index, exc)
 
@@ -303,19 +308,20 @@ class Rounds:
         gone = {m for m in ids if m not in self.membership.members}
         if not ids <= set(rnd.checksums) | rnd.abandoned | gone:
             return
+        if rnd.checksums:
+            rnd.agreed = majority_checksum(rnd.checksums, len(ids))
         if not rnd.checksums:
             self._abort(key, round_index, rnd, f"no member completed attempt {rnd.attempt} "
                                                f"(gave up: {sorted(rnd.abandoned)}, left: {sorted(gone)})")
-        elif not (agreed := majority_checksum(rnd.checksums, len(ids))):
+        elif not rnd.agreed:
             self._abort(key, round_index, rnd, f"checksums disagree, none held by more than half of the "
                                                f"group of {len(ids)}: {dict(sorted(rnd.checksums.items()))}")
-        elif why := majority_lacking({m for m, c in rnd.checksums.items() if c == agreed}, self.voters(key)):
+        elif why := majority_lacking(rnd.agreeing, self.voters(key)):
             self._abort(key, round_index, rnd, why)
         elif rnd.state_from and not rnd.state:
             if rnd.state_from in gone or rnd.state_from in rnd.abandoned:
                 self._abort(key, round_index, rnd, f"{rnd.state_from}, asked for the state, left")
         else:  # the state's bytes are checked or rebuilt off the event loop
-            rnd.agreed = agreed
             rnd.finishing = asyncio.create_task(self._finish(key, round_index, rnd))
             self._tasks.add(rnd.finishing)
             rnd.finishing.add_done_callback(self._tasks.discard)
@@ -519,7 +525,7 @@ class Rounds:
         self._last[key] = (round_index, theta, momentum)
         if rnd.outer is not None:
             self._last_outer[key] = rnd.outer
-        self.standing(key).update(m for m, c in rnd.checksums.items() if c == checksum)
+        self.standing(key).update(rnd.agreeing)
         if self.checkpoints is not None:
             try:
                 self.checkpoints.apply()
@@ -529,15 +535,15 @@ class Rounds:
         rnd.done.set()
         self._open.pop((key, round_index), None)
         self._attempts.pop((key, round_index), None)
-        outvoted = sorted(m for m, c in rnd.checksums.items() if c != checksum)
+        outvoted = sorted(set(rnd.checksums) - rnd.agreeing)
         logger.info("round %d of job %s span %d:%d committed by %d/%d members, state %.1f kB %s%s",
-                    round_index, key[0], key[1], key[2], len(rnd.checksums) - len(outvoted), len(rnd.group.members),
+                    round_index, key[0], key[1], key[2], len(rnd.agreeing), len(rnd.group.members),
                     len(data) / 1000, how, f"; outvoted: {', '.join(outvoted)}" if outvoted else "")
 
     def _ask_state(self, key: Key, round_index: int, rnd: _Round, why: str) -> None:
         """The state cannot be rebuilt: ask the first member that reported (shard order) for it."""
-        alive = [m for m, _ in rnd.group.members
-                 if rnd.checksums.get(m) == rnd.agreed and m in self.membership.members]
+        agreeing = rnd.agreeing
+        alive = [m for m, _ in rnd.group.members if m in agreeing and m in self.membership.members]
         if not alive:
             self._abort(key, round_index, rnd, f"cannot rebuild the state ({why}) and no member is left to send it")
             return
@@ -557,9 +563,9 @@ class Rounds:
 def majority_checksum(checksums: dict[str, str], group_size: int) -> str:
     """The checksum a round commits ("": none) of the reported ones (at least one): the one
     every reporter holds (members that gave the attempt up or left do not count against it),
-    else the one more than half of the whole group holds. A member that reports another is outvoted and fetches the committed state,
-    so one liar in a group of three cannot stop the round (issue 18); in a group of two any
-    disagreement still aborts."""
+    else the one more than half of the whole group holds. A member that reports another is
+    outvoted and fetches the committed state, so one liar in a group of three cannot stop the
+    round (issue 18); in a group of two any disagreement still aborts."""
     held = collections.Counter(checksums.values())
     if len(held) == 1:
         return next(iter(held))

@@ -569,10 +569,10 @@ class Store:
 
     def round_groups(self, key: RoundKey) -> dict[int, dict]:
         """Every round of (job, span) this store holds: {round: {"state": forming / exchanging
-        / committed / aborted, "members": {member id: whether its checksum is in (the committed one, for a committed round)},
-        "coordinator_bytes_sent": {member id: bytes of its BeginRound and CommitRound
-        requests (a state sent whole included)}}}, the members those of the round's last
-        formation. For tests that end by comparing what was committed, and by whom."""
+        / committed / aborted, "members": {member id: whether its checksum is in (the
+        committed one, for a committed round)}, "coordinator_bytes_sent": {member id: bytes of
+        its BeginRound and CommitRound requests (a state sent whole included)}}}, the members
+        those of the round's last formation. For tests that end by comparing what was committed, and by whom."""
         rounds = {r: {"state": state, "members": {}, "coordinator_bytes_sent": {}} for r, state in self.db.execute(
             "SELECT round, state FROM rounds WHERE job_name=? AND span_start=? AND span_end=? ORDER BY round",
             key)}
