@@ -359,9 +359,12 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
     (benchmarks/liar_node.py, LIAR_GRAD_NOISE 0.1, honest Forward) on the preferred replica of
     blocks 1:3; the trainer spot-checks --spot-check-rate of its Backward hops with check_only
     Backwards on the other replicas, bans and reports the liar and redoes its hop elsewhere.
-    Then the liar leaves, an honest node takes its place, and a new trainer runs
-    --honest-train-steps steps: no ban may happen. Reports the largest distance between
-    agreeing answers (what honest replicas differ by) in each phase."""
+    Then the liar leaves, an honest node takes its place, and --honest-trainers new trainers
+    run --honest-train-steps steps each, at once on the same job (each Backward steps the
+    replica's adapter under the others' checks): no ban may happen. Reports the largest
+    distance between agreeing answers (what honest replicas differ by) in each phase."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from pollinate.client.trainer import TrainConfig, Trainer
@@ -373,9 +376,8 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
     from pollinate.node.model_files import open_model
 
     open_model(model, cache_dir=cache, show_progress=False)
-    gen = torch.Generator().manual_seed(args.seed)
 
-    def train(coordinator: str, steps: int, *, stop_at_ban: bool = False) -> dict:
+    def train(coordinator: str, steps: int, *, stop_at_ban: bool = False, seed: int = args.seed) -> dict:
         from pollinate.client.remote_model import RemoteModelForCausalLM
 
         remote = RemoteModelForCausalLM.from_pretrained(model, coordinator=coordinator, token=LIAR_TOKEN,
@@ -385,7 +387,7 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
                              steps=steps, batch_size=2, wire_codec="fp16")
         trainer = Trainer(swarm=remote.swarm, worker=remote.worker, client_part=remote.client_part, pad_id=0,
                           config=config, timeout_s=args.step_timeout)
-        detected, losses = None, []
+        detected, losses, gen = None, [], torch.Generator().manual_seed(seed)
         try:
             for step in range(1, steps + 1):
                 ids = torch.randint(3, 256, (2, 16), generator=gen)
@@ -415,7 +417,13 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
                                                 *_liar_node_args(model, cache, coord.info["grpc"],
                                                                  workdir / "token")])
         group.wait_ready([honest_node], timeout=180)
-        honest = train(coord.info["grpc"], args.honest_train_steps)
+        with ThreadPoolExecutor(args.honest_trainers) as pool:
+            runs = list(pool.map(lambda i: train(coord.info["grpc"], args.honest_train_steps, seed=args.seed + 1 + i),
+                                 range(args.honest_trainers)))
+        honest = {"liars": {k: v for r in runs for k, v in r["liars"].items()},
+                  "steps": min(r["steps"] for r in runs), "checks": sum(r["checks"] for r in runs),
+                  "unresolved": sum(r["unresolved"] for r in runs), "losses_finite": all(r["losses_finite"] for r in runs),
+                  "max_agreeing_distance": max(r["max_agreeing_distance"] for r in runs)}
     return {
         "scenario": "liar-backward",
         "model": args.model,
@@ -430,6 +438,7 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
         "checks": lied["checks"],
         "max_agreeing_distance_liar_phase": lied["max_agreeing_distance"],
         "false_bans": len(honest["liars"]),
+        "honest_trainers": args.honest_trainers,
         "honest_steps": honest["steps"],
         "honest_checks": honest["checks"],
         "max_agreeing_distance_honest": honest["max_agreeing_distance"],
@@ -804,6 +813,9 @@ def main() -> int:
     liar_args.add_argument("--honest-steps", type=int, default=500, help="steps of the honest swarm (no ban allowed)")
     liar_args.add_argument("--honest-train-steps", type=int, default=200,
                            help="liar-backward: training steps of the honest swarm (no ban allowed)")
+    liar_args.add_argument("--honest-trainers", type=int, default=1,
+                           help="liar-backward: trainers of the honest phase, at once on one job (each runs "
+                                "--honest-train-steps)")
     liar_args.add_argument("--grad-noise", type=float, default=0.1,
                            help="liar-backward: the liar's gradient noise, x the gradient's std")
     training = p.add_argument_group("training scenarios (kill-replica-during-training, kill-last-replica)")

@@ -17,8 +17,9 @@ opinion available the disagreement is logged and counted (`unresolved`), and nob
 
 Training (issue 18): the trainer checks the same share of its Backward hops
 (client/trainer.py). Replicas train their own adapters between DiLoCo rounds, so another
-replica's gradient is not comparable as such: before the hop's Backward the trainer fetches
-the hop's adapter (GetState flat, one fp32 vector), and the checkers (other replicas of
+replica's gradient is not comparable as such: the checked hop's Backward returns the adapter
+it computed with (BackwardHeader.return_adapter, one fp32 vector copied in the same call, so
+no other trainer's step or landing round can come between), and the checkers (other replicas of
 exactly the hop's blocks) compute the input gradient for the same input and output gradient
 with that adapter in place of their own (BackwardHeader.check_only: nothing accumulated or
 stepped, their adapter restored). Honest answers then differ by arithmetic and the wire
@@ -103,8 +104,8 @@ class SpotChecker:
                              *, job: str, spec, flat: torch.Tensor) -> PeerSpan | None:
         """Check a training hop's Backward answer (the gradient of its input `hidden` for the
         gradient `grad_out` of its output) on other replicas of exactly its blocks: check_only
-        Backwards that compute with `flat`, the hop's own adapter fetched before its Backward
-        (GetState flat), and accumulate nothing. The peer found lying, or None."""
+        Backwards that compute with `flat`, the adapter the hop's Backward returned with its
+        answer (return_adapter), and accumulate nothing. The peer found lying, or None."""
         self.stats.backward_checks += 1
 
         async def other(avoid: frozenset[str]):

@@ -171,28 +171,31 @@ class SwarmChain:
         return out
 
     async def backward_hop(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, *, keep_id: str | None = None,
-                           input_grad: bool = True) -> torch.Tensor | None:
+                           input_grad: bool = True, return_adapter: bool = False):
         """The gradient of the hop's input (None with input_grad=False). With `keep_id` the
-        node recomputes from the input it kept; if it has not kept it, `hidden` is sent."""
+        node recomputes from the input it kept; if it has not kept it, `hidden` is sent.
+        return_adapter: (the hop's trainable tensors as its Backward used them, the gradient),
+        for a spot check."""
         codec = self.config.gradient_codec
         enc_grad = await asyncio.to_thread(encode_tensor, grad, codec=codec, name=GRAD_OUTPUTS)
         grad_reqs = [node_pb2.BackwardRequest(tensor=c) for c in enc_grad.chunks()]
         header = node_pb2.BackwardHeader(job=self.job, blocks=self._span(hop), spec=self.spec_msg, reply_codec=codec,
-                                         skip_grad_inputs=not input_grad)
+                                         skip_grad_inputs=not input_grad, return_adapter=return_adapter)
+        expected = 1 + int(return_adapter) if input_grad else 0
         if keep_id is not None:
             keyed = node_pb2.BackwardHeader()
             keyed.CopyFrom(header)
             keyed.keep_id = keep_id
             try:
                 return _only(await self._call(hop, "Backward", [node_pb2.BackwardRequest(header=keyed)] + grad_reqs),
-                             input_grad)
+                             expected)
             except InputNotKept as e:
                 self.resends += 1
                 logger.info("job %s: %s did not keep input %s, sending it again: %s", self.job, hop.peer.address,
                             keep_id, e)
         enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name=HIDDEN_STATES)
         reqs = [node_pb2.BackwardRequest(header=header)] + [node_pb2.BackwardRequest(tensor=c) for c in enc.chunks()]
-        return _only(await self._call(hop, "Backward", reqs + grad_reqs), input_grad)
+        return _only(await self._call(hop, "Backward", reqs + grad_reqs), expected)
 
     async def forward(self, hidden: torch.Tensor, *, keep: bool = True
                       ) -> tuple[list[Hop], list[KeptInput], torch.Tensor]:
@@ -226,9 +229,11 @@ class SwarmChain:
                 # the model's first blocks take the frozen embeddings: their input gradient is
                 # of no use to a job trained on the nodes (prompt tuning, job "", needs it)
                 input_grad = not (self.job and hop.start == 0)
-                flat = await self._adapter_to_check(hop) if input_grad else None
-                new = await self.backward_hop(hop, h.tensor, grad, keep_id=h.keep_id, input_grad=input_grad)
-                if flat is not None:
+                check = bool(self.job) and input_grad and self.swarm.spot_checks.due()
+                new = await self.backward_hop(hop, h.tensor, grad, keep_id=h.keep_id, input_grad=input_grad,
+                                              return_adapter=check)
+                if check:
+                    flat, new = new
                     await self._spot_check(hop, h.tensor, grad, new, flat)
                 grad = new
                 i -= 1
@@ -243,24 +248,6 @@ class SwarmChain:
             hops[i:i + 1] = replacement
             i += len(replacement) - 1
         return [hop for hop, _ in hops]
-
-    async def _adapter_to_check(self, hop: Hop) -> torch.Tensor | None:
-        """For a share (spot_check_rate) of Backward hops: the hop's adapter as it stands
-        before its Backward (GetState flat), which the check computes with; None: no check."""
-        if not self.job or not self.swarm.spot_checks.due():
-            return None
-        req = node_pb2.GetStateRequest(job=self.job, span=self._span(hop), flat=True)
-        assembler, flat = TensorAssembler(), None
-        try:
-            with translate_rpc_errors(peer=hop.peer.address):
-                async for reply in self.swarm.stub(hop.peer.address).GetState(req, timeout=self.timeout_s):
-                    enc = assembler.feed(reply.tensor)
-                    if enc is not None:
-                        flat = await asyncio.to_thread(enc.decode)
-        except (PollinateError, asyncio.TimeoutError) as e:  # not checked this time; the Backward decides
-            logger.info("job %s: no adapter of %s to check its Backward with: %s", self.job, hop.peer.address, e)
-            return None
-        return flat
 
     async def _spot_check(self, hop: Hop, hidden: torch.Tensor, grad_out: torch.Tensor, answer: torch.Tensor,
                           flat: torch.Tensor) -> None:
@@ -318,11 +305,12 @@ class KeptInput:
     keep_id: str | None
 
 
-def _only(outputs: list[torch.Tensor], expected: bool) -> torch.Tensor | None:
-    """The one reply tensor of a Backward, or None when none was asked for."""
-    if len(outputs) != int(expected):
-        raise InvalidRequest(f"Backward answered {len(outputs)} tensors, expected {int(expected)}")
-    return outputs[0] if expected else None
+def _only(outputs: list[torch.Tensor], expected: int):
+    """A Backward's reply tensors: None when none was asked for, the one tensor, or a
+    tuple (the adapter, the input gradient) of two."""
+    if len(outputs) != expected:
+        raise InvalidRequest(f"Backward answered {len(outputs)} tensors, expected {expected}")
+    return None if not expected else outputs[0] if expected == 1 else tuple(outputs)
 
 
 def _transient(e: BaseException) -> bool:

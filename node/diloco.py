@@ -175,7 +175,9 @@ class ShardResult:
 # --- pure functions -------------------------------------------------------------------------
 
 def flatten_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One fp32 copy of all trainable tensors, in the given order."""
+    """One fp32 copy of all trainable tensors, in the given order (empty without any)."""
+    if not params:
+        return torch.zeros(0, dtype=torch.float32)
     return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
 
 

@@ -205,9 +205,12 @@ class JobManager:
         return out.to(hidden.device, hidden.dtype)
 
     async def backward(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor, *,
-                       input_grad: bool = True) -> torch.Tensor | None:
+                       input_grad: bool = True, with_adapter: bool = False):
         """job None: the base span's input gradient, nothing trained or counted.
-        input_grad False: only the adapter's gradients (returns None); needs a job."""
+        input_grad False: only the adapter's gradients (returns None); needs a job.
+        with_adapter: (the job's trainable tensors as one flat fp32 tensor, copied on the torch
+        thread in the same call as the Backward, so before any step it takes; the input
+        gradient), for a spot check (BackwardHeader.return_adapter)."""
         self.server.check_hidden(hidden)
         if grad_out.shape != hidden.shape:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
@@ -215,10 +218,12 @@ class JobManager:
             raise InvalidRequest("skip_grad_inputs without a job leaves nothing to compute")
         if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
             await self.rounds.before_step(self, job)
-        grad_in = await self.server.run_torch(self._backward_sync, job, hidden, grad_out, input_grad)
+        if with_adapter and (job is None or not input_grad):
+            raise InvalidRequest("return_adapter needs a job and the input gradient (no skip_grad_inputs)")
+        result = await self.server.run_torch(self._backward_sync, job, hidden, grad_out, input_grad, with_adapter)
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
-        return grad_in
+        return result
 
     async def check_backward(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor,
                              flat: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,13 +239,6 @@ class JobManager:
                                  f"the job's adapter here has {numel}")
         return await self.server.run_torch(self._check_sync, job, hidden, grad_out, flat)
 
-    async def flat(self, name: str) -> torch.Tensor:
-        """The job's trainable tensors as they stand, one flat fp32 tensor (GetState flat)."""
-        from pollinate.node.diloco import flatten_params
-
-        job = self.job(name)
-        return await self.server.run_torch(lambda: flatten_params(list(job.adapter.parameters())))
-
     def _check_sync(self, job: Job, hidden: torch.Tensor, grad_out: torch.Tensor,
                     flat: torch.Tensor | None) -> torch.Tensor:
         try:
@@ -249,11 +247,15 @@ class JobManager:
             raise InvalidRequest(str(e)) from e
 
     def _backward_sync(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor,
-                       input_grad: bool = True) -> torch.Tensor | None:
+                       input_grad: bool = True, with_adapter: bool = False):
+        from pollinate.node.diloco import flatten_params
+
+        flat = flatten_params(list(job.adapter.parameters())) if with_adapter else None
         try:
-            return backward_step(job, self.server.span, self.host, hidden, grad_out, input_grad=input_grad)
+            grad_in = backward_step(job, self.server.span, self.host, hidden, grad_out, input_grad=input_grad)
         except SpanError as e:
             raise InvalidRequest(str(e)) from e
+        return (flat, grad_in) if with_adapter else grad_in
 
     async def state(self, name: str) -> tuple[JobSpec, dict[str, torch.Tensor]]:
         """The job's spec, and its adapter under PEFT names plus its counters as 0-d tensors (`counter.*`)."""

@@ -73,6 +73,9 @@ class TrainingRpcs:
                 if header.check_only and (job is None or header.keep_id or header.skip_grad_inputs):
                     raise InvalidRequest("Backward: check_only needs a job and both tensors (no keep_id, "
                                          "no skip_grad_inputs)")
+                if header.return_adapter and (job is None or header.check_only or header.skip_grad_inputs):
+                    raise InvalidRequest("Backward: return_adapter needs a job and the input gradient "
+                                         "(no check_only, no skip_grad_inputs)")
             elif req.HasField("header"):
                 raise InvalidRequest("Backward: header sent twice")
             if not req.HasField("tensor"):
@@ -103,6 +106,11 @@ class TrainingRpcs:
             grad_out = await asyncio.to_thread(grad_enc.decode)
             if header.check_only:
                 grad_in = await self.jobs.check_backward(job, hidden, grad_out, flat)
+            elif header.return_adapter:  # a spot check's copy of the adapter this Backward used
+                used, grad_in = await self.jobs.backward(job, hidden, grad_out, with_adapter=True)
+                adapter = await asyncio.to_thread(encode_tensor, used, codec="none", name=ADAPTER_FLAT)
+                for chunk in adapter.chunks(self.framing):
+                    yield node_pb2.BackwardReply(tensor=chunk)
             else:
                 grad_in = await self.jobs.backward(job, hidden, grad_out, input_grad=not header.skip_grad_inputs)
             done += 1
@@ -159,12 +167,6 @@ class TrainingRpcs:
                 encoded = await asyncio.to_thread(encode_tensor, tensor, codec="none", name=f"diloco.{name}")
                 for chunk in encoded.chunks(self.framing):
                     yield node_pb2.GetStateReply(round=committed, tensor=chunk)
-            return
-        if request.flat:  # a Backward spot check's copy of this replica's adapter
-            encoded = await asyncio.to_thread(encode_tensor, await self.jobs.flat(request.job), codec="none",
-                                              name=ADAPTER_FLAT)
-            for chunk in encoded.chunks(self.framing):
-                yield node_pb2.GetStateReply(round=0, tensor=chunk)
             return
         spec, state = await self.jobs.state(request.job)
         spec_msg = spec.to_proto(node_pb2)  # in the first reply only

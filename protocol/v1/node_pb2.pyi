@@ -63,7 +63,7 @@ class ForwardReply(_message.Message):
     def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardHeader(_message.Message):
-    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec", "keep_id", "skip_grad_inputs", "check_only")
+    __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec", "keep_id", "skip_grad_inputs", "check_only", "return_adapter")
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class BackwardHeader(_message.Message):
     KEEP_ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     job: str
     reply_codec: str
     blocks: _common_pb2.Span
@@ -80,7 +81,8 @@ class BackwardHeader(_message.Message):
     keep_id: str
     skip_grad_inputs: bool
     check_only: bool
-    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., keep_id: _Optional[str] = ..., skip_grad_inputs: _Optional[bool] = ..., check_only: _Optional[bool] = ...) -> None: ...
+    return_adapter: bool
+    def __init__(self, job: _Optional[str] = ..., reply_codec: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., request_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., keep_id: _Optional[str] = ..., skip_grad_inputs: _Optional[bool] = ..., check_only: _Optional[bool] = ..., return_adapter: _Optional[bool] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("header", "tensor")
@@ -163,16 +165,14 @@ class ShardMessage(_message.Message):
     def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., sender_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., weight: _Optional[int] = ..., kind: _Optional[_Union[ShardMessage.Kind, str]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
-    __slots__ = ("job", "span", "round", "flat")
+    __slots__ = ("job", "span", "round")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    FLAT_FIELD_NUMBER: _ClassVar[int]
     job: str
     span: _common_pb2.Span
     round: int
-    flat: bool
-    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ..., flat: _Optional[bool] = ...) -> None: ...
+    def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GetStateReply(_message.Message):
     __slots__ = ("round", "tensor", "spec")

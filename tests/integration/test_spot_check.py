@@ -36,16 +36,19 @@ def test_a_lying_node_is_caught_and_honest_nodes_are_not(tmp_path):
 def test_a_node_answering_wrong_gradients_is_caught_by_backward_checks(tmp_path):
     """The same swarm with a liar whose Backward answers perturbed input gradients (honest
     Forward): a trainer checking every Backward hop (check_only on the other replicas, with
-    the liar's own adapter) catches it at the first step, redoes its hop elsewhere and reports
-    it (quarantined); an honest swarm checked at every hop bans nobody."""
+    the adapter the liar's Backward returned) catches it at the first step, redoes its hop
+    elsewhere and reports it (quarantined); an honest swarm checked at every hop bans nobody,
+    also with two trainers stepping the same replica's adapter at once (an adapter fetched
+    apart from the Backward made that a false ban: 1 in the same run before return_adapter)."""
     done = subprocess.run(
         [sys.executable, str(CHAOS), "--scenario", "liar-backward", "--spot-check-rate", "1.0", "--train-steps", "4",
-         "--honest-train-steps", "4", "--workdir", str(tmp_path)],
+         "--honest-train-steps", "4", "--honest-trainers", "2", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["detected_after_steps"] == 1 and r["liar_banned"] and r["liar_hop_redone"] == 1, r
     assert r["liar_reports"] == [[True, 1]] and r["coordinator_quarantined_liar"], r
     assert (r["false_bans"], r["unresolved"]) == (0, 0) and r["losses_finite"], r
-    assert r["honest_steps"] == 4 and r["honest_checks"] == 8, r  # two hops with an input gradient per step
+    # two trainers, two hops with an input gradient per step
+    assert r["honest_trainers"] == 2 and r["honest_steps"] == 4 and r["honest_checks"] == 16, r
     assert r["max_agreeing_distance_honest"] < 0.01, r  # fp16 on the wire: ~1e-4

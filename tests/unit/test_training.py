@@ -185,3 +185,45 @@ def test_a_check_only_backward_matches_the_training_one_and_changes_nothing(tiny
     assert torch.equal(flatten_params(list(job.adapter.parameters())), own)
     assert torch.allclose(with_other, check_backward(other, other_span, other_host, x, grad), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(with_other, checked, rtol=1e-3, atol=1e-5)
+
+
+def test_a_backward_returns_the_adapter_it_computed_with(tiny_model_files):
+    """Issue 18, Backward spot checks (BackwardHeader.return_adapter): the adapter copied with
+    the answer is the one the Backward used, from before the step it takes (micro_batches 1:
+    every Backward steps), so a check with that copy reproduces the answer and a check with
+    the adapter as it stands afterwards does not."""
+    import asyncio
+
+    from pollinate.node.config import ServingConfig
+    from pollinate.node.diloco import flatten_params
+    from pollinate.node.training import JobManager, check_backward
+    from pollinate.protocol.errors import InvalidRequest
+    from pollinate.protocol.v1 import node_pb2
+
+    class Server:
+        span = tiny_model_files.load_span(1, 3)
+        start, end = 1, 3
+        serving = ServingConfig()
+
+        def check_hidden(self, hidden):
+            pass
+
+        async def run_torch(self, fn, *args):
+            return fn(*args)
+
+    server = Server()
+    jobs = JobManager(server)
+    job = jobs.job("j", JobSpec(rank=4, alpha=8.0, lr=0.1, micro_batches=1, seed=3).to_proto(node_pb2))
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 64, generator=g)
+    asyncio.run(jobs.backward(job, x, grad))  # one step: B away from its zero init
+    before = flatten_params(list(job.adapter.parameters()))
+    used, answer = asyncio.run(jobs.backward(job, x, grad, with_adapter=True))
+    assert torch.equal(used, before) and job.inner_steps == 2
+    assert not torch.equal(flatten_params(list(job.adapter.parameters())), before)  # it stepped
+    assert torch.allclose(check_backward(job, server.span, jobs.host, x, grad, flat=used), answer,
+                          rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(check_backward(job, server.span, jobs.host, x, grad), answer, rtol=1e-3, atol=1e-5)
+    with pytest.raises(InvalidRequest, match="return_adapter"):
+        asyncio.run(jobs.backward(job, x, grad, input_grad=False, with_adapter=True))
+    assert job.inner_steps == 2  # refused before anything ran
