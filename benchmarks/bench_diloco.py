@@ -51,8 +51,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pollinate.node.diloco import (DiLoCoConfig, DiLoCoMember, assign_flat,
-                                   exchange_in_process, flatten_params, overlap_restart,
-                                   registry_codec)
+                                   exchange_in_process, flatten_params, job_diloco_config,
+                                   overlap_restart, registry_codec)
+from pollinate.protocol.shared import JobSpec
 
 REPLICAS = 4
 SEQ = 64  # tokens per sequence (bytes)
@@ -229,13 +230,15 @@ def run_diloco_overlapped(args, state, train, val, seed, config: DiLoCoConfig, d
 
 
 def arm_configs(args) -> dict[str, DiLoCoConfig]:
-    """The DiLoCo arms' configs: the compressed one from --config, the dense ones sharing its
-    H and outer optimizer, and the paper's outer optimizer."""
+    """The DiLoCo arms' configs: the compressed one from --config over the defaults a job gets
+    (with --lora: an adapter job's, node/diloco.py job_diloco_config), the dense ones sharing
+    its H and outer optimizer, and the paper's outer optimizer."""
     overrides = json.loads(args.config)
     if args.quick:
         overrides.setdefault("inner_steps", 10)
+    base = job_diloco_config(JobSpec()) if args.lora else DiLoCoConfig()
     # the arm says how its rounds run (diloco-cocktail blocking, -overlap overlapped), not the default
-    cocktail = dataclasses.replace(DiLoCoConfig(**overrides), overlap_rounds=False)
+    cocktail = dataclasses.replace(base, **overrides, overlap_rounds=False)
     dense = DiLoCoConfig(inner_steps=cocktail.inner_steps, outer_lr=cocktail.outer_lr,
                          outer_momentum=cocktail.outer_momentum, nesterov=cocktail.nesterov,
                          codec="none", codec_params={}, overlap_rounds=False)
@@ -274,7 +277,9 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--lora", type=int, default=0, metavar="R", help="train a rank-R LoRA on every "
-                    "linear layer instead of all weights (the pretrained checkpoint is the same)")
+                    "linear layer instead of all weights (the pretrained checkpoint is the same); the "
+                    "DiLoCo arms then start from an adapter job's round settings, as `pollinate train` "
+                    "gets them (--config overrides either)")
     ap.add_argument("--jobs", type=int, default=1, help="runs (arm, seed) in parallel processes; "
                     "the numbers do not depend on it (2 on a 2-core machine halves the wall time)")
     ap.add_argument("--overlap-delay", type=int, default=DiLoCoConfig().overlap_max_steps,

@@ -11,8 +11,9 @@ counter counts this case's traffic only):
   ExchangeShard to every other owner, apply, CommitRound) and the node's ExchangeShard handler
   (``TrainingRpcs``), joined through Join and heartbeats like a node. What they average is a
   flat fp32 vector of the size with the DiLoCo settings a LoRA job gets by default
-  (``job_diloco_config(JobSpec(method="lora"))``: cocktail codec, outer lr 1.0); each round every member
-  moves its local copy by its own random step first (in place of H inner steps). Round 1
+  (``job_diloco_config(JobSpec(method="lora"))``: cocktail codec, p 0.73, outer lr 1.2 /
+  momentum 0.7); each round every member moves its local copy by its own random step first
+  (in place of H inner steps). Round 1
   carries the whole state to the coordinator once (it has nothing to rebuild from); the
   figures are of the rounds after it.
 - hivemind 1.1 ``DecentralizedAverager`` on N processes (own DHT each, first one the

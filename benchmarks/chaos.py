@@ -575,7 +575,7 @@ async def _train_job(args, model: str, coord_address: str, nodes: list, token: s
             return node_pb2_grpc.NodeStub(channels[address])
 
     spec = JobSpec(rank=4, alpha=8.0, lr=args.lr, round_steps=args.round_steps, seed=args.seed,
-                   outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
+                   outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, codec_p=args.diloco_p)
     chain = SwarmChain(Stubs(), TrainConfig(job=JOB, spec=spec), timeout_s=args.step_timeout)
     hops = [Hop(peer=PeerSpan(peer_id=p.name, address=p.info["address"], start=0, end=num_blocks,
                               throughput=1.0), start=0, end=num_blocks) for p in nodes]
@@ -716,6 +716,7 @@ def kill_replica_during_training(args: argparse.Namespace, workdir: Path) -> dic
         "replicas": args.replicas,
         "train_steps": args.train_steps,
         "round_steps": args.round_steps, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
+        "diloco_p": args.diloco_p,
         "kill_round": args.kill_round,
         "wall_s": round(fault["wall_s"], 1),
         "wall_s_no_fault": round(clean["wall_s"], 1),
@@ -785,6 +786,7 @@ def kill_last_replica(args: argparse.Namespace, workdir: Path) -> dict:
         "replacement_start_s": round(fault["replacement_start_s"], 1),
         "train_steps": args.train_steps,
         "round_steps": args.round_steps, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
+        "diloco_p": args.diloco_p,
         "kill_round": args.kill_round,
         "wall_s": round(fault["wall_s"], 1),
         "wall_s_no_fault": round(clean["wall_s"], 1),
@@ -830,6 +832,7 @@ def main() -> int:
     training.add_argument("--outer-lr", type=float, default=0.0, help="DiLoCo outer lr (0: the job default)")
     training.add_argument("--outer-momentum", type=float, default=None,
                           help="DiLoCo outer momentum (unset: the job default)")
+    training.add_argument("--diloco-p", type=float, default=0.0, help="cocktail mask share (0: the job default)")
     training.add_argument("--val-batches", type=int, default=8)
     training.add_argument("--lease", type=float, default=4.0, help="coordinator lease, seconds")
     training.add_argument("--step-timeout", type=float, default=240.0, help="seconds per Forward/Backward")

@@ -256,11 +256,18 @@ def registry_codec(codec_id: str, params: Mapping[str, object]) -> Codec:
     return get_codec(codec_id, **dict(params))
 
 
-# Outer lr with the cocktail codec for jobs that train adapters (every method but "full"):
-# DiLoCoConfig's 1.6 comes from training all weights; with LoRA, bench_diloco --lora 8 gave
-# 1.992 at 1.0 vs 2.004 at 1.6 (three seeds, every seed), and the chaos LoRA toy 4.015 vs
-# 4.052 without faults and 4.029 vs 4.135 with a replica killed (results 2026-11-29)
-ADAPTER_OUTER_LR = 1.0
+# Outer optimizer and mask share with the cocktail codec for jobs that train adapters (every
+# method but "full" and "galore"; DiLoCoConfig's 1.6 / 0.8 / p 0.75 come from training all
+# weights). bench_diloco --lora 8, overlapped, three seeds against fp32 DiLoCo's 1.9788
+# (benchmarks/results/2026-12-06-diloco-overlap.md): 2.0014 (1.0114) at 1.0 / 0.8 / p 0.75,
+# 1.9952 (1.0083, every seed within 1%) here at 1010x fewer bytes than DDP. Larger steps were
+# closer on that toy (1.4 / 0.6: 1.0068; 1.6 / 0.6: 1.0056) but `make demo` (two rounds of
+# five steps) overshoots with them: 4 of 4 answers in 4 of 5 runs at 1.4, 1 of 3 runs at 1.6,
+# 5 of 5 here. Lower momentum with a larger lr: the codec's error feedback already carries
+# what a round leaves out, so heavy momentum adds a stale direction on top of the residual
+ADAPTER_OUTER_LR = 1.2
+ADAPTER_OUTER_MOMENTUM = 0.7
+ADAPTER_COCKTAIL_P = 0.73  # 0.75 was 983x fewer bytes than DDP for LoRA r8, under the 1000x bar
 # A solo round's outer step for adapter jobs: lr 1, no momentum, so θ_global takes the
 # replica's own progress as it is (up to the frame's rounding, which error feedback carries).
 # bench_diloco --lora 8, solo arm, three seeds (docs/diloco.md "Solo rounds"): 2.0684 with
@@ -277,15 +284,18 @@ def job_diloco_config(spec: JobSpec) -> DiLoCoConfig:
     default = DiLoCoConfig()
     given = spec.cocktail_settings()
     key = spec.codec or default.codec
+    adapter = key == "cocktail" and spec.method not in ("full", "galore")  # GaLore trains every weight, as full does
     params = dict(default.codec_params) if key == default.codec else {}
+    if adapter:
+        params["p"] = ADAPTER_COCKTAIL_P
     params.update(given)
     registry_codec(key, params)  # the codec's own checks on the merged parameters
     overrides = {"codec": key, "codec_params": params}
     if key != "cocktail":  # dense rounds: the same optimizer alone or not
         overrides["outer_lr"], overrides["outer_momentum"] = DENSE_OUTER_OPTIMIZER
         overrides["solo_outer_optimizer"] = None
-    elif spec.method not in ("full", "galore"):  # GaLore trains every weight, as full does
-        overrides["outer_lr"] = ADAPTER_OUTER_LR
+    elif adapter:
+        overrides["outer_lr"], overrides["outer_momentum"] = ADAPTER_OUTER_LR, ADAPTER_OUTER_MOMENTUM
         overrides["solo_outer_optimizer"] = ADAPTER_SOLO_OUTER_OPTIMIZER
     if spec.round_steps:
         overrides["inner_steps"] = spec.round_steps

@@ -19,7 +19,8 @@ from pollinate.coordinator.jobs import spec_to_dict
 from pollinate.coordinator.rounds import Rounds
 from pollinate.coordinator.service import status_to_proto
 from pollinate.coordinator.store import Store
-from pollinate.node.diloco import (ADAPTER_OUTER_LR, ADAPTER_SOLO_OUTER_OPTIMIZER, DENSE_OUTER_OPTIMIZER, DiLoCoConfig,
+from pollinate.node.diloco import (ADAPTER_COCKTAIL_P, ADAPTER_OUTER_LR, ADAPTER_OUTER_MOMENTUM,
+                                   ADAPTER_SOLO_OUTER_OPTIMIZER, DENSE_OUTER_OPTIMIZER, DiLoCoConfig,
                                    job_diloco_config)
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.shared import JobSpec
@@ -28,12 +29,15 @@ from test_coordinator_rounds import SPAN, STEP, Job, membership
 
 
 def test_unset_settings_are_the_diloco_defaults_and_set_ones_override_them():
-    # full-weight jobs get DiLoCoConfig's defaults; adapter jobs (LoRA by default) their outer lr
-    # and solo step
+    # full-weight jobs get DiLoCoConfig's defaults; adapter jobs (LoRA by default) their outer
+    # optimizer, mask share and solo step
     assert job_diloco_config(JobSpec(method="full")) == DiLoCoConfig()
     assert job_diloco_config(JobSpec()) == dataclasses.replace(
-        DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR, solo_outer_optimizer=ADAPTER_SOLO_OUTER_OPTIMIZER)
-    assert job_diloco_config(JobSpec(method="ia3", outer_lr=2.0)).outer_lr == 2.0  # a set lr wins
+        DiLoCoConfig(), outer_lr=ADAPTER_OUTER_LR, outer_momentum=ADAPTER_OUTER_MOMENTUM,
+        codec_params=dict(DiLoCoConfig().codec_params, p=ADAPTER_COCKTAIL_P),
+        solo_outer_optimizer=ADAPTER_SOLO_OUTER_OPTIMIZER)
+    ia3 = job_diloco_config(JobSpec(method="ia3", outer_lr=2.0, outer_momentum=0.0, codec_p=0.5))
+    assert (ia3.outer_lr, ia3.outer_momentum, ia3.codec_params["p"]) == (2.0, 0.0, 0.5)  # set ones win
     default = DiLoCoConfig()
     cfg = job_diloco_config(JobSpec(method="full", round_steps=7, codec_p=0.5, warmup_rounds=0, outer_lr=0.3,
                                     outer_momentum=0.0))
@@ -151,3 +155,19 @@ def test_the_node_command_sets_the_round_waits():
     assert (rounds.exchange_timeout_s, rounds.contribution_wait_s) == (120.0, 30.0)
     with pytest.raises(ValueError, match="contribution_wait_s"):  # must stay below the exchange timeout
         build_config(parser.parse_args([*base, "--round-contribution-wait", "90"]))
+
+
+def test_the_job_flags_help_states_the_defaults_in_force():
+    """`pollinate train --help` names the adapter and full-weight outer settings; it does not
+    import node/diloco.py (torch), so this keeps its numbers from drifting."""
+    import argparse
+
+    from pollinate.client.cli_job import add_job_arguments
+
+    p = argparse.ArgumentParser()
+    add_job_arguments(p)
+    helps = {a.dest: a.help for a in p._actions}
+    full = DiLoCoConfig()
+    assert f"[{ADAPTER_OUTER_LR} for adapter jobs, {full.outer_lr} for full weights]" in helps["outer_lr"]
+    assert f"[{ADAPTER_OUTER_MOMENTUM} for adapter jobs, {full.outer_momentum} for" in helps["outer_momentum"]
+    assert f"[{ADAPTER_COCKTAIL_P} for adapter jobs, {full.codec_params['p']} for" in helps["diloco_p"]
