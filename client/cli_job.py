@@ -63,15 +63,16 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--round-steps", type=int, help="H: inner steps between outer rounds")
     d.add_argument("--diloco-codec", choices=("cocktail", "int8", "fp16", "none"),
                    help="pseudo-gradient codec: cocktail (random mask + top-k + low-bit), int8, fp16, none (fp32)")
-    d.add_argument("--diloco-p", type=float, help="cocktail: fraction of coordinates in the random mask, (0, 1] [0.73 for adapter jobs, 0.75 for "
-                        "full weights]")
+    d.add_argument("--diloco-p", type=float, help="cocktail: fraction of coordinates in the random mask, (0, 1] "
+                   "[0.73 for adapter jobs, 0.75 for full weights]")
     d.add_argument("--diloco-k", type=float, help="cocktail: fraction of the masked coordinates kept (top-k), (0, 1]")
     d.add_argument("--diloco-bits", type=int, help="cocktail: bits per kept value, 1..8")
     d.add_argument("--diloco-bucket", type=int, help="cocktail: kept values per fp32 scale")
     d.add_argument("--warmup-rounds", type=int, help="first rounds sent uncompressed (fp32); 0 = none")
-    d.add_argument("--outer-lr", type=float, help="outer Nesterov SGD learning rate, > 0 [1.2 for adapter jobs, 1.6 for full weights]")
-    d.add_argument("--outer-momentum", type=float, help="outer momentum in [0, 1); 0 = plain averaging step [0.7 for adapter jobs, 0.8 for "
-                        "full weights]")
+    d.add_argument("--outer-lr", type=float, help="outer Nesterov SGD learning rate, > 0 "
+                   "[1.2 for adapter jobs, 1.6 for full weights]")
+    d.add_argument("--outer-momentum", type=float, help="outer momentum in [0, 1); 0 = plain averaging step "
+                   "[0.7 for adapter jobs, 0.8 for full weights]")
     d.add_argument("--overlap-rounds", action=argparse.BooleanOptionalAction, default=None,
                    help="run each round in the background while the next inner steps proceed (its "
                         "update lands late, training does not stop); --no-overlap-rounds: the Backward "

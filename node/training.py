@@ -216,10 +216,10 @@ class JobManager:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
         if job is None and not input_grad:
             raise InvalidRequest("skip_grad_inputs without a job leaves nothing to compute")
-        if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
-            await self.rounds.before_step(self, job)
         if with_adapter and (job is None or not input_grad):
             raise InvalidRequest("return_adapter needs a job and the input gradient (no skip_grad_inputs)")
+        if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
+            await self.rounds.before_step(self, job)
         result = await self.server.run_torch(self._backward_sync, job, hidden, grad_out, input_grad, with_adapter)
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
