@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a replica whose checksum is in a committed round of a job counts towards "
                              "that job's commit majority until it has not asked for a round for this "
                              "long (docs/security.md; default %(default)s)")
+    parser.add_argument("--round-trained", type=float, default=RoundsConfig().trained_s, metavar="S",
+                        help="where no replica has standing for a job (its round 1), a replica whose "
+                             "heartbeat reported a new training step of it in the last S seconds counts "
+                             "towards the commit majority (docs/security.md; default %(default)s)")
     parser.add_argument("--quarantine-reporters", type=int, default=QuarantineConfig().reporters, metavar="N",
                         help="distinct reporters (client IPs) whose ReportLiar quarantines a node "
                              "(default %(default)s; docs/security.md)")
@@ -160,7 +164,7 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         ),
         store=StoreConfig(data_dir=args.data_dir, synchronous=args.sqlite_synchronous),
         rounds=RoundsConfig(window_s=args.round_window, standing_s=args.round_standing,
-                            checkpoint_max_bytes=args.checkpoint_max_bytes),
+                            trained_s=args.round_trained, checkpoint_max_bytes=args.checkpoint_max_bytes),
         dht=dht_config(args),
         host=args.host, announce_host=args.announce_host,
         quarantine=QuarantineConfig(reporters=args.quarantine_reporters, period_s=args.quarantine_period),

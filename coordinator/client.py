@@ -141,6 +141,7 @@ class CoordinatorClient:
         self.heartbeats_ok = 0
         self._throughput = 0.0  # 0: unchanged since join
         self._load: Callable[[], common_pb2.ServingLoad] | None = None  # set_load
+        self._trained: Callable[[], dict[str, int]] | None = None  # set_trained
         self._task: asyncio.Task | None = None
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
@@ -167,6 +168,11 @@ class CoordinatorClient:
     def set_load(self, load: Callable[[], common_pb2.ServingLoad] | None) -> None:
         """Where each heartbeat takes the node's batch sizes and queue waits from."""
         self._load = load
+
+    def set_trained(self, trained: Callable[[], dict[str, int]] | None) -> None:
+        """Called for every heartbeat: the jobs this node trains and their optimizer steps so far
+        (HeartbeatRequest.trained_steps: the coordinator's round voters where nobody has standing)."""
+        self._trained = trained
 
     def set_throughput(self, throughput: float) -> None:
         self._throughput = throughput
@@ -323,6 +329,7 @@ class CoordinatorClient:
                     member_id=self.assignment.member_id,
                     serving_span=_span_msg(self.serving_span), throughput=self._throughput,
                     load=self._load() if self._load is not None else None,
+                    trained_steps=self._trained() if self._trained is not None else None,
                 )
                 reply = await self._beat(request)
             except (NotFound, Unauthenticated) as e:

@@ -128,9 +128,14 @@ class RoundsConfig:
     # (issue 18, item 4). A replica that stops training the job holds the others' commits back
     # for at most this long; 30 min is several rounds of a CPU job (H=25..100 steps).
     standing_s: float = 1800.0
+    # Where no member has standing (round 1, or all of them gone or idle): how long after a
+    # member's heartbeat last reported a new optimizer step of the job it counts towards the
+    # commit majority, seconds (issue 18, item 4). A replica that stops training holds a
+    # newcomer's lone commits back for at most this long; 5 min is tens of CPU steps.
+    trained_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("window_s", "commit_timeout_s", "standing_s"):
+        for name in ("window_s", "commit_timeout_s", "standing_s", "trained_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.checkpoint_max_bytes < 0:

@@ -41,14 +41,18 @@ The majority (issue 18, item 4). A member has *standing* for (job, span) once it
 in a committed round of it (the store's round_members). The *voters* of a round are the live
 members serving the span with standing that asked for a round of (job, span) in the last
 ``standing_s`` (members with standing count as having asked when the coordinator started).
-A round commits only if its agreeing members include more than half of the voters; with no
-voter (round 1, or every replica with standing gone or idle) the group decides alone. So a
-newcomer that is the whole group after the window cannot commit over a replica that trains
-the job; it gains standing by committing a round together with the others. A voter that asks
-after the group formed without it waits for that formation to settle (it cannot commit
-without the voter's majority) and joins the next attempt, instead of being refused.
-Limits (docs/security.md): Sybils with standing can outvote; round 1 and a span whose
-standing replicas are gone are decided by whoever is in the group.
+A round commits only if its agreeing members include more than half of the voters. Where
+no member is a voter that way (round 1, or every replica with standing gone or idle), the
+voters are the live members serving the span whose heartbeats reported a new optimizer step
+of the job in the last ``trained_s`` (HeartbeatRequest.trained_steps, ``note_trained``): the
+replicas that are training it. Only with neither does the group decide alone. So a newcomer
+that is the whole group after the window cannot commit over a replica that trains the job,
+round 1 included; it gains standing by committing a round together with the others. A voter
+that asks after the group formed without it waits for that formation to settle (it cannot
+commit without the voter's majority) and joins the next attempt, instead of being refused.
+Limits (docs/security.md): Sybils with standing can outvote; a newcomer that asks before any
+replica's heartbeat reported a step of the job decides round 1 alone, and step reports are
+the nodes' own word.
 """
 
 from __future__ import annotations
@@ -58,11 +62,12 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from pollinate.coordinator.config import RoundsConfig
 from pollinate.coordinator.store import RoundKey, Store
@@ -79,6 +84,8 @@ logger = logging.getLogger(__name__)
 STATES_DIR = "states"
 BASE_HEADER_BYTES = 4096  # a base state's safetensors header (two tensors) beyond their fp32 bytes
 POLL_S = 0.5  # how often a waiting round re-checks leases (a dead member stops being waited for)
+MAX_TRAINED_JOBS = 64  # jobs one heartbeat may report steps of (HeartbeatRequest.trained_steps)
+MAX_JOB_NAME = 256  # characters of a job name there
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +155,8 @@ class Rounds:
         self._standing: dict[Key, set[str]] = {}  # members with standing, loaded from the store
         self._asked_at: dict[tuple[Key, str], float] = {}  # (key, member) -> its last BeginRound
         self._started = time.monotonic()  # a member with standing has "asked" at start (restart)
+        # member -> {job: (optimizer steps it last reported, when that count last rose)}
+        self._trained: dict[str, dict[str, tuple[int, float]]] = {}
 
     # ---- queries --------------------------------------------------------------------
 
@@ -294,11 +303,25 @@ class Rounds:
 
     def voters(self, key: Key) -> set[str]:
         """Live members serving the span, with standing, that asked for a round of it in the
-        last standing_s: a commit needs more than half of them (module docstring)."""
+        last standing_s; without any, those that reported a new step of the job in the last
+        trained_s: a commit needs more than half of them (module docstring)."""
         span, standing, now = Span(key[1], key[2]), self.standing(key), time.monotonic()
-        return {m.member_id for m in self.membership.members.values()
-                if m.span == span and m.member_id in standing
-                and now - self._asked_at.get((key, m.member_id), self._started) <= self.config.standing_s}
+        replicas = [m.member_id for m in self.membership.members.values() if m.span == span]
+        voters = {m for m in replicas if m in standing
+                  and now - self._asked_at.get((key, m), self._started) <= self.config.standing_s}
+        return voters or {m for m in replicas
+                          if now - self._trained.get(m, {}).get(key[0], (0, -math.inf))[1] <= self.config.trained_s}
+
+    def note_trained(self, member_id: str, steps: Mapping[str, int]) -> None:
+        """A member's heartbeat: its optimizer steps so far per job (HeartbeatRequest.trained_steps,
+        at most MAX_TRAINED_JOBS; the service checked them). Soft state, replaced every beat."""
+        now, before = time.monotonic(), self._trained.get(member_id, {})
+        self._trained[member_id] = {job: (n, now if n > last[0] else last[1])
+                                    for job, n in steps.items()
+                                    for last in [before.get(job, (0, -math.inf))]}
+        if len(self._trained) > 2 * len(self.membership.members) + 16:  # members gone: forget them
+            for gone in set(self._trained) - set(self.membership.members):
+                del self._trained[gone]
 
     def _settle(self, key: Key, round_index: int, rnd: _Round) -> None:
         """Finish the formation once every member reported, gave up, or left the swarm."""
@@ -578,8 +601,9 @@ def majority_lacking(agreeing: set[str], voters: set[str]) -> str:
     include more than half of the voters; with no voter the group decides (issue 18, item 4)."""
     if not voters or 2 * len(agreeing & voters) > len(voters):
         return ""
-    return (f"no majority of the span's members with standing: {len(agreeing & voters)} of {len(voters)} "
-            f"({', '.join(sorted(voters))}) agree; a round needs more than half of them")
+    return (f"no majority of the span's voters (members with standing, else those training the job): "
+            f"{len(agreeing & voters)} of {len(voters)} ({', '.join(sorted(voters))}) agree; a round needs "
+            f"more than half of them")
 
 
 def outer_from_proto(codec: str, params_json: str, lr: float, momentum: float, nesterov: bool) -> OuterStep | None:
@@ -609,5 +633,5 @@ def _write_durably(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-__all__ = ["CommitOutcome", "Group", "Rounds", "RoundsConfig", "majority_checksum", "majority_lacking",
+__all__ = ["MAX_TRAINED_JOBS", "CommitOutcome", "Group", "Rounds", "RoundsConfig", "majority_checksum", "majority_lacking",
            "outer_from_proto"]

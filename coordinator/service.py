@@ -19,7 +19,7 @@ from pollinate.coordinator.jobs import Jobs, spec_to_dict
 from pollinate.coordinator.membership import JoinParams, Membership, parse_address
 from pollinate.coordinator.quarantine import Quarantine
 from pollinate.coordinator.retention import RetentionPolicy
-from pollinate.coordinator.rounds import Rounds, outer_from_proto
+from pollinate.coordinator.rounds import MAX_JOB_NAME, MAX_TRAINED_JOBS, Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.addresses import peer_host, probe_tcp
 from pollinate.protocol.data_tls import SwarmCA
@@ -194,11 +194,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.write(self._heartbeat(request))
 
     def _heartbeat(self, request: coordinator_pb2.HeartbeatRequest) -> coordinator_pb2.HeartbeatReply:
+        trained = dict(request.trained_steps)
+        if len(trained) > MAX_TRAINED_JOBS or any(len(job) > MAX_JOB_NAME for job in trained):
+            raise InvalidRequest(f"trained_steps: at most {MAX_TRAINED_JOBS} jobs of at most {MAX_JOB_NAME} "
+                                 f"characters, got {len(trained)}")
         result = self.membership.heartbeat(
             request.member_id, optional_span(request, "serving_span"), request.throughput,
             {f.name: getattr(request.load, f.name) for f in request.load.DESCRIPTOR.fields}
             if request.HasField("load") else None,
         )
+        if self.rounds is not None:
+            self.rounds.note_trained(request.member_id, trained)
         if result.move is None:
             instruction = _NO_INSTRUCTION
         else:

@@ -545,6 +545,7 @@ class _Node:
                 # batch sizes and queue waits ride on the heartbeats (`pollinate status`); the
                 # servicer's server is the one serving now, also after a MOVE
                 self.member.set_load(lambda: self.servicer.server.worker.stats.to_proto())
+                self.member.set_trained(lambda: self.servicer.jobs.trained_steps())
                 self.member.set_serving(Span(start, end))
         logger.info("serving blocks %d:%d of %s at %s (%.1f tokens/s, %d-token cache budget), peer %s",
                     start, end, config.model, self.address, self.servicer.throughput,

@@ -204,6 +204,12 @@ class JobManager:
             raise InvalidRequest(str(e)) from e
         return out.to(hidden.device, hidden.dtype)
 
+    def trained_steps(self) -> dict[str, int]:
+        """Optimizer steps so far of each job this span trains (the heartbeat reports them to
+        the coordinator, HeartbeatRequest.trained_steps); jobs with nothing here are left out."""
+        return {name: job.inner_steps for name, job in self.jobs.items()
+                if job.optimizer is not None and job.inner_steps}
+
     async def backward(self, job: Job | None, hidden: torch.Tensor, grad_out: torch.Tensor, *,
                        input_grad: bool = True, with_adapter: bool = False):
         """job None: the base span's input gradient, nothing trained or counted.

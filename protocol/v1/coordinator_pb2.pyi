@@ -140,16 +140,25 @@ class JoinReply(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., heartbeat_period_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., data_tls_ca_pem: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("member_id", "serving_span", "throughput", "load")
+    __slots__ = ("member_id", "serving_span", "throughput", "load", "trained_steps")
+    class TrainedStepsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     SERVING_SPAN_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_STEPS_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     serving_span: _common_pb2.Span
     throughput: float
     load: _common_pb2.ServingLoad
-    def __init__(self, member_id: _Optional[str] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., throughput: _Optional[float] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ...) -> None: ...
+    trained_steps: _containers.ScalarMap[str, int]
+    def __init__(self, member_id: _Optional[str] = ..., serving_span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., throughput: _Optional[float] = ..., load: _Optional[_Union[_common_pb2.ServingLoad, _Mapping]] = ..., trained_steps: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Instruction(_message.Message):
     __slots__ = ("kind", "span", "reason")

@@ -1,11 +1,13 @@
 """A newcomer that tries to commit a DiLoCo round alone (issue 18, item 4), through the real RPCs.
 
-It trains the real node for one round (round 1, committed by the node alone: the node gains
-standing), then joins the coordinator as a second replica of span 0:4 (Join + heartbeats,
-answering on a port of its own), asks BeginRound(2) and, being the whole group after the
-window, commits a well-formed state of its choosing (round 1's θ_global + 1, its checksum
-right). Then it trains the node for round 2. Prints one JSON line: rounds_client's
-replicas_report plus the newcomer's id, its group and the coordinator's answer to its commit.
+It trains the real node for all but one step of round 1 (its heartbeats report the steps),
+joins the coordinator as a second replica of span 0:4 (Join + heartbeats, answering on a port
+of its own), asks BeginRound(1) and, being the whole group after the window, commits a
+well-formed state of its choosing (its checksum right): nobody has standing yet, but the node
+is training the job. Then it trains the node's last step of round 1 (committed by the node
+alone: the node gains standing), asks BeginRound(2) and commits θ_global + 1 the same way, and
+trains the node for round 2. Prints one JSON line: rounds_client's replicas_report plus the
+newcomer's id, its groups and the coordinator's answers to its commits.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ async def main_async(args) -> dict:
     cfg = ChannelConfig(token=args.token)
     spec = job_spec(args.round_steps, False)
     gen = torch.Generator().manual_seed(100)
-    await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps, timeout=120, gen=gen)
-    await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 1, 60)
+    await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps - 1, timeout=120, gen=gen)
 
     port = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)  # answers a dial-back
     address = f"127.0.0.1:{port.sockets[0].getsockname()[1]}"
@@ -47,15 +48,25 @@ async def main_async(args) -> dict:
         return newcomer.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
     span = common_pb2.Span(start=SPAN[0], end=SPAN[1])
-    try:
-        ask = coordinator_pb2.BeginRoundRequest(job=JOB, span=span, round=2, member_id=me, tokens=1000)
+
+    async def forge(round_index: int, theta, momentum):
+        """BeginRound alone, then CommitRound of (theta, momentum) whole: (its group, the answer)."""
+        ask = coordinator_pb2.BeginRoundRequest(job=JOB, span=span, round=round_index, member_id=me, tokens=1000)
         begin = await stub.BeginRound(ask, metadata=md("BeginRound", ask), timeout=60)
-        _, shared, _ = await coordinator_state(cfg, args.coordinator, JOB, SPAN[1])
-        theta, momentum = shared["diloco.global"] + 1.0, shared["diloco.momentum"]
         commit = coordinator_pb2.CommitRoundRequest(
-            job=JOB, span=span, round=2, member_id=me, checksum=state_checksum(theta, momentum),
+            job=JOB, span=span, round=round_index, member_id=me, checksum=state_checksum(theta, momentum),
             state=state_to_bytes(theta, momentum), attempt=begin.attempt)
-        forged = await stub.CommitRound(commit, metadata=md("CommitRound", commit), timeout=60)
+        return [m.member_id for m in begin.members], await stub.CommitRound(commit, metadata=md("CommitRound", commit),
+                                                                            timeout=60)
+
+    try:
+        group1, forged1 = await forge(1, torch.full((1000,), 0.5), torch.zeros(1000))  # any well-formed state
+        await train_steps(cfg, args.node, JOB, spec, seed=100, steps=1, timeout=120, gen=gen)
+        await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 1, 60)
+
+        _, shared, _ = await coordinator_state(cfg, args.coordinator, JOB, SPAN[1])
+        theta = shared["diloco.global"] + 1.0
+        group2, forged = await forge(2, theta, shared["diloco.momentum"])
 
         await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps, timeout=120, gen=gen)
         await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 2, 60)
@@ -65,8 +76,9 @@ async def main_async(args) -> dict:
         await newcomer.stop()
         port.close()
     _, coord, _ = await coordinator_state(cfg, args.coordinator, JOB, SPAN[1])
-    return {**report, "newcomer": me, "newcomer_group": [m.member_id for m in begin.members],
-            "forged_committed": forged.committed, "forged_reason": forged.reason,
+    return {**report, "newcomer": me, "newcomer_group": group2, "forged_committed": forged.committed,
+            "forged_reason": forged.reason, "round1_newcomer_group": group1,
+            "round1_forged_committed": forged1.committed, "round1_forged_reason": forged1.reason,
             "coordinator_holds_forged": bool(torch.equal(coord["diloco.global"], theta))}
 
 

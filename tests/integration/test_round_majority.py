@@ -1,7 +1,9 @@
 """Issue 18, item 4, with real processes: a newcomer that is the whole group of a round after
-the window cannot commit a state of its choosing over a replica with standing (the node that
-committed round 1). Its well-formed forged state is refused ("no majority"), the node's round
-2 commits as usual, and the coordinator's copy of round 2 is the node's, bit for bit."""
+the window cannot commit a state of its choosing over a replica that is training the job
+(round 1: nobody has standing yet, the node's heartbeats report its steps) or over a replica
+with standing (round 2: the node committed round 1). Its well-formed forged states are
+refused ("no majority"), the node's rounds commit as usual, and the coordinator's copy of
+round 2 is the node's, bit for bit."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ CLIENT = str(Path(__file__).with_name("round_majority_client.py"))
 TOKEN = "round-majority-token"
 
 
-def test_a_lone_newcomer_cannot_commit_over_a_replica_with_standing(tmp_path, tiny_model_dir, tiny_model_files,
-                                                                   tiny_cache_dir):
+def test_a_lone_newcomer_cannot_commit_over_a_replica_training_or_with_standing(tmp_path, tiny_model_dir,
+                                                                              tiny_model_files, tiny_cache_dir):
     with ProcGroup(tmp_path) as group:
         coord, (node,) = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN,
                                      window=2)
@@ -27,7 +29,9 @@ def test_a_lone_newcomer_cannot_commit_over_a_replica_with_standing(tmp_path, ti
              "--node", node.info["address"]], capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:] + group.dump_logs()
         result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["newcomer_group"] == [result["newcomer"]], result  # alone after the window
+    assert result["round1_newcomer_group"] == [result["newcomer"]], result  # alone after the window
+    assert not result["round1_forged_committed"] and "no majority" in result["round1_forged_reason"], result
+    assert result["newcomer_group"] == [result["newcomer"]], result
     assert not result["forged_committed"] and "no majority" in result["forged_reason"], result
     assert not result["coordinator_holds_forged"], result
     assert result["round"] == 2 and result["replicas_equal_coordinator"] == [True], result

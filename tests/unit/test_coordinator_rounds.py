@@ -400,6 +400,48 @@ def test_a_newcomer_alone_cannot_commit_over_the_replicas_with_standing(tmp_path
     asyncio.run(scenario())
 
 
+def test_round_1_needs_the_replicas_that_report_training_the_job(tmp_path):
+    """Issue 18, item 4, before anyone has standing: x asks for round 1 of a job that a is
+    training (a's heartbeats report its steps) and is the whole group after the window; its
+    well-formed state is refused for lack of a's majority, also when x claims steps itself. a,
+    alone, then commits round 1. A replica whose last reported step is older than trained_s no
+    longer holds a lone member back (here: x decides round 1 of another job alone)."""
+
+    async def scenario():
+        store = Store(StoreConfig(data_dir=tmp_path)).open()
+        rounds = Rounds(RoundsConfig(window_s=0.2, commit_timeout_s=5.0, trained_s=60.0), store,
+                        membership("a", "x"))
+        rounds.note_trained("a", {"j": 3})
+        rounds.note_trained("a", {"j": 3})  # the same count again: not a new step, still a voter
+        assert rounds.voters(("j", 0, 4)) == {"a"}
+        forged = Job()
+        forged.theta += 1.0
+        _, cx = forged.round(1, 1)
+        for claimed in ({}, {"j": 100}):
+            rounds.note_trained("x", claimed)
+            group, _ = await rounds.begin("j", SPAN, 1, "x", 1)
+            assert [m for m, _ in group.members] == ["x"]
+            out = await rounds.commit("j", SPAN, 1, "x", cx, forged.state(), attempt=group.attempt)
+            assert not out.committed and "no majority" in out.reason and "a" in out.reason, out
+            assert out.committed_round == 0
+        rounds.note_trained("x", {})
+        honest = Job()
+        group, _ = await rounds.begin("j", SPAN, 1, "a", 1)
+        assert [m for m, _ in group.members] == ["a"]
+        _, c1 = honest.round(1, 1)
+        assert (await rounds.commit("j", SPAN, 1, "a", c1, honest.state(), attempt=group.attempt)).committed
+        assert rounds.committed_state("j", SPAN)[:2] == (1, c1) and rounds.standing(("j", 0, 4)) == {"a"}
+
+        stale = Rounds(RoundsConfig(window_s=0.2, commit_timeout_s=5.0, trained_s=0.1), store,
+                       membership("a", "x"))
+        stale.note_trained("a", {"k": 3})
+        await stale.begin("k", SPAN, 1, "x", 1)  # the window (0.2 s) outlasts a's last step report
+        assert (await stale.commit("k", SPAN, 1, "x", cx, forged.state())).committed  # the rule's limit
+        store.close()
+
+    asyncio.run(scenario())
+
+
 def test_round_1_is_rebuilt_on_the_base_state_its_state_member_sends(tmp_path):
     """Round 1: the coordinator holds no previous state, so shard 0's member (a) sends the state
     the round started from (zstd) and the coordinator applies both results to it: the state is

@@ -534,3 +534,26 @@ async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path
     finally:
         await liar.stop()
         await srv.stop(0)
+
+
+async def test_heartbeats_report_training_steps_and_too_many_jobs_are_refused(server):
+    """Issue 18, item 4: a beat's trained_steps make its member a voter of the job's rounds on
+    its span while nobody has standing; a beat naming more jobs than MAX_TRAINED_JOBS is
+    INVALID_ARGUMENT and renews nothing."""
+    from pollinate.coordinator.rounds import MAX_TRAINED_JOBS
+
+    key = NodeIdentity.generate()
+    a = await join(server, key, address="127.0.0.1:7000", capacity_blocks=10, throughput=1.0)
+    job_key = ("j", a.span.start, a.span.end)
+    assert server._servicer.rounds.voters(job_key) == set()
+    await raw_call(server, "Heartbeat", coordinator_pb2.HeartbeatRequest(member_id=a.member_id,
+                                                                         trained_steps={"j": 2}), signer=key)
+    assert server._servicer.rounds.voters(job_key) == {a.member_id}
+    before = server.membership.members[a.member_id].lease_deadline
+    too_many = coordinator_pb2.HeartbeatRequest(member_id=a.member_id,
+                                                trained_steps={f"j{i}": 1 for i in range(MAX_TRAINED_JOBS + 1)})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw_call(server, "Heartbeat", too_many, signer=key)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in err.value.details()
+    assert server.membership.members[a.member_id].lease_deadline == before
+    assert server._servicer.rounds.voters(job_key) == {a.member_id}  # the last good beat's report stands
