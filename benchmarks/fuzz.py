@@ -125,6 +125,8 @@ def message_class(descriptor):
 def sanitise(msg) -> None:
     """Point every dialable address field of `msg` (recursively) at loopback."""
     for fd, value in list(msg.ListFields()):
+        if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+            continue  # a map of scalars (trained_steps): no address in it
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
             for sub in (value if fd.is_repeated else [value]):
                 sanitise(sub)
@@ -177,7 +179,10 @@ def strategy_for(descriptor, depth: int = 0):
             fd = descriptor.fields_by_name[name]
             try:
                 if fd.is_repeated:
-                    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+                    if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+                        for v in value:  # a map<K, V>: its entries as drawn (scalar values)
+                            getattr(msg, name)[v.key] = v.value
+                    elif fd.type == FieldDescriptor.TYPE_MESSAGE:
                         for v in value:
                             getattr(msg, name).add().CopyFrom(v)
                     else:
