@@ -83,7 +83,7 @@ def test_heartbeat_load_reaches_the_status_table(tmp_path):
     load = stats.to_proto()
     assert (load.passes, load.max_sessions, round(load.mean_sessions, 2)) == (40, 8, 6.67)
     service = CoordinatorServicer.__new__(CoordinatorServicer)  # only its heartbeat path
-    service.membership = m
+    service.membership, service.rounds = m, None
     service._heartbeat(coordinator_pb2.HeartbeatRequest(
         member_id=a.member_id, serving_span=common_pb2.Span(start=0, end=8), load=load))
     b = m.join(JoinParams(address="10.0.0.2:7000", model_id="", capacity=8, throughput=4.0))
