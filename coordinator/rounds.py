@@ -315,10 +315,11 @@ class Rounds:
     def note_trained(self, member_id: str, steps: Mapping[str, int]) -> None:
         """A member's heartbeat: its optimizer steps so far per job (HeartbeatRequest.trained_steps,
         at most MAX_TRAINED_JOBS; the service checked them). Soft state, replaced every beat."""
-        now, before = time.monotonic(), self._trained.get(member_id, {})
-        self._trained[member_id] = {job: (n, now if n > last[0] else last[1])
-                                    for job, n in steps.items()
-                                    for last in [before.get(job, (0, -math.inf))]}
+        now, before, latest = time.monotonic(), self._trained.get(member_id, {}), {}
+        for job, n in steps.items():
+            count, rose_at = before.get(job, (0, -math.inf))
+            latest[job] = (n, now if n > count else rose_at)
+        self._trained[member_id] = latest
         if len(self._trained) > 2 * len(self.membership.members) + 16:  # members gone: forget them
             for gone in set(self._trained) - set(self.membership.members):
                 del self._trained[gone]
@@ -633,5 +634,5 @@ def _write_durably(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-__all__ = ["MAX_TRAINED_JOBS", "CommitOutcome", "Group", "Rounds", "RoundsConfig", "majority_checksum", "majority_lacking",
-           "outer_from_proto"]
+__all__ = ["MAX_JOB_NAME", "MAX_TRAINED_JOBS", "CommitOutcome", "Group", "Rounds", "RoundsConfig",
+           "majority_checksum", "majority_lacking", "outer_from_proto"]
