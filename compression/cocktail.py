@@ -106,6 +106,11 @@ class CocktailConfig:
         if not isinstance(self.cycled, bool):
             raise ValueError(f"cocktail cycled must be a bool, got {self.cycled!r}")
 
+    @property
+    def schedule(self) -> int:
+        """The mask schedule (the frame's last parameter byte)."""
+        return CYCLED if self.cycled else BERNOULLI
+
 
 @functools.lru_cache(maxsize=16)
 def _gap_tables(p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -292,13 +297,11 @@ class CocktailCodec(FramedCodec):
     def mask(self, numel: int, seed: int) -> np.ndarray | None:
         """The positions this codec's frame of ``numel`` elements sends for ``seed`` (None: all),
         from the cache when drawn lately (make_mask): a decoder of that frame draws the same."""
-        cfg = self.config
-        return make_mask(numel, cfg.p, seed, CYCLED if cfg.cycled else BERNOULLI)
+        return make_mask(numel, self.config.p, seed, self.config.schedule)
 
     def _encode_body(self, flat: torch.Tensor, *, seed: int) -> bytes:
         cfg = self.config
         x = flat.to(torch.float32).numpy()
-        schedule = CYCLED if cfg.cycled else BERNOULLI
         mask = self.mask(x.size, seed)
         masked = x if mask is None else x[mask]
         magnitude = np.abs(masked)
@@ -324,7 +327,7 @@ class CocktailCodec(FramedCodec):
         payload = b"".join((index, scale.tobytes(), bitpack.pack_codes(codes, cfg.bits)))
         packed = zstandard.ZstdCompressor(level=cfg.zstd_level).compress(payload)
         head = struct.pack("<" + PARAMS, cfg.p, cfg.k, cfg.bits, cfg.bucket, seed, m, kept,
-                           index_mode, width, schedule)
+                           index_mode, width, cfg.schedule)
         return head + packed
 
     def _decode_body(self, reader: FrameReader, header: FrameHeader, *,

@@ -332,8 +332,7 @@ class Rounds:
         gone = {m for m in ids if m not in self.membership.members}
         if not ids <= set(rnd.checksums) | rnd.abandoned | gone:
             return
-        if rnd.checksums:
-            rnd.agreed = majority_checksum(rnd.checksums, len(ids))
+        rnd.agreed = majority_checksum(rnd.checksums, len(ids)) if rnd.checksums else ""
         if not rnd.checksums:
             self._abort(key, round_index, rnd, f"no member completed attempt {rnd.attempt} "
                                                f"(gave up: {sorted(rnd.abandoned)}, left: {sorted(gone)})")
