@@ -422,7 +422,8 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
                                  range(args.honest_trainers)))
         honest = {"liars": {k: v for r in runs for k, v in r["liars"].items()},
                   "steps": min(r["steps"] for r in runs), "checks": sum(r["checks"] for r in runs),
-                  "unresolved": sum(r["unresolved"] for r in runs), "losses_finite": all(r["losses_finite"] for r in runs),
+                  "unresolved": sum(r["unresolved"] for r in runs),
+                  "losses_finite": all(r["losses_finite"] for r in runs),
                   "max_agreeing_distance": max(r["max_agreeing_distance"] for r in runs)}
     return {
         "scenario": "liar-backward",
