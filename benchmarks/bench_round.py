@@ -1,6 +1,6 @@
 """A whole DiLoCo round's bytes and time, commit included, against hivemind's averager (issue 12).
 
-    python benchmarks/bench_round.py [--quick]
+    python benchmarks/bench_round.py [--quick] [--rate MBIT]
 
 For each N in (2, 4) replicas and each size (~1.2M and ~8M trainable elements, LoRA-job
 settings), in the same run and each case in its own network namespace (so the loopback
@@ -34,6 +34,11 @@ the node logs show) is ``message_bytes_per_member``.
 Prints one JSON object per (N, size) and one summary line. Needs `unshare` with root (or
 unprivileged user namespaces) for the private loopback; without it the counter is the
 machine's shared loopback and ``private_loopback`` is false.
+
+``--rate MBIT`` caps the case's loopback with ``tc tbf`` (benchmarks/netlab.py's settings): a
+home link's bandwidth, but one segment that every process of the case shares (each packet
+crosses ``lo`` once), not one link per member as in the lab. Both sides meet the same cap, so
+their ratio holds; absolute times are those of N members behind one link of that rate.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -391,6 +397,10 @@ def run_case(args) -> dict:
     private = os.environ.get("BENCH_ROUND_NETNS") == "1"
     if private:  # a fresh namespace has lo down
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        if args.rate_mbit:  # every process of the case shares this one capped segment
+            from netlab import tbf_args
+
+            subprocess.run(["tc", "qdisc", "replace", "dev", "lo", "root", *tbf_args(args.rate_mbit)], check=True)
     n, numel = args.n, args.numel
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         tmp = Path(tmp)
@@ -403,7 +413,7 @@ def run_case(args) -> dict:
         return round(a / b, 4) if a is not None and b else None
 
     return {
-        "n": n, "numel": numel, "private_loopback": private,
+        "n": n, "numel": numel, "private_loopback": private, "rate_mbit": args.rate_mbit,
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ours.items()},
         "hivemind_bytes_per_member": fp16["bytes_per_member"],
         "hivemind_allreduce_bytes_per_member": fp16["allreduce_bytes_per_member"],
@@ -432,6 +442,9 @@ def main() -> int:
     p.add_argument("--hivemind-steps", type=int, default=3, help="hivemind averaging steps per case")
     p.add_argument("--matchmaking-s", type=float, default=2.0, help="hivemind min_matchmaking_time, seconds")
     p.add_argument("--no-netns", action="store_true", help="count the shared loopback (no unshare)")
+    p.add_argument("--rate", dest="rate_mbit", type=float, default=0.0,
+                   help="cap each case's loopback at this many Mbit/s with tc tbf (0: unlimited): every "
+                        "process of a case then shares one segment of that rate; needs the private namespace")
     # internal: one case in its namespace, or one worker process
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("pollinate", "hivemind"), help=argparse.SUPPRESS)
@@ -446,6 +459,8 @@ def main() -> int:
         args.rounds, args.hivemind_steps = 3, 2
     if args.rounds < 2 or args.hivemind_steps < 1:
         p.error("--rounds must be >= 2 (round 1 carries the state) and --hivemind-steps >= 1")
+    if args.rate_mbit < 0:
+        p.error("--rate must be >= 0 (0: unlimited)")
     if args.worker == "pollinate":
         asyncio.run(pollinate_member(args))
         return 0
@@ -461,10 +476,15 @@ def main() -> int:
         for n in map(int, args.replicas.split(",")):
             cmd = [sys.executable, __file__, "--case", "--n", str(n), "--numel", str(numel), "--rounds",
                    str(args.rounds), "--hivemind-steps", str(args.hivemind_steps), "--matchmaking-s",
-                   str(args.matchmaking_s)]
+                   str(args.matchmaking_s), "--rate", str(args.rate_mbit)]
             env = dict(os.environ)
             if not args.no_netns and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
                 cmd, env["BENCH_ROUND_NETNS"] = ["unshare", "--net", *cmd], "1"
+            elif args.rate_mbit:  # never shape the machine's own loopback
+                raise SystemExit("--rate needs a private network namespace (unshare --net, as root); "
+                                 "it is not available here" + (" (--no-netns given)" if args.no_netns else ""))
+            if args.rate_mbit and shutil.which("tc") is None:
+                raise SystemExit("--rate needs the `tc` tool (Debian package iproute2)")
             done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=1800)
             if done.returncode != 0:
                 raise SystemExit(f"case N={n} numel={numel} failed ({done.returncode})")
@@ -475,7 +495,7 @@ def main() -> int:
         "summary": True, "cases": len(results),
         "max_bytes_ratio": max((r["bytes_ratio"] for r in results if r["bytes_ratio"] is not None), default=None),
         "max_time_ratio": max((r["time_ratio"] for r in results if r["time_ratio"] is not None), default=None),
-        "bytes_target": 0.15, "time_target": 1.0,
+        "bytes_target": 0.15, "time_target": 1.0, "rate_mbit": args.rate_mbit,
         "hivemind_8bit_averaged_any": any(r["hivemind_8bit_averaged"] for r in results),
     }), flush=True)
     return 0

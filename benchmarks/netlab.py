@@ -117,6 +117,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def tbf_args(rate_mbit: float) -> list[str]:
+    """The qdisc of a link capped at rate_mbit (after `tc qdisc replace dev DEV root`)."""
+    burst = max(MIN_BURST_BYTES, int(rate_mbit * 1e6 / 8 * 0.01))
+    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{QUEUE_LATENCY_MS}ms"]
+
+
 def list_namespaces() -> list[str]:
     return [line.split()[0] for line in _run("ip", "netns", "list").splitlines() if line.strip()]
 
@@ -257,10 +263,7 @@ class NetLab:
             if rate_mbit <= 0:
                 _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
                 continue
-            rate_bytes = rate_mbit * 1e6 / 8
-            burst = max(MIN_BURST_BYTES, int(rate_bytes * 0.01))
-            _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
-                 "burst", str(burst), "latency", f"{QUEUE_LATENCY_MS}ms")
+            _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *tbf_args(rate_mbit))
 
     def qdisc(self, host: Host) -> str:
         """`tc qdisc show` of the host's eth0 (to check what is applied)."""

@@ -16,6 +16,11 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of any swarm member")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator (gives the DHT peers; needs the token)")
     add_coordinator_tls_argument(p)
+    p.add_argument("--swarm-ca", type=Path, metavar="PEM",
+                   help="a --data-tls swarm's CA certificate (the coordinator's DATA_DIR/swarm-ca.pem), for a "
+                        "client that bootstraps from --initial-peers alone: nodes are dialled over TLS and "
+                        "verified, so a DHT record at a non-member's address gets no call (with --coordinator "
+                        "the CA comes from the coordinator)")
     p.add_argument("--token-file", type=Path, help="file holding the swarm token (or set $POLLINATE_TOKEN)")
     p.add_argument("--cache-dir", type=Path, help="converted-model cache (default ~/.cache/pollinate)")
     add_torch_threads_argument(p)
@@ -59,14 +64,19 @@ def swarm_token(args: argparse.Namespace) -> str | None:
 
 def swarm_peers(args: argparse.Namespace, token: str | None) -> list[str]:
     """DHT multiaddrs to bootstrap from: --initial-peers, else the coordinator's (asked in a
-    subprocess, so this process holds no gRPC object before its DHT forks)."""
-    from pollinate.client.remote_model import _coordinator_peers
+    subprocess, so this process holds no gRPC object before its DHT forks). Sets the swarm CA
+    nodes are verified against: the coordinator's, or --swarm-ca."""
+    from pollinate.client.remote_model import _coordinator_peers, pin_swarm_ca
 
     if args.initial_peers:
-        return list(args.initial_peers)
-    if args.coordinator:
-        return _coordinator_peers(args.coordinator, token, args.coordinator_tls)
-    raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
+        peers, asked = list(args.initial_peers), None
+    elif args.coordinator:
+        peers, asked = _coordinator_peers(args.coordinator, token, args.coordinator_tls), args.coordinator
+    else:
+        raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
+    if args.swarm_ca is not None:
+        pin_swarm_ca(args.swarm_ca, asked)
+    return peers
 
 
 def join_dht(args: argparse.Namespace):
@@ -88,7 +98,7 @@ def load_model(args: argparse.Namespace):
     try:
         return RemoteModelForCausalLM.from_pretrained(
             args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
-            coordinator_tls=args.coordinator_tls,
+            coordinator_tls=args.coordinator_tls, swarm_ca=args.swarm_ca,
             cache_dir=args.cache_dir, wire_codec=args.codec, job=getattr(args, "job", None),
             exact=args.exact, spot_check_rate=args.spot_check,
         )

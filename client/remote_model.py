@@ -148,6 +148,7 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         coordinator: str | None = None,
         token: str | None = None,
         coordinator_tls: str | None = None,
+        swarm_ca=None,
         dht=None,
         cache_dir=None,
         config: ClientConfig | None = None,
@@ -161,7 +162,9 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
         this before creating any gRPC object in the process. `coordinator_tls`: None for a
         plaintext coordinator, "" for TLS trusting the system's roots, or the path of the PEM
         certificate to trust (the CLI's --coordinator-tls). `exact`: route only through nodes
-        whose weights are unquantised (RoutingConfig.exact; the CLI's --exact)."""
+        whose weights are unquantised (RoutingConfig.exact; the CLI's --exact). `swarm_ca`: the
+        path of a --data-tls swarm's CA certificate (the CLI's --swarm-ca), for a client that
+        bootstraps from `initial_peers` alone: nodes are then verified against it."""
         from pollinate.node.announce import start_dht
         from pollinate.node.model_files import open_model
 
@@ -178,8 +181,16 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
                 peers += _coordinator_peers(coordinator, token, coordinator_tls)
             if not peers:
                 raise ValueError("give initial_peers (DHT multiaddrs) or coordinator=HOST:PORT")
+            if swarm_ca is not None:
+                pin_swarm_ca(swarm_ca, coordinator)
             dht = start_dht(peers, client_mode=True)
-        if not client_config.coordinator:  # docs/security.md: DHT records need no token
+        elif swarm_ca is not None:
+            pin_swarm_ca(swarm_ca, None)
+        if not client_config.coordinator and swarm_ca is not None:
+            logger.info("no coordinator given: routing through every DHT record; nodes are verified against the "
+                        "swarm CA in %s, so a record at a non-member's address fails the TLS handshake and gets no "
+                        "call", swarm_ca)
+        elif not client_config.coordinator:  # docs/security.md: DHT records need no token
             logger.warning("no coordinator given: routing through every DHT record, members of the swarm or not "
                            "(a stranger that reaches the DHT can announce blocks and receive this client's calls, "
                            "token included); give coordinator=HOST:PORT (--coordinator) to route through members only")
@@ -292,3 +303,20 @@ def _coordinator_peers(address: str, token: str | None, tls: str | None = None) 
     if not peers:
         raise ValueError(f"coordinator {address} runs no bootstrap DHT peer; pass initial_peers")
     return peers
+
+
+def pin_swarm_ca(path, coordinator: str | None) -> None:
+    """Dial nodes over TLS verified against the swarm CA certificate in `path` (--swarm-ca):
+    what a client that bootstraps from --initial-peers alone cannot ask a coordinator for.
+    Where `coordinator` was just asked (_coordinator_peers), its CA must be this one."""
+    from cryptography import x509
+
+    from pollinate.protocol.data_tls import read_swarm_ca, swarm_ca_pem, use_swarm_ca
+
+    pem = read_swarm_ca(path)
+    said = swarm_ca_pem()
+    if coordinator and said is None:
+        raise ValueError(f"coordinator {coordinator} runs a plaintext data plane (no --data-tls): drop --swarm-ca")
+    if said is not None and x509.load_pem_x509_certificate(said) != x509.load_pem_x509_certificate(pem):
+        raise ValueError(f"the swarm CA in {path} is not coordinator {coordinator}'s: copy its DATA_DIR/swarm-ca.pem")
+    use_swarm_ca(pem)

@@ -140,3 +140,25 @@ def use_swarm_ca(pem: str | bytes | None) -> None:
 
 def swarm_ca_pem() -> bytes | None:
     return _swarm_ca_pem
+
+
+def read_swarm_ca(path: str | os.PathLike) -> bytes:
+    """The swarm CA certificate in `path` (the coordinator's DATA_DIR/swarm-ca.pem, copied to
+    a client that bootstraps from --initial-peers alone). ValueError says what is wrong with it."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"swarm CA {path}: {exc.strerror or exc}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise ValueError(f"swarm CA {path}: not a PEM certificate (give the coordinator's "
+                         f"{CA_CERT_FILE}, never its {CA_KEY_FILE})") from None
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise ValueError(f"swarm CA {path}: a certificate, but not a CA's (a node's certificate? give the "
+                         f"coordinator's {CA_CERT_FILE})")
+    return pem

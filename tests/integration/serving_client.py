@@ -23,6 +23,7 @@ def main() -> int:
     p.add_argument("--cache-dir")
     p.add_argument("--initial-peers", nargs="*", default=[])
     p.add_argument("--coordinator", help="HOST:PORT: DHT peers from the coordinator (needs --token)")
+    p.add_argument("--swarm-ca", help="a --data-tls swarm's CA certificate, for --initial-peers alone")
     p.add_argument("--prompt-ids", required=True)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--pause-after", type=int, default=0)
@@ -41,7 +42,7 @@ def main() -> int:
     model = RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
         wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0, exact=args.exact,
-        handoff=not args.no_handoff,
+        handoff=not args.no_handoff, swarm_ca=args.swarm_ca,
     )
     import torch
     from transformers.generation.streamers import BaseStreamer

@@ -4,7 +4,14 @@ throughput that makes routes prefer it, and learn the token from the first call 
 A client that knows the coordinator routes only through records at its members' addresses
 (ListQuarantined lists them): it generates the local model's tokens and never dials the
 stranger. A client bootstrapped from --initial-peers alone has no member list and does dial
-it: the hole the list closes (docs/security.md)."""
+it: the hole the list closes (docs/security.md). In a --data-tls swarm, such a client given the
+swarm's CA certificate (--swarm-ca) still dials the stranger, but only to offer a TLS handshake
+the stranger cannot complete: no call, so no token, reaches it, and the client generates the
+local model's tokens through the member.
+
+TLS ClientHello records start with 0x16 (handshake) 0x03 (TLS major version); a plaintext gRPC
+connection starts with the HTTP/2 preface, "PRI * HTTP/2.0".
+"""
 
 from __future__ import annotations
 
@@ -26,13 +33,17 @@ NEW_TOKENS = 4
 
 
 class Trap:
-    """A TCP listener that counts the connections it is sent (and closes each at once)."""
+    """A TCP listener that keeps the first bytes each connection sends it, then closes it."""
 
     def __init__(self):
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.dialled = 0
+        self.first_bytes: list[bytes] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def dialled(self) -> int:
+        return len(self.first_bytes)
 
     def _accept(self) -> None:
         while True:
@@ -40,7 +51,11 @@ class Trap:
                 conn, _ = self.sock.accept()
             except OSError:  # closed
                 return
-            self.dialled += 1
+            conn.settimeout(5)
+            try:
+                self.first_bytes.append(conn.recv(16))
+            except OSError:
+                self.first_bytes.append(b"")
             conn.close()
 
 
@@ -77,5 +92,38 @@ def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_m
             assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents
             assert "no coordinator given: routing through every DHT record" in peers_only.stderr  # and says so
             assert "no coordinator given" not in member_client.stderr
+    finally:
+        trap.sock.close()
+
+
+def test_a_client_with_the_swarm_ca_sends_a_dht_stranger_no_call(tmp_path, tiny_model_dir, tiny_model_files,
+                                                                tiny_cache_dir, tiny_reference_model):
+    import torch
+
+    expected = tiny_reference_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS,
+                                             min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT):].tolist()
+    trap = Trap()
+    try:
+        with ProcGroup(tmp_path) as group:
+            coord, _ = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN,
+                                   coordinator_args=("--data-tls",))
+            dht_peers = coord.info["dht_initial_peers"]
+            stranger = group.start("stranger", [], cmd=[
+                sys.executable, STRANGER, "--initial-peers", *dht_peers, "--model", str(tiny_model_dir),
+                "--blocks", "0:4", "--address", trap.address])
+            group.wait_ready([stranger], timeout=60)
+
+            ca = tmp_path / "coord-data" / "swarm-ca.pem"
+            pinned = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(ca))
+            assert pinned.returncode == 0, pinned.stderr[-3000:] + group.dump_logs()
+            assert json.loads(pinned.stdout.strip().splitlines()[-1])["tokens"] == expected
+            assert trap.dialled > 0, pinned.stderr[-3000:]  # the stranger's record was tried ...
+            assert all(b[:2] == b"\x16\x03" for b in trap.first_bytes), trap.first_bytes  # ... for a handshake only
+            assert "no coordinator given" not in pinned.stderr  # nothing to warn of: strangers get no call
+
+            wrong = tmp_path / "node-key.pem"  # not a certificate at all: refused before any dial
+            wrong.write_text((tmp_path / "coord-data" / "swarm-ca-key.pem").read_text())
+            refused = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(wrong))
+            assert refused.returncode != 0 and "not a PEM certificate" in refused.stderr, refused.stderr[-2000:]
     finally:
         trap.sock.close()

@@ -145,3 +145,32 @@ async def test_a_serving_node_swaps_its_certificate_without_dropping_open_calls(
         assert await _health(address, peer_channel_config(None)) == "test"
     finally:
         await late.stop(0)
+
+
+def test_a_swarm_ca_file_is_checked_and_must_match_the_coordinators(tmp_path, swarm_ca_in_process):
+    """--swarm-ca (client/remote_model.pin_swarm_ca): the coordinator's swarm-ca.pem is taken; its
+    key, a node's certificate, a missing file, or another swarm's CA is refused with the reason,
+    and the CA this process verifies nodes against stays what it was."""
+    from pollinate.client.remote_model import pin_swarm_ca
+    from pollinate.protocol.data_tls import CA_CERT_FILE, CA_KEY_FILE, read_swarm_ca
+
+    ca = SwarmCA.load_or_create(tmp_path / "swarm")
+    other = SwarmCA.load_or_create(tmp_path / "other")
+    node_cert = tmp_path / "node.pem"
+    node_cert.write_text(ca.issue(NodeIdentity.generate().public_key, "10.0.0.7:7100", valid_s=60))
+    assert read_swarm_ca(tmp_path / "swarm" / CA_CERT_FILE) == ca.cert_pem.encode()
+    for path, why in ((tmp_path / "swarm" / CA_KEY_FILE, "not a PEM certificate"), (node_cert, "not a CA's"),
+                      (tmp_path / "absent.pem", "No such file")):
+        with pytest.raises(ValueError, match=why):
+            pin_swarm_ca(path, None)
+    assert swarm_ca_pem() is None  # nothing taken
+
+    swarm_ca_in_process(other.cert_pem)  # as _coordinator_peers leaves it after asking a coordinator
+    with pytest.raises(ValueError, match="is not coordinator c:1's"):
+        pin_swarm_ca(tmp_path / "swarm" / CA_CERT_FILE, "c:1")
+    assert swarm_ca_pem() == other.cert_pem.encode()
+    swarm_ca_in_process(None)  # a plaintext coordinator
+    with pytest.raises(ValueError, match="plaintext data plane"):
+        pin_swarm_ca(tmp_path / "swarm" / CA_CERT_FILE, "c:1")
+    pin_swarm_ca(tmp_path / "swarm" / CA_CERT_FILE, None)  # --initial-peers alone
+    assert swarm_ca_pem() == ca.cert_pem.encode()
