@@ -44,12 +44,11 @@ import torch
 from pollinate.client.routing import Hop, NoRouteError, PeerSpan
 from pollinate.client.trainer import stream_tensors
 from pollinate.protocol.errors import PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import GRAD_OUTPUTS, HIDDEN_STATES, encode_tensor
+from pollinate.protocol.tensors import ADAPTER_FLAT, GRAD_OUTPUTS, HIDDEN_STATES, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FLAT = "adapter.flat"  # as node/training_service.py names a job's flat trainable tensors
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:

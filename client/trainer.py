@@ -43,7 +43,8 @@ from pollinate.client.routing import Hop
 from pollinate.client.training_data import causal_lm_loss, collate
 from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.errors import InputNotKept, InvalidRequest, PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler,
+                                        encode_tensor)
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,13 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (NaN loss, a failed Backward); the message says why."""
 
 
+# the reply tensors bytes_by_kind counts by name (a node's other names count as "other": bounded)
+REPLY_NAMES = (HIDDEN_STATES, GRAD_INPUTS, ADAPTER_FLAT)
+
+
 async def stream_tensors(call, requests: list, timeout: float, received: list | None = None) -> list:
     """Send `requests` on a bidi stream, collect the reply tensors (decoded), in order;
-    `received`, if given, gets each reply tensor's encoded size in bytes."""
+    `received`, if given, gets (name, encoded size in bytes) of each reply tensor."""
     assembler = TensorAssembler()
     out = []
 
@@ -106,7 +111,7 @@ async def stream_tensors(call, requests: list, timeout: float, received: list | 
             encoded = assembler.feed(reply.tensor)
             if encoded is not None:
                 if received is not None:
-                    received.append(len(encoded.payload))
+                    received.append((encoded.name, len(encoded.payload)))
                 out.append(await asyncio.to_thread(encoded.decode))
 
     await asyncio.wait_for(run(), timeout)
@@ -149,14 +154,15 @@ class SwarmChain:
             if r.HasField("tensor"):
                 self.bytes_sent += len(r.tensor.data)
                 self._count(f"{method} {r.tensor.name} sent", len(r.tensor.data))
-        received: list[int] = []
+        received: list[tuple[str, int]] = []
         try:
             with translate_rpc_errors(peer=hop.peer.address):
                 return await stream_tensors(getattr(self.swarm.stub(hop.peer.address), method), reqs, self.timeout_s,
                                      received)
         finally:
-            self.bytes_received += sum(received)
-            self._count(f"{method} {GRAD_INPUTS if method == 'Backward' else HIDDEN_STATES} received", sum(received))
+            for name, size in received:  # a spot check's adapter under its own name, not as gradient bytes
+                self.bytes_received += size
+                self._count(f"{method} {name if name in REPLY_NAMES else 'other'} received", size)
 
     def _span(self, hop: Hop) -> common_pb2.Span:
         return common_pb2.Span(start=hop.start, end=hop.end)
@@ -182,20 +188,30 @@ class SwarmChain:
         header = node_pb2.BackwardHeader(job=self.job, blocks=self._span(hop), spec=self.spec_msg, reply_codec=codec,
                                          skip_grad_inputs=not input_grad, return_adapter=return_adapter)
         expected = 1 + int(return_adapter) if input_grad else 0
+
+        def answer(outputs: list[torch.Tensor]):
+            if return_adapter and len(outputs) == expected - 1:
+                from pollinate.client.spot_check import AnsweredWrong  # spot_check.py imports this module
+
+                # transient: backward() bans the hop and moves it to another replica; a node
+                # that could dodge checks this way would never be checked
+                raise AnsweredWrong(f"{hop.peer.address} answered a checked Backward without its adapter (a node "
+                                    f"older than this client, or one avoiding the check): not used for a while")
+            return _only(outputs, expected)
+
         if keep_id is not None:
             keyed = node_pb2.BackwardHeader()
             keyed.CopyFrom(header)
             keyed.keep_id = keep_id
             try:
-                return _only(await self._call(hop, "Backward", [node_pb2.BackwardRequest(header=keyed)] + grad_reqs),
-                             expected)
+                return answer(await self._call(hop, "Backward", [node_pb2.BackwardRequest(header=keyed)] + grad_reqs))
             except InputNotKept as e:
                 self.resends += 1
                 logger.info("job %s: %s did not keep input %s, sending it again: %s", self.job, hop.peer.address,
                             keep_id, e)
         enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name=HIDDEN_STATES)
         reqs = [node_pb2.BackwardRequest(header=header)] + [node_pb2.BackwardRequest(tensor=c) for c in enc.chunks()]
-        return _only(await self._call(hop, "Backward", reqs + grad_reqs), expected)
+        return answer(await self._call(hop, "Backward", reqs + grad_reqs))
 
     async def forward(self, hidden: torch.Tensor, *, keep: bool = True
                       ) -> tuple[list[Hop], list[KeptInput], torch.Tensor]:

@@ -20,13 +20,13 @@ from pollinate.compression.codec import ACTIVATION_CODECS, get_activation_codec
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
-from pollinate.protocol.tensors import GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler, encode_tensor
+from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler,
+                                        encode_tensor)
 from pollinate.protocol.v1 import node_pb2
 
 logger = logging.getLogger(__name__)
 
 HIDDEN, GRAD_OUT, GRAD_IN = HIDDEN_STATES, GRAD_OUTPUTS, GRAD_INPUTS
-ADAPTER_FLAT = "adapter.flat"  # a job's trainable tensors as one flat fp32 tensor (Backward spot checks)
 
 
 def check_reply_codec(codec_id: str, what: str) -> None:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # protocol imports and serves Health without loading the code
 HIDDEN_STATES = "hidden_states"  # a span's input (requests) or output (Forward/Inference replies)
 GRAD_OUTPUTS = "grad_outputs"  # Backward: the loss gradient with respect to the span's output
 GRAD_INPUTS = "grad_inputs"  # Backward's reply: the gradient with respect to the span's input
+ADAPTER_FLAT = "adapter.flat"  # a job's trainable tensors as one flat fp32 tensor (Backward spot checks)
 
 
 # dtype names allowed on the wire (torch names without "torch."). A whitelist, because the
