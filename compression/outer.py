@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import torch
 
 from pollinate.compression.codec import Codec, CompressionError, get_codec
+from pollinate.compression.frame import all_finite
 
 STATE_KEYS = ("global", "momentum")  # the tensors of a committed state, in checksum order
 
@@ -114,7 +115,7 @@ def decode_update(results: Sequence[bytes], codec: Codec, *, numel: int,
             part = codec.decode(payload, seed=mask_seed(round_index, start)).reshape(-1)
         except CompressionError as exc:
             raise OuterStepError(f"shard {j} result undecodable: {exc}") from exc
-        if part.numel() != stop - start or not bool(torch.isfinite(part).all()):
+        if part.numel() != stop - start or not all_finite(part):
             raise OuterStepError(f"shard {j} result has wrong length or NaN/Inf")
         update[start:stop] = part
     return update

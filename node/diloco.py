@@ -31,6 +31,7 @@ import torch
 # The outer step itself is shared with the coordinator, which rebuilds each committed state
 # from the owners' result bytes (issue 12): one piece of code for both sides.
 from pollinate.compression.codec import Codec
+from pollinate.compression.frame import all_finite
 from pollinate.compression.outer import (
     OuterStep,
     OuterStepError,
@@ -218,7 +219,7 @@ def screen(decoded: Mapping[str, torch.Tensor], *, numel: int,
     for sender, x in decoded.items():
         if x.numel() != numel:
             rejected[sender] = f"length {x.numel()} != shard length {numel}"
-        elif not bool(torch.isfinite(x).all()):
+        elif not all_finite(x):
             rejected[sender] = "NaN/Inf in pseudo-gradient"
         else:
             norms[sender] = float(torch.linalg.vector_norm(x.to(torch.float64)))

@@ -536,3 +536,17 @@ def test_zstd_row_codec_refuses_a_body_that_disagrees_with_the_header_before_all
         get_codec("int8row-zstd").decode(_zstd_frame("int8row-zstd", x, plain[-size:-1]))
     with pytest.raises(CompressionError, match="trailing"):
         get_codec("int8row-zstd").decode(ok + ok[-8:])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 1_234_567, 4_000_000 - 1])
+def test_all_finite_finds_one_bad_value_anywhere(bad, where):
+    """compression/frame.all_finite (one aminmax pass, in place of isfinite().all()) is what
+    the outer step and the owners' screen rely on against poisoned pseudo-gradients."""
+    from pollinate.compression.frame import all_finite
+
+    x = torch.randn(4_000_000)
+    assert all_finite(x) and all_finite(torch.empty(0)) and all_finite(torch.arange(3))
+    x[where] = bad
+    assert not all_finite(x) and not all_finite(x[where:where + 1])
+    assert not all_finite(x.to(torch.float16)) and not all_finite(x.to(torch.bfloat16))
