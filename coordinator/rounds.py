@@ -50,7 +50,10 @@ that is the whole group after the window cannot commit over a replica that train
 round 1 included; it gains standing by committing a round together with the others. A voter
 that asks after the group formed without it waits for that formation to settle (it cannot
 commit without the voter's majority) and joins the next attempt, instead of being refused.
-Limits (docs/security.md): Sybils with standing can outvote; a newcomer that asks before any
+Votes are per source host (the IP a member's Join came from), each host's one vote shared by
+its voters (``majority_lacking``): on one machine this is the per-member majority, across
+machines Sybils on one address count as one. Limits (docs/security.md): Sybils with standing
+on as many addresses as the honest replicas can outvote them; a newcomer that asks before any
 replica's heartbeat reported a step of the job decides round 1 alone, and step reports are
 the nodes' own word.
 """
@@ -67,7 +70,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from fractions import Fraction
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from pollinate.coordinator.config import RoundsConfig
 from pollinate.coordinator.store import RoundKey, Store
@@ -312,6 +316,11 @@ class Rounds:
         return voters or {m for m in replicas
                           if now - self._trained.get(m, {}).get(key[0], (0, -math.inf))[1] <= self.config.trained_s}
 
+    def _host(self, member_id: str) -> str:
+        """Where a live member's Join came from (its vote's host), else its own id."""
+        member = self.membership.members.get(member_id)
+        return (member.record.source_host if member is not None else "") or f"member {member_id}"
+
     def note_trained(self, member_id: str, steps: Mapping[str, int]) -> None:
         """A member's heartbeat: its optimizer steps so far per job (HeartbeatRequest.trained_steps,
         at most MAX_TRAINED_JOBS; the service checked them). Soft state, replaced every beat."""
@@ -339,7 +348,7 @@ class Rounds:
         elif not rnd.agreed:
             self._abort(key, round_index, rnd, f"checksums disagree, none held by more than half of the "
                                                f"group of {len(ids)}: {dict(sorted(rnd.checksums.items()))}")
-        elif why := majority_lacking(rnd.agreeing, self.voters(key)):
+        elif why := majority_lacking(rnd.agreeing, self.voters(key), self._host):
             self._abort(key, round_index, rnd, why)
         elif rnd.state_from and not rnd.state:
             if rnd.state_from in gone or rnd.state_from in rnd.abandoned:
@@ -596,14 +605,22 @@ def majority_checksum(checksums: dict[str, str], group_size: int) -> str:
     return best if 2 * count > group_size else ""
 
 
-def majority_lacking(agreeing: set[str], voters: set[str]) -> str:
+def majority_lacking(agreeing: set[str], voters: set[str], host: Callable[[str], str] = str) -> str:
     """Why members that reported agreeing checksums may not commit ("": they may): they must
-    include more than half of the voters; with no voter the group decides (issue 18, item 4)."""
-    if not voters or 2 * len(agreeing & voters) > len(voters):
+    hold more than half of the voters' votes; with no voter the group decides (issue 18, item 4).
+    Each source host (``host(member)``, the IP its Join came from) has one vote, shared equally
+    by its voters: members on one machine vote as before, one by one, but Sybils on one address
+    outweigh no more than one honest replica elsewhere."""
+    if not voters:
         return ""
+    per_host = collections.Counter(map(host, voters))
+    held = sum(Fraction(1, per_host[host(m)]) for m in agreeing & voters)
+    if 2 * held > len(per_host):
+        return ""
+    votes = f"{len(agreeing & voters)} of {len(voters)}" + (
+        f" on {len(per_host)} hosts, {float(held):.2f} of {len(per_host)} votes" if len(per_host) < len(voters) else "")
     return (f"no majority of the span's voters (members with standing, else those training the job): "
-            f"{len(agreeing & voters)} of {len(voters)} ({', '.join(sorted(voters))}) agree; a round needs "
-            f"more than half of them")
+            f"{votes} ({', '.join(sorted(voters))}) agree; a round needs more than half of them")
 
 
 def outer_from_proto(codec: str, params_json: str, lr: float, momentum: float, nesterov: bool) -> OuterStep | None:

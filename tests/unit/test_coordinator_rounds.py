@@ -50,7 +50,7 @@ class Job:
 
 
 def membership(*ids: str, span: Span = SPAN):
-    members = {m: SimpleNamespace(member_id=m, span=span, record=SimpleNamespace(address=f"h:{i}"))
+    members = {m: SimpleNamespace(member_id=m, span=span, record=SimpleNamespace(address=f"h:{i}", source_host=""))
                for i, m in enumerate(ids)}
     return SimpleNamespace(members=members)
 
@@ -367,7 +367,7 @@ def test_a_newcomer_alone_cannot_commit_over_the_replicas_with_standing(tmp_path
         members = membership("a", "b")
         rounds = Rounds(RoundsConfig(window_s=0.3, commit_timeout_s=5.0, standing_s=1.5), store, members)
         await _commit_round_1(rounds, job, "ab")
-        members.members["x"] = SimpleNamespace(member_id="x", span=SPAN, record=SimpleNamespace(address="h:9"))
+        members.members["x"] = SimpleNamespace(member_id="x", span=SPAN, record=SimpleNamespace(address="h:9", source_host=""))
         forged = Job()
         forged.theta += 1.0
         _, cx = forged.round(2, 1)
@@ -395,6 +395,51 @@ def test_a_newcomer_alone_cannot_commit_over_the_replicas_with_standing(tmp_path
         await rounds.begin("j", SPAN, 3, "x", 1)
         _, cx3 = forged.round(3, 1)
         assert (await rounds.commit("j", SPAN, 3, "x", cx3, forged.state())).committed  # the rule's limit
+        store.close()
+
+    asyncio.run(scenario())
+
+
+def test_sybils_on_one_address_share_one_vote(tmp_path):
+    """Issue 18, Sybils: x, y and z (one source host) committed round 1 honestly with a and b
+    (two other hosts), so all five have standing; three of five members could outvote a and b,
+    but the three share their host's one vote: their forged round 2 is refused (1 of 3 votes)
+    and a and b alone commit it (2 of 3). On one host, votes stay one per member."""
+    from pollinate.coordinator.rounds import majority_lacking
+
+    hosts = {"a": "10.0.0.1", "b": "10.0.0.2", "x": "10.6.6.6", "y": "10.6.6.6", "z": "10.6.6.6"}
+    assert majority_lacking({"x", "y", "z"}, set(hosts), hosts.get).startswith(
+        "no majority of the span's voters (members with standing, else those training the job): 3 of 5 on 3 hosts, "
+        "1.00 of 3 votes")
+    assert majority_lacking({"a", "b"}, set(hosts), hosts.get) == ""
+    assert majority_lacking({"a", "x"}, set(hosts), hosts.get) != ""  # 1 + 1/3 of 3 votes
+    assert majority_lacking({"a", "x", "y"}, set(hosts), hosts.get) == ""  # 1 + 2/3
+    assert majority_lacking({"x", "y"}, {"x", "y", "z"}, hosts.get) == ""  # one machine: 2 of 3 members
+    assert majority_lacking({"x"}, {"x", "y", "z"}, hosts.get) != ""
+
+    async def scenario():
+        job, store = Job(), Store(StoreConfig(data_dir=tmp_path)).open()
+        members = membership(*hosts)
+        for m, host in hosts.items():
+            members.members[m].record.source_host = host
+        rounds = Rounds(RoundsConfig(window_s=0.3, commit_timeout_s=5.0), store, members)
+        await _commit_round_1(rounds, job, "abxyz")
+        assert rounds.standing(("j", 0, 4)) == set(hosts)
+
+        forged = Job()
+        forged.theta += 1.0
+        _, cx = forged.round(2, 3)
+        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "xyz"))  # the window closes without a, b
+        out = await asyncio.gather(*(rounds.commit("j", SPAN, 2, m, cx, forged.state() if m == "x" else b"")
+                                     for m in "xyz"))
+        assert not any(o.committed for o in out) and "3 of 5 on 3 hosts" in out[0].reason, out
+
+        await asyncio.gather(*(rounds.begin("j", SPAN, 2, m, 1) for m in "ab"))
+        results, c2 = job.round(2, 2)
+        out = await asyncio.gather(*(rounds.commit("j", SPAN, 2, m, c2, attempt=2, results=[(j, results[j])],
+                                                   outer=STEP) for j, m in enumerate("ab")))
+        assert [o.committed for o in out] == [True, True], out
+        assert rounds.committed_state("j", SPAN) == (2, c2, job.state())
         store.close()
 
     asyncio.run(scenario())
