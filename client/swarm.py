@@ -43,6 +43,9 @@ class Swarm:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._relay_failures: dict[str, float] = {}  # relayed peer id -> when a call to it last failed
         self.liars: dict[str, str] = {}  # peer id -> why: caught answering wrong, never routed again
+        # their addresses too: a liar that restarts its DHT peer under a new id (ids are free)
+        # at the same address stays out of routes
+        self.liar_addresses: dict[str, str] = {}
         # addresses the coordinator quarantined (coordinator/quarantine.py), left out of routes
         self.quarantined: frozenset[str] = frozenset()
         # the coordinator's members' addresses: routes use only DHT records at these (anyone
@@ -79,8 +82,9 @@ class Swarm:
             return find_route(peers, start, end, config=self.config.routing, banned=banned)
 
     def _routable(self, peers: list[PeerSpan]) -> list[PeerSpan]:
-        """Peers neither quarantined nor unknown to the coordinator (when it lists members)."""
-        kept = [p for p in peers if p.address not in self.quarantined] if self.quarantined else peers
+        """Peers neither quarantined, nor at a liar's address, nor unknown to the coordinator
+        (when it lists members)."""
+        kept = [p for p in peers if p.address not in self.quarantined and p.address not in self.liar_addresses]
         if self.members is None:
             return kept
         for p in kept:
@@ -117,6 +121,7 @@ class Swarm:
         coordinator, report it there (ReportLiar with `evidence`: blocks, distance, tolerance,
         checkers), in the background."""
         self.liars[peer.peer_id] = why
+        self.liar_addresses[peer.address] = why
         logger.warning("peer %s (%s) answered wrong: %s; never routing through it again", peer.peer_id[-8:],
                        peer.address, why)
         if self.config.coordinator and evidence is not None:

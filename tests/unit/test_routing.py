@@ -154,3 +154,22 @@ def test_records_carry_the_quantisation():
     (p,) = peers_from_records({"p": value}, num_blocks=4)
     (old,) = peers_from_records({"p": legacy}, num_blocks=4)
     assert p.quant == "int4" and old.quant == "none"
+
+
+async def test_a_liar_stays_out_of_routes_under_a_new_peer_id(monkeypatch):
+    """A peer caught lying (Swarm.mark_liar) is never routed through again, also when it comes
+    back at the same address under another DHT peer id (a new id costs nothing)."""
+    import pollinate.client.swarm as swarm_module
+    from pollinate.client.config import ClientConfig
+    from pollinate.client.swarm import Swarm
+
+    liar = PeerSpan(peer_id="liar", address="l:1", start=0, end=4, throughput=90.0)
+    honest = PeerSpan(peer_id="a", address="a:1", start=0, end=4, throughput=10.0)
+    records = [liar, honest]
+    monkeypatch.setattr(swarm_module, "fetch_peers", lambda *_a, **_k: list(records))
+    swarm = Swarm(dht=None, model_id="m", num_blocks=4, config=ClientConfig())
+    assert [h.peer for h in await swarm.route(0, 4)] == [liar]  # the fastest
+    swarm.mark_liar(liar, "answered 0.5 away from two others")
+    records[0] = PeerSpan(peer_id="reborn", address="l:1", start=0, end=4, throughput=99.0)
+    await swarm.peers(refresh=True)  # the reborn record is read
+    assert [h.peer for h in await swarm.route(0, 4)] == [honest]
