@@ -142,6 +142,7 @@ class CoordinatorClient:
         self._throughput = 0.0  # 0: unchanged since join
         self._load: Callable[[], common_pb2.ServingLoad] | None = None  # set_load
         self._trained: Callable[[], dict[str, int]] | None = None  # set_trained
+        self._beat_now = asyncio.Event()  # beat_soon: the next heartbeat goes out now
         self._task: asyncio.Task | None = None
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
@@ -173,6 +174,12 @@ class CoordinatorClient:
         """Called for every heartbeat: the jobs this node trains and their optimizer steps so far
         (HeartbeatRequest.trained_steps: the coordinator's round voters where nobody has standing)."""
         self._trained = trained
+
+    def beat_soon(self) -> None:
+        """Send the next heartbeat now rather than at its period (event loop): what it carries
+        changed in a way the coordinator should hear at once (a job's first step: from then on
+        this node is a voter on the job's rounds, and a newcomer's round 1 cannot pass it)."""
+        self._beat_now.set()
 
     def set_throughput(self, throughput: float) -> None:
         self._throughput = throughput
@@ -320,7 +327,11 @@ class CoordinatorClient:
         while True:
             period = self.assignment.heartbeat_period_s if self.assignment else 1.0
             next_beat = max(next_beat + period, loop.time())
-            await asyncio.sleep(next_beat - loop.time())
+            try:  # the period, unless beat_soon() asks for one now
+                await asyncio.wait_for(self._beat_now.wait(), next_beat - loop.time())
+            except asyncio.TimeoutError:
+                pass
+            self._beat_now.clear()
             try:
                 if self.assignment is None:  # lost membership earlier and could not re-join
                     await self._rejoin()

@@ -54,7 +54,8 @@ Votes are per source host (the IP a member's Join came from), each host's one vo
 its voters (``majority_lacking``): on one machine this is the per-member majority, across
 machines Sybils on one address count as one. Limits (docs/security.md): Sybils with standing
 on as many addresses as the honest replicas can outvote them; a newcomer that asks before any
-replica's heartbeat reported a step of the job decides round 1 alone, and step reports are
+replica took a step of the job decides round 1 alone (a node reports its first step of a job
+at once: node/training.py on_first_step, CoordinatorClient.beat_soon), and step reports are
 the nodes' own word.
 """
 

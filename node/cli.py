@@ -529,6 +529,7 @@ class _Node:
                     config.rounds, coordinator_address=config.coordinator, token=config.token,
                     member_id=lambda: member.member_id, identity=self.identity,
                     framing=self.servicer.framing, **_coordinator_tls(config))
+                self.servicer.jobs.on_first_step = member.beat_soon
             add_to_server(self.rpc, self.servicer)
             if reservation is not None:
                 reservation.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -146,6 +147,10 @@ class JobManager:
         self.host = AdapterHost()
         self.jobs: dict[str, Job] = {}
         self.rounds = None  # node/rounds.py RoundDriver when the node has a coordinator
+        # called (event loop) after the first optimizer step of each job in this process: the
+        # node's heartbeat then reports it at once, not a period later (CoordinatorClient.beat_soon)
+        self.on_first_step: Callable[[], None] | None = None
+        self._stepped: set[str] = set()
         # Forward inputs kept for their Backward (ForwardHeader.keep_id)
         self.kept = KeptInputs(server.serving.kept_inputs)
 
@@ -227,6 +232,10 @@ class JobManager:
         if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
             await self.rounds.before_step(self, job)
         result = await self.server.run_torch(self._backward_sync, job, hidden, grad_out, input_grad, with_adapter)
+        if job is not None and job.inner_steps and job.name not in self._stepped:
+            self._stepped.add(job.name)
+            if self.on_first_step is not None:  # a voter on the job's rounds from now (coordinator/rounds.py)
+                self.on_first_step()
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
         return result

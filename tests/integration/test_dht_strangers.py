@@ -15,6 +15,7 @@ connection starts with the HTTP/2 preface, "PRI * HTTP/2.0".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -66,64 +67,61 @@ def generate(model_dir, cache_dir, *bootstrap: str) -> subprocess.CompletedProce
         capture_output=True, text=True, timeout=120)
 
 
-def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_model_dir, tiny_model_files,
-                                                               tiny_cache_dir, tiny_reference_model):
-    import torch
-
-    expected = tiny_reference_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS,
-                                             min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT):].tolist()
+@contextlib.contextmanager
+def swarm_and_stranger(tmp_path, model_dir, cache_dir, coordinator_args: tuple[str, ...] = ()):
+    """A one-node swarm and a stranger announcing all its blocks at a Trap's address:
+    (process group, coordinator, the DHT's bootstrap peers, the trap)."""
     trap = Trap()
     try:
         with ProcGroup(tmp_path) as group:
-            coord, _ = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN)
+            coord, _ = start_swarm(group, tmp_path, model_dir, cache_dir, replicas=1, token=TOKEN,
+                                   coordinator_args=coordinator_args)
             dht_peers = coord.info["dht_initial_peers"]
             stranger = group.start("stranger", [], cmd=[
-                sys.executable, STRANGER, "--initial-peers", *dht_peers, "--model", str(tiny_model_dir),
+                sys.executable, STRANGER, "--initial-peers", *dht_peers, "--model", str(model_dir),
                 "--blocks", "0:4", "--address", trap.address])
             group.wait_ready([stranger], timeout=60)  # its records are stored
-
-            member_client = generate(tiny_model_dir, tiny_cache_dir, "--coordinator", coord.info["grpc"])
-            assert member_client.returncode == 0, member_client.stderr[-3000:] + group.dump_logs()
-            assert json.loads(member_client.stdout.strip().splitlines()[-1])["tokens"] == expected
-            assert trap.dialled == 0, "a client that knows the coordinator dialled the stranger"
-            assert f"at {trap.address} (blocks 0:4) names no member of the swarm" in member_client.stderr
-
-            peers_only = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers)
-            assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents
-            assert "no coordinator given: routing through every DHT record" in peers_only.stderr  # and says so
-            assert "no coordinator given" not in member_client.stderr
+            yield group, coord, dht_peers, trap
     finally:
         trap.sock.close()
+
+
+def local_tokens(reference_model) -> list[int]:
+    import torch
+
+    return reference_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                    do_sample=False)[0, len(PROMPT):].tolist()
+
+
+def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_model_dir, tiny_model_files,
+                                                               tiny_cache_dir, tiny_reference_model):
+    expected = local_tokens(tiny_reference_model)
+    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir) as (group, coord, dht_peers, trap):
+        member_client = generate(tiny_model_dir, tiny_cache_dir, "--coordinator", coord.info["grpc"])
+        assert member_client.returncode == 0, member_client.stderr[-3000:] + group.dump_logs()
+        assert json.loads(member_client.stdout.strip().splitlines()[-1])["tokens"] == expected
+        assert trap.dialled == 0, "a client that knows the coordinator dialled the stranger"
+        assert f"at {trap.address} (blocks 0:4) names no member of the swarm" in member_client.stderr
+
+        peers_only = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers)
+        assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents
+        assert "no coordinator given: routing through every DHT record" in peers_only.stderr  # and says so
+        assert "no coordinator given" not in member_client.stderr
 
 
 def test_a_client_with_the_swarm_ca_sends_a_dht_stranger_no_call(tmp_path, tiny_model_dir, tiny_model_files,
                                                                 tiny_cache_dir, tiny_reference_model):
-    import torch
+    expected = local_tokens(tiny_reference_model)
+    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir, ("--data-tls",)) as (group, _, dht_peers, trap):
+        ca = tmp_path / "coord-data" / "swarm-ca.pem"
+        pinned = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(ca))
+        assert pinned.returncode == 0, pinned.stderr[-3000:] + group.dump_logs()
+        assert json.loads(pinned.stdout.strip().splitlines()[-1])["tokens"] == expected
+        assert trap.dialled > 0, pinned.stderr[-3000:]  # the stranger's record was tried ...
+        assert all(b[:2] == b"\x16\x03" for b in trap.first_bytes), trap.first_bytes  # ... for a handshake only
+        assert "no coordinator given" not in pinned.stderr  # nothing to warn of: strangers get no call
 
-    expected = tiny_reference_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS,
-                                             min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT):].tolist()
-    trap = Trap()
-    try:
-        with ProcGroup(tmp_path) as group:
-            coord, _ = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN,
-                                   coordinator_args=("--data-tls",))
-            dht_peers = coord.info["dht_initial_peers"]
-            stranger = group.start("stranger", [], cmd=[
-                sys.executable, STRANGER, "--initial-peers", *dht_peers, "--model", str(tiny_model_dir),
-                "--blocks", "0:4", "--address", trap.address])
-            group.wait_ready([stranger], timeout=60)
-
-            ca = tmp_path / "coord-data" / "swarm-ca.pem"
-            pinned = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(ca))
-            assert pinned.returncode == 0, pinned.stderr[-3000:] + group.dump_logs()
-            assert json.loads(pinned.stdout.strip().splitlines()[-1])["tokens"] == expected
-            assert trap.dialled > 0, pinned.stderr[-3000:]  # the stranger's record was tried ...
-            assert all(b[:2] == b"\x16\x03" for b in trap.first_bytes), trap.first_bytes  # ... for a handshake only
-            assert "no coordinator given" not in pinned.stderr  # nothing to warn of: strangers get no call
-
-            wrong = tmp_path / "node-key.pem"  # not a certificate at all: refused before any dial
-            wrong.write_text((tmp_path / "coord-data" / "swarm-ca-key.pem").read_text())
-            refused = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(wrong))
-            assert refused.returncode != 0 and "not a PEM certificate" in refused.stderr, refused.stderr[-2000:]
-    finally:
-        trap.sock.close()
+        wrong = tmp_path / "copied-key.pem"  # the CA's key, not its certificate: refused before any dial
+        wrong.write_text((tmp_path / "coord-data" / "swarm-ca-key.pem").read_text())
+        refused = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(wrong))
+        assert refused.returncode != 0 and "not a PEM certificate" in refused.stderr, refused.stderr[-2000:]

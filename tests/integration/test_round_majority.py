@@ -3,7 +3,12 @@ the window cannot commit a state of its choosing over a replica that is training
 (round 1: nobody has standing yet, the node's heartbeats report its steps) or over a replica
 with standing (round 2: the node committed round 1). Its well-formed forged states are
 refused ("no majority"), the node's rounds commit as usual, and the coordinator's copy of
-round 2 is the node's, bit for bit."""
+round 2 is the node's, bit for bit.
+
+The swarm's heartbeat period is 30 s, longer than the whole test: the coordinator learns that
+the node trains the job only from the beat the node sends right after its first step
+(CoordinatorClient.beat_soon), so the refused round-1 forgery, a second or two after that
+step, shows the report is immediate."""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ def test_a_lone_newcomer_cannot_commit_over_a_replica_training_or_with_standing(
                                                                               tiny_model_files, tiny_cache_dir):
     with ProcGroup(tmp_path) as group:
         coord, (node,) = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN,
-                                     window=2)
+                                     window=2, lease=120.0, coordinator_args=("--heartbeat-period", "30"))
         done = subprocess.run(
             [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
              "--node", node.info["address"]], capture_output=True, text=True, timeout=180)

@@ -154,6 +154,7 @@ def test_a_swarm_ca_file_is_checked_and_must_match_the_coordinators(tmp_path, sw
     from pollinate.client.remote_model import pin_swarm_ca
     from pollinate.protocol.data_tls import CA_CERT_FILE, CA_KEY_FILE, read_swarm_ca
 
+    before = swarm_ca_pem()  # whatever an earlier test in this process left
     ca = SwarmCA.load_or_create(tmp_path / "swarm")
     other = SwarmCA.load_or_create(tmp_path / "other")
     node_cert = tmp_path / "node.pem"
@@ -163,7 +164,7 @@ def test_a_swarm_ca_file_is_checked_and_must_match_the_coordinators(tmp_path, sw
                       (tmp_path / "absent.pem", "No such file")):
         with pytest.raises(ValueError, match=why):
             pin_swarm_ca(path, None)
-    assert swarm_ca_pem() is None  # nothing taken
+    assert swarm_ca_pem() == before  # nothing taken
 
     swarm_ca_in_process(other.cert_pem)  # as _coordinator_peers leaves it after asking a coordinator
     with pytest.raises(ValueError, match="is not coordinator c:1's"):
