@@ -29,6 +29,13 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+# Loggers of libraries whose import-time warnings tell a user nothing they can act on:
+# transformers imports torchao when installed (node/quant.py uses it), and torchao warns of
+# CUDA kernels a CPU build lacks and registers pytree constants torch calls deprecated. Shown
+# with -v.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def _load(module: str):
     try:
         return importlib.import_module(module)
@@ -67,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     mod = _load(args._module)
     if mod is None:
         print(f"pollinate {args.command}: not yet available in this version", file=sys.stderr)

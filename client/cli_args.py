@@ -94,8 +94,8 @@ def load_model(args: argparse.Namespace):
     from pollinate.client.remote_model import RemoteModelForCausalLM
     from pollinate.coordinator.probe import ProbeError
 
-    token = swarm_token(args)
     try:
+        token = swarm_token(args)
         return RemoteModelForCausalLM.from_pretrained(
             args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, token=token,
             coordinator_tls=args.coordinator_tls, swarm_ca=args.swarm_ca,

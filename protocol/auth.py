@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from pollinate.protocol.errors import RateLimitedLog
+from pollinate.protocol.errors import RateLimitedLog, SetupError
 
 logger = logging.getLogger(__name__)
 _rejected_log = RateLimitedLog()  # one line per method per 10 s: a flood of bad tokens stays small
@@ -36,13 +36,17 @@ HEALTH_METHODS: frozenset[str] = frozenset({"/pollinate.v1.Node/Health", "/polli
 TOKEN_ENV = "POLLINATE_TOKEN"
 
 
+class EmptyTokenFile(SetupError, ValueError):
+    """--token-file names an empty file: a set-up problem, one line from `pollinate` (cli/main.py)."""
+
+
 def read_token(token_file: str | os.PathLike | None, fallback: str | None = None) -> str | None:
     """The swarm token from `token_file`, else `fallback` (the CLI passes $POLLINATE_TOKEN);
     None when neither gives one. An empty token file is an error, not "no token"."""
     if token_file is not None:
         token = Path(token_file).read_text().strip()
         if not token:
-            raise ValueError(f"token file {token_file} is empty")
+            raise EmptyTokenFile(f"token file {token_file} is empty")
         return token
     return (fallback or "").strip() or None
 

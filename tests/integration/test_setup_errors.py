@@ -50,3 +50,16 @@ def test_a_coordinator_on_a_taken_port_says_so(tmp_path):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"pollinate coordinator: OSError: cannot listen on 127.0.0.1:{port}")
+
+
+def test_an_empty_token_file_is_one_line_for_every_command(tmp_path):
+    """Before, `status` and `job` (and `generate`) printed a traceback for it."""
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    for command in (["status"], ["job", "show", "j"], ["generate", "hi", "--initial-peers", DEAD_PEER]):
+        done = pollinate(*command, "--coordinator", "127.0.0.1:1", "--token-file", str(empty))
+        assert done.returncode != 0 and "Traceback" not in done.stderr, (command, done.stderr[-3000:])
+        assert done.stderr.strip().splitlines()[-1] == f"pollinate {command[0]}: token file {empty} is empty", \
+            done.stderr[-2000:]
+    # generate imports transformers, which imports torchao: its import-time warnings stay out
+    assert "torchao" not in done.stderr and "_pytree" not in done.stderr, done.stderr
