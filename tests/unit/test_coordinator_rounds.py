@@ -367,7 +367,8 @@ def test_a_newcomer_alone_cannot_commit_over_the_replicas_with_standing(tmp_path
         members = membership("a", "b")
         rounds = Rounds(RoundsConfig(window_s=0.3, commit_timeout_s=5.0, standing_s=1.5), store, members)
         await _commit_round_1(rounds, job, "ab")
-        members.members["x"] = SimpleNamespace(member_id="x", span=SPAN, record=SimpleNamespace(address="h:9", source_host=""))
+        members.members["x"] = SimpleNamespace(member_id="x", span=SPAN,
+                                               record=SimpleNamespace(address="h:9", source_host=""))
         forged = Job()
         forged.theta += 1.0
         _, cx = forged.round(2, 1)
