@@ -63,17 +63,17 @@ def swarm_token(args: argparse.Namespace) -> str | None:
 
 
 def swarm_peers(args: argparse.Namespace, token: str | None) -> list[str]:
-    """DHT multiaddrs to bootstrap from: --initial-peers, else the coordinator's (asked in a
-    subprocess, so this process holds no gRPC object before its DHT forks). Sets the swarm CA
-    nodes are verified against: the coordinator's, or --swarm-ca."""
+    """DHT multiaddrs to bootstrap from: --initial-peers and the coordinator's (asked in a
+    subprocess, so this process holds no gRPC object before its DHT forks), as
+    RemoteModelForCausalLM.from_pretrained takes them. Sets the swarm CA nodes are verified
+    against: the coordinator's, or --swarm-ca."""
     from pollinate.client.remote_model import _coordinator_peers, pin_swarm_ca
 
-    if args.initial_peers:
-        peers, asked = list(args.initial_peers), None
-    elif args.coordinator:
-        peers, asked = _coordinator_peers(args.coordinator, token, args.coordinator_tls), args.coordinator
-    else:
+    if not (args.initial_peers or args.coordinator):
         raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
+    peers, asked = list(args.initial_peers), None
+    if args.coordinator:  # also with --initial-peers: a --data-tls swarm's CA comes from it
+        peers, asked = peers + _coordinator_peers(args.coordinator, token, args.coordinator_tls), args.coordinator
     if args.swarm_ca is not None:
         pin_swarm_ca(args.swarm_ca, asked)
     return peers
