@@ -1,6 +1,6 @@
 """A whole DiLoCo round's bytes and time, commit included, against hivemind's averager (issue 12).
 
-    python benchmarks/bench_round.py [--quick] [--rate MBIT]
+    python benchmarks/bench_round.py [--quick] [--lab] [--rate MBIT]
 
 For each N in (2, 4) replicas and each size (~1.2M and ~8M trainable elements, LoRA-job
 settings), in the same run and each case in its own network namespace (so the loopback
@@ -39,12 +39,18 @@ machine's shared loopback and ``private_loopback`` is false.
 home link's bandwidth, but one segment that every process of the case shares (each packet
 crosses ``lo`` once), not one link per member as in the lab. Both sides meet the same cap, so
 their ratio holds; absolute times are those of N members behind one link of that rate.
+
+``--lab`` runs each process of a case in its own namespace of a benchmarks/netlab.py lab
+instead (a host per member, hivemind's peer i on member i's host, one for the coordinator),
+each link capped at ``--rate`` in both directions: home links, one per member. Bytes are then
+the hosts' eth0 transmit counters summed. Needs root, ``ip`` and ``tc``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -70,6 +76,41 @@ def lo_bytes() -> int:
         if name.strip() == "lo":
             return int(counters.split()[8])  # transmit bytes
     raise RuntimeError("no loopback interface in /proc/self/net/dev")
+
+
+class Loopback:
+    """Every process of a case on this namespace's loopback; its bytes are lo's transmit counter."""
+
+    def ip(self, role: str) -> str:
+        return "127.0.0.1"
+
+    def wrap(self, role: str) -> list[str]:
+        return []
+
+    def bytes(self) -> int:
+        return lo_bytes()
+
+
+class LabNet:
+    """--lab: each process of a case in its own namespace of a NetLab (benchmarks/netlab.py),
+    one host per role ("coord", "m0", "m1", ...; hivemind's peer i runs on member i's host),
+    every link capped at the lab's rate in both directions. Its bytes: the transmit counters
+    of every host's eth0, summed (each packet once, at its sender, as on the loopback)."""
+
+    def __init__(self, lab) -> None:
+        self.lab = lab
+
+    def _host(self, role: str):
+        return self.lab.hosts.get(role) or self.lab.add_host(role)
+
+    def ip(self, role: str) -> str:
+        return self._host(role).ip
+
+    def wrap(self, role: str) -> list[str]:
+        return ["ip", "netns", "exec", self._host(role).ns]
+
+    def bytes(self) -> int:
+        return sum(tx for _, tx in self.lab.counters().values())
 
 
 # ---- Pollinate member process ----------------------------------------------------------
@@ -122,7 +163,7 @@ async def pollinate_member(args) -> None:
             self.framing = DEFAULT_FRAMING
             self.server = SimpleNamespace(serving=SimpleNamespace(step_timeout_s=120.0))
 
-    rpc = RpcServer(ServerConfig(port=0, token=TOKEN))
+    rpc = RpcServer(ServerConfig(host=args.host, port=0, token=TOKEN))
     rpc.add(node_pb2_grpc.add_NodeServicer_to_server, Servicer())
     address = await rpc.start()
     channel = open_channel(args.coordinator, ChannelConfig(token=TOKEN))
@@ -182,7 +223,7 @@ def hivemind_peer(args) -> None:
 
     compression = {"fp16": Float16Compression(), "8bit": Uniform8BitQuantization()}[args.compression]
     dht = hivemind.DHT(initial_peers=args.peers.split(",") if args.peers else None, start=True,
-                       host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+                       host_maddrs=[f"/ip4/{args.host}/tcp/0"])
     mine = torch.randn(args.numel, generator=torch.Generator().manual_seed(args.index))
     expected = sum(torch.randn(args.numel, generator=torch.Generator().manual_seed(i))
                    for i in range(args.n)) / args.n  # the group mean every peer should end with
@@ -253,8 +294,8 @@ class Workers:
                 p.kill()
 
 
-def spawn(args_list: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *args_list], stdin=subprocess.PIPE,
+def spawn(args_list: list[str], log: Path, wrap: list[str] = ()) -> subprocess.Popen:
+    return subprocess.Popen([*wrap, sys.executable, __file__, *args_list], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
 
 
@@ -288,11 +329,12 @@ async def coordinator_view(address: str) -> tuple[dict, str]:
         await channel.close()
 
 
-def run_pollinate(n: int, numel: int, rounds: int, tmp: Path) -> dict:
+def run_pollinate(net, n: int, numel: int, rounds: int, tmp: Path) -> dict:
     (tmp / "token").write_text(TOKEN)
     ready = tmp / "coordinator.ready.json"
     coord = subprocess.Popen(
-        [sys.executable, "-m", "pollinate", "coordinator", "--data-dir", str(tmp / "coord-data"), "--port", "0",
+        [*net.wrap("coord"), sys.executable, "-m", "pollinate", "coordinator", "--host", net.ip("coord"),
+         "--data-dir", str(tmp / "coord-data"), "--port", "0",
          "--http-port", "-1", "--token-file", str(tmp / "token"), "--ready-file", str(ready), "--no-dht",
          "--max-members-per-address", "0", "--heartbeat-period", "5", "--lease", "60", "--round-window", "60"],
         stdout=open(tmp / "coordinator.log", "w"), stderr=subprocess.STDOUT)
@@ -300,18 +342,24 @@ def run_pollinate(n: int, numel: int, rounds: int, tmp: Path) -> dict:
     try:
         address = wait_ready_file(ready, coord, timeout=120)["grpc"]
         workers = Workers([spawn(["--worker", "pollinate", "--coordinator", address, "--numel", str(numel),
-                                  "--index", str(i)], tmp / f"member-{i}.log") for i in range(n)])
+                                  "--index", str(i), "--host", net.ip(f"m{i}")], tmp / f"member-{i}.log",
+                                 net.wrap(f"m{i}")) for i in range(n)])
         workers.read()  # every member joined and serves
         per_round = []
         for _ in range(rounds):
-            before, t0 = lo_bytes(), time.monotonic()
+            before, t0 = net.bytes(), time.monotonic()
             workers.send("go")
             got = workers.read()
-            per_round.append({"lo_bytes": lo_bytes() - before, "wall_s": time.monotonic() - t0,
+            per_round.append({"lo_bytes": net.bytes() - before, "wall_s": time.monotonic() - t0,
                               "round_s": max(g["s"] for g in got), "commit_s": max(g["commit_s"] for g in got),
                               "ok": all(g["ok"] for g in got),
                               "agree": len({g["checksum"] for g in got}) == 1, "checksum": got[0]["checksum"]})
-        view, checksum = asyncio.run(coordinator_view(address))
+        if net.wrap("coord"):  # the lab's namespaces are reachable only from inside
+            done = subprocess.run([*net.wrap("coord"), sys.executable, __file__, "--view", address],
+                                  stdout=subprocess.PIPE, text=True, check=True, timeout=120)
+            view, checksum = json.loads(done.stdout)
+        else:
+            view, checksum = asyncio.run(coordinator_view(address))
     except BaseException:
         for log in sorted(tmp.glob("*.log")):
             sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}\n")
@@ -344,31 +392,35 @@ def run_pollinate(n: int, numel: int, rounds: int, tmp: Path) -> dict:
     }
 
 
-def run_hivemind(n: int, numel: int, compression: str, steps: int, matchmaking_s: float, tmp: Path) -> dict:
+def run_hivemind(net, n: int, numel: int, compression: str, steps: int, matchmaking_s: float, tmp: Path) -> dict:
     common = ["--worker", "hivemind", "--numel", str(numel), "--n", str(n), "--compression", compression,
               "--matchmaking-s", str(matchmaking_s)]
-    first = spawn([*common, "--index", "0"], tmp / f"hivemind-{compression}-0.log")
+
+    def peer(i: int, *more: str) -> subprocess.Popen:  # on member i's host
+        return spawn([*common, "--index", str(i), "--host", net.ip(f"m{i}"), *more],
+                     tmp / f"hivemind-{compression}-{i}.log", net.wrap(f"m{i}"))
+
+    first = peer(0)
     procs = [first]
     try:
         peers = ",".join(json.loads(first.stdout.readline())["ready"])
-        procs += [spawn([*common, "--index", str(i), "--peers", peers], tmp / f"hivemind-{compression}-{i}.log")
-                  for i in range(1, n)]
+        procs += [peer(i, "--peers", peers) for i in range(1, n)]
         workers = Workers(procs)
         workers.procs = procs[1:]
         workers.read()
         workers.procs = procs
         results = []
         for _ in range(steps):
-            step0 = lo_bytes()
+            step0 = net.bytes()
             workers.send("go")
             matched = workers.read()
             if not all(m["matched"] for m in matched):
                 results.append({"matched": False})
                 break
-            before = lo_bytes()
+            before = net.bytes()
             workers.send("trigger")
             got = workers.read()
-            after = lo_bytes()
+            after = net.bytes()
             results.append({"matched": True, "lo_bytes": after - before, "step_lo_bytes": after - step0,
                             "round_s": max(g["s"] for g in got), "step_s": max(g["step_s"] for g in got),
                             "averaged": all(g["averaged"] for g in got),
@@ -402,10 +454,15 @@ def run_case(args) -> dict:
 
             subprocess.run(["tc", "qdisc", "replace", "dev", "lo", "root", *tbf_args(args.rate_mbit)], check=True)
     n, numel = args.n, args.numel
-    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
-        ours = run_pollinate(n, numel, args.rounds, tmp)
-        theirs = {c: run_hivemind(n, numel, c, args.hivemind_steps, args.matchmaking_s, tmp)
+        net = Loopback()
+        if args.lab:  # its own namespaces: torn down on exit, failure and Ctrl-C
+            from netlab import NetLab
+
+            net = LabNet(stack.enter_context(NetLab(tmp / "lab", rate_mbit=args.rate_mbit)))
+        ours = run_pollinate(net, n, numel, args.rounds, tmp)
+        theirs = {c: run_hivemind(net, n, numel, c, args.hivemind_steps, args.matchmaking_s, tmp)
                   for c in ("fp16", "8bit")}
     fp16, q8 = theirs["fp16"], theirs["8bit"]
 
@@ -413,7 +470,7 @@ def run_case(args) -> dict:
         return round(a / b, 4) if a is not None and b else None
 
     return {
-        "n": n, "numel": numel, "private_loopback": private, "rate_mbit": args.rate_mbit,
+        "n": n, "numel": numel, "private_loopback": private, "lab": args.lab, "rate_mbit": args.rate_mbit,
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ours.items()},
         "hivemind_bytes_per_member": fp16["bytes_per_member"],
         "hivemind_allreduce_bytes_per_member": fp16["allreduce_bytes_per_member"],
@@ -444,7 +501,12 @@ def main() -> int:
     p.add_argument("--no-netns", action="store_true", help="count the shared loopback (no unshare)")
     p.add_argument("--rate", dest="rate_mbit", type=float, default=0.0,
                    help="cap each case's loopback at this many Mbit/s with tc tbf (0: unlimited): every "
-                        "process of a case then shares one segment of that rate; needs the private namespace")
+                        "process of a case then shares one segment of that rate; needs the private namespace. "
+                        "With --lab: each link's rate")
+    p.add_argument("--lab", action="store_true",
+                   help="run each process of a case in its own network namespace (benchmarks/netlab.py: one host "
+                        "per member and one for the coordinator, each link capped at --rate in both directions); "
+                        "needs root, ip and tc")
     # internal: one case in its namespace, or one worker process
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=("pollinate", "hivemind"), help=argparse.SUPPRESS)
@@ -454,6 +516,8 @@ def main() -> int:
     p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--numel", type=int, default=SIZES[0], help=argparse.SUPPRESS)
+    p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--view", metavar="COORDINATOR", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.rounds, args.hivemind_steps = 3, 2
@@ -461,6 +525,9 @@ def main() -> int:
         p.error("--rounds must be >= 2 (round 1 carries the state) and --hivemind-steps >= 1")
     if args.rate_mbit < 0:
         p.error("--rate must be >= 0 (0: unlimited)")
+    if args.view:  # --lab: the coordinator's view, asked from inside its namespace
+        print(json.dumps(asyncio.run(coordinator_view(args.view))))
+        return 0
     if args.worker == "pollinate":
         asyncio.run(pollinate_member(args))
         return 0
@@ -476,9 +543,14 @@ def main() -> int:
         for n in map(int, args.replicas.split(",")):
             cmd = [sys.executable, __file__, "--case", "--n", str(n), "--numel", str(numel), "--rounds",
                    str(args.rounds), "--hivemind-steps", str(args.hivemind_steps), "--matchmaking-s",
-                   str(args.matchmaking_s), "--rate", str(args.rate_mbit)]
+                   str(args.matchmaking_s), "--rate", str(args.rate_mbit)] + (["--lab"] if args.lab else [])
             env = dict(os.environ)
-            if not args.no_netns and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
+            if args.lab:
+                from netlab import unavailable
+
+                if (why := unavailable()) is not None:
+                    raise SystemExit(f"--lab: {why}")
+            elif not args.no_netns and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
                 cmd, env["BENCH_ROUND_NETNS"] = ["unshare", "--net", *cmd], "1"
             elif args.rate_mbit:  # never shape the machine's own loopback
                 raise SystemExit("--rate needs a private network namespace (unshare --net, as root); "
@@ -495,7 +567,7 @@ def main() -> int:
         "summary": True, "cases": len(results),
         "max_bytes_ratio": max((r["bytes_ratio"] for r in results if r["bytes_ratio"] is not None), default=None),
         "max_time_ratio": max((r["time_ratio"] for r in results if r["time_ratio"] is not None), default=None),
-        "bytes_target": 0.15, "time_target": 1.0, "rate_mbit": args.rate_mbit,
+        "bytes_target": 0.15, "time_target": 1.0, "rate_mbit": args.rate_mbit, "lab": args.lab,
         "hivemind_8bit_averaged_any": any(r["hivemind_8bit_averaged"] for r in results),
     }), flush=True)
     return 0
