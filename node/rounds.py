@@ -70,6 +70,7 @@ from pollinate.compression.outer import state_to_bytes, state_to_zstd
 from pollinate.node.diloco import (
     Contribution,
     DiLoCoMember,
+    RoundError,
     assign_flat,
     flatten_params,
     job_diloco_config,
@@ -120,6 +121,10 @@ class JobRounds:
     steps_at_round: int = 0  # job.inner_steps when the last round ended
     tokens_at_round: int = 0  # job.tokens when the last round ended
     restored: bool = False  # the coordinator's last committed state fetched (before the first step)
+    # why this node cannot train the job (the committed state does not fit its adapter): every
+    # later Forward and Backward of it is refused with this, instead of losing its H steps
+    # at every round (docs/security.md: a forged round 1)
+    broken: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -182,6 +187,8 @@ class RoundDriver:
         it starts from the job's seed like everyone else. The coordinator unreachable: the
         call fails (clear error) and the next one tries again."""
         state = self.jobs.get(job.name)
+        if state is not None and state.broken:
+            raise FailedPrecondition(f"job {job.name!r} cannot train on this node: {state.broken}")
         if state is None or state.restored:
             return
         async with state.lock:
@@ -191,6 +198,9 @@ class RoundDriver:
             try:
                 adopted = await self._catch_up(server, job, state, list(job.adapter.parameters()),
                                                state.committed_round + 1, why="restored at job start")
+            except RoundError as exc:
+                raise FailedPrecondition(f"job {job.name!r} cannot train on this node: "
+                                         f"{self._unfit(job.name, server, state, exc)}") from None
             except Exception as exc:
                 logger.warning("job %s span %d:%d: restoring the last committed state failed: %s",
                                job.name, server.start, server.end, exc)
@@ -199,6 +209,16 @@ class RoundDriver:
                 logger.info("job %s span %d:%d: no committed round at the coordinator; starting "
                             "from the job's initial state", job.name, server.start, server.end)
             state.restored = True
+
+    @staticmethod
+    def _unfit(job: str, server, state: JobRounds, exc: RoundError) -> str:
+        """The committed state cannot be adopted here, ever: mark the job (before_step refuses
+        its calls from now on), log it once; returns why."""
+        state.broken = (f"the coordinator's committed state of span {server.start}:{server.end} does not fit "
+                        f"this node's adapter ({exc}): committed by other members alone, a forged round 1? "
+                        f"(docs/security.md)")
+        logger.error("job %s: %s; refusing its Forward and Backward from now on", job, state.broken)
+        return state.broken
 
     async def after_backward(self, manager, job) -> None:
         state = self.jobs.get(job.name)
@@ -335,6 +355,8 @@ class RoundDriver:
                 try:
                     if await self._catch_up(server, job, state, params, r, why="committed without this node"):
                         return True
+                except RoundError as fetch_exc:  # it can never be adopted: say so once, stop training the job
+                    self._unfit(job.name, server, state, fetch_exc)
                 except Exception as fetch_exc:
                     logger.warning("round %d of job %s: fetching the committed state failed: %s",
                                    r, job.name, fetch_exc)

@@ -8,6 +8,11 @@ is training the job. Then it trains the node's last step of round 1 (committed b
 alone: the node gains standing), asks BeginRound(2) and commits θ_global + 1 the same way, and
 trains the node for round 2. Prints one JSON line: rounds_client's replicas_report plus the
 newcomer's id, its groups and the coordinator's answers to its commits.
+
+--forge-first: the newcomer commits round 1 before the node ever saw the job (nobody is a
+voter: the documented limit), with 1000 elements where the node's adapter has more; then two
+Backward calls to the node, each refused (the node cannot adopt that state). Prints the
+newcomer's group, whether its commit went through, and the node's refusals.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+
+import grpc
 
 from rounds_client import coordinator_state, job_spec, replicas_report, train_steps, wait_for_round
 
@@ -33,7 +40,8 @@ async def main_async(args) -> dict:
     cfg = ChannelConfig(token=args.token)
     spec = job_spec(args.round_steps, False)
     gen = torch.Generator().manual_seed(100)
-    await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps - 1, timeout=120, gen=gen)
+    if not args.forge_first:
+        await train_steps(cfg, args.node, JOB, spec, seed=100, steps=args.round_steps - 1, timeout=120, gen=gen)
 
     port = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)  # answers a dial-back
     address = f"127.0.0.1:{port.sockets[0].getsockname()[1]}"
@@ -60,6 +68,17 @@ async def main_async(args) -> dict:
                                                                             timeout=60)
 
     try:
+        if args.forge_first:  # before the node ever saw the job: no voter, the newcomer decides round 1
+            group1, forged1 = await forge(1, torch.full((1000,), 0.5), torch.zeros(1000))
+            refused = []
+            for _ in range(2):  # the node cannot adopt it: every call of the job is refused, saying why
+                try:
+                    await train_steps(cfg, args.node, JOB, spec, seed=100, steps=1, timeout=60, gen=gen)
+                    refused.append("")
+                except grpc.aio.AioRpcError as exc:
+                    refused.append(f"{exc.code().name}: {exc.details()}")
+            return {"newcomer": me, "round1_newcomer_group": group1, "round1_forged_committed": forged1.committed,
+                    "refused": refused}
         group1, forged1 = await forge(1, torch.full((1000,), 0.5), torch.zeros(1000))  # any well-formed state
         await train_steps(cfg, args.node, JOB, spec, seed=100, steps=1, timeout=120, gen=gen)
         await wait_for_round(cfg, args.coordinator, [args.node], JOB, SPAN[1], 1, 60)
@@ -88,6 +107,8 @@ def main() -> int:
     p.add_argument("--node", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("--round-steps", type=int, default=3)
+    p.add_argument("--forge-first", action="store_true",
+                   help="commit the forged round 1 before the node saw the job, then train: expect refusals")
     print(json.dumps(asyncio.run(main_async(p.parse_args()))))
     return 0
 

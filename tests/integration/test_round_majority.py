@@ -42,3 +42,26 @@ def test_a_lone_newcomer_cannot_commit_over_a_replica_training_or_with_standing(
     assert result["round"] == 2 and result["replicas_equal_coordinator"] == [True], result
     groups = committed_groups(tmp_path / "coord-data")
     assert groups == {1: {node.info["member_id"]: True}, 2: {node.info["member_id"]: True}}, groups
+
+
+def test_a_forged_round_1_that_does_not_fit_stops_the_job_on_the_node_with_one_clear_error(
+        tmp_path, tiny_model_dir, tiny_model_files, tiny_cache_dir):
+    """The limit above: a newcomer that commits round 1 before any replica saw the job decides
+    it alone. A state of the wrong size can never be adopted; the node refuses the job's
+    calls with the reason (FAILED_PRECONDITION), instead of restarting its H steps at every
+    round with a warning."""
+    with ProcGroup(tmp_path) as group:
+        coord, (node,) = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=1, token=TOKEN,
+                                     window=2)
+        done = subprocess.run(
+            [sys.executable, CLIENT, "--coordinator", coord.info["grpc"], "--token", TOKEN,
+             "--node", node.info["address"], "--forge-first"], capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:] + group.dump_logs()
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        logs = group.dump_logs(200)
+    assert result["round1_newcomer_group"] == [result["newcomer"]] and result["round1_forged_committed"], result
+    for refused in result["refused"]:
+        assert refused.startswith("FAILED_PRECONDITION: job 'rounds' cannot train on this node: the coordinator's "
+                                  "committed state of span 0:4 does not fit this node's adapter"), result
+        assert "1000 elements" in refused, refused
+    assert logs.count("refusing its Forward and Backward from now on") == 1, logs  # said once
