@@ -65,18 +65,13 @@ def swarm_token(args: argparse.Namespace) -> str | None:
 def swarm_peers(args: argparse.Namespace, token: str | None) -> list[str]:
     """DHT multiaddrs to bootstrap from: --initial-peers and the coordinator's (asked in a
     subprocess, so this process holds no gRPC object before its DHT forks), as
-    RemoteModelForCausalLM.from_pretrained takes them. Sets the swarm CA nodes are verified
-    against: the coordinator's, or --swarm-ca."""
-    from pollinate.client.remote_model import _coordinator_peers, pin_swarm_ca
+    RemoteModelForCausalLM.from_pretrained takes them (remote_model.bootstrap_peers). Sets the
+    swarm CA nodes are verified against: the coordinator's, or --swarm-ca."""
+    from pollinate.client.remote_model import bootstrap_peers
 
     if not (args.initial_peers or args.coordinator):
         raise ValueError("give --coordinator HOST:PORT (with --token-file) or --initial-peers")
-    peers, asked = list(args.initial_peers), None
-    if args.coordinator:  # also with --initial-peers: a --data-tls swarm's CA comes from it
-        peers, asked = peers + _coordinator_peers(args.coordinator, token, args.coordinator_tls), args.coordinator
-    if args.swarm_ca is not None:
-        pin_swarm_ca(args.swarm_ca, asked)
-    return peers
+    return bootstrap_peers(args.initial_peers, args.coordinator or None, token, args.coordinator_tls, args.swarm_ca)
 
 
 def join_dht(args: argparse.Namespace):

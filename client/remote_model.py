@@ -176,14 +176,8 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
             client_config = dataclasses.replace(
                 client_config, routing=dataclasses.replace(client_config.routing, exact=True))
         if dht is None:
-            peers = list(initial_peers)
-            if coordinator is not None:
-                peers += _coordinator_peers(coordinator, token, coordinator_tls)
-            if not peers:
-                raise ValueError("give initial_peers (DHT multiaddrs) or coordinator=HOST:PORT")
-            if swarm_ca is not None:
-                pin_swarm_ca(swarm_ca, coordinator)
-            dht = start_dht(peers, client_mode=True)
+            dht = start_dht(bootstrap_peers(initial_peers, coordinator, token, coordinator_tls, swarm_ca),
+                            client_mode=True)
         elif swarm_ca is not None:
             pin_swarm_ca(swarm_ca, None)
         if not client_config.coordinator and swarm_ca is not None:
@@ -283,6 +277,21 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
             self.worker.stop()
             if self.dht is not None:
                 self.dht.shutdown()
+
+
+def bootstrap_peers(initial_peers: Sequence[str], coordinator: str | None, token: str | None,
+                    coordinator_tls: str | None = None, swarm_ca=None) -> list[str]:
+    """DHT multiaddrs to bootstrap from: `initial_peers` and, with `coordinator`, its own
+    (_coordinator_peers, which also takes a --data-tls swarm's CA from its answer); with
+    `swarm_ca`, nodes are verified against that CA (pin_swarm_ca)."""
+    peers = list(initial_peers)
+    if coordinator is not None:
+        peers += _coordinator_peers(coordinator, token, coordinator_tls)
+    if not peers:
+        raise ValueError("give initial_peers (DHT multiaddrs) or coordinator=HOST:PORT")
+    if swarm_ca is not None:
+        pin_swarm_ca(swarm_ca, coordinator)
+    return peers
 
 
 def _coordinator_peers(address: str, token: str | None, tls: str | None = None) -> list[str]:

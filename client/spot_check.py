@@ -50,7 +50,6 @@ from pollinate.protocol.v1 import common_pb2, node_pb2
 logger = logging.getLogger(__name__)
 
 
-
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in fp32."""
     a, b = a.float(), b.float()

@@ -70,8 +70,8 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from fractions import Fraction
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from pollinate.coordinator.config import RoundsConfig

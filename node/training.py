@@ -147,10 +147,9 @@ class JobManager:
         self.host = AdapterHost()
         self.jobs: dict[str, Job] = {}
         self.rounds = None  # node/rounds.py RoundDriver when the node has a coordinator
-        # called (event loop) after the first optimizer step of each job in this process: the
-        # node's heartbeat then reports it at once, not a period later (CoordinatorClient.beat_soon)
+        # called (event loop) after a job's first optimizer step here (its inner_steps leaves 0):
+        # the node's heartbeat then reports it at once, not a period later (CoordinatorClient.beat_soon)
         self.on_first_step: Callable[[], None] | None = None
-        self._stepped: set[str] = set()
         # Forward inputs kept for their Backward (ForwardHeader.keep_id)
         self.kept = KeptInputs(server.serving.kept_inputs)
 
@@ -231,11 +230,10 @@ class JobManager:
             raise InvalidRequest("return_adapter needs a job and the input gradient (no skip_grad_inputs)")
         if self.rounds is not None and job is not None:  # first use here: adopt the last committed round
             await self.rounds.before_step(self, job)
+        steps_before = job.inner_steps if job is not None else 0
         result = await self.server.run_torch(self._backward_sync, job, hidden, grad_out, input_grad, with_adapter)
-        if job is not None and job.inner_steps and job.name not in self._stepped:
-            self._stepped.add(job.name)
-            if self.on_first_step is not None:  # a voter on the job's rounds from now (coordinator/rounds.py)
-                self.on_first_step()
+        if job is not None and not steps_before and job.inner_steps and self.on_first_step is not None:
+            self.on_first_step()  # a voter on the job's rounds from now (coordinator/rounds.py)
         if self.rounds is not None and job is not None:  # after every H inner steps: a DiLoCo round (node/rounds.py)
             await self.rounds.after_backward(self, job)
         return result
