@@ -226,14 +226,15 @@ def _liar_node_args(model: str, cache: str | None, coordinator: str, token_file:
 
 
 def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool, workdir: Path) -> list:
-    """A coordinator that quarantines a node on one client's report (--quarantine-reporters 1:
-    every client here is one machine), blocks 0:1, three replicas of 1:3 (the fastest one lies
-    when `liar`), 3:4; returns the coordinator and the nodes in that order."""
+    """A coordinator with its default quarantine settings (a report whose signed evidence other
+    members confirm quarantines on its own; unverified ones need two reporters), blocks 0:1,
+    three replicas of 1:3 (the fastest one lies when `liar`), 3:4; returns the coordinator and
+    the nodes in that order."""
     token_file = workdir / "token"
     token_file.write_text(LIAR_TOKEN + "\n")
     coord = group.start("liar-coordinator", [
         "coordinator", "--data-dir", str(workdir / "coord-data"), "--port", "0", "--http-port", "0",
-        "--token-file", str(token_file), "--model", model, "--num-blocks", "4", "--quarantine-reporters", "1"])
+        "--token-file", str(token_file), "--model", model, "--num-blocks", "4"])
     group.wait_ready([coord], timeout=90)
     common = _liar_node_args(model, cache, coord.info["grpc"], token_file)
     first = group.start("liar-a", ["node", "--blocks", "0:1", "--throughput", "100", *common])
@@ -246,6 +247,50 @@ def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool, workd
     last = group.start("liar-c", ["node", "--blocks", "3:4", "--throughput", "100", *common])
     group.wait_ready([first, *middle, last], timeout=180)
     return [coord, first, *middle, last]
+
+
+async def _frame(coordinator: str, honest: str, hidden_size: int) -> dict:
+    """What a hostile client gets for reporting an honest node: it asks the node for a signed
+    Forward of blocks 1:3 and reports that true answer as a lie (the coordinator's re-run on
+    other members refutes it: FAILED_PRECONDITION), then the same with one byte of the answer
+    changed (not the node's signature: INVALID_ARGUMENT). The status code of each."""
+    import grpc
+    import torch
+
+    from pollinate.protocol.answers import Transcript
+    from pollinate.protocol.channels import ChannelConfig, open_channel
+    from pollinate.protocol.tensors import HIDDEN_STATES, encode_tensor, stream_tensors
+    from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
+
+    blocks = common_pb2.Span(start=1, end=3)
+    enc = encode_tensor(torch.randn(1, 6, hidden_size), codec="fp16", name=HIDDEN_STATES)
+    node = open_channel(honest, ChannelConfig(token=LIAR_TOKEN))
+    coord = open_channel(coordinator, ChannelConfig(token=LIAR_TOKEN, max_message_bytes=64 << 20))
+    try:
+        raw: list = []
+        await stream_tensors(node_pb2_grpc.NodeStub(node).Forward, [
+            node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(blocks=blocks, reply_codec="fp16")),
+            *(node_pb2.ForwardRequest(tensor=c) for c in enc.chunks())], 60.0, raw=raw)
+        signed = Transcript("forward", job="", start=1, end=3)
+        signed.record(0, [enc, raw[0][0]], raw[0][1])
+        evidence = signed.evidence()
+        doctored = node_pb2.AnswerEvidence()
+        doctored.CopyFrom(evidence)
+        answer = bytearray(doctored.steps[0].tensors[1].data)
+        answer[0] ^= 0x40
+        doctored.steps[0].tensors[1].data = bytes(answer)
+        codes = {}
+        for key, ev in (("framing_true_answer", evidence), ("framing_doctored_answer", doctored)):
+            try:
+                reply = await coordinator_pb2_grpc.CoordinatorStub(coord).ReportLiar(coordinator_pb2.ReportLiarRequest(
+                    address=honest, blocks=blocks, distance=0.5, tolerance=0.03, evidence=ev), timeout=90)
+                codes[key] = f"OK {reply.verdict}"
+            except grpc.aio.AioRpcError as e:
+                codes[key] = e.code().name
+        return codes
+    finally:
+        await node.close()
+        await coord.close()
 
 
 @scenario("liar")
@@ -302,7 +347,7 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         remote.shutdown()  # waits for its liar report to be answered
         return {"detected_after_steps": detected[0] if detected else None, "liars": liars, "outputs": outputs,
                 "steps": steps[0], "checks": stats.checks, "unresolved": stats.unresolved,
-                "reports": [(r.quarantined, r.reporters) for r in remote.swarm.reports]}
+                "reports": [(r.quarantined, r.reporters, r.verdict) for r in remote.swarm.reports]}
 
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     with ProcGroup(workdir / "liar", env=env) as group:
@@ -325,6 +370,9 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
                                                                  workdir / "token")])
         group.wait_ready([honest_node], timeout=180)
         honest = run(coord.info["grpc"], max(1, -(-args.honest_steps // tokens)))
+        framed = asyncio.run(_frame(coord.info["grpc"], nodes[2].info["address"], local.config.hidden_size))
+        framed["framed_node_quarantined"] = nodes[2].info["address"] in [
+            q["address"] for q in _http_status(coord)["quarantined"]]
     out = lied["outputs"][0]
     k = lied["detected_after_steps"]
     after = None
@@ -341,9 +389,12 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         "detected_after_steps": k,
         "liar_banned": bool(lied["liars"]),
         "tokens_match_after_ban": after,
-        # the coordinator quarantined the liar on the client's report (--quarantine-reporters 1)
+        # the coordinator quarantined the liar on the client's one report: other members re-ran
+        # its signed answer (coordinator/evidence.py)
         "coordinator_quarantined_liar": liar_address in quarantined,
         "liar_reports": lied["reports"],
+        # a hostile client's report of an honest node's true (signed) answer, and of a doctored one
+        **framed,
         "fresh_client_avoids_liar": fresh_avoids,
         "false_bans": len(honest["liars"]),
         "honest_steps": honest["steps"],
@@ -403,7 +454,7 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
                 "losses_finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
                 "checks": stats.backward_checks, "unresolved": stats.unresolved,
                 "max_agreeing_distance": stats.max_agreeing_distance, "failovers": trainer.chain.failovers,
-                "reports": [(r.quarantined, r.reporters) for r in remote.swarm.reports]}
+                "reports": [(r.quarantined, r.reporters, r.verdict) for r in remote.swarm.reports]}
 
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "LIAR_NOISE": "0", "LIAR_GRAD_NOISE": str(args.grad_noise)}

@@ -621,7 +621,21 @@ def fuzz_grpc(name: str, proc: Proc, address: str, service_descriptor, seeds: di
     seconds = time.monotonic() - started
     code, detail, after = rpc.call(valid)
     rpc.close()
-    return summary(name, tally, proc, rss, log_before, before == after and code == "OK", seconds)
+    unchanged = _unsigned(rpc, valid, before) == _unsigned(rpc, valid, after) and code == "OK"
+    return summary(name, tally, proc, rss, log_before, unchanged, seconds)
+
+
+def _unsigned(rpc, call, replies: list[bytes]) -> list[bytes]:
+    """`replies` without the node's signatures (protocol/answers.py): each answer's is fresh
+    (its nonce and ECDSA's randomness), what it signs is what must not change."""
+    cls = message_class(rpc.methods[call.method].output_type)
+    out = []
+    for raw in replies:
+        msg = cls.FromString(raw)
+        if "signature" in msg.DESCRIPTOR.fields_by_name:
+            msg.ClearField("signature")
+        out.append(msg.SerializeToString(deterministic=True))
+    return out
 
 
 def fuzz_http(proc: Proc, address: str, n: int, rng: random.Random, deadline_s: float) -> dict:

@@ -45,6 +45,7 @@ from pollinate.protocol.errors import (
     from_rpc_error,
     translate_rpc_errors,
 )
+from pollinate.protocol.answers import Transcript
 from pollinate.protocol.tensors import HIDDEN_STATES, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
@@ -75,6 +76,10 @@ class HopStream:
         self.resuming = resume_secret is not None
         self.resumed = False  # the resuming stream's first step succeeded
         self.opened_at = time.perf_counter()
+        # what the node signed, for a liar report (protocol/answers.py); a resumed session's
+        # transcript starts mid-session, which nobody can re-run: kept only from position 0
+        self.transcript = Transcript("inference", job=job, start=hop.start, end=hop.end) \
+            if swarm.keeps_evidence and not self.resuming else None
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         cfg = self.swarm.config
@@ -82,7 +87,7 @@ class HopStream:
         t0 = time.perf_counter()
         encoded = encode_tensor(hidden, codec=cfg.wire_codec, name=HIDDEN_STATES)
         try:
-            out = await self._exchange(encoded, position, address)
+            out, signature = await self._exchange(encoded, position, address)
         except asyncio.InvalidStateError as e:
             # grpc.aio: writing to a call the peer already ended (it died, aborted it, or
             # handed the session off): its status says which
@@ -90,11 +95,14 @@ class HopStream:
         result = out.decode()
         if tuple(result.shape) != tuple(hidden.shape):
             raise PeerUnavailable(f"{address} returned shape {list(result.shape)} for {list(hidden.shape)}")
+        if self.transcript is not None:
+            self.transcript.record(position, [encoded, out], signature)
         self.step_seconds += time.perf_counter() - t0
         return result.to(hidden.dtype)
 
     async def _exchange(self, encoded, position: int, address: str):
-        """Write one step's chunks, read the reply's; the reply still encoded."""
+        """Write one step's chunks, read the reply's: (the reply still encoded, the node's
+        signature of it or None)."""
         cfg = self.swarm.config
         with translate_rpc_errors(peer=address):
             if self._call is None:
@@ -125,7 +133,7 @@ class HopStream:
                     raise PeerUnavailable(f"{address} answered position {reply.position} to step {position}")
                 out = assembler.feed(reply.tensor)
                 if out is not None:
-                    return out
+                    return out, reply.signature if reply.HasField("signature") else None
 
     async def _ended(self, address: str, error: BaseException) -> PollinateError:
         """The error a call the peer ended means, from its status (a handoff names the new node)."""
@@ -267,7 +275,8 @@ class RemoteSession:
             self.swarm.bans.succeeded(stream.hop.peer.peer_id)
             checks = self.swarm.spot_checks
             if checks.due():
-                liar = await checks.check(stream.hop, torch.cat(stream.history, dim=1), y, job=self.job)
+                liar = await checks.check(stream.hop, torch.cat(stream.history, dim=1), y, job=self.job,
+                                          transcript=stream.transcript)
                 if liar is not None and liar.peer_id == stream.hop.peer.peer_id:
                     # The hop answered wrong: the route from it on is rebuilt without it
                     # (replaying its correct history) and this step runs again.

@@ -57,6 +57,12 @@ class Swarm:
         self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance,
                                        grad_tolerance=config.spot_check_grad_tolerance)
 
+    @property
+    def keeps_evidence(self) -> bool:
+        """Keep what nodes sign (protocol/answers.py), to show the coordinator a liar's answer:
+        only a client that checks and has a coordinator to tell."""
+        return bool(self.config.coordinator) and self.config.spot_check_rate > 0
+
     async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
         if refresh or time.monotonic() - self._fetched_at > self.config.peers_ttl_s:
             self._peers = await asyncio.to_thread(
@@ -120,7 +126,7 @@ class Swarm:
         """Never route through `peer` again (client/spot_check.py caught it); with a
         coordinator, report it there (ReportLiar with `evidence`: blocks, distance, tolerance,
         checkers), in the background."""
-        self.liars[peer.peer_id] = why
+        self.liars[peer.peer_id] = why  # `evidence` may carry "signed": the node's AnswerEvidence
         self.liar_addresses[peer.address] = why
         logger.warning("peer %s (%s) answered wrong: %s; never routing through it again", peer.peer_id[-8:],
                        peer.address, why)
@@ -130,14 +136,15 @@ class Swarm:
             task.add_done_callback(self._reporting.discard)
 
     def _coordinator_stub(self):
-        from pollinate.protocol.channels import coordinator_tls
+        from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, coordinator_tls
         from pollinate.protocol.v1 import coordinator_pb2_grpc
 
         address = self.config.coordinator
         channel = self._channels.get(address)
-        if channel is None:
+        if channel is None:  # a report's evidence (protocol/answers.py) may exceed a tensor chunk's size
             channel = self._channels[address] = open_channel(
-                address, ChannelConfig(token=self.config.token, **coordinator_tls(self.config.coordinator_tls)))
+                address, ChannelConfig(token=self.config.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
+                                       **coordinator_tls(self.config.coordinator_tls)))
         return coordinator_pb2_grpc.CoordinatorStub(channel)
 
     async def _report_liar(self, peer: PeerSpan, evidence: dict) -> None:
@@ -146,15 +153,18 @@ class Swarm:
         start, end = evidence["blocks"]
         request = coordinator_pb2.ReportLiarRequest(
             address=peer.address, peer_id=peer.peer_id, blocks=common_pb2.Span(start=start, end=end),
-            distance=evidence["distance"], tolerance=evidence["tolerance"], checkers=evidence["checkers"])
+            distance=evidence["distance"], tolerance=evidence["tolerance"], checkers=evidence["checkers"],
+            evidence=evidence.get("signed"))
         try:
-            reply = await self._coordinator_stub().ReportLiar(request, timeout=self.config.step_timeout_s)
+            # the coordinator re-runs the evidence on other members before it answers
+            reply = await self._coordinator_stub().ReportLiar(request, timeout=max(60.0, self.config.step_timeout_s))
         except grpc.aio.AioRpcError as e:  # the ban here stands; the coordinator just does not hear of it
             logger.warning("reporting %s to the coordinator failed: %s %s", peer.address, e.code().name, e.details())
             return
         self.reports.append(reply)
-        logger.warning("reported %s to the coordinator: %s (%d of %d reporters)", peer.address,
-                       "quarantined" if reply.quarantined else "not quarantined yet", reply.reporters, reply.needed)
+        logger.warning("reported %s to the coordinator: %s, %s (%d of %d reporters)", peer.address,
+                       reply.verdict or "unverified", "quarantined" if reply.quarantined else "not quarantined yet",
+                       reply.reporters, reply.needed)
 
     async def _read_quarantine(self) -> None:
         """The coordinator's quarantined nodes; on failure the last list stands (serving goes

@@ -43,8 +43,9 @@ from pollinate.client.routing import Hop
 from pollinate.client.training_data import causal_lm_loss, collate
 from pollinate.protocol.shared import JobSpec
 from pollinate.protocol.errors import InputNotKept, InvalidRequest, PollinateError, translate_rpc_errors
-from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler,
-                                        encode_tensor)
+from pollinate.protocol.answers import Transcript
+from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, EncodedTensor,
+                                        TensorAssembler, encode_tensor, stream_tensors)
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -96,28 +97,6 @@ class TrainingStopped(RuntimeError):
 REPLY_NAMES = (HIDDEN_STATES, GRAD_INPUTS, ADAPTER_FLAT)
 
 
-async def stream_tensors(call, requests: list, timeout: float, received: list | None = None) -> list:
-    """Send `requests` on a bidi stream, collect the reply tensors (decoded), in order;
-    `received`, if given, gets (name, encoded size in bytes) of each reply tensor."""
-    assembler = TensorAssembler()
-    out = []
-
-    async def gen():
-        for r in requests:
-            yield r
-
-    async def run():
-        async for reply in call(gen()):
-            encoded = assembler.feed(reply.tensor)
-            if encoded is not None:
-                if received is not None:
-                    received.append((encoded.name, len(encoded.payload)))
-                out.append(await asyncio.to_thread(encoded.decode))
-
-    await asyncio.wait_for(run(), timeout)
-    return out
-
-
 class SwarmChain:
     """Forward and Backward of one job through a route of hops (async, on the client loop)."""
 
@@ -149,7 +128,7 @@ class SwarmChain:
     def _count(self, key: str, size: int) -> None:
         self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + size
 
-    async def _call(self, hop: Hop, method: str, reqs: list) -> list[torch.Tensor]:
+    async def _call(self, hop: Hop, method: str, reqs: list, raw: list | None = None) -> list[torch.Tensor]:
         for r in reqs:
             if r.HasField("tensor"):
                 self.bytes_sent += len(r.tensor.data)
@@ -158,7 +137,7 @@ class SwarmChain:
         try:
             with translate_rpc_errors(peer=hop.peer.address):
                 return await stream_tensors(getattr(self.swarm.stub(hop.peer.address), method), reqs, self.timeout_s,
-                                     received)
+                                            received, raw)
         finally:
             for name, size in received:  # a spot check's adapter under its own name, not as gradient bytes
                 self.bytes_received += size
@@ -168,20 +147,25 @@ class SwarmChain:
         return common_pb2.Span(start=hop.start, end=hop.end)
 
     async def forward_hop(self, hop: Hop, hidden: torch.Tensor, *, job: str | None = None,
-                          keep_id: str | None = None) -> torch.Tensor:
+                          keep_id: str | None = None, sent: list | None = None) -> torch.Tensor:
+        """The hop's output; `sent`, if given, gets the input as encoded for the wire."""
         header = node_pb2.ForwardHeader(job=job if job is not None else self.job, blocks=self._span(hop),
                                         spec=self.spec_msg if job is None else None, keep_id=keep_id or "")
         enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name=HIDDEN_STATES)
+        if sent is not None:
+            sent.append(enc)
         reqs = [node_pb2.ForwardRequest(header=header)] + [node_pb2.ForwardRequest(tensor=c) for c in enc.chunks()]
         (out,) = await self._call(hop, "Forward", reqs)
         return out
 
     async def backward_hop(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, *, keep_id: str | None = None,
-                           input_grad: bool = True, return_adapter: bool = False):
+                           input_grad: bool = True, return_adapter: bool = False,
+                           transcript: Transcript | None = None, kept_encoded: EncodedTensor | None = None):
         """The gradient of the hop's input (None with input_grad=False). With `keep_id` the
         node recomputes from the input it kept; if it has not kept it, `hidden` is sent.
         return_adapter: (the hop's trainable tensors as its Backward used them, the gradient),
-        for a spot check."""
+        for a spot check; `transcript` then gets what the node signed, with `kept_encoded`
+        (the kept input as its Forward sent it) where the node used the kept input."""
         codec = self.config.gradient_codec
         enc_grad = await asyncio.to_thread(encode_tensor, grad, codec=codec, name=GRAD_OUTPUTS)
         grad_reqs = [node_pb2.BackwardRequest(tensor=c) for c in enc_grad.chunks()]
@@ -189,7 +173,12 @@ class SwarmChain:
                                          skip_grad_inputs=not input_grad, return_adapter=return_adapter)
         expected = 1 + int(return_adapter) if input_grad else 0
 
-        def answer(outputs: list[torch.Tensor]):
+        raw: list | None = [] if transcript is not None else None
+
+        def answer(outputs: list[torch.Tensor], sent_input=None):
+            if transcript is not None and sent_input is not None and len(raw) == 2:
+                (adapter, _), (grad_in, signature) = raw
+                transcript.record(0, [adapter, sent_input, enc_grad, grad_in], signature)
             if return_adapter and len(outputs) == expected - 1:
                 from pollinate.client.spot_check import AnsweredWrong  # spot_check.py imports this module
 
@@ -204,14 +193,17 @@ class SwarmChain:
             keyed.CopyFrom(header)
             keyed.keep_id = keep_id
             try:
-                return answer(await self._call(hop, "Backward", [node_pb2.BackwardRequest(header=keyed)] + grad_reqs))
+                return answer(await self._call(hop, "Backward", [node_pb2.BackwardRequest(header=keyed)] + grad_reqs,
+                                               raw), kept_encoded)
             except InputNotKept as e:
                 self.resends += 1
                 logger.info("job %s: %s did not keep input %s, sending it again: %s", self.job, hop.peer.address,
                             keep_id, e)
         enc = await asyncio.to_thread(encode_tensor, hidden, codec=self.config.wire_codec, name=HIDDEN_STATES)
         reqs = [node_pb2.BackwardRequest(header=header)] + [node_pb2.BackwardRequest(tensor=c) for c in enc.chunks()]
-        return answer(await self._call(hop, "Backward", reqs + grad_reqs))
+        if raw:
+            raw.clear()  # the keep_id attempt's, if any
+        return answer(await self._call(hop, "Backward", reqs + grad_reqs, raw), enc)
 
     async def forward(self, hidden: torch.Tensor, *, keep: bool = True
                       ) -> tuple[list[Hop], list[KeptInput], torch.Tensor]:
@@ -224,8 +216,12 @@ class SwarmChain:
             try:
                 for hop in route:
                     keep_id = self.new_keep_id() if keep else None
+                    sent = [] if keep and self.swarm.keeps_evidence else None  # for a liar report
                     inputs.append(KeptInput(h, keep_id))
-                    h = await self.forward_hop(hop, h, keep_id=keep_id)
+                    out = await self.forward_hop(hop, h, keep_id=keep_id, sent=sent)
+                    if sent:
+                        inputs[-1] = KeptInput(h, keep_id, sent[0])
+                    h = out
                 return route, inputs, h
             except (PollinateError, asyncio.TimeoutError) as e:
                 if attempt == self.config.max_forward_retries or not _transient(e):
@@ -246,11 +242,13 @@ class SwarmChain:
                 # of no use to a job trained on the nodes (prompt tuning, job "", needs it)
                 input_grad = not (self.job and hop.start == 0)
                 check = bool(self.job) and input_grad and self.swarm.spot_checks.due()
+                transcript = Transcript("backward", job=self.job, start=hop.start, end=hop.end, spec=self.spec_msg) \
+                    if check and self.swarm.keeps_evidence else None
                 new = await self.backward_hop(hop, h.tensor, grad, keep_id=h.keep_id, input_grad=input_grad,
-                                              return_adapter=check)
+                                              return_adapter=check, transcript=transcript, kept_encoded=h.encoded)
                 if check:
                     flat, new = new
-                    await self._spot_check(hop, h.tensor, grad, new, flat)
+                    await self._spot_check(hop, h.tensor, grad, new, flat, transcript)
                 grad = new
                 i -= 1
                 continue
@@ -266,11 +264,11 @@ class SwarmChain:
         return [hop for hop, _ in hops]
 
     async def _spot_check(self, hop: Hop, hidden: torch.Tensor, grad_out: torch.Tensor, answer: torch.Tensor,
-                          flat: torch.Tensor) -> None:
+                          flat: torch.Tensor, transcript: Transcript | None) -> None:
         """Check the hop's Backward answer on other replicas (client/spot_check.py); a hop
         found lying raises AnsweredWrong, and backward() redoes it on another replica."""
         liar = await self.swarm.spot_checks.check_backward(hop, hidden, grad_out, answer, job=self.job,
-                                                           spec=self.spec_msg, flat=flat)
+                                                           spec=self.spec_msg, flat=flat, transcript=transcript)
         if liar is hop.peer:
             from pollinate.client.spot_check import AnsweredWrong  # spot_check.py imports this module
 
@@ -319,6 +317,7 @@ class KeptInput:
 
     tensor: torch.Tensor
     keep_id: str | None
+    encoded: EncodedTensor | None = None  # as its Forward sent it, for a liar report (protocol/answers.py)
 
 
 def _only(outputs: list[torch.Tensor], expected: int):

@@ -88,6 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s; docs/security.md)")
     parser.add_argument("--quarantine-period", type=float, default=QuarantineConfig().period_s, metavar="S",
                         help="how long a liar report counts, seconds (default %(default)s)")
+    parser.add_argument("--quarantine-unverified", action="store_true",
+                        help="count liar reports that carry no signed answer (clients older than signed "
+                             "answers) towards --quarantine-reporters; by default they are refused, since "
+                             "anyone with the token can make one (docs/security.md)")
+    parser.add_argument("--quarantine-tolerance", type=float, default=QuarantineConfig().tolerance, metavar="T",
+                        help="relative distance above which a reported node's signed answer is wrong when "
+                             "other members re-run it (default %(default)s: the clients' spot-check tolerance)")
+    parser.add_argument("--quarantine-verify-timeout", type=float, default=QuarantineConfig().verify_timeout_s,
+                        metavar="S", help="seconds for one member to re-run a liar report's evidence "
+                                          "(default %(default)s)")
     parser.add_argument("--checkpoint-max-bytes", type=int, default=RoundsConfig().checkpoint_max_bytes,
                         metavar="BYTES", help="cap on the committed round states (every job's checkpoints) "
                                               "kept in --data-dir; the oldest are pruned beyond it, never a "
@@ -167,7 +177,9 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
                             trained_s=args.round_trained, checkpoint_max_bytes=args.checkpoint_max_bytes),
         dht=dht_config(args),
         host=args.host, announce_host=args.announce_host,
-        quarantine=QuarantineConfig(reporters=args.quarantine_reporters, period_s=args.quarantine_period),
+        quarantine=QuarantineConfig(reporters=args.quarantine_reporters, period_s=args.quarantine_period,
+                                    unverified=args.quarantine_unverified, tolerance=args.quarantine_tolerance,
+                                    verify_timeout_s=args.quarantine_verify_timeout),
         addresses=AddressCheckConfig(undialable=args.check_addresses, dial_back=args.dial_back,
                                      dial_timeout_s=args.dial_timeout),
         port=args.port, http_port=args.http_port,

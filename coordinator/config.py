@@ -152,12 +152,25 @@ class QuarantineConfig:
     # How long a report counts, seconds; a quarantine ends once fewer than `reporters` reports
     # are this recent. 24 h: a day out of the swarm for a node caught lying.
     period_s: float = 86400.0
+    # Count reports that carry no signed answer (coordinator/evidence.py) as a reporter's word.
+    # Off: such a report is refused, since anyone with the token can make one; a lab with
+    # clients older than signed answers may turn it on.
+    unverified: bool = False
+    # ||signed - re-run|| / ||re-run|| above which the coordinator finds an answer wrong: the
+    # clients' default (client/config.py spot_check_tolerance).
+    tolerance: float = 0.03
+    # Seconds for one member's re-run of a report's evidence.
+    verify_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.reporters < 1:
             raise ValueError(f"reporters must be >= 1, got {self.reporters!r}")
         if not self.period_s > 0:
             raise ValueError(f"period_s must be > 0, got {self.period_s!r}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+        if not self.verify_timeout_s > 0:
+            raise ValueError(f"verify_timeout_s must be > 0, got {self.verify_timeout_s!r}")
 
 
 ADDRESS_CHECK_MODES = ("refuse", "warn", "off")

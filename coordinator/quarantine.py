@@ -1,11 +1,16 @@
 """Nodes reported for answering wrong, and when the coordinator believes it (issue 18).
 
 A client whose spot check catches a node (client/spot_check.py: two other replicas agree
-against it) reports it with ReportLiar. The coordinator cannot check the evidence (it holds
-no model), so it counts reporters: one report per reporter (the caller's IP; a repeat
-replaces the earlier one), and a node is quarantined while at least ``reporters`` distinct
-reporters reported it within ``period_s``. So one hostile client cannot evict an honest node
-on its own; Sybils with several addresses can (docs/security.md). A quarantined node is
+against it) reports it with ReportLiar, carrying the node's signed answer. The coordinator
+judges that evidence (coordinator/evidence.py): where two other members re-run it and agree
+against the signed answer, the node is quarantined on that one report ("verified"); where
+the members agree with the signed answer, the report is refused and nothing is recorded.
+Where nobody can tell (no other member serves the blocks, or they disagree), the report is
+one reporter's word, and those are counted: one report per reporter (the caller's IP; a
+repeat replaces the earlier one), a node quarantined while at least ``reporters`` distinct
+reporters reported it within ``period_s``. Reports without evidence are refused unless
+``unverified`` (anyone with the token can make one: Sybils with two addresses could evict
+any honest node). A quarantined node is
 removed from membership (no span placed on it, its rounds' groups lose it), refused at Join,
 and listed by ListQuarantined and Status, which clients read to leave it out of routes. Since
 Joins are signed, the member's key is quarantined with its address: the same key joining at
@@ -22,6 +27,7 @@ import time
 from typing import Callable
 
 from pollinate.coordinator.config import QuarantineConfig
+from pollinate.coordinator.evidence import EvidenceJudge, Verdict
 from pollinate.coordinator.store import Store
 from pollinate.protocol.errors import FailedPrecondition, NotFound, one_line
 from pollinate.protocol.identity import fingerprint
@@ -29,51 +35,85 @@ from pollinate.protocol.identity import fingerprint
 logger = logging.getLogger(__name__)
 
 
-def quarantined(reports: list[tuple[str, str, str, str, float, str]], needed: int) -> dict[str, dict]:
-    """Pure policy: the nodes that ``needed`` distinct reporters reported, from (address,
-    reporter, peer_id, reason, reported_at, member_key) rows oldest first -> {address: its
-    entry}; an entry's ``member_keys`` are the keys the address was reported under."""
+def quarantined(reports: list[tuple[str, str, str, str, float, str, int]], needed: int) -> dict[str, dict]:
+    """Pure policy: the nodes with a verified report or ``needed`` distinct reporters, from
+    (address, reporter, peer_id, reason, reported_at, member_key, verified) rows oldest first
+    -> {address: its entry}; an entry's ``member_keys`` are the keys the address was reported
+    under."""
     by_address: dict[str, list] = {}
     for row in reports:
         by_address.setdefault(row[0], []).append(row)
     out = {}
     for address, rows in by_address.items():
-        if len(rows) >= needed:  # rows are distinct reporters (the store's key)
+        verified = [row for row in rows if row[6]]
+        # when it became quarantined: its first verified report, or its needed-th reporter
+        # (rows are distinct reporters: the store's key)
+        since = [row[4] for row in verified[:1] + rows[needed - 1:needed]]
+        if since:
             out[address] = {"address": address, "peer_id": rows[-1][2], "reporters": len(rows),
-                            "since": rows[needed - 1][4], "reason": rows[-1][3],
+                            "since": min(since), "reason": rows[-1][3], "verified": bool(verified),
                             "member_keys": sorted({row[5] for row in rows if row[5]})}
     return out
 
 
 class Quarantine:
     def __init__(self, config: QuarantineConfig, store: Store, membership,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, judge: EvidenceJudge | None = None) -> None:
         self.config = config
         self.store = store
         self.membership = membership
         self.clock = clock
+        self.judge = judge  # re-runs a report's evidence on other members; None: no evidence is judged
 
     def nodes(self) -> dict[str, dict]:
         """The nodes quarantined now, by address."""
         return quarantined(self.store.liar_reports(self.clock() - self.config.period_s), self.config.reporters)
 
-    def report(self, address: str, reporter: str, *, peer_id: str, reason: str) -> tuple[bool, int]:
-        """Record `reporter`'s report; (the node is quarantined now, its distinct reporters)."""
+    async def judge_report(self, address: str, evidence, *, reporter: str) -> Verdict:
+        """The verdict on a report of `address` with `evidence` (an AnswerEvidence or None).
+        NotFound: not a member; FailedPrecondition: no evidence where unverified reports are
+        refused, or evidence that other members refute; InvalidRequest: evidence that is
+        malformed or not signed by the member."""
+        member = self.membership.member_at(address)
+        if member is None and address not in self.nodes():
+            raise NotFound(f"ReportLiar: no member at {one_line(address, 200)}")
+        if evidence is None:
+            if not self.config.unverified:
+                raise FailedPrecondition(
+                    "ReportLiar: a report must carry the node's signed answer (evidence); this coordinator "
+                    "counts no unverified reports (--quarantine-unverified turns them on; docs/security.md)")
+            return Verdict("unverified", "no evidence")
+        if member is None or self.judge is None:  # quarantined already: nobody to judge
+            return Verdict("unverified", "not judged")
+        verdict = await self.judge.judge(address, member.member_key, evidence, reporter_host=reporter)
+        if verdict.verdict == "refuted":
+            logger.warning("liar report on %s by %s refuted: %s", one_line(address, 200), one_line(reporter, 64),
+                           verdict.detail)
+            raise FailedPrecondition(f"ReportLiar: the evidence does not show {one_line(address, 200)} answering "
+                                     f"wrong: {verdict.detail}")
+        return verdict
+
+    def report(self, address: str, reporter: str, *, peer_id: str, reason: str,
+               verified: bool = False) -> tuple[bool, int]:
+        """Record `reporter`'s report (`verified`: other members confirmed its evidence);
+        (the node is quarantined now, its distinct reporters)."""
         member = self.membership.member_at(address)
         if member is None and address not in self.nodes():
             raise NotFound(f"ReportLiar: no member at {one_line(address, 200)}")
         self.store.add_liar_report(address, reporter, peer_id=one_line(peer_id, 100),
                                    reason=one_line(reason, 300), now=self.clock(),
-                                   member_key=member.member_key if member is not None else "")
+                                   member_key=member.member_key if member is not None else "", verified=verified)
+        entry = self.nodes().get(address)
         reporters = sum(1 for row in self.store.liar_reports(self.clock() - self.config.period_s) if row[0] == address)
-        now_quarantined = reporters >= self.config.reporters
-        logger.warning("node %s reported answering wrong by %s (%d of %d reporters needed): %s",
-                       one_line(address, 200), one_line(reporter, 64), reporters, self.config.reporters,
-                       one_line(reason, 300))
+        now_quarantined = entry is not None
+        logger.warning("node %s reported answering wrong by %s (%s; %d of %d reporters needed unverified): %s",
+                       one_line(address, 200), one_line(reporter, 64), "verified" if verified else "unverified",
+                       reporters, self.config.reporters, one_line(reason, 300))
         if now_quarantined and member is not None:
             self.membership.leave(member.member_id)
-            logger.warning("node %s (member %s) quarantined: %d reporters; removed from the swarm for %.0f s",
-                           one_line(address, 200), member.member_id, reporters, self.config.period_s)
+            logger.warning("node %s (member %s) quarantined (%s); removed from the swarm for %.0f s",
+                           one_line(address, 200), member.member_id,
+                           "verified evidence" if entry["verified"] else f"{reporters} reporters", self.config.period_s)
         return now_quarantined, reporters
 
     def check(self, address: str, key: str = "") -> None:
@@ -83,11 +123,17 @@ class Quarantine:
         entry = nodes.get(address)
         if entry is not None:
             raise FailedPrecondition(
-                f"{one_line(address, 200)} is quarantined: {entry['reporters']} clients reported it answering "
-                f"wrong ({entry['reason']}); it may join again {self.config.period_s:.0f} s after the reports")
+                f"{one_line(address, 200)} is quarantined: {_why(entry)} ({entry['reason']}); it may join again "
+                f"{self.config.period_s:.0f} s after the reports")
         for entry in nodes.values():
             if key and key in entry["member_keys"]:
                 raise FailedPrecondition(
                     f"this node's key ({fingerprint(key)}) is quarantined: it served {one_line(entry['address'], 200)} "
-                    f"when {entry['reporters']} clients reported it answering wrong ({entry['reason']}); it may "
-                    f"join again {self.config.period_s:.0f} s after the reports")
+                    f"when {_why(entry)} ({entry['reason']}); it may join again {self.config.period_s:.0f} s "
+                    f"after the reports")
+
+
+def _why(entry: dict) -> str:
+    if entry["verified"]:
+        return "other members confirmed a client's report of its signed answer as wrong"
+    return f"{entry['reporters']} clients reported it answering wrong"

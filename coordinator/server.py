@@ -157,9 +157,14 @@ class CoordinatorServer:
         self._announce_host = announce.host
         if announce.host != cfg.host:
             logger.info("bound to %s; announcing %s (%s)", cfg.host, announce.host, announce.reason)
+        from pollinate.coordinator.evidence import EvidenceJudge
         from pollinate.coordinator.quarantine import Quarantine
 
-        self.quarantine = Quarantine(cfg.quarantine, self.store, self.membership)
+        address_check = AddressCheck(cfg.addresses, local_hosts=interface_hosts() | {announce.host, cfg.host},
+                                     serves_others=not is_loopback(announce.host))
+        self.quarantine = Quarantine(cfg.quarantine, self.store, self.membership,
+                                     judge=EvidenceJudge(cfg.quarantine, self.membership, token=cfg.token,
+                                                         is_local=address_check.is_local))
         swarm_ca = None
         if cfg.data_tls:
             from pollinate.protocol.data_tls import SwarmCA, use_swarm_ca
@@ -170,10 +175,7 @@ class CoordinatorServer:
             self.membership, dht_initial_peers=lambda: self._dht_peers, status=self.status,
             swarm_ca=swarm_ca, data_tls_cert_validity_s=cfg.data_tls_cert_validity_s,
             rounds=Rounds(cfg.rounds, self.store, self.membership, checkpoints=self.checkpoints), jobs=self.jobs,
-            quarantine=self.quarantine,
-            address_check=AddressCheck(cfg.addresses,
-                                       local_hosts=interface_hosts() | {announce.host, cfg.host},
-                                       serves_others=not is_loopback(announce.host)),
+            quarantine=self.quarantine, address_check=address_check,
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
                                            max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,

@@ -239,15 +239,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self.quarantine
 
     async def ReportLiar(self, request: coordinator_pb2.ReportLiarRequest, context):
+        """Judge the report's evidence (coordinator/evidence.py), then record it."""
         blocks = span_from_proto(request.blocks, "blocks")
-        checkers = ", ".join(one_line(c, 100) for c in request.checkers[:4])
-        reason = (f"blocks {blocks}: distance {request.distance:.3g} > tolerance {request.tolerance:.3g} "
-                  f"from the answers of {checkers or 'other replicas'}")
+        reporter = peer_host(context.peer() or "")
         quarantine = self._quarantine()
-        now, reporters = quarantine.report(request.address, peer_host(context.peer() or ""),
-                                           peer_id=request.peer_id, reason=reason)
+        verdict = await quarantine.judge_report(request.address, request.evidence if request.HasField("evidence")
+                                                else None, reporter=reporter)
+        if verdict.verdict == "verified":
+            reason = f"blocks {blocks}: {verdict.detail}"
+        else:
+            checkers = ", ".join(one_line(c, 100) for c in request.checkers[:4])
+            reason = (f"blocks {blocks}: distance {request.distance:.3g} > tolerance {request.tolerance:.3g} "
+                      f"from the answers of {checkers or 'other replicas'} (the reporter's word; {verdict.detail})")
+        now, reporters = quarantine.report(request.address, reporter, peer_id=request.peer_id, reason=reason,
+                                           verified=verdict.verdict == "verified")
         return coordinator_pb2.ReportLiarReply(quarantined=now, reporters=reporters,
-                                               needed=quarantine.config.reporters)
+                                               needed=quarantine.config.reporters, verdict=verdict.verdict)
 
     async def ListQuarantined(self, request, context):
         """The quarantined nodes, and the members' addresses that clients may route through

@@ -168,6 +168,7 @@ _ADDED_COLUMNS = (
     ("committed_states", "pruned_reason", "TEXT"),
     ("members", "public_key", "TEXT NOT NULL DEFAULT ''"),  # issue 18: identity survives a restart
     ("liar_reports", "member_key", "TEXT NOT NULL DEFAULT ''"),  # issue 18: the reported member's key
+    ("liar_reports", "verified", "INTEGER NOT NULL DEFAULT 0"),  # issue 18: other members confirmed it
 )
 
 
@@ -551,21 +552,23 @@ class Store:
             "m.span_start=? AND m.span_end=? AND m.checksum=c.checksum", key)}
 
     def add_liar_report(self, address: str, reporter: str, *, peer_id: str, reason: str, now: float,
-                        member_key: str = "") -> None:
-        """One reporter's report of a node (a repeat replaces its earlier one); ``member_key``:
-        the public key of the member at that address when reported ("" if none)."""
+                        member_key: str = "", verified: bool = False) -> None:
+        """One reporter's report of a node (a repeat replaces its earlier one, but never
+        unverifies it); ``member_key``: the public key of the member at that address when
+        reported ("" if none); ``verified``: other members confirmed its evidence."""
         with _transaction(self.db):
-            self.db.execute("INSERT INTO liar_reports (address, reporter, peer_id, reason, reported_at, member_key) "
-                            "VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET peer_id=excluded.peer_id, "
+            self.db.execute("INSERT INTO liar_reports (address, reporter, peer_id, reason, reported_at, member_key, "
+                            "verified) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET peer_id=excluded.peer_id, "
                             "reason=excluded.reason, reported_at=excluded.reported_at, "
-                            "member_key=CASE WHEN excluded.member_key != '' THEN excluded.member_key ELSE member_key END",
-                            (address, reporter, peer_id, reason, now, member_key))
+                            "member_key=CASE WHEN excluded.member_key != '' THEN excluded.member_key ELSE member_key END, "
+                            "verified=MAX(verified, excluded.verified)",
+                            (address, reporter, peer_id, reason, now, member_key, int(verified)))
 
-    def liar_reports(self, since: float) -> list[tuple[str, str, str, str, float, str]]:
-        """(address, reporter, peer_id, reason, reported_at, member_key) of reports at or after
-        `since`, oldest first."""
-        return self.db.execute("SELECT address, reporter, peer_id, reason, reported_at, member_key FROM liar_reports "
-                               "WHERE reported_at >= ? ORDER BY reported_at", (since,)).fetchall()
+    def liar_reports(self, since: float) -> list[tuple[str, str, str, str, float, str, int]]:
+        """(address, reporter, peer_id, reason, reported_at, member_key, verified) of reports at
+        or after `since`, oldest first."""
+        return self.db.execute("SELECT address, reporter, peer_id, reason, reported_at, member_key, verified "
+                               "FROM liar_reports WHERE reported_at >= ? ORDER BY reported_at", (since,)).fetchall()
 
     def round_groups(self, key: RoundKey) -> dict[int, dict]:
         """Every round of (job, span) this store holds: {round: {"state": forming / exchanging

@@ -21,6 +21,7 @@ from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
 from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
 from pollinate.protocol.addresses import peer_host
+from pollinate.protocol.answers import AnswerSigner, signed
 from pollinate.protocol.auth import MAX_CHALLENGE_CHARS
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, RpcTimeout
 from pollinate.protocol.identity import NodeIdentity, address_proof
@@ -45,7 +46,9 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     def __init__(self, server: SpanServer, *, throughput: float, framing: FramingConfig = DEFAULT_FRAMING,
                  identity: NodeIdentity | None = None, handoff: HandoffConfig = HandoffConfig()):
         self.server = server
-        self.identity = identity  # signs the coordinator's address challenge (protocol/identity.py)
+        # signs the coordinator's address challenge (protocol/identity.py) and every answer
+        # (protocol/answers.py)
+        self.identity = identity
         self.throughput = throughput
         self.framing = framing
         self.serving = True
@@ -86,7 +89,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
     async def Forward(self, request_iterator, context):
         requests = aiter(request_iterator)
         assembler = activation_assembler(self.framing)
-        header, job, tensors = None, None, 0
+        header, job, tensors, signer = None, None, 0, None
         while True:
             req = await self._next(requests, "Forward")
             if req is None:
@@ -103,6 +106,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                     if job is None:
                         raise InvalidRequest("Forward: keep_id is for training and needs a job")
                     check_keep_id(header.keep_id)
+                signer = AnswerSigner.maybe(self.identity, "forward", job=header.job, start=header.blocks.start,
+                                            end=header.blocks.end, spec=header.spec if header.HasField("spec") else None)
             elif req.HasField("header"):
                 raise InvalidRequest("Forward: header sent twice")
             if not req.HasField("tensor"):
@@ -116,12 +121,13 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 raise InvalidRequest(f"Forward: keep_id {header.keep_id!r} names one input, got a second tensor")
             hidden = await asyncio.to_thread(encoded.decode)
             out = await (self.jobs.forward(job, hidden) if job is not None else self.server.forward(hidden))
-            tensors += 1
             if header.keep_id:  # after the forward checked it: a refused input is never kept
                 self.jobs.kept.put(header.keep_id, header.job, encoded)
             reply = await _encode(out, header.reply_codec or encoded.codec)
-            for chunk in reply.chunks(self.framing):
-                yield node_pb2.ForwardReply(tensor=chunk)
+            signature = signer.sign(tensors, [encoded, reply]) if signer is not None else None
+            tensors += 1
+            for msg in signed([node_pb2.ForwardReply(tensor=c) for c in reply.chunks(self.framing)], signature):
+                yield msg
         assembler.close()
 
     async def Inference(self, request_iterator, context):
@@ -129,7 +135,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
         assembler = activation_assembler(self.framing)
         server = self.server  # a move swaps self.server; this session stays on its span
         opened: node_pb2.InferenceOpen | None = None
-        session, scope = None, None
+        session, scope, signer = None, None, None
         step_position: int | None = None  # position carried by the chunks of the step in progress
         try:
             while True:
@@ -149,6 +155,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                         scope = self.jobs.scope(self.jobs.existing(opened.job, what=f"session {opened.session_id}"))
                     if opened.max_length <= 0:
                         raise InvalidRequest("Inference: max_length must be > 0")
+                    signer = AnswerSigner.maybe(self.identity, "inference", job=opened.job,
+                                                start=opened.blocks.start, end=opened.blocks.end)
                     if opened.resume_digest and len(opened.resume_digest) != DIGEST_BYTES:
                         raise InvalidRequest(f"Inference: resume_digest must be {DIGEST_BYTES} bytes (SHA-256)")
                     if opened.resume_secret:  # a session another replica handed to this node
@@ -188,8 +196,10 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                     with session.handoff.stepping():
                         out = await server.step(session, hidden, position, scope=scope)
                 reply = await _encode(out, opened.reply_codec or encoded.codec)
-                for chunk in reply.chunks(self.framing):
-                    yield node_pb2.InferenceReply(position=position, tensor=chunk)
+                signature = signer.sign(position, [encoded, reply]) if signer is not None else None
+                for msg in signed([node_pb2.InferenceReply(position=position, tensor=c)
+                                   for c in reply.chunks(self.framing)], signature):
+                    yield msg
             assembler.close()
         finally:
             if session is not None:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 from pollinate.compression.codec import ACTIVATION_CODECS, get_activation_codec
+from pollinate.protocol.answers import AnswerSigner, signed
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
@@ -42,7 +43,7 @@ def activation_assembler(framing) -> TensorAssembler:
 
 
 class TrainingRpcs:
-    """Needs self.server (SpanServer), self.jobs (JobManager), self.framing, self._next."""
+    """Needs self.server (SpanServer), self.jobs (JobManager), self.framing, self.identity, self._next."""
 
     jobs: JobManager
 
@@ -51,7 +52,8 @@ class TrainingRpcs:
         assembler = activation_assembler(self.framing)
         header, job, done = None, None, 0
         pair: dict[str, object] = {}
-        flat = None  # check_only: the checked replica's adapter, if sent
+        flat = None  # check_only: the checked replica's adapter, if sent (decoded, as sent)
+        signer = None  # a checked Backward's answer is signed (protocol/answers.py)
         while True:
             req = await self._next(requests, "Backward")
             if req is None:
@@ -76,6 +78,10 @@ class TrainingRpcs:
                 if header.return_adapter and (job is None or header.check_only or header.skip_grad_inputs):
                     raise InvalidRequest("Backward: return_adapter needs a job and the input gradient "
                                          "(no check_only, no skip_grad_inputs)")
+                if header.check_only or header.return_adapter:
+                    signer = AnswerSigner.maybe(self.identity, "backward", job=header.job,
+                                                start=header.blocks.start, end=header.blocks.end,
+                                                spec=header.spec if header.HasField("spec") else None)
             elif req.HasField("header"):
                 raise InvalidRequest("Backward: header sent twice")
             if not req.HasField("tensor"):
@@ -84,7 +90,7 @@ class TrainingRpcs:
             if encoded is None:
                 continue
             if header.check_only and encoded.name == ADAPTER_FLAT and flat is None and not pair:
-                flat = await asyncio.to_thread(encoded.decode)
+                flat = (encoded, await asyncio.to_thread(encoded.decode))
                 continue
             if encoded.name not in (HIDDEN, GRAD_OUT):
                 raise InvalidRequest(f"Backward: unexpected tensor {encoded.name!r}, want {HIDDEN!r} or {GRAD_OUT!r}")
@@ -104,8 +110,10 @@ class TrainingRpcs:
             hidden_enc, grad_enc = pair.pop(HIDDEN), pair.pop(GRAD_OUT)
             hidden = await asyncio.to_thread(hidden_enc.decode)
             grad_out = await asyncio.to_thread(grad_enc.decode)
+            adapter = None  # the adapter a checked Backward computed with, encoded
             if header.check_only:
-                grad_in = await self.jobs.check_backward(job, hidden, grad_out, flat)
+                adapter = flat[0] if flat is not None else None
+                grad_in = await self.jobs.check_backward(job, hidden, grad_out, flat[1] if flat is not None else None)
             elif header.return_adapter:  # a spot check's copy of the adapter this Backward used
                 used, grad_in = await self.jobs.backward(job, hidden, grad_out, with_adapter=True)
                 adapter = await asyncio.to_thread(encode_tensor, used, codec="none", name=ADAPTER_FLAT)
@@ -120,8 +128,11 @@ class TrainingRpcs:
                 continue
             codec = header.reply_codec or grad_enc.codec
             reply = await asyncio.to_thread(encode_tensor, grad_in, codec=codec, name=GRAD_IN)
-            for chunk in reply.chunks(self.framing):
-                yield node_pb2.BackwardReply(tensor=chunk)
+            signature = None
+            if signer is not None and adapter is not None:
+                signature = signer.sign(0, [adapter, hidden_enc, grad_enc, reply])
+            for msg in signed([node_pb2.BackwardReply(tensor=c) for c in reply.chunks(self.framing)], signature):
+                yield msg
         if pair:
             raise InvalidRequest(f"Backward: stream ended with only {sorted(pair)} of a micro-batch")
         if header is not None and header.keep_id and not done:

@@ -23,6 +23,7 @@ and `EncodedTensor.decode` through `asyncio.to_thread` (or an executor) from asy
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -344,3 +345,29 @@ def chunks_to_tensor(
     if result is None:
         raise InvalidRequest("no tensor chunks received")
     return result.decode(seed=seed, lookup=lookup)
+
+
+async def stream_tensors(call, requests: list, timeout: float, received: list | None = None,
+                         raw: list | None = None) -> list:
+    """Send `requests` on a bidi stream, collect the reply tensors (decoded), in order;
+    `received`, if given, gets (name, encoded size in bytes) of each reply tensor, and `raw`
+    (EncodedTensor, the node's AnswerSignature on it or None)."""
+    assembler = TensorAssembler()
+    out = []
+
+    async def gen():
+        for r in requests:
+            yield r
+
+    async def run():
+        async for reply in call(gen()):
+            encoded = assembler.feed(reply.tensor)
+            if encoded is not None:
+                if received is not None:
+                    received.append((encoded.name, len(encoded.payload)))
+                if raw is not None:
+                    raw.append((encoded, reply.signature if reply.HasField("signature") else None))
+                out.append(await asyncio.to_thread(encoded.decode))
+
+    await asyncio.wait_for(run(), timeout)
+    return out

@@ -10,30 +10,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReportLiarRequest(_message.Message):
-    __slots__ = ("address", "peer_id", "blocks", "distance", "tolerance", "checkers")
+    __slots__ = ("address", "peer_id", "blocks", "distance", "tolerance", "checkers", "evidence")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     CHECKERS_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     address: str
     peer_id: str
     blocks: _common_pb2.Span
     distance: float
     tolerance: float
     checkers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., distance: _Optional[float] = ..., tolerance: _Optional[float] = ..., checkers: _Optional[_Iterable[str]] = ...) -> None: ...
+    evidence: _node_pb2.AnswerEvidence
+    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., distance: _Optional[float] = ..., tolerance: _Optional[float] = ..., checkers: _Optional[_Iterable[str]] = ..., evidence: _Optional[_Union[_node_pb2.AnswerEvidence, _Mapping]] = ...) -> None: ...
 
 class ReportLiarReply(_message.Message):
-    __slots__ = ("quarantined", "reporters", "needed")
+    __slots__ = ("quarantined", "verdict", "reporters", "needed")
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
     REPORTERS_FIELD_NUMBER: _ClassVar[int]
     NEEDED_FIELD_NUMBER: _ClassVar[int]
     quarantined: bool
+    verdict: str
     reporters: int
     needed: int
-    def __init__(self, quarantined: _Optional[bool] = ..., reporters: _Optional[int] = ..., needed: _Optional[int] = ...) -> None: ...
+    def __init__(self, quarantined: _Optional[bool] = ..., verdict: _Optional[str] = ..., reporters: _Optional[int] = ..., needed: _Optional[int] = ...) -> None: ...
 
 class ListQuarantinedRequest(_message.Message):
     __slots__ = ()

@@ -57,10 +57,12 @@ class ForwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ForwardHeader, _Mapping]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "signature")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     tensor: _common_pb2.Tensor
-    def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    signature: AnswerSignature
+    def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., signature: _Optional[_Union[AnswerSignature, _Mapping]] = ...) -> None: ...
 
 class BackwardHeader(_message.Message):
     __slots__ = ("job", "reply_codec", "blocks", "request_id", "spec", "keep_id", "skip_grad_inputs", "check_only", "return_adapter")
@@ -93,10 +95,12 @@ class BackwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[BackwardHeader, _Mapping]] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "signature")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     tensor: _common_pb2.Tensor
-    def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    signature: AnswerSignature
+    def __init__(self, tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., signature: _Optional[_Union[AnswerSignature, _Mapping]] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
     __slots__ = ("session_id", "max_length", "job", "reply_codec", "blocks", "resume_digest", "resume_secret")
@@ -127,12 +131,14 @@ class InferenceRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[InferenceOpen, _Mapping]] = ..., position: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceReply(_message.Message):
-    __slots__ = ("position", "tensor")
+    __slots__ = ("position", "tensor", "signature")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     position: int
     tensor: _common_pb2.Tensor
-    def __init__(self, position: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    signature: AnswerSignature
+    def __init__(self, position: _Optional[int] = ..., tensor: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., signature: _Optional[_Union[AnswerSignature, _Mapping]] = ...) -> None: ...
 
 class ShardMessage(_message.Message):
     __slots__ = ("job", "span", "round", "sender_id", "shard_index", "weight", "kind", "tensor", "attempt")
@@ -279,3 +285,37 @@ class HandOffReply(_message.Message):
     position: int
     hold_s: float
     def __init__(self, position: _Optional[int] = ..., hold_s: _Optional[float] = ...) -> None: ...
+
+class AnswerSignature(_message.Message):
+    __slots__ = ("nonce", "signature")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    signature: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class EvidenceStep(_message.Message):
+    __slots__ = ("position", "tensors")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    def __init__(self, position: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class AnswerEvidence(_message.Message):
+    __slots__ = ("kind", "nonce", "job", "blocks", "spec", "steps", "signature")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    nonce: bytes
+    job: str
+    blocks: _common_pb2.Span
+    spec: JobSpec
+    steps: _containers.RepeatedCompositeFieldContainer[EvidenceStep]
+    signature: bytes
+    def __init__(self, kind: _Optional[str] = ..., nonce: _Optional[bytes] = ..., job: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[EvidenceStep, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...

@@ -136,7 +136,7 @@ def test_a_data_tls_swarm_generates_trains_and_refuses_plaintext(tmp_path, tiny_
     with ProcGroup(tmp_path) as group:
         coord, nodes = start_swarm(group, tmp_path, tiny_model_dir, tiny_cache_dir, replicas=2, token=TOKEN,
                                    coordinator_args=("--data-tls", "--data-tls-cert-validity", str(CERT_VALIDITY_S),
-                                                     "--quarantine-reporters", "1"),
+                                                     "--quarantine-reporters", "1", "--quarantine-unverified"),
                                    node_args={1: ("--reachability", "relay")})
         assert [n.info["relayed"] for n in nodes] == [False, True]
         address = coord.info["grpc"]

@@ -1,6 +1,7 @@
 """Liar reports (issue 18) with a real coordinator listening on IPv4 and IPv6, so this process
 is two reporters (127.0.0.1 and ::1), and a fake node (tests/integration/coordinator_fake_node.py)
-as the reported member. One reporter, however often it reports, does not quarantine a node;
+as the reported member, the coordinator counting reports without evidence
+(--quarantine-unverified). One reporter, however often it reports, does not quarantine a node;
 a second one does: the member is removed, listed by ListQuarantined and Status, and its Join
 is refused. A node that is no member cannot be reported."""
 
@@ -28,7 +29,7 @@ async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
         coord = group.start("coordinator", [
             "coordinator", "--data-dir", str(tmp_path / "data"), "--port", "0", "--http-port", "-1",
             "--token-file", str(tmp_path / "token"), "--host", "::", "--announce-host", "127.0.0.1",
-            "--heartbeat-period", "0.25", "--lease", "5"])
+            "--heartbeat-period", "0.25", "--lease", "5", "--quarantine-unverified"])
         group.wait_ready([coord], timeout=90)
         port = coord.info["grpc_bound"].rpartition(":")[2]
         liar_address = f"127.0.0.1:{free_port('127.0.0.1')}"
@@ -61,7 +62,8 @@ async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
             assert [(n.address, n.peer_id, n.reporters) for n in listed.nodes] == [(liar_address, "12D3KooWliar", 2)]
             assert listed.lists_members and list(listed.member_addresses) == []  # ... and no longer
             assert listed.nodes[0].reason == ("blocks 1:3: distance 0.11 > tolerance 0.03 from the answers of "
-                                              "127.0.0.1:1, 127.0.0.1:2"), listed
+                                              "127.0.0.1:1, 127.0.0.1:2 (the reporter's word; no evidence)"), listed
+            assert second.verdict == "unverified", second
             status = await stubs["127.0.0.1"].Status(coordinator_pb2.StatusRequest(), timeout=10)
             assert list(status.members) == [] and [q.address for q in status.quarantined] == [liar_address]
             rejoin = coordinator_pb2.JoinRequest(address=liar_address, capacity_blocks=30, throughput=10.0)

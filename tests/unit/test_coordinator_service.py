@@ -456,7 +456,7 @@ async def test_data_tls_certificates_go_to_current_members_at_their_address_only
     from pollinate.protocol.data_tls import tls_name
 
     srv = CoordinatorServer(config(tmp_path, coordinator=dict(
-        data_tls=True, data_tls_cert_validity_s=60.0, quarantine=QuarantineConfig(reporters=1))))
+        data_tls=True, data_tls_cert_validity_s=60.0, quarantine=QuarantineConfig(reporters=1, unverified=True))))
     await srv.start()
     nodes = [client_for(srv, 7000 + i) for i in range(2)]
     try:
@@ -507,7 +507,7 @@ async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path
     a new address is a new node (what Sybils can always do: docs/security.md)."""
     from pollinate.coordinator.config import QuarantineConfig
 
-    srv = CoordinatorServer(config(tmp_path, coordinator=dict(quarantine=QuarantineConfig(reporters=1))))
+    srv = CoordinatorServer(config(tmp_path, coordinator=dict(quarantine=QuarantineConfig(reporters=1, unverified=True))))
     await srv.start()
     liar = client_for(srv, 7001)
     try:
@@ -533,6 +533,42 @@ async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path
         assert [n.address for n in listed.nodes] == ["127.0.0.1:7001"]
     finally:
         await liar.stop()
+        await srv.stop(0)
+
+
+async def test_liar_reports_without_the_nodes_signature_are_refused_and_change_nothing(tmp_path):
+    """Default settings: a report with no evidence (anyone with the token can make one) is
+    refused, and so is evidence the member did not sign (here: another key's signature of
+    a well-formed Forward); nothing is recorded, the member stays."""
+    import torch
+
+    from pollinate.protocol.answers import AnswerSigner, Transcript
+    from pollinate.protocol.identity import NodeIdentity
+    from pollinate.protocol.tensors import HIDDEN_STATES, encode_tensor
+
+    srv = CoordinatorServer(config(tmp_path))
+    await srv.start()
+    node = client_for(srv, 7001)
+    try:
+        await node.start()
+        x = encode_tensor(torch.randn(1, 3, 8), codec="fp16", name=HIDDEN_STATES)
+        signer = AnswerSigner(NodeIdentity.generate(), "forward", job="", start=0, end=10)
+        forged = Transcript("forward", job="", start=0, end=10)
+        forged.record(0, [x, x], signer.sign(0, [x, x]))
+        codes = []
+        for evidence in (None, forged.evidence()):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw_call(srv, "ReportLiar", coordinator_pb2.ReportLiarRequest(
+                    address="127.0.0.1:7001", peer_id="12D3KooWhonest", blocks=common_pb2.Span(start=0, end=10),
+                    distance=0.5, tolerance=0.03, evidence=evidence))
+            codes.append((err.value.code(), err.value.details()))
+        assert codes[0][0] == grpc.StatusCode.FAILED_PRECONDITION and "signed answer" in codes[0][1], codes
+        assert codes[1][0] == grpc.StatusCode.INVALID_ARGUMENT and "not signed by the key" in codes[1][1], codes
+        listed = await raw_call(srv, "ListQuarantined", coordinator_pb2.ListQuarantinedRequest())
+        assert list(listed.nodes) == [] and list(listed.member_addresses) == ["127.0.0.1:7001"]
+        assert srv.store.liar_reports(0.0) == []
+    finally:
+        await node.stop()
         await srv.stop(0)
 
 
