@@ -54,6 +54,9 @@ class Swarm:
         self._strangers: set[str] = set()  # non-member addresses already logged
         self.reports: list = []  # ReportLiarReply per liar reported, in order (for tests and chaos.py)
         self._reporting: set[asyncio.Task] = set()
+        # one report at a time: the coordinator judges one per reporter address at once
+        # (coordinator/evidence.py) and would refuse a second with RESOURCE_EXHAUSTED
+        self._report_lock = asyncio.Lock()
         self.spot_checks = SpotChecker(self, rate=config.spot_check_rate, tolerance=config.spot_check_tolerance,
                                        grad_tolerance=config.spot_check_grad_tolerance)
 
@@ -156,8 +159,9 @@ class Swarm:
             distance=evidence["distance"], tolerance=evidence["tolerance"], checkers=evidence["checkers"],
             evidence=evidence.get("signed"))
         try:
-            # the coordinator re-runs the evidence on other members before it answers
-            reply = await self._coordinator_stub().ReportLiar(request, timeout=max(60.0, self.config.step_timeout_s))
+            async with self._report_lock:  # the coordinator re-runs the evidence on other members first
+                reply = await self._coordinator_stub().ReportLiar(request,
+                                                                  timeout=max(60.0, self.config.step_timeout_s))
         except grpc.aio.AioRpcError as e:  # the ban here stands; the coordinator just does not hear of it
             logger.warning("reporting %s to the coordinator failed: %s %s", peer.address, e.code().name, e.details())
             return

@@ -143,6 +143,9 @@ class CoordinatorClient:
         self._load: Callable[[], common_pb2.ServingLoad] | None = None  # set_load
         self._trained: Callable[[], dict[str, int]] | None = None  # set_trained
         self._beat_now = asyncio.Event()  # beat_soon: the next heartbeat goes out now
+        # stop() began: the heartbeat loop ends, and never resets the channel a Leave is on
+        # (Python 3.11's wait_for can swallow the task's cancellation)
+        self._stopping = False
         self._task: asyncio.Task | None = None
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
@@ -187,6 +190,7 @@ class CoordinatorClient:
     async def start(self) -> Assignment:
         """Join (retrying up to join_timeout_s) and start heartbeating in the background."""
         assignment = await self.join(deadline_s=self.config.join_timeout_s)
+        self._stopping = False
         if self._on_move is None:
             self.serving_span = assignment.span  # nothing to load: serve at once
         self._task = asyncio.create_task(self._heartbeat_loop(), name="coordinator-heartbeat")
@@ -194,6 +198,7 @@ class CoordinatorClient:
 
     async def stop(self, *, leave: bool = True) -> None:
         """Stop heartbeating and (by default) leave; never raises for a coordinator that is gone."""
+        self._stopping = True
         for task in (self._task, self._move_task):
             if task is not None:
                 task.cancel()
@@ -324,7 +329,7 @@ class CoordinatorClient:
         cfg = self.config
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
-        while True:
+        while not self._stopping:
             period = self.assignment.heartbeat_period_s if self.assignment else 1.0
             next_beat = max(next_beat + period, loop.time())
             try:  # the period, unless beat_soon() asks for one now
@@ -353,6 +358,8 @@ class CoordinatorClient:
                 await self._rejoin()
                 continue
             except (PeerUnavailable, RpcTimeout) as e:
+                if self._stopping:
+                    return
                 if self.connected:
                     logger.warning("coordinator %s unreachable (%s); still serving, retrying "
                                    "every %.1f s", cfg.coordinator, e, period)
@@ -363,6 +370,8 @@ class CoordinatorClient:
                 logger.error("heartbeat refused: %s", e)
                 continue
             except Exception:  # a bug must not end the heartbeats: the lease would run out
+                if self._stopping:
+                    return
                 logger.exception("heartbeat failed unexpectedly; retrying on a fresh channel")
                 await self._reset_channel()
                 continue
@@ -388,8 +397,9 @@ class CoordinatorClient:
             with translate_rpc_errors(peer=cfg.coordinator):
                 if self._stream is None:
                     self._stream = self._get_stub().HeartbeatStream(metadata=self._metadata("HeartbeatStream"))
-                await asyncio.wait_for(self._stream.write(request), cfg.rpc_timeout_s)
-                reply = await asyncio.wait_for(self._stream.read(), cfg.rpc_timeout_s)
+                stream = self._stream  # stop() may close it meanwhile: this beat ends on this stream
+                await asyncio.wait_for(stream.write(request), cfg.rpc_timeout_s)
+                reply = await asyncio.wait_for(stream.read(), cfg.rpc_timeout_s)
         except asyncio.InvalidStateError:
             # The call ended between two beats (the coordinator died or is stopping); grpc.aio
             # says so on write, without the status.
