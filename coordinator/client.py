@@ -48,6 +48,9 @@ from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_g
 
 logger = logging.getLogger(__name__)
 
+# Longest wait between two tries of a re-join the coordinator refused, seconds.
+REJOIN_BACKOFF_MAX_S = 60.0
+
 # on_move(span, reason): load `span`; when it returns the client reports the span as served.
 MoveCallback = Callable[[Span, str], Awaitable[None]]
 
@@ -146,6 +149,11 @@ class CoordinatorClient:
         # stop() began: the heartbeat loop ends, and never resets the channel a Leave is on
         # (Python 3.11's wait_for can swallow the task's cancellation)
         self._stopping = False
+        # a refused re-join (quarantined, address held, ...) is tried again after this many
+        # seconds, doubling to REJOIN_BACKOFF_MAX_S, and logged once per reason
+        self._rejoin_pause = 0.0
+        self._next_rejoin = 0.0
+        self._refused: str | None = None
         self._task: asyncio.Task | None = None
         self._move_task: asyncio.Task | None = None
         self._moving_to: Span | None = None
@@ -425,14 +433,22 @@ class CoordinatorClient:
             self._stream = None
 
     async def _rejoin(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._next_rejoin:
+            return
         try:
             await self._join_once()
         except (PeerUnavailable, RpcTimeout) as e:
             logger.info("re-join failed (%s); will retry", e)
             return
         except PollinateError as e:
-            logger.error("re-join refused: %s", e)
+            self._rejoin_pause = min(max(2 * self._rejoin_pause, 1.0), REJOIN_BACKOFF_MAX_S)
+            self._next_rejoin = now + self._rejoin_pause
+            if str(e) != self._refused:  # a quarantined node would otherwise log this every second for a day
+                logger.error("re-join refused: %s (trying again at most every %.0f s)", e, REJOIN_BACKOFF_MAX_S)
+            self._refused = str(e)
             return
+        self._rejoin_pause, self._refused = 0.0, None
         self.rejoins += 1
         if self.span != self.serving_span:
             self._start_move(self.span, "assigned on re-join")

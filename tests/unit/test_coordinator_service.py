@@ -4,6 +4,7 @@ CoordinatorClients as nodes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import urllib.request
 
@@ -501,7 +502,7 @@ async def test_data_tls_certificates_go_to_current_members_at_their_address_only
         await srv.stop(0)
 
 
-async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path):
+async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path, caplog):
     """Quarantine binds the key as well as the address (Joins are signed): the liar's key
     joining at a new port is refused, and so is its old address with a new key; a new key at
     a new address is a new node (what Sybils can always do: docs/security.md)."""
@@ -531,6 +532,15 @@ async def test_a_quarantined_members_key_cannot_join_at_another_address(tmp_path
         assert fresh.member_id
         listed = await raw_call(srv, "ListQuarantined", coordinator_pb2.ListQuarantinedRequest())
         assert [n.address for n in listed.nodes] == ["127.0.0.1:7001"]
+        # the quarantined node's own client (heartbeats refused, re-joins refused) backs off and
+        # says so once, instead of a Join and an error line every beat (0.1 s) for a day
+        await wait_for(lambda: liar._refused is not None, timeout=5.0, what="a refused re-join")
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            await asyncio.sleep(2.5)  # 25 beats: the window whose Joins and log lines are counted
+        joins = [r for r in caplog.records if "Join answered FAILED_PRECONDITION" in r.getMessage()]
+        assert len(joins) <= 3, [r.getMessage() for r in joins]  # tries after 1 s and 2 s (then 4 s)
+        assert not [r for r in caplog.records if "re-join refused" in r.getMessage()]  # logged before, once
     finally:
         await liar.stop()
         await srv.stop(0)
