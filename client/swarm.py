@@ -128,8 +128,8 @@ class Swarm:
     def mark_liar(self, peer: PeerSpan, why: str, *, evidence: dict | None = None) -> None:
         """Never route through `peer` again (client/spot_check.py caught it); with a
         coordinator, report it there (ReportLiar with `evidence`: blocks, distance, tolerance,
-        checkers), in the background."""
-        self.liars[peer.peer_id] = why  # `evidence` may carry "signed": the node's AnswerEvidence
+        checkers, and "signed": the node's AnswerEvidence or None), in the background."""
+        self.liars[peer.peer_id] = why
         self.liar_addresses[peer.address] = why
         logger.warning("peer %s (%s) answered wrong: %s; never routing through it again", peer.peer_id[-8:],
                        peer.address, why)

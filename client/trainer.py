@@ -217,10 +217,8 @@ class SwarmChain:
                 for hop in route:
                     keep_id = self.new_keep_id() if keep else None
                     sent = [] if keep and self.swarm.keeps_evidence else None  # for a liar report
-                    inputs.append(KeptInput(h, keep_id))
                     out = await self.forward_hop(hop, h, keep_id=keep_id, sent=sent)
-                    if sent:
-                        inputs[-1] = KeptInput(h, keep_id, sent[0])
+                    inputs.append(KeptInput(h, keep_id, sent[0] if sent else None))
                     h = out
                 return route, inputs, h
             except (PollinateError, asyncio.TimeoutError) as e:
