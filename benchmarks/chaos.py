@@ -354,7 +354,7 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         coord, *nodes = _liar_swarm(group, args, model, cache, liar=True, workdir=workdir)
         lied = run(coord.info["grpc"], 1)
         liar_address = nodes[1].info["address"]
-        quarantined = [q["address"] for q in _http_status(coord)["quarantined"]]
+        quarantined = [q["address"] for q in _http_status(coord)["quarantined"] if q["verified"]]
         # a fresh client that checks nothing: its routes come from the DHT, where the liar still
         # announces itself, minus the coordinator's quarantine list
         fresh = client(coord.info["grpc"], 0.0)
@@ -389,8 +389,8 @@ def liar(args: argparse.Namespace, workdir: Path) -> dict:
         "detected_after_steps": k,
         "liar_banned": bool(lied["liars"]),
         "tokens_match_after_ban": after,
-        # the coordinator quarantined the liar on the client's one report: other members re-ran
-        # its signed answer (coordinator/evidence.py)
+        # the coordinator quarantined the liar on verified evidence (the client's one report:
+        # other members re-ran its signed answer, coordinator/evidence.py)
         "coordinator_quarantined_liar": liar_address in quarantined,
         "liar_reports": lied["reports"],
         # a hostile client's report of an honest node's true (signed) answer, and of a doctored one
@@ -462,7 +462,7 @@ def liar_backward(args: argparse.Namespace, workdir: Path) -> dict:
         coord, *nodes = _liar_swarm(group, args, model, cache, liar=True, workdir=workdir)
         lied = train(coord.info["grpc"], args.train_steps, stop_at_ban=True)
         liar_address = nodes[1].info["address"]
-        quarantined = [q["address"] for q in _http_status(coord)["quarantined"]]
+        quarantined = [q["address"] for q in _http_status(coord)["quarantined"] if q["verified"]]
         nodes[1].stop()
         honest_node = group.start("honest-b1", ["node", "--blocks", "1:3", "--throughput", "1000",
                                                 *_liar_node_args(model, cache, coord.info["grpc"],

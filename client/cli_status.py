@@ -48,8 +48,9 @@ def format_status(reply, *, now: float, color: bool = False) -> str:
         lines.append(f"DHT bootstrap: {reply.dht_initial_peers[0]}")
     lines.append(f"relays for nodes behind NAT: {len(reply.relays)}" if reply.relays else
                  "relays for nodes behind NAT: none (the coordinator runs with --no-relay, no node offers --relay)")
-    for q in reply.quarantined:  # issue 18: reported answering wrong by enough clients
-        lines.append(f"quarantined: {q.address} ({q.reporters} reporters, {max(0.0, now - q.since):.0f}s ago): {q.reason}")
+    for q in reply.quarantined:  # issue 18: a verified report, or enough clients' reports
+        how = "verified" if q.verified else f"{q.reporters} reporters"
+        lines.append(f"quarantined: {q.address} ({how}, {max(0.0, now - q.since):.0f}s ago): {q.reason}")
     lines.append("data plane: TLS, nodes certified by the coordinator's swarm CA" if reply.data_tls_ca_pem else
                  "data plane: plaintext (the coordinator runs without --data-tls)")
     lines.append("")

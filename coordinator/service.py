@@ -356,7 +356,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
 def quarantined_to_proto(q: dict) -> coordinator_pb2.QuarantinedNode:
     return coordinator_pb2.QuarantinedNode(address=q["address"], peer_id=q["peer_id"], reporters=q["reporters"],
-                                           since=q["since"], reason=q["reason"])
+                                           since=q["since"], reason=q["reason"], verified=q["verified"])
 
 
 def job_to_proto(job: dict) -> coordinator_pb2.JobInfo:

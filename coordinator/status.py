@@ -107,7 +107,7 @@ def snapshot(
         "dht_initial_peers": list(dht_initial_peers),
         "relays": list(relays),
         # nodes quarantined for answering wrong (coordinator/quarantine.py): address, peer_id,
-        # reporters, since, reason
+        # reporters, since, reason, verified, member_keys
         "quarantined": list(quarantined),
         "started_at": started_at,
         "version": version,

@@ -315,8 +315,9 @@ Coordinator {e(status["version"])}, up since {ago(status["started_at"], now)}.</
        "(no node has joined)", cls="nodes")}
 {"<h2>Left or evicted</h2>" + table(["when", "node", "address", "blocks", "why"], departures, "", cls="departures")
  if departures else ""}
-{"<h2>Quarantined</h2>" + table(["address", "reporters", "since", "last report"],
-                                 [row([e(q["address"]), str(q["reporters"]), ago(q["since"], now), e(q["reason"])])
+{"<h2>Quarantined</h2>" + table(["address", "evidence", "reporters", "since", "last report"],
+                                 [row([e(q["address"]), "verified" if q.get("verified") else "reports",
+                                       str(q["reporters"]), ago(q["since"], now), e(q["reason"])])
                                   for q in status.get("quarantined", [])], "", cls="quarantined")
  if status.get("quarantined") else ""}
 <h2>Jobs</h2>

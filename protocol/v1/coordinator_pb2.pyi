@@ -44,18 +44,20 @@ class ListQuarantinedRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class QuarantinedNode(_message.Message):
-    __slots__ = ("address", "peer_id", "reporters", "since", "reason")
+    __slots__ = ("address", "peer_id", "reporters", "since", "reason", "verified")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     REPORTERS_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
     address: str
     peer_id: str
     reporters: int
     since: float
     reason: str
-    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., reporters: _Optional[int] = ..., since: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    verified: bool
+    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., reporters: _Optional[int] = ..., since: _Optional[float] = ..., reason: _Optional[str] = ..., verified: _Optional[bool] = ...) -> None: ...
 
 class ListQuarantinedReply(_message.Message):
     __slots__ = ("nodes", "member_addresses", "lists_members")

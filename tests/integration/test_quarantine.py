@@ -66,6 +66,7 @@ async def test_two_distinct_reporters_quarantine_a_node_one_does_not(tmp_path):
             assert second.verdict == "unverified", second
             status = await stubs["127.0.0.1"].Status(coordinator_pb2.StatusRequest(), timeout=10)
             assert list(status.members) == [] and [q.address for q in status.quarantined] == [liar_address]
+            assert not status.quarantined[0].verified  # two reporters' word, no evidence judged
             rejoin = coordinator_pb2.JoinRequest(address=liar_address, capacity_blocks=30, throughput=10.0)
             with pytest.raises(grpc.aio.AioRpcError) as refused:  # it cannot join again, signed as it must be
                 await stubs["[::1]"].Join(rejoin, timeout=10, metadata=NodeIdentity.generate().call_metadata(
