@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "heartbeat reported a new training step of it in the last S seconds counts "
                              "towards the commit majority (docs/security.md; default %(default)s)")
     parser.add_argument("--quarantine-reporters", type=int, default=QuarantineConfig().reporters, metavar="N",
-                        help="distinct reporters (client IPs) whose ReportLiar quarantines a node "
+                        help="distinct reporters (client IPs) whose unverified liar reports quarantine a "
+                             "node; one report whose signed evidence other members confirm is enough "
                              "(default %(default)s; docs/security.md)")
     parser.add_argument("--quarantine-period", type=float, default=QuarantineConfig().period_s, metavar="S",
                         help="how long a liar report counts, seconds (default %(default)s)")

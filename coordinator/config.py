@@ -146,8 +146,9 @@ class RoundsConfig:
 class QuarantineConfig:
     """When client reports of a node answering wrong quarantine it (coordinator/quarantine.py)."""
 
-    # Distinct reporters (caller IPs) whose reports quarantine a node. 2: one hostile client
-    # cannot evict an honest node on its own; 1 suits a lab where every client is one machine.
+    # Distinct reporters (caller IPs) whose unverified reports quarantine a node (a verified
+    # one, coordinator/evidence.py, is enough alone). 2: one hostile client cannot evict an
+    # honest node on its own; 1 suits a lab where every client is one machine.
     reporters: int = 2
     # How long a report counts, seconds; a quarantine ends once fewer than `reporters` reports
     # are this recent. 24 h: a day out of the swarm for a node caught lying.
