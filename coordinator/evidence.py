@@ -124,7 +124,12 @@ class EvidenceJudge:
         decoded = await asyncio.to_thread(_decode_steps, evidence.kind, steps)
         signed_answer = decoded["answer"]
         witnesses = [m.record.address for m in self._witnesses(address, start, end, reporter_host)]
-        got = await asyncio.gather(*(self._ask(w, evidence, decoded) for w in witnesses), return_exceptions=True)
+        # the inputs as every witness gets them, encoded once
+        names = (ADAPTER_FLAT, HIDDEN_STATES, GRAD_OUTPUTS) if evidence.kind == "backward" else (HIDDEN_STATES,)
+        encoded = [await asyncio.to_thread(encode_tensor, decoded[n], codec="none", name=n) for n in names]
+        chunks = [c for e in encoded for c in e.chunks()]
+        got = await asyncio.gather(*(self._ask(w, evidence, chunks, decoded["answer"]) for w in witnesses),
+                                   return_exceptions=True)
         answers = []  # (member address, its answer)
         for witness, out in zip(witnesses, got):
             if isinstance(out, BaseException):  # grpc.aio.AioRpcError, a timeout, a malformed reply: no opinion
@@ -142,15 +147,14 @@ class EvidenceJudge:
             return Verdict("refuted", f"the signed answer agrees with {detail} (tolerance {tol:g})")
         return Verdict("unverified", f"distances {detail} (tolerance {tol:g})")
 
-    async def _ask(self, address: str, evidence, decoded: dict) -> torch.Tensor:
+    async def _ask(self, address: str, evidence, chunks: list, signed_answer: torch.Tensor) -> torch.Tensor:
+        """The witness at `address`'s answer to the evidence's inputs (`chunks`), cut to the
+        positions `signed_answer` covers."""
         from pollinate.protocol.channels import open_channel, peer_channel_config
         from pollinate.protocol.v1 import node_pb2_grpc
 
         blocks = common_pb2.Span(start=evidence.blocks.start, end=evidence.blocks.end)
         spec = evidence.spec if evidence.HasField("spec") else None
-        names = (ADAPTER_FLAT, HIDDEN_STATES, GRAD_OUTPUTS) if evidence.kind == "backward" else (HIDDEN_STATES,)
-        encoded = [await asyncio.to_thread(encode_tensor, decoded[n], codec="none", name=n) for n in names]
-        chunks = [c for e in encoded for c in e.chunks()]
         channel = open_channel(address, peer_channel_config(self.token))
         try:
             stub = node_pb2_grpc.NodeStub(channel)
@@ -164,14 +168,14 @@ class EvidenceJudge:
                 outs = await stream_tensors(stub.Forward, requests, self.config.verify_timeout_s)
         finally:
             await channel.close()
-        if len(outs) != 1 or outs[0].shape[0] != decoded["answer"].shape[0]:
+        if len(outs) != 1:
             raise InvalidRequest(f"{address} answered {len(outs)} tensors")
         out = outs[0]
-        if evidence.kind != "backward":  # the positions the signed answer covers: the last step's
-            out = out[:, -decoded["answer"].shape[1]:]
-        if out.shape != decoded["answer"].shape:
+        if evidence.kind != "backward" and out.dim() == 3:  # the positions the signed answer covers
+            out = out[:, -signed_answer.shape[1]:]
+        if out.shape != signed_answer.shape:
             raise InvalidRequest(f"{address} answered shape {list(out.shape)}, the signed answer has "
-                                 f"{list(decoded['answer'].shape)}")
+                                 f"{list(signed_answer.shape)}")
         return out
 
 

@@ -67,16 +67,26 @@ class Quarantine:
 
     def nodes(self) -> dict[str, dict]:
         """The nodes quarantined now, by address."""
-        return quarantined(self.store.liar_reports(self.clock() - self.config.period_s), self.config.reporters)
+        return quarantined(self._recent(), self.config.reporters)
+
+    def _recent(self) -> list:
+        """The reports that count now (within the period), oldest first."""
+        return self.store.liar_reports(self.clock() - self.config.period_s)
+
+    def _reported(self, address: str):
+        """The member at `address` (None: quarantined already, no member now); NotFound if
+        neither (only members can be reported)."""
+        member = self.membership.member_at(address)
+        if member is None and address not in self.nodes():
+            raise NotFound(f"ReportLiar: no member at {one_line(address, 200)}")
+        return member
 
     async def judge_report(self, address: str, evidence, *, reporter: str) -> Verdict:
         """The verdict on a report of `address` with `evidence` (an AnswerEvidence or None).
         NotFound: not a member; FailedPrecondition: no evidence where unverified reports are
         refused, or evidence that other members refute; InvalidRequest: evidence that is
         malformed or not signed by the member."""
-        member = self.membership.member_at(address)
-        if member is None and address not in self.nodes():
-            raise NotFound(f"ReportLiar: no member at {one_line(address, 200)}")
+        member = self._reported(address)
         if evidence is None:
             if not self.config.unverified:
                 raise FailedPrecondition(
@@ -97,14 +107,13 @@ class Quarantine:
                verified: bool = False) -> tuple[bool, int]:
         """Record `reporter`'s report (`verified`: other members confirmed its evidence);
         (the node is quarantined now, its distinct reporters)."""
-        member = self.membership.member_at(address)
-        if member is None and address not in self.nodes():
-            raise NotFound(f"ReportLiar: no member at {one_line(address, 200)}")
+        member = self._reported(address)  # again: it may have left while the evidence was judged
         self.store.add_liar_report(address, reporter, peer_id=one_line(peer_id, 100),
                                    reason=one_line(reason, 300), now=self.clock(),
                                    member_key=member.member_key if member is not None else "", verified=verified)
-        entry = self.nodes().get(address)
-        reporters = sum(1 for row in self.store.liar_reports(self.clock() - self.config.period_s) if row[0] == address)
+        recent = self._recent()
+        entry = quarantined(recent, self.config.reporters).get(address)
+        reporters = sum(1 for row in recent if row[0] == address)
         now_quarantined = entry is not None
         logger.warning("node %s reported answering wrong by %s (%s; %d of %d reporters needed unverified): %s",
                        one_line(address, 200), one_line(reporter, 64), "verified" if verified else "unverified",

@@ -17,9 +17,9 @@ import asyncio
 import logging
 
 from pollinate.compression.codec import ACTIVATION_CODECS, get_activation_codec
-from pollinate.protocol.answers import AnswerSigner, signed
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
+from pollinate.protocol.answers import AnswerSigner, signed
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler,
                                         encode_tensor)
@@ -52,7 +52,7 @@ class TrainingRpcs:
         assembler = activation_assembler(self.framing)
         header, job, done = None, None, 0
         pair: dict[str, object] = {}
-        flat = None  # check_only: the checked replica's adapter, if sent (decoded, as sent)
+        flat = None  # check_only: the checked replica's adapter, if sent: (as sent, decoded once)
         signer = None  # a checked Backward's answer is signed (protocol/answers.py)
         while True:
             req = await self._next(requests, "Backward")
