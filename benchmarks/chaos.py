@@ -251,9 +251,11 @@ def _liar_swarm(group, args, model: str, cache: str | None, *, liar: bool, workd
 
 async def _frame(coordinator: str, honest: str, hidden_size: int) -> dict:
     """What a hostile client gets for reporting an honest node: it asks the node for a signed
-    Forward of blocks 1:3 and reports that true answer as a lie (the coordinator's re-run on
-    other members refutes it: FAILED_PRECONDITION), then the same with one byte of the answer
-    changed (not the node's signature: INVALID_ARGUMENT). The status code of each."""
+    Forward of blocks 1:3 and reports it with one byte of the answer changed (not the node's
+    signature: INVALID_ARGUMENT), then the true answer as a lie (the coordinator's re-run on
+    other members refutes it: FAILED_PRECONDITION), then that again at once (a refuted
+    reporter must wait --quarantine-refuted-backoff: RESOURCE_EXHAUSTED, nobody re-runs it).
+    The status code of each, and the seconds the last one took."""
     import grpc
     import torch
 
@@ -280,13 +282,16 @@ async def _frame(coordinator: str, honest: str, hidden_size: int) -> dict:
         answer[0] ^= 0x40
         doctored.steps[0].tensors[1].data = bytes(answer)
         codes = {}
-        for key, ev in (("framing_true_answer", evidence), ("framing_doctored_answer", doctored)):
+        for key, ev in (("framing_doctored_answer", doctored), ("framing_true_answer", evidence),
+                        ("framing_again", evidence)):
+            t0 = time.perf_counter()
             try:
                 reply = await coordinator_pb2_grpc.CoordinatorStub(coord).ReportLiar(coordinator_pb2.ReportLiarRequest(
                     address=honest, blocks=blocks, distance=0.5, tolerance=0.03, evidence=ev), timeout=90)
                 codes[key] = f"OK {reply.verdict}"
             except grpc.aio.AioRpcError as e:
                 codes[key] = e.code().name
+        codes["framing_again_s"] = round(time.perf_counter() - t0, 3)
         return codes
     finally:
         await node.close()

@@ -99,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quarantine-verify-timeout", type=float, default=QuarantineConfig().verify_timeout_s,
                         metavar="S", help="seconds for one member to re-run a liar report's evidence "
                                           "(default %(default)s)")
+    parser.add_argument("--quarantine-refuted-backoff", type=float, default=QuarantineConfig().refuted_backoff_s,
+                        metavar="S", help="seconds a client address whose liar report other members refuted "
+                                          "may not report again (each report costs two members a re-run; "
+                                          "default %(default)s)")
     parser.add_argument("--checkpoint-max-bytes", type=int, default=RoundsConfig().checkpoint_max_bytes,
                         metavar="BYTES", help="cap on the committed round states (every job's checkpoints) "
                                               "kept in --data-dir; the oldest are pruned beyond it, never a "
@@ -180,7 +184,8 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
         host=args.host, announce_host=args.announce_host,
         quarantine=QuarantineConfig(reporters=args.quarantine_reporters, period_s=args.quarantine_period,
                                     unverified=args.quarantine_unverified, tolerance=args.quarantine_tolerance,
-                                    verify_timeout_s=args.quarantine_verify_timeout),
+                                    verify_timeout_s=args.quarantine_verify_timeout,
+                                    refuted_backoff_s=args.quarantine_refuted_backoff),
         addresses=AddressCheckConfig(undialable=args.check_addresses, dial_back=args.dial_back,
                                      dial_timeout_s=args.dial_timeout),
         port=args.port, http_port=args.http_port,

@@ -162,6 +162,11 @@ class QuarantineConfig:
     tolerance: float = 0.03
     # Seconds for one member's re-run of a report's evidence.
     verify_timeout_s: float = 20.0
+    # Seconds a reporter address whose report other members refuted may not report again:
+    # each judged report costs two members a re-run of its input, and a hostile client can
+    # make a refuted one from any honest answer. 600: at most one such re-run pair per
+    # address per 10 minutes.
+    refuted_backoff_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.reporters < 1:
@@ -172,6 +177,8 @@ class QuarantineConfig:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
         if not self.verify_timeout_s > 0:
             raise ValueError(f"verify_timeout_s must be > 0, got {self.verify_timeout_s!r}")
+        if not self.refuted_backoff_s >= 0:
+            raise ValueError(f"refuted_backoff_s must be >= 0, got {self.refuted_backoff_s!r}")
 
 
 ADDRESS_CHECK_MODES = ("refuse", "warn", "off")

@@ -16,6 +16,11 @@ and listed by ListQuarantined and Status, which clients read to leave it out of 
 Joins are signed, the member's key is quarantined with its address: the same key joining at
 another address (another port, a new IP) is refused too; a fresh key is a new node (Sybils).
 
+A reporter whose report the members refuted may not report again for ``refuted_backoff_s``
+(RESOURCE_EXHAUSTED): a hostile client can make a refuted report from any honest answer it
+asked for, and each costs two members a re-run of its input. Honest reporters are refuted only
+where their own checkers lied to them.
+
 Only members can be reported (NOT_FOUND otherwise): the rows stay bounded by the swarm.
 Reports persist in the store; a restarted coordinator keeps its quarantines.
 """
@@ -29,7 +34,7 @@ from typing import Callable
 from pollinate.coordinator.config import QuarantineConfig
 from pollinate.coordinator.evidence import EvidenceJudge, Verdict
 from pollinate.coordinator.store import Store
-from pollinate.protocol.errors import FailedPrecondition, NotFound, one_line
+from pollinate.protocol.errors import FailedPrecondition, NotFound, ResourceExhausted, one_line
 from pollinate.protocol.identity import fingerprint
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,7 @@ class Quarantine:
         self.membership = membership
         self.clock = clock
         self.judge = judge  # re-runs a report's evidence on other members; None: no evidence is judged
+        self._refuted: dict[str, float] = {}  # reporter host -> when it may report again (in memory)
 
     def nodes(self) -> dict[str, dict]:
         """The nodes quarantined now, by address."""
@@ -95,8 +101,14 @@ class Quarantine:
             return Verdict("unverified", "no evidence")
         if member is None or self.judge is None:  # quarantined already: nobody to judge
             return Verdict("unverified", "not judged")
+        now = self.clock()
+        self._refuted = {host: until for host, until in self._refuted.items() if until > now}
+        if reporter in self._refuted:
+            raise ResourceExhausted(f"ReportLiar: this address's last report was refuted; it may report again in "
+                                    f"{self._refuted[reporter] - now:.0f} s")
         verdict = await self.judge.judge(address, member.member_key, evidence, reporter_host=reporter)
         if verdict.verdict == "refuted":
+            self._refuted[reporter] = self.clock() + self.config.refuted_backoff_s
             logger.warning("liar report on %s by %s refuted: %s", one_line(address, 200), one_line(reporter, 64),
                            verdict.detail)
             raise FailedPrecondition(f"ReportLiar: the evidence does not show {one_line(address, 200)} answering "

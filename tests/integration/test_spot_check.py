@@ -4,7 +4,8 @@ replicas beside it. A client checking every hop step catches it at the first tok
 routes through it again, and from then on says what the local model says; it reports the
 liar to the coordinator with its signed answer, which other replicas re-run and the
 coordinator quarantines it on that one report, and a fresh client that checks nothing routes
-around it; a hostile client's report of an honest node is refused; an honest swarm checked
+around it; a hostile client's report of an honest node is refused, and its next one too
+without a re-run; an honest swarm checked
 at every step bans nobody. benchmarks/chaos.py --scenario liar is the measurement
 (10% checks, 500 honest steps); this is its small, deterministic sample."""
 
@@ -36,6 +37,9 @@ def test_a_lying_node_is_caught_and_honest_nodes_are_not(tmp_path):
     # refuted by the re-run, a doctored one is not the node's signature; neither is recorded
     assert r["framing_true_answer"] == "FAILED_PRECONDITION", r
     assert r["framing_doctored_answer"] == "INVALID_ARGUMENT", r
+    # and a refuted reporter may not make members re-run another report for a while: refused
+    # at once (no re-run: well under one member call)
+    assert r["framing_again"] == "RESOURCE_EXHAUSTED" and r["framing_again_s"] < 2, r
     assert not r["framed_node_quarantined"], r
     assert r["fresh_client_avoids_liar"], r
     assert (r["false_bans"], r["unresolved"]) == (0, 0), r
