@@ -262,6 +262,7 @@ class Tally:
     hangs: int = 0
     internal_or_unknown: int = 0
     codes: Counter = field(default_factory=Counter)
+    attacks: Counter = field(default_factory=Counter)  # "Method CODE" of the attack calls
     examples: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -270,6 +271,8 @@ class Tally:
             self.calls += 1
             self.messages += messages
             self.codes[code] += 1
+            if what.startswith("attack "):
+                self.attacks[f"{what.rsplit('/', 1)[-1]} {code}"] += 1
             if code in ("DEADLINE_EXCEEDED", "HANG"):
                 self.hangs += 1
             if code in ("INTERNAL", "UNKNOWN", "HTTP_5XX", "HTTP_NO_STATUS"):
@@ -477,7 +480,37 @@ def node_attacks(hidden_size: int, node_info: dict, rng: random.Random) -> list[
     return calls
 
 
-def coordinator_seeds(node_info: dict) -> dict[str, list[bytes]]:
+def signed_forward(node_info: dict, hidden_size: int) -> node_pb2.AnswerEvidence:
+    """The node's signed answer to one Forward (protocol/answers.py), as a client keeps it:
+    what a liar report carries."""
+    import torch
+
+    from pollinate.protocol.answers import Transcript
+    from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+
+    x = encode_tensor(torch.randn(1, 3, hidden_size, generator=torch.Generator().manual_seed(2)), codec="fp16",
+                      name="hidden_states")
+    rpc = Rpc(node_info["address"], methods_of(node_pb2.DESCRIPTOR.services_by_name["Node"]), 60)
+    code, detail, replies = rpc.call(Call("/pollinate.v1.Node/Forward", [
+        node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(reply_codec="fp16")).SerializeToString(),
+        *(node_pb2.ForwardRequest(tensor=c).SerializeToString() for c in x.chunks())]))
+    rpc.close()
+    if code != "OK":
+        raise RuntimeError(f"a signed Forward for the liar-report attacks failed: {code} {detail}")
+    assembler, answer, signature = TensorAssembler(), None, None
+    for raw in replies:
+        reply = node_pb2.ForwardReply.FromString(raw)
+        answer = assembler.feed(reply.tensor) or answer
+        signature = reply.signature if reply.HasField("signature") else signature
+    transcript = Transcript("forward", job="", start=node_info["blocks"][0], end=node_info["blocks"][1])
+    transcript.record(0, [x, answer], signature)
+    evidence = transcript.evidence()
+    if evidence is None:
+        raise RuntimeError("the node did not sign its Forward answer")
+    return evidence
+
+
+def coordinator_seeds(node_info: dict, evidence: node_pb2.AnswerEvidence) -> dict[str, list[bytes]]:
     spec = job_spec()
     span = common_pb2.Span(start=node_info["blocks"][0], end=node_info["blocks"][1])
     c = coordinator_pb2
@@ -498,13 +531,56 @@ def coordinator_seeds(node_info: dict) -> dict[str, list[bytes]]:
         "/pollinate.v1.Coordinator/GetJob": [c.GetJobRequest(name=JOB).SerializeToString()],
         "/pollinate.v1.Coordinator/ListJobs": [c.ListJobsRequest().SerializeToString()],
         "/pollinate.v1.Coordinator/CheckReachable": [c.CheckReachableRequest(address="127.0.0.1:1").SerializeToString()],
+        "/pollinate.v1.Coordinator/ReportTraining": [c.ReportTrainingRequest(
+            job=JOB, trainer_id="t1", step=3, tokens=100, train_loss=2.5).SerializeToString()],
+        "/pollinate.v1.Coordinator/GetJobHistory": [c.GetJobHistoryRequest(name=JOB).SerializeToString()],
+        "/pollinate.v1.Coordinator/ReportAnalysis": [c.ReportAnalysisRequest(job=JOB).SerializeToString()],
+        "/pollinate.v1.Coordinator/ReportLiar": [c.ReportLiarRequest(
+            address=node_info["address"], blocks=span, distance=0.5, tolerance=0.03,
+            evidence=evidence).SerializeToString()],
+        "/pollinate.v1.Coordinator/ListQuarantined": [c.ListQuarantinedRequest().SerializeToString()],
+        "/pollinate.v1.Coordinator/IssueDataTlsCertificate": [c.DataTlsCertificateRequest(
+            member_id="m-1", address=node_info["address"]).SerializeToString()],
     }
 
 
-def coordinator_attacks(node_info: dict, rng: random.Random) -> list[Call]:
+def coordinator_attacks(node_info: dict, evidence: node_pb2.AnswerEvidence, rng: random.Random) -> list[Call]:
+    import zstandard
+
+    from pollinate.protocol.answers import MAX_EVIDENCE_STEPS, AnswerSigner, read_evidence
+
     c = coordinator_pb2
     span = common_pb2.Span(start=node_info["blocks"][0], end=node_info["blocks"][1])
     calls = []
+    # liar reports of the node with its signed answer spoilt, each refused before anything is
+    # decoded or re-run: blocks it did not sign, an answer that is a pseudo-gradient codec's
+    # 2^26-element bomb, a shape its bytes cannot hold, more steps than allowed, another key's
+    # signature over the same transcript
+    def spoilt(change) -> Call:
+        ev = node_pb2.AnswerEvidence()
+        ev.CopyFrom(evidence)
+        change(ev)
+        return Call("/pollinate.v1.Coordinator/ReportLiar", [c.ReportLiarRequest(
+            address=node_info["address"], blocks=span, distance=0.5, tolerance=0.03, evidence=ev).SerializeToString()],
+            kind="attack")
+
+    def bomb(ev):
+        t = ev.steps[0].tensors[1]
+        t.codec, t.shape[:] = "cocktail", [1, 2**20, 64]
+        t.data = zstandard.ZstdCompressor().compress(b"\0" * (2**26 // 8))
+
+    def many_steps(ev):  # empty ones: the count is the attack, not the bytes
+        for _ in range(MAX_EVIDENCE_STEPS):
+            ev.steps.add(position=1)
+
+    def other_key(ev):  # the same transcript, well signed, by a key that is not the member's
+        signer = AnswerSigner(NodeIdentity.generate(), "forward", job="", start=span.start, end=span.end)
+        (position, tensors), = read_evidence(ev)
+        signed = signer.sign(position, tensors)
+        ev.nonce, ev.signature = signed.nonce, signed.signature
+
+    calls += [spoilt(lambda ev: setattr(ev.blocks, "end", ev.blocks.end + 1)), spoilt(bomb),
+              spoilt(lambda ev: ev.steps[0].tensors[1].shape.extend([2**20])), spoilt(many_steps), spoilt(other_key)]
     # 3: job specs out of range, and a 1.2 MB targets list
     for i, bad in enumerate([dict(rank=2**32 - 1), dict(lr=float("nan")), dict(codec="bogus"), dict(codec_p=5.0),
                              dict(targets=["t" * 60] * 20_000), dict(method="lora\nforged")]):
@@ -686,6 +762,7 @@ def summary(name: str, tally: Tally, proc: Proc, rss: RssPeak, log_before: int, 
         "valid_answer_unchanged": unchanged and proc.alive(),
         "seconds": round(seconds, 1),
         "codes": dict(tally.codes.most_common()),
+        "attacks": dict(sorted(tally.attacks.items())),
         "examples": tally.examples,
     }
 
@@ -746,10 +823,11 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
             print(json.dumps(results[-1]), flush=True)
         if "coordinator" in services:
             valid = Call("/pollinate.v1.Coordinator/GetJob", [coordinator_pb2.GetJobRequest(name=JOB).SerializeToString()])
+            evidence = signed_forward(node_info, hidden_size)
             results.append(fuzz_grpc("coordinator", coord, coord.info["grpc"],
                                      coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
-                                     coordinator_seeds(node_info), coordinator_attacks(node_info, rng), valid, n, rng,
-                                     args.seed, args.deadline_s))
+                                     coordinator_seeds(node_info, evidence), coordinator_attacks(node_info, evidence, rng),
+                                     valid, n, rng, args.seed, args.deadline_s))
             print(json.dumps(results[-1]), flush=True)
         if "http" in services:
             results.append(fuzz_http(coord, coord.info["http"], n, rng, args.deadline_s))
