@@ -73,7 +73,7 @@ def committed_flat(coordinator: str, token: str, span: tuple[int, int], round_in
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2
 
     reply = asyncio.run(call_coordinator(coordinator, token, "GetCommittedState", coordinator_pb2.GetCommittedStateRequest(
-        job=JOB, span=common_pb2.Span(start=span[0], end=span[1]), round=round_index), timeout_s=60, large_reply=True))
+        job=JOB, span=common_pb2.Span(start=span[0], end=span[1]), round=round_index), timeout_s=60))
     state = state_from_bytes(reply.state)
     checksum = state_checksum(state["global"], state["momentum"])
     if checksum != reply.checksum:

@@ -65,6 +65,7 @@ from procs import Proc, ProcGroup  # noqa: E402
 
 from pollinate.protocol.auth import TOKEN_METADATA_KEY  # noqa: E402
 from pollinate.protocol.identity import NodeIdentity  # noqa: E402
+from pollinate.protocol.pieces import to_pieces  # noqa: E402
 from pollinate.protocol.v1 import common_pb2, coordinator_pb2, node_pb2  # noqa: E402
 
 TOKEN = "fuzz-token"
@@ -541,6 +542,13 @@ def coordinator_seeds(node_info: dict, evidence: node_pb2.AnswerEvidence) -> dic
         "/pollinate.v1.Coordinator/ListQuarantined": [c.ListQuarantinedRequest().SerializeToString()],
         "/pollinate.v1.Coordinator/IssueDataTlsCertificate": [c.DataTlsCertificateRequest(
             member_id="m-1", address=node_info["address"]).SerializeToString()],
+        "/pollinate.v1.Coordinator/CommitRoundInPieces": [p.SerializeToString() for p in to_pieces(
+            c.CommitRoundRequest(job=JOB, span=span, round=1, member_id="m-1", checksum="0" * 64, state=b"x" * 3000))],
+        "/pollinate.v1.Coordinator/ReportLiarInPieces": [p.SerializeToString() for p in to_pieces(
+            c.ReportLiarRequest(address=node_info["address"], blocks=span, distance=0.5, tolerance=0.03,
+                                evidence=evidence))],
+        "/pollinate.v1.Coordinator/GetCommittedStateInPieces": [
+            c.GetCommittedStateRequest(job=JOB, span=span).SerializeToString()],
     }
 
 
@@ -581,6 +589,14 @@ def coordinator_attacks(node_info: dict, evidence: node_pb2.AnswerEvidence, rng:
 
     calls += [spoilt(lambda ev: setattr(ev.blocks, "end", ev.blocks.end + 1)), spoilt(bomb),
               spoilt(lambda ev: ev.steps[0].tensors[1].shape.extend([2**20])), spoilt(many_steps), spoilt(other_key)]
+    # large requests: a 60 MiB state in one message (refused by gRPC before it is read), and in
+    # pieces a size over the limit, or far more declared than sent
+    calls.append(Call("/pollinate.v1.Coordinator/CommitRound", [c.CommitRoundRequest(
+        job=JOB, span=span, round=1, member_id="intruder", checksum="0" * 64, state=bytes(60 << 20)).SerializeToString()],
+        kind="attack"))
+    for method, total in (("CommitRoundInPieces", 2**63), ("ReportLiarInPieces", 2**30), ("CommitRoundInPieces", 64 << 20)):
+        calls.append(Call(f"/pollinate.v1.Coordinator/{method}", [c.Piece(total_bytes=total, data=b"\x0a").SerializeToString()],
+                          kind="attack"))
     # 3: job specs out of range, and a 1.2 MB targets list
     for i, bad in enumerate([dict(rank=2**32 - 1), dict(lr=float("nan")), dict(codec="bogus"), dict(codec_p=5.0),
                              dict(targets=["t" * 60] * 20_000), dict(method="lora\nforged")]):

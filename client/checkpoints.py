@@ -55,9 +55,8 @@ async def job_history(coordinator: str, token: str, job: str, *, timeout_s: floa
     from pollinate.coordinator.client import call_coordinator
     from pollinate.protocol.v1 import coordinator_pb2
 
-    # a long job's history (every round of every span, with members) outgrows a default message
     return await call_coordinator(coordinator, token, "GetJobHistory", coordinator_pb2.GetJobHistoryRequest(name=job),
-                                  timeout_s=timeout_s, large_reply=True, **tls)
+                                  timeout_s=timeout_s, **tls)
 
 
 def job_spans(history, round_index: int = 0) -> list[tuple[int, int]]:
@@ -101,7 +100,7 @@ async def fetch_checkpoint(coordinator: str, token: str, history, *, round_index
         reply = await call_coordinator(
             coordinator, token, "GetCommittedState",
             coordinator_pb2.GetCommittedStateRequest(job=history.job.name, span=common_pb2.Span(start=start, end=end),
-                                                     round=round_index), timeout_s=timeout_s, large_reply=True, **tls)
+                                                     round=round_index), timeout_s=timeout_s, **tls)
         state = await asyncio.to_thread(state_from_bytes, reply.state)
         if state_checksum(state["global"], state["momentum"]) != reply.checksum:
             raise ValueError(f"span {start}:{end} round {reply.round}: the state received does not match its checksum")

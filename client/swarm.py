@@ -151,6 +151,7 @@ class Swarm:
         return coordinator_pb2_grpc.CoordinatorStub(channel)
 
     async def _report_liar(self, peer: PeerSpan, evidence: dict) -> None:
+        from pollinate.protocol.pieces import to_pieces
         from pollinate.protocol.v1 import common_pb2, coordinator_pb2
 
         start, end = evidence["blocks"]
@@ -160,8 +161,8 @@ class Swarm:
             evidence=evidence.get("signed"))
         try:
             async with self._report_lock:  # the coordinator re-runs the evidence on other members first
-                reply = await self._coordinator_stub().ReportLiar(request,
-                                                                  timeout=max(60.0, self.config.step_timeout_s))
+                reply = await self._coordinator_stub().ReportLiarInPieces(  # evidence may be many MiB
+                    to_pieces(request), timeout=max(60.0, self.config.step_timeout_s))
         except grpc.aio.AioRpcError as e:  # the ban here stands; the coordinator just does not hear of it
             logger.warning("reporting %s to the coordinator failed: %s %s", peer.address, e.code().name, e.details())
             return

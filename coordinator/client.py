@@ -33,6 +33,7 @@ from pollinate.protocol.auth import token_metadata
 from pollinate.protocol.data_tls import certificate_seconds_left
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
+from pollinate.protocol.pieces import join_state
 from pollinate.protocol.errors import (
     NotFound,
     PeerUnavailable,
@@ -481,15 +482,18 @@ class CoordinatorClient:
 
 
 async def call_coordinator(address: str, token: str, method: str, request, *, timeout_s: float = 10.0,
-                           tls: bool = False, tls_root_cert_file: Path | None = None, large_reply: bool = False):
+                           tls: bool = False, tls_root_cert_file: Path | None = None):
     """One unary RPC to the coordinator on a channel of its own (CLI commands, the trainer's
-    job registration); gRPC errors arrive as PollinateError subclasses. large_reply: the
-    reply may be a whole committed state (GetCommittedState), up to the coordinator's limit."""
-    limit = {"max_message_bytes": COORDINATOR_MAX_MESSAGE_BYTES} if large_reply else {}
-    channel = open_channel(address, ChannelConfig(token=token, tls=tls,
-                                                  tls_root_cert_file=tls_root_cert_file, **limit))
+    job registration); gRPC errors arrive as PollinateError subclasses. GetCommittedState:
+    the reply is joined from GetCommittedStateInPieces (protocol/pieces.py)."""
+    channel = open_channel(address, ChannelConfig(token=token, tls=tls, tls_root_cert_file=tls_root_cert_file,
+                                                  max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
     try:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with translate_rpc_errors(peer=address):
-            return await getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(request, timeout=timeout_s)
+            if method == "GetCommittedState":
+                return await join_state(stub.GetCommittedStateInPieces(request, timeout=timeout_s),
+                                        max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
+            return await getattr(stub, method)(request, timeout=timeout_s)
     finally:
         await channel.close()

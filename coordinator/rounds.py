@@ -171,6 +171,11 @@ class Rounds:
     def committed_state(self, job: str, span: Span, round_index: int = 0) -> tuple[int, str, bytes]:
         """(round, checksum, state bytes): the last committed state, or with round_index the
         latest kept one at or before it (an intermediate checkpoint)."""
+        round_index, checksum, path = self.committed_state_file(job, span, round_index)
+        return round_index, checksum, path.read_bytes()
+
+    def committed_state_file(self, job: str, span: Span, round_index: int = 0) -> tuple[int, str, Path]:
+        """committed_state's (round, checksum, the file that holds the state)."""
         key = (job, span.start, span.end)
         stored = (self.store.committed_state_file(key) if not round_index
                   else self.store.kept_state_at_or_before(key, round_index))
@@ -178,7 +183,7 @@ class Rounds:
             raise NotFound(f"job {job!r} span {span}: no committed round yet" if not round_index else
                            f"job {job!r} span {span}: no kept checkpoint at or before round {round_index}")
         round_index, path, checksum = stored
-        return round_index, checksum, path.read_bytes()
+        return round_index, checksum, path
 
     # ---- BeginRound -----------------------------------------------------------------
 

@@ -178,7 +178,7 @@ class CoordinatorServer:
             quarantine=self.quarantine, address_check=address_check,
         )
         self._rpc = RpcServer(ServerConfig(host=cfg.host, port=cfg.port, token=cfg.token,
-                                           max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
+                                           max_send_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
                                            grace_s=cfg.stop_grace_s, tls_cert_file=cfg.tls_cert_file,
                                            tls_key_file=cfg.tls_key_file))
         self._rpc.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, self._servicer)

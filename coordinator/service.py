@@ -22,9 +22,12 @@ from pollinate.coordinator.retention import RetentionPolicy
 from pollinate.coordinator.rounds import MAX_JOB_NAME, MAX_TRAINED_JOBS, Rounds, outer_from_proto
 from pollinate.coordinator.status import job_to_dict
 from pollinate.protocol.addresses import peer_host, probe_tcp
+from pollinate.protocol.answers import MAX_EVIDENCE_BYTES, MAX_EVIDENCE_STEPS
+from pollinate.protocol.channels import COORDINATOR_STATE_BYTES
 from pollinate.protocol.data_tls import SwarmCA
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound, Unauthenticated, one_line
 from pollinate.protocol.identity import CallSignatures, fingerprint
+from pollinate.protocol.pieces import PIECE_BYTES, PieceBudget, state_replies
 from pollinate.protocol.relay import dialer as relay_dialer
 from pollinate.protocol.relay import is_relayed
 from pollinate.protocol.shared import Span
@@ -33,6 +36,10 @@ from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_g
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "v1"
+# Largest requests in pieces (protocol/pieces.py): a commit carries a state, or the base state
+# and its shards' results (each at most a state); a report, its evidence and a step header each.
+COMMIT_MAX_BYTES = 2 * COORDINATOR_STATE_BYTES + 64 * 1024
+REPORT_MAX_BYTES = MAX_EVIDENCE_BYTES + MAX_EVIDENCE_STEPS * 1024
 _METHOD = "/pollinate.v1.Coordinator/"  # + a method's name: what a member's call signature covers
 _NO_INSTRUCTION = coordinator_pb2.Instruction(kind=coordinator_pb2.Instruction.NONE)
 
@@ -67,6 +74,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         data_tls_cert_validity_s: float = 3600.0,
     ) -> None:
         self.membership = membership
+        # requests in pieces held at once (protocol/pieces.py; each counts twice, its bytes and
+        # the parsed message): the largest commit once per address, twice in all (~512 MiB);
+        # this machine's addresses (a lab's nodes) only against the whole
+        self.pieces = PieceBudget(total=4 * COMMIT_MAX_BYTES, per_host=2 * COMMIT_MAX_BYTES,
+                                  is_local=address_check.is_local if address_check is not None else lambda host: False)
         self.quarantine = quarantine  # liar reports (coordinator/quarantine.py); None: not offered
         self.swarm_ca = swarm_ca  # --data-tls: the CA that certifies members (protocol/data_tls.py)
         self.data_tls_cert_validity_s = data_tls_cert_validity_s  # each node certificate's lifetime
@@ -256,6 +268,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.ReportLiarReply(quarantined=now, reporters=reporters,
                                                needed=quarantine.config.reporters, verdict=verdict.verdict)
 
+    async def ReportLiarInPieces(self, request_iterator, context):
+        async with self.pieces.request(request_iterator, coordinator_pb2.ReportLiarRequest,
+                                       host=peer_host(context.peer() or ""), max_bytes=REPORT_MAX_BYTES,
+                                       what="ReportLiar") as request:
+            return await self.ReportLiar(request, context)
+
     async def ListQuarantined(self, request, context):
         """The quarantined nodes, and the members' addresses that clients may route through
         (a DHT record at any other address was not announced by a member)."""
@@ -299,10 +317,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                                      received=reply.ByteSize())
         return reply
 
+    async def CommitRoundInPieces(self, request_iterator, context):
+        async with self.pieces.request(request_iterator, coordinator_pb2.CommitRoundRequest,
+                                       host=peer_host(context.peer() or ""), max_bytes=COMMIT_MAX_BYTES,
+                                       what="CommitRound") as request:
+            return await self.CommitRound(request, context)
+
     async def GetCommittedState(self, request: coordinator_pb2.GetCommittedStateRequest, context):
-        rnd, checksum, state = self._rounds().committed_state(
+        rnd, checksum, path = self._rounds().committed_state_file(
             request.job, span_from_proto(request.span, "span"), request.round)
-        return coordinator_pb2.GetCommittedStateReply(round=rnd, checksum=checksum, state=state)
+        size = path.stat().st_size
+        if size > PIECE_BYTES:  # read whole per call, it would cost a state per concurrent caller
+            raise FailedPrecondition(f"GetCommittedState: the state is {size} bytes, more than one message; "
+                                     f"ask GetCommittedStateInPieces")
+        return coordinator_pb2.GetCommittedStateReply(round=rnd, checksum=checksum, state=path.read_bytes())
+
+    async def GetCommittedStateInPieces(self, request: coordinator_pb2.GetCommittedStateRequest, context):
+        rnd, checksum, path = self._rounds().committed_state_file(
+            request.job, span_from_proto(request.span, "span"), request.round)
+        async for reply in state_replies(rnd, checksum, path):
+            await context.write(reply)
 
     async def ReportTraining(self, request: coordinator_pb2.ReportTrainingRequest, context):
         files = [{"role": f.role, "name": one_line(f.name, 256), "size_bytes": f.size_bytes, "sha256": f.sha256,

@@ -1,7 +1,6 @@
 """A node's round calls to the coordinator: BeginRound, CommitRound, GetCommittedState.
 
-One channel, opened on first use with the coordinator's message limit (a committed state
-can travel whole), errors translated to the protocol's (protocol/errors.py). What the calls
+One channel, opened on first use, errors translated to the protocol's (protocol/errors.py). What the calls
 mean for a round is node/rounds.py's; the coordinator's side is coordinator/rounds.py.
 """
 
@@ -18,6 +17,7 @@ from pollinate.compression.outer import OuterStep, state_checksum, state_from_by
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import FailedPrecondition, NotFound, translate_rpc_errors
+from pollinate.protocol.pieces import join_state, to_pieces
 from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class RoundCoordinator:
         return self._identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
     def _stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
-        if self._channel is None:  # committed states travel whole: the coordinator's message limit
+        if self._channel is None:
             self._channel = open_channel(self.address, ChannelConfig(
                 token=self.token, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES, **self._tls))
         return coordinator_pb2_grpc.CoordinatorStub(self._channel)
@@ -88,8 +88,8 @@ class RoundCoordinator:
                 momentum=step.momentum, nesterov=step.nesterov))
         for _ in range(2):  # the second call only if asked for the state
             with translate_rpc_errors(peer=self.address):
-                done = await self._stub().CommitRound(request, timeout=self.config.commit_timeout_s,
-                                                      metadata=self._metadata("CommitRound", request))
+                done = await self._stub().CommitRoundInPieces(to_pieces(request), timeout=self.config.commit_timeout_s,
+                                                              metadata=self._metadata("CommitRound", request))
             sent, received = sent + request.ByteSize(), received + done.ByteSize()
             if not done.send_state:
                 break
@@ -105,8 +105,8 @@ class RoundCoordinator:
         FailedPrecondition if it does not match its checksum."""
         try:
             with translate_rpc_errors(peer=self.address):
-                got = await self._stub().GetCommittedState(coordinator_pb2.GetCommittedStateRequest(
-                    job=job, span=span), timeout=self.config.begin_timeout_s)
+                got = await join_state(self._stub().GetCommittedStateInPieces(coordinator_pb2.GetCommittedStateRequest(
+                    job=job, span=span), timeout=self.config.begin_timeout_s), max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
         except NotFound:
             return None
         shared = state_from_bytes(got.state)

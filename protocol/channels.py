@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 # One 1 MiB chunk plus its message's other fields (headers, names, shapes) stays far under
 # 64 KiB; anything larger than chunk + 64 KiB is not a Pollinate message.
 DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_FRAMING.max_message_bytes + 64 * 1024
-# The coordinator's server and the nodes' round channel to it: a round's committed adapter
-# state travels whole in one CommitRound and one GetCommittedState message (LoRA rank 8 on 15
-# SmolLM2 blocks is 1.8 MB; rank 64 on all 30 is ~30 MB). The token guards who may send one.
+# The largest round state the coordinator keeps (LoRA rank 8 on 15 SmolLM2 blocks is 1.8 MB;
+# rank 64 on all 30 is ~30 MB). It travels in pieces (protocol/pieces.py): the coordinator
+# takes DEFAULT_MAX_MESSAGE_BYTES per message, and sends up to this (a unary reply to an
+# older client).
 COORDINATOR_STATE_BYTES = 64 << 20
 COORDINATOR_MAX_MESSAGE_BYTES = COORDINATOR_STATE_BYTES + 64 * 1024
 
@@ -77,6 +78,8 @@ class ServerConfig:
     tls_key_pem: bytes | None = field(default=None, repr=False)
     # Largest message accepted or sent, bytes; a bit above one tensor chunk (see above).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Largest message sent, where it differs (None: max_message_bytes).
+    max_send_message_bytes: int | None = None
     # Keepalive ping interval and how long to wait for the ack, seconds. 30 s / 10 s notice a
     # vanished peer within ~40 s at negligible traffic.
     keepalive_time_s: float = 30.0
@@ -310,7 +313,7 @@ class RpcServer:
         interceptors.extend(self._extra_interceptors)
         interceptors.append(ErrorMappingInterceptor())  # innermost: wraps the handlers themselves
         options = [
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_send_message_bytes or cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             # (C-core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; the string has no
             # "recv" in it, and an unknown option is silently ignored, leaving the 5 min default

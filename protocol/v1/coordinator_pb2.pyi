@@ -9,6 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Piece(_message.Message):
+    __slots__ = ("total_bytes", "data")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    data: bytes
+    def __init__(self, total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class ReportLiarRequest(_message.Message):
     __slots__ = ("address", "peer_id", "blocks", "distance", "tolerance", "checkers", "evidence")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -431,14 +439,16 @@ class GetCommittedStateRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., span: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GetCommittedStateReply(_message.Message):
-    __slots__ = ("round", "checksum", "state")
+    __slots__ = ("round", "checksum", "state", "state_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     checksum: str
     state: bytes
-    def __init__(self, round: _Optional[int] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...
+    state_bytes: int
+    def __init__(self, round: _Optional[int] = ..., checksum: _Optional[str] = ..., state: _Optional[bytes] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("name", "base_model", "spec", "state", "created_at", "updated_at")

@@ -130,6 +130,21 @@ class CoordinatorStub:
                 request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateRequest.SerializeToString,
                 response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateReply.FromString,
                 _registered_method=True)
+        self.CommitRoundInPieces = channel.stream_unary(
+                '/pollinate.v1.Coordinator/CommitRoundInPieces',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.Piece.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundReply.FromString,
+                _registered_method=True)
+        self.ReportLiarInPieces = channel.stream_unary(
+                '/pollinate.v1.Coordinator/ReportLiarInPieces',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.Piece.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarReply.FromString,
+                _registered_method=True)
+        self.GetCommittedStateInPieces = channel.unary_stream(
+                '/pollinate.v1.Coordinator/GetCommittedStateInPieces',
+                request_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
+                response_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -299,6 +314,35 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitRoundInPieces(self, request_iterator, context):
+        """Requests and replies larger than one message (issue 18: the coordinator takes messages of
+        at most 1 MiB + 64 KiB, as nodes do, so that a caller cannot make it hold 64 MiB per
+        concurrent call). CommitRound and ReportLiar in pieces: the request, serialized, split
+        into Pieces of at most 1 MiB (protocol/pieces.py); the first declares the whole size,
+        which the coordinator reserves against its budget for large requests before it reads on
+        (RESOURCE_EXHAUSTED when the budget is spent); the signature of a signed call covers the
+        whole request, as in the unary call. Same replies and errors as the unary calls, which
+        stay for requests that fit one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLiarInPieces(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCommittedStateInPieces(self, request, context):
+        """GetCommittedState with the state in pieces: every reply carries the next piece of
+        `state` (at most 1 MiB), the first also round, checksum and state_bytes. The unary call
+        answers only states that fit one message (FAILED_PRECONDITION naming this one otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -396,6 +440,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.IssueDataTlsCertificate,
                     request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateRequest.FromString,
                     response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateReply.SerializeToString,
+            ),
+            'CommitRoundInPieces': grpc.stream_unary_rpc_method_handler(
+                    servicer.CommitRoundInPieces,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.Piece.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundReply.SerializeToString,
+            ),
+            'ReportLiarInPieces': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportLiarInPieces,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.Piece.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarReply.SerializeToString,
+            ),
+            'GetCommittedStateInPieces': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCommittedStateInPieces,
+                    request_deserializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.FromString,
+                    response_serializer=pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -911,6 +970,87 @@ class Coordinator:
             '/pollinate.v1.Coordinator/IssueDataTlsCertificate',
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateRequest.SerializeToString,
             pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.DataTlsCertificateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitRoundInPieces(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pollinate.v1.Coordinator/CommitRoundInPieces',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.Piece.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.CommitRoundReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLiarInPieces(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pollinate.v1.Coordinator/ReportLiarInPieces',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.Piece.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.ReportLiarReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCommittedStateInPieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pollinate.v1.Coordinator/GetCommittedStateInPieces',
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateRequest.SerializeToString,
+            pollinate_dot_protocol_dot_v1_dot_coordinator__pb2.GetCommittedStateReply.FromString,
             options,
             channel_credentials,
             insecure,

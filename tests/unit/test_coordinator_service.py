@@ -372,15 +372,18 @@ async def test_client_falls_back_to_unary_heartbeats_on_a_coordinator_without_th
         await srv.stop(0)
 
 
-async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
-    """LoRA rank 8 on 15 SmolLM2 blocks commits a 1.8 MB state: over the 1.1 MB limit of the
-    other channels, within the coordinator's; it comes back byte for byte. (Round 1: the
-    coordinator has nothing to rebuild from, so BeginRound asks for the whole state.)"""
+async def test_a_committed_state_over_one_message_travels_in_pieces(server):
+    """LoRA rank 8 on 15 SmolLM2 blocks commits a 1.8 MB state: over the coordinator's 1.1 MB
+    per message (as nodes'), so it travels in pieces (protocol/pieces.py) and comes back
+    byte for byte; in one message it is refused by gRPC before a handler sees it, also on a
+    channel that would send it. (Round 1: the coordinator has nothing to rebuild from, so
+    BeginRound asks for the whole state.)"""
     import torch
 
     from pollinate.compression.outer import state_checksum, state_to_bytes
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-    from pollinate.protocol.errors import ResourceExhausted, translate_rpc_errors
+    from pollinate.protocol.errors import FailedPrecondition, ResourceExhausted, translate_rpc_errors
+    from pollinate.protocol.pieces import join_state, to_pieces
 
     node = client_for(server, 7100)
     try:
@@ -394,28 +397,76 @@ async def test_a_committed_state_over_one_tensor_chunk_travels_whole(server):
         def mine(method: str, request):  # calls in the member's name are signed by its key, each once
             return node.config.identity.call_metadata(f"/pollinate.v1.Coordinator/{method}", request)
 
-        small = open_channel(server.grpc_address, ChannelConfig(token=TOKEN))
         big = open_channel(server.grpc_address, ChannelConfig(token=TOKEN,
                                                               max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
         try:
-            with pytest.raises(ResourceExhausted), translate_rpc_errors():  # why the round channel is bigger
-                await coordinator_pb2_grpc.CoordinatorStub(small).CommitRound(commit, timeout=5,
-                                                                              metadata=mine("CommitRound", commit))
             stub = coordinator_pb2_grpc.CoordinatorStub(big)
+            with pytest.raises(ResourceExhausted), translate_rpc_errors():
+                await stub.CommitRound(commit, timeout=5, metadata=mine("CommitRound", commit))
             begin = coordinator_pb2.BeginRoundRequest(job="big", span=span, round=1, member_id=node.member_id,
                                                       tokens=1)
             formed = await stub.BeginRound(begin, timeout=10, metadata=mine("BeginRound", begin))
             assert [m.member_id for m in formed.members] == [node.member_id] and formed.send_state
-            done = await stub.CommitRound(commit, timeout=10, metadata=mine("CommitRound", commit))
+            pieces = list(to_pieces(commit))
+            assert len(pieces) == 3 and all(p.ByteSize() < DEFAULT_MAX_MESSAGE_BYTES for p in pieces)
+            done = await stub.CommitRoundInPieces(iter(pieces), timeout=10, metadata=mine("CommitRound", commit))
             assert done.committed and done.committed_round == 1, done.reason
-            got = await stub.GetCommittedState(coordinator_pb2.GetCommittedStateRequest(job="big", span=span),
-                                               timeout=10)
+            assert server._servicer.pieces.held == 0  # released once answered
+            asked = coordinator_pb2.GetCommittedStateRequest(job="big", span=span)
+            with pytest.raises(FailedPrecondition, match="GetCommittedStateInPieces"), translate_rpc_errors():
+                await stub.GetCommittedState(asked, timeout=10)  # whole, it would cost a state per caller
+            got = await join_state(stub.GetCommittedStateInPieces(asked, timeout=10),
+                                   max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
             assert (got.round, got.checksum, got.state == state) == (1, checksum, True)
         finally:
-            await small.close()
             await big.close()
     finally:
         await node.stop()
+
+
+async def test_requests_in_pieces_are_bounded_before_they_are_read(server):
+    """What a caller declares over one piece is held against the coordinator's budget for large
+    requests before it sends it: past the budget RESOURCE_EXHAUSTED at once (a one-piece request
+    still passes), a size over the method's limit or pieces that do not add up INVALID_ARGUMENT;
+    a stream that gives up frees what it held."""
+    from pollinate.coordinator.service import COMMIT_MAX_BYTES
+    from pollinate.protocol.errors import InvalidRequest, ResourceExhausted, translate_rpc_errors
+    from pollinate.protocol.pieces import PIECE_BYTES
+
+    budget = server._servicer.pieces
+    channel = open_channel(server.grpc_address, ChannelConfig(token=TOKEN))
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+    piece = coordinator_pb2.Piece
+    try:
+        for pieces, why in (([piece(total_bytes=COMMIT_MAX_BYTES + 1, data=b"x")], "declares"),
+                            ([piece(total_bytes=10, data=b"x")], "end after 1 of the 10"),
+                            ([piece(total_bytes=2, data=b"xy"), piece(data=b"z")], "more than"),
+                            ([piece(total_bytes=3, data=b"\xff\xff\xff")], "not a CommitRoundRequest")):
+            with pytest.raises(InvalidRequest, match=why), translate_rpc_errors():
+                await stub.CommitRoundInPieces(iter(pieces), timeout=10)
+        # callers that declare the largest commit and then hold it: two fit the budget, not a third
+        held = []
+        for _ in range(2):
+            queue: asyncio.Queue = asyncio.Queue()
+            await queue.put(piece(total_bytes=COMMIT_MAX_BYTES, data=b"x"))
+
+            async def pieces(queue=queue):
+                while (p := await queue.get()) is not None:
+                    yield p
+            held.append((stub.CommitRoundInPieces(pieces(), timeout=30), queue))
+        await wait_for(lambda: budget.held == 4 * COMMIT_MAX_BYTES, what="two large requests held")
+        with pytest.raises(ResourceExhausted, match="large requests"), translate_rpc_errors():
+            await stub.ReportLiarInPieces(iter([piece(total_bytes=PIECE_BYTES + 1, data=b"x")]), timeout=10)
+        # one piece costs what a unary message does, and holds nothing: it still gets through
+        with pytest.raises(InvalidRequest, match="end after 1 of the 1000"), translate_rpc_errors():
+            await stub.ReportLiarInPieces(iter([piece(total_bytes=1000, data=b"x")]), timeout=10)
+        for call, queue in held:
+            await queue.put(None)  # the stream ends early: INVALID_ARGUMENT, and what it held is freed
+            with pytest.raises(InvalidRequest), translate_rpc_errors():
+                await call
+        assert budget.held == 0
+    finally:
+        await channel.close()
 
 
 async def test_a_member_stored_without_a_key_loads_and_must_join_again_signed(tmp_path):
