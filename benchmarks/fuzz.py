@@ -473,6 +473,26 @@ def node_attacks(hidden_size: int, node_info: dict, rng: random.Random) -> list[
             node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(job=f"bad-spec-{i}", spec=job_spec(**bad))
                                     ).SerializeToString(),
             tensor_message(x, node_pb2.ForwardRequest)], kind="attack"))
+    # streams of a tensor over what the node serves: 256 MiB of hidden states (every RPC that
+    # takes activations), a 512 MiB contribution; refused at the first chunk, before the rest is kept
+    seq = (256 << 20) // (2 * hidden_size)
+    chunks = [common_pb2.Tensor(dtype="float16", shape=[1, seq, hidden_size], codec="none", name="hidden_states",
+                                data=bytes(1 << 20), total_bytes=256 << 20, chunk_index=i, num_chunks=256)
+              for i in range(8)]
+    calls.append(Call("/pollinate.v1.Node/Forward", [node_pb2.ForwardRequest(
+        header=node_pb2.ForwardHeader()).SerializeToString()] + [tensor_message(c, node_pb2.ForwardRequest)
+                                                                  for c in chunks], kind="attack"))
+    calls.append(Call("/pollinate.v1.Node/Inference", [node_pb2.InferenceRequest(
+        open=node_pb2.InferenceOpen(session_id="big", max_length=64)).SerializeToString()] + [
+        node_pb2.InferenceRequest(position=0, tensor=c).SerializeToString() for c in chunks], kind="attack"))
+    calls.append(Call("/pollinate.v1.Node/Backward", [node_pb2.BackwardRequest(header=node_pb2.BackwardHeader(
+        job=JOB, spec=job_spec())).SerializeToString()] + [node_pb2.BackwardRequest(tensor=c).SerializeToString()
+                                                           for c in chunks], kind="attack"))
+    calls.append(Call("/pollinate.v1.Node/ExchangeShard", [node_pb2.ShardMessage(
+        job=JOB, span=common_pb2.Span(start=node_info["blocks"][0], end=node_info["blocks"][1]), round=2,
+        sender_id="intruder", shard_index=0, weight=1, tensor=common_pb2.Tensor(
+            dtype="float32", shape=[2**27], codec="none", data=bytes(1 << 20), total_bytes=512 << 20, num_chunks=512)
+    ).SerializeToString()], kind="attack"))
     # 5: many held sessions, each asking for a long cache
     for i in range(8):
         calls.append(Call("/pollinate.v1.Node/Inference", [node_pb2.InferenceRequest(

@@ -124,7 +124,11 @@ class HopStream:
                     ))
                     first = False
                 await asyncio.wait_for(self._call.write(req), cfg.step_timeout_s)
-            assembler = TensorAssembler()
+            def check(chunk) -> None:  # the reply's shape before its bytes are kept (a node may be hostile)
+                if tuple(chunk.shape) != encoded.shape:
+                    raise PeerUnavailable(f"{address} answers shape {list(chunk.shape)[:8]} for {list(encoded.shape)}")
+
+            assembler = TensorAssembler(check=check)
             while True:
                 reply = await asyncio.wait_for(self._call.read(), cfg.step_timeout_s)
                 if reply is grpc_eof():

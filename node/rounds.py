@@ -157,14 +157,15 @@ class RoundDriver:
         self.coordinator = RoundCoordinator(config, address=coordinator_address, token=token,
                                             member_id=member_id, identity=identity, tls=tls,
                                             tls_root_cert_file=tls_root_cert_file)
-        self.exchange = ShardExchange(config, token=token, framing=framing, committed_round=self._committed_round)
+        self.exchange = ShardExchange(config, token=token, framing=framing, job_state=self._job_state)
         # job -> (round, attempt, owner task) of a failed attempt whose shard is still served
         self._serving: dict[str, tuple] = {}
         self._overlapped: dict[str, _Overlapped] = {}  # job -> its round running in the background
 
-    def _committed_round(self, job: str) -> int | None:
+    def _job_state(self, job: str) -> tuple[int, int] | None:
+        """(its last committed round, its adapter's values), None for a job unknown here."""
         state = self.jobs.get(job)
-        return None if state is None else state.committed_round
+        return None if state is None else (state.committed_round, state.member.numel)
 
     # ---- tracking --------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
 
     async def Forward(self, request_iterator, context):
         requests = aiter(request_iterator)
-        assembler = activation_assembler(self.framing)
+        assembler = activation_assembler(self.framing, self.server.check_activation)
         header, job, tensors, signer = None, None, 0, None
         while True:
             req = await self._next(requests, "Forward")
@@ -113,10 +113,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
             if not req.HasField("tensor"):
                 continue
             encoded = assembler.feed(req.tensor)
-            if encoded is None:
+            if encoded is None:  # (its name and shape were checked at its first chunk)
                 continue
-            if encoded.name not in ("", HIDDEN):
-                raise InvalidRequest(f"Forward: unexpected tensor {encoded.name!r}, want {HIDDEN!r}")
             if header.keep_id and tensors:
                 raise InvalidRequest(f"Forward: keep_id {header.keep_id!r} names one input, got a second tensor")
             hidden = await asyncio.to_thread(encoded.decode)
@@ -132,8 +130,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
 
     async def Inference(self, request_iterator, context):
         requests = aiter(request_iterator)
-        assembler = activation_assembler(self.framing)
         server = self.server  # a move swaps self.server; this session stays on its span
+        assembler = activation_assembler(self.framing, server.check_activation)
         opened: node_pb2.InferenceOpen | None = None
         session, scope, signer = None, None, None
         step_position: int | None = None  # position carried by the chunks of the step in progress

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from pollinate.node.diloco import Contribution
 from pollinate.protocol.channels import open_channel, peer_channel_config
-from pollinate.protocol.errors import FailedPrecondition, NotFound, RpcTimeout, translate_rpc_errors
-from pollinate.protocol.tensors import EncodedTensor, TensorAssembler
+from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound, RpcTimeout, translate_rpc_errors
+from pollinate.protocol.tensors import EncodedTensor, MiB, TensorAssembler
 from pollinate.protocol.v1 import node_pb2, node_pb2_grpc
 
 if TYPE_CHECKING:
@@ -66,15 +66,15 @@ class Inbox:
 class ShardExchange:
     """Both sides of ExchangeShard for the jobs of one node.
 
-    ``committed_round(job)``: the job's last round committed here, None for a job this node
-    does not run rounds for (its contributions are refused)."""
+    ``job_state(job)``: the job's last round committed here and its adapter's values, None for
+    a job this node does not run rounds for (its contributions are refused)."""
 
     def __init__(self, config: RoundConfig, *, token: str, framing,
-                 committed_round: Callable[[str], int | None]) -> None:
+                 job_state: Callable[[str], tuple[int, int] | None]) -> None:
         self.config = config
         self.token = token
         self.framing = framing
-        self._committed_round = committed_round
+        self._job_state = job_state  # job -> (its last committed round here, its adapter's values), or None
         self._inboxes: dict[tuple[str, int, int], Inbox] = {}  # (job, round, attempt)
         self._left: dict[str, tuple[int, int]] = {}  # job -> (round, attempt) last left: older refused
         # (job, round, attempt) -> [bytes sent, bytes received] of serialized ExchangeShard
@@ -87,7 +87,8 @@ class ShardExchange:
               coordinator: bool = False) -> None:
         """Add serialized message sizes to (job, round, attempt)'s traffic: ExchangeShard's, or
         with ``coordinator`` BeginRound's."""
-        committed = self._committed_round(job)
+        state = self._job_state(job)
+        committed = state[0] if state is not None else None
         if committed is None or (r, attempt) <= self._left.get(job, (0, 0)) or r > committed + MAX_ROUNDS_AHEAD:
             return  # over here: already reported (or refused)
         traffic = self._traffic.setdefault((job, r, attempt), [0, 0, 0, 0])
@@ -119,13 +120,13 @@ class ShardExchange:
         inbox.contributions[contribution.sender] = contribution
         inbox.arrived.set()
 
-    async def receive(self, job: str, r: int, sender: str, shard: int, tokens: int,
-                      payload: bytes, attempt: int = 1) -> bytes:
-        """A member's contribution to our shard of round r (that attempt); returns the shard's
-        result bytes once the owner task has published them."""
-        committed = self._committed_round(job)
-        if committed is None:
+    def admit(self, job: str, r: int, attempt: int, payload_bytes: int) -> None:
+        """What a contribution to round r (that attempt) must meet before its bytes are kept
+        (ExchangeShard checks it at the first message, from the size the tensor declares)."""
+        state = self._job_state(job)
+        if state is None:
             raise NotFound(f"ExchangeShard: job {job!r} is unknown on this node")
+        committed, numel = state
         if r <= committed:
             raise FailedPrecondition(f"ExchangeShard: round {r} of job {job!r} is already committed here")
         if r > committed + MAX_ROUNDS_AHEAD:
@@ -134,6 +135,15 @@ class ShardExchange:
         if (r, attempt) <= self._left.get(job, (0, 0)):
             raise FailedPrecondition(f"ExchangeShard: round {r} attempt {attempt} of job {job!r} is "
                                      f"over on this node")
+        if payload_bytes > 8 * numel + MiB:  # a shard's values in fp32, twice over, and headers
+            raise InvalidRequest(f"ExchangeShard: a contribution of {payload_bytes} bytes to job {job!r}, whose "
+                                 f"adapter has {numel} values (at most {8 * numel + MiB} bytes)")
+
+    async def receive(self, job: str, r: int, sender: str, shard: int, tokens: int,
+                      payload: bytes, attempt: int = 1) -> bytes:
+        """A member's contribution to our shard of round r (that attempt); returns the shard's
+        result bytes once the owner task has published them."""
+        self.admit(job, r, attempt, len(payload))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.exchange_timeout_s
         inbox = await self._opened(job, r, attempt, deadline)

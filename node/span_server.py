@@ -23,6 +23,7 @@ from pollinate.node.packed_forward import PackedStep, forward_packed, packable
 from pollinate.node.sessions import Session, SessionConfig, SessionManager
 from pollinate.node.span import SpanError
 from pollinate.protocol.errors import InvalidRequest, SpanMoved
+from pollinate.protocol.tensors import DTYPES, HIDDEN_STATES
 
 logger = logging.getLogger(__name__)
 
@@ -91,22 +92,31 @@ class SpanServer:
         return start, end
 
     def check_hidden(self, hidden: torch.Tensor) -> None:
-        if hidden.dim() != 3:
-            raise InvalidRequest(f"hidden_states must be [batch, seq, hidden], got shape {list(hidden.shape)}")
-        if hidden.shape[-1] != self.hidden_size:
-            raise InvalidRequest(
-                f"hidden_states have hidden size {hidden.shape[-1]}, this model's is {self.hidden_size}"
-            )
-        tokens = hidden.shape[0] * hidden.shape[1]
+        self._check_hidden_shape(list(hidden.shape), hidden.dtype)
+
+    def check_activation(self, chunk, names: tuple[str, ...] = ("", HIDDEN_STATES)) -> None:
+        """A TensorAssembler check (protocol/tensors.py): an activation's name and the shape
+        and dtype check_hidden asks of it, from its first chunk, before its bytes are kept (a
+        stream could otherwise hold 512 MiB of a tensor this node then refuses)."""
+        if chunk.name not in names:
+            raise InvalidRequest(f"unexpected tensor {chunk.name[:100]!r}, want {' or '.join(repr(n) for n in names if n)}")
+        self._check_hidden_shape(list(chunk.shape), DTYPES[chunk.dtype])
+
+    def _check_hidden_shape(self, shape: list[int], dtype: torch.dtype) -> None:
+        if len(shape) != 3:
+            raise InvalidRequest(f"hidden_states must be [batch, seq, hidden], got shape {shape}")
+        if shape[-1] != self.hidden_size:
+            raise InvalidRequest(f"hidden_states have hidden size {shape[-1]}, this model's is {self.hidden_size}")
+        tokens = shape[0] * shape[1]
         if tokens == 0:
-            raise InvalidRequest(f"hidden_states are empty: shape {list(hidden.shape)}")
+            raise InvalidRequest(f"hidden_states are empty: shape {shape}")
         if tokens > self.serving.max_step_tokens:
             raise InvalidRequest(
                 f"hidden_states carry {tokens} tokens, over this node's per-request limit "
                 f"{self.serving.max_step_tokens}"
             )
-        if not hidden.dtype.is_floating_point:
-            raise InvalidRequest(f"hidden_states must be floating point, got {hidden.dtype}")
+        if not dtype.is_floating_point:
+            raise InvalidRequest(f"hidden_states must be floating point, got {dtype}")
 
     # ---- Forward: no cache
 

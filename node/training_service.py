@@ -37,9 +37,10 @@ def check_reply_codec(codec_id: str, what: str) -> None:
                              f"(allowed: {', '.join(sorted(ACTIVATION_CODECS))})")
 
 
-def activation_assembler(framing) -> TensorAssembler:
-    """A TensorAssembler for hidden states and their gradients: activation codecs only."""
-    return TensorAssembler(framing, lookup=get_activation_codec)
+def activation_assembler(framing, check) -> TensorAssembler:
+    """A TensorAssembler for hidden states and their gradients: activation codecs only, each
+    tensor's name and shape checked (`check`) before its bytes are kept."""
+    return TensorAssembler(framing, lookup=get_activation_codec, check=check)
 
 
 class TrainingRpcs:
@@ -49,8 +50,18 @@ class TrainingRpcs:
 
     async def Backward(self, request_iterator, context):
         requests = aiter(request_iterator)
-        assembler = activation_assembler(self.framing)
         header, job, done = None, None, 0
+
+        def check(chunk) -> None:  # a check_only Backward's adapter: the job's, else activations
+            if chunk.name == ADAPTER_FLAT and header.check_only:
+                numel = sum(p.numel() for p in job.adapter.parameters())
+                if list(chunk.shape) != [numel]:
+                    raise InvalidRequest(f"adapter.flat: shape {list(chunk.shape)[:8]}, the job's adapter here "
+                                         f"has {numel} values")
+            else:
+                self.server.check_activation(chunk, (HIDDEN, GRAD_OUT))
+
+        assembler = activation_assembler(self.framing, check)
         pair: dict[str, object] = {}
         flat = None  # check_only: the checked replica's adapter, if sent: (as sent, decoded once)
         signer = None  # a checked Backward's answer is signed (protocol/answers.py)
@@ -154,7 +165,9 @@ class TrainingRpcs:
                 raise InvalidRequest("ExchangeShard: stream ended before the contribution was complete")
             if msg.kind != node_pb2.ShardMessage.CONTRIBUTION:
                 raise InvalidRequest("ExchangeShard: only CONTRIBUTION messages are accepted")
-            first = first or msg
+            if first is None:  # before its bytes are kept: a round in progress here, a size it can have
+                exchange.admit(msg.job, msg.round, msg.attempt or 1, msg.tensor.total_bytes)
+                first = msg
             exchange.count(msg.job, msg.round, msg.attempt or 1, received=msg.ByteSize())
             encoded = assembler.feed(msg.tensor)
             if encoded is not None:

@@ -46,6 +46,9 @@ COORDINATOR_STATE_BYTES = 64 << 20
 COORDINATOR_MAX_MESSAGE_BYTES = COORDINATOR_STATE_BYTES + 64 * 1024
 
 
+RECEIVE_WINDOW_BYTES = 4 * 1024 * 1024
+
+
 def _keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", int(time_s * 1000)),
@@ -322,6 +325,12 @@ class RpcServer:
             # grpc sets SO_REUSEPORT by default, which lets a second server bind the same port
             # and silently steal half the connections; a taken port must be an error.
             ("grpc.so_reuseport", 0),
+            # What a caller may push into one stream before the handler reads it: a fixed 4 MiB
+            # window. gRPC's default grows it with its bandwidth-delay probe, and callers then
+            # pushed tens of MB per stream into a server's buffers after the handler had refused
+            # the stream's first message (issue 18; docs/security.md). 4 MiB still carries
+            # ~330 Mbit/s per stream at 100 ms round trip.
+            ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
             *_keepalive_options(cfg.keepalive_time_s, cfg.keepalive_timeout_s),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)

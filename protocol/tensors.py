@@ -198,9 +198,14 @@ class TensorAssembler:
     Holds at most one partial tensor; what to do with several complete ones is the caller's.
     """
 
-    def __init__(self, config: FramingConfig = DEFAULT_FRAMING, *, lookup: CodecLookup | None = None) -> None:
+    def __init__(self, config: FramingConfig = DEFAULT_FRAMING, *, lookup: CodecLookup | None = None,
+                 check: Callable[[common_pb2.Tensor], None] | None = None) -> None:
         self._config = config
         self._lookup = lookup
+        # The receiver's own expectations of a tensor (its name, a shape it can serve), asked of
+        # each tensor's chunk 0 once the checks above passed and before its bytes are kept:
+        # raises InvalidRequest to refuse. Without it a stream holds up to max_tensor_bytes.
+        self._check = check
         self._first: common_pb2.Tensor | None = None  # chunk 0 of the tensor in progress
         self._header: tuple | None = None
         self._parts: list[bytes] = []
@@ -302,6 +307,8 @@ class TensorAssembler:
                     f"{what}: num_chunks {chunk.num_chunks} does not fit total_bytes {total} in chunks "
                     f"of {size} bytes (expected {expected})"
                 )
+        if self._check is not None:
+            self._check(chunk)
         self._first = chunk
         self._header = self._header_of(chunk)
         self._chunk_size = size

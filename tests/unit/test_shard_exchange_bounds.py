@@ -18,7 +18,7 @@ COMMITTED = 3
 
 def exchange() -> ShardExchange:
     config = RoundConfig(exchange_timeout_s=0.5, contribution_wait_s=0.2)
-    return ShardExchange(config, token="t", framing=DEFAULT_FRAMING, committed_round=lambda job: COMMITTED)
+    return ShardExchange(config, token="t", framing=DEFAULT_FRAMING, job_state=lambda job: (COMMITTED, 1 << 20))
 
 
 def test_a_round_never_begun_here_leaves_nothing_behind():
