@@ -184,10 +184,14 @@ class RemoteModelForCausalLM(PreTrainedModel, GenerationMixin):
             logger.info("no coordinator given: routing through every DHT record; nodes are verified against the "
                         "swarm CA in %s, so a record at a non-member's address fails the TLS handshake and gets no "
                         "call", swarm_ca)
-        elif not client_config.coordinator:  # docs/security.md: DHT records need no token
+        elif not client_config.coordinator and client_config.token:  # docs/security.md: records are tagged
+            logger.warning("no coordinator given: routing through every DHT record tagged with the swarm token, "
+                           "members of the swarm or not (any token holder can announce blocks and receive this "
+                           "client's calls); give coordinator=HOST:PORT (--coordinator) to route through members only")
+        elif not client_config.coordinator:  # an open swarm: DHT records need no token
             logger.warning("no coordinator given: routing through every DHT record, members of the swarm or not "
-                           "(a stranger that reaches the DHT can announce blocks and receive this client's calls, "
-                           "token included); give coordinator=HOST:PORT (--coordinator) to route through members only")
+                           "(a stranger that reaches the DHT can announce blocks and receive this client's calls); "
+                           "give coordinator=HOST:PORT (--coordinator) to route through members only")
         files = open_model(model, cache_dir=cache_dir, show_progress=False)
         part = files.load_client_part()
         worker = LoopThread()

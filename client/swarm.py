@@ -69,7 +69,8 @@ class Swarm:
     async def peers(self, *, refresh: bool = False) -> list[PeerSpan]:
         if refresh or time.monotonic() - self._fetched_at > self.config.peers_ttl_s:
             self._peers = await asyncio.to_thread(
-                fetch_peers, self.dht, self.model_id, self.num_blocks, timeout_s=self.config.dht_timeout_s
+                fetch_peers, self.dht, self.model_id, self.num_blocks, token=self.config.token,
+                timeout_s=self.config.dht_timeout_s
             )
             self._fetched_at = time.monotonic()
             if self.config.coordinator:

@@ -12,21 +12,39 @@ kB/s per idle node (~5 GB a month), and a client read 30 keys per lookup. The re
 names the span, so one key per model says the same in one store and one read
 (docs/architecture.md, "One DHT record per node").
 
+The DHT takes records from anyone, token or not. A node with the swarm token tags its record
+(`record_tag`: an HMAC under a key derived from the token over the key, its peer id, the
+fields and the expiration it signs), and readers with the token drop records without a valid
+tag (client/dht_lookup.py), so a peer without the token cannot draw a client's calls (and read
+the token from them) by announcing blocks (docs/architecture.md, "DHT records carry a token tag").
+
 The DHT runs in a forked process: create it before any gRPC object exists in this process
 (see `start_dht`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pollinate.protocol.auth import token_key
+
 logger = logging.getLogger(__name__)
 
 STATES = ("joining", "online", "offline")
+
+# The fields a token holder's record adds: the DHT expiration time it signs, and the tag
+TAG_FIELD = "tag"
+EXPIRATION_FIELD = "expiration"
+# Names the token's use in the tag's key (protocol/auth.py: token_key), so a record's tag is
+# a MAC nothing else in the swarm makes or accepts
+RECORD_TAG_LABEL = "dht-record-v1"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +107,18 @@ def record_value(
     }
 
 
+def record_tag(token: str, *, key: str, subkey: str, value: dict[str, Any]) -> bytes:
+    """HMAC-SHA256, under a key derived from the swarm token, of the DHT key, the subkey (the
+    writer's peer id) and every field of `value` but the tag, the signed expiration included,
+    as canonical JSON (sorted keys, no spaces; msgpack carries ints, floats and strings
+    exactly, so a reader encodes the same bytes). So a tag does not pass under another model,
+    another peer id, a changed field or a later expiration. Raises TypeError or ValueError for
+    a value JSON cannot encode."""
+    fields = {k: v for k, v in value.items() if k != TAG_FIELD}
+    message = json.dumps([key, subkey, fields], sort_keys=True, separators=(",", ":"))
+    return hmac.new(token_key(token, RECORD_TAG_LABEL), message.encode("utf-8"), hashlib.sha256).digest()
+
+
 def start_dht(initial_peers: Sequence[str], *, host: str = "127.0.0.1", client_mode: bool = False,
               host_maddrs: Sequence[str] | None = None, announce_maddrs: Sequence[str] = (),
               relay: bool = False):
@@ -137,6 +167,7 @@ class Announcer:
         throughput: float,
         cache_tokens_left: Callable[[], int],
         config: AnnounceConfig,
+        token: str | None,
         quant: str = "none",
     ):
         self.dht = dht
@@ -147,6 +178,7 @@ class Announcer:
         self.cache_tokens_left = cache_tokens_left
         self.config = config
         self.quant = quant  # the span's quantisation, announced in every record
+        self.token = token  # the swarm token, which tags every record (record_tag); None: untagged
         self.state = "joining"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -161,6 +193,14 @@ class Announcer:
 
         self.state = state
         lifetime = self.config.expiration_s if lifetime_s is None else lifetime_s
+        # hivemind keeps, per key and subkey, the value that expires last and drops a store
+        # that expires earlier: a short-lived "offline" written soon after a refresh would be
+        # ignored and clients would keep routing here. So a record never expires before the
+        # one it replaces, also one an earlier Announcer of this peer stored.
+        with _last_expiration_lock:
+            expiration = max(get_dht_time() + lifetime, _last_expiration.get(self.peer_id, 0.0) + 1e-3)
+            _last_expiration[self.peer_id] = expiration
+        key = spans_key(self.model_id)
         value = record_value(
             state=state,
             address=self.address,
@@ -170,15 +210,11 @@ class Announcer:
             cache_tokens_left=self.cache_tokens_left(),
             quant=self.quant,
         )
-        # hivemind keeps, per key and subkey, the value that expires last and drops a store
-        # that expires earlier: a short-lived "offline" written soon after a refresh would be
-        # ignored and clients would keep routing here. So a record never expires before the
-        # one it replaces, also one an earlier Announcer of this peer stored.
-        with _last_expiration_lock:
-            expiration = max(get_dht_time() + lifetime, _last_expiration.get(self.peer_id, 0.0) + 1e-3)
-            _last_expiration[self.peer_id] = expiration
+        if self.token is not None:
+            value[EXPIRATION_FIELD] = expiration
+            value[TAG_FIELD] = record_tag(self.token, key=key, subkey=self.peer_id, value=value)
         try:
-            ok = bool(self.dht.store(spans_key(self.model_id), value, expiration, subkey=self.peer_id,
+            ok = bool(self.dht.store(key, value, expiration, subkey=self.peer_id,
                                      return_future=True).result(timeout=self.config.store_timeout_s))
         except Exception as e:  # a DHT hiccup is retried on the next refresh
             logger.warning("DHT store failed: %s", e)

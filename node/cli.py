@@ -425,7 +425,7 @@ class _Node:
         return Announcer(self.dht, model_id=self.config.model, start=server.start, end=server.end,
                          address=address, throughput=throughput,
                          cache_tokens_left=lambda: server.sessions.tokens_left, config=self.config.announce,
-                         quant=server.span.quant)
+                         token=self.config.token, quant=server.span.quant)
 
     async def measure(self, server) -> float:
         """The throughput to announce for `server`'s span (config.throughput 'auto'/'eval')."""
@@ -629,7 +629,7 @@ class _Node:
         try:
             replicas = await find_replicas(self.dht, model_id=self.config.model, num_blocks=self.files.num_blocks,
                                            start=server.start, end=server.end, exclude=self.announcer.peer_id,
-                                           timeout_s=cfg.lookup_timeout_s)
+                                           token=self.config.token, timeout_s=cfg.lookup_timeout_s)
         except Exception as e:  # the DHT is best effort here: without replicas every client replays
             logger.warning("handoff: looking up replicas of blocks %d:%d failed: %s", server.start, server.end, e)
             replicas = []

@@ -228,11 +228,13 @@ def handed_off(session_id: str, address: str, peer_id: str) -> SessionHandedOff:
 
 
 async def find_replicas(dht, *, model_id: str, num_blocks: int, start: int, end: int, exclude: str,
-                        timeout_s: float) -> list[tuple[str, str]]:
-    """(address, peer id) of the online nodes announcing exactly blocks [start, end), fastest first."""
+                        token: str | None, timeout_s: float) -> list[tuple[str, str]]:
+    """(address, peer id) of the online nodes announcing exactly blocks [start, end), fastest
+    first; with the swarm `token`, only nodes whose records a token holder wrote (sessions,
+    their caches and the token go there)."""
     from pollinate.client.dht_lookup import fetch_peers
 
-    peers = await asyncio.to_thread(fetch_peers, dht, model_id, num_blocks, timeout_s=timeout_s)
+    peers = await asyncio.to_thread(fetch_peers, dht, model_id, num_blocks, token=token, timeout_s=timeout_s)
     same = [p for p in peers if (p.start, p.end) == (start, end) and p.state == "online" and p.peer_id != exclude]
     same.sort(key=lambda p: -p.throughput)
     return [(p.address, p.peer_id) for p in same]

@@ -9,6 +9,7 @@ in clear text unless TLS is on (channels.py).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -54,6 +55,15 @@ def read_token(token_file: str | os.PathLike | None, fallback: str | None = None
 # Identity (a member's key pair, calls signed in its name, the address challenge) lives in
 # protocol/identity.py; the Health challenge's length is bounded here with the other limits.
 MAX_CHALLENGE_CHARS = 128
+
+
+def token_key(token: str, label: str) -> bytes:
+    """A key for one use of the swarm token, named by `label`: SHA-256 of the label and the
+    token. What is MACed under it proves its writer holds the token, while neither the token
+    nor a key for another use appears where others can read it (node/announce.py: DHT records)."""
+    if not token:
+        raise ValueError("swarm token must be a non-empty string")
+    return hashlib.sha256(b"pollinate " + label.encode("utf-8") + b"\0" + token.encode("utf-8")).digest()
 
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:

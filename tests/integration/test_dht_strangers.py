@@ -1,13 +1,17 @@
 """Strangers in the DHT (issue 18). The swarm's DHT takes records from anyone who can reach
 it, no token needed, so a stranger can announce blocks at an address of its choosing, with a
 throughput that makes routes prefer it, and learn the token from the first call sent there.
-A client that knows the coordinator routes only through records at its members' addresses
-(ListQuarantined lists them): it generates the local model's tokens and never dials the
-stranger. A client bootstrapped from --initial-peers alone has no member list and does dial
-it: the hole the list closes (docs/security.md). In a --data-tls swarm, such a client given the
-swarm's CA certificate (--swarm-ca) still dials the stranger, but only to offer a TLS handshake
-the stranger cannot complete: no call, so no token, reaches it, and the client generates the
-local model's tokens through the member.
+Nodes tag their records with the swarm token and clients with the token drop records without a
+valid tag (node/announce.py: record_tag): a client bootstrapped from --initial-peers alone
+ignores a stranger without the token, generates the local model's tokens through the member and
+never dials the stranger. A stranger that holds the token (any volunteer or user) tags its
+records as a node does. A client that knows the coordinator routes only through records at its
+members' addresses (ListQuarantined lists them): it never dials that stranger either. A client
+bootstrapped from --initial-peers alone has no member list and does dial it: the hole the list
+closes (docs/security.md). In a --data-tls swarm, such a client given the swarm's CA
+certificate (--swarm-ca) still dials the stranger, but only to offer a TLS handshake the
+stranger cannot complete: no call, so no token, reaches it, and the client generates the local
+model's tokens through the member.
 
 TLS ClientHello records start with 0x16 (handshake) 0x03 (TLS major version); a plaintext gRPC
 connection starts with the HTTP/2 preface, "PRI * HTTP/2.0".
@@ -68,9 +72,11 @@ def generate(model_dir, cache_dir, *bootstrap: str) -> subprocess.CompletedProce
 
 
 @contextlib.contextmanager
-def swarm_and_stranger(tmp_path, model_dir, cache_dir, coordinator_args: tuple[str, ...] = ()):
-    """A one-node swarm and a stranger announcing all its blocks at a Trap's address:
-    (process group, coordinator, the DHT's bootstrap peers, the trap)."""
+def swarm_and_stranger(tmp_path, model_dir, cache_dir, *, stranger_token: str | None,
+                       coordinator_args: tuple[str, ...] = ()):
+    """A one-node swarm and a stranger announcing all its blocks at a Trap's address, its
+    records tagged with `stranger_token` (None: untagged): (process group, coordinator, the
+    DHT's bootstrap peers, the trap)."""
     trap = Trap()
     try:
         with ProcGroup(tmp_path) as group:
@@ -79,7 +85,8 @@ def swarm_and_stranger(tmp_path, model_dir, cache_dir, coordinator_args: tuple[s
             dht_peers = coord.info["dht_initial_peers"]
             stranger = group.start("stranger", [], cmd=[
                 sys.executable, STRANGER, "--initial-peers", *dht_peers, "--model", str(model_dir),
-                "--blocks", "0:4", "--address", trap.address])
+                "--blocks", "0:4", "--address", trap.address,
+                *(("--token", stranger_token) if stranger_token else ())])
             group.wait_ready([stranger], timeout=60)  # its records are stored
             yield group, coord, dht_peers, trap
     finally:
@@ -93,10 +100,24 @@ def local_tokens(reference_model) -> list[int]:
                                     do_sample=False)[0, len(PROMPT):].tolist()
 
 
+def test_a_client_without_the_coordinator_ignores_a_dht_stranger_without_the_token(
+        tmp_path, tiny_model_dir, tiny_model_files, tiny_cache_dir, tiny_reference_model):
+    expected = local_tokens(tiny_reference_model)
+    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir, stranger_token=None) as (group, _, dht_peers,
+                                                                                              trap):
+        peers_only = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers)
+        assert peers_only.returncode == 0, peers_only.stderr[-3000:] + group.dump_logs()
+        assert json.loads(peers_only.stdout.strip().splitlines()[-1])["tokens"] == expected
+        assert trap.dialled == 0, "a client with the token dialled a stranger without it"
+        assert f"at {trap.address}: no token tag" in peers_only.stderr, peers_only.stderr[-3000:]  # read, dropped
+        assert TOKEN not in peers_only.stderr
+
+
 def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_model_dir, tiny_model_files,
                                                                tiny_cache_dir, tiny_reference_model):
     expected = local_tokens(tiny_reference_model)
-    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir) as (group, coord, dht_peers, trap):
+    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir, stranger_token=TOKEN) as (group, coord,
+                                                                                               dht_peers, trap):
         member_client = generate(tiny_model_dir, tiny_cache_dir, "--coordinator", coord.info["grpc"])
         assert member_client.returncode == 0, member_client.stderr[-3000:] + group.dump_logs()
         assert json.loads(member_client.stdout.strip().splitlines()[-1])["tokens"] == expected
@@ -104,15 +125,16 @@ def test_a_client_routes_only_through_members_not_dht_strangers(tmp_path, tiny_m
         assert f"at {trap.address} (blocks 0:4) names no member of the swarm" in member_client.stderr
 
         peers_only = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers)
-        assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents
-        assert "no coordinator given: routing through every DHT record" in peers_only.stderr  # and says so
+        assert trap.dialled > 0, peers_only.stderr[-3000:]  # what the member list prevents, from token holders
+        assert "no coordinator given: routing through every DHT record tagged" in peers_only.stderr  # and says so
         assert "no coordinator given" not in member_client.stderr
 
 
 def test_a_client_with_the_swarm_ca_sends_a_dht_stranger_no_call(tmp_path, tiny_model_dir, tiny_model_files,
                                                                 tiny_cache_dir, tiny_reference_model):
     expected = local_tokens(tiny_reference_model)
-    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir, ("--data-tls",)) as (group, _, dht_peers, trap):
+    with swarm_and_stranger(tmp_path, tiny_model_dir, tiny_cache_dir, stranger_token=TOKEN,
+                            coordinator_args=("--data-tls",)) as (group, _, dht_peers, trap):
         ca = tmp_path / "coord-data" / "swarm-ca.pem"
         pinned = generate(tiny_model_dir, tiny_cache_dir, "--initial-peers", *dht_peers, "--swarm-ca", str(ca))
         assert pinned.returncode == 0, pinned.stderr[-3000:] + group.dump_logs()

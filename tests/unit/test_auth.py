@@ -6,7 +6,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from pollinate.protocol.auth import TOKEN_METADATA_KEY, TokenServerInterceptor, token_client_interceptors, token_metadata
+from pollinate.protocol.auth import (TOKEN_METADATA_KEY, TokenServerInterceptor, token_client_interceptors, token_key,
+                                     token_metadata)
 from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
 from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
 
@@ -147,3 +148,13 @@ def test_read_token_prefers_the_file_then_the_fallback_and_refuses_an_empty_file
     f.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         read_token(f, "from-env")
+
+
+def test_token_keys_are_per_use_and_never_the_token():
+    """A key derived for one use (DHT record tags) is not the token, nor another use's key."""
+    tags = token_key(TOKEN, "dht-record-v1")
+    assert len(tags) == 32 and TOKEN.encode() not in tags
+    assert tags == token_key(TOKEN, "dht-record-v1")
+    assert tags != token_key(TOKEN, "other-use") and tags != token_key(TOKEN + "x", "dht-record-v1")
+    with pytest.raises(ValueError):
+        token_key("", "dht-record-v1")

@@ -102,7 +102,7 @@ async def test_a_moved_peer_stays_routable_for_the_blocks_it_serves_now(monkeypa
     other = PeerSpan(peer_id="a", address="a:1", start=0, end=2, throughput=10.0)
     dht = {"records": [stale, other], "reads": 0}
 
-    def fetch(_dht, _model, _num_blocks, timeout_s):
+    def fetch(_dht, _model, _num_blocks, *, token, timeout_s):
         dht["reads"] += 1
         return list(dht["records"])
 
