@@ -126,7 +126,9 @@ async def pollinate_member(args) -> None:
     from pollinate.protocol.shared import JobSpec
     from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
     from pollinate.node.servicer import NodeServicer
+    from pollinate.node.config import ServingConfig
     from pollinate.node.training_service import TrainingRpcs
+    from pollinate.protocol.budget import ByteBudget
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
     from pollinate.protocol.framing import DEFAULT_FRAMING
     from pollinate.protocol.identity import NodeIdentity
@@ -162,6 +164,7 @@ async def pollinate_member(args) -> None:
             self.jobs = SimpleNamespace(rounds=driver)
             self.framing = DEFAULT_FRAMING
             self.server = SimpleNamespace(serving=SimpleNamespace(step_timeout_s=120.0))
+            self.receiving = ByteBudget(total=None, per_host=ServingConfig().receive_peer_bytes)
 
     rpc = RpcServer(ServerConfig(host=args.host, port=0, token=TOKEN))
     rpc.add(node_pb2_grpc.add_NodeServicer_to_server, Servicer())

@@ -109,6 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training jobs this node holds at once; more are refused (default 16)")
     p.add_argument("--jobs-memory-mb", type=float, default=2048.0,
                    help="memory the jobs' adapters and optimizer state may take, MiB (default 2048)")
+    p.add_argument("--receive-peer-mb", type=float, default=256.0,
+                   help="memory the tensors one peer (the caller's IP) is still sending may hold, reserved "
+                        "from each tensor's declared size at its first chunk; past it RESOURCE_EXHAUSTED "
+                        "(default %(default)s; docs/security.md)")
     p.add_argument("--handoff", choices=("recompute", "lossless", "lossy", "off"), default="recompute",
                    help="on SIGTERM or a move, hand open sessions to a replica of the same blocks: recompute "
                         "(default; sends each session's span inputs, which the replica prefills: exact, ~0.15-0.3 "
@@ -202,6 +206,7 @@ def build_config(args: argparse.Namespace):
         serving=ServingConfig(kept_inputs=KeptInputsConfig(max_bytes=int(args.kept_inputs_mb * (1 << 20)),
                                                            ttl_s=args.kept_inputs_ttl),
                               max_jobs=args.max_jobs, jobs_memory_bytes=int(args.jobs_memory_mb * (1 << 20)),
+                              receive_peer_bytes=int(args.receive_peer_mb * (1 << 20)),
                               batching=BatchingConfig(window_ms=args.batch_window_ms,
                                                       max_sessions=args.max_batch_sessions,
                                                       max_tokens=args.max_batch_tokens)),

@@ -37,8 +37,15 @@ class ServingConfig:
     jobs_memory_bytes: int = 2 << 30
     # Concurrent sessions' steps gathered into one pass of the span (node/batching.py).
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # Bytes the tensors one peer (the caller's IP) is still sending may hold, encoded and
+    # decoded, reserved at each tensor's first chunk (node/training_service.py
+    # holds_what_it_receives): a request at max_step_tokens of SmolLM2 in fp32 is 38 MB, so
+    # six at once; 200 half-sent streams raised a node's RSS by 427 MB before.
+    receive_peer_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
+        if self.receive_peer_bytes <= 0:
+            raise ValueError(f"receive_peer_bytes must be > 0, got {self.receive_peer_bytes}")
         if self.max_jobs < 0 or self.jobs_memory_bytes < 0:
             raise ValueError(f"max_jobs and jobs_memory_bytes must be >= 0, got {self.max_jobs}, "
                              f"{self.jobs_memory_bytes}")

@@ -19,10 +19,12 @@ from pollinate.node.handoff_inbox import HandoffInbox
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.span_server import SpanServer
 from pollinate.node.training import JobManager
-from pollinate.node.training_service import TrainingRpcs, activation_assembler, check_reply_codec
+from pollinate.node.training_service import (TrainingRpcs, activation_assembler, check_reply_codec,
+                                             holds_what_it_receives)
 from pollinate.protocol.addresses import peer_host
 from pollinate.protocol.answers import AnswerSigner, signed
 from pollinate.protocol.auth import MAX_CHALLENGE_CHARS
+from pollinate.protocol.budget import ByteBudget
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, RpcTimeout
 from pollinate.protocol.identity import NodeIdentity, address_proof
 from pollinate.protocol.tensors import (
@@ -54,6 +56,8 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
         self.serving = True
         self.jobs = JobManager(server)  # training jobs: adapters and inner optimizers (node/training.py)
         self.handoffs = HandoffInbox(handoff)  # sessions other replicas handed to this node
+        # bytes of tensors callers are still sending, per caller's address (holds_what_it_receives)
+        self.receiving = ByteBudget(total=None, per_host=server.serving.receive_peer_bytes)
 
     async def Health(self, request, context):
         status = common_pb2.HealthReply.SERVING if self.serving else common_pb2.HealthReply.NOT_SERVING
@@ -86,9 +90,10 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 f"{what}: no message for {self.server.serving.step_timeout_s:.0f} s, closing the stream"
             ) from None
 
-    async def Forward(self, request_iterator, context):
+    @holds_what_it_receives
+    async def Forward(self, request_iterator, context, *, hold):
         requests = aiter(request_iterator)
-        assembler = activation_assembler(self.framing, self.server.check_activation)
+        assembler = activation_assembler(self.framing, self.server.check_activation, hold)
         header, job, tensors, signer = None, None, 0, None
         while True:
             req = await self._next(requests, "Forward")
@@ -128,10 +133,11 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                 yield msg
         assembler.close()
 
-    async def Inference(self, request_iterator, context):
+    @holds_what_it_receives
+    async def Inference(self, request_iterator, context, *, hold):
         requests = aiter(request_iterator)
         server = self.server  # a move swaps self.server; this session stays on its span
-        assembler = activation_assembler(self.framing, server.check_activation)
+        assembler = activation_assembler(self.framing, server.check_activation, hold)
         opened: node_pb2.InferenceOpen | None = None
         session, scope, signer = None, None, None
         step_position: int | None = None  # position carried by the chunks of the step in progress

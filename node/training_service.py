@@ -14,11 +14,13 @@ DiLoCo rounds are node/diloco.py's business.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from pollinate.compression.codec import ACTIVATION_CODECS, get_activation_codec
 from pollinate.node.kept_inputs import check_keep_id
 from pollinate.node.training import JobManager
+from pollinate.protocol.addresses import peer_host
 from pollinate.protocol.answers import AnswerSigner, signed
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, NotFound
 from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, TensorAssembler,
@@ -37,18 +39,32 @@ def check_reply_codec(codec_id: str, what: str) -> None:
                              f"(allowed: {', '.join(sorted(ACTIVATION_CODECS))})")
 
 
-def activation_assembler(framing, check) -> TensorAssembler:
+def activation_assembler(framing, check, hold) -> TensorAssembler:
     """A TensorAssembler for hidden states and their gradients: activation codecs only, each
-    tensor's name and shape checked (`check`) before its bytes are kept."""
-    return TensorAssembler(framing, lookup=get_activation_codec, check=check)
+    tensor's name and shape checked (`check`) and its bytes held against the caller's share
+    (`hold`, a StreamHold) before they are kept."""
+    return TensorAssembler(framing, lookup=get_activation_codec, check=check, hold=hold)
+
+
+def holds_what_it_receives(handler):
+    """A streaming handler given `hold=`: the caller's share (by address) of the node's
+    `receiving` budget, for the tensor in progress; given back when the stream ends."""
+    @functools.wraps(handler)
+    async def wrapped(self, request_iterator, context):
+        with self.receiving.stream(peer_host(context.peer() or ""), handler.__name__) as hold:
+            async for reply in handler(self, request_iterator, context, hold=hold):
+                yield reply
+    return wrapped
 
 
 class TrainingRpcs:
-    """Needs self.server (SpanServer), self.jobs (JobManager), self.framing, self.identity, self._next."""
+    """Needs self.server (SpanServer), self.jobs (JobManager), self.framing, self.identity, self._next,
+    self.receiving (ByteBudget)."""
 
     jobs: JobManager
 
-    async def Backward(self, request_iterator, context):
+    @holds_what_it_receives
+    async def Backward(self, request_iterator, context, *, hold):
         requests = aiter(request_iterator)
         header, job, done = None, None, 0
 
@@ -61,7 +77,7 @@ class TrainingRpcs:
             else:
                 self.server.check_activation(chunk, (HIDDEN, GRAD_OUT))
 
-        assembler = activation_assembler(self.framing, check)
+        assembler = activation_assembler(self.framing, check, hold)
         pair: dict[str, object] = {}
         flat = None  # check_only: the checked replica's adapter, if sent: (as sent, decoded once)
         signer = None  # a checked Backward's answer is signed (protocol/answers.py)
@@ -150,14 +166,15 @@ class TrainingRpcs:
             raise InvalidRequest(f"Backward: stream ended before {GRAD_OUT!r} of keep_id {header.keep_id!r}")
         assembler.close()
 
-    async def ExchangeShard(self, request_iterator, context):
+    @holds_what_it_receives
+    async def ExchangeShard(self, request_iterator, context, *, hold):
         """A group member's CONTRIBUTION to this node's shard; answered with the RESULT
         (node/shard_exchange.py: the owner's inbox and the traffic counts)."""
         if self.jobs.rounds is None:
             raise FailedPrecondition("ExchangeShard: this node runs no DiLoCo rounds (no coordinator)")
         exchange = self.jobs.rounds.exchange
         requests = aiter(request_iterator)
-        assembler = TensorAssembler(self.framing)
+        assembler = TensorAssembler(self.framing, hold=hold)
         first, payload = None, None
         while payload is None:
             msg = await self._next(requests, "ExchangeShard")

@@ -8,8 +8,8 @@ do, and what is larger travels in pieces:
 
 - a request (CommitRound with a state, ReportLiar with a session's evidence) is serialized and
   split into `Piece`s (`to_pieces`); the server reads the first piece's declared size, holds
-  it against a `PieceBudget` (in all, and per caller's host) and only then reads on, refusing
-  with RESOURCE_EXHAUSTED what the budget cannot hold (`PieceBudget.request`);
+  it against a `PieceBudget` (protocol/budget.py: in all, and per caller's host) and only then
+  reads on, refusing with RESOURCE_EXHAUSTED what the budget cannot hold (`PieceBudget.request`);
 - a reply (GetCommittedState) is a stream of replies, each with the next piece of the state,
   read from its file as it goes (`state_replies`), joined by the caller (`join_state`).
 
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from pollinate.protocol.errors import InvalidRequest, ResourceExhausted, one_line
+from pollinate.protocol.budget import ByteBudget
+from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.framing import DEFAULT_FRAMING
 from pollinate.protocol.v1 import coordinator_pb2
 
@@ -44,36 +45,8 @@ def to_pieces(message) -> Iterator[coordinator_pb2.Piece]:
                                     data=data[offset:offset + PIECE_BYTES])
 
 
-class PieceBudget:
-    """Bytes of requests in pieces the coordinator holds at once: `total` in all, `per_host` per
-    caller's host, except hosts on this machine (a lab's nodes all share one)."""
-
-    def __init__(self, total: int, per_host: int, *, is_local: Callable[[str], bool] = lambda host: False) -> None:
-        self.total, self.per_host, self.is_local = total, per_host, is_local
-        self.held = 0
-        self._by_host: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, host: str, n: int, what: str):
-        if not n:
-            yield
-            return
-        by_host = self._by_host.get(host, 0)
-        if self.held + n > self.total:
-            raise ResourceExhausted(f"{what}: the coordinator holds {self.held >> 20} MiB of large requests; "
-                                    f"{n >> 20} MiB more is over its {self.total >> 20} MiB (try again later)")
-        if not self.is_local(host) and by_host + n > self.per_host:
-            raise ResourceExhausted(f"{what}: requests from {one_line(host, 64)} hold {by_host >> 20} MiB; "
-                                    f"{n >> 20} MiB more is over {self.per_host >> 20} MiB per address")
-        self.held += n
-        self._by_host[host] = by_host + n
-        try:
-            yield
-        finally:
-            self.held -= n
-            self._by_host[host] -= n
-            if not self._by_host[host]:
-                del self._by_host[host]
+class PieceBudget(ByteBudget):
+    """The bytes of requests in pieces the server holds at once (protocol/budget.py)."""
 
     @contextlib.asynccontextmanager
     async def request(self, pieces: AsyncIterator[coordinator_pb2.Piece], cls, *, host: str, max_bytes: int,

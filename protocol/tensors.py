@@ -199,13 +199,18 @@ class TensorAssembler:
     """
 
     def __init__(self, config: FramingConfig = DEFAULT_FRAMING, *, lookup: CodecLookup | None = None,
-                 check: Callable[[common_pb2.Tensor], None] | None = None) -> None:
+                 check: Callable[[common_pb2.Tensor], None] | None = None,
+                 hold: Callable[[int], None] | None = None) -> None:
         self._config = config
         self._lookup = lookup
         # The receiver's own expectations of a tensor (its name, a shape it can serve), asked of
         # each tensor's chunk 0 once the checks above passed and before its bytes are kept:
         # raises InvalidRequest to refuse. Without it a stream holds up to max_tensor_bytes.
         self._check = check
+        # Told the bytes a tensor in progress may take (encoded and decoded, at its chunk 0)
+        # and 0 once it is whole or dropped: a caller's share of a budget (protocol/budget.py
+        # StreamHold), which raises ResourceExhausted to refuse.
+        self._hold = hold
         self._first: common_pb2.Tensor | None = None  # chunk 0 of the tensor in progress
         self._header: tuple | None = None
         self._parts: list[bytes] = []
@@ -252,6 +257,8 @@ class TensorAssembler:
             )
 
     def _reset(self) -> None:
+        if self._hold is not None and self._first is not None:
+            self._hold(0)
         self._first = None
         self._header = None
         self._parts = []
@@ -309,6 +316,8 @@ class TensorAssembler:
                 )
         if self._check is not None:
             self._check(chunk)
+        if self._hold is not None:
+            self._hold(total + decoded_bytes)
         self._first = chunk
         self._header = self._header_of(chunk)
         self._chunk_size = size

@@ -39,7 +39,9 @@ async def main_async(args) -> dict:
     from pollinate.node.rounds import RoundConfig, RoundDriver, JobRounds
     from pollinate.node.servicer import NodeServicer
     from pollinate.protocol.shared import JobSpec
+    from pollinate.node.config import ServingConfig
     from pollinate.node.training_service import TrainingRpcs
+    from pollinate.protocol.budget import ByteBudget
     from pollinate.protocol.channels import ChannelConfig, RpcServer, ServerConfig, open_channel
     from pollinate.protocol.errors import PeerUnavailable
     from pollinate.protocol.framing import DEFAULT_FRAMING
@@ -97,6 +99,7 @@ async def main_async(args) -> dict:
             self.jobs = SimpleNamespace(rounds=driver)
             self.framing = DEFAULT_FRAMING
             self.server = SimpleNamespace(serving=SimpleNamespace(step_timeout_s=60.0))
+            self.receiving = ByteBudget(total=None, per_host=ServingConfig().receive_peer_bytes)
 
     rpc = RpcServer(ServerConfig(port=0, token=args.token))
     rpc.add(node_pb2_grpc.add_NodeServicer_to_server, Servicer())

@@ -303,3 +303,65 @@ async def test_one_peer_cannot_hold_the_whole_kv_budget(swarm):
         for channel in channels:
             await channel.close()
         node.stop()
+
+
+async def test_one_peer_cannot_hold_a_node_with_half_sent_tensors(swarm):
+    """Issue 18, bounded state per peer: each tensor's declared size (encoded and decoded) is
+    held against the caller's share of --receive-peer-mb from its first chunk until it is whole
+    or its stream ends. With 8 MiB per peer, a peer that starts four 1 MiB + 1 MiB tensors and
+    sends only their first chunk gets three held and the fourth refused with RESOURCE_EXHAUSTED;
+    the other peer (::1) is still answered; once the held streams end, the first peer is too."""
+    import grpc
+
+    from pollinate.protocol.channels import open_channel
+    from pollinate.protocol.tensors import TensorAssembler, encode_tensor
+    from pollinate.protocol.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+    group = swarm["group"]
+    node = group.start("R", ["node", "--host", "::", "--blocks", "3:4", "--throughput", "100",
+                             "--receive-peer-mb", "8", *swarm["common"]])
+    channels = []
+    try:
+        group.wait_ready([node], timeout=120)
+        port = node.info["address"].rpartition(":")[2]
+        big = list(encode_tensor(torch.zeros(1, 4096, 64), codec="none", name="hidden_states").chunks())
+        small = list(encode_tensor(torch.randn(1, 3, 64), codec="none", name="hidden_states").chunks())
+        header = node_pb2.ForwardRequest(header=node_pb2.ForwardHeader(blocks=common_pb2.Span(start=3, end=4)))
+
+        def forward(address: str):
+            channel = open_channel(address)
+            channels.append(channel)
+            return node_pb2_grpc.NodeStub(channel).Forward()
+
+        async def answer(call, chunks) -> torch.Tensor:
+            for req in [header] + [node_pb2.ForwardRequest(tensor=c) for c in chunks]:
+                await call.write(req)
+            await call.done_writing()
+            assembler, out = TensorAssembler(), None
+            while out is None:
+                reply = await call.read()
+                assert reply is not grpc.aio.EOF, await call.details()
+                out = assembler.feed(reply.tensor)
+            return out.decode()
+
+        greedy, honest = f"127.0.0.1:{port}", f"[::1]:{port}"
+        calls = [forward(greedy) for _ in range(4)]
+        for call in calls:
+            await call.write(header)
+            await call.write(node_pb2.ForwardRequest(tensor=big[0]))  # and not the second chunk
+        reads = {asyncio.ensure_future(call.read()): call for call in calls}
+        done, pending = await asyncio.wait(reads, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and len(pending) == 3, "one of the four streams is refused, three wait"
+        refused = reads[done.pop()]
+        assert await refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, await refused.details()
+        assert "per address" in await refused.details()
+        out = await answer(forward(honest), small)  # another peer's share is its own
+        assert out.shape == (1, 3, 64)
+        for task in pending:
+            reads[task].cancel()  # the held tensors' streams end: what they held is given back
+        out = await answer(forward(greedy), big)
+        assert out.shape == (1, 4096, 64)
+    finally:
+        for channel in channels:
+            await channel.close()
+        node.stop()
