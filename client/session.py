@@ -45,8 +45,8 @@ from pollinate.protocol.errors import (
     from_rpc_error,
     translate_rpc_errors,
 )
-from pollinate.protocol.answers import Transcript
-from pollinate.protocol.tensors import HIDDEN_STATES, TensorAssembler, encode_tensor
+from pollinate.protocol.answers import Transcript, prefix_of
+from pollinate.protocol.tensors import HIDDEN_STATES, EncodedTensor, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import common_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -60,13 +60,15 @@ class HopStream:
     """One Inference stream to one peer for one hop of a route."""
 
     def __init__(self, swarm: Swarm, hop: Hop, *, session_id: str, max_length: int, job: str = "",
-                 resume_secret: bytes | None = None):
+                 resume_secret: bytes | None = None, history: list[torch.Tensor] | None = None):
         self.swarm = swarm
         self.hop = hop
         self.job = job  # training job whose adapter the node applies; "" = the base model
         self.session_id = session_id
         self.max_length = max_length
-        self.history: list[torch.Tensor] = []  # inputs sent, in order (for replay)
+        # inputs sent, in order (for replay); a resuming stream's starts with those its
+        # session's previous node got
+        self.history: list[torch.Tensor] = history if history is not None else []
         self._call = None
         self.step_seconds = 0.0  # time spent waiting on this hop, for --verbose and benchmarks
         # Handoff (node/handoff.py): the node gets SHA-256 of `secret`; a replica it hands the
@@ -77,9 +79,19 @@ class HopStream:
         self.resumed = False  # the resuming stream's first step succeeded
         self.opened_at = time.perf_counter()
         # what the node signed, for a liar report (protocol/answers.py); a resumed session's
-        # transcript starts mid-session, which nobody can re-run: kept only from position 0
-        self.transcript = Transcript("inference", job=job, start=hop.start, end=hop.end) \
-            if swarm.keeps_evidence and not self.resuming else None
+        # transcript starts from the inputs sent so far (its prefix), which a recompute handoff
+        # prefilled there (the node signs no prefix after a KV handoff: then no evidence)
+        self.transcript = Transcript("inference", job=job, start=hop.start, end=hop.end,
+                                     prefix=self._sent_so_far() if self.resuming else None) \
+            if swarm.keeps_evidence and (self.history or not self.resuming) else None
+
+    def _sent_so_far(self) -> EncodedTensor:
+        """The history as the node it went to decoded it off the wire, in prefix_of's form:
+        the inputs a node that hands the session off by recompute sends (node/handoff.py
+        kept_input holds them exactly). The wire codecs are deterministic: encoding again
+        gives the bytes sent."""
+        codec = self.swarm.config.wire_codec
+        return prefix_of([encode_tensor(h, codec=codec, name=HIDDEN_STATES).decode() for h in self.history])
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         cfg = self.swarm.config
@@ -189,10 +201,12 @@ class RemoteSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
-    def _new_stream(self, hop: Hop, resume_secret: bytes | None = None) -> HopStream:
-        """A stream for `hop`; with `resume_secret`, one that resumes a handed-off session."""
+    def _new_stream(self, hop: Hop, resume_secret: bytes | None = None,
+                    history: list[torch.Tensor] | None = None) -> HopStream:
+        """A stream for `hop`; with `resume_secret`, one that resumes a handed-off session
+        whose inputs so far were `history`."""
         return HopStream(self.swarm, hop, session_id=f"{self.session_id}-{hop.start}", max_length=self.max_length,
-                         job=self.job, resume_secret=resume_secret)
+                         job=self.job, resume_secret=resume_secret, history=history)
 
     def _lacks_job(self, hop: Hop, error: BaseException) -> bool:
         """Record a replica that answered NOT_FOUND for the session's job; True if it did."""
@@ -297,8 +311,8 @@ class RemoteSession:
         old = self.hops[index]
         peer = PeerSpan(peer_id=notice.peer_id, address=notice.address, start=old.hop.start, end=old.hop.end,
                         throughput=old.hop.peer.throughput)
-        new = self._new_stream(Hop(peer=peer, start=old.hop.start, end=old.hop.end), resume_secret=old.secret)
-        new.history = old.history
+        new = self._new_stream(Hop(peer=peer, start=old.hop.start, end=old.hop.end), resume_secret=old.secret,
+                               history=old.history)
         asyncio.ensure_future(old.close())
         self.hops[index] = new
         logger.info("session %s: blocks %d:%d handed off from %s to %s; resuming at position %d",

@@ -9,10 +9,11 @@ answered, signed with its member key (protocol/answers.py), and the coordinator 
    An answer the node did not sign is refused (INVALID_ARGUMENT): nobody can put words in a
    node's mouth.
 2. Up to two other members that serve the blocks compute the same thing: a Forward of the
-   whole input (an Inference call's every step, as its KV cache saw them; a Forward's one
-   input) or a check_only Backward with the adapter the node signed. Members at the reporter's
-   address are left out where the reporter is not on the coordinator's machine (a reporter
-   does not get to be its own witness); the accused's address always is.
+   whole input (an Inference call's every step, as its KV cache saw them, after the prefix a
+   session resumed from a recompute handoff was prefilled with; a Forward's one input) or a
+   check_only Backward with the adapter the node signed. Members at the reporter's address
+   are left out where the reporter is not on the coordinator's machine (a reporter does not
+   get to be its own witness); the accused's address always is.
 3. The verdict, comparing each answer with the signed one as the clients do
    (||signed - theirs|| / ||theirs|| against `tolerance`):
    - "verified": two members agree with each other and against the signed answer: the node
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pollinate.protocol.answers import distance, read_evidence, signed_by
+from pollinate.protocol.answers import distance, read_evidence, read_prefix, signed_by
 from pollinate.protocol.errors import InvalidRequest, ResourceExhausted, one_line
 from pollinate.protocol.tensors import (ADAPTER_FLAT, GRAD_INPUTS, GRAD_OUTPUTS, HIDDEN_STATES, EncodedTensor,
                                         encode_tensor, stream_tensors)
@@ -77,6 +78,7 @@ class EvidenceJudge:
         """The verdict on `evidence` against the member at `address` (whose key is `public_key`).
         InvalidRequest: malformed, or not signed by that key."""
         steps = read_evidence(evidence)
+        prefix = read_prefix(evidence)
         blocks = (evidence.blocks.start, evidence.blocks.end)
         if not 0 <= blocks[0] < blocks[1] <= self.membership.config.num_blocks:
             raise InvalidRequest(f"evidence: blocks {blocks[0]}:{blocks[1]} are not within the model's "
@@ -86,16 +88,18 @@ class EvidenceJudge:
             if tuple(t.name for t in tensors) != want:
                 raise InvalidRequest(f"evidence: a {evidence.kind} step carries {[t.name for t in tensors]}, "
                                      f"want {list(want)}")
+        if prefix is not None and prefix.name != HIDDEN_STATES:
+            raise InvalidRequest(f"evidence: a prefix named {prefix.name[:40]!r}, want {HIDDEN_STATES!r}")
         if evidence.kind == "backward" and len(steps) != 1:
             raise InvalidRequest(f"evidence: a Backward is one step, got {len(steps)}")
-        if not public_key or not signed_by(public_key, evidence, steps):
+        if not public_key or not signed_by(public_key, evidence, steps, prefix):
             raise InvalidRequest(f"evidence: not signed by the key of the member at {one_line(address, 200)}")
         if reporter_host in self._reporters:
             raise ResourceExhausted("ReportLiar: this address's previous report is still being checked")
         self._reporters.add(reporter_host)
         try:
             async with self._running:
-                return await self._rerun(address, evidence, steps, reporter_host)
+                return await self._rerun(address, evidence, steps, prefix, reporter_host)
         finally:
             self._reporters.discard(reporter_host)
 
@@ -119,9 +123,9 @@ class EvidenceJudge:
                 chosen.append(m)
         return chosen[:2]
 
-    async def _rerun(self, address: str, evidence, steps, reporter_host: str) -> Verdict:
+    async def _rerun(self, address: str, evidence, steps, prefix, reporter_host: str) -> Verdict:
         start, end = evidence.blocks.start, evidence.blocks.end
-        decoded = await asyncio.to_thread(_decode_steps, evidence.kind, steps)
+        decoded = await asyncio.to_thread(_decode_steps, evidence.kind, steps, prefix)
         signed_answer = decoded["answer"]
         witnesses = [m.record.address for m in self._witnesses(address, start, end, reporter_host)]
         # the inputs as every witness gets them, encoded once
@@ -179,9 +183,11 @@ class EvidenceJudge:
         return out
 
 
-def _decode_steps(kind: str, steps: list[tuple[int, list[EncodedTensor]]]) -> dict[str, torch.Tensor]:
-    """The inputs to re-run and the signed answer to compare, decoded (InvalidRequest if they
-    do not fit together). Torch work: run in a thread."""
+def _decode_steps(kind: str, steps: list[tuple[int, list[EncodedTensor]]],
+                  prefix: EncodedTensor | None = None) -> dict[str, torch.Tensor]:
+    """The inputs to re-run (a resumed session's `prefix`, then its steps') and the signed
+    answer to compare, decoded (InvalidRequest if they do not fit together). Torch work: run
+    in a thread."""
     if kind == "backward":
         (_, tensors), = steps
         flat, hidden, grad_out, answer = (t.decode() for t in tensors)
@@ -191,12 +197,18 @@ def _decode_steps(kind: str, steps: list[tuple[int, list[EncodedTensor]]]) -> di
     if kind == "forward":  # stateless: the last input alone gave the last answer
         steps = steps[-1:]
     inputs, position = [], 0
+    if prefix is not None:
+        x = prefix.decode()
+        if x.dim() != 3:
+            raise InvalidRequest(f"evidence: a prefix of shape {list(x.shape)}, want [batch, tokens, hidden]")
+        inputs.append(x)
+        position = x.shape[1]
     for step_position, (given, answer) in steps:
         if kind == "inference" and step_position != position:
             raise InvalidRequest(f"evidence: a step at position {step_position}, want {position} (an Inference "
-                                 f"call's steps from position 0, none left out)")
+                                 f"call's steps from position 0 or its prefix's end, none left out)")
         x, answer = given.decode(), answer.decode()
-        if x.dim() != 3 or answer.shape != x.shape or (inputs and x.shape[0] != inputs[0].shape[0]):
+        if x.dim() != 3 or answer.shape != x.shape or (inputs and x.shape[::2] != inputs[0].shape[::2]):
             raise InvalidRequest("evidence: a step's input and answer do not fit together")
         inputs.append(x)
         position += x.shape[1]

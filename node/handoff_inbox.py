@@ -146,6 +146,7 @@ class HandoffInbox:
         try:
             if kind == "inputs":
                 await self._prefill(server, session, inputs, scope)
+                session.handed_inputs = [inputs]
             else:
                 session.cache = await server.run_torch(
                     lambda: restore_cache(server.span, decoded.layers, batch_size=header.batch_size,
@@ -180,6 +181,7 @@ class HandoffInbox:
             if tuple(inputs.shape) != want:
                 raise InvalidRequest(f"handoff of {sid}: span inputs {list(inputs.shape)}, want {list(want)}")
             await self._prefill(server, session, inputs, scope, start=header.from_position)
+            session.handed_inputs.append(inputs)
         except BaseException:
             self._forget(server, sid)
             raise

@@ -22,7 +22,7 @@ from pollinate.node.training import JobManager
 from pollinate.node.training_service import (TrainingRpcs, activation_assembler, check_reply_codec,
                                              holds_what_it_receives)
 from pollinate.protocol.addresses import peer_host
-from pollinate.protocol.answers import AnswerSigner, signed
+from pollinate.protocol.answers import AnswerSigner, prefix_of, signed
 from pollinate.protocol.auth import MAX_CHALLENGE_CHARS
 from pollinate.protocol.budget import ByteBudget
 from pollinate.protocol.errors import FailedPrecondition, InvalidRequest, RpcTimeout
@@ -159,10 +159,9 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                         scope = self.jobs.scope(self.jobs.existing(opened.job, what=f"session {opened.session_id}"))
                     if opened.max_length <= 0:
                         raise InvalidRequest("Inference: max_length must be > 0")
-                    signer = AnswerSigner.maybe(self.identity, "inference", job=opened.job,
-                                                start=opened.blocks.start, end=opened.blocks.end)
                     if opened.resume_digest and len(opened.resume_digest) != DIGEST_BYTES:
                         raise InvalidRequest(f"Inference: resume_digest must be {DIGEST_BYTES} bytes (SHA-256)")
+                    prefix = None
                     if opened.resume_secret:  # a session another replica handed to this node
                         session = self.handoffs.claim(server, opened.session_id, opened.resume_secret, opened.job)
                         if session.max_length != opened.max_length:
@@ -170,6 +169,13 @@ class NodeServicer(TrainingRpcs, node_pb2_grpc.NodeServicer):
                             raise InvalidRequest(f"session {opened.session_id}: max_length {opened.max_length} "
                                                  f"differs from the handed-off session's {session.max_length}")
                         self._allow_handoff(session, opened, resumed=True)
+                        # what it was prefilled with (a recompute handoff): the signed transcript
+                        # starts from it, so the call can be shown to the coordinator
+                        handed, session.handed_inputs = session.handed_inputs, None
+                        if handed and self.identity is not None:
+                            prefix = await asyncio.to_thread(prefix_of, handed)
+                    signer = AnswerSigner.maybe(self.identity, "inference", job=opened.job,
+                                                start=opened.blocks.start, end=opened.blocks.end, prefix=prefix)
                 elif req.HasField("open"):
                     raise InvalidRequest(f"session {opened.session_id}: `open` sent twice")
                 if not req.HasField("tensor"):

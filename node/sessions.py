@@ -76,6 +76,10 @@ class Session:
     # recompute handoff; None: not kept (the client allows no handoff, or the node sends
     # caches). At most position x batch tokens: the session's reservation bounds them too.
     inputs: list | None = None
+    # A session handed to this node by recompute (node/handoff_inbox.py): the span inputs it
+    # was prefilled with, in order, until its client resumes it; the resumed call's signed
+    # transcript starts from them (protocol/answers.py prefix_of). None: not such a session.
+    handed_inputs: list | None = None
 
     @property
     def reserved_tokens(self) -> int:

@@ -153,7 +153,9 @@ class SpanServer:
         session.position = position + hidden.shape[1]
         session.last_used = time.monotonic()
         if session.inputs is not None:  # kept for a recompute handoff (node/handoff.py)
-            session.inputs.append(kept_input(hidden.to(self.compute_dtype)))  # the values the span used
+            # as received: the values the client sent, which a resumed session's signed
+            # transcript commits to (protocol/answers.py prefix_of)
+            session.inputs.append(kept_input(hidden))
         return out
 
     def _step_sync(self, session: Session, hidden: torch.Tensor, position: int, scope=None) -> torch.Tensor:

@@ -20,6 +20,19 @@ last chunk. An Inference answer depends on the whole session (the KV cache), so 
 is every step of the call up to the one in question; a Forward's answer on its own input
 only; a checked Backward's (return_adapter or check_only) on the adapter it used, its input
 and the output gradient.
+
+A session a leaving node handed to this one by recompute (node/handoff_inbox.py) was
+prefilled here with its span inputs so far, which the client had sent to the node that left.
+The call that resumes it starts mid-session, so its d0 also commits to those inputs:
+
+    d0 = SHA-256(..., SHA-256(header's JobSpec), "prefix", digest of prefix_of(inputs))
+
+in one canonical form both sides build byte for byte (`prefix_of`), the node from the frame
+it prefilled, the client from the inputs it sent; the node names that digest in every
+signature of the call (`AnswerSignature.prefix`), so a client that cannot rebuild it knows
+it holds no evidence. The evidence then carries the prefix, and the whole input is the
+prefix followed by the steps. A session handed off as a KV cache (lossless or lossy) comes
+with no inputs: the call that resumes it signs no prefix and proves nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import torch
 
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.framing import MiB, FramingConfig
-from pollinate.protocol.tensors import EncodedTensor, TensorAssembler
+from pollinate.protocol.tensors import HIDDEN_STATES, EncodedTensor, TensorAssembler, encode_tensor
 from pollinate.protocol.v1 import node_pb2
 
 KINDS = ("inference", "forward", "backward")
@@ -61,10 +74,21 @@ def tensor_digest(t: EncodedTensor) -> bytes:
     return h.digest()
 
 
-def _start(kind: str, nonce: bytes, job: str, start: int, end: int, spec: node_pb2.JobSpec | None) -> bytes:
+def prefix_of(inputs: Sequence[torch.Tensor]) -> EncodedTensor:
+    """The canonical form of a resumed session's span inputs so far (its transcript's prefix):
+    concatenated along the tokens, in fp32 (which holds the fp16 and bf16 values a node keeps
+    exactly), uncompressed. Both sides start from the same values: what the client's wire codec
+    decodes its steps to is what the node that left kept and sent (node/handoff.py kept_input)."""
+    return encode_tensor(torch.cat([t.float() for t in inputs], dim=1), codec="none", name=HIDDEN_STATES)
+
+
+def _start(kind: str, nonce: bytes, job: str, start: int, end: int, spec: node_pb2.JobSpec | None,
+           prefix: bytes = b"") -> bytes:
     spec_digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).digest() if spec is not None else b""
+    # the label keeps a prefix apart from a spec digest (both 32 bytes)
     return hashlib.sha256(_CONTEXT + kind.encode() + b"\n" + nonce + job.encode() + b"\n"
-                          + struct.pack(">II", start, end) + spec_digest).digest()
+                          + struct.pack(">II", start, end) + spec_digest
+                          + (b"prefix" + prefix if prefix else b"")).digest()
 
 
 def _step(prev: bytes, position: int, tensors: Sequence[EncodedTensor]) -> bytes:
@@ -78,10 +102,12 @@ class AnswerSigner:
     """The node's side, one per call: `sign(position, tensors)` after each answer."""
 
     def __init__(self, identity, kind: str, *, job: str, start: int, end: int,
-                 spec: node_pb2.JobSpec | None = None) -> None:
+                 spec: node_pb2.JobSpec | None = None, prefix: EncodedTensor | None = None) -> None:
         self.identity = identity
         self.nonce = secrets.token_bytes(NONCE_BYTES)
-        self.digest = _start(kind, self.nonce, job, start, end, spec)
+        # `prefix`: a resumed session's inputs so far (prefix_of), which its cache holds
+        self.prefix_digest = tensor_digest(prefix) if prefix is not None else b""
+        self.digest = _start(kind, self.nonce, job, start, end, spec, self.prefix_digest)
 
     @classmethod
     def maybe(cls, identity, kind: str, **kwargs) -> AnswerSigner | None:
@@ -90,23 +116,30 @@ class AnswerSigner:
 
     def sign(self, position: int, tensors: Sequence[EncodedTensor]) -> node_pb2.AnswerSignature:
         self.digest = _step(self.digest, position, tensors)
-        return node_pb2.AnswerSignature(nonce=self.nonce, signature=bytes.fromhex(self.identity.sign(self.digest)))
+        return node_pb2.AnswerSignature(nonce=self.nonce, signature=bytes.fromhex(self.identity.sign(self.digest)),
+                                        prefix=self.prefix_digest)
 
 
 class Transcript:
     """The client's side, one per call it may have to prove: every step's tensors as they
     crossed the wire and the node's last signature. `evidence()` is None when the node did
-    not sign every step (a node without a key, or older than signed answers)."""
+    not sign every step (a node without a key, or older than signed answers), or signed
+    another prefix than `prefix` (a resumed session's inputs so far, prefix_of: the node
+    resumed it from a KV cache and signs none, or it prefilled other inputs)."""
 
-    def __init__(self, kind: str, *, job: str, start: int, end: int, spec: node_pb2.JobSpec | None = None) -> None:
+    def __init__(self, kind: str, *, job: str, start: int, end: int, spec: node_pb2.JobSpec | None = None,
+                 prefix: EncodedTensor | None = None) -> None:
         self.kind, self.job, self.start, self.end, self.spec = kind, job, start, end, spec
+        self.prefix = prefix
+        self.prefix_digest = tensor_digest(prefix) if prefix is not None else b""
         self.steps: list[tuple[int, list[EncodedTensor]]] = []
         self.nonce: bytes | None = None
         self.signature = b""
         self.complete = True
 
     def record(self, position: int, tensors: Sequence[EncodedTensor], signed: node_pb2.AnswerSignature | None) -> None:
-        if signed is None or not signed.signature or (self.nonce is not None and signed.nonce != self.nonce):
+        if signed is None or not signed.signature or (self.nonce is not None and signed.nonce != self.nonce) \
+                or signed.prefix != self.prefix_digest:
             self.complete = False
         else:
             self.nonce, self.signature = bytes(signed.nonce), bytes(signed.signature)
@@ -119,44 +152,58 @@ class Transcript:
         ev.blocks.start, ev.blocks.end = self.start, self.end
         if self.spec is not None:
             ev.spec.CopyFrom(self.spec)
+        if self.prefix is not None:
+            ev.prefix.CopyFrom(next(iter(self.prefix.chunks(EVIDENCE_FRAMING))))
         for position, tensors in self.steps:
             ev.steps.add(position=position, tensors=[next(iter(t.chunks(EVIDENCE_FRAMING))) for t in tensors])
         return ev
 
 
 def read_evidence(ev: node_pb2.AnswerEvidence) -> list[tuple[int, list[EncodedTensor]]]:
-    """The evidence's steps as EncodedTensors, its bounds checked (InvalidRequest), nothing decoded."""
-    from pollinate.compression.codec import get_activation_codec
-
+    """The evidence's steps as EncodedTensors, its bounds checked (InvalidRequest), nothing
+    decoded; the prefix's bytes count towards them (read it with read_prefix)."""
     if ev.kind not in KINDS:
         raise InvalidRequest(f"evidence: kind {ev.kind[:40]!r} is not one of {', '.join(KINDS)}")
     if len(ev.nonce) != NONCE_BYTES or not ev.signature or len(ev.signature) > 80:
         raise InvalidRequest("evidence: a nonce of 16 bytes and a signature are needed")
     if not ev.steps or len(ev.steps) > MAX_EVIDENCE_STEPS:
         raise InvalidRequest(f"evidence: {len(ev.steps)} steps, want 1 to {MAX_EVIDENCE_STEPS}")
-    if sum(len(t.data) for s in ev.steps for t in s.tensors) > MAX_EVIDENCE_BYTES:
+    if ev.HasField("prefix") and ev.kind != "inference":
+        raise InvalidRequest(f"evidence: a {ev.kind} call has no prefix (only a resumed Inference session)")
+    if sum(len(t.data) for s in ev.steps for t in s.tensors) + len(ev.prefix.data) > MAX_EVIDENCE_BYTES:
         raise InvalidRequest(f"evidence: over {MAX_EVIDENCE_BYTES // MiB} MiB of tensors")
     steps = []
     for s in ev.steps:
         if not 2 <= len(s.tensors) <= 4:
             raise InvalidRequest(f"evidence: a step of {len(s.tensors)} tensors")
-        tensors = []
-        for t in s.tensors:
-            if t.num_chunks != 1:
-                raise InvalidRequest("evidence: tensors travel whole (one chunk each)")
-            # activation codecs only (an adapter travels as "none"): no pseudo-gradient codec
-            # expands a small report into gigabytes
-            tensors.append(TensorAssembler(EVIDENCE_FRAMING, lookup=get_activation_codec).feed(t))
-        steps.append((s.position, tensors))
+        steps.append((s.position, [_read_tensor(t) for t in s.tensors]))
     return steps
 
 
-def signed_by(public_key: str, ev: node_pb2.AnswerEvidence, steps: list[tuple[int, list[EncodedTensor]]]) -> bool:
-    """Does the evidence's signature sign its transcript by `public_key`?"""
+def read_prefix(ev: node_pb2.AnswerEvidence) -> EncodedTensor | None:
+    """The evidence's prefix (a resumed session's inputs so far) as an EncodedTensor, nothing
+    decoded, or None when it has none. Call read_evidence first: it bounds the prefix's bytes."""
+    return _read_tensor(ev.prefix) if ev.HasField("prefix") else None
+
+
+def _read_tensor(t) -> EncodedTensor:
+    from pollinate.compression.codec import get_activation_codec
+
+    if t.num_chunks != 1:
+        raise InvalidRequest("evidence: tensors travel whole (one chunk each)")
+    # activation codecs only (an adapter travels as "none"): no pseudo-gradient codec
+    # expands a small report into gigabytes
+    return TensorAssembler(EVIDENCE_FRAMING, lookup=get_activation_codec).feed(t)
+
+
+def signed_by(public_key: str, ev: node_pb2.AnswerEvidence, steps: list[tuple[int, list[EncodedTensor]]],
+              prefix: EncodedTensor | None = None) -> bool:
+    """Does the evidence's signature sign its transcript (`prefix`, read_prefix's, then
+    `steps`) by `public_key`?"""
     from pollinate.protocol.identity import verify
 
     digest = _start(ev.kind, bytes(ev.nonce), ev.job, ev.blocks.start, ev.blocks.end,
-                    ev.spec if ev.HasField("spec") else None)
+                    ev.spec if ev.HasField("spec") else None, tensor_digest(prefix) if prefix is not None else b"")
     for position, tensors in steps:
         digest = _step(digest, position, tensors)
     return verify(public_key, bytes(ev.signature).hex(), digest)

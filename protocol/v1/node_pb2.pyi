@@ -287,12 +287,14 @@ class HandOffReply(_message.Message):
     def __init__(self, position: _Optional[int] = ..., hold_s: _Optional[float] = ...) -> None: ...
 
 class AnswerSignature(_message.Message):
-    __slots__ = ("nonce", "signature")
+    __slots__ = ("nonce", "signature", "prefix")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     signature: bytes
-    def __init__(self, nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    prefix: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., prefix: _Optional[bytes] = ...) -> None: ...
 
 class EvidenceStep(_message.Message):
     __slots__ = ("position", "tensors")
@@ -303,7 +305,7 @@ class EvidenceStep(_message.Message):
     def __init__(self, position: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class AnswerEvidence(_message.Message):
-    __slots__ = ("kind", "nonce", "job", "blocks", "spec", "steps", "signature")
+    __slots__ = ("kind", "nonce", "job", "blocks", "spec", "steps", "signature", "prefix")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +313,7 @@ class AnswerEvidence(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     kind: str
     nonce: bytes
     job: str
@@ -318,4 +321,5 @@ class AnswerEvidence(_message.Message):
     spec: JobSpec
     steps: _containers.RepeatedCompositeFieldContainer[EvidenceStep]
     signature: bytes
-    def __init__(self, kind: _Optional[str] = ..., nonce: _Optional[bytes] = ..., job: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[EvidenceStep, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    prefix: _common_pb2.Tensor
+    def __init__(self, kind: _Optional[str] = ..., nonce: _Optional[bytes] = ..., job: _Optional[str] = ..., blocks: _Optional[_Union[_common_pb2.Span, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[EvidenceStep, _Mapping]]] = ..., signature: _Optional[bytes] = ..., prefix: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...

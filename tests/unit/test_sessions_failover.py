@@ -37,9 +37,9 @@ class FakeStream:
     handing_off: dict = {}  # peer id -> peer id it hands its sessions to
     forgot: set = set()  # peers that refuse a resume (the handed-off session expired)
 
-    def __init__(self, hop, resume_secret=None):
+    def __init__(self, hop, resume_secret=None, history=None):
         self.hop = hop
-        self.history = []
+        self.history = history if history is not None else []
         self.opened = False
         self.secret = resume_secret or b"secret"
         self.resuming = resume_secret is not None
