@@ -11,6 +11,10 @@ Runs `pollinate node` with, where its environment asks for them:
   returns (node/training.py backward_step); its adapters still train on the true gradient.
   check_only Backwards (another trainer's spot check) are answered honestly, as a liar that
   reads the flag would.
+- $LIAR_RESUMED_NOISE (default 0): the same noise on every step's answer of a session handed
+  to it by a leaving node (node/handoff_inbox.py), once its client resumed it; everything
+  else (a Forward, the handoff's prefill, its own sessions) is honest. Set LIAR_NOISE=0 with
+  it: a liar no spot check can catch before a handoff (tests/integration/test_handoff_evidence.py).
 Its answers are well-formed and plausible, only wrong: what client/spot_check.py must catch.
 """
 
@@ -21,6 +25,7 @@ import sys
 
 NOISE = float(os.environ.get("LIAR_NOISE", "0.1"))
 GRAD_NOISE = float(os.environ.get("LIAR_GRAD_NOISE", "0"))
+RESUMED_NOISE = float(os.environ.get("LIAR_RESUMED_NOISE", "0"))
 
 
 def _noisy(t, level: float):
@@ -57,6 +62,23 @@ def main() -> int:
             return None if grad is None else _noisy(grad, GRAD_NOISE)
 
         training.backward_step = backward_step  # JobManager._backward_sync looks it up per call
+    if RESUMED_NOISE > 0:
+        from pollinate.node.handoff_inbox import HandoffInbox
+        from pollinate.node.span_server import SpanServer
+
+        resumed: set[str] = set()  # ids of the sessions handed here that their clients resumed
+        honest_claim, honest_step = HandoffInbox.claim, SpanServer.step
+
+        def claim(self, server, session_id, *args, **kwargs):
+            session = honest_claim(self, server, session_id, *args, **kwargs)
+            resumed.add(session_id)
+            return session
+
+        async def step(self, session, *args, **kwargs):
+            out = await honest_step(self, session, *args, **kwargs)
+            return _noisy(out, RESUMED_NOISE) if session.session_id in resumed else out
+
+        HandoffInbox.claim, SpanServer.step = claim, step
     return pollinate_main(sys.argv[1:])
 
 

@@ -2,6 +2,7 @@
 
     python serving_client.py --model DIR --cache-dir C --initial-peers MADDR \
         --prompt-ids 1,5,9 --max-new-tokens 12 [--pause-after 5] [--sample-seed 0 (adds a sampled run)] [--exact]
+        [--spot-check-rate 1.0 (with --coordinator: the result lists the liars banned and reported)]
         [--logits-out FILE (one forward of the prompt, its logits saved; no generation)]
 
 With --pause-after N it prints `PAUSED <json: route>` after the N-th generated token and
@@ -35,6 +36,8 @@ def main() -> int:
     p.add_argument("--logits-out", help="instead of generating, run the prompt through the swarm once and save "
                                         "its logits [tokens, vocab] here (torch.save)")
     p.add_argument("--no-handoff", action="store_true", help="send no resume digest: leaving nodes hand nothing off")
+    p.add_argument("--spot-check-rate", type=float, default=0.0,
+                   help="share of hop steps checked on other replicas; liars go to --coordinator with evidence")
     args = p.parse_args()
 
     from pollinate.client.remote_model import RemoteModelForCausalLM  # DHT before any gRPC object
@@ -42,7 +45,7 @@ def main() -> int:
     model = RemoteModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, coordinator=args.coordinator, cache_dir=args.cache_dir, token=args.token,
         wire_codec=args.codec, step_timeout_s=args.step_timeout, ban_base_s=60.0, exact=args.exact,
-        handoff=not args.no_handoff, swarm_ca=args.swarm_ca,
+        handoff=not args.no_handoff, swarm_ca=args.swarm_ca, spot_check_rate=args.spot_check_rate,
     )
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -90,8 +93,10 @@ def main() -> int:
         torch.manual_seed(args.sample_seed)
         out = model.generate(ids, **{**kwargs, "do_sample": True, "top_k": 20, "temperature": 1.0})
         result["sampled_tokens"] = out[0, ids.shape[1]:].tolist()
+    model.shutdown()  # waits for its liar reports to be answered
+    result["liars"] = sorted(model.swarm.liars)  # peer ids
+    result["reports"] = [[r.quarantined, r.reporters, r.verdict] for r in model.swarm.reports]
     print(json.dumps(result), flush=True)
-    model.shutdown()
     return 0
 
 
