@@ -14,7 +14,7 @@ Runs `pollinate node` with, where its environment asks for them:
 - $LIAR_RESUMED_NOISE (default 0): the same noise on every step's answer of a session handed
   to it by a leaving node (node/handoff_inbox.py), once its client resumed it; everything
   else (a Forward, the handoff's prefill, its own sessions) is honest. Set LIAR_NOISE=0 with
-  it: a liar no spot check can catch before a handoff (tests/integration/test_handoff_evidence.py).
+  it: a liar no spot check can catch before a handoff (tests/integration/test_handoff_evidence_swarm.py).
 Its answers are well-formed and plausible, only wrong: what client/spot_check.py must catch.
 """
 
