@@ -69,10 +69,10 @@ def committed_flat(coordinator: str, token: str, span: tuple[int, int], round_in
     import asyncio
 
     from pollinate.compression.outer import state_checksum, state_from_bytes
-    from pollinate.coordinator.client import call_coordinator
+    from pollinate.coordinator.client import fetch_committed_state
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2
 
-    reply = asyncio.run(call_coordinator(coordinator, token, "GetCommittedState", coordinator_pb2.GetCommittedStateRequest(
+    reply = asyncio.run(fetch_committed_state(coordinator, token, coordinator_pb2.GetCommittedStateRequest(
         job=JOB, span=common_pb2.Span(start=span[0], end=span[1]), round=round_index), timeout_s=60))
     state = state_from_bytes(reply.state)
     checksum = state_checksum(state["global"], state["momentum"])

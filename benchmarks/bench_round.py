@@ -316,15 +316,15 @@ def wait_ready_file(path: Path, proc: subprocess.Popen, timeout: float) -> dict:
 async def coordinator_view(address: str) -> tuple[dict, str]:
     """(last committed round's traffic per member, its checksum) from Status/GetCommittedState."""
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
-    from pollinate.protocol.pieces import join_state
+    from pollinate.protocol.pieces import get_committed_state
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
     channel = open_channel(address, ChannelConfig(token=TOKEN, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
     try:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         status = await stub.Status(coordinator_pb2.StatusRequest(), timeout=30)
-        got = await join_state(stub.GetCommittedStateInPieces(coordinator_pb2.GetCommittedStateRequest(
-            job=JOB, span=common_pb2.Span(start=0, end=NUM_BLOCKS)), timeout=60), max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
+        got = await get_committed_state(stub, coordinator_pb2.GetCommittedStateRequest(
+            job=JOB, span=common_pb2.Span(start=0, end=NUM_BLOCKS)), timeout_s=60)
         (rnd,) = [r for r in status.rounds if r.job == JOB]
         return {"round": rnd.round, "members": [
             {"sent": m.bytes_sent, "received": m.bytes_received, "to_coordinator": m.coordinator_bytes_sent,

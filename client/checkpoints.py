@@ -87,7 +87,7 @@ async def fetch_checkpoint(coordinator: str, token: str, history, *, round_index
     """Every span's latest kept state at or before `round_index` (0: the last), checked
     against the checksum the coordinator stores."""
     from pollinate.compression.outer import state_checksum, state_from_bytes
-    from pollinate.coordinator.client import call_coordinator
+    from pollinate.coordinator.client import fetch_committed_state
     from pollinate.protocol.shared import JobSpec
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2
 
@@ -97,8 +97,8 @@ async def fetch_checkpoint(coordinator: str, token: str, history, *, round_index
     spec = JobSpec.from_proto(history.job.spec)
     out = []
     for start, end in job_spans(history, round_index):
-        reply = await call_coordinator(
-            coordinator, token, "GetCommittedState",
+        reply = await fetch_committed_state(
+            coordinator, token,
             coordinator_pb2.GetCommittedStateRequest(job=history.job.name, span=common_pb2.Span(start=start, end=end),
                                                      round=round_index), timeout_s=timeout_s, **tls)
         state = await asyncio.to_thread(state_from_bytes, reply.state)

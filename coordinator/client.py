@@ -20,6 +20,7 @@ offering the span it already serves so nothing is reloaded needlessly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,7 +34,7 @@ from pollinate.protocol.auth import token_metadata
 from pollinate.protocol.data_tls import certificate_seconds_left
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
-from pollinate.protocol.pieces import join_state
+from pollinate.protocol.pieces import get_committed_state
 from pollinate.protocol.errors import (
     NotFound,
     PeerUnavailable,
@@ -481,19 +482,30 @@ class CoordinatorClient:
                 self._moving_to = None
 
 
-async def call_coordinator(address: str, token: str, method: str, request, *, timeout_s: float = 10.0,
-                           tls: bool = False, tls_root_cert_file: Path | None = None):
-    """One unary RPC to the coordinator on a channel of its own (CLI commands, the trainer's
-    job registration); gRPC errors arrive as PollinateError subclasses. GetCommittedState:
-    the reply is joined from GetCommittedStateInPieces (protocol/pieces.py)."""
+@contextlib.asynccontextmanager
+async def _coordinator_stub(address: str, token: str, *, tls: bool, tls_root_cert_file: Path | None):
+    """A CoordinatorStub on a channel of its own, closed after; gRPC errors in the block arrive
+    as PollinateError subclasses."""
     channel = open_channel(address, ChannelConfig(token=token, tls=tls, tls_root_cert_file=tls_root_cert_file,
                                                   max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES))
     try:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with translate_rpc_errors(peer=address):
-            if method == "GetCommittedState":
-                return await join_state(stub.GetCommittedStateInPieces(request, timeout=timeout_s),
-                                        max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
-            return await getattr(stub, method)(request, timeout=timeout_s)
+            yield coordinator_pb2_grpc.CoordinatorStub(channel)
     finally:
         await channel.close()
+
+
+async def call_coordinator(address: str, token: str, method: str, request, *, timeout_s: float = 10.0,
+                           tls: bool = False, tls_root_cert_file: Path | None = None):
+    """One unary RPC to the coordinator on a channel of its own (CLI commands, the trainer's
+    job registration); gRPC errors arrive as PollinateError subclasses."""
+    async with _coordinator_stub(address, token, tls=tls, tls_root_cert_file=tls_root_cert_file) as stub:
+        return await getattr(stub, method)(request, timeout=timeout_s)
+
+
+async def fetch_committed_state(address: str, token: str, request: coordinator_pb2.GetCommittedStateRequest, *,
+                                timeout_s: float = 10.0, tls: bool = False, tls_root_cert_file: Path | None = None):
+    """call_coordinator's GetCommittedState: the state in pieces (GetCommittedStateInPieces,
+    protocol/pieces.py), joined into one reply."""
+    async with _coordinator_stub(address, token, tls=tls, tls_root_cert_file=tls_root_cert_file) as stub:
+        return await get_committed_state(stub, request, timeout_s=timeout_s)

@@ -17,7 +17,7 @@ from pollinate.compression.outer import OuterStep, state_checksum, state_from_by
 from pollinate.protocol.identity import NodeIdentity
 from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, ChannelConfig, open_channel
 from pollinate.protocol.errors import FailedPrecondition, NotFound, translate_rpc_errors
-from pollinate.protocol.pieces import join_state, to_pieces
+from pollinate.protocol.pieces import get_committed_state, to_pieces
 from pollinate.protocol.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
@@ -105,8 +105,8 @@ class RoundCoordinator:
         FailedPrecondition if it does not match its checksum."""
         try:
             with translate_rpc_errors(peer=self.address):
-                got = await join_state(self._stub().GetCommittedStateInPieces(coordinator_pb2.GetCommittedStateRequest(
-                    job=job, span=span), timeout=self.config.begin_timeout_s), max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
+                got = await get_committed_state(self._stub(), coordinator_pb2.GetCommittedStateRequest(
+                    job=job, span=span), timeout_s=self.config.begin_timeout_s)
         except NotFound:
             return None
         shared = state_from_bytes(got.state)

@@ -50,6 +50,11 @@ class Job:
     tokens: int = 0  # tokens back-propagated through this span for this job
     last_grad_norm: float = field(default=0.0)
 
+    @property
+    def numel(self) -> int:
+        """Values in the job's adapter on this span (what a check_only Backward's adapter.flat holds)."""
+        return sum(p.numel() for p in self.adapter.parameters())
+
 
 def make_job(name: str, spec: JobSpec, span, host: AdapterHost) -> Job:
     """A job's adapter on `span` and its AdamW (torch's, same arguments as a local run)."""
@@ -246,7 +251,7 @@ class JobManager:
         self.server.check_hidden(hidden)
         if grad_out.shape != hidden.shape:
             raise InvalidRequest(f"grad_outputs have shape {list(grad_out.shape)}, hidden_states {list(hidden.shape)}")
-        numel = sum(p.numel() for p in job.adapter.parameters())
+        numel = job.numel
         if flat is not None and (flat.dim() != 1 or flat.numel() != numel or not torch.isfinite(flat).all()):
             raise InvalidRequest(f"adapter.flat: {list(flat.shape)} values (finite: {bool(torch.isfinite(flat).all())}), "
                                  f"the job's adapter here has {numel}")

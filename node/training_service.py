@@ -70,10 +70,9 @@ class TrainingRpcs:
 
         def check(chunk) -> None:  # a check_only Backward's adapter: the job's, else activations
             if chunk.name == ADAPTER_FLAT and header.check_only:
-                numel = sum(p.numel() for p in job.adapter.parameters())
-                if list(chunk.shape) != [numel]:
+                if list(chunk.shape) != [job.numel]:
                     raise InvalidRequest(f"adapter.flat: shape {list(chunk.shape)[:8]}, the job's adapter here "
-                                         f"has {numel} values")
+                                         f"has {job.numel} values")
             else:
                 self.server.check_activation(chunk, (HIDDEN, GRAD_OUT))
 

@@ -74,6 +74,11 @@ def tensor_digest(t: EncodedTensor) -> bytes:
     return h.digest()
 
 
+def prefix_digest(prefix: EncodedTensor | None) -> bytes:
+    """What a transcript's start commits to of its prefix (prefix_of): b"" for none."""
+    return tensor_digest(prefix) if prefix is not None else b""
+
+
 def prefix_of(inputs: Sequence[torch.Tensor]) -> EncodedTensor:
     """The canonical form of a resumed session's span inputs so far (its transcript's prefix):
     concatenated along the tokens, in fp32 (which holds the fp16 and bf16 values a node keeps
@@ -106,7 +111,7 @@ class AnswerSigner:
         self.identity = identity
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         # `prefix`: a resumed session's inputs so far (prefix_of), which its cache holds
-        self.prefix_digest = tensor_digest(prefix) if prefix is not None else b""
+        self.prefix_digest = prefix_digest(prefix)
         self.digest = _start(kind, self.nonce, job, start, end, spec, self.prefix_digest)
 
     @classmethod
@@ -131,7 +136,7 @@ class Transcript:
                  prefix: EncodedTensor | None = None) -> None:
         self.kind, self.job, self.start, self.end, self.spec = kind, job, start, end, spec
         self.prefix = prefix
-        self.prefix_digest = tensor_digest(prefix) if prefix is not None else b""
+        self.prefix_digest = prefix_digest(prefix)
         self.steps: list[tuple[int, list[EncodedTensor]]] = []
         self.nonce: bytes | None = None
         self.signature = b""
@@ -203,7 +208,7 @@ def signed_by(public_key: str, ev: node_pb2.AnswerEvidence, steps: list[tuple[in
     from pollinate.protocol.identity import verify
 
     digest = _start(ev.kind, bytes(ev.nonce), ev.job, ev.blocks.start, ev.blocks.end,
-                    ev.spec if ev.HasField("spec") else None, tensor_digest(prefix) if prefix is not None else b"")
+                    ev.spec if ev.HasField("spec") else None, prefix_digest(prefix))
     for position, tensors in steps:
         digest = _step(digest, position, tensors)
     return verify(public_key, bytes(ev.signature).hex(), digest)

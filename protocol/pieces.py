@@ -11,7 +11,7 @@ do, and what is larger travels in pieces:
   it against a `PieceBudget` (protocol/budget.py: in all, and per caller's host) and only then
   reads on, refusing with RESOURCE_EXHAUSTED what the budget cannot hold (`PieceBudget.request`);
 - a reply (GetCommittedState) is a stream of replies, each with the next piece of the state,
-  read from its file as it goes (`state_replies`), joined by the caller (`join_state`).
+  read from its file as it goes (`state_replies`), joined by the caller (`get_committed_state`).
 
 A signed call's signature covers the whole request, as in the unary call: the server checks
 it once the pieces are joined.
@@ -27,6 +27,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from pollinate.protocol.budget import ByteBudget
+from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES
 from pollinate.protocol.errors import InvalidRequest
 from pollinate.protocol.framing import DEFAULT_FRAMING
 from pollinate.protocol.v1 import coordinator_pb2
@@ -100,11 +101,14 @@ async def state_replies(round_index: int, checksum: str, path: Path) -> AsyncIte
                 return
 
 
-async def join_state(replies: AsyncIterator, *, max_bytes: int) -> coordinator_pb2.GetCommittedStateReply:
-    """GetCommittedStateInPieces' replies as one GetCommittedStateReply; InvalidRequest where
-    they do not add up to the size the first declares (at most `max_bytes`)."""
+async def get_committed_state(stub, request: coordinator_pb2.GetCommittedStateRequest, *,
+                              timeout_s: float) -> coordinator_pb2.GetCommittedStateReply:
+    """GetCommittedStateInPieces on `stub` (a CoordinatorStub), its replies joined into one
+    GetCommittedStateReply; InvalidRequest where they do not add up to the size the first
+    declares (at most the coordinator's COORDINATOR_MAX_MESSAGE_BYTES)."""
+    max_bytes = COORDINATOR_MAX_MESSAGE_BYTES
     head, parts, size = None, [], 0
-    async for reply in replies:
+    async for reply in stub.GetCommittedStateInPieces(request, timeout=timeout_s):
         if head is None:
             head = reply
             if reply.state_bytes > max_bytes:

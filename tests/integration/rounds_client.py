@@ -100,16 +100,16 @@ async def coordinator_state(cfg, coordinator: str, job: str, num_blocks: int, fi
 
     from pollinate.compression.outer import state_from_bytes
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, open_channel
-    from pollinate.protocol.pieces import join_state
+    from pollinate.protocol.pieces import get_committed_state
     from pollinate.protocol.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
     # a full-weight state (full, galore) is over one tensor chunk: the nodes' own limit for it;
     # the nodes' TLS (--data-tls) is not the coordinator's
     channel = open_channel(coordinator, dataclasses.replace(cfg, max_message_bytes=COORDINATOR_MAX_MESSAGE_BYTES,
                                                             tls=False, tls_root_pem=None, swarm_peer=False))
-    committed = await join_state(coordinator_pb2_grpc.CoordinatorStub(channel).GetCommittedStateInPieces(
+    committed = await get_committed_state(coordinator_pb2_grpc.CoordinatorStub(channel),
         coordinator_pb2.GetCommittedStateRequest(job=job, span=common_pb2.Span(start=first_block, end=num_blocks)),
-        timeout=10), max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
+        timeout_s=10)
     await channel.close()
     return committed.round, {f"diloco.{k}": v for k, v in state_from_bytes(committed.state).items()}, committed.state
 

@@ -383,7 +383,7 @@ async def test_a_committed_state_over_one_message_travels_in_pieces(server):
     from pollinate.compression.outer import state_checksum, state_to_bytes
     from pollinate.protocol.channels import COORDINATOR_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES
     from pollinate.protocol.errors import FailedPrecondition, ResourceExhausted, translate_rpc_errors
-    from pollinate.protocol.pieces import join_state, to_pieces
+    from pollinate.protocol.pieces import get_committed_state, to_pieces
 
     node = client_for(server, 7100)
     try:
@@ -415,8 +415,7 @@ async def test_a_committed_state_over_one_message_travels_in_pieces(server):
             asked = coordinator_pb2.GetCommittedStateRequest(job="big", span=span)
             with pytest.raises(FailedPrecondition, match="GetCommittedStateInPieces"), translate_rpc_errors():
                 await stub.GetCommittedState(asked, timeout=10)  # whole, it would cost a state per caller
-            got = await join_state(stub.GetCommittedStateInPieces(asked, timeout=10),
-                                   max_bytes=COORDINATOR_MAX_MESSAGE_BYTES)
+            got = await get_committed_state(stub, asked, timeout_s=10)
             assert (got.round, got.checksum, got.state == state) == (1, checksum, True)
         finally:
             await big.close()
